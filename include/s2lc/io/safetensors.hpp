@@ -89,12 +89,62 @@ inline std::uint64_t key_offset(std::string_view header, const std::string& key)
   return 8 + (pos == std::string_view::npos ? 0 : pos);
 }
 
-inline std::uint64_t as_u64(const nlohmann::json& v, const char* what, const error_location& where) {
-  if (!v.is_number_integer()) throw format_error(std::string(what) + " must be a non-negative integer, got " + v.dump(), where);
+/// A JSON value for an error message. Never dumps an array or object: dump() recurses, and a
+/// deeply nested header ("[[[[...") would overflow the stack. Long scalars are cut short.
+inline std::string describe(const nlohmann::json& v) {
+  if (v.is_array()) return "an array of " + std::to_string(v.size());
+  if (v.is_object()) return "an object";
+  std::string s = v.dump();
+  if (s.size() > 40) s = s.substr(0, 37) + "...";
+  return s;
+}
+
+/// `where()` makes the error_location: it is only computed when there is an error to report.
+template <typename Where>
+inline std::uint64_t as_u64(const nlohmann::json& v, const char* what, const Where& where) {
+  if (!v.is_number_integer()) throw format_error(std::string(what) + " must be a non-negative integer, got " + describe(v), where());
   if (v.is_number_unsigned()) return v.get<std::uint64_t>();
   const auto s = v.get<std::int64_t>();
-  if (s < 0) throw format_error(std::string(what) + " is negative (" + std::to_string(s) + ")", where);
+  if (s < 0) throw format_error(std::string(what) + " is negative (" + std::to_string(s) + ")", where());
   return static_cast<std::uint64_t>(s);
+}
+
+/// nlohmann SAX handler that finds the first key repeated within one object, at any depth
+/// (nlohmann keeps the last value silently; the reference implementation rejects repeats).
+struct DuplicateKeys {
+  std::vector<std::unordered_set<std::string>> objects;  // keys seen, per open object
+  std::string duplicate;
+  std::string parent;  // top-level key owning the object with the repeat ("" at top level)
+  std::string current_top;
+  bool null() { return true; }
+  bool boolean(bool) { return true; }
+  bool number_integer(nlohmann::json::number_integer_t) { return true; }
+  bool number_unsigned(nlohmann::json::number_unsigned_t) { return true; }
+  bool number_float(nlohmann::json::number_float_t, const std::string&) { return true; }
+  bool string(std::string&) { return true; }
+  bool binary(nlohmann::json::binary_t&) { return true; }
+  bool start_object(std::size_t) { return objects.emplace_back(), true; }
+  bool end_object() { return objects.pop_back(), true; }
+  bool start_array(std::size_t) { return true; }
+  bool end_array() { return true; }
+  bool key(std::string& k) {
+    if (objects.size() == 1) current_top = k;
+    if (objects.back().insert(k).second) return true;
+    duplicate = k;
+    if (objects.size() > 1) parent = current_top;
+    return false;  // stop at the first duplicate
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::json::exception&) { return false; }
+};
+
+/// True if nlohmann can serialise `s` (i.e. it is valid UTF-8).
+inline bool valid_utf8(const std::string& s) {
+  try {
+    (void)nlohmann::json(s).dump();
+    return true;
+  } catch (const nlohmann::json::type_error&) {
+    return false;
+  }
 }
 
 }  // namespace detail
@@ -117,24 +167,24 @@ inline SafetensorsHeader parse_safetensors(std::span<const std::byte> file, cons
   const std::string_view text(reinterpret_cast<const char*>(file.data() + 8), static_cast<std::size_t>(n));
   if (text.front() != '{') throw format_error("header does not start with '{' (not a safetensors JSON header)", {label, {}, 8});
 
-  // Parse, rejecting duplicate top-level keys (nlohmann would silently keep the last one).
-  std::unordered_set<std::string> seen;
-  std::string duplicate;
-  auto callback = [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
-    if (ev == nlohmann::json::parse_event_t::key && depth == 1 && duplicate.empty()) {
-      auto key = parsed.get<std::string>();
-      if (!seen.insert(key).second) duplicate = std::move(key);
-    }
-    return true;
-  };
   nlohmann::json root;
   try {
-    root = nlohmann::json::parse(text.begin(), text.end(), callback);
+    root = nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::parse_error& e) {
     throw format_error(std::string("invalid JSON header: ") + e.what(), {label, {}, 8 + (e.byte > 0 ? e.byte - 1 : 0)});
+  } catch (const nlohmann::json::exception& e) {
+    // out_of_range 406: a number too large for a double ("1e999"); no position is available.
+    throw format_error(std::string("invalid JSON header: ") + e.what(), {label, {}, 8});
   }
-  if (!duplicate.empty())
-    throw format_error("tensor name appears twice in the header", {label, duplicate, detail::key_offset(text, duplicate)});
+  // Duplicate keys, at any depth (nlohmann keeps the last one silently): a second, SAX-only pass.
+  // (Not a parse callback: nlohmann's callback parser is quadratic in the number of members.)
+  detail::DuplicateKeys keys;
+  nlohmann::json::sax_parse(text.begin(), text.end(), &keys);
+  if (!keys.duplicate.empty()) {
+    if (keys.parent.empty())
+      throw format_error("tensor name appears twice in the header", {label, keys.duplicate, detail::key_offset(text, keys.duplicate)});
+    throw format_error("field \"" + keys.duplicate + "\" appears twice in this entry", {label, keys.parent, detail::key_offset(text, keys.parent)});
+  }
   if (!root.is_object()) throw format_error("header JSON is not an object", {label, {}, 8});
 
   SafetensorsHeader h;
@@ -145,30 +195,31 @@ inline SafetensorsHeader parse_safetensors(std::span<const std::byte> file, cons
   for (auto it = root.begin(); it != root.end(); ++it) {
     const std::string& name = it.key();
     const nlohmann::json& v = it.value();
-    const error_location at{label, name, detail::key_offset(text, name)};
+    // Built only on error: searching the header for every key would make parsing quadratic.
+    const auto at = [&] { return error_location{label, name, detail::key_offset(text, name)}; };
     if (name == "__metadata__") {
-      if (!v.is_object()) throw format_error("__metadata__ must be an object of strings", at);
+      if (!v.is_object()) throw format_error("__metadata__ must be an object of strings", at());
       for (auto m = v.begin(); m != v.end(); ++m) {
-        if (!m.value().is_string()) throw format_error("__metadata__ value of '" + m.key() + "' is not a string", at);
+        if (!m.value().is_string()) throw format_error("__metadata__ value of '" + m.key() + "' is not a string", at());
         h.metadata[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
-    if (name.empty()) throw format_error("empty tensor name", at);
-    if (!v.is_object()) throw format_error("entry is not an object", at);
+    if (name.empty()) throw format_error("empty tensor name", at());
+    if (!v.is_object()) throw format_error("entry is not an object", at());
     for (const char* key : {"dtype", "shape", "data_offsets"})
-      if (!v.contains(key)) throw format_error(std::string("entry has no \"") + key + "\"", at);
+      if (!v.contains(key)) throw format_error(std::string("entry has no \"") + key + "\"", at());
 
     TensorInfo t;
     t.name = name;
     const auto& dt = v["dtype"];
-    if (!dt.is_string()) throw format_error("dtype is not a string", at);
+    if (!dt.is_string()) throw format_error("dtype is not a string", at());
     const auto parsed = parse_dtype(dt.get<std::string>());
-    if (!parsed) throw format_error("unknown dtype '" + dt.get<std::string>() + "'", at);
+    if (!parsed) throw format_error("unknown dtype '" + dt.get<std::string>() + "'", at());
     t.type = *parsed;
 
     const auto& shape = v["shape"];
-    if (!shape.is_array()) throw format_error("shape is not an array", at);
+    if (!shape.is_array()) throw format_error("shape is not an array", at());
     std::uint64_t numel = 1;
     bool overflow = false;
     for (const auto& d : shape) {
@@ -179,14 +230,14 @@ inline SafetensorsHeader parse_safetensors(std::span<const std::byte> file, cons
     std::uint64_t nbytes = 0;
     overflow = overflow || __builtin_mul_overflow(numel, static_cast<std::uint64_t>(dtype_size(t.type)), &nbytes);
     if (overflow)
-      throw format_error("size of shape " + detail::shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits", at);
+      throw format_error("size of shape " + detail::shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits", at());
 
     const auto& offs = v["data_offsets"];
-    if (!offs.is_array() || offs.size() != 2) throw format_error("data_offsets must be an array [begin, end]", at);
+    if (!offs.is_array() || offs.size() != 2) throw format_error("data_offsets must be an array [begin, end]", at());
     t.begin = as_u64(offs[0], "data_offsets begin", at);
     t.end = as_u64(offs[1], "data_offsets end", at);
     if (t.end < t.begin)
-      throw format_error("data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] end before they begin", at);
+      throw format_error("data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] end before they begin", at());
     if (t.end > data_size)
       throw format_error("data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] run past the end of the file (data section holds " +
                              std::to_string(data_size) + " bytes)", {label, name, data_offset + std::min(t.begin, data_size)});
@@ -290,13 +341,23 @@ inline std::pair<std::string, std::vector<std::size_t>> safetensors_layout(std::
   for (const auto& t : tensors) {
     if (t.name.empty() || t.name == "__metadata__") throw invalid_argument("invalid tensor name", {label, t.name, {}});
     if (!names.insert(t.name).second) throw invalid_argument("tensor name given twice", {label, t.name, {}});
+    if (!detail::valid_utf8(t.name)) throw invalid_argument("tensor name is not valid UTF-8", {label, t.name, {}});
     std::uint64_t numel = 1;
-    for (auto d : t.shape) numel *= d;
-    if (numel * dtype_size(t.type) != t.data.size())
+    std::uint64_t nbytes = 0;
+    bool overflow = false;
+    for (auto d : t.shape) overflow = __builtin_mul_overflow(numel, d, &numel) || overflow;
+    overflow = __builtin_mul_overflow(numel, static_cast<std::uint64_t>(dtype_size(t.type)), &nbytes) || overflow;
+    if (overflow)
+      throw invalid_argument("size of shape " + detail::shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits",
+                             {label, t.name, {}});
+    if (nbytes != t.data.size())
       throw invalid_argument("shape " + detail::shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " +
-                                 std::to_string(numel * dtype_size(t.type)) + " bytes, got " + std::to_string(t.data.size()),
+                                 std::to_string(nbytes) + " bytes, got " + std::to_string(t.data.size()),
                              {label, t.name, {}});
   }
+  for (const auto& [key, value] : metadata)
+    if (!detail::valid_utf8(key) || !detail::valid_utf8(value))
+      throw invalid_argument("metadata entry '" + key + "' is not valid UTF-8", {label, "__metadata__", {}});
   std::vector<std::size_t> order(tensors.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(),
@@ -322,10 +383,11 @@ inline std::pair<std::string, std::vector<std::size_t>> safetensors_layout(std::
 /// is replaced only once the new one is complete.
 inline void write_safetensors(const std::filesystem::path& path, std::span<const TensorData> tensors,
                               const std::map<std::string, std::string>& metadata = {}) {
-  auto [head, order] = safetensors_layout(tensors, metadata, path.string());
+  // (no structured binding: clang < 16 cannot capture one in a lambda)
+  const auto layout = safetensors_layout(tensors, metadata, path.string());
   write_atomically(path, [&](FileSink& out) {
-    out.write(head.data(), head.size());
-    for (std::size_t i : order) out.write(tensors[i].data);
+    out.write(layout.first.data(), layout.first.size());
+    for (std::size_t i : layout.second) out.write(tensors[i].data);
   });
 }
 
