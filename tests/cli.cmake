@@ -1,0 +1,41 @@
+# The s2lc command-line tool, run as a user would.
+if(NOT TARGET s2lc_cli)
+  return()
+endif()
+set(S2LC_EXE $<TARGET_FILE:s2lc_cli>)
+function(s2lc_cli_test name rc)
+  cmake_parse_arguments(A "" "STDOUT;STDERR;STDERR_LINES" "ARGS" ${ARGN})
+  set(defs -DRC=${rc})
+  if(DEFINED A_STDOUT)
+    list(APPEND defs "-DSTDOUT=${A_STDOUT}")
+  endif()
+  if(DEFINED A_STDERR)
+    list(APPEND defs "-DSTDERR=${A_STDERR}")
+  endif()
+  if(DEFINED A_STDERR_LINES)
+    list(APPEND defs -DSTDERR_LINES=${A_STDERR_LINES})
+  endif()
+  string(REPLACE ";" "|" cmd "${S2LC_EXE};${A_ARGS}")
+  add_test(NAME cli_${name} COMMAND ${CMAKE_COMMAND} "-DCMD=${cmd}" ${defs} -P ${CMAKE_CURRENT_SOURCE_DIR}/run_expect.cmake)
+endfunction()
+
+set(FIX ${CMAKE_CURRENT_SOURCE_DIR}/data)
+s2lc_cli_test(help 0 ARGS --help STDOUT "inspect FILE")
+s2lc_cli_test(version 0 ARGS --version STDOUT "^s2lc ${PROJECT_VERSION}\n$")
+s2lc_cli_test(no_args 2 STDERR "usage: s2lc")
+s2lc_cli_test(unknown_command 2 ARGS frobnicate STDERR "^s2lc: unknown command 'frobnicate'" STDERR_LINES 1)
+s2lc_cli_test(inspect_unknown_flag 2 ARGS inspect --bogus ${FIX}/tinymoe-lora-c.safetensors
+              STDERR "^s2lc: inspect: unknown option '--bogus'\n$" STDERR_LINES 1)
+s2lc_cli_test(inspect_no_file 2 ARGS inspect STDERR "no input file" STDERR_LINES 1)
+s2lc_cli_test(inspect_missing_file 1 ARGS inspect ${FIX}/does-not-exist.safetensors
+              STDERR "^s2lc: error: file '.*does-not-exist.safetensors': cannot open" STDERR_LINES 1)
+s2lc_cli_test(inspect_not_safetensors 1 ARGS inspect ${CMAKE_CURRENT_SOURCE_DIR}/CMakeLists.txt
+              STDERR "^s2lc: error: file '.*CMakeLists.txt', byte offset 0: header length [0-9]+ runs past the end" STDERR_LINES 1)
+s2lc_cli_test(inspect_fixture 0 ARGS inspect ${FIX}/tinymoe-upcycled-L1.safetensors
+              STDOUT "layers\\.1\\.moe\\.experts\\.0\\.w1\\.weight +BF16 +\\[768, 256\\] +393216.*\n3 expert groups\n.*layers\\.1\\.moe\\.experts\\.\\{E\\}\\.w2\\.weight +BF16 +\\[256, 768\\] +8 experts \\(0-7\\)")
+s2lc_cli_test(inspect_lora 0 ARGS inspect ${FIX}/tinymoe-lora-c.safetensors
+              STDOUT "0 expert groups\n20 LoRA pairs\n.*base_model\\.model\\.layers\\.0\\.ffn\\.w2 +r=8 +\\[768 -> 256\\]")
+s2lc_cli_test(inspect_shared_moe 0 ARGS inspect ${S2LC_SHARED_DATA_DIR}/tinymoe/moe-upcycled.safetensors
+              STDOUT "126 tensors.*\n12 expert groups\n")
+add_test(NAME cli_inspect_json_moe COMMAND ${CMAKE_COMMAND} -DS2LC=${S2LC_EXE}
+         -DFILE=${S2LC_SHARED_DATA_DIR}/tinymoe/moe-upcycled.safetensors -P ${CMAKE_CURRENT_SOURCE_DIR}/inspect_json_check.cmake)

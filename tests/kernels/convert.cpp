@@ -1,0 +1,103 @@
+// Bulk conversion kernels: bit-identical to the scalar reference on every compiled SIMD target,
+// for every length (vector bodies and scalar tails), with specials mixed into the data.
+#include <doctest/doctest.h>
+
+#include <bit>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <hwy/targets.h>
+
+#include <s2lc/dtype.hpp>
+#include <s2lc/kernels/convert.hpp>
+
+#include "kernels/targets.hpp"
+
+namespace {
+
+std::vector<float> test_floats(std::size_t n, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  const float specials[] = {0.0f, -0.0f, 1.0f, -1.0f, 65504.0f, 65520.0f, 1e-8f, -3e-7f, 6.1e-5f,
+                            std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                            std::bit_cast<float>(0x7FC00000u), std::bit_cast<float>(0xFF800001u),
+                            std::bit_cast<float>(0x3F808000u), std::bit_cast<float>(0x3F818000u),
+                            std::bit_cast<float>(0x33000000u), std::bit_cast<float>(0x00000001u)};
+  std::vector<float> v(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    switch (rng() % 4) {
+      case 0: v[i] = specials[rng() % std::size(specials)]; break;
+      case 1: v[i] = std::bit_cast<float>(static_cast<std::uint32_t>(rng())); break;  // any pattern
+      case 2: v[i] = std::normal_distribution<float>(0.0f, 0.02f)(rng); break;     // weight-like
+      default: v[i] = std::bit_cast<float>((static_cast<std::uint32_t>(rng()) & 0xFFFF0000u) | 0x8000u);  // bf16 ties
+    }
+  }
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("kernels: bulk conversions equal the scalar reference on every target and length") {
+  const auto targets = s2lc::test::compiled_targets();
+  for (std::int64_t target : targets) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (std::size_t n : {0u, 1u, 3u, 7u, 8u, 15u, 16u, 17u, 31u, 33u, 63u, 64u, 65u, 1000u, 4099u}) {
+      CAPTURE(n);
+      const auto in = test_floats(n, static_cast<std::uint32_t>(n * 7919 + 1));
+      std::vector<std::uint16_t> out(n + 1, 0xABCD), ref(n + 1, 0xABCD);  // +1 sentinel: no overrun
+      std::vector<float> back(n + 1, -7.0f);
+
+      s2lc::kernels::f32_to_bf16(in.data(), out.data(), n);
+      for (std::size_t i = 0; i < n; ++i) ref[i] = s2lc::f32_to_bf16(in[i]);
+      REQUIRE(out == ref);
+      s2lc::kernels::bf16_to_f32(out.data(), back.data(), n);
+      for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(back[i]) == std::bit_cast<std::uint32_t>(s2lc::bf16_to_f32(out[i])));
+      REQUIRE(back[n] == -7.0f);
+
+      s2lc::kernels::f32_to_f16(in.data(), out.data(), n);
+      for (std::size_t i = 0; i < n; ++i) ref[i] = s2lc::f32_to_f16(in[i]);
+      REQUIRE(out == ref);
+      s2lc::kernels::f16_to_f32(out.data(), back.data(), n);
+      for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(back[i]) == std::bit_cast<std::uint32_t>(s2lc::f16_to_f32(out[i])));
+      REQUIRE(back[n] == -7.0f);
+    }
+  }
+}
+
+TEST_CASE("kernels: every f16 and bf16 bit pattern widens exactly on every target") {
+  std::vector<std::uint16_t> all(65536);
+  for (std::size_t i = 0; i < all.size(); ++i) all[i] = static_cast<std::uint16_t>(i);
+  std::vector<float> out(all.size());
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    s2lc::kernels::f16_to_f32(all, out);
+    for (std::size_t i = 0; i < all.size(); ++i)
+      REQUIRE(std::bit_cast<std::uint32_t>(out[i]) == std::bit_cast<std::uint32_t>(s2lc::f16_to_f32(all[i])));
+    s2lc::kernels::bf16_to_f32(all, out);
+    for (std::size_t i = 0; i < all.size(); ++i) REQUIRE(std::bit_cast<std::uint32_t>(out[i]) == (static_cast<std::uint32_t>(i) << 16));
+  }
+}
+
+TEST_CASE("kernels: span overloads reject mismatched sizes") {
+  std::vector<float> f(4);
+  std::vector<std::uint16_t> h(5);
+  CHECK_THROWS_AS(s2lc::kernels::f32_to_bf16(f, h), s2lc::invalid_argument);
+  CHECK_THROWS_AS(s2lc::kernels::bf16_to_f32(h, f), s2lc::invalid_argument);
+}
+
+TEST_CASE("kernels: runtime dispatch really compiled several targets") {
+  const auto targets = s2lc::test::compiled_targets();
+  std::string names;
+  for (auto t : targets) names += std::string(hwy::TargetName(t)) + " ";
+  MESSAGE("kernel tests run on: " << names);
+#if HWY_ARCH_X86_64
+  // x86-64 always supports SSSE3/SSE4-class CPUs and the baseline; fewer means dispatch is broken.
+  CHECK(targets.size() >= 3);
+#else
+  CHECK(targets.size() >= 1);
+#endif
+}
