@@ -1,0 +1,92 @@
+// Shared main for s2lc benches: runs the benchmarks, then prints ratio tables (see report.hpp).
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include "report.hpp"
+
+namespace s2lc::bench {
+namespace {
+
+std::map<std::string, OpSpec>& specs() {
+  static std::map<std::string, OpSpec> s;  // bench-program configuration, set up before the run
+  return s;
+}
+
+struct Result {
+  double seconds = 0;  // per iteration
+  double bytes = 0;    // moved per iteration
+};
+
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const auto& r : runs) {
+      if (r.run_type != Run::RT_Iteration || r.iterations == 0) continue;
+      const std::string name = r.benchmark_name();
+      const auto a = name.find('/');
+      const auto b = name.find('/', a + 1);
+      if (a == std::string::npos || b == std::string::npos) continue;
+      Result res;
+      res.seconds = r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
+      if (auto it = r.counters.find("bytes"); it != r.counters.end()) res.bytes = it->second.value;
+      results_[name.substr(0, a)][name.substr(b + 1)][name.substr(a + 1, b - a - 1)] = res;
+    }
+  }
+
+  void PrintRatios() const {
+    for (const auto& [op, cases] : results_) {
+      const auto spec_it = specs().find(op);
+      if (spec_it == specs().end()) continue;
+      const OpSpec& spec = spec_it->second;
+      std::printf("\n%s: time ratios (lower is better), baseline '%s', bound from '%s' in this run\n", op.c_str(),
+                  spec.baseline.c_str(), spec.bound_impl.c_str());
+      std::printf("  %-14s %-16s %12s %10s %10s %12s\n", "case", "impl", "us/iter", "GB/s", "x_baseline", "x_bound");
+      for (const auto& [c, impls] : cases) {
+        const auto base = impls.find(spec.baseline);
+        const auto bound = impls.find(spec.bound_impl);
+        for (const auto& [impl, res] : impls) {
+          if (impl == spec.bound_impl) continue;
+          const double gbs = res.bytes / res.seconds * 1e-9;
+          const double vs_base = base != impls.end() ? res.seconds / base->second.seconds : 0.0;
+          // The bound: this op's bytes at the bandwidth the bound impl reached on the same case.
+          double vs_bound = 0.0;
+          if (bound != impls.end() && bound->second.bytes > 0) {
+            const double bw = bound->second.bytes / bound->second.seconds;
+            vs_bound = res.seconds / (res.bytes / bw);
+          }
+          char bound_text[32] = "n/a";
+          if (vs_bound > 0) std::snprintf(bound_text, sizeof bound_text, "%.3f", vs_bound);
+          std::printf("  %-14s %-16s %12.2f %10.2f %10.3f %12s\n", c.c_str(), impl.c_str(), res.seconds * 1e6, gbs, vs_base,
+                      bound_text);
+        }
+        if (bound != impls.end())
+          std::printf("  %-14s %-16s %12.2f %10.2f %10s %12s\n", c.c_str(), spec.bound_impl.c_str(), bound->second.seconds * 1e6,
+                      bound->second.bytes / bound->second.seconds * 1e-9, "", "(bound)");
+      }
+    }
+  }
+
+ private:
+  std::map<std::string, std::map<std::string, std::map<std::string, Result>>> results_;  // op -> case -> impl
+};
+
+}  // namespace
+
+void register_op(const std::string& op, OpSpec spec) { specs()[op] = std::move(spec); }
+
+}  // namespace s2lc::bench
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  s2lc::bench::RatioReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  reporter.PrintRatios();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,30 @@
+// Benchmark reporting: every benchmark is named "<op>/<impl>/<case>"; after the run, a table gives
+// each impl's time as a ratio to the baseline impl and to the bandwidth bound of the same op and
+// case, all measured in the same run (see bench/RESULTS.md).
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+namespace s2lc::bench {
+
+/// What to compare for one op: the baseline impl a user would otherwise use, and the bytes the op
+/// must move per iteration (for the bound, from the "bandwidth" counter of the `bound_impl`).
+struct OpSpec {
+  std::string baseline;
+  std::string bound_impl = "copy_bound";
+};
+
+/// Registers an op's comparison spec (call before RunSpecifiedBenchmarks).
+void register_op(const std::string& op, OpSpec spec);
+
+/// Sets the counters a bound is computed from: bytes this op moves per iteration.
+inline void set_bytes(benchmark::State& state, double bytes_per_iter) {
+  state.counters["bytes"] = bytes_per_iter;
+  state.counters["GB/s"] = benchmark::Counter(bytes_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+}  // namespace s2lc::bench
