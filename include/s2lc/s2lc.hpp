@@ -14,3 +14,6 @@
 #include "s2lc/io/safetensors.hpp"
 #include "s2lc/io/names.hpp"
 #include "s2lc/tensor.hpp"
+#include "s2lc/linalg/qr.hpp"
+#include "s2lc/linalg/svd.hpp"
+#include "s2lc/linalg/cluster.hpp"

@@ -1280,5 +1280,237 @@ inline matrix load_matrix_f32(const io::SafetensorsFile& file, std::string_view 
 
 }  // namespace s2lc
 // ---- end s2lc/tensor.hpp ----
+// ---- begin s2lc/linalg/qr.hpp ----
+// s2lc::linalg — QR (LAPACK geqrf/orgqr through xtensor-blas).
+
+#include <xtensor-blas/xlinalg.hpp>
+
+
+namespace s2lc::linalg {
+
+/// A = Q R, Q [m, k] with orthonormal columns, R [k, n] upper triangular, k = min(m, n).
+struct QR {
+  matrix Q;
+  matrix R;
+};
+
+inline QR qr(const matrix& A) {
+  if (A.size() == 0) throw invalid_argument("qr: empty matrix");
+  auto [q, r] = xt::linalg::qr(A, xt::linalg::qrmode::reduced);
+  return QR{matrix(q), matrix(r)};
+}
+
+/// An orthonormal basis of the column space of A (the Q of its thin QR).
+inline matrix orthonormal_basis(const matrix& A) { return qr(A).Q; }
+
+}  // namespace s2lc::linalg
+// ---- end s2lc/linalg/qr.hpp ----
+// ---- begin s2lc/linalg/svd.hpp ----
+// s2lc::linalg — singular value decompositions for the offline compressor: exact (LAPACK gesdd
+// through xtensor-blas), truncated, and randomized (Halko, Martinsson & Tropp 2011: Gaussian
+// sketch with oversampling and power iterations), deterministic under a seed.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <random>
+#include <tuple>
+
+#include <xtensor-blas/xlinalg.hpp>
+#include <xtensor/xtensor.hpp>
+#include <xtensor/xview.hpp>
+
+
+namespace s2lc::linalg {
+
+/// A = U diag(S) Vt with U [m, r], S [r] descending, Vt [r, n].
+struct SVD {
+  matrix U;
+  vector S;
+  matrix Vt;
+
+  std::size_t rank() const noexcept { return S.size(); }
+  /// U diag(S) Vt.
+  matrix reconstruct() const {
+    matrix US = U;
+    for (std::size_t j = 0; j < S.size(); ++j) xt::view(US, xt::all(), j) *= S(j);
+    return xt::linalg::dot(US, Vt);
+  }
+};
+
+/// Exact thin SVD (r = min(m, n)).
+inline SVD svd(const matrix& A) {
+  if (A.size() == 0) throw invalid_argument("svd: empty matrix");
+  auto [u, s, vt] = xt::linalg::svd(A, /*full_matrices=*/false, /*compute_uv=*/true);
+  return SVD{matrix(u), vector(s), matrix(vt)};
+}
+
+/// Keeps the leading `rank` triplets (rank is clamped to the available ones).
+inline SVD truncate(const SVD& f, std::size_t rank) {
+  rank = std::min(rank, f.rank());
+  return SVD{matrix(xt::view(f.U, xt::all(), xt::range(0, rank))), vector(xt::view(f.S, xt::range(0, rank))),
+             matrix(xt::view(f.Vt, xt::range(0, rank), xt::all()))};
+}
+
+/// Smallest r such that the leading r singular values hold at least `fraction` of
+/// `total_energy` (the squared Frobenius norm of the matrix; by default, the sum of S^2).
+inline std::size_t rank_for_energy(const vector& S, double fraction, double total_energy = -1.0) {
+  if (!(fraction >= 0.0 && fraction <= 1.0)) throw invalid_argument("rank_for_energy: fraction must be in [0, 1]");
+  if (total_energy < 0) {
+    total_energy = 0;
+    for (float s : S) total_energy += static_cast<double>(s) * s;
+  }
+  const double target = fraction * total_energy;
+  double kept = 0;
+  for (std::size_t r = 0; r < S.size(); ++r) {
+    if (kept >= target) return r;
+    kept += static_cast<double>(S(r)) * S(r);
+  }
+  return S.size();
+}
+
+struct RandomizedOptions {
+  std::size_t oversample = 10;   ///< extra sketch columns beyond the rank
+  std::size_t power_iters = 2;   ///< subspace iterations (each re-orthonormalised)
+  std::uint64_t seed = 0x5eed;   ///< the Gaussian sketch's seed
+};
+
+/// Rank-`rank` randomized SVD; approaches the exact truncated SVD as oversampling and power
+/// iterations grow. Deterministic for a given seed (and BLAS build).
+inline SVD randomized_svd(const matrix& A, std::size_t rank, const RandomizedOptions& opt = {}) {
+  const std::size_t m = A.shape()[0], n = A.shape()[1];
+  if (A.size() == 0) throw invalid_argument("randomized_svd: empty matrix");
+  if (rank == 0) throw invalid_argument("randomized_svd: rank must be positive");
+  const std::size_t l = std::min({rank + opt.oversample, m, n});
+  std::mt19937_64 rng(opt.seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  matrix omega = matrix::from_shape({n, l});
+  for (auto& v : omega) v = normal(rng);
+
+  matrix Q = orthonormal_basis(xt::linalg::dot(A, omega));
+  const auto At = xt::transpose(A);
+  for (std::size_t it = 0; it < opt.power_iters; ++it) {
+    const matrix Z = orthonormal_basis(xt::linalg::dot(At, Q));
+    Q = orthonormal_basis(xt::linalg::dot(A, Z));
+  }
+  const matrix B = xt::linalg::dot(xt::transpose(Q), A);  // [l, n]
+  SVD small = svd(B);
+  SVD out{xt::linalg::dot(Q, small.U), std::move(small.S), std::move(small.Vt)};
+  return truncate(out, rank);
+}
+
+}  // namespace s2lc::linalg
+// ---- end s2lc/linalg/svd.hpp ----
+// ---- begin s2lc/linalg/cluster.hpp ----
+// s2lc::linalg — k-means clustering of row vectors (e.g. flattened experts), k-means++ seeding,
+// Lloyd iterations; deterministic under a seed, ties broken towards the lower index.
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <vector>
+
+
+namespace s2lc::linalg {
+
+struct KMeans {
+  std::vector<std::size_t> labels;  ///< cluster of each row
+  matrix centroids;                 ///< [k, d]
+  double inertia = 0;               ///< sum of squared distances to the assigned centroid
+  std::size_t iterations = 0;
+};
+
+namespace detail {
+inline double sq_dist(const float* a, const float* b, std::size_t d) {
+  double s = 0;
+  for (std::size_t i = 0; i < d; ++i) {
+    const double t = static_cast<double>(a[i]) - b[i];
+    s += t * t;
+  }
+  return s;
+}
+}  // namespace detail
+
+/// Clusters the rows of X [n, d] into k groups. Empty clusters are re-seeded with the point
+/// farthest from its centroid.
+inline KMeans kmeans(const matrix& X, std::size_t k, std::uint64_t seed = 1, std::size_t max_iter = 100) {
+  const std::size_t n = X.shape()[0], d = X.shape()[1];
+  if (k == 0 || k > n) throw invalid_argument("kmeans: need 1 <= k <= number of rows (k=" + std::to_string(k) + ", rows=" + std::to_string(n) + ")");
+  const float* x = X.data();
+  KMeans out;
+  out.centroids = matrix::from_shape({k, d});
+  std::mt19937_64 rng(seed);
+
+  // k-means++ seeding.
+  std::vector<double> dist(n, std::numeric_limits<double>::infinity());
+  std::size_t first = static_cast<std::size_t>(rng() % n);
+  std::copy(x + first * d, x + (first + 1) * d, out.centroids.data());
+  for (std::size_t c = 1; c < k; ++c) {
+    double total = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      dist[i] = std::min(dist[i], detail::sq_dist(x + i * d, out.centroids.data() + (c - 1) * d, d));
+      total += dist[i];
+    }
+    std::size_t pick = 0;
+    if (total > 0) {
+      double r = std::uniform_real_distribution<double>(0.0, total)(rng);
+      for (pick = 0; pick + 1 < n; ++pick) {
+        r -= dist[pick];
+        if (r < 0 && dist[pick] > 0) break;
+      }
+    }
+    std::copy(x + pick * d, x + (pick + 1) * d, out.centroids.data() + c * d);
+  }
+
+  out.labels.assign(n, 0);
+  std::vector<double> best(n);
+  for (out.iterations = 1; out.iterations <= max_iter; ++out.iterations) {
+    bool changed = false;
+    for (std::size_t i = 0; i < n; ++i) {
+      std::size_t arg = 0;
+      double bd = std::numeric_limits<double>::infinity();
+      for (std::size_t c = 0; c < k; ++c) {
+        const double dd = detail::sq_dist(x + i * d, out.centroids.data() + c * d, d);
+        if (dd < bd) {
+          bd = dd;
+          arg = c;
+        }
+      }
+      best[i] = bd;
+      if (arg != out.labels[i]) {
+        out.labels[i] = arg;
+        changed = true;
+      }
+    }
+    // Update step (double accumulation).
+    std::vector<double> sum(k * d, 0.0);
+    std::vector<std::size_t> count(k, 0);
+    for (std::size_t i = 0; i < n; ++i) {
+      ++count[out.labels[i]];
+      for (std::size_t j = 0; j < d; ++j) sum[out.labels[i] * d + j] += x[i * d + j];
+    }
+    for (std::size_t c = 0; c < k; ++c) {
+      if (count[c] == 0) {  // re-seed with the worst-served point
+        std::size_t far = 0;
+        for (std::size_t i = 1; i < n; ++i)
+          if (best[i] > best[far]) far = i;
+        std::copy(x + far * d, x + (far + 1) * d, out.centroids.data() + c * d);
+        best[far] = 0;
+        changed = true;
+        continue;
+      }
+      for (std::size_t j = 0; j < d; ++j) out.centroids.data()[c * d + j] = static_cast<float>(sum[c * d + j] / static_cast<double>(count[c]));
+    }
+    if (!changed && out.iterations > 1) break;
+  }
+  out.iterations = std::min(out.iterations, max_iter);
+  out.inertia = 0;
+  for (std::size_t i = 0; i < n; ++i) out.inertia += detail::sq_dist(x + i * d, out.centroids.data() + out.labels[i] * d, d);
+  return out;
+}
+
+}  // namespace s2lc::linalg
+// ---- end s2lc/linalg/cluster.hpp ----
 // ---- end s2lc/s2lc.hpp ----
 #endif  // S2LC_SINGLE_INCLUDE_HPP_
