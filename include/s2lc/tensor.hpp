@@ -20,6 +20,19 @@
 
 namespace s2lc {
 
+namespace detail {
+inline void require_2d(const io::SafetensorsFile& file, const io::TensorInfo& info) {
+  if (info.shape.size() != 2)
+    throw invalid_argument("expected a 2-D tensor, shape has " + std::to_string(info.shape.size()) + " dimensions",
+                           {file.path().string(), info.name, file.offset_of(info)});
+}
+inline void require_float(const io::SafetensorsFile& file, const io::TensorInfo& info) {
+  if (!is_float(info.type))
+    throw invalid_argument("not a floating-point tensor (" + std::string(dtype_name(info.type)) + ")",
+                           {file.path().string(), info.name, file.offset_of(info)});
+}
+}  // namespace detail
+
 /// Owning row-major f32 matrix / vector / n-d array.
 using matrix = xt::xtensor<float, 2>;
 using vector = xt::xtensor<float, 1>;
@@ -35,9 +48,7 @@ auto matrix_view(const T* data, std::size_t rows, std::size_t cols) {
 template <typename T>
 auto matrix_view(const io::SafetensorsFile& file, std::string_view name) {
   const auto& info = file.at(name);
-  if (info.shape.size() != 2)
-    throw invalid_argument("expected a 2-D tensor, shape has " + std::to_string(info.shape.size()) + " dimensions",
-                           {file.path().string(), info.name, file.offset_of(info)});
+  detail::require_2d(file, info);
   const auto v = file.view<T>(name);
   return matrix_view(v.data(), static_cast<std::size_t>(info.shape[0]), static_cast<std::size_t>(info.shape[1]));
 }
@@ -62,9 +73,7 @@ inline void convert_to_f32(dtype type, const std::byte* src, float* dst, std::si
 /// Loads a floating tensor of a safetensors file as an owning f32 array of the same shape.
 inline array load_f32(const io::SafetensorsFile& file, std::string_view name) {
   const auto& info = file.at(name);
-  if (!is_float(info.type))
-    throw invalid_argument("not a floating-point tensor (" + std::string(dtype_name(info.type)) + ")",
-                           {file.path().string(), info.name, file.offset_of(info)});
+  detail::require_float(file, info);
   std::vector<std::size_t> shape(info.shape.begin(), info.shape.end());
   array out = array::from_shape(shape);
   convert_to_f32(info.type, file.bytes(info).data(), out.data(), out.size());
@@ -74,12 +83,8 @@ inline array load_f32(const io::SafetensorsFile& file, std::string_view name) {
 /// Loads a 2-D floating tensor as an owning f32 matrix.
 inline matrix load_matrix_f32(const io::SafetensorsFile& file, std::string_view name) {
   const auto& info = file.at(name);
-  if (info.shape.size() != 2)
-    throw invalid_argument("expected a 2-D tensor, shape has " + std::to_string(info.shape.size()) + " dimensions",
-                           {file.path().string(), info.name, file.offset_of(info)});
-  if (!is_float(info.type))
-    throw invalid_argument("not a floating-point tensor (" + std::string(dtype_name(info.type)) + ")",
-                           {file.path().string(), info.name, file.offset_of(info)});
+  detail::require_2d(file, info);
+  detail::require_float(file, info);
   matrix out = matrix::from_shape({static_cast<std::size_t>(info.shape[0]), static_cast<std::size_t>(info.shape[1])});
   convert_to_f32(info.type, file.bytes(info).data(), out.data(), out.size());
   return out;

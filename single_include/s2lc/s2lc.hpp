@@ -689,7 +689,20 @@ struct TensorRef {
   dtype type = dtype::f32;
   std::vector<std::uint64_t> shape;
   std::size_t source = 0;
+
+  std::uint64_t nbytes() const noexcept {
+    std::uint64_t n = dtype_size(type);
+    for (auto d : shape) n *= d;
+    return n;
+  }
 };
+
+/// "[768, 256]".
+inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
 
 /// A tensor name split around its expert index.
 struct ExpertName {
@@ -878,12 +891,6 @@ inline std::uint64_t load_le64(const std::byte* p) noexcept {
   return v;
 }
 
-inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 /// Absolute offset of a tensor's key in the header text (best effort, for error messages).
 inline std::uint64_t key_offset(std::string_view header, const std::string& key) {
   const std::string quoted = nlohmann::json(key).dump();
@@ -1032,7 +1039,7 @@ inline SafetensorsHeader parse_safetensors(std::span<const std::byte> file, cons
     std::uint64_t nbytes = 0;
     overflow = overflow || __builtin_mul_overflow(numel, static_cast<std::uint64_t>(dtype_size(t.type)), &nbytes);
     if (overflow)
-      throw format_error("size of shape " + detail::shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits", at());
+      throw format_error("size of shape " + shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits", at());
 
     const auto& offs = v["data_offsets"];
     if (!offs.is_array() || offs.size() != 2) throw format_error("data_offsets must be an array [begin, end]", at());
@@ -1044,7 +1051,7 @@ inline SafetensorsHeader parse_safetensors(std::span<const std::byte> file, cons
       throw format_error("data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] run past the end of the file (data section holds " +
                              std::to_string(data_size) + " bytes)", {label, name, data_offset + std::min(t.begin, data_size)});
     if (t.end - t.begin != nbytes)
-      throw format_error("shape " + detail::shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " + std::to_string(nbytes) +
+      throw format_error("shape " + shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " + std::to_string(nbytes) +
                              " bytes but data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] hold " +
                              std::to_string(t.end - t.begin), {label, name, data_offset + t.begin});
     if ((data_offset + t.begin) % dtype_size(t.type) != 0)
@@ -1150,10 +1157,10 @@ inline std::pair<std::string, std::vector<std::size_t>> safetensors_layout(std::
     for (auto d : t.shape) overflow = __builtin_mul_overflow(numel, d, &numel) || overflow;
     overflow = __builtin_mul_overflow(numel, static_cast<std::uint64_t>(dtype_size(t.type)), &nbytes) || overflow;
     if (overflow)
-      throw invalid_argument("size of shape " + detail::shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits",
+      throw invalid_argument("size of shape " + shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits",
                              {label, t.name, {}});
     if (nbytes != t.data.size())
-      throw invalid_argument("shape " + detail::shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " +
+      throw invalid_argument("shape " + shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " +
                                  std::to_string(nbytes) + " bytes, got " + std::to_string(t.data.size()),
                              {label, t.name, {}});
   }
@@ -1213,6 +1220,19 @@ inline void write_safetensors(const std::filesystem::path& path, std::span<const
 
 namespace s2lc {
 
+namespace detail {
+inline void require_2d(const io::SafetensorsFile& file, const io::TensorInfo& info) {
+  if (info.shape.size() != 2)
+    throw invalid_argument("expected a 2-D tensor, shape has " + std::to_string(info.shape.size()) + " dimensions",
+                           {file.path().string(), info.name, file.offset_of(info)});
+}
+inline void require_float(const io::SafetensorsFile& file, const io::TensorInfo& info) {
+  if (!is_float(info.type))
+    throw invalid_argument("not a floating-point tensor (" + std::string(dtype_name(info.type)) + ")",
+                           {file.path().string(), info.name, file.offset_of(info)});
+}
+}  // namespace detail
+
 /// Owning row-major f32 matrix / vector / n-d array.
 using matrix = xt::xtensor<float, 2>;
 using vector = xt::xtensor<float, 1>;
@@ -1228,9 +1248,7 @@ auto matrix_view(const T* data, std::size_t rows, std::size_t cols) {
 template <typename T>
 auto matrix_view(const io::SafetensorsFile& file, std::string_view name) {
   const auto& info = file.at(name);
-  if (info.shape.size() != 2)
-    throw invalid_argument("expected a 2-D tensor, shape has " + std::to_string(info.shape.size()) + " dimensions",
-                           {file.path().string(), info.name, file.offset_of(info)});
+  detail::require_2d(file, info);
   const auto v = file.view<T>(name);
   return matrix_view(v.data(), static_cast<std::size_t>(info.shape[0]), static_cast<std::size_t>(info.shape[1]));
 }
@@ -1255,9 +1273,7 @@ inline void convert_to_f32(dtype type, const std::byte* src, float* dst, std::si
 /// Loads a floating tensor of a safetensors file as an owning f32 array of the same shape.
 inline array load_f32(const io::SafetensorsFile& file, std::string_view name) {
   const auto& info = file.at(name);
-  if (!is_float(info.type))
-    throw invalid_argument("not a floating-point tensor (" + std::string(dtype_name(info.type)) + ")",
-                           {file.path().string(), info.name, file.offset_of(info)});
+  detail::require_float(file, info);
   std::vector<std::size_t> shape(info.shape.begin(), info.shape.end());
   array out = array::from_shape(shape);
   convert_to_f32(info.type, file.bytes(info).data(), out.data(), out.size());
@@ -1267,12 +1283,8 @@ inline array load_f32(const io::SafetensorsFile& file, std::string_view name) {
 /// Loads a 2-D floating tensor as an owning f32 matrix.
 inline matrix load_matrix_f32(const io::SafetensorsFile& file, std::string_view name) {
   const auto& info = file.at(name);
-  if (info.shape.size() != 2)
-    throw invalid_argument("expected a 2-D tensor, shape has " + std::to_string(info.shape.size()) + " dimensions",
-                           {file.path().string(), info.name, file.offset_of(info)});
-  if (!is_float(info.type))
-    throw invalid_argument("not a floating-point tensor (" + std::string(dtype_name(info.type)) + ")",
-                           {file.path().string(), info.name, file.offset_of(info)});
+  detail::require_2d(file, info);
+  detail::require_float(file, info);
   matrix out = matrix::from_shape({static_cast<std::size_t>(info.shape[0]), static_cast<std::size_t>(info.shape[1])});
   convert_to_f32(info.type, file.bytes(info).data(), out.data(), out.size());
   return out;
@@ -1405,6 +1417,7 @@ inline SVD randomized_svd(const matrix& A, std::size_t rank, const RandomizedOpt
 // s2lc::linalg — k-means clustering of row vectors (e.g. flattened experts), k-means++ seeding,
 // Lloyd iterations; deterministic under a seed, ties broken towards the lower index.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -1465,6 +1478,8 @@ inline KMeans kmeans(const matrix& X, std::size_t k, std::uint64_t seed = 1, std
 
   out.labels.assign(n, 0);
   std::vector<double> best(n);
+  std::vector<double> sum(k * d);
+  std::vector<std::size_t> count(k);
   for (out.iterations = 1; out.iterations <= max_iter; ++out.iterations) {
     bool changed = false;
     for (std::size_t i = 0; i < n; ++i) {
@@ -1484,8 +1499,8 @@ inline KMeans kmeans(const matrix& X, std::size_t k, std::uint64_t seed = 1, std
       }
     }
     // Update step (double accumulation).
-    std::vector<double> sum(k * d, 0.0);
-    std::vector<std::size_t> count(k, 0);
+    std::fill(sum.begin(), sum.end(), 0.0);
+    std::fill(count.begin(), count.end(), std::size_t{0});
     for (std::size_t i = 0; i < n; ++i) {
       ++count[out.labels[i]];
       for (std::size_t j = 0; j < d; ++j) sum[out.labels[i] * d + j] += x[i * d + j];

@@ -17,12 +17,6 @@ namespace {
 
 using nlohmann::ordered_json;
 
-std::string shape_str(const std::vector<std::uint64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 std::string experts_str(const std::vector<std::uint32_t>& e) {
   bool contiguous = true;
   for (std::size_t i = 1; i < e.size(); ++i) contiguous = contiguous && e[i] == e[i - 1] + 1;
@@ -30,12 +24,6 @@ std::string experts_str(const std::vector<std::uint32_t>& e) {
   std::string s;
   for (std::size_t i = 0; i < e.size(); ++i) s += (i ? "," : "") + std::to_string(e[i]);
   return s;
-}
-
-std::uint64_t nbytes(const io::TensorRef& t) {
-  std::uint64_t n = dtype_size(t.type);
-  for (auto d : t.shape) n *= d;
-  return n;
 }
 
 }  // namespace
@@ -84,7 +72,7 @@ int run_inspect(const std::vector<std::string>& args) {
       std::uint64_t bytes = 0;
       for (auto m : g.members) {
         jt.push_back({{"name", refs[m].name}, {"file", refs[m].source}});
-        bytes += nbytes(refs[m]);
+        bytes += refs[m].nbytes();
       }
       out["expert_groups"].push_back({{"pattern", g.pattern}, {"dtype", dtype_name(g.type)}, {"shape", g.shape},
                                       {"n_experts", g.experts.size()}, {"experts", g.experts}, {"bytes", bytes},
@@ -112,15 +100,15 @@ int run_inspect(const std::vector<std::string>& args) {
     std::printf("  %-*s  %-7s  %-16s  %12s  %12s\n", static_cast<int>(w), "name", "dtype", "shape", "bytes", "offset");
     for (const auto& t : f->tensors())
       std::printf("  %-*s  %-7s  %-16s  %12llu  %12llu\n", static_cast<int>(w), t.name.c_str(),
-                  std::string(dtype_name(t.type)).c_str(), shape_str(t.shape).c_str(),
+                  std::string(dtype_name(t.type)).c_str(), io::shape_string(t.shape).c_str(),
                   static_cast<unsigned long long>(t.nbytes()), static_cast<unsigned long long>(f->offset_of(t)));
   }
   std::printf("%zu expert groups\n", groups.size());
   for (const auto& g : groups) {
     std::uint64_t bytes = 0;
-    for (auto m : g.members) bytes += nbytes(refs[m]);
+    for (auto m : g.members) bytes += refs[m].nbytes();
     std::printf("  %-48s %-5s %-12s %3zu experts (%s)  %llu bytes\n", g.pattern.c_str(), std::string(dtype_name(g.type)).c_str(),
-                shape_str(g.shape).c_str(), g.experts.size(), experts_str(g.experts).c_str(),
+                io::shape_string(g.shape).c_str(), g.experts.size(), experts_str(g.experts).c_str(),
                 static_cast<unsigned long long>(bytes));
   }
   std::printf("%zu LoRA pairs\n", lora.pairs.size());

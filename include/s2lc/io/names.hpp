@@ -31,7 +31,20 @@ struct TensorRef {
   dtype type = dtype::f32;
   std::vector<std::uint64_t> shape;
   std::size_t source = 0;
+
+  std::uint64_t nbytes() const noexcept {
+    std::uint64_t n = dtype_size(type);
+    for (auto d : shape) n *= d;
+    return n;
+  }
 };
+
+/// "[768, 256]".
+inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
 
 /// A tensor name split around its expert index.
 struct ExpertName {

@@ -76,12 +76,6 @@ inline std::uint64_t load_le64(const std::byte* p) noexcept {
   return v;
 }
 
-inline std::string shape_string(const std::vector<std::uint64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 /// Absolute offset of a tensor's key in the header text (best effort, for error messages).
 inline std::uint64_t key_offset(std::string_view header, const std::string& key) {
   const std::string quoted = nlohmann::json(key).dump();
@@ -230,7 +224,7 @@ inline SafetensorsHeader parse_safetensors(std::span<const std::byte> file, cons
     std::uint64_t nbytes = 0;
     overflow = overflow || __builtin_mul_overflow(numel, static_cast<std::uint64_t>(dtype_size(t.type)), &nbytes);
     if (overflow)
-      throw format_error("size of shape " + detail::shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits", at());
+      throw format_error("size of shape " + shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits", at());
 
     const auto& offs = v["data_offsets"];
     if (!offs.is_array() || offs.size() != 2) throw format_error("data_offsets must be an array [begin, end]", at());
@@ -242,7 +236,7 @@ inline SafetensorsHeader parse_safetensors(std::span<const std::byte> file, cons
       throw format_error("data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] run past the end of the file (data section holds " +
                              std::to_string(data_size) + " bytes)", {label, name, data_offset + std::min(t.begin, data_size)});
     if (t.end - t.begin != nbytes)
-      throw format_error("shape " + detail::shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " + std::to_string(nbytes) +
+      throw format_error("shape " + shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " + std::to_string(nbytes) +
                              " bytes but data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "] hold " +
                              std::to_string(t.end - t.begin), {label, name, data_offset + t.begin});
     if ((data_offset + t.begin) % dtype_size(t.type) != 0)
@@ -348,10 +342,10 @@ inline std::pair<std::string, std::vector<std::size_t>> safetensors_layout(std::
     for (auto d : t.shape) overflow = __builtin_mul_overflow(numel, d, &numel) || overflow;
     overflow = __builtin_mul_overflow(numel, static_cast<std::uint64_t>(dtype_size(t.type)), &nbytes) || overflow;
     if (overflow)
-      throw invalid_argument("size of shape " + detail::shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits",
+      throw invalid_argument("size of shape " + shape_string(t.shape) + " x " + std::string(dtype_name(t.type)) + " overflows 64 bits",
                              {label, t.name, {}});
     if (nbytes != t.data.size())
-      throw invalid_argument("shape " + detail::shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " +
+      throw invalid_argument("shape " + shape_string(t.shape) + " of " + std::string(dtype_name(t.type)) + " needs " +
                                  std::to_string(nbytes) + " bytes, got " + std::to_string(t.data.size()),
                              {label, t.name, {}});
   }

@@ -2,6 +2,7 @@
 // Lloyd iterations; deterministic under a seed, ties broken towards the lower index.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -64,6 +65,8 @@ inline KMeans kmeans(const matrix& X, std::size_t k, std::uint64_t seed = 1, std
 
   out.labels.assign(n, 0);
   std::vector<double> best(n);
+  std::vector<double> sum(k * d);
+  std::vector<std::size_t> count(k);
   for (out.iterations = 1; out.iterations <= max_iter; ++out.iterations) {
     bool changed = false;
     for (std::size_t i = 0; i < n; ++i) {
@@ -83,8 +86,8 @@ inline KMeans kmeans(const matrix& X, std::size_t k, std::uint64_t seed = 1, std
       }
     }
     // Update step (double accumulation).
-    std::vector<double> sum(k * d, 0.0);
-    std::vector<std::size_t> count(k, 0);
+    std::fill(sum.begin(), sum.end(), 0.0);
+    std::fill(count.begin(), count.end(), std::size_t{0});
     for (std::size_t i = 0; i < n; ++i) {
       ++count[out.labels[i]];
       for (std::size_t j = 0; j < d; ++j) sum[out.labels[i] * d + j] += x[i * d + j];
