@@ -12,6 +12,7 @@
 #include "s2lc/kernels/convert.hpp"
 #include "s2lc/io/mapped_file.hpp"
 #include "s2lc/io/safetensors.hpp"
+#include "s2lc/io/container.hpp"
 #include "s2lc/io/names.hpp"
 #include "s2lc/tensor.hpp"
 #include "s2lc/linalg/qr.hpp"

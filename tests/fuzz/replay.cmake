@@ -1,10 +1,25 @@
-# The safetensors fuzz harness as an ordinary program: replays the committed seed corpus and crash
-# reproducers (tests/fuzz/corpus/safetensors) through LLVMFuzzerTestOneInput without libFuzzer, so
-# every build (the "asan" preset included) re-checks them. include()d from tests/CMakeLists.txt;
-# paths are relative to this file, so it works whichever directory includes it.
+# The fuzz harnesses as ordinary programs: replay the committed seed corpora and crash reproducers
+# (tests/fuzz/corpus/<reader>) through LLVMFuzzerTestOneInput without libFuzzer, so every build
+# (the "asan" preset included) re-checks them. include()d from tests/CMakeLists.txt; paths are
+# relative to this file, so it works whichever directory includes it.
 add_executable(s2lc_fuzz_replay
   ${CMAKE_CURRENT_LIST_DIR}/safetensors_fuzz.cpp
   ${CMAKE_CURRENT_LIST_DIR}/replay_main.cpp)
 target_link_libraries(s2lc_fuzz_replay PRIVATE s2lc::s2lc s2lc_dev_flags)
 add_test(NAME fuzz_replay_safetensors
   COMMAND s2lc_fuzz_replay ${CMAKE_CURRENT_LIST_DIR}/corpus/safetensors)
+
+add_executable(s2lc_fuzz_replay_container
+  ${CMAKE_CURRENT_LIST_DIR}/container_fuzz.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/replay_main.cpp)
+target_link_libraries(s2lc_fuzz_replay_container PRIVATE s2lc::s2lc s2lc_dev_flags)
+add_test(NAME fuzz_replay_container
+  COMMAND s2lc_fuzz_replay_container ${CMAKE_CURRENT_LIST_DIR}/corpus/container)
+
+# The container seeds are generated (make_container_seeds.cpp); this check fails when the committed
+# ones are stale, e.g. after a format change: regenerate with
+#   <build>/bin/s2lc_fuzz_container_seeds tests/fuzz/corpus/container
+add_executable(s2lc_fuzz_container_seeds ${CMAKE_CURRENT_LIST_DIR}/make_container_seeds.cpp)
+target_link_libraries(s2lc_fuzz_container_seeds PRIVATE s2lc::s2lc s2lc_dev_flags)
+add_test(NAME fuzz_container_seeds_current
+  COMMAND s2lc_fuzz_container_seeds --check ${CMAKE_CURRENT_LIST_DIR}/corpus/container)
