@@ -2,6 +2,9 @@
 # Installs every Debian package s2lc needs to build, test, fuzz and benchmark.
 # Idempotent: when everything is present it installs nothing and does not touch apt.
 # Must run as root (or with sudo available) on Debian 12.
+#   scripts/setup.sh          build, test, fuzz and C++ benchmark dependencies
+#   scripts/setup.sh --bench  also the Python stack the rate-distortion bench drives
+#                             (../shared eval.py needs PyTorch; plots need matplotlib)
 set -euo pipefail
 
 PACKAGES=(
@@ -14,6 +17,11 @@ PACKAGES=(
   libbenchmark-dev                                           # bench/
   clang libclang-rt-14-dev                                   # libFuzzer harnesses (tests/fuzz)
 )
+if [ "${1:-}" = "--bench" ]; then
+  PACKAGES+=(python3-torch python3-numpy python3-matplotlib)  # bench/rd: eval.py bits-per-byte, plots
+elif [ -n "${1:-}" ]; then
+  echo "usage: scripts/setup.sh [--bench]" >&2; exit 2
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

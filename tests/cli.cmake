@@ -39,3 +39,18 @@ s2lc_cli_test(inspect_shared_moe 0 ARGS inspect ${S2LC_SHARED_DATA_DIR}/tinymoe/
               STDOUT "126 tensors.*\n12 expert groups\n")
 add_test(NAME cli_inspect_json_moe COMMAND ${CMAKE_COMMAND} -DS2LC=${S2LC_EXE}
          -DFILE=${S2LC_SHARED_DATA_DIR}/tinymoe/moe-upcycled.safetensors -P ${CMAKE_CURRENT_SOURCE_DIR}/inspect_json_check.cmake)
+
+# compress / decompress / eval
+add_test(NAME cli_compress_roundtrip COMMAND ${CMAKE_COMMAND} -DS2LC=${S2LC_EXE} -DFIX=${FIX}
+         -DWORK=${CMAKE_CURRENT_BINARY_DIR}/cli_compress_roundtrip -P ${CMAKE_CURRENT_SOURCE_DIR}/compress_cli_check.cmake)
+s2lc_cli_test(compress_no_output 2 ARGS compress ${FIX}/tinymoe-upcycled-L1.safetensors
+              STDERR "^s2lc: compress: -o OUT.s2lc is required\n$" STDERR_LINES 1)
+s2lc_cli_test(compress_two_targets 2 ARGS compress ${FIX}/tinymoe-upcycled-L1.safetensors -o x.s2lc --ratio 4 --energy 0.9
+              STDERR "give one of --ratio, --energy, --max-error" STDERR_LINES 1)
+s2lc_cli_test(compress_bad_bits 2 ARGS compress ${FIX}/tinymoe-upcycled-L1.safetensors -o x.s2lc --bits 3
+              STDERR "--bits must be 8 or 4" STDERR_LINES 1)
+s2lc_cli_test(compress_bad_ratio 2 ARGS compress ${FIX}/tinymoe-upcycled-L1.safetensors -o x.s2lc --ratio abc
+              STDERR "--ratio needs a number, got 'abc'" STDERR_LINES 1)
+s2lc_cli_test(decompress_not_artifact 1 ARGS decompress ${FIX}/tinymoe-lora-c.safetensors -o x.safetensors
+              STDERR "^s2lc: error: file '.*tinymoe-lora-c.safetensors'.*magic" STDERR_LINES 1)
+s2lc_cli_test(eval_too_few 2 ARGS eval ${FIX}/tinymoe-lora-c.safetensors STDERR "eval: need" STDERR_LINES 1)

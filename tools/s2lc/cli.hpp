@@ -13,5 +13,8 @@ struct usage_error : std::runtime_error {
 };
 
 int run_inspect(const std::vector<std::string>& args);
+int run_compress(const std::vector<std::string>& args);
+int run_decompress(const std::vector<std::string>& args);
+int run_eval(const std::vector<std::string>& args);
 
 }  // namespace s2lc::cli

@@ -17,6 +17,18 @@ constexpr const char* kUsage =
     "commands:\n"
     "  inspect FILE... [--json]   list tensors, dtypes, shapes and bytes of safetensors files,\n"
     "                             with the MoE expert groups and PEFT LoRA pairs they contain\n"
+    "  compress IN.safetensors... -o OUT.s2lc [--ratio R | --energy E | --max-error X]\n"
+    "           [--bits 8|4] [--calib C.safetensors] [--block N|RxC] [--group G]\n"
+    "           [--clusters auto|0|K] [--no-global] [--no-shared-basis] [--threads N]\n"
+    "           [--truncation-penalty P] [--balance group|block] [--seed S] [--quiet]\n"
+    "                             compress MoE expert groups (and same-named tensors across\n"
+    "                             files) into a .s2lc artifact; default --ratio 8\n"
+    "  decompress OUT.s2lc -o RECON.safetensors [--tier B]\n"
+    "                             every input tensor under its name and dtype (several inputs:\n"
+    "                             -o is a directory, one file per input)\n"
+    "  eval IN.safetensors... OUT.s2lc|RECON.safetensors [--calib C] [--baselines] [--json]\n"
+    "                             ratios and errors per group and in total, optionally against\n"
+    "                             SVD, D2-MoE-style and int-N baselines at equal bytes\n"
     "\n"
     "  s2lc --help | --version\n";
 
@@ -40,6 +52,9 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (cmd == "inspect") return s2lc::cli::run_inspect(args);
+    if (cmd == "compress") return s2lc::cli::run_compress(args);
+    if (cmd == "decompress") return s2lc::cli::run_decompress(args);
+    if (cmd == "eval") return s2lc::cli::run_eval(args);
     throw s2lc::cli::usage_error("unknown command '" + cmd + "' (try 's2lc --help')");
   } catch (const s2lc::cli::usage_error& e) {
     std::fprintf(stderr, "s2lc: %s\n", e.what());
