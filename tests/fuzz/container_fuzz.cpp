@@ -15,8 +15,9 @@
 //
 // The header and table checksums make almost every mutation of a valid file fail at the header,
 // so each input is also tried "resealed": with both checksums recomputed (when the table range
-// is inside the input). That lets the fuzzer reach the table and section checks; the section
-// checksums stay as they are, so corrupt data are still reported as checksum mismatches.
+// is inside the input; s2lc_fuzz::resealed in fixup.hpp, shared with artifact_fuzz.cpp). That
+// lets the fuzzer reach the table and section checks; the section checksums stay as they are, so
+// corrupt data are still reported as checksum mismatches.
 //
 // Built with -fsanitize=fuzzer by tests/fuzz/CMakeLists.txt; tests/fuzz/replay_main.cpp turns the
 // same function into a corpus replayer for ordinary (g++) builds.
@@ -34,6 +35,8 @@
 
 #include <s2lc/io/container.hpp>
 
+#include "fixup.hpp"
+
 namespace {
 
 namespace io = s2lc::io;
@@ -48,27 +51,6 @@ constexpr const char* kLabel = "fuzz-input";
 
 void require(bool ok, const char* what, const std::string& detail = {}) {
   if (!ok) fail(what, detail);
-}
-
-std::uint64_t le(std::span<const std::byte> b, std::size_t at, std::size_t n) {
-  std::uint64_t v = 0;
-  for (std::size_t i = n; i-- > 0;) v = (v << 8) | static_cast<std::uint64_t>(b[at + i]);
-  return v;
-}
-
-void put_le(std::vector<std::byte>& b, std::size_t at, std::uint64_t v, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) b[at + i] = static_cast<std::byte>((v >> (8 * i)) & 0xFFu);
-}
-
-/// The input with its table and header checksums recomputed; nullopt when there is no header.
-std::optional<std::vector<std::byte>> resealed(std::span<const std::byte> in) {
-  if (in.size() < io::container_header_size) return std::nullopt;
-  std::vector<std::byte> f(in.begin(), in.end());
-  const std::uint64_t off = le(in, 24, 8), size = le(in, 32, 8);
-  if (off <= f.size() && size <= f.size() - off)
-    put_le(f, 48, io::crc32c(std::span<const std::byte>(f).subspan(static_cast<std::size_t>(off), static_cast<std::size_t>(size))), 4);
-  put_le(f, 60, io::crc32c(std::span<const std::byte>(f).first(60)), 4);
-  return f;
 }
 
 /// FNV-1a over a section's bytes: reads every byte, so an out-of-bounds span trips ASan.
@@ -190,7 +172,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::span<const std::byte> file(reinterpret_cast<const std::byte*>(data), size);
   try {
     check_input(file);
-    if (const auto sealed = resealed(file)) check_input(*sealed);
+    if (const auto sealed = s2lc_fuzz::resealed(file)) check_input(*sealed);
   } catch (const std::exception& e) {
     fail("unexpected exception:", e.what());
   } catch (...) {

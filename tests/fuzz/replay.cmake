@@ -23,3 +23,18 @@ add_executable(s2lc_fuzz_container_seeds ${CMAKE_CURRENT_LIST_DIR}/make_containe
 target_link_libraries(s2lc_fuzz_container_seeds PRIVATE s2lc::s2lc s2lc_dev_flags)
 add_test(NAME fuzz_container_seeds_current
   COMMAND s2lc_fuzz_container_seeds --check ${CMAKE_CURRENT_LIST_DIR}/corpus/container)
+
+add_executable(s2lc_fuzz_replay_artifact
+  ${CMAKE_CURRENT_LIST_DIR}/artifact_fuzz.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/replay_main.cpp)
+target_link_libraries(s2lc_fuzz_replay_artifact PRIVATE s2lc::s2lc s2lc_dev_flags)
+add_test(NAME fuzz_replay_artifact
+  COMMAND s2lc_fuzz_replay_artifact ${CMAKE_CURRENT_LIST_DIR}/corpus/artifact)
+
+# The artifact seeds are generated too (make_artifact_seeds.cpp: compress() + build_artifact on
+# synthetic groups, OpenBLAS pinned to its generic kernels); regenerate stale ones with
+#   <build>/bin/s2lc_fuzz_artifact_seeds tests/fuzz/corpus/artifact
+add_executable(s2lc_fuzz_artifact_seeds ${CMAKE_CURRENT_LIST_DIR}/make_artifact_seeds.cpp)
+target_link_libraries(s2lc_fuzz_artifact_seeds PRIVATE s2lc::s2lc s2lc_dev_flags)
+add_test(NAME fuzz_artifact_seeds_current
+  COMMAND s2lc_fuzz_artifact_seeds --check ${CMAKE_CURRENT_LIST_DIR}/corpus/artifact)

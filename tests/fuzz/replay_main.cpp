@@ -1,8 +1,9 @@
 // Corpus replayer: runs LLVMFuzzerTestOneInput (of the harness it is linked with:
-// safetensors_fuzz.cpp or container_fuzz.cpp) on every file named on the command line, or found
-// (recursively) in a directory named there, without needing libFuzzer. Used by the CTest checks
-// fuzz_replay_safetensors and fuzz_replay_container (tests/fuzz/replay.cmake) so the seed corpora
-// and saved crash reproducers run in every build, including the ASan preset.
+// safetensors_fuzz.cpp, container_fuzz.cpp or artifact_fuzz.cpp) on every file named on the
+// command line, or found (recursively) in a directory named there, without needing libFuzzer.
+// Used by the CTest checks fuzz_replay_safetensors, fuzz_replay_container and fuzz_replay_artifact
+// (tests/fuzz/replay.cmake) so the seed corpora and saved crash reproducers run in every build,
+// including the ASan preset.
 // Arguments starting with '-' (libFuzzer flags) are ignored. Exits 1 if a path does not exist or
 // nothing was replayed; a failing input aborts (the harness's invariants) or trips a sanitizer.
 #include <algorithm>
