@@ -3180,9 +3180,9 @@ class Compressor {
       // Core errors count once per member.
       for (std::size_t n = 0; n < N; ++n) {
         const double s = std::sqrt(static_cast<double>(hed_[gi].nodes[n].members.size()));
-        for (auto& wh : W[E + n]) wh.identity = false, wh.L = matrix();  // filled below
         for (std::size_t j = 0; j < grid.grid_cols(); ++j) {
           const std::size_t cb = std::min(grid.block_cols, grid.cols - j * grid.block_cols);
+          W[E + n][j].identity = false;
           W[E + n][j].L = xt::eye<float>(cb) * static_cast<float>(s);
         }
       }
@@ -3497,7 +3497,7 @@ class Compressor {
     }
   }
 
-  Block encode_unit(const Unit& u, std::vector<std::uint32_t>& basis_rank) const {
+  Block encode_unit(const Unit& u) const {
     const auto& c = u.candidates[u.chosen];
     const auto& grid = grid_[u.group];
     const std::size_t rb = grid.rb(u.block), cb = grid.cb(u.block);
@@ -3521,7 +3521,6 @@ class Compressor {
         break;
       }
       case block_kind::shared: {
-        (void)basis_rank;
         blk.rank = c.rank;
         blk.basis = static_cast<std::uint32_t>(u.basis_slot);  // remapped by the caller
         break;  // coefficients need the quantized basis: filled in encode()
@@ -3596,10 +3595,9 @@ class Compressor {
       cg.bases.push_back(std::move(b));
     }
     std::vector<Block> blocks(units_.size());
-    std::vector<std::uint32_t> unused;
     detail::parallel_for(units_.size(), opt_.threads, [&](std::size_t i) {
       const auto& u = units_[i];
-      blocks[i] = encode_unit(u, unused);
+      blocks[i] = encode_unit(u);
       if (blocks[i].kind == block_kind::shared) {
         const auto& cg = out.groups[u.group];
         const auto bi = static_cast<std::size_t>(basis_index[static_cast<std::size_t>(u.basis_slot)]);
@@ -3701,7 +3699,7 @@ struct ArtifactContents {
 
 namespace detail {
 
-inline std::size_t align_to(std::size_t n, std::size_t a) { return (n + a - 1) / a * a; }
+inline std::size_t align_to(std::size_t n, std::size_t a) { return static_cast<std::size_t>(io::detail::align_up(n, a)); }
 
 inline std::uint32_t put_qmatrix(std::vector<std::byte>& data, const QMatrix& q) {
   const std::size_t off = align_to(data.size(), 64);
@@ -4286,13 +4284,12 @@ inline InputSet open_inputs(const std::vector<std::filesystem::path>& paths) {
   }
   // (2) same-named tensors across files.
   if (paths.size() > 1) {
+    std::vector<bool> taken(in.refs.size(), false);
+    for (const auto& g : in.groups)
+      for (auto m : g.members) taken[m] = true;
     std::map<std::tuple<std::string, dtype, std::vector<std::uint64_t>>, std::vector<std::size_t>> by_name;
-    for (std::size_t i = 0; i < in.refs.size(); ++i) {
-      bool taken = false;
-      for (const auto& g : in.groups)
-        for (auto m : g.members) taken = taken || m == i;
-      if (!taken && eligible(in.refs[i])) by_name[{in.refs[i].name, in.refs[i].type, in.refs[i].shape}].push_back(i);
-    }
+    for (std::size_t i = 0; i < in.refs.size(); ++i)
+      if (!taken[i] && eligible(in.refs[i])) by_name[{in.refs[i].name, in.refs[i].type, in.refs[i].shape}].push_back(i);
     for (auto& [key, members] : by_name) {
       if (members.size() < 2) continue;
       InputSet::Group ig;

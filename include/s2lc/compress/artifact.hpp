@@ -70,7 +70,7 @@ struct ArtifactContents {
 
 namespace detail {
 
-inline std::size_t align_to(std::size_t n, std::size_t a) { return (n + a - 1) / a * a; }
+inline std::size_t align_to(std::size_t n, std::size_t a) { return static_cast<std::size_t>(io::detail::align_up(n, a)); }
 
 inline std::uint32_t put_qmatrix(std::vector<std::byte>& data, const QMatrix& q) {
   const std::size_t off = align_to(data.size(), 64);

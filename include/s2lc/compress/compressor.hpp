@@ -311,9 +311,9 @@ class Compressor {
       // Core errors count once per member.
       for (std::size_t n = 0; n < N; ++n) {
         const double s = std::sqrt(static_cast<double>(hed_[gi].nodes[n].members.size()));
-        for (auto& wh : W[E + n]) wh.identity = false, wh.L = matrix();  // filled below
         for (std::size_t j = 0; j < grid.grid_cols(); ++j) {
           const std::size_t cb = std::min(grid.block_cols, grid.cols - j * grid.block_cols);
+          W[E + n][j].identity = false;
           W[E + n][j].L = xt::eye<float>(cb) * static_cast<float>(s);
         }
       }
@@ -628,7 +628,7 @@ class Compressor {
     }
   }
 
-  Block encode_unit(const Unit& u, std::vector<std::uint32_t>& basis_rank) const {
+  Block encode_unit(const Unit& u) const {
     const auto& c = u.candidates[u.chosen];
     const auto& grid = grid_[u.group];
     const std::size_t rb = grid.rb(u.block), cb = grid.cb(u.block);
@@ -652,7 +652,6 @@ class Compressor {
         break;
       }
       case block_kind::shared: {
-        (void)basis_rank;
         blk.rank = c.rank;
         blk.basis = static_cast<std::uint32_t>(u.basis_slot);  // remapped by the caller
         break;  // coefficients need the quantized basis: filled in encode()
@@ -727,10 +726,9 @@ class Compressor {
       cg.bases.push_back(std::move(b));
     }
     std::vector<Block> blocks(units_.size());
-    std::vector<std::uint32_t> unused;
     detail::parallel_for(units_.size(), opt_.threads, [&](std::size_t i) {
       const auto& u = units_[i];
-      blocks[i] = encode_unit(u, unused);
+      blocks[i] = encode_unit(u);
       if (blocks[i].kind == block_kind::shared) {
         const auto& cg = out.groups[u.group];
         const auto bi = static_cast<std::size_t>(basis_index[static_cast<std::size_t>(u.basis_slot)]);

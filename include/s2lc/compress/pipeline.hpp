@@ -92,13 +92,12 @@ inline InputSet open_inputs(const std::vector<std::filesystem::path>& paths) {
   }
   // (2) same-named tensors across files.
   if (paths.size() > 1) {
+    std::vector<bool> taken(in.refs.size(), false);
+    for (const auto& g : in.groups)
+      for (auto m : g.members) taken[m] = true;
     std::map<std::tuple<std::string, dtype, std::vector<std::uint64_t>>, std::vector<std::size_t>> by_name;
-    for (std::size_t i = 0; i < in.refs.size(); ++i) {
-      bool taken = false;
-      for (const auto& g : in.groups)
-        for (auto m : g.members) taken = taken || m == i;
-      if (!taken && eligible(in.refs[i])) by_name[{in.refs[i].name, in.refs[i].type, in.refs[i].shape}].push_back(i);
-    }
+    for (std::size_t i = 0; i < in.refs.size(); ++i)
+      if (!taken[i] && eligible(in.refs[i])) by_name[{in.refs[i].name, in.refs[i].type, in.refs[i].shape}].push_back(i);
     for (auto& [key, members] : by_name) {
       if (members.size() < 2) continue;
       InputSet::Group ig;
