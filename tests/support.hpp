@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,15 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+/// n normally distributed floats (mean 0, deviation sd) from a fixed seed.
+inline std::vector<float> randn(std::size_t n, std::uint32_t seed, float sd = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, sd);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
 
 inline std::vector<std::byte> read_bytes(const std::filesystem::path& p) {
   std::ifstream in(p, std::ios::binary);

@@ -32,6 +32,7 @@
 
 #include "s2lc/kernels/all-inl.h"  // the pass for the static (baseline) target
 #include "s2lc/kernels/convert.hpp"
+#include "s2lc/kernels/qgemm.hpp"
 
 #if HWY_ONCE
 namespace s2lc::kernels {
@@ -45,6 +46,12 @@ void f32_to_bf16(const float* in, std::uint16_t* out, std::size_t n) { HWY_DYNAM
 void bf16_to_f32(const std::uint16_t* in, float* out, std::size_t n) { HWY_DYNAMIC_DISPATCH(BF16ToF32)(in, out, n); }
 void f32_to_f16(const float* in, std::uint16_t* out, std::size_t n) { HWY_DYNAMIC_DISPATCH(F32ToF16)(in, out, n); }
 void f16_to_f32(const std::uint16_t* in, float* out, std::size_t n) { HWY_DYNAMIC_DISPATCH(F16ToF32)(in, out, n); }
+
+#define S2LC_EXPORT(ret, name, Name, params, args) \
+  HWY_EXPORT(Name);                                \
+  ret name params { return HWY_DYNAMIC_DISPATCH(Name) args; }
+S2LC_QGEMM_FUNCTIONS(S2LC_EXPORT)
+#undef S2LC_EXPORT
 
 }  // namespace s2lc::kernels
 #endif  // HWY_ONCE

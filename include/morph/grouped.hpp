@@ -1,0 +1,298 @@
+// s2lc::morph — grouped apply: every selected expert of a layer in one call, from a dispatch plan
+// (s2lc/plan.hpp), sharing the HED cores between experts (like llama.cpp's mul_mat_id, on
+// compressed experts), and the SwiGLU expert FFN end to end.
+//
+// Sharing. For a linear map, sum_e g_e (C + R_e) x = (sum_e g_e) C x + sum_e g_e R_e x: a core C is
+// applied once per token of the union of its members' tokens, not once per (token, expert).
+// In the SwiGLU FFN the w1/w3 cores are applied once per token and node and reused by every
+// expert of that node; the w2 core is applied once per token to the gate-weighted sum of the
+// experts' hidden states (sum_e g_e C h_e = C sum_e g_e h_e). A `raw` residual block replaces the
+// cores in its block; those experts subtract the core's share of that block again.
+//
+// Work is split into tasks (block rows of a core, experts) run by an Executor; each task writes
+// its own region and the results are summed afterwards in a fixed order, so Y does not depend
+// on the executor or the number of workers. All scratch comes from one Arena sized by
+// grouped_scratch_bytes / swiglu_scratch_bytes: the call itself allocates nothing.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "morph/parallel.hpp"
+#include "morph/runtime.hpp"
+#include "s2lc/kernels/qgemm.hpp"
+#include "s2lc/plan.hpp"
+
+namespace s2lc::morph {
+
+namespace detail {
+
+inline constexpr std::uint32_t kNone = 0xFFFFFFFFu;
+
+/// The tokens of a core node: the union of its members' tokens (first-seen order) and, per
+/// token, the sum of those members' gates.
+struct Union {
+  std::uint32_t* pos = nullptr;   ///< [n_tokens]: index in `list`, or kNone
+  std::uint32_t* list = nullptr;  ///< tokens
+  float* weight = nullptr;
+  std::size_t n = 0;
+};
+
+inline Union make_union(const std::vector<std::uint32_t>& members, const DispatchPlan& p, Arena& a) {
+  Union u;
+  u.pos = a.take<std::uint32_t>(p.n_tokens);
+  u.list = a.take<std::uint32_t>(p.n_tokens);
+  u.weight = a.take<float>(p.n_tokens);
+  std::fill(u.pos, u.pos + p.n_tokens, kNone);
+  for (auto e : members)
+    for (std::size_t i = p.offsets[e]; i < p.offsets[e + 1]; ++i) {
+      const std::uint32_t t = p.token[i];
+      if (u.pos[t] == kNone) u.pos[t] = static_cast<std::uint32_t>(u.n), u.list[u.n] = t, u.weight[u.n++] = 0.0f;
+      u.weight[u.pos[t]] += p.gate[i];
+    }
+  return u;
+}
+
+inline std::size_t union_bytes(std::size_t tokens) {
+  return 2 * Arena::bytes_for<std::uint32_t>(tokens) + Arena::bytes_for<float>(tokens);
+}
+
+/// Per-worker scratch arenas carved from `a`.
+struct Workers {
+  static constexpr unsigned kMax = 256;
+  Arena arena[kMax];
+  unsigned n = 1;
+};
+
+inline void split_workers(Arena& a, Executor* ex, std::size_t bytes_each, Workers& w) {
+  w.n = ex ? std::min(ex->workers(), Workers::kMax) : 1u;
+  for (unsigned i = 0; i < w.n; ++i) w.arena[i] = a.split(bytes_each);
+}
+
+inline unsigned workers_of(Executor* ex) { return ex ? std::min(ex->workers(), Workers::kMax) : 1u; }
+
+/// Y[i, :] += M X[i, :] for i < n, split into block-row tasks (each writes its own columns of Y).
+inline void apply_matrix_parallel(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y,
+                                  std::size_t ldy, unsigned tier, Executor* ex, Workers& w) {
+  if (n == 0 || m.blocks.empty()) return;
+  const std::size_t gc = g.grid.grid_cols();
+  parallel_for(ex, g.grid.grid_rows(), [&](std::size_t br, unsigned worker) {
+    for (const auto& b : m.blocks)
+      if (b.index / gc == br) apply_block(g, b, X, ldx, n, Y, ldy, 1.0f, tier, w.arena[worker]);
+  });
+}
+
+inline void gather(const float* X, std::size_t ldx, const std::uint32_t* tokens, std::size_t n, std::size_t cols, float* out) {
+  for (std::size_t i = 0; i < n; ++i) std::memcpy(out + i * cols, X + tokens[i] * ldx, cols * sizeof(float));
+}
+
+inline void check_plan(const DispatchPlan& p, std::size_t experts, const char* what) {
+  p.validate();
+  if (p.n_experts() != experts)
+    throw invalid_argument(std::string(what) + ": the plan has " + std::to_string(p.n_experts()) + " experts, the layer " +
+                           std::to_string(experts));
+}
+
+/// Applies the cores of e's path at the blocks its residual replaces, with weight -1.
+inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y,
+                             std::size_t ldy, unsigned tier, Arena& a) {
+  const auto& rep = g.replaces[e];
+  if (std::find(rep.begin(), rep.end(), std::uint8_t{1}) == rep.end()) return;
+  for (auto nd : g.path[e])
+    for (const auto& b : g.cores[nd].blocks)
+      if (rep[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, -1.0f, tier, a);
+}
+
+}  // namespace detail
+
+/// Arena bytes grouped_apply needs for a plan of `tokens` tokens and `routed` (token, expert) pairs.
+inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, std::size_t routed, unsigned workers) {
+  const std::size_t r = g.rows(), c = g.cols(), tmax = std::max(tokens, std::size_t{1});
+  return detail::union_bytes(tmax) + Arena::bytes_for<float>(tmax * c) + Arena::bytes_for<float>(tmax * r) +
+         Arena::bytes_for<float>(routed * c) + Arena::bytes_for<float>(routed * r) +
+         std::max(workers, 1u) * (apply_scratch_bytes(g, tmax) + 64);
+}
+
+/// Y[t, :] += sum over experts e routed t of gate(e, t) * W_e X[t, :]. X [n_tokens, cols] (stride
+/// ldx), Y [n_tokens, rows] (stride ldy). Equal to per-expert apply up to f32 summation order.
+inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
+                          Arena& arena, Executor* ex = nullptr, unsigned tier = 0) {
+  detail::check_plan(plan, g.members(), "grouped_apply");
+  check_tier(tier);
+  const std::size_t R = g.rows(), C = g.cols(), T = std::max<std::size_t>(plan.n_tokens, 1);
+  const std::size_t mark = arena.mark();
+  detail::Workers w;
+  detail::split_workers(arena, ex, apply_scratch_bytes(g, T), w);
+  float* xg = arena.take<float>(T * C);
+  float* yg = arena.take<float>(T * R);
+  // Cores: once per token of each node's union, weighted by the summed gates.
+  for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
+    const std::size_t m2 = arena.mark();
+    const auto u = detail::make_union(g.node_members[nd], plan, arena);
+    if (u.n && !g.cores[nd].blocks.empty()) {
+      detail::gather(X, ldx, u.list, u.n, C, xg);
+      std::memset(yg, 0, u.n * R * sizeof(float));
+      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, tier, ex, w);
+      for (std::size_t i = 0; i < u.n; ++i) {
+        float* y = Y + u.list[i] * ldy;
+        const float wt = u.weight[i];
+        for (std::size_t j = 0; j < R; ++j) y[j] += wt * yg[i * R + j];
+      }
+    }
+    arena.reset(m2);
+  }
+  // Residuals: one task per expert, outputs in the plan's order.
+  float* xe = arena.take<float>(plan.routed() * C);
+  float* oe = arena.take_zeroed<float>(plan.routed() * R);
+  parallel_for(ex, g.members(), [&](std::size_t e, unsigned worker) {
+    const std::size_t off = plan.offsets[e], n = plan.count(e);
+    if (n == 0) return;
+    detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
+    apply_matrix(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, 1.0f, tier, w.arena[worker]);
+    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, tier, w.arena[worker]);
+  });
+  for (std::size_t i = 0; i < plan.routed(); ++i) {
+    float* y = Y + plan.token[i] * ldy;
+    const float gt = plan.gate[i];
+    for (std::size_t j = 0; j < R; ++j) y[j] += gt * oe[i * R + j];
+  }
+  arena.reset(mark);
+}
+
+/// A layer's SwiGLU experts: y = W2 (silu(W1 x) * (W3 x)); W1, W3 [ffn, d], W2 [d, ffn].
+struct SwiGLUExperts {
+  const KGroup* w1 = nullptr;
+  const KGroup* w3 = nullptr;
+  const KGroup* w2 = nullptr;
+
+  std::size_t d() const noexcept { return w1->cols(); }
+  std::size_t ffn() const noexcept { return w1->rows(); }
+  void check() const {
+    if (!w1 || !w2 || !w3) throw invalid_argument("SwiGLUExperts: w1, w3 and w2 must all be set");
+    if (w3->rows() != w1->rows() || w3->cols() != w1->cols() || w2->rows() != w1->cols() || w2->cols() != w1->rows())
+      throw invalid_argument("SwiGLUExperts: shapes disagree (w1, w3 [ffn, d], w2 [d, ffn]): " + w1->name + ", " + w3->name + ", " + w2->name);
+    if (w1->members() != w3->members() || w1->members() != w2->members())
+      throw invalid_argument("SwiGLUExperts: w1, w3 and w2 have different expert counts");
+  }
+};
+
+inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t tokens, std::size_t routed, unsigned workers) {
+  L.check();
+  const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(tokens, 1);
+  const std::size_t nodes = L.w1->cores.size() + L.w3->cores.size();
+  std::size_t per_worker = 0;
+  for (const KGroup* g : {L.w1, L.w3, L.w2}) per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
+  return nodes * (detail::union_bytes(T) + Arena::bytes_for<float>(T * f)) + detail::union_bytes(T) +
+         Arena::bytes_for<float>(T * d) + Arena::bytes_for<float>(T * f) + Arena::bytes_for<float>(T * d) +
+         Arena::bytes_for<float>(routed * d) * 2 + Arena::bytes_for<float>(routed * f) * 2 + std::max(workers, 1u) * (per_worker + 64);
+}
+
+/// Y[t, :] += sum over experts e routed t of gate(e, t) * FFN_e(X[t, :]).
+inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
+                         Arena& arena, Executor* ex = nullptr, unsigned tier = 0) {
+  L.check();
+  detail::check_plan(plan, L.w1->members(), "swiglu_apply");
+  check_tier(tier);
+  const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(plan.n_tokens, 1);
+  const std::size_t mark = arena.mark();
+  std::size_t per_worker = 0;
+  for (const KGroup* g : {L.w1, L.w3, L.w2}) per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
+  detail::Workers w;
+  detail::split_workers(arena, ex, per_worker, w);
+  float* xg = arena.take<float>(T * d);
+
+  // 1. w1 / w3 cores: once per (node, token), kept for the experts.
+  struct NodeOut {
+    detail::Union u;
+    float* out;
+  };
+  // Small fixed-size tables (no allocation): nodes per group are bounded by the member count.
+  constexpr std::size_t kMaxNodes = 512;
+  if (L.w1->cores.size() > kMaxNodes || L.w3->cores.size() > kMaxNodes || L.w2->cores.size() > kMaxNodes)
+    throw invalid_argument("swiglu_apply: more than 512 core nodes");
+  NodeOut n1s[kMaxNodes], n3s[kMaxNodes];
+  auto run_cores = [&](const KGroup& g, NodeOut* outs) {
+    for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
+      NodeOut o{detail::make_union(g.node_members[nd], plan, arena), nullptr};
+      o.out = arena.take_zeroed<float>(o.u.n * f);
+      if (o.u.n && !g.cores[nd].blocks.empty()) {
+        detail::gather(X, ldx, o.u.list, o.u.n, d, xg);
+        detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, tier, ex, w);
+      }
+      outs[nd] = o;
+    }
+  };
+  run_cores(*L.w1, n1s);
+  run_cores(*L.w3, n3s);
+
+  // 2. Experts: h = silu(w1 x) * (w3 x) from the shared core outputs plus residuals; o = R2 h.
+  const std::size_t routed = plan.routed();
+  float* xe = arena.take<float>(routed * d);
+  float* h1 = arena.take_zeroed<float>(routed * f);
+  float* h3 = arena.take_zeroed<float>(routed * f);
+  float* oe = arena.take_zeroed<float>(routed * d);
+  parallel_for(ex, plan.n_experts(), [&](std::size_t e, unsigned worker) {
+    const std::size_t off = plan.offsets[e], n = plan.count(e);
+    if (n == 0) return;
+    Arena& a = w.arena[worker];
+    const float* x = xe + off * d;
+    detail::gather(X, ldx, plan.token.data() + off, n, d, xe + off * d);
+    auto hidden = [&](const KGroup& g, const NodeOut* outs, float* h) {
+      for (auto nd : g.path[e]) {
+        const NodeOut& o = outs[nd];
+        for (std::size_t i = 0; i < n; ++i) {
+          const float* src = o.out + o.u.pos[plan.token[off + i]] * f;
+          float* dst = h + i * f;
+          for (std::size_t j = 0; j < f; ++j) dst[j] += src[j];
+        }
+      }
+      apply_matrix(g, g.residuals[e], x, d, n, h, f, 1.0f, tier, a);
+      detail::unapply_replaced(g, e, x, d, n, h, f, tier, a);
+    };
+    float* a1 = h1 + off * f;
+    float* a3 = h3 + off * f;
+    hidden(*L.w1, n1s, a1);
+    hidden(*L.w3, n3s, a3);
+    kernels::swiglu(a1, a3, a1, n * f);
+    apply_matrix(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, 1.0f, tier, a);
+    detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, tier, a);
+  });
+
+  // 3. w2 cores: once per token on the gate-weighted sum of its members' hidden states.
+  float* hs = h3;  // h3 is no longer needed: reuse it as [T, f] for the weighted sums
+  float* yg = arena.take<float>(T * d);
+  for (std::size_t nd = 0; nd < L.w2->cores.size(); ++nd) {
+    const std::size_t m2 = arena.mark();
+    const auto u = detail::make_union(L.w2->node_members[nd], plan, arena);
+    if (u.n && !L.w2->cores[nd].blocks.empty()) {
+      std::memset(hs, 0, u.n * f * sizeof(float));
+      for (auto e : L.w2->node_members[nd])
+        for (std::size_t i = plan.offsets[e]; i < plan.offsets[e + 1]; ++i) {
+          float* dst = hs + u.pos[plan.token[i]] * f;
+          const float* src = h1 + i * f;
+          const float gt = plan.gate[i];
+          for (std::size_t j = 0; j < f; ++j) dst[j] += gt * src[j];
+        }
+      std::memset(yg, 0, u.n * d * sizeof(float));
+      detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, tier, ex, w);
+      for (std::size_t i = 0; i < u.n; ++i) {
+        float* y = Y + u.list[i] * ldy;
+        for (std::size_t j = 0; j < d; ++j) y[j] += yg[i * d + j];
+      }
+    }
+    arena.reset(m2);
+  }
+  // 4. Residual outputs, gate-weighted, in plan order.
+  for (std::size_t i = 0; i < routed; ++i) {
+    float* y = Y + plan.token[i] * ldy;
+    const float gt = plan.gate[i];
+    for (std::size_t j = 0; j < d; ++j) y[j] += gt * oe[i * d + j];
+  }
+  arena.reset(mark);
+}
+
+}  // namespace s2lc::morph

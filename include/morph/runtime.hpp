@@ -1,0 +1,296 @@
+// s2lc::morph — compressed experts in kernel-ready form, and their application to token batches
+// straight from the coefficients (no weight matrix is ever materialized).
+//
+// KGroup is a CompressedGroup (s2lc/compress/model.hpp) repacked once for the kernels
+// (s2lc/kernels/qview.hpp): codes one per byte or one per nibble, only the non-zero blocks kept.
+// apply(g, e, ...) computes Y[t, :] += alpha * W_e X[t, :] for a batch of tokens, where W_e is
+// exactly what compress::reconstruct(g, e, tier) returns (up to f32 summation order):
+//
+//   cores on e's path (root first)  +  e's residual,
+//   where a `raw` residual block replaces the cores in its block (they are skipped there).
+//
+// Per block and batch size n:
+//   dense   n < 3: fused q_gemv_nt per token; else decode 16-row panels to L1 and gemm_nt;
+//   lowrank/shared  t = b x (rank values per token), then y += left^T t
+//           (left = the block's own factor, or the first `rank` vectors of a shared basis);
+//   raw     gemm_nt on the f32 values.
+// Scratch comes from a caller-provided Arena (no allocation on the apply path).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "s2lc/compress/model.hpp"
+#include "s2lc/error.hpp"
+#include "s2lc/kernels/qgemm.hpp"
+
+namespace s2lc::morph {
+
+/// A bump allocator over caller-owned memory; take() throws when it runs out (never allocates).
+class Arena {
+ public:
+  Arena() = default;
+  explicit Arena(std::span<std::byte> mem) : mem_(mem) {}
+  template <class T>
+  T* take(std::size_t n) {
+    const std::size_t at = (used_ + 63) & ~std::size_t{63};
+    if (at + n * sizeof(T) > mem_.size())
+      throw invalid_argument("morph: scratch arena too small (" + std::to_string(mem_.size()) + " bytes, need at least " +
+                             std::to_string(at + n * sizeof(T)) + "); size it with the *_scratch_bytes functions");
+    used_ = at + n * sizeof(T);
+    return reinterpret_cast<T*>(mem_.data() + at);
+  }
+  template <class T>
+  T* take_zeroed(std::size_t n) {
+    T* p = take<T>(n);
+    std::memset(static_cast<void*>(p), 0, n * sizeof(T));
+    return p;
+  }
+  std::size_t used() const noexcept { return used_; }
+  std::size_t capacity() const noexcept { return mem_.size(); }
+  /// Everything taken after mark() is released by reset(mark).
+  std::size_t mark() const noexcept { return used_; }
+  void reset(std::size_t mark = 0) noexcept { used_ = mark; }
+  /// A sub-arena of `bytes` bytes carved from this one (for a worker).
+  Arena split(std::size_t bytes) { return Arena({take<std::byte>(bytes), bytes}); }
+  /// Bytes take<T>(n) may need including alignment padding.
+  template <class T>
+  static constexpr std::size_t bytes_for(std::size_t n) noexcept { return n * sizeof(T) + 64; }
+
+ private:
+  std::span<std::byte> mem_;
+  std::size_t used_ = 0;
+};
+
+/// An owning, kernel-ready quantized matrix.
+struct KMat {
+  std::uint32_t rows = 0, cols = 0, group = 32;
+  std::uint8_t bits = 8;
+  bool nibble = false;
+  std::vector<std::uint8_t> codes;
+  std::vector<std::uint16_t> scales;
+
+  kernels::QView view() const noexcept {
+    kernels::QView v;
+    v.codes = codes.data(), v.scales = scales.data(), v.rows = rows, v.cols = cols, v.group = group, v.bits = bits, v.nibble = nibble;
+    return v;
+  }
+  std::size_t bytes() const noexcept { return codes.size() + 2 * scales.size(); }
+
+  /// Repacks a storage-format matrix (same codes and scales, kernel layout).
+  static KMat from(const compress::QMatrix& q) {
+    KMat k;
+    k.rows = q.rows, k.cols = q.cols, k.group = q.group, k.bits = q.bits;
+    k.nibble = q.bits <= 4 && q.group % 2 == 0;
+    k.scales = q.scales;
+    const std::size_t rb = kernels::QView::row_bytes(q.cols, q.group, k.nibble);
+    k.codes.assign(rb * q.rows, 0);
+    for (std::size_t r = 0; r < q.rows; ++r) {
+      std::uint8_t* row = k.codes.data() + r * rb;
+      for (std::size_t c = 0; c < q.cols; ++c) {
+        const int code = compress::detail::read_code(q.codes.data(), q.codes.size(), r * q.cols + c, q.bits);
+        if (!k.nibble) {
+          row[c] = static_cast<std::uint8_t>(code);
+          continue;
+        }
+        const std::size_t g = c / q.group, j = c % q.group;
+        const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
+        std::uint8_t& b = row[g * (q.group / 2) + (j < h ? j : j - h)];
+        const auto nib = static_cast<std::uint8_t>(static_cast<unsigned>(code) & 0xFu);
+        b = static_cast<std::uint8_t>(j < h ? (b & 0xF0u) | nib : (b & 0x0Fu) | (nib << 4));
+      }
+    }
+    return k;
+  }
+};
+
+struct KBlock {
+  compress::block_kind kind = compress::block_kind::zero;
+  std::uint32_t index = 0;             ///< grid block index
+  std::uint32_t r0 = 0, c0 = 0, rb = 0, cb = 0;
+  std::uint32_t rank = 0, basis = 0;   ///< lowrank / shared
+  KMat a, b;                           ///< dense: a; lowrank: a (left, [rank, rb]) and b; shared: b
+  std::vector<float> raw;              ///< raw: [rb, cb]
+
+  std::size_t bytes() const noexcept { return a.bytes() + b.bytes() + raw.size() * sizeof(float); }
+};
+
+/// The non-zero blocks of a block matrix, in grid order.
+struct KMatrix {
+  std::vector<KBlock> blocks;
+  std::size_t bytes() const noexcept {
+    std::size_t n = 0;
+    for (const auto& b : blocks) n += b.bytes();
+    return n;
+  }
+};
+
+struct KGroup {
+  std::string name;
+  std::vector<std::string> member_names;
+  compress::GridShape grid;
+  std::vector<KMatrix> cores;                    ///< one per HED node
+  std::vector<int> parent;                       ///< per node
+  std::vector<std::vector<std::uint32_t>> node_members;
+  std::vector<std::vector<std::uint32_t>> path;  ///< per member: its nodes, root first
+  std::vector<KMatrix> residuals;                ///< per member
+  std::vector<std::vector<std::uint8_t>> replaces;  ///< per member, per grid block: 1 where a raw residual replaces the cores
+  std::vector<KMat> bases;
+  std::uint32_t max_rank = 0;                    ///< over every low-rank / shared block
+
+  std::size_t rows() const noexcept { return grid.rows; }
+  std::size_t cols() const noexcept { return grid.cols; }
+  std::size_t members() const noexcept { return residuals.size(); }
+
+  /// Bytes of coefficients the kernels read to apply member e (its cores, residual and the bases
+  /// its shared blocks use, each basis counted once).
+  std::size_t member_bytes(std::size_t e) const {
+    std::size_t n = residuals[e].bytes();
+    for (auto nd : path[e]) n += cores[nd].bytes();
+    std::vector<std::uint8_t> used(bases.size(), 0);
+    auto mark = [&](const KMatrix& m) {
+      for (const auto& b : m.blocks)
+        if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
+    };
+    mark(residuals[e]);
+    for (auto nd : path[e]) mark(cores[nd]);
+    for (std::size_t i = 0; i < bases.size(); ++i)
+      if (used[i]) n += bases[i].bytes();
+    return n;
+  }
+
+  static KGroup from(const compress::CompressedGroup& g) {
+    KGroup k;
+    k.name = g.name;
+    k.member_names = g.member_names;
+    k.grid = g.grid;
+    for (const auto& b : g.bases) k.bases.push_back(KMat::from(b.u));
+    auto convert = [&](const compress::BlockMatrix& m) {
+      KMatrix out;
+      for (std::size_t i = 0; i < m.blocks.size(); ++i) {
+        const auto& src = m.blocks[i];
+        if (src.kind == compress::block_kind::zero) continue;
+        KBlock b;
+        b.kind = src.kind;
+        b.index = static_cast<std::uint32_t>(i);
+        b.r0 = static_cast<std::uint32_t>(g.grid.r0(i)), b.c0 = static_cast<std::uint32_t>(g.grid.c0(i));
+        b.rb = static_cast<std::uint32_t>(g.grid.rb(i)), b.cb = static_cast<std::uint32_t>(g.grid.cb(i));
+        b.rank = src.rank, b.basis = src.basis;
+        switch (src.kind) {
+          case compress::block_kind::dense: b.a = KMat::from(src.a); break;
+          case compress::block_kind::lowrank: b.a = KMat::from(src.a), b.b = KMat::from(src.b); break;
+          case compress::block_kind::shared: b.b = KMat::from(src.b); break;
+          case compress::block_kind::raw: b.raw = src.raw; break;
+          case compress::block_kind::zero: break;
+        }
+        if (src.kind == compress::block_kind::lowrank || src.kind == compress::block_kind::shared) k.max_rank = std::max(k.max_rank, src.rank);
+        out.blocks.push_back(std::move(b));
+      }
+      return out;
+    };
+    for (const auto& nd : g.nodes) {
+      k.cores.push_back(convert(nd.core));
+      k.parent.push_back(nd.parent);
+      k.node_members.push_back(nd.members);
+    }
+    for (std::size_t e = 0; e < g.residuals.size(); ++e) {
+      k.residuals.push_back(convert(g.residuals[e]));
+      std::vector<std::uint32_t> p;
+      for (int n = g.leaf[e]; n >= 0; n = g.nodes[static_cast<std::size_t>(n)].parent) p.push_back(static_cast<std::uint32_t>(n));
+      std::reverse(p.begin(), p.end());
+      k.path.push_back(std::move(p));
+      std::vector<std::uint8_t> rep(g.grid.blocks(), 0);
+      for (const auto& b : k.residuals.back().blocks)
+        if (b.kind == compress::block_kind::raw) rep[b.index] = 1;
+      k.replaces.push_back(std::move(rep));
+    }
+    return k;
+  }
+};
+
+/// Rows of a dense block decoded per panel on the batched path.
+inline constexpr std::size_t kPanelRows = 16;
+
+/// Scratch bytes apply_block / apply_matrix / apply need for a batch of n tokens.
+inline std::size_t apply_scratch_bytes(const KGroup& g, std::size_t n) {
+  const std::size_t wide = std::max(g.grid.block_rows, g.grid.block_cols);
+  return Arena::bytes_for<float>(n * g.max_rank) + Arena::bytes_for<float>(std::max<std::size_t>(kPanelRows, g.max_rank) * wide);
+}
+
+/// Y[t, r0:r0+rb] += alpha * B X[t, c0:c0+cb] for t < n (X, Y: token-major with strides ldx, ldy).
+inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::size_t ldx, std::size_t n, float* Y,
+                        std::size_t ldy, float alpha, unsigned tier, Arena& arena) {
+  if (n == 0) return;
+  const float* x = X + b.c0;
+  float* y = Y + b.r0;
+  const std::size_t mark = arena.mark();
+  switch (b.kind) {
+    case compress::block_kind::zero: return;
+    case compress::block_kind::raw:
+      kernels::gemm_nt(b.raw.data(), b.cb, b.rb, x, ldx, n, b.cb, alpha, y, ldy);
+      return;
+    case compress::block_kind::dense: {
+      const auto q = b.a.view();
+      if (n < 3) {
+        for (std::size_t t = 0; t < n; ++t) kernels::q_gemv_nt(q, 0, b.rb, tier, x + t * ldx, alpha, y + t * ldy);
+        return;
+      }
+      float* panel = arena.take<float>(kPanelRows * b.cb);
+      for (std::size_t i = 0; i < b.rb; i += kPanelRows) {
+        const std::size_t p = std::min<std::size_t>(kPanelRows, b.rb - i);
+        kernels::q_decode_rows(q, i, p, tier, panel, b.cb);
+        kernels::gemm_nt(panel, b.cb, p, x, ldx, n, b.cb, alpha, y + i, ldy);
+      }
+      arena.reset(mark);
+      return;
+    }
+    case compress::block_kind::lowrank:
+    case compress::block_kind::shared: {
+      const auto left = b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
+      const auto right = b.b.view();
+      const std::size_t r = b.rank;
+      float* t = arena.take_zeroed<float>(n * r);
+      if (n < 3) {
+        for (std::size_t i = 0; i < n; ++i) {
+          kernels::q_gemv_nt(right, 0, r, tier, x + i * ldx, alpha, t + i * r);
+          kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
+        }
+      } else {
+        float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
+        kernels::q_decode_rows(right, 0, r, tier, buf, b.cb);
+        kernels::gemm_nt(buf, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+        kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
+        kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
+      }
+      arena.reset(mark);
+      return;
+    }
+  }
+}
+
+/// Applies every block of m (skipping grid blocks where skip[index] != 0, if skip is given).
+inline void apply_matrix(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
+                         float alpha, unsigned tier, Arena& arena, const std::uint8_t* skip = nullptr) {
+  for (const auto& b : m.blocks)
+    if (!skip || !skip[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, arena);
+}
+
+inline void check_tier(unsigned tier) {
+  if (tier != 0 && !compress::valid_bits(tier)) throw invalid_argument("morph: tier must be 0 (as stored) or 2 to 8, got " + std::to_string(tier));
+}
+
+/// Y[t, :] += alpha * W_e X[t, :] for t < n: member e's cores and residual, from the coefficients.
+inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
+                  Arena& arena, float alpha = 1.0f, unsigned tier = 0) {
+  if (e >= g.members()) throw invalid_argument("morph::apply: member " + std::to_string(e) + " out of range");
+  check_tier(tier);
+  for (auto nd : g.path[e]) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha, tier, arena, g.replaces[e].data());
+  apply_matrix(g, g.residuals[e], X, ldx, n, Y, ldy, alpha, tier, arena);
+}
+
+}  // namespace s2lc::morph

@@ -1,0 +1,426 @@
+// s2lc — per-target bodies of the apply kernels (Highway): quantized decode, fused quantized
+// matrix-vector products (codes dequantized in registers, tier chosen at call time), f32 GEMM
+// micro-kernels for token batches, SwiGLU, the streaming-read bound, and the JIT-merge kernels.
+// Included once per target by hwy/foreach_target.h or once for the static target; use
+// <s2lc/kernels/qgemm.hpp>.
+//
+// Conventions: matrices are row-major with explicit leading dimensions; every kernel ADDS into
+// its output. Vector bodies cover full groups whose length is a multiple of the lane count;
+// partial groups, odd group sizes and column tails take the scalar path, which decodes exactly as
+// s2lc::kernels::detail::decode.
+
+#if defined(S2LC_KERNELS_QGEMM_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef S2LC_KERNELS_QGEMM_INL_H_
+#undef S2LC_KERNELS_QGEMM_INL_H_
+#else
+#define S2LC_KERNELS_QGEMM_INL_H_
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+
+#include "s2lc/kernels/convert-inl.h"
+#include "s2lc/kernels/qview.hpp"
+
+HWY_BEFORE_NAMESPACE();
+namespace s2lc::kernels::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace qk {
+
+using DF = hn::ScalableTag<float>;
+using DI = hn::RebindToSigned<DF>;
+using DU = hn::RebindToUnsigned<DF>;
+using DI8 = hn::Rebind<std::int8_t, DF>;
+using VF = hn::Vec<DF>;
+using VI = hn::Vec<DI>;
+
+// N codes starting at p as i32 lanes (sign-extended bytes).
+HWY_INLINE VI LoadBytes(const std::uint8_t* p) {
+  return hn::PromoteTo(DI(), hn::LoadU(DI8(), reinterpret_cast<const std::int8_t*>(p)));
+}
+HWY_INLINE VI LowNibble(VI b) { return hn::ShiftRight<28>(hn::ShiftLeft<28>(b)); }
+HWY_INLINE VI HighNibble(VI b) { return hn::ShiftRight<4>(b); }
+
+template <bool kTier>
+HWY_INLINE VF Codes(VI q, const TierParams& t) {
+  if constexpr (kTier) {
+    const DI di;
+    q = hn::ShiftRightSame(hn::Add(q, hn::Set(di, t.half)), t.shift);
+    q = hn::Min(hn::Max(q, hn::Set(di, t.lo)), hn::Set(di, t.hi));
+  }
+  return hn::ConvertTo(DF(), q);
+}
+
+// Whether group g of q runs the vector body: full length and whole vectors.
+HWY_INLINE bool FastGroup(const QView& q, std::size_t g, std::size_t N) {
+  if ((g + 1) * q.group > q.cols) return false;
+  return q.nibble ? (q.group / 2) % N == 0 : q.group % N == 0;
+}
+
+// Decoded row r, columns [c0, c0 + n) of one group, into out (vector or scalar).
+template <bool kTier>
+HWY_INLINE void DecodeGroup(const QView& q, std::size_t r, std::size_t g, const TierParams& t, float* out) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const std::size_t c0 = g * q.group;
+  const float s = detail::group_scale(q, r, g, t);
+  if (!FastGroup(q, g, N)) {
+    const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
+    for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<float>(detail::tiered(detail::stored_code(q, r, c0 + j), t)) * s;
+    return;
+  }
+  const auto vs = hn::Set(df, s);
+  const std::uint8_t* row = q.codes + r * q.row_bytes();
+  if (q.nibble) {
+    const std::size_t h = q.group / 2;
+    const std::uint8_t* p = row + g * h;
+    for (std::size_t j = 0; j < h; j += N) {
+      const VI b = LoadBytes(p + j);
+      hn::StoreU(hn::Mul(Codes<kTier>(LowNibble(b), t), vs), df, out + j);
+      hn::StoreU(hn::Mul(Codes<kTier>(HighNibble(b), t), vs), df, out + h + j);
+    }
+  } else {
+    const std::uint8_t* p = row + c0;
+    for (std::size_t j = 0; j < q.group; j += N) hn::StoreU(hn::Mul(Codes<kTier>(LoadBytes(p + j), t), vs), df, out + j);
+  }
+}
+
+template <bool kTier>
+HWY_INLINE void DecodeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float* out, std::size_t ld) {
+  const std::size_t gpr = q.groups_per_row();
+  for (std::size_t i = 0; i < nr; ++i)
+    for (std::size_t g = 0; g < gpr; ++g) DecodeGroup<kTier>(q, r0 + i, g, t, out + i * ld + g * q.group);
+}
+
+// y[i] += alpha * sum_j W[r0 + i, j] x[j] for R rows: codes decoded in registers, one x load
+// shared by the R rows, the group's scale applied once per group.
+template <std::size_t R, bool kTier>
+HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, const float* HWY_RESTRICT x, float alpha,
+                           float* HWY_RESTRICT y) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const std::size_t gpr = q.groups_per_row(), rb = q.row_bytes();
+  VF acc[R];
+  float tail[R];
+  for (std::size_t i = 0; i < R; ++i) acc[i] = hn::Zero(df), tail[i] = 0.0f;
+  for (std::size_t g = 0; g < gpr; ++g) {
+    const std::size_t c0 = g * q.group;
+    if (!FastGroup(q, g, N)) {
+      const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
+      for (std::size_t i = 0; i < R; ++i) {
+        float s = 0;
+        for (std::size_t j = 0; j < n; ++j)
+          s += static_cast<float>(detail::tiered(detail::stored_code(q, r0 + i, c0 + j), t)) * x[c0 + j];
+        tail[i] += s * detail::group_scale(q, r0 + i, g, t);
+      }
+      continue;
+    }
+    VF part[R];
+    for (std::size_t i = 0; i < R; ++i) part[i] = hn::Zero(df);
+    if (q.nibble) {
+      const std::size_t h = q.group / 2;
+      for (std::size_t j = 0; j < h; j += N) {
+        const VF xl = hn::LoadU(df, x + c0 + j), xh = hn::LoadU(df, x + c0 + h + j);
+        for (std::size_t i = 0; i < R; ++i) {
+          const VI b = LoadBytes(q.codes + (r0 + i) * rb + g * h + j);
+          part[i] = hn::MulAdd(Codes<kTier>(LowNibble(b), t), xl, part[i]);
+          part[i] = hn::MulAdd(Codes<kTier>(HighNibble(b), t), xh, part[i]);
+        }
+      }
+    } else {
+      for (std::size_t j = 0; j < q.group; j += N) {
+        const VF xv = hn::LoadU(df, x + c0 + j);
+        for (std::size_t i = 0; i < R; ++i)
+          part[i] = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (r0 + i) * rb + c0 + j), t), xv, part[i]);
+      }
+    }
+    for (std::size_t i = 0; i < R; ++i)
+      acc[i] = hn::MulAdd(part[i], hn::Set(df, detail::group_scale(q, r0 + i, g, t)), acc[i]);
+  }
+  for (std::size_t i = 0; i < R; ++i) y[i] += alpha * (hn::GetLane(hn::SumOfLanes(df, acc[i])) + tail[i]);
+}
+
+template <bool kTier>
+HWY_INLINE void GemvNTT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* x, float alpha, float* y) {
+  std::size_t i = 0;
+  for (; i + 4 <= nr; i += 4) GemvNTRows<4, kTier>(q, r0 + i, t, x, alpha, y + i);
+  for (; i < nr; ++i) GemvNTRows<1, kTier>(q, r0 + i, t, x, alpha, y + i);
+}
+
+// y[j] += sum_k c[k] W[k, j] over R rows k at once (one load/store of y per R rows).
+template <std::size_t R, bool kTier>
+HWY_INLINE void GemvNNRows(const QView& q, std::size_t k0, const TierParams& t, const float* c, float* HWY_RESTRICT y) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const std::size_t gpr = q.groups_per_row(), rb = q.row_bytes();
+  for (std::size_t g = 0; g < gpr; ++g) {
+    const std::size_t c0 = g * q.group;
+    float cs[R];
+    for (std::size_t i = 0; i < R; ++i) cs[i] = c[i] * detail::group_scale(q, k0 + i, g, t);
+    if (!FastGroup(q, g, N)) {
+      const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
+      for (std::size_t j = 0; j < n; ++j) {
+        float s = y[c0 + j];
+        for (std::size_t i = 0; i < R; ++i)
+          s += cs[i] * static_cast<float>(detail::tiered(detail::stored_code(q, k0 + i, c0 + j), t));
+        y[c0 + j] = s;
+      }
+      continue;
+    }
+    if (q.nibble) {
+      const std::size_t h = q.group / 2;
+      for (std::size_t j = 0; j < h; j += N) {
+        VF yl = hn::LoadU(df, y + c0 + j), yh = hn::LoadU(df, y + c0 + h + j);
+        for (std::size_t i = 0; i < R; ++i) {
+          const VI b = LoadBytes(q.codes + (k0 + i) * rb + g * h + j);
+          const VF ci = hn::Set(df, cs[i]);
+          yl = hn::MulAdd(Codes<kTier>(LowNibble(b), t), ci, yl);
+          yh = hn::MulAdd(Codes<kTier>(HighNibble(b), t), ci, yh);
+        }
+        hn::StoreU(yl, df, y + c0 + j);
+        hn::StoreU(yh, df, y + c0 + h + j);
+      }
+    } else {
+      for (std::size_t j = 0; j < q.group; j += N) {
+        VF yv = hn::LoadU(df, y + c0 + j);
+        for (std::size_t i = 0; i < R; ++i)
+          yv = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (k0 + i) * rb + c0 + j), t),
+                          hn::Set(df, cs[i]), yv);
+        hn::StoreU(yv, df, y + c0 + j);
+      }
+    }
+  }
+}
+
+template <bool kTier>
+HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* c, float* y) {
+  std::size_t k = 0;
+  for (; k + 4 <= nk; k += 4) GemvNNRows<4, kTier>(q, k0 + k, t, c + k, y);
+  for (; k < nk; ++k)
+    if (c[k] != 0.0f) GemvNNRows<1, kTier>(q, k0 + k, t, c + k, y);
+}
+
+// Y[t, i] += alpha sum_k W[i, k] X[t, k] on an R x T register tile.
+template <std::size_t R, std::size_t T>
+HWY_INLINE void GemmNTTile(const float* HWY_RESTRICT W, std::size_t ldw, const float* HWY_RESTRICT X, std::size_t ldx,
+                           std::size_t K, float alpha, float* HWY_RESTRICT Y, std::size_t ldy) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  VF acc[R][T];
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::Zero(df);
+  std::size_t k = 0;
+  for (; k + N <= K; k += N) {
+    VF xv[T];
+    for (std::size_t j = 0; j < T; ++j) xv[j] = hn::LoadU(df, X + j * ldx + k);
+    for (std::size_t i = 0; i < R; ++i) {
+      const VF w = hn::LoadU(df, W + i * ldw + k);
+      for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::MulAdd(w, xv[j], acc[i][j]);
+    }
+  }
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t j = 0; j < T; ++j) {
+      float s = hn::GetLane(hn::SumOfLanes(df, acc[i][j]));
+      const float* w = W + i * ldw;
+      const float* xr = X + j * ldx;
+      for (std::size_t kk = k; kk < K; ++kk) s += w[kk] * xr[kk];
+      Y[j * ldy + i] += alpha * s;
+    }
+}
+
+template <std::size_t R>
+HWY_INLINE void GemmNTRows(const float* W, std::size_t ldw, const float* X, std::size_t ldx, std::size_t nt, std::size_t K,
+                           float alpha, float* Y, std::size_t ldy) {
+  std::size_t j = 0;
+  for (; j + 4 <= nt; j += 4) GemmNTTile<R, 4>(W, ldw, X + j * ldx, ldx, K, alpha, Y + j * ldy, ldy);
+  for (; j < nt; ++j) GemmNTTile<R, 1>(W, ldw, X + j * ldx, ldx, K, alpha, Y + j * ldy, ldy);
+}
+
+// Y[t, j] += sum_k C[t, k] A[k, j] on a T x (2 vectors) tile.
+template <std::size_t T, std::size_t V>
+HWY_INLINE void GemmNNTile(const float* HWY_RESTRICT C, std::size_t ldc, std::size_t K, const float* HWY_RESTRICT A,
+                           std::size_t lda, float* HWY_RESTRICT Y, std::size_t ldy) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  VF acc[T][V];
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t v = 0; v < V; ++v) acc[t][v] = hn::LoadU(df, Y + t * ldy + v * N);
+  for (std::size_t k = 0; k < K; ++k) {
+    VF a[V];
+    for (std::size_t v = 0; v < V; ++v) a[v] = hn::LoadU(df, A + k * lda + v * N);
+    for (std::size_t t = 0; t < T; ++t) {
+      const VF c = hn::Set(df, C[t * ldc + k]);
+      for (std::size_t v = 0; v < V; ++v) acc[t][v] = hn::MulAdd(c, a[v], acc[t][v]);
+    }
+  }
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t v = 0; v < V; ++v) hn::StoreU(acc[t][v], df, Y + t * ldy + v * N);
+}
+
+template <std::size_t T>
+HWY_INLINE void GemmNNTokens(const float* C, std::size_t ldc, std::size_t K, const float* A, std::size_t lda, std::size_t ncols,
+                             float* Y, std::size_t ldy) {
+  const std::size_t N = hn::Lanes(DF());
+  std::size_t j = 0;
+  for (; j + 2 * N <= ncols; j += 2 * N) GemmNNTile<T, 2>(C, ldc, K, A + j, lda, Y + j, ldy);
+  for (; j + N <= ncols; j += N) GemmNNTile<T, 1>(C, ldc, K, A + j, lda, Y + j, ldy);
+  for (; j < ncols; ++j)
+    for (std::size_t t = 0; t < T; ++t) {
+      float s = Y[t * ldy + j];
+      for (std::size_t k = 0; k < K; ++k) s += C[t * ldc + k] * A[k * lda + j];
+      Y[t * ldy + j] = s;
+    }
+}
+
+}  // namespace qk
+
+// ---- entry points (inline: header-only static dispatch from many TUs links) -------------------
+
+inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out, std::size_t ld) {
+  const TierParams t = tier_params(q.bits, tier);
+  if (t.shift) qk::DecodeRowsT<true>(q, r0, nr, t, out, ld);
+  else qk::DecodeRowsT<false>(q, r0, nr, t, out, ld);
+}
+
+inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x, float alpha, float* y) {
+  const TierParams t = tier_params(q.bits, tier);
+  if (t.shift) qk::GemvNTT<true>(q, r0, nr, t, x, alpha, y);
+  else qk::GemvNTT<false>(q, r0, nr, t, x, alpha, y);
+}
+
+inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c, float* y) {
+  const TierParams t = tier_params(q.bits, tier);
+  if (t.shift) qk::GemvNNT<true>(q, k0, nk, t, c, y);
+  else qk::GemvNNT<false>(q, k0, nk, t, c, y);
+}
+
+inline HWY_NOINLINE void GemmNT(const float* W, std::size_t ldw, std::size_t nr, const float* X, std::size_t ldx, std::size_t nt,
+                                std::size_t K, float alpha, float* Y, std::size_t ldy) {
+  std::size_t i = 0;
+  for (; i + 4 <= nr; i += 4) qk::GemmNTRows<4>(W + i * ldw, ldw, X, ldx, nt, K, alpha, Y + i, ldy);
+  for (; i < nr; ++i) qk::GemmNTRows<1>(W + i * ldw, ldw, X, ldx, nt, K, alpha, Y + i, ldy);
+}
+
+inline HWY_NOINLINE void GemmNN(const float* C, std::size_t ldc, std::size_t nt, std::size_t K, const float* A, std::size_t lda,
+                                std::size_t ncols, float* Y, std::size_t ldy) {
+  std::size_t t = 0;
+  for (; t + 4 <= nt; t += 4) qk::GemmNNTokens<4>(C + t * ldc, ldc, K, A, lda, ncols, Y + t * ldy, ldy);
+  for (; t < nt; ++t) qk::GemmNNTokens<1>(C + t * ldc, ldc, K, A, lda, ncols, Y + t * ldy, ldy);
+}
+
+/// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u.
+inline HWY_NOINLINE void SwiGLU(const float* HWY_RESTRICT g, const float* HWY_RESTRICT u, float* HWY_RESTRICT out, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const auto one = hn::Set(df, 1.0f);
+  std::size_t i = 0;
+  for (; i + N <= n; i += N) {
+    const auto gv = hn::LoadU(df, g + i);
+    const auto e = hn::Exp(df, hn::Neg(gv));
+    hn::StoreU(hn::Mul(hn::Div(gv, hn::Add(one, e)), hn::LoadU(df, u + i)), df, out + i);
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+/// Sum of n floats read once, streaming: the read-bandwidth bound of a kernel's bytes.
+inline HWY_NOINLINE float StreamRead(const float* HWY_RESTRICT p, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+  std::size_t i = 0;
+  for (; i + 4 * N <= n; i += 4 * N) {
+    a0 = hn::Add(a0, hn::LoadU(df, p + i));
+    a1 = hn::Add(a1, hn::LoadU(df, p + i + N));
+    a2 = hn::Add(a2, hn::LoadU(df, p + i + 2 * N));
+    a3 = hn::Add(a3, hn::LoadU(df, p + i + 3 * N));
+  }
+  float s = hn::GetLane(hn::SumOfLanes(df, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3))));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+// JIT merge: w += d, recording (index, old value) of every element where (w + d) - d does not
+// give w back bit for bit, so unmerge (w -= d, then the recorded values) is exact.
+inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                         std::uint32_t* HWY_RESTRICT bad_idx, float* HWY_RESTRICT bad_val) {
+  const qk::DF df;
+  const qk::DU du;
+  const std::size_t N = hn::Lanes(df);
+  std::size_t nb = 0, i = 0;
+  for (; i + N <= n; i += N) {
+    const auto wv = hn::LoadU(df, w + i), dv = hn::LoadU(df, d + i);
+    const auto m = hn::Add(wv, dv);
+    const auto back = hn::Sub(m, dv);
+    hn::StoreU(m, df, w + i);
+    if (HWY_UNLIKELY(!hn::AllTrue(du, hn::Eq(hn::BitCast(du, back), hn::BitCast(du, wv))))) {
+      HWY_ALIGN float wold[hn::MaxLanes(df)], wb[hn::MaxLanes(df)];
+      hn::Store(wv, df, wold);
+      hn::Store(back, df, wb);
+      for (std::size_t j = 0; j < N; ++j)
+        if (std::memcmp(&wold[j], &wb[j], sizeof(float)) != 0) bad_idx[nb] = static_cast<std::uint32_t>(i + j), bad_val[nb++] = wold[j];
+    }
+  }
+  for (; i < n; ++i) {
+    const float old = w[i], m = old + d[i], back = m - d[i];
+    w[i] = m;
+    if (std::memcmp(&back, &old, sizeof(float)) != 0) bad_idx[nb] = static_cast<std::uint32_t>(i), bad_val[nb++] = old;
+  }
+  return nb;
+}
+
+inline HWY_NOINLINE void UnmergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  std::size_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(hn::Sub(hn::LoadU(df, w + i), hn::LoadU(df, d + i)), df, w + i);
+  for (; i < n; ++i) w[i] -= d[i];
+}
+
+inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                          std::uint32_t* HWY_RESTRICT bad_idx, std::uint16_t* HWY_RESTRICT bad_val) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const DU16 d16;
+  std::size_t nb = 0, i = 0;
+  for (; i + N <= n; i += N) {
+    const auto wv = hn::LoadU(d16, w + i);
+    const auto dv = hn::LoadU(df, d + i);
+    const auto m = F32ToBF16Vec(hn::Add(BF16ToF32Vec(wv), dv));
+    const auto back = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(m), dv));
+    hn::StoreU(m, d16, w + i);
+    if (HWY_UNLIKELY(!hn::AllTrue(d16, hn::Eq(back, wv)))) {
+      HWY_ALIGN std::uint16_t wold[hn::MaxLanes(d16)], wb[hn::MaxLanes(d16)];
+      hn::StoreU(wv, d16, wold);
+      hn::StoreU(back, d16, wb);
+      for (std::size_t j = 0; j < N; ++j)
+        if (wold[j] != wb[j]) bad_idx[nb] = static_cast<std::uint32_t>(i + j), bad_val[nb++] = wold[j];
+    }
+  }
+  for (; i < n; ++i) {
+    const std::uint16_t old = w[i];
+    const std::uint16_t m = s2lc::f32_to_bf16(s2lc::bf16_to_f32(old) + d[i]);
+    w[i] = m;
+    if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d[i]) != old) bad_idx[nb] = static_cast<std::uint32_t>(i), bad_val[nb++] = old;
+  }
+  return nb;
+}
+
+inline HWY_NOINLINE void UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const DU16 d16;
+  std::size_t i = 0;
+  for (; i + N <= n; i += N)
+    hn::StoreU(F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i))), d16, w + i);
+  for (; i < n; ++i) w[i] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(w[i]) - d[i]);
+}
+
+}  // namespace s2lc::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // per-target include guard

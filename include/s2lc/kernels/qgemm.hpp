@@ -1,0 +1,66 @@
+// s2lc — apply kernels: products with group-quantized matrices straight from their codes, f32
+// GEMM micro-kernels for token batches, SwiGLU, the streaming-read bound and JIT merge.
+// Dispatch follows <s2lc/kernels/convert.hpp> (static by default; S2LC_DYNAMIC_DISPATCH=1 plus
+// one S2LC_IMPLEMENTATION TU for runtime dispatch). Every function ADDS into its output.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "s2lc/config.hpp"
+#include "s2lc/kernels/qview.hpp"
+
+#if !S2LC_DYNAMIC_DISPATCH
+#include <hwy/highway.h>
+#include "s2lc/kernels/qgemm-inl.h"
+#endif
+
+namespace s2lc::kernels {
+
+#define S2LC_QGEMM_FUNCTIONS(X)                                                                                     \
+  X(void, q_decode_rows, QDecodeRows, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out,    \
+                                       std::size_t ld), (q, r0, nr, tier, out, ld))                                  \
+  X(void, q_gemv_nt, QGemvNT, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x,        \
+                               float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
+  X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
+                               float* y), (q, k0, nk, tier, c, y))                                                   \
+  X(void, gemm_nt, GemmNT, (const float* w, std::size_t ldw, std::size_t nr, const float* x, std::size_t ldx,        \
+                            std::size_t nt, std::size_t k, float alpha, float* y, std::size_t ldy),                  \
+    (w, ldw, nr, x, ldx, nt, k, alpha, y, ldy))                                                                      \
+  X(void, gemm_nn, GemmNN, (const float* c, std::size_t ldc, std::size_t nt, std::size_t k, const float* a,          \
+                            std::size_t lda, std::size_t ncols, float* y, std::size_t ldy),                          \
+    (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
+  X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
+  X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
+  X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint32_t* bad_idx,             \
+                                       float* bad_val), (w, d, n, bad_idx, bad_val))                                 \
+  X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
+  X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint32_t* bad_idx,   \
+                                         std::uint16_t* bad_val), (w, d, n, bad_idx, bad_val))                       \
+  X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))
+
+// q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
+// q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
+// q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
+// gemm_nt:       y[t, i] += alpha * sum_k w[i, k] x[t, k]  (i < nr, t < nt).
+// gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
+// swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
+// stream_read:   the sum of p[0, n), read once (bandwidth bound).
+// merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
+//                subtracting d would not restore w bit for bit, with their indices and old values.
+// unmerge_*:     w -= d (then write back the recorded values).
+
+#if S2LC_DYNAMIC_DISPATCH
+#define S2LC_DECLARE(ret, name, Name, params, args) ret name params;
+S2LC_QGEMM_FUNCTIONS(S2LC_DECLARE)
+#undef S2LC_DECLARE
+#else
+inline namespace S2LC_DETAIL_CAT(static_, HWY_NAMESPACE) {
+#define S2LC_DEFINE(ret, name, Name, params, args) \
+  inline ret name params { return HWY_STATIC_DISPATCH(Name) args; }
+S2LC_QGEMM_FUNCTIONS(S2LC_DEFINE)
+#undef S2LC_DEFINE
+}  // namespace static_<target>
+#endif
+
+}  // namespace s2lc::kernels

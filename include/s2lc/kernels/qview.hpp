@@ -1,0 +1,88 @@
+// s2lc::kernels — the kernel-side layout of a group-quantized matrix (QView), target-independent.
+//
+// The storage format (s2lc/compress/quant.hpp) packs b-bit codes back to back, which is compact
+// but not SIMD-friendly. Kernels read a repacked copy, made once when a module is loaded:
+//
+//  * byte container (codes of 5 to 8 bits, or any width when the group size is odd): one int8 per
+//    code, row-major, row stride = cols bytes;
+//  * nibble container (codes of 2 to 4 bits, even group size): each group of n codes takes
+//    h = ceil(n / 2) bytes; byte j holds code j in its low nibble and code j + h in its high
+//    nibble (both sign-extended 4-bit). A vector of N bytes then yields two vectors of N codes
+//    that pair with two contiguous slices of x. Row stride = sum of the groups' bytes.
+//
+// Scales stay bf16, [rows, groups_per_row]. A tier t < bits is read as in quant.hpp: the rounded
+// top t bits of each code at scale 2^(bits - t) s, computed in registers, so every tier of a
+// module runs from the same bytes.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "s2lc/dtype.hpp"
+
+namespace s2lc::kernels {
+
+struct QView {
+  const std::uint8_t* codes = nullptr;
+  const std::uint16_t* scales = nullptr;  ///< bf16 bits, [rows, groups_per_row()]
+  std::uint32_t rows = 0, cols = 0, group = 32;
+  std::uint8_t bits = 8;     ///< stored code width, 2..8
+  bool nibble = false;       ///< nibble container (see above)
+
+  std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
+  static std::size_t row_bytes(std::size_t cols, std::size_t group, bool nibble) noexcept {
+    if (!nibble) return cols;
+    return (cols / group) * (group / 2) + ((cols % group) + 1) / 2;
+  }
+  std::size_t row_bytes() const noexcept { return row_bytes(cols, group, nibble); }
+  /// Bytes the kernels read for the whole matrix.
+  std::size_t bytes() const noexcept { return rows * row_bytes() + 2u * rows * groups_per_row(); }
+};
+
+/// How a tier is read: code c -> clamp((c + half) >> shift, lo, hi), value = c' * scale * mul.
+struct TierParams {
+  int shift = 0, half = 0, lo = -128, hi = 127;
+  float mul = 1.0f;
+};
+
+inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
+  if (tier == 0 || tier > bits) tier = bits;
+  TierParams t;
+  t.shift = static_cast<int>(bits - tier);
+  t.half = t.shift ? 1 << (t.shift - 1) : 0;
+  t.lo = -(1 << (tier - 1));
+  t.hi = (1 << (tier - 1)) - 1;
+  t.mul = static_cast<float>(1u << t.shift);
+  return t;
+}
+
+namespace detail {
+
+/// The stored code of element (r, c) of q (scalar path: tails, odd groups, references).
+inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
+  const std::uint8_t* row = q.codes + r * q.row_bytes();
+  if (!q.nibble) return static_cast<std::int8_t>(row[c]);
+  const std::size_t g = c / q.group, j = c % q.group;
+  const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
+  const int byte = static_cast<std::int8_t>(row[g * (q.group / 2) + (j < h ? j : j - h)]);
+  return j < h ? static_cast<int>(static_cast<unsigned>(byte) << 28) >> 28 : byte >> 4;
+}
+
+inline int tiered(int code, const TierParams& t) noexcept {
+  if (t.shift == 0) return code;
+  return std::min(std::max((code + t.half) >> t.shift, t.lo), t.hi);
+}
+
+/// Effective scale of group g of row r at a tier (bf16 scale times 2^shift, exact).
+inline float group_scale(const QView& q, std::size_t r, std::size_t g, const TierParams& t) noexcept {
+  return s2lc::bf16_to_f32(q.scales[r * q.groups_per_row() + g]) * t.mul;
+}
+
+/// Decoded value of element (r, c): what every kernel's arithmetic starts from.
+inline float decode(const QView& q, std::size_t r, std::size_t c, const TierParams& t) noexcept {
+  return static_cast<float>(tiered(stored_code(q, r, c), t)) * group_scale(q, r, c / q.group, t);
+}
+
+}  // namespace detail
+}  // namespace s2lc::kernels

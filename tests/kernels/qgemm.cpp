@@ -1,0 +1,211 @@
+// Apply kernels (s2lc/kernels/qgemm.hpp) against scalar references, on every SIMD target compiled
+// into the dispatch tables: decode is bit-exact with compress::dequantize_row at every tier; the
+// products stay within the f32 summation bound (K + 4) * 2^-24 * sum |w x| of a double reference;
+// merge then unmerge restores the buffer bit for bit. Shapes, group sizes and lengths are chosen
+// so that vector bodies, partial groups, odd group sizes and scalar tails are all exercised.
+#include <doctest/doctest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <hwy/targets.h>
+
+#include <morph/runtime.hpp>
+#include <s2lc/compress/quant.hpp>
+#include <s2lc/dtype.hpp>
+#include <s2lc/kernels/qgemm.hpp>
+
+#include "kernels/targets.hpp"
+#include "support.hpp"
+
+namespace {
+
+namespace cz = s2lc::compress;
+namespace k = s2lc::kernels;
+
+constexpr double kU = 1.0 / 16777216.0;  // f32 unit roundoff 2^-24
+
+using s2lc::test::randn;
+
+struct Case {
+  std::size_t rows, cols, group;
+  unsigned bits;
+};
+
+// Shapes: odd rows and columns, partial last groups, odd and even group sizes, both containers.
+const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 32, 4}, {6, 45, 16, 3},
+                       {4, 96, 64, 2}, {7, 33, 7, 4}, {3, 70, 10, 6}, {13, 256, 32, 5}, {2, 31, 32, 2}};
+
+/// |value| bound of the error of an f32 sum of K products: (K + 4) u sum |terms|.
+double bound(std::size_t K, double abs_sum) { return static_cast<double>(K + 4) * kU * abs_sum + 1e-30; }
+
+}  // namespace
+
+TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit, every tier and target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& c : kCases) {
+      CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
+      const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 131 + c.cols), 0.05f);
+      const auto q = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
+      const auto km = s2lc::morph::KMat::from(q);
+      CHECK(km.nibble == (c.bits <= 4 && c.group % 2 == 0));
+      for (unsigned tier = 2; tier <= c.bits; ++tier) {
+        CAPTURE(tier);
+        std::vector<float> got(c.rows * c.cols + 1, -9.0f), ref(c.cols);
+        k::q_decode_rows(km.view(), 0, c.rows, tier == c.bits ? 0 : tier, got.data(), c.cols);
+        for (std::size_t r = 0; r < c.rows; ++r) {
+          cz::dequantize_row(q, r, ref.data(), tier);
+          for (std::size_t j = 0; j < c.cols; ++j) REQUIRE(std::bit_cast<std::uint32_t>(got[r * c.cols + j]) == std::bit_cast<std::uint32_t>(ref[j]));
+        }
+        REQUIRE(got.back() == -9.0f);  // no write past the rows
+      }
+    }
+  }
+}
+
+TEST_CASE("kernels: fused quantized gemv (both orientations) within the f32 summation bound, every tier and target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& c : kCases) {
+      CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
+      const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 7 + c.cols), 0.05f);
+      const auto q = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
+      const auto km = s2lc::morph::KMat::from(q);
+      const auto x = randn(c.cols, 11), t = randn(c.rows, 12);
+      for (unsigned tier : {0u, 2u, c.bits - 1}) {
+        if (tier == 1) continue;
+        CAPTURE(tier);
+        const auto W = cz::dequantize(q, tier);
+        // y = 0.5 + alpha W x
+        std::vector<float> y(c.rows + 1, 0.5f);
+        y.back() = -9.0f;
+        k::q_gemv_nt(km.view(), 0, c.rows, tier, x.data(), -1.5f, y.data());
+        for (std::size_t i = 0; i < c.rows; ++i) {
+          double s = 0, a = 0;
+          for (std::size_t j = 0; j < c.cols; ++j) s += double(W[i * c.cols + j]) * x[j], a += std::fabs(double(W[i * c.cols + j]) * x[j]);
+          REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
+        }
+        REQUIRE(y.back() == -9.0f);
+        // z = 0.25 + W^T t
+        std::vector<float> z(c.cols + 1, 0.25f);
+        z.back() = -9.0f;
+        k::q_gemv_nn(km.view(), 0, c.rows, tier, t.data(), z.data());
+        for (std::size_t j = 0; j < c.cols; ++j) {
+          double s = 0.25, a = 0.25;
+          for (std::size_t i = 0; i < c.rows; ++i) s += double(W[i * c.cols + j]) * t[i], a += std::fabs(double(W[i * c.cols + j]) * t[i]);
+          REQUIRE(std::fabs(z[j] - s) <= bound(c.rows, a));
+        }
+        REQUIRE(z.back() == -9.0f);
+      }
+      // A row sub-range: only those rows are read and written.
+      if (c.rows >= 3) {
+        std::vector<float> y(c.rows, 0.0f);
+        k::q_gemv_nt(km.view(), 1, c.rows - 2, 0, x.data(), 1.0f, y.data());
+        const auto W = cz::dequantize(q);
+        double s = 0, a = 0;
+        for (std::size_t j = 0; j < c.cols; ++j) s += double(W[c.cols + j]) * x[j], a += std::fabs(double(W[c.cols + j]) * x[j]);
+        CHECK(std::fabs(y[0] - s) <= bound(c.cols, a));
+        CHECK(y[c.rows - 3] != 0.0f);
+        CHECK(y[c.rows - 2] == 0.0f);
+        CHECK(y[c.rows - 1] == 0.0f);
+      }
+    }
+  }
+}
+
+TEST_CASE("kernels: f32 GEMM micro-kernels for every batch 1..9 and odd K, every target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (std::size_t nr : {1u, 3u, 4u, 6u, 17u})
+      for (std::size_t K : {1u, 5u, 16u, 33u, 70u})
+        for (std::size_t nt = 1; nt <= 9; ++nt) {
+          CAPTURE(nr); CAPTURE(K); CAPTURE(nt);
+          const std::size_t ldw = K + 3, ldx = K + 1, ldy = nr + 2;
+          const auto W = randn(nr * ldw, 1), X = randn(nt * ldx, 2);
+          std::vector<float> Y(nt * ldy, 1.0f);
+          k::gemm_nt(W.data(), ldw, nr, X.data(), ldx, nt, K, 0.75f, Y.data(), ldy);
+          for (std::size_t t = 0; t < nt; ++t) {
+            for (std::size_t i = 0; i < nr; ++i) {
+              double s = 0, a = 0;
+              for (std::size_t kk = 0; kk < K; ++kk) s += double(W[i * ldw + kk]) * X[t * ldx + kk], a += std::fabs(double(W[i * ldw + kk]) * X[t * ldx + kk]);
+              REQUIRE(std::fabs(Y[t * ldy + i] - (1.0 + 0.75 * s)) <= bound(K, a) + 2 * kU);
+            }
+            for (std::size_t i = nr; i < ldy; ++i) REQUIRE(Y[t * ldy + i] == 1.0f);  // padding untouched
+          }
+          // gemm_nn: Y2[t, j] += sum_k C[t, k] A[k, j], A [K, nr] with lda = nr + 1.
+          const std::size_t lda = nr + 1, ldc = K + 2;
+          const auto A = randn(K * lda, 3), Cm = randn(nt * ldc, 4);
+          std::vector<float> Y2(nt * ldy, -1.0f);
+          k::gemm_nn(Cm.data(), ldc, nt, K, A.data(), lda, nr, Y2.data(), ldy);
+          for (std::size_t t = 0; t < nt; ++t) {
+            for (std::size_t j = 0; j < nr; ++j) {
+              double s = -1, a = 1;
+              for (std::size_t kk = 0; kk < K; ++kk) s += double(Cm[t * ldc + kk]) * A[kk * lda + j], a += std::fabs(double(Cm[t * ldc + kk]) * A[kk * lda + j]);
+              REQUIRE(std::fabs(Y2[t * ldy + j] - s) <= bound(K, a));
+            }
+            for (std::size_t j = nr; j < ldy; ++j) REQUIRE(Y2[t * ldy + j] == -1.0f);
+          }
+        }
+  }
+}
+
+TEST_CASE("kernels: SwiGLU and the streaming read, every target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (std::size_t n : {0u, 1u, 7u, 16u, 33u, 1000u}) {
+      auto g = randn(n, 5, 3.0f), u = randn(n, 6);
+      if (n > 3) g[0] = 0.0f, g[1] = -80.0f, g[2] = 80.0f;
+      std::vector<float> out(n + 1, -9.0f);
+      k::swiglu(g.data(), u.data(), out.data(), n);
+      for (std::size_t i = 0; i < n; ++i) {
+        const double ref = double(g[i]) / (1.0 + std::exp(-double(g[i]))) * u[i];
+        REQUIRE(std::fabs(out[i] - ref) <= 8 * kU * std::fabs(ref) + 1e-37);
+      }
+      REQUIRE(out[n] == -9.0f);
+      const auto p = randn(n, 7);
+      double s = 0, a = 0;
+      for (float v : p) s += v, a += std::fabs(v);
+      CHECK(std::fabs(k::stream_read(p.data(), n) - s) <= bound(n, a));
+    }
+  }
+}
+
+TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit, every target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (std::size_t n : {1u, 15u, 64u, 1001u}) {
+      CAPTURE(n);
+      auto w = randn(n, 8, 0.05f);
+      const auto d = randn(n, 9, 0.01f);
+      // Values whose sums cross binades or tie: they need the recorded exceptions.
+      for (std::size_t i = 0; i < n; i += 7) w[i] = std::ldexp(1.0f, -static_cast<int>(i % 9)) * (i % 2 ? -1.0f : 1.0f);
+      const auto base = w;
+      std::vector<std::uint32_t> idx(n);
+      std::vector<float> val(n);
+      const std::size_t nb = k::merge_f32(w.data(), d.data(), n, idx.data(), val.data());
+      for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(w[i]) == std::bit_cast<std::uint32_t>(base[i] + d[i]));
+      k::unmerge_f32(w.data(), d.data(), n);
+      for (std::size_t i = 0; i < nb; ++i) w[idx[i]] = val[i];
+      for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(w[i]) == std::bit_cast<std::uint32_t>(base[i]));
+      CHECK(nb <= n);
+
+      std::vector<std::uint16_t> h(n), hbase(n), hval(n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = hbase[i] = s2lc::f32_to_bf16(base[i]);
+      const std::size_t nh = k::merge_bf16(h.data(), d.data(), n, idx.data(), hval.data());
+      for (std::size_t i = 0; i < n; ++i) REQUIRE(h[i] == s2lc::f32_to_bf16(s2lc::bf16_to_f32(hbase[i]) + d[i]));
+      k::unmerge_bf16(h.data(), d.data(), n);
+      for (std::size_t i = 0; i < nh; ++i) h[idx[i]] = hval[i];
+      CHECK(h == hbase);
+    }
+  }
+}
