@@ -115,7 +115,8 @@ struct KBlock {
   std::uint32_t r0 = 0, c0 = 0, rb = 0, cb = 0;
   std::uint32_t rank = 0, basis = 0;   ///< lowrank / shared
   KMat a, b;                           ///< dense: a; lowrank: a (left, [rank, rb]) and b; shared: b
-  std::vector<float> raw;              ///< raw: [rb, cb]
+  std::vector<float> raw;              ///< raw: [rb, cb]; lowrank / shared: if not empty, the right
+                                       ///< factor in f32 [rank, cb] instead of b (morphed experts)
 
   std::size_t bytes() const noexcept { return a.bytes() + b.bytes() + raw.size() * sizeof(float); }
 };
@@ -142,6 +143,7 @@ struct KGroup {
   std::vector<std::vector<std::uint8_t>> replaces;  ///< per member, per grid block: 1 where a raw residual replaces the cores
   std::vector<KMat> bases;
   std::uint32_t max_rank = 0;                    ///< over every low-rank / shared block
+  std::uint32_t group_size = 32;                 ///< quantization group of the payloads
 
   std::size_t rows() const noexcept { return grid.rows; }
   std::size_t cols() const noexcept { return grid.cols; }
@@ -169,6 +171,7 @@ struct KGroup {
     k.name = g.name;
     k.member_names = g.member_names;
     k.grid = g.grid;
+    k.group_size = g.group_size;
     for (const auto& b : g.bases) k.bases.push_back(KMat::from(b.u));
     auto convert = [&](const compress::BlockMatrix& m) {
       KMatrix out;
@@ -252,18 +255,20 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
       const auto left = b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
-      const auto right = b.b.view();
       const std::size_t r = b.rank;
+      const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
       float* t = arena.take_zeroed<float>(n * r);
       if (n < 3) {
         for (std::size_t i = 0; i < n; ++i) {
-          kernels::q_gemv_nt(right, 0, r, tier, x + i * ldx, alpha, t + i * r);
+          if (f32) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
+          else kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
           kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
         }
       } else {
         float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
-        kernels::q_decode_rows(right, 0, r, tier, buf, b.cb);
-        kernels::gemm_nt(buf, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+        const float* right = b.raw.data();
+        if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
+        kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
         kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
         kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
       }

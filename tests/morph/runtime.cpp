@@ -14,6 +14,8 @@
 #include "support.hpp"
 
 #include <morph/grouped.hpp>
+#include <morph/merge.hpp>
+#include <morph/morph.hpp>
 #include <morph/parallel.hpp>
 #include <morph/runtime.hpp>
 #include <s2lc/compress/compressor.hpp>
@@ -23,6 +25,7 @@
 #include <s2lc/tensor.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <cstddef>
 #include <cstdint>
 #include <random>
@@ -357,4 +360,244 @@ TEST_CASE("morph: a too-small arena, a wrong plan and a bad tier are rejected wi
   CHECK_THROWS_WITH_AS(s2lc::DispatchPlan::from_topk(3, 1, 2, dup_ids, dup_gates), doctest::Contains("lists token 0 twice"), s2lc::invalid_argument);
   const std::int32_t bad_ids[] = {0, 3};
   CHECK_THROWS_WITH_AS(s2lc::DispatchPlan::from_topk(3, 1, 2, bad_ids, dup_gates), doctest::Contains("expert 3 out of range"), s2lc::invalid_argument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Morphing, the basis bank and JIT merge.
+
+namespace {
+
+/// Y += W X^T (n tokens) by `run`, checked against the double product of W within the bound of A.
+template <class Run>
+void check_product(const s2lc::matrix& W, const std::vector<double>& A, double slack, std::size_t n, Run run) {
+  const std::size_t R = W.shape(0), C = W.shape(1);
+  const auto X = randn(n * C, static_cast<std::uint32_t>(n + 17));
+  std::vector<float> Y(n * R, 0.0f);
+  run(X.data(), C, n, Y.data(), R);
+  for (std::size_t t = 0; t < n; ++t)
+    for (std::size_t i = 0; i < R; ++i) {
+      double s = 0, a = 0;
+      for (std::size_t j = 0; j < C; ++j) s += double(W(i, j)) * X[t * C + j], a += A[i * C + j] * std::fabs(X[t * C + j]);
+      REQUIRE(std::fabs(Y[t * R + i] - s) <= 2.0 * slack * kU * a + 1e-30);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("morph: mixing weights (softmax, sparsemax) lie on the simplex") {
+  const float logits[] = {1.0f, 0.5f, -1.0f};
+  const auto sm = mo::softmax_weights(logits);
+  CHECK(sm[0] + sm[1] + sm[2] == doctest::Approx(1.0));
+  CHECK(sm[0] > sm[1]);
+  const auto sp = mo::sparsemax_weights(logits);
+  CHECK(sp[0] == doctest::Approx(0.75));
+  CHECK(sp[1] == doctest::Approx(0.25));
+  CHECK(sp[2] == 0.0f);
+  const float tied[] = {2.0f, 2.0f};
+  CHECK(mo::sparsemax_weights(tied)[0] == doctest::Approx(0.5));
+  CHECK_THROWS_AS(mo::softmax_weights(logits, 0.0f), s2lc::invalid_argument);
+}
+
+TEST_CASE("morph: hybrids equal the weighted sum of the experts; one-hot is the expert; gate 0 is the shared core exactly") {
+  auto cs = synthetic_compressed();
+  std::vector<const cz::CompressedGroup*> groups = {&fixture_compressed().groups[0], &fixture_compressed().groups[1]};
+  for (const auto& c : cs) groups.push_back(&c.groups[0]);
+  for (const auto* gp : groups) {
+    const auto& g = *gp;
+    CAPTURE(g.name);
+    const auto kg = mo::KGroup::from(g);
+    const double slack = static_cast<double>(g.grid.cols + max_rank(g) + 64);
+    std::vector<std::byte> mem(1 << 22);
+    mo::Arena arena(mem);
+    const std::uint32_t ex[] = {0, 2, 3};
+    const float alpha[] = {0.5f, -0.25f, 0.75f};
+    // Linear mix, f32 coefficients: sum_i alpha_i reconstruct(i).
+    {
+      const auto m = mo::mix_linear(kg, ex, alpha);
+      s2lc::matrix W = xt::zeros<float>({g.grid.rows, g.grid.cols});
+      std::vector<double> A(W.size(), 0.0);
+      for (std::size_t i = 0; i < 3; ++i) {
+        W += alpha[i] * cz::reconstruct(g, ex[i]);
+        const auto Ai = abs_components(g, ex[i], 0);
+        for (std::size_t k = 0; k < A.size(); ++k) A[k] += std::fabs(alpha[i]) * Ai[k];
+      }
+      for (std::size_t n : {1u, 6u})
+        check_product(W, A, slack * 2, n, [&](const float* X, std::size_t ldx, std::size_t nn, float* Y, std::size_t ldy) {
+          mo::apply(m, X, ldx, nn, Y, ldy, arena);
+        });
+      // Requantized to int8: within 2 % of the f32 hybrid (Frobenius, on the products).
+      const auto m8 = mo::mix_linear(kg, ex, alpha, {8});
+      CHECK(m8.bytes() < m.bytes());
+      const auto X = randn(8 * g.grid.cols, 3);
+      std::vector<float> y32(8 * g.grid.rows, 0.0f), y8(8 * g.grid.rows, 0.0f);
+      mo::apply(m, X.data(), g.grid.cols, 8, y32.data(), g.grid.rows, arena);
+      mo::apply(m8, X.data(), g.grid.cols, 8, y8.data(), g.grid.rows, arena);
+      double num = 0, den = 0;
+      for (std::size_t i = 0; i < y8.size(); ++i) num += (y8[i] - y32[i]) * double(y8[i] - y32[i]), den += double(y32[i]) * y32[i];
+      CHECK(std::sqrt(num / den) < 0.02);
+    }
+    // One-hot: the expert (linear and gated at g = 1).
+    for (std::uint32_t e : {1u, 4u}) {
+      const std::uint32_t one[] = {e, 0};
+      const float hot[] = {1.0f, 0.0f};
+      const auto W = cz::reconstruct(g, e);
+      const auto A = abs_components(g, e, 0);
+      for (const auto& m : {mo::mix_linear(kg, one, hot), mo::mix_gated(kg, one, hot, 1.0f)})
+        check_product(W, A, slack, 3, [&](const float* X, std::size_t ldx, std::size_t nn, float* Y, std::size_t ldy) {
+          mo::apply(m, X, ldx, nn, Y, ldy, arena);
+        });
+    }
+    // Gate 0: exactly the cores the listed experts share, bit for bit.
+    {
+      const float simplex[] = {0.2f, 0.3f, 0.5f};
+      const auto m = mo::mix_gated(kg, ex, simplex, 0.0f);
+      CHECK(m.residual.blocks.empty());
+      const auto X = randn(5 * g.grid.cols, 9);
+      std::vector<float> y(5 * g.grid.rows, 0.0f), ref(5 * g.grid.rows, 0.0f);
+      mo::apply(m, X.data(), g.grid.cols, 5, y.data(), g.grid.rows, arena);
+      std::vector<int> on(kg.cores.size(), 0);
+      for (auto e : ex)
+        for (auto nd : kg.path[e]) ++on[nd];
+      for (std::size_t nd = 0; nd < kg.cores.size(); ++nd)
+        if (on[nd] == 3) mo::apply_matrix(kg, kg.cores[nd], X.data(), g.grid.cols, 5, ref.data(), g.grid.rows, 1.0f, 0, arena);
+      CHECK(y == ref);
+      // Continuity: a small gate stays close to the core.
+      const auto m_small = mo::mix_gated(kg, ex, simplex, 1e-3f);
+      std::vector<float> ys(5 * g.grid.rows, 0.0f);
+      mo::apply(m_small, X.data(), g.grid.cols, 5, ys.data(), g.grid.rows, arena);
+      double num = 0, den = 0;
+      for (std::size_t i = 0; i < ys.size(); ++i) num += (ys[i] - ref[i]) * double(ys[i] - ref[i]), den += double(ref[i]) * ref[i] + 1e-12;
+      CHECK(std::sqrt(num / den) < 0.01);
+    }
+    CHECK_THROWS_AS(mo::mix_gated(kg, ex, alpha, 0.5f), s2lc::invalid_argument);  // not on the simplex
+    CHECK_THROWS_AS(mo::mix_gated(kg, ex, alpha, 1.5f), s2lc::invalid_argument);
+  }
+}
+
+TEST_CASE("morph: experts sharing a basis mix in the shared subspace at the cost of one expert") {
+  // The group with the most shared residual blocks (real experts first, then synthetic).
+  const auto cs = synthetic_compressed();
+  std::vector<const cz::CompressedGroup*> groups;
+  for (const auto& g : fixture_compressed().groups) groups.push_back(&g);
+  for (const auto& c : cs) groups.push_back(&c.groups[0]);
+  const cz::CompressedGroup* best = nullptr;
+  std::size_t most = 0;
+  for (const auto* g : groups) {
+    std::size_t shared = 0;
+    for (const auto& r : g->residuals)
+      for (const auto& b : r.blocks) shared += b.kind == cz::block_kind::shared;
+    if (shared > most) most = shared, best = g;
+  }
+  REQUIRE(best != nullptr);
+  const auto kg = mo::KGroup::from(*best);
+  MESSAGE(best->name << ": " << most << " shared residual blocks");
+  for (std::size_t K : {std::size_t{2}, std::size_t{4}, kg.members()}) {
+    CAPTURE(K);
+    std::vector<std::uint32_t> ex(K);
+    std::vector<float> a(K, 1.0f / static_cast<float>(K));
+    for (std::size_t i = 0; i < K; ++i) ex[i] = static_cast<std::uint32_t>(i);
+    const auto m = mo::mix_linear(kg, ex, a, {8});
+    double single = 0;
+    for (std::size_t e = 0; e < K; ++e) single += static_cast<double>(kg.member_bytes(e)) / static_cast<double>(K);
+    MESSAGE("morph of " << K << " experts reads " << m.bytes() << " bytes, one expert " << single);
+    CHECK(static_cast<double>(m.bytes()) < 0.75 * static_cast<double>(K) * single);  // far from K experts
+  }
+}
+
+TEST_CASE("morph: basis bank atoms are unit-norm; all atoms give the dense product, K picks the largest") {
+  std::vector<s2lc::matrix> ms;
+  for (std::uint32_t s = 0; s < 3; ++s) {
+    const auto v = randn(30 * 20, 40 + s);
+    s2lc::matrix m = s2lc::matrix::from_shape({30, 20});
+    std::copy(v.begin(), v.end(), m.begin());
+    ms.push_back(m);
+  }
+  const auto bank = mo::BasisBank::from_matrices(ms, 4);
+  REQUIRE(bank.atoms() == 12);
+  for (std::size_t j = 0; j < bank.atoms(); ++j) {
+    double nu = 0, nv = 0;
+    for (std::size_t i = 0; i < bank.rows; ++i) nu += double(bank.u[j * bank.rows + i]) * bank.u[j * bank.rows + i];
+    for (std::size_t i = 0; i < bank.cols; ++i) nv += double(bank.v[j * bank.cols + i]) * bank.v[j * bank.cols + i];
+    CHECK(nu == doctest::Approx(1.0).epsilon(1e-5));
+    CHECK(nv == doctest::Approx(1.0).epsilon(1e-5));
+  }
+  const auto X = randn(3 * 20, 5);
+  std::vector<std::byte> mem(bank.scratch_bytes(3));
+  mo::Arena arena(mem);
+  std::vector<float> yall(3 * 30, 0.0f), y1(3 * 30, 0.0f);
+  bank.apply(X.data(), 20, 3, yall.data(), 30, 100, arena);
+  bank.apply(X.data(), 20, 3, y1.data(), 30, 1, arena);
+  for (std::size_t t = 0; t < 3; ++t) {
+    std::vector<double> c(bank.atoms());
+    std::size_t best = 0;
+    for (std::size_t j = 0; j < bank.atoms(); ++j) {
+      double dot = 0;
+      for (std::size_t i = 0; i < 20; ++i) dot += double(bank.v[j * 20 + i]) * X[t * 20 + i];
+      c[j] = bank.s[j] * dot;
+      if (std::fabs(c[j]) > std::fabs(c[best])) best = j;
+    }
+    for (std::size_t r = 0; r < 30; ++r) {
+      double all = 0;
+      for (std::size_t j = 0; j < bank.atoms(); ++j) all += c[j] * bank.u[j * 30 + r];
+      CHECK(yall[t * 30 + r] == doctest::Approx(all).epsilon(1e-4).scale(1.0));
+      CHECK(y1[t * 30 + r] == doctest::Approx(c[best] * bank.u[best * 30 + r]).epsilon(1e-4).scale(1.0));
+    }
+  }
+}
+
+TEST_CASE("morph: JIT merge into f32 and bf16 buffers, then unmerge restores the base bit for bit") {
+  auto cs = synthetic_compressed();
+  std::vector<const cz::CompressedGroup*> groups = {&fixture_compressed().groups[1]};
+  for (const auto& c : cs) groups.push_back(&c.groups[0]);
+  s2lc::io::SafetensorsFile f(s2lc::test::data_dir() / "tinymoe-upcycled-L1.safetensors");
+  for (const auto* gp : groups) {
+    const auto& g = *gp;
+    CAPTURE(g.name);
+    const auto kg = mo::KGroup::from(g);
+    const std::size_t R = kg.rows(), C = kg.cols(), ld = C + 5;
+    // The base: real bf16 weights where the shapes allow, else weight-like noise.
+    std::vector<float> base(R * ld, 7.0f);
+    const auto noise = randn(R * C, 3, 0.05f);
+    const bool real = R == 256 && C == 768;
+    const auto real_w = real ? s2lc::load_matrix_f32(f, "layers.1.moe.experts.6.w2.weight") : s2lc::matrix{};
+    for (std::size_t i = 0; i < R; ++i)
+      for (std::size_t j = 0; j < C; ++j) base[i * ld + j] = real ? real_w(i, j) : noise[i * C + j];
+    for (std::uint32_t e : {0u, 3u}) {
+      CAPTURE(e);
+      auto buf = base;
+      const auto undo = mo::merge(kg, e, buf.data(), ld, 0.5f);
+      const auto W = cz::reconstruct(g, e);
+      const auto A = abs_components(g, e, 0);
+      for (std::size_t i = 0; i < R; ++i) {
+        for (std::size_t j = 0; j < C; ++j) {
+          const double want = double(base[i * ld + j]) + 0.5 * double(W(i, j));
+          REQUIRE(std::fabs(buf[i * ld + j] - want) <= double(max_rank(g) + 8) * kU * (std::fabs(want) + A[i * C + j]));
+        }
+        for (std::size_t j = C; j < ld; ++j) REQUIRE(buf[i * ld + j] == base[i * ld + j]);  // padding untouched
+      }
+      MESSAGE(g.name << " member " << e << ": " << undo.exceptions() << " of " << R * C << " elements recorded");
+      // The record stays small when the delta is not larger than the base (real weights); a
+      // delta that dwarfs the base (the synthetic case) needs most elements recorded.
+      if (real) CHECK(undo.exceptions() < R * C / 4);
+      mo::unmerge(kg, e, buf.data(), ld, undo, 0.5f);
+      CHECK(std::memcmp(buf.data(), base.data(), base.size() * sizeof(float)) == 0);
+
+      std::vector<std::uint16_t> h(R * ld), hbase(R * ld);
+      for (std::size_t i = 0; i < h.size(); ++i) h[i] = hbase[i] = s2lc::f32_to_bf16(base[i]);
+      const auto hu = mo::merge(kg, e, h.data(), ld);
+      CHECK(h != hbase);
+      mo::unmerge(kg, e, h.data(), ld, hu);
+      CHECK(h == hbase);
+      CHECK_THROWS_WITH_AS(mo::unmerge(kg, e, buf.data(), ld, hu), doctest::Contains("belongs to another buffer"), s2lc::invalid_argument);
+    }
+    // A morphed hybrid merges and unmerges the same way.
+    const std::uint32_t ex[] = {1, 2};
+    const float a[] = {0.5f, 0.5f};
+    const auto m = mo::mix_linear(kg, ex, a);
+    auto buf = base;
+    const auto undo = mo::merge(m, buf.data(), ld);
+    CHECK(buf != base);
+    mo::unmerge(m, buf.data(), ld, undo);
+    CHECK(std::memcmp(buf.data(), base.data(), base.size() * sizeof(float)) == 0);
+  }
 }

@@ -603,10 +603,12 @@ class Compressor {
   void allocate_energy() {
     // Mean block energy per owner, for the drop floor.
     std::vector<std::pair<double, std::size_t>> owner_energy;
+    // Owner: (group, node), members as negative nodes (also avoids GCC 12's -Wrestrict false
+    // positive on string concatenation).
     auto owner_key = [&](const Unit& u) {
-      return std::to_string(u.group) + (u.node >= 0 ? "n" + std::to_string(u.node) : "m" + std::to_string(u.member));
+      return std::pair<std::size_t, long long>(u.group, u.node >= 0 ? u.node : -1 - static_cast<long long>(u.member));
     };
-    std::map<std::string, std::pair<double, std::size_t>> mean;
+    std::map<std::pair<std::size_t, long long>, std::pair<double, std::size_t>> mean;
     for (const auto& u : units_) {
       auto& m = mean[owner_key(u)];
       m.first += u.energy, m.second += 1;

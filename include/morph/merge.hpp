@@ -1,0 +1,155 @@
+// s2lc::morph — JIT merge: add a compressed member (or a morphed hybrid) into a caller-provided
+// dense f32 or bf16 weight buffer in place, for engines that want dense weights, and unmerge it
+// again restoring the base bit for bit.
+//
+// Exactness without a copy of the base: merge computes w' = w + d per element (bf16: rounded to
+// nearest even) and checks that w' - d gives w back; where it does not (a binade crossed, a
+// tie), the element's index and old value go into the MergeUndo record. How many depends on the
+// delta's size against the base: merging half an expert into another expert of the same layer
+// (tinymoe) records 11-13 % of the elements (about a third of a copy's bytes); a delta much larger
+// than the base records most of them. unmerge decodes the same d (same kernels, same order: bit-identical),
+// subtracts it and writes the recorded values back.
+//
+// Decoding is per grid block into scratch, so the block's delta is never a full matrix.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "morph/morph.hpp"
+#include "morph/runtime.hpp"
+#include "s2lc/dtype.hpp"
+#include "s2lc/error.hpp"
+#include "s2lc/kernels/qgemm.hpp"
+
+namespace s2lc::morph {
+
+/// What unmerge needs besides the module: the elements whose merge was not exactly invertible.
+struct MergeUndo {
+  dtype type = dtype::f32;
+  std::size_t rows = 0, cols = 0, ld = 0;
+  std::vector<std::uint64_t> index;   ///< element offsets (row * ld + col)
+  std::vector<float> f32;             ///< old values (f32 buffers)
+  std::vector<std::uint16_t> bf16;    ///< old values (bf16 buffers)
+  std::size_t exceptions() const noexcept { return index.size(); }
+};
+
+namespace detail {
+
+struct MemberDelta {
+  const KGroup* g;
+  std::size_t e;
+  float scale;
+};
+struct MorphDelta {
+  const KMorph* m;
+  float scale;
+};
+
+/// Adds block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, unsigned tier) {
+  const KGroup& g = *s.g;
+  if (!g.replaces[s.e][b])
+    for (auto nd : g.path[s.e])
+      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale, tier, out);
+  if (const KBlock* r = find_block(g.residuals[s.e], b)) add_block(g, *r, s.scale, tier, out);
+}
+
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigned tier) {
+  const KGroup& g = *s.m->group;
+  if (!s.m->replaces[b])
+    for (const auto& [nd, w] : s.m->cores)
+      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale * w, tier, out);
+  if (const KBlock* r = find_block(s.m->residual, b)) add_block(g, *r, s.scale, tier, out);
+}
+
+template <class T, class Source>
+MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier) {
+  check_tier(tier);
+  if (ld < g.cols()) throw invalid_argument("merge: leading dimension " + std::to_string(ld) + " is less than the " + std::to_string(g.cols()) + " columns");
+  MergeUndo u;
+  u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
+  u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
+  const std::size_t wide = g.grid.block_rows * g.grid.block_cols;
+  std::vector<float> d(wide);
+  std::vector<std::uint32_t> idx(g.grid.block_cols);
+  std::vector<T> val(g.grid.block_cols);
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
+    const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
+    std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
+    decode_delta(src, b, d.data(), tier);
+    for (std::size_t i = 0; i < rb; ++i) {
+      T* row = buf + (r0 + i) * ld + c0;
+      std::size_t nb;
+      if constexpr (std::is_same_v<T, float>) nb = kernels::merge_f32(row, d.data() + i * cb, cb, idx.data(), val.data());
+      else nb = kernels::merge_bf16(row, d.data() + i * cb, cb, idx.data(), val.data());
+      for (std::size_t k = 0; k < nb; ++k) {
+        u.index.push_back((r0 + i) * ld + c0 + idx[k]);
+        if constexpr (std::is_same_v<T, float>) u.f32.push_back(val[k]);
+        else u.bf16.push_back(val[k]);
+      }
+    }
+  }
+  return u;
+}
+
+template <class T, class Source>
+void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, const MergeUndo& u, unsigned tier) {
+  const dtype want = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
+  if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld)
+    throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
+                           std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ")");
+  std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
+    const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
+    std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
+    decode_delta(src, b, d.data(), tier);
+    for (std::size_t i = 0; i < rb; ++i) {
+      T* row = buf + (r0 + i) * ld + c0;
+      if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d.data() + i * cb, cb);
+      else kernels::unmerge_bf16(row, d.data() + i * cb, cb);
+    }
+  }
+  for (std::size_t k = 0; k < u.index.size(); ++k) {
+    if constexpr (std::is_same_v<T, float>) buf[u.index[k]] = u.f32[k];
+    else buf[u.index[k]] = u.bf16[k];
+  }
+}
+
+}  // namespace detail
+
+/// buf [rows, cols] (row stride ld) += scale * W_e, in place. Keep the returned record for unmerge.
+inline MergeUndo merge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0) {
+  if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier);
+}
+inline MergeUndo merge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0) {
+  if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier);
+}
+inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, 0);
+}
+inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0);
+}
+
+/// Restores the buffer merge() changed, bit for bit (same module, scale and tier).
+inline void unmerge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, unsigned tier = 0) {
+  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, u, tier);
+}
+inline void unmerge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f,
+                    unsigned tier = 0) {
+  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, u, tier);
+}
+inline void unmerge(const KMorph& m, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f) {
+  detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, u, 0);
+}
+inline void unmerge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f) {
+  detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, u, 0);
+}
+
+}  // namespace s2lc::morph
