@@ -54,3 +54,12 @@ s2lc_cli_test(compress_bad_ratio 2 ARGS compress ${FIX}/tinymoe-upcycled-L1.safe
 s2lc_cli_test(decompress_not_artifact 1 ARGS decompress ${FIX}/tinymoe-lora-c.safetensors -o x.safetensors
               STDERR "^s2lc: error: file '.*tinymoe-lora-c.safetensors'.*magic" STDERR_LINES 1)
 s2lc_cli_test(eval_too_few 2 ARGS eval ${FIX}/tinymoe-lora-c.safetensors STDERR "eval: need" STDERR_LINES 1)
+
+# bench apply: usage errors, and a small hot run printing every promised field (speed is not
+# asserted: bench/RESULTS.md has the measurements).
+s2lc_cli_test(bench_usage 2 ARGS bench STDERR "^s2lc: bench: usage: s2lc bench apply" STDERR_LINES 1)
+s2lc_cli_test(bench_bad_option 2 ARGS bench apply --bogus STDERR "^s2lc: bench apply: unknown option '--bogus'\n$" STDERR_LINES 1)
+s2lc_cli_test(bench_bad_rows 2 ARGS bench apply --rows x STDERR "^s2lc: --rows needs a non-negative integer, got 'x'\n$" STDERR_LINES 1)
+s2lc_cli_test(bench_bad_morph 2 ARGS bench apply --morph 1 STDERR "--morph K needs 2 <= K <= 64" STDERR_LINES 1)
+s2lc_cli_test(bench_apply_json 0 ARGS bench apply --rows 300 --cols 257 --ratio 6 --batch 3 --morph 2 --hot --seconds 0.01 --json
+              STDOUT "\"us_per_call\": [0-9.e+-]+,\n *\"openblas_us_per_call\": [0-9.e+-]+,.*\"speedup_vs_openblas\": [0-9.e+-]+,\n *\"bound_us\": [0-9.e+-]+,\n *\"bound_ratio\": [0-9.e+-]+,.*\"morph_vs_single\": [0-9.e+-]+\n}")

@@ -77,12 +77,13 @@ inline unsigned workers_of(Executor* ex) { return ex ? std::min(ex->workers(), W
 
 /// Y[i, :] += M X[i, :] for i < n, split into block-row tasks (each writes its own columns of Y).
 inline void apply_matrix_parallel(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y,
-                                  std::size_t ldy, unsigned tier, Executor* ex, Workers& w) {
+                                  std::size_t ldy, unsigned tier, Executor* ex, Workers& w, float alpha = 1.0f,
+                                  const std::uint8_t* skip = nullptr) {
   if (n == 0 || m.blocks.empty()) return;
   const std::size_t gc = g.grid.grid_cols();
   parallel_for(ex, g.grid.grid_rows(), [&](std::size_t br, unsigned worker) {
     for (const auto& b : m.blocks)
-      if (b.index / gc == br) apply_block(g, b, X, ldx, n, Y, ldy, 1.0f, tier, w.arena[worker]);
+      if (b.index / gc == br && !(skip && skip[b.index])) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, w.arena[worker]);
   });
 }
 
@@ -108,6 +109,24 @@ inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std
 }
 
 }  // namespace detail
+
+/// Arena bytes apply_parallel needs.
+inline std::size_t parallel_scratch_bytes(const KGroup& g, std::size_t n, unsigned workers) {
+  return std::max(workers, 1u) * (apply_scratch_bytes(g, n) + 64);
+}
+
+/// apply() with its block rows split over an executor's workers (same result, bit for bit).
+inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
+                           Arena& arena, Executor* ex, float alpha = 1.0f, unsigned tier = 0) {
+  if (e >= g.members()) throw invalid_argument("morph::apply_parallel: member " + std::to_string(e) + " out of range");
+  check_tier(tier);
+  const std::size_t mark = arena.mark();
+  detail::Workers w;
+  detail::split_workers(arena, ex, apply_scratch_bytes(g, n), w);
+  for (auto nd : g.path[e]) detail::apply_matrix_parallel(g, g.cores[nd], X, ldx, n, Y, ldy, tier, ex, w, alpha, g.replaces[e].data());
+  detail::apply_matrix_parallel(g, g.residuals[e], X, ldx, n, Y, ldy, tier, ex, w, alpha);
+  arena.reset(mark);
+}
 
 /// Arena bytes grouped_apply needs for a plan of `tokens` tokens and `routed` (token, expert) pairs.
 inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, std::size_t routed, unsigned workers) {

@@ -3472,10 +3472,12 @@ class Compressor {
   void allocate_energy() {
     // Mean block energy per owner, for the drop floor.
     std::vector<std::pair<double, std::size_t>> owner_energy;
+    // Owner: (group, node), members as negative nodes (also avoids GCC 12's -Wrestrict false
+    // positive on string concatenation).
     auto owner_key = [&](const Unit& u) {
-      return std::to_string(u.group) + (u.node >= 0 ? "n" + std::to_string(u.node) : "m" + std::to_string(u.member));
+      return std::pair<std::size_t, long long>(u.group, u.node >= 0 ? u.node : -1 - static_cast<long long>(u.member));
     };
-    std::map<std::string, std::pair<double, std::size_t>> mean;
+    std::map<std::pair<std::size_t, long long>, std::pair<double, std::size_t>> mean;
     for (const auto& u : units_) {
       auto& m = mean[owner_key(u)];
       m.first += u.energy, m.second += 1;
@@ -4514,5 +4516,1912 @@ inline matrix svd_baseline(const matrix& W, std::size_t r) {
 
 }  // namespace s2lc::compress
 // ---- end s2lc/compress/pipeline.hpp ----
+// ---- begin s2lc/kernels/qgemm.hpp ----
+// s2lc — apply kernels: products with group-quantized matrices straight from their codes, f32
+// GEMM micro-kernels for token batches, SwiGLU, the streaming-read bound and JIT merge.
+// Dispatch follows <s2lc/kernels/convert.hpp> (static by default; S2LC_DYNAMIC_DISPATCH=1 plus
+// one S2LC_IMPLEMENTATION TU for runtime dispatch). Every function ADDS into its output.
+
+#include <cstddef>
+#include <cstdint>
+
+// ---- begin s2lc/kernels/qview.hpp ----
+// s2lc::kernels — the kernel-side layout of a group-quantized matrix (QView), target-independent.
+//
+// The storage format (s2lc/compress/quant.hpp) packs b-bit codes back to back, which is compact
+// but not SIMD-friendly. Kernels read a repacked copy, made once when a module is loaded:
+//
+//  * byte container (codes of 5 to 8 bits, or any width when the group size is odd): one int8 per
+//    code, row-major, row stride = cols bytes;
+//  * nibble container (codes of 2 to 4 bits, even group size): each group of n codes takes
+//    h = ceil(n / 2) bytes; byte j holds code j in its low nibble and code j + h in its high
+//    nibble (both sign-extended 4-bit). A vector of N bytes then yields two vectors of N codes
+//    that pair with two contiguous slices of x. Row stride = sum of the groups' bytes.
+//
+// Scales stay bf16, [rows, groups_per_row]. A tier t < bits is read as in quant.hpp: the rounded
+// top t bits of each code at scale 2^(bits - t) s, computed in registers, so every tier of a
+// module runs from the same bytes.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+
+namespace s2lc::kernels {
+
+struct QView {
+  const std::uint8_t* codes = nullptr;
+  const std::uint16_t* scales = nullptr;  ///< bf16 bits, [rows, groups_per_row()]
+  std::uint32_t rows = 0, cols = 0, group = 32;
+  std::uint8_t bits = 8;     ///< stored code width, 2..8
+  bool nibble = false;       ///< nibble container (see above)
+
+  std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
+  static std::size_t row_bytes(std::size_t cols, std::size_t group, bool nibble) noexcept {
+    if (!nibble) return cols;
+    return (cols / group) * (group / 2) + ((cols % group) + 1) / 2;
+  }
+  std::size_t row_bytes() const noexcept { return row_bytes(cols, group, nibble); }
+  /// Bytes the kernels read for the whole matrix.
+  std::size_t bytes() const noexcept { return rows * row_bytes() + 2u * rows * groups_per_row(); }
+};
+
+/// How a tier is read: code c -> clamp((c + half) >> shift, lo, hi), value = c' * scale * mul.
+struct TierParams {
+  int shift = 0, half = 0, lo = -128, hi = 127;
+  float mul = 1.0f;
+};
+
+inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
+  if (tier == 0 || tier > bits) tier = bits;
+  TierParams t;
+  t.shift = static_cast<int>(bits - tier);
+  t.half = t.shift ? 1 << (t.shift - 1) : 0;
+  t.lo = -(1 << (tier - 1));
+  t.hi = (1 << (tier - 1)) - 1;
+  t.mul = static_cast<float>(1u << t.shift);
+  return t;
+}
+
+namespace detail {
+
+/// The stored code of element (r, c) of q (scalar path: tails, odd groups, references).
+inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
+  const std::uint8_t* row = q.codes + r * q.row_bytes();
+  if (!q.nibble) return static_cast<std::int8_t>(row[c]);
+  const std::size_t g = c / q.group, j = c % q.group;
+  const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
+  const int byte = static_cast<std::int8_t>(row[g * (q.group / 2) + (j < h ? j : j - h)]);
+  return j < h ? static_cast<int>(static_cast<unsigned>(byte) << 28) >> 28 : byte >> 4;
+}
+
+inline int tiered(int code, const TierParams& t) noexcept {
+  if (t.shift == 0) return code;
+  return std::min(std::max((code + t.half) >> t.shift, t.lo), t.hi);
+}
+
+/// Effective scale of group g of row r at a tier (bf16 scale times 2^shift, exact).
+inline float group_scale(const QView& q, std::size_t r, std::size_t g, const TierParams& t) noexcept {
+  return s2lc::bf16_to_f32(q.scales[r * q.groups_per_row() + g]) * t.mul;
+}
+
+/// Decoded value of element (r, c): what every kernel's arithmetic starts from.
+inline float decode(const QView& q, std::size_t r, std::size_t c, const TierParams& t) noexcept {
+  return static_cast<float>(tiered(stored_code(q, r, c), t)) * group_scale(q, r, c / q.group, t);
+}
+
+}  // namespace detail
+}  // namespace s2lc::kernels
+// ---- end s2lc/kernels/qview.hpp ----
+
+#if !S2LC_DYNAMIC_DISPATCH
+#include <hwy/highway.h>
+// ---- begin s2lc/kernels/qgemm-inl.h ----
+// s2lc — per-target bodies of the apply kernels (Highway): quantized decode, fused quantized
+// matrix-vector products (codes dequantized in registers, tier chosen at call time), f32 GEMM
+// micro-kernels for token batches, SwiGLU, the streaming-read bound, and the JIT-merge kernels.
+// Included once per target by hwy/foreach_target.h or once for the static target; use
+// <s2lc/kernels/qgemm.hpp>.
+//
+// Conventions: matrices are row-major with explicit leading dimensions; every kernel ADDS into
+// its output. Vector bodies cover full groups whose length is a multiple of the lane count;
+// partial groups, odd group sizes and column tails take the scalar path, which decodes exactly as
+// s2lc::kernels::detail::decode.
+
+#if defined(S2LC_KERNELS_QGEMM_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef S2LC_KERNELS_QGEMM_INL_H_
+#undef S2LC_KERNELS_QGEMM_INL_H_
+#else
+#define S2LC_KERNELS_QGEMM_INL_H_
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+
+
+HWY_BEFORE_NAMESPACE();
+namespace s2lc::kernels::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace qk {
+
+using DF = hn::ScalableTag<float>;
+using DI = hn::RebindToSigned<DF>;
+using DU = hn::RebindToUnsigned<DF>;
+using DI8 = hn::Rebind<std::int8_t, DF>;
+using VF = hn::Vec<DF>;
+using VI = hn::Vec<DI>;
+
+// N codes starting at p as i32 lanes (sign-extended bytes).
+HWY_INLINE VI LoadBytes(const std::uint8_t* p) {
+  return hn::PromoteTo(DI(), hn::LoadU(DI8(), reinterpret_cast<const std::int8_t*>(p)));
+}
+HWY_INLINE VI LowNibble(VI b) { return hn::ShiftRight<28>(hn::ShiftLeft<28>(b)); }
+HWY_INLINE VI HighNibble(VI b) { return hn::ShiftRight<4>(b); }
+
+template <bool kTier>
+HWY_INLINE VF Codes(VI q, const TierParams& t) {
+  if constexpr (kTier) {
+    const DI di;
+    q = hn::ShiftRightSame(hn::Add(q, hn::Set(di, t.half)), t.shift);
+    q = hn::Min(hn::Max(q, hn::Set(di, t.lo)), hn::Set(di, t.hi));
+  }
+  return hn::ConvertTo(DF(), q);
+}
+
+// Per-call layout constants (no divisions in the loops): groups per row, bytes per row, and the
+// number of leading groups that run the vector body (full length, whole vectors).
+struct Layout {
+  std::size_t gpr, rb, nfast;
+};
+HWY_INLINE Layout MakeLayout(const QView& q, std::size_t N) {
+  Layout l;
+  l.gpr = q.groups_per_row();
+  l.rb = q.row_bytes();
+  const bool ok = q.nibble ? (q.group / 2) % N == 0 : q.group % N == 0;
+  l.nfast = ok ? q.cols / q.group : 0;
+  return l;
+}
+HWY_INLINE float Scale(const QView& q, const Layout& l, std::size_t r, std::size_t g, const TierParams& t) {
+  return s2lc::bf16_to_f32(q.scales[r * l.gpr + g]) * t.mul;
+}
+
+// Decoded row r, columns [c0, c0 + n) of one group, into out (vector or scalar).
+template <bool kTier>
+HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std::size_t g, const TierParams& t, float* out) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const std::size_t c0 = g * q.group;
+  const float s = Scale(q, L, r, g, t);
+  if (g >= L.nfast) {
+    const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
+    for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<float>(detail::tiered(detail::stored_code(q, r, c0 + j), t)) * s;
+    return;
+  }
+  const auto vs = hn::Set(df, s);
+  const std::uint8_t* row = q.codes + r * L.rb;
+  if (q.nibble) {
+    const std::size_t h = q.group / 2;
+    const std::uint8_t* p = row + g * h;
+    for (std::size_t j = 0; j < h; j += N) {
+      const VI b = LoadBytes(p + j);
+      hn::StoreU(hn::Mul(Codes<kTier>(LowNibble(b), t), vs), df, out + j);
+      hn::StoreU(hn::Mul(Codes<kTier>(HighNibble(b), t), vs), df, out + h + j);
+    }
+  } else {
+    const std::uint8_t* p = row + c0;
+    for (std::size_t j = 0; j < q.group; j += N) hn::StoreU(hn::Mul(Codes<kTier>(LoadBytes(p + j), t), vs), df, out + j);
+  }
+}
+
+template <bool kTier>
+HWY_INLINE void DecodeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float* out, std::size_t ld) {
+  const Layout L = MakeLayout(q, hn::Lanes(DF()));
+  for (std::size_t i = 0; i < nr; ++i)
+    for (std::size_t g = 0; g < L.gpr; ++g) DecodeGroup<kTier>(q, L, r0 + i, g, t, out + i * ld + g * q.group);
+}
+
+// y[i] += alpha * sum_j W[r0 + i, j] x[j] for R rows: codes decoded in registers, one x load
+// shared by the R rows, the group's scale applied once per group.
+template <std::size_t R, bool kTier>
+HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, const float* HWY_RESTRICT x, float alpha,
+                           float* HWY_RESTRICT y) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const Layout L = MakeLayout(q, N);
+  const std::size_t gpr = L.gpr, rb = L.rb;
+  VF acc[R];
+  float tail[R];
+  for (std::size_t i = 0; i < R; ++i) acc[i] = hn::Zero(df), tail[i] = 0.0f;
+  for (std::size_t g = 0; g < gpr; ++g) {
+    const std::size_t c0 = g * q.group;
+    if (g >= L.nfast) {
+      const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
+      for (std::size_t i = 0; i < R; ++i) {
+        float s = 0;
+        for (std::size_t j = 0; j < n; ++j)
+          s += static_cast<float>(detail::tiered(detail::stored_code(q, r0 + i, c0 + j), t)) * x[c0 + j];
+        tail[i] += s * Scale(q, L, r0 + i, g, t);
+      }
+      continue;
+    }
+    VF part[R];
+    for (std::size_t i = 0; i < R; ++i) part[i] = hn::Zero(df);
+    if (q.nibble) {
+      const std::size_t h = q.group / 2;
+      for (std::size_t j = 0; j < h; j += N) {
+        const VF xl = hn::LoadU(df, x + c0 + j), xh = hn::LoadU(df, x + c0 + h + j);
+        for (std::size_t i = 0; i < R; ++i) {
+          const VI b = LoadBytes(q.codes + (r0 + i) * rb + g * h + j);
+          part[i] = hn::MulAdd(Codes<kTier>(LowNibble(b), t), xl, part[i]);
+          part[i] = hn::MulAdd(Codes<kTier>(HighNibble(b), t), xh, part[i]);
+        }
+      }
+    } else {
+      for (std::size_t j = 0; j < q.group; j += N) {
+        const VF xv = hn::LoadU(df, x + c0 + j);
+        for (std::size_t i = 0; i < R; ++i)
+          part[i] = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (r0 + i) * rb + c0 + j), t), xv, part[i]);
+      }
+    }
+    for (std::size_t i = 0; i < R; ++i)
+      acc[i] = hn::MulAdd(part[i], hn::Set(df, Scale(q, L, r0 + i, g, t)), acc[i]);
+  }
+  for (std::size_t i = 0; i < R; ++i) y[i] += alpha * (hn::GetLane(hn::SumOfLanes(df, acc[i])) + tail[i]);
+}
+
+template <bool kTier>
+HWY_INLINE void GemvNTT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* x, float alpha, float* y) {
+  std::size_t i = 0;
+  for (; i + 4 <= nr; i += 4) GemvNTRows<4, kTier>(q, r0 + i, t, x, alpha, y + i);
+  for (; i < nr; ++i) GemvNTRows<1, kTier>(q, r0 + i, t, x, alpha, y + i);
+}
+
+// y[j] += sum_k c[k] W[k, j] over R rows k at once (one load/store of y per R rows).
+template <std::size_t R, bool kTier>
+HWY_INLINE void GemvNNRows(const QView& q, std::size_t k0, const TierParams& t, const float* c, float* HWY_RESTRICT y) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const Layout L = MakeLayout(q, N);
+  const std::size_t gpr = L.gpr, rb = L.rb;
+  for (std::size_t g = 0; g < gpr; ++g) {
+    const std::size_t c0 = g * q.group;
+    float cs[R];
+    for (std::size_t i = 0; i < R; ++i) cs[i] = c[i] * Scale(q, L, k0 + i, g, t);
+    if (g >= L.nfast) {
+      const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
+      for (std::size_t j = 0; j < n; ++j) {
+        float s = y[c0 + j];
+        for (std::size_t i = 0; i < R; ++i)
+          s += cs[i] * static_cast<float>(detail::tiered(detail::stored_code(q, k0 + i, c0 + j), t));
+        y[c0 + j] = s;
+      }
+      continue;
+    }
+    if (q.nibble) {
+      const std::size_t h = q.group / 2;
+      for (std::size_t j = 0; j < h; j += N) {
+        VF yl = hn::LoadU(df, y + c0 + j), yh = hn::LoadU(df, y + c0 + h + j);
+        for (std::size_t i = 0; i < R; ++i) {
+          const VI b = LoadBytes(q.codes + (k0 + i) * rb + g * h + j);
+          const VF ci = hn::Set(df, cs[i]);
+          yl = hn::MulAdd(Codes<kTier>(LowNibble(b), t), ci, yl);
+          yh = hn::MulAdd(Codes<kTier>(HighNibble(b), t), ci, yh);
+        }
+        hn::StoreU(yl, df, y + c0 + j);
+        hn::StoreU(yh, df, y + c0 + h + j);
+      }
+    } else {
+      for (std::size_t j = 0; j < q.group; j += N) {
+        VF yv = hn::LoadU(df, y + c0 + j);
+        for (std::size_t i = 0; i < R; ++i)
+          yv = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (k0 + i) * rb + c0 + j), t),
+                          hn::Set(df, cs[i]), yv);
+        hn::StoreU(yv, df, y + c0 + j);
+      }
+    }
+  }
+}
+
+template <bool kTier>
+HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* c, float* y) {
+  std::size_t k = 0;
+  for (; k + 4 <= nk; k += 4) GemvNNRows<4, kTier>(q, k0 + k, t, c + k, y);
+  for (; k < nk; ++k)
+    if (c[k] != 0.0f) GemvNNRows<1, kTier>(q, k0 + k, t, c + k, y);
+}
+
+// Y[t, i] += alpha sum_k W[i, k] X[t, k] on an R x T register tile.
+template <std::size_t R, std::size_t T>
+HWY_INLINE void GemmNTTile(const float* HWY_RESTRICT W, std::size_t ldw, const float* HWY_RESTRICT X, std::size_t ldx,
+                           std::size_t K, float alpha, float* HWY_RESTRICT Y, std::size_t ldy) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  VF acc[R][T];
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::Zero(df);
+  std::size_t k = 0;
+  for (; k + N <= K; k += N) {
+    VF xv[T];
+    for (std::size_t j = 0; j < T; ++j) xv[j] = hn::LoadU(df, X + j * ldx + k);
+    for (std::size_t i = 0; i < R; ++i) {
+      const VF w = hn::LoadU(df, W + i * ldw + k);
+      for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::MulAdd(w, xv[j], acc[i][j]);
+    }
+  }
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t j = 0; j < T; ++j) {
+      float s = hn::GetLane(hn::SumOfLanes(df, acc[i][j]));
+      const float* w = W + i * ldw;
+      const float* xr = X + j * ldx;
+      for (std::size_t kk = k; kk < K; ++kk) s += w[kk] * xr[kk];
+      Y[j * ldy + i] += alpha * s;
+    }
+}
+
+template <std::size_t R>
+HWY_INLINE void GemmNTRows(const float* W, std::size_t ldw, const float* X, std::size_t ldx, std::size_t nt, std::size_t K,
+                           float alpha, float* Y, std::size_t ldy) {
+  std::size_t j = 0;
+  for (; j + 4 <= nt; j += 4) GemmNTTile<R, 4>(W, ldw, X + j * ldx, ldx, K, alpha, Y + j * ldy, ldy);
+  for (; j < nt; ++j) GemmNTTile<R, 1>(W, ldw, X + j * ldx, ldx, K, alpha, Y + j * ldy, ldy);
+}
+
+// Y[t, j] += sum_k C[t, k] A[k, j] on a T x (2 vectors) tile.
+template <std::size_t T, std::size_t V>
+HWY_INLINE void GemmNNTile(const float* HWY_RESTRICT C, std::size_t ldc, std::size_t K, const float* HWY_RESTRICT A,
+                           std::size_t lda, float* HWY_RESTRICT Y, std::size_t ldy) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  VF acc[T][V];
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t v = 0; v < V; ++v) acc[t][v] = hn::LoadU(df, Y + t * ldy + v * N);
+  for (std::size_t k = 0; k < K; ++k) {
+    VF a[V];
+    for (std::size_t v = 0; v < V; ++v) a[v] = hn::LoadU(df, A + k * lda + v * N);
+    for (std::size_t t = 0; t < T; ++t) {
+      const VF c = hn::Set(df, C[t * ldc + k]);
+      for (std::size_t v = 0; v < V; ++v) acc[t][v] = hn::MulAdd(c, a[v], acc[t][v]);
+    }
+  }
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t v = 0; v < V; ++v) hn::StoreU(acc[t][v], df, Y + t * ldy + v * N);
+}
+
+template <std::size_t T>
+HWY_INLINE void GemmNNTokens(const float* C, std::size_t ldc, std::size_t K, const float* A, std::size_t lda, std::size_t ncols,
+                             float* Y, std::size_t ldy) {
+  const std::size_t N = hn::Lanes(DF());
+  std::size_t j = 0;
+  for (; j + 2 * N <= ncols; j += 2 * N) GemmNNTile<T, 2>(C, ldc, K, A + j, lda, Y + j, ldy);
+  for (; j + N <= ncols; j += N) GemmNNTile<T, 1>(C, ldc, K, A + j, lda, Y + j, ldy);
+  for (; j < ncols; ++j)
+    for (std::size_t t = 0; t < T; ++t) {
+      float s = Y[t * ldy + j];
+      for (std::size_t k = 0; k < K; ++k) s += C[t * ldc + k] * A[k * lda + j];
+      Y[t * ldy + j] = s;
+    }
+}
+
+}  // namespace qk
+
+// ---- entry points (inline: header-only static dispatch from many TUs links) -------------------
+
+inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out, std::size_t ld) {
+  const TierParams t = tier_params(q.bits, tier);
+  if (t.shift) qk::DecodeRowsT<true>(q, r0, nr, t, out, ld);
+  else qk::DecodeRowsT<false>(q, r0, nr, t, out, ld);
+}
+
+inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x, float alpha, float* y) {
+  const TierParams t = tier_params(q.bits, tier);
+  if (t.shift) qk::GemvNTT<true>(q, r0, nr, t, x, alpha, y);
+  else qk::GemvNTT<false>(q, r0, nr, t, x, alpha, y);
+}
+
+inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c, float* y) {
+  const TierParams t = tier_params(q.bits, tier);
+  if (t.shift) qk::GemvNNT<true>(q, k0, nk, t, c, y);
+  else qk::GemvNNT<false>(q, k0, nk, t, c, y);
+}
+
+inline HWY_NOINLINE void GemmNT(const float* W, std::size_t ldw, std::size_t nr, const float* X, std::size_t ldx, std::size_t nt,
+                                std::size_t K, float alpha, float* Y, std::size_t ldy) {
+  std::size_t i = 0;
+  for (; i + 4 <= nr; i += 4) qk::GemmNTRows<4>(W + i * ldw, ldw, X, ldx, nt, K, alpha, Y + i, ldy);
+  for (; i < nr; ++i) qk::GemmNTRows<1>(W + i * ldw, ldw, X, ldx, nt, K, alpha, Y + i, ldy);
+}
+
+inline HWY_NOINLINE void GemmNN(const float* C, std::size_t ldc, std::size_t nt, std::size_t K, const float* A, std::size_t lda,
+                                std::size_t ncols, float* Y, std::size_t ldy) {
+  std::size_t t = 0;
+  for (; t + 4 <= nt; t += 4) qk::GemmNNTokens<4>(C + t * ldc, ldc, K, A, lda, ncols, Y + t * ldy, ldy);
+  for (; t < nt; ++t) qk::GemmNNTokens<1>(C + t * ldc, ldc, K, A, lda, ncols, Y + t * ldy, ldy);
+}
+
+/// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u.
+inline HWY_NOINLINE void SwiGLU(const float* HWY_RESTRICT g, const float* HWY_RESTRICT u, float* HWY_RESTRICT out, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const auto one = hn::Set(df, 1.0f);
+  std::size_t i = 0;
+  for (; i + N <= n; i += N) {
+    const auto gv = hn::LoadU(df, g + i);
+    const auto e = hn::Exp(df, hn::Neg(gv));
+    hn::StoreU(hn::Mul(hn::Div(gv, hn::Add(one, e)), hn::LoadU(df, u + i)), df, out + i);
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+/// Sum of n floats read once, streaming: the read-bandwidth bound of a kernel's bytes.
+inline HWY_NOINLINE float StreamRead(const float* HWY_RESTRICT p, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+  std::size_t i = 0;
+  for (; i + 4 * N <= n; i += 4 * N) {
+    a0 = hn::Add(a0, hn::LoadU(df, p + i));
+    a1 = hn::Add(a1, hn::LoadU(df, p + i + N));
+    a2 = hn::Add(a2, hn::LoadU(df, p + i + 2 * N));
+    a3 = hn::Add(a3, hn::LoadU(df, p + i + 3 * N));
+  }
+  float s = hn::GetLane(hn::SumOfLanes(df, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3))));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+// JIT merge: w += d, recording (index, old value) of every element where (w + d) - d does not
+// give w back bit for bit, so unmerge (w -= d, then the recorded values) is exact.
+inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                         std::uint32_t* HWY_RESTRICT bad_idx, float* HWY_RESTRICT bad_val) {
+  const qk::DF df;
+  const qk::DU du;
+  const std::size_t N = hn::Lanes(df);
+  std::size_t nb = 0, i = 0;
+  for (; i + N <= n; i += N) {
+    const auto wv = hn::LoadU(df, w + i), dv = hn::LoadU(df, d + i);
+    const auto m = hn::Add(wv, dv);
+    const auto back = hn::Sub(m, dv);
+    hn::StoreU(m, df, w + i);
+    if (HWY_UNLIKELY(!hn::AllTrue(du, hn::Eq(hn::BitCast(du, back), hn::BitCast(du, wv))))) {
+      HWY_ALIGN float wold[hn::MaxLanes(df)], wb[hn::MaxLanes(df)];
+      hn::Store(wv, df, wold);
+      hn::Store(back, df, wb);
+      for (std::size_t j = 0; j < N; ++j)
+        if (std::memcmp(&wold[j], &wb[j], sizeof(float)) != 0) bad_idx[nb] = static_cast<std::uint32_t>(i + j), bad_val[nb++] = wold[j];
+    }
+  }
+  for (; i < n; ++i) {
+    const float old = w[i], m = old + d[i], back = m - d[i];
+    w[i] = m;
+    if (std::memcmp(&back, &old, sizeof(float)) != 0) bad_idx[nb] = static_cast<std::uint32_t>(i), bad_val[nb++] = old;
+  }
+  return nb;
+}
+
+inline HWY_NOINLINE void UnmergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  std::size_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(hn::Sub(hn::LoadU(df, w + i), hn::LoadU(df, d + i)), df, w + i);
+  for (; i < n; ++i) w[i] -= d[i];
+}
+
+inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                          std::uint32_t* HWY_RESTRICT bad_idx, std::uint16_t* HWY_RESTRICT bad_val) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const DU16 d16;
+  std::size_t nb = 0, i = 0;
+  for (; i + N <= n; i += N) {
+    const auto wv = hn::LoadU(d16, w + i);
+    const auto dv = hn::LoadU(df, d + i);
+    const auto m = F32ToBF16Vec(hn::Add(BF16ToF32Vec(wv), dv));
+    const auto back = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(m), dv));
+    hn::StoreU(m, d16, w + i);
+    if (HWY_UNLIKELY(!hn::AllTrue(d16, hn::Eq(back, wv)))) {
+      HWY_ALIGN std::uint16_t wold[hn::MaxLanes(d16)], wb[hn::MaxLanes(d16)];
+      hn::StoreU(wv, d16, wold);
+      hn::StoreU(back, d16, wb);
+      for (std::size_t j = 0; j < N; ++j)
+        if (wold[j] != wb[j]) bad_idx[nb] = static_cast<std::uint32_t>(i + j), bad_val[nb++] = wold[j];
+    }
+  }
+  for (; i < n; ++i) {
+    const std::uint16_t old = w[i];
+    const std::uint16_t m = s2lc::f32_to_bf16(s2lc::bf16_to_f32(old) + d[i]);
+    w[i] = m;
+    if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d[i]) != old) bad_idx[nb] = static_cast<std::uint32_t>(i), bad_val[nb++] = old;
+  }
+  return nb;
+}
+
+inline HWY_NOINLINE void UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const DU16 d16;
+  std::size_t i = 0;
+  for (; i + N <= n; i += N)
+    hn::StoreU(F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i))), d16, w + i);
+  for (; i < n; ++i) w[i] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(w[i]) - d[i]);
+}
+
+}  // namespace s2lc::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // per-target include guard
+// ---- end s2lc/kernels/qgemm-inl.h ----
+#endif
+
+namespace s2lc::kernels {
+
+#define S2LC_QGEMM_FUNCTIONS(X)                                                                                     \
+  X(void, q_decode_rows, QDecodeRows, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out,    \
+                                       std::size_t ld), (q, r0, nr, tier, out, ld))                                  \
+  X(void, q_gemv_nt, QGemvNT, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x,        \
+                               float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
+  X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
+                               float* y), (q, k0, nk, tier, c, y))                                                   \
+  X(void, gemm_nt, GemmNT, (const float* w, std::size_t ldw, std::size_t nr, const float* x, std::size_t ldx,        \
+                            std::size_t nt, std::size_t k, float alpha, float* y, std::size_t ldy),                  \
+    (w, ldw, nr, x, ldx, nt, k, alpha, y, ldy))                                                                      \
+  X(void, gemm_nn, GemmNN, (const float* c, std::size_t ldc, std::size_t nt, std::size_t k, const float* a,          \
+                            std::size_t lda, std::size_t ncols, float* y, std::size_t ldy),                          \
+    (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
+  X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
+  X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
+  X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint32_t* bad_idx,             \
+                                       float* bad_val), (w, d, n, bad_idx, bad_val))                                 \
+  X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
+  X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint32_t* bad_idx,   \
+                                         std::uint16_t* bad_val), (w, d, n, bad_idx, bad_val))                       \
+  X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))
+
+// q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
+// q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
+// q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
+// gemm_nt:       y[t, i] += alpha * sum_k w[i, k] x[t, k]  (i < nr, t < nt).
+// gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
+// swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
+// stream_read:   the sum of p[0, n), read once (bandwidth bound).
+// merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
+//                subtracting d would not restore w bit for bit, with their indices and old values.
+// unmerge_*:     w -= d (then write back the recorded values).
+
+#if S2LC_DYNAMIC_DISPATCH
+#define S2LC_DECLARE(ret, name, Name, params, args) ret name params;
+S2LC_QGEMM_FUNCTIONS(S2LC_DECLARE)
+#undef S2LC_DECLARE
+#else
+inline namespace S2LC_DETAIL_CAT(static_, HWY_NAMESPACE) {
+#define S2LC_DEFINE(ret, name, Name, params, args) \
+  inline ret name params { return HWY_STATIC_DISPATCH(Name) args; }
+S2LC_QGEMM_FUNCTIONS(S2LC_DEFINE)
+#undef S2LC_DEFINE
+}  // namespace static_<target>
+#endif
+
+}  // namespace s2lc::kernels
+// ---- end s2lc/kernels/qgemm.hpp ----
+// ---- begin s2lc/plan.hpp ----
+// s2lc — the dispatch plan: which tokens each expert of a layer processes, with their gate
+// weights. Routers (include/route) produce it; grouped apply (include/morph/grouped.hpp) consumes it.
+//
+// Compact CSR over experts: expert e handles tokens token[offsets[e] .. offsets[e + 1]) with the
+// matching gate weights. A token may appear under several experts (top-k) but at most once per
+// expert. Order inside an expert is the order outputs are accumulated in (results do not depend
+// on the number of threads).
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+
+namespace s2lc {
+
+struct DispatchPlan {
+  std::size_t n_tokens = 0;              ///< tokens in the batch
+  std::vector<std::uint32_t> offsets;    ///< n_experts + 1 entries, offsets[0] = 0
+  std::vector<std::uint32_t> token;      ///< token indices (< n_tokens)
+  std::vector<float> gate;               ///< one weight per entry of `token`
+
+  std::size_t n_experts() const noexcept { return offsets.empty() ? 0 : offsets.size() - 1; }
+  std::size_t count(std::size_t e) const noexcept { return offsets[e + 1] - offsets[e]; }
+  std::size_t routed() const noexcept { return token.size(); }
+
+  /// An empty plan for `experts` experts over `tokens` tokens; fill with `add` in expert order.
+  static DispatchPlan empty(std::size_t experts, std::size_t tokens) {
+    DispatchPlan p;
+    p.n_tokens = tokens;
+    p.offsets.assign(experts + 1, 0);
+    return p;
+  }
+
+  /// Builds the plan from per-token choices: experts[t * k + j] with gates[t * k + j] (top-k).
+  /// Negative expert ids are skipped (dropped by capacity).
+  static DispatchPlan from_topk(std::size_t experts, std::size_t tokens, std::size_t k, const std::int32_t* ids,
+                                const float* gates) {
+    DispatchPlan p = empty(experts, tokens);
+    for (std::size_t i = 0; i < tokens * k; ++i) {
+      if (ids[i] < 0) continue;
+      if (static_cast<std::size_t>(ids[i]) >= experts)
+        throw invalid_argument("dispatch plan: expert " + std::to_string(ids[i]) + " out of range (" + std::to_string(experts) + " experts)");
+      ++p.offsets[static_cast<std::size_t>(ids[i]) + 1];
+    }
+    for (std::size_t e = 0; e < experts; ++e) p.offsets[e + 1] += p.offsets[e];
+    p.token.resize(p.offsets[experts]);
+    p.gate.resize(p.offsets[experts]);
+    std::vector<std::uint32_t> fill(p.offsets.begin(), p.offsets.end() - 1);
+    for (std::size_t t = 0; t < tokens; ++t)
+      for (std::size_t j = 0; j < k; ++j) {
+        const std::int32_t e = ids[t * k + j];
+        if (e < 0) continue;
+        const std::uint32_t at = fill[static_cast<std::size_t>(e)]++;
+        p.token[at] = static_cast<std::uint32_t>(t);
+        p.gate[at] = gates[t * k + j];
+      }
+    p.validate();
+    return p;
+  }
+
+  /// Throws invalid_argument naming the first inconsistency.
+  void validate() const {
+    if (offsets.empty() || offsets.front() != 0) throw invalid_argument("dispatch plan: offsets must start at 0");
+    for (std::size_t e = 0; e + 1 < offsets.size(); ++e)
+      if (offsets[e + 1] < offsets[e]) throw invalid_argument("dispatch plan: offsets decrease at expert " + std::to_string(e));
+    if (offsets.back() != token.size() || gate.size() != token.size())
+      throw invalid_argument("dispatch plan: offsets, token and gate sizes disagree");
+    std::vector<std::uint32_t> seen(n_tokens, 0xFFFFFFFFu);
+    for (std::size_t e = 0; e + 1 < offsets.size(); ++e)
+      for (std::size_t i = offsets[e]; i < offsets[e + 1]; ++i) {
+        if (token[i] >= n_tokens)
+          throw invalid_argument("dispatch plan: expert " + std::to_string(e) + " has token " + std::to_string(token[i]) +
+                                 " of a batch of " + std::to_string(n_tokens));
+        if (seen[token[i]] == e)
+          throw invalid_argument("dispatch plan: expert " + std::to_string(e) + " lists token " + std::to_string(token[i]) + " twice");
+        seen[token[i]] = static_cast<std::uint32_t>(e);
+        if (!std::isfinite(gate[i])) throw invalid_argument("dispatch plan: gate of expert " + std::to_string(e) + " is not finite");
+      }
+  }
+};
+
+}  // namespace s2lc
+// ---- end s2lc/plan.hpp ----
+// ---- begin morph/parallel.hpp ----
+// s2lc::morph — executors for the apply paths: a serial one, a built-in thread pool, and the
+// interface an engine implements to run s2lc's tasks on its own threads.
+//
+// Results never depend on the executor or the number of workers: tasks write disjoint outputs and
+// every reduction happens afterwards in a fixed order.
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace s2lc::morph {
+
+/// Runs fn(ctx, task, worker) for every task in [0, n); worker < workers(). Blocks until done.
+class Executor {
+ public:
+  using task_fn = void (*)(void* ctx, std::size_t task, unsigned worker);
+  virtual ~Executor() = default;
+  virtual unsigned workers() const noexcept = 0;
+  virtual void run(std::size_t n, task_fn fn, void* ctx) = 0;
+};
+
+class SerialExecutor final : public Executor {
+ public:
+  unsigned workers() const noexcept override { return 1; }
+  void run(std::size_t n, task_fn fn, void* ctx) override {
+    for (std::size_t i = 0; i < n; ++i) fn(ctx, i, 0);
+  }
+};
+
+/// A fixed pool of threads; the calling thread works too (worker 0). Not re-entrant.
+class ThreadPool final : public Executor {
+ public:
+  explicit ThreadPool(unsigned threads = std::thread::hardware_concurrency()) {
+    if (threads == 0) threads = 1;
+    for (unsigned w = 1; w < threads; ++w) threads_.emplace_back([this, w] { loop(w); });
+  }
+  ~ThreadPool() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  unsigned workers() const noexcept override { return static_cast<unsigned>(threads_.size() + 1); }
+
+  void run(std::size_t n, task_fn fn, void* ctx) override {
+    if (n == 0) return;
+    if (threads_.empty() || n == 1) {
+      for (std::size_t i = 0; i < n; ++i) fn(ctx, i, 0);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = fn, ctx_ = ctx, n_ = n, next_.store(0), active_ = threads_.size(), error_ = nullptr;
+      ++generation_;
+    }
+    cv_.notify_all();
+    work(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return active_ == 0; });
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+ private:
+  void work(unsigned w) {
+    for (std::size_t i; (i = next_.fetch_add(1)) < n_;) {
+      try {
+        fn_(ctx_, i, w);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(n_);
+      }
+    }
+  }
+  void loop(unsigned w) {
+    std::size_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      work(w);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (--active_ == 0) done_cv_.notify_one();
+      }
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  bool stop_ = false;
+  std::size_t generation_ = 0, active_ = 0, n_ = 0;
+  std::atomic<std::size_t> next_{0};
+  task_fn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  std::exception_ptr error_;
+};
+
+/// parallel_for(ex, n, [&](std::size_t task, unsigned worker) {...}); ex == nullptr runs serially.
+template <class F>
+void parallel_for(Executor* ex, std::size_t n, F&& f) {
+  auto thunk = [](void* c, std::size_t i, unsigned w) { (*static_cast<std::remove_reference_t<F>*>(c))(i, w); };
+  if (ex == nullptr) {
+    for (std::size_t i = 0; i < n; ++i) f(i, 0u);
+    return;
+  }
+  ex->run(n, thunk, const_cast<void*>(static_cast<const void*>(&f)));
+}
+
+}  // namespace s2lc::morph
+// ---- end morph/parallel.hpp ----
+// ---- begin morph/runtime.hpp ----
+// s2lc::morph — compressed experts in kernel-ready form, and their application to token batches
+// straight from the coefficients (no weight matrix is ever materialized).
+//
+// KGroup is a CompressedGroup (s2lc/compress/model.hpp) repacked once for the kernels
+// (s2lc/kernels/qview.hpp): codes one per byte or one per nibble, only the non-zero blocks kept.
+// apply(g, e, ...) computes Y[t, :] += alpha * W_e X[t, :] for a batch of tokens, where W_e is
+// exactly what compress::reconstruct(g, e, tier) returns (up to f32 summation order):
+//
+//   cores on e's path (root first)  +  e's residual,
+//   where a `raw` residual block replaces the cores in its block (they are skipped there).
+//
+// Per block and batch size n:
+//   dense   n < 3: fused q_gemv_nt per token; else decode 16-row panels to L1 and gemm_nt;
+//   lowrank/shared  t = b x (rank values per token), then y += left^T t
+//           (left = the block's own factor, or the first `rank` vectors of a shared basis);
+//   raw     gemm_nt on the f32 values.
+// Scratch comes from a caller-provided Arena (no allocation on the apply path).
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <vector>
+
+
+namespace s2lc::morph {
+
+/// A bump allocator over caller-owned memory; take() throws when it runs out (never allocates).
+class Arena {
+ public:
+  Arena() = default;
+  explicit Arena(std::span<std::byte> mem) : mem_(mem) {}
+  template <class T>
+  T* take(std::size_t n) {
+    const std::size_t at = (used_ + 63) & ~std::size_t{63};
+    if (at + n * sizeof(T) > mem_.size())
+      throw invalid_argument("morph: scratch arena too small (" + std::to_string(mem_.size()) + " bytes, need at least " +
+                             std::to_string(at + n * sizeof(T)) + "); size it with the *_scratch_bytes functions");
+    used_ = at + n * sizeof(T);
+    return reinterpret_cast<T*>(mem_.data() + at);
+  }
+  template <class T>
+  T* take_zeroed(std::size_t n) {
+    T* p = take<T>(n);
+    std::memset(static_cast<void*>(p), 0, n * sizeof(T));
+    return p;
+  }
+  std::size_t used() const noexcept { return used_; }
+  std::size_t capacity() const noexcept { return mem_.size(); }
+  /// Everything taken after mark() is released by reset(mark).
+  std::size_t mark() const noexcept { return used_; }
+  void reset(std::size_t mark = 0) noexcept { used_ = mark; }
+  /// A sub-arena of `bytes` bytes carved from this one (for a worker).
+  Arena split(std::size_t bytes) { return Arena({take<std::byte>(bytes), bytes}); }
+  /// Bytes take<T>(n) may need including alignment padding.
+  template <class T>
+  static constexpr std::size_t bytes_for(std::size_t n) noexcept { return n * sizeof(T) + 64; }
+
+ private:
+  std::span<std::byte> mem_;
+  std::size_t used_ = 0;
+};
+
+/// An owning, kernel-ready quantized matrix.
+struct KMat {
+  std::uint32_t rows = 0, cols = 0, group = 32;
+  std::uint8_t bits = 8;
+  bool nibble = false;
+  std::vector<std::uint8_t> codes;
+  std::vector<std::uint16_t> scales;
+
+  kernels::QView view() const noexcept {
+    kernels::QView v;
+    v.codes = codes.data(), v.scales = scales.data(), v.rows = rows, v.cols = cols, v.group = group, v.bits = bits, v.nibble = nibble;
+    return v;
+  }
+  std::size_t bytes() const noexcept { return codes.size() + 2 * scales.size(); }
+
+  /// Repacks a storage-format matrix (same codes and scales, kernel layout).
+  static KMat from(const compress::QMatrix& q) {
+    KMat k;
+    k.rows = q.rows, k.cols = q.cols, k.group = q.group, k.bits = q.bits;
+    k.nibble = q.bits <= 4 && q.group % 2 == 0;
+    k.scales = q.scales;
+    const std::size_t rb = kernels::QView::row_bytes(q.cols, q.group, k.nibble);
+    k.codes.assign(rb * q.rows, 0);
+    for (std::size_t r = 0; r < q.rows; ++r) {
+      std::uint8_t* row = k.codes.data() + r * rb;
+      for (std::size_t c = 0; c < q.cols; ++c) {
+        const int code = compress::detail::read_code(q.codes.data(), q.codes.size(), r * q.cols + c, q.bits);
+        if (!k.nibble) {
+          row[c] = static_cast<std::uint8_t>(code);
+          continue;
+        }
+        const std::size_t g = c / q.group, j = c % q.group;
+        const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
+        std::uint8_t& b = row[g * (q.group / 2) + (j < h ? j : j - h)];
+        const auto nib = static_cast<std::uint8_t>(static_cast<unsigned>(code) & 0xFu);
+        b = static_cast<std::uint8_t>(j < h ? (b & 0xF0u) | nib : (b & 0x0Fu) | (nib << 4));
+      }
+    }
+    return k;
+  }
+};
+
+struct KBlock {
+  compress::block_kind kind = compress::block_kind::zero;
+  std::uint32_t index = 0;             ///< grid block index
+  std::uint32_t r0 = 0, c0 = 0, rb = 0, cb = 0;
+  std::uint32_t rank = 0, basis = 0;   ///< lowrank / shared
+  KMat a, b;                           ///< dense: a; lowrank: a (left, [rank, rb]) and b; shared: b
+  std::vector<float> raw;              ///< raw: [rb, cb]; lowrank / shared: if not empty, the right
+                                       ///< factor in f32 [rank, cb] instead of b (morphed experts)
+
+  std::size_t bytes() const noexcept { return a.bytes() + b.bytes() + raw.size() * sizeof(float); }
+};
+
+/// The non-zero blocks of a block matrix, in grid order.
+struct KMatrix {
+  std::vector<KBlock> blocks;
+  std::size_t bytes() const noexcept {
+    std::size_t n = 0;
+    for (const auto& b : blocks) n += b.bytes();
+    return n;
+  }
+};
+
+struct KGroup {
+  std::string name;
+  std::vector<std::string> member_names;
+  compress::GridShape grid;
+  std::vector<KMatrix> cores;                    ///< one per HED node
+  std::vector<int> parent;                       ///< per node
+  std::vector<std::vector<std::uint32_t>> node_members;
+  std::vector<std::vector<std::uint32_t>> path;  ///< per member: its nodes, root first
+  std::vector<KMatrix> residuals;                ///< per member
+  std::vector<std::vector<std::uint8_t>> replaces;  ///< per member, per grid block: 1 where a raw residual replaces the cores
+  std::vector<KMat> bases;
+  std::uint32_t max_rank = 0;                    ///< over every low-rank / shared block
+  std::uint32_t group_size = 32;                 ///< quantization group of the payloads
+
+  std::size_t rows() const noexcept { return grid.rows; }
+  std::size_t cols() const noexcept { return grid.cols; }
+  std::size_t members() const noexcept { return residuals.size(); }
+
+  /// Bytes of coefficients the kernels read to apply member e (its cores, residual and the bases
+  /// its shared blocks use, each basis counted once).
+  std::size_t member_bytes(std::size_t e) const {
+    std::size_t n = residuals[e].bytes();
+    for (auto nd : path[e]) n += cores[nd].bytes();
+    std::vector<std::uint8_t> used(bases.size(), 0);
+    auto mark = [&](const KMatrix& m) {
+      for (const auto& b : m.blocks)
+        if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
+    };
+    mark(residuals[e]);
+    for (auto nd : path[e]) mark(cores[nd]);
+    for (std::size_t i = 0; i < bases.size(); ++i)
+      if (used[i]) n += bases[i].bytes();
+    return n;
+  }
+
+  static KGroup from(const compress::CompressedGroup& g) {
+    KGroup k;
+    k.name = g.name;
+    k.member_names = g.member_names;
+    k.grid = g.grid;
+    k.group_size = g.group_size;
+    for (const auto& b : g.bases) k.bases.push_back(KMat::from(b.u));
+    auto convert = [&](const compress::BlockMatrix& m) {
+      KMatrix out;
+      for (std::size_t i = 0; i < m.blocks.size(); ++i) {
+        const auto& src = m.blocks[i];
+        if (src.kind == compress::block_kind::zero) continue;
+        KBlock b;
+        b.kind = src.kind;
+        b.index = static_cast<std::uint32_t>(i);
+        b.r0 = static_cast<std::uint32_t>(g.grid.r0(i)), b.c0 = static_cast<std::uint32_t>(g.grid.c0(i));
+        b.rb = static_cast<std::uint32_t>(g.grid.rb(i)), b.cb = static_cast<std::uint32_t>(g.grid.cb(i));
+        b.rank = src.rank, b.basis = src.basis;
+        switch (src.kind) {
+          case compress::block_kind::dense: b.a = KMat::from(src.a); break;
+          case compress::block_kind::lowrank: b.a = KMat::from(src.a), b.b = KMat::from(src.b); break;
+          case compress::block_kind::shared: b.b = KMat::from(src.b); break;
+          case compress::block_kind::raw: b.raw = src.raw; break;
+          case compress::block_kind::zero: break;
+        }
+        if (src.kind == compress::block_kind::lowrank || src.kind == compress::block_kind::shared) k.max_rank = std::max(k.max_rank, src.rank);
+        out.blocks.push_back(std::move(b));
+      }
+      return out;
+    };
+    for (const auto& nd : g.nodes) {
+      k.cores.push_back(convert(nd.core));
+      k.parent.push_back(nd.parent);
+      k.node_members.push_back(nd.members);
+    }
+    for (std::size_t e = 0; e < g.residuals.size(); ++e) {
+      k.residuals.push_back(convert(g.residuals[e]));
+      std::vector<std::uint32_t> p;
+      for (int n = g.leaf[e]; n >= 0; n = g.nodes[static_cast<std::size_t>(n)].parent) p.push_back(static_cast<std::uint32_t>(n));
+      std::reverse(p.begin(), p.end());
+      k.path.push_back(std::move(p));
+      std::vector<std::uint8_t> rep(g.grid.blocks(), 0);
+      for (const auto& b : k.residuals.back().blocks)
+        if (b.kind == compress::block_kind::raw) rep[b.index] = 1;
+      k.replaces.push_back(std::move(rep));
+    }
+    return k;
+  }
+};
+
+/// Rows of a dense block decoded per panel on the batched path.
+inline constexpr std::size_t kPanelRows = 16;
+
+/// Scratch bytes apply_block / apply_matrix / apply need for a batch of n tokens.
+inline std::size_t apply_scratch_bytes(const KGroup& g, std::size_t n) {
+  const std::size_t wide = std::max(g.grid.block_rows, g.grid.block_cols);
+  return Arena::bytes_for<float>(n * g.max_rank) + Arena::bytes_for<float>(std::max<std::size_t>(kPanelRows, g.max_rank) * wide);
+}
+
+/// Y[t, r0:r0+rb] += alpha * B X[t, c0:c0+cb] for t < n (X, Y: token-major with strides ldx, ldy).
+inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::size_t ldx, std::size_t n, float* Y,
+                        std::size_t ldy, float alpha, unsigned tier, Arena& arena) {
+  if (n == 0) return;
+  const float* x = X + b.c0;
+  float* y = Y + b.r0;
+  const std::size_t mark = arena.mark();
+  switch (b.kind) {
+    case compress::block_kind::zero: return;
+    case compress::block_kind::raw:
+      kernels::gemm_nt(b.raw.data(), b.cb, b.rb, x, ldx, n, b.cb, alpha, y, ldy);
+      return;
+    case compress::block_kind::dense: {
+      const auto q = b.a.view();
+      if (n < 3) {
+        for (std::size_t t = 0; t < n; ++t) kernels::q_gemv_nt(q, 0, b.rb, tier, x + t * ldx, alpha, y + t * ldy);
+        return;
+      }
+      float* panel = arena.take<float>(kPanelRows * b.cb);
+      for (std::size_t i = 0; i < b.rb; i += kPanelRows) {
+        const std::size_t p = std::min<std::size_t>(kPanelRows, b.rb - i);
+        kernels::q_decode_rows(q, i, p, tier, panel, b.cb);
+        kernels::gemm_nt(panel, b.cb, p, x, ldx, n, b.cb, alpha, y + i, ldy);
+      }
+      arena.reset(mark);
+      return;
+    }
+    case compress::block_kind::lowrank:
+    case compress::block_kind::shared: {
+      const auto left = b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
+      const std::size_t r = b.rank;
+      const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
+      float* t = arena.take_zeroed<float>(n * r);
+      if (n < 3) {
+        for (std::size_t i = 0; i < n; ++i) {
+          if (f32) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
+          else kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
+          kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
+        }
+      } else {
+        float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
+        const float* right = b.raw.data();
+        if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
+        kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+        kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
+        kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
+      }
+      arena.reset(mark);
+      return;
+    }
+  }
+}
+
+/// Applies every block of m (skipping grid blocks where skip[index] != 0, if skip is given).
+inline void apply_matrix(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
+                         float alpha, unsigned tier, Arena& arena, const std::uint8_t* skip = nullptr) {
+  for (const auto& b : m.blocks)
+    if (!skip || !skip[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, arena);
+}
+
+inline void check_tier(unsigned tier) {
+  if (tier != 0 && !compress::valid_bits(tier)) throw invalid_argument("morph: tier must be 0 (as stored) or 2 to 8, got " + std::to_string(tier));
+}
+
+/// Y[t, :] += alpha * W_e X[t, :] for t < n: member e's cores and residual, from the coefficients.
+inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
+                  Arena& arena, float alpha = 1.0f, unsigned tier = 0) {
+  if (e >= g.members()) throw invalid_argument("morph::apply: member " + std::to_string(e) + " out of range");
+  check_tier(tier);
+  for (auto nd : g.path[e]) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha, tier, arena, g.replaces[e].data());
+  apply_matrix(g, g.residuals[e], X, ldx, n, Y, ldy, alpha, tier, arena);
+}
+
+}  // namespace s2lc::morph
+// ---- end morph/runtime.hpp ----
+// ---- begin morph/grouped.hpp ----
+// s2lc::morph — grouped apply: every selected expert of a layer in one call, from a dispatch plan
+// (s2lc/plan.hpp), sharing the HED cores between experts (like llama.cpp's mul_mat_id, on
+// compressed experts), and the SwiGLU expert FFN end to end.
+//
+// Sharing. For a linear map, sum_e g_e (C + R_e) x = (sum_e g_e) C x + sum_e g_e R_e x: a core C is
+// applied once per token of the union of its members' tokens, not once per (token, expert).
+// In the SwiGLU FFN the w1/w3 cores are applied once per token and node and reused by every
+// expert of that node; the w2 core is applied once per token to the gate-weighted sum of the
+// experts' hidden states (sum_e g_e C h_e = C sum_e g_e h_e). A `raw` residual block replaces the
+// cores in its block; those experts subtract the core's share of that block again.
+//
+// Work is split into tasks (block rows of a core, experts) run by an Executor; each task writes
+// its own region and the results are summed afterwards in a fixed order, so Y does not depend
+// on the executor or the number of workers. All scratch comes from one Arena sized by
+// grouped_scratch_bytes / swiglu_scratch_bytes: the call itself allocates nothing.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+
+namespace s2lc::morph {
+
+namespace detail {
+
+inline constexpr std::uint32_t kNone = 0xFFFFFFFFu;
+
+/// The tokens of a core node: the union of its members' tokens (first-seen order) and, per
+/// token, the sum of those members' gates.
+struct Union {
+  std::uint32_t* pos = nullptr;   ///< [n_tokens]: index in `list`, or kNone
+  std::uint32_t* list = nullptr;  ///< tokens
+  float* weight = nullptr;
+  std::size_t n = 0;
+};
+
+inline Union make_union(const std::vector<std::uint32_t>& members, const DispatchPlan& p, Arena& a) {
+  Union u;
+  u.pos = a.take<std::uint32_t>(p.n_tokens);
+  u.list = a.take<std::uint32_t>(p.n_tokens);
+  u.weight = a.take<float>(p.n_tokens);
+  std::fill(u.pos, u.pos + p.n_tokens, kNone);
+  for (auto e : members)
+    for (std::size_t i = p.offsets[e]; i < p.offsets[e + 1]; ++i) {
+      const std::uint32_t t = p.token[i];
+      if (u.pos[t] == kNone) u.pos[t] = static_cast<std::uint32_t>(u.n), u.list[u.n] = t, u.weight[u.n++] = 0.0f;
+      u.weight[u.pos[t]] += p.gate[i];
+    }
+  return u;
+}
+
+inline std::size_t union_bytes(std::size_t tokens) {
+  return 2 * Arena::bytes_for<std::uint32_t>(tokens) + Arena::bytes_for<float>(tokens);
+}
+
+/// Per-worker scratch arenas carved from `a`.
+struct Workers {
+  static constexpr unsigned kMax = 256;
+  Arena arena[kMax];
+  unsigned n = 1;
+};
+
+inline void split_workers(Arena& a, Executor* ex, std::size_t bytes_each, Workers& w) {
+  w.n = ex ? std::min(ex->workers(), Workers::kMax) : 1u;
+  for (unsigned i = 0; i < w.n; ++i) w.arena[i] = a.split(bytes_each);
+}
+
+inline unsigned workers_of(Executor* ex) { return ex ? std::min(ex->workers(), Workers::kMax) : 1u; }
+
+/// Y[i, :] += M X[i, :] for i < n, split into block-row tasks (each writes its own columns of Y).
+inline void apply_matrix_parallel(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y,
+                                  std::size_t ldy, unsigned tier, Executor* ex, Workers& w, float alpha = 1.0f,
+                                  const std::uint8_t* skip = nullptr) {
+  if (n == 0 || m.blocks.empty()) return;
+  const std::size_t gc = g.grid.grid_cols();
+  parallel_for(ex, g.grid.grid_rows(), [&](std::size_t br, unsigned worker) {
+    for (const auto& b : m.blocks)
+      if (b.index / gc == br && !(skip && skip[b.index])) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, w.arena[worker]);
+  });
+}
+
+inline void gather(const float* X, std::size_t ldx, const std::uint32_t* tokens, std::size_t n, std::size_t cols, float* out) {
+  for (std::size_t i = 0; i < n; ++i) std::memcpy(out + i * cols, X + tokens[i] * ldx, cols * sizeof(float));
+}
+
+inline void check_plan(const DispatchPlan& p, std::size_t experts, const char* what) {
+  p.validate();
+  if (p.n_experts() != experts)
+    throw invalid_argument(std::string(what) + ": the plan has " + std::to_string(p.n_experts()) + " experts, the layer " +
+                           std::to_string(experts));
+}
+
+/// Applies the cores of e's path at the blocks its residual replaces, with weight -1.
+inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y,
+                             std::size_t ldy, unsigned tier, Arena& a) {
+  const auto& rep = g.replaces[e];
+  if (std::find(rep.begin(), rep.end(), std::uint8_t{1}) == rep.end()) return;
+  for (auto nd : g.path[e])
+    for (const auto& b : g.cores[nd].blocks)
+      if (rep[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, -1.0f, tier, a);
+}
+
+}  // namespace detail
+
+/// Arena bytes apply_parallel needs.
+inline std::size_t parallel_scratch_bytes(const KGroup& g, std::size_t n, unsigned workers) {
+  return std::max(workers, 1u) * (apply_scratch_bytes(g, n) + 64);
+}
+
+/// apply() with its block rows split over an executor's workers (same result, bit for bit).
+inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
+                           Arena& arena, Executor* ex, float alpha = 1.0f, unsigned tier = 0) {
+  if (e >= g.members()) throw invalid_argument("morph::apply_parallel: member " + std::to_string(e) + " out of range");
+  check_tier(tier);
+  const std::size_t mark = arena.mark();
+  detail::Workers w;
+  detail::split_workers(arena, ex, apply_scratch_bytes(g, n), w);
+  for (auto nd : g.path[e]) detail::apply_matrix_parallel(g, g.cores[nd], X, ldx, n, Y, ldy, tier, ex, w, alpha, g.replaces[e].data());
+  detail::apply_matrix_parallel(g, g.residuals[e], X, ldx, n, Y, ldy, tier, ex, w, alpha);
+  arena.reset(mark);
+}
+
+/// Arena bytes grouped_apply needs for a plan of `tokens` tokens and `routed` (token, expert) pairs.
+inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, std::size_t routed, unsigned workers) {
+  const std::size_t r = g.rows(), c = g.cols(), tmax = std::max(tokens, std::size_t{1});
+  return detail::union_bytes(tmax) + Arena::bytes_for<float>(tmax * c) + Arena::bytes_for<float>(tmax * r) +
+         Arena::bytes_for<float>(routed * c) + Arena::bytes_for<float>(routed * r) +
+         std::max(workers, 1u) * (apply_scratch_bytes(g, tmax) + 64);
+}
+
+/// Y[t, :] += sum over experts e routed t of gate(e, t) * W_e X[t, :]. X [n_tokens, cols] (stride
+/// ldx), Y [n_tokens, rows] (stride ldy). Equal to per-expert apply up to f32 summation order.
+inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
+                          Arena& arena, Executor* ex = nullptr, unsigned tier = 0) {
+  detail::check_plan(plan, g.members(), "grouped_apply");
+  check_tier(tier);
+  const std::size_t R = g.rows(), C = g.cols(), T = std::max<std::size_t>(plan.n_tokens, 1);
+  const std::size_t mark = arena.mark();
+  detail::Workers w;
+  detail::split_workers(arena, ex, apply_scratch_bytes(g, T), w);
+  float* xg = arena.take<float>(T * C);
+  float* yg = arena.take<float>(T * R);
+  // Cores: once per token of each node's union, weighted by the summed gates.
+  for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
+    const std::size_t m2 = arena.mark();
+    const auto u = detail::make_union(g.node_members[nd], plan, arena);
+    if (u.n && !g.cores[nd].blocks.empty()) {
+      detail::gather(X, ldx, u.list, u.n, C, xg);
+      std::memset(yg, 0, u.n * R * sizeof(float));
+      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, tier, ex, w);
+      for (std::size_t i = 0; i < u.n; ++i) {
+        float* y = Y + u.list[i] * ldy;
+        const float wt = u.weight[i];
+        for (std::size_t j = 0; j < R; ++j) y[j] += wt * yg[i * R + j];
+      }
+    }
+    arena.reset(m2);
+  }
+  // Residuals: one task per expert, outputs in the plan's order.
+  float* xe = arena.take<float>(plan.routed() * C);
+  float* oe = arena.take_zeroed<float>(plan.routed() * R);
+  parallel_for(ex, g.members(), [&](std::size_t e, unsigned worker) {
+    const std::size_t off = plan.offsets[e], n = plan.count(e);
+    if (n == 0) return;
+    detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
+    apply_matrix(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, 1.0f, tier, w.arena[worker]);
+    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, tier, w.arena[worker]);
+  });
+  for (std::size_t i = 0; i < plan.routed(); ++i) {
+    float* y = Y + plan.token[i] * ldy;
+    const float gt = plan.gate[i];
+    for (std::size_t j = 0; j < R; ++j) y[j] += gt * oe[i * R + j];
+  }
+  arena.reset(mark);
+}
+
+/// A layer's SwiGLU experts: y = W2 (silu(W1 x) * (W3 x)); W1, W3 [ffn, d], W2 [d, ffn].
+struct SwiGLUExperts {
+  const KGroup* w1 = nullptr;
+  const KGroup* w3 = nullptr;
+  const KGroup* w2 = nullptr;
+
+  std::size_t d() const noexcept { return w1->cols(); }
+  std::size_t ffn() const noexcept { return w1->rows(); }
+  void check() const {
+    if (!w1 || !w2 || !w3) throw invalid_argument("SwiGLUExperts: w1, w3 and w2 must all be set");
+    if (w3->rows() != w1->rows() || w3->cols() != w1->cols() || w2->rows() != w1->cols() || w2->cols() != w1->rows())
+      throw invalid_argument("SwiGLUExperts: shapes disagree (w1, w3 [ffn, d], w2 [d, ffn]): " + w1->name + ", " + w3->name + ", " + w2->name);
+    if (w1->members() != w3->members() || w1->members() != w2->members())
+      throw invalid_argument("SwiGLUExperts: w1, w3 and w2 have different expert counts");
+  }
+};
+
+inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t tokens, std::size_t routed, unsigned workers) {
+  L.check();
+  const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(tokens, 1);
+  const std::size_t nodes = L.w1->cores.size() + L.w3->cores.size();
+  std::size_t per_worker = 0;
+  for (const KGroup* g : {L.w1, L.w3, L.w2}) per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
+  return nodes * (detail::union_bytes(T) + Arena::bytes_for<float>(T * f)) + detail::union_bytes(T) +
+         Arena::bytes_for<float>(T * d) + Arena::bytes_for<float>(T * f) + Arena::bytes_for<float>(T * d) +
+         Arena::bytes_for<float>(routed * d) * 2 + Arena::bytes_for<float>(routed * f) * 2 + std::max(workers, 1u) * (per_worker + 64);
+}
+
+/// Y[t, :] += sum over experts e routed t of gate(e, t) * FFN_e(X[t, :]).
+inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
+                         Arena& arena, Executor* ex = nullptr, unsigned tier = 0) {
+  L.check();
+  detail::check_plan(plan, L.w1->members(), "swiglu_apply");
+  check_tier(tier);
+  const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(plan.n_tokens, 1);
+  const std::size_t mark = arena.mark();
+  std::size_t per_worker = 0;
+  for (const KGroup* g : {L.w1, L.w3, L.w2}) per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
+  detail::Workers w;
+  detail::split_workers(arena, ex, per_worker, w);
+  float* xg = arena.take<float>(T * d);
+
+  // 1. w1 / w3 cores: once per (node, token), kept for the experts.
+  struct NodeOut {
+    detail::Union u;
+    float* out;
+  };
+  // Small fixed-size tables (no allocation): nodes per group are bounded by the member count.
+  constexpr std::size_t kMaxNodes = 512;
+  if (L.w1->cores.size() > kMaxNodes || L.w3->cores.size() > kMaxNodes || L.w2->cores.size() > kMaxNodes)
+    throw invalid_argument("swiglu_apply: more than 512 core nodes");
+  NodeOut n1s[kMaxNodes], n3s[kMaxNodes];
+  auto run_cores = [&](const KGroup& g, NodeOut* outs) {
+    for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
+      NodeOut o{detail::make_union(g.node_members[nd], plan, arena), nullptr};
+      o.out = arena.take_zeroed<float>(o.u.n * f);
+      if (o.u.n && !g.cores[nd].blocks.empty()) {
+        detail::gather(X, ldx, o.u.list, o.u.n, d, xg);
+        detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, tier, ex, w);
+      }
+      outs[nd] = o;
+    }
+  };
+  run_cores(*L.w1, n1s);
+  run_cores(*L.w3, n3s);
+
+  // 2. Experts: h = silu(w1 x) * (w3 x) from the shared core outputs plus residuals; o = R2 h.
+  const std::size_t routed = plan.routed();
+  float* xe = arena.take<float>(routed * d);
+  float* h1 = arena.take_zeroed<float>(routed * f);
+  float* h3 = arena.take_zeroed<float>(routed * f);
+  float* oe = arena.take_zeroed<float>(routed * d);
+  parallel_for(ex, plan.n_experts(), [&](std::size_t e, unsigned worker) {
+    const std::size_t off = plan.offsets[e], n = plan.count(e);
+    if (n == 0) return;
+    Arena& a = w.arena[worker];
+    const float* x = xe + off * d;
+    detail::gather(X, ldx, plan.token.data() + off, n, d, xe + off * d);
+    auto hidden = [&](const KGroup& g, const NodeOut* outs, float* h) {
+      for (auto nd : g.path[e]) {
+        const NodeOut& o = outs[nd];
+        for (std::size_t i = 0; i < n; ++i) {
+          const float* src = o.out + o.u.pos[plan.token[off + i]] * f;
+          float* dst = h + i * f;
+          for (std::size_t j = 0; j < f; ++j) dst[j] += src[j];
+        }
+      }
+      apply_matrix(g, g.residuals[e], x, d, n, h, f, 1.0f, tier, a);
+      detail::unapply_replaced(g, e, x, d, n, h, f, tier, a);
+    };
+    float* a1 = h1 + off * f;
+    float* a3 = h3 + off * f;
+    hidden(*L.w1, n1s, a1);
+    hidden(*L.w3, n3s, a3);
+    kernels::swiglu(a1, a3, a1, n * f);
+    apply_matrix(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, 1.0f, tier, a);
+    detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, tier, a);
+  });
+
+  // 3. w2 cores: once per token on the gate-weighted sum of its members' hidden states.
+  float* hs = h3;  // h3 is no longer needed: reuse it as [T, f] for the weighted sums
+  float* yg = arena.take<float>(T * d);
+  for (std::size_t nd = 0; nd < L.w2->cores.size(); ++nd) {
+    const std::size_t m2 = arena.mark();
+    const auto u = detail::make_union(L.w2->node_members[nd], plan, arena);
+    if (u.n && !L.w2->cores[nd].blocks.empty()) {
+      std::memset(hs, 0, u.n * f * sizeof(float));
+      for (auto e : L.w2->node_members[nd])
+        for (std::size_t i = plan.offsets[e]; i < plan.offsets[e + 1]; ++i) {
+          float* dst = hs + u.pos[plan.token[i]] * f;
+          const float* src = h1 + i * f;
+          const float gt = plan.gate[i];
+          for (std::size_t j = 0; j < f; ++j) dst[j] += gt * src[j];
+        }
+      std::memset(yg, 0, u.n * d * sizeof(float));
+      detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, tier, ex, w);
+      for (std::size_t i = 0; i < u.n; ++i) {
+        float* y = Y + u.list[i] * ldy;
+        for (std::size_t j = 0; j < d; ++j) y[j] += yg[i * d + j];
+      }
+    }
+    arena.reset(m2);
+  }
+  // 4. Residual outputs, gate-weighted, in plan order.
+  for (std::size_t i = 0; i < routed; ++i) {
+    float* y = Y + plan.token[i] * ldy;
+    const float gt = plan.gate[i];
+    for (std::size_t j = 0; j < d; ++j) y[j] += gt * oe[i * d + j];
+  }
+  arena.reset(mark);
+}
+
+}  // namespace s2lc::morph
+// ---- end morph/grouped.hpp ----
+// ---- begin morph/morph.hpp ----
+// s2lc::morph — expert morphing: a hybrid expert mixed from several compressed experts, applied
+// with the same kernels at about the cost of one compressed expert.
+//
+// For experts i with weights beta_i and a core weight c, the hybrid is
+//
+//     W = c * C + sum_i beta_i (W_i - C),      C = the cores every listed expert shares,
+//
+// which gives the usual modes:
+//   linear      c = sum alpha, beta = alpha           W = sum_i alpha_i W_i
+//   simplex     alpha = softmax(logits / T) or sparsemax(logits), then linear
+//   gated (DSC) c = 1, beta = g * alpha (alpha on the simplex, gate g in [0, 1]):
+//               g = 0 is exactly the shared core, g = 1 with a one-hot alpha exactly expert i.
+//
+// Cost. The mixed expert is built once per alpha: cores get weights (a core node is applied once,
+// whatever the number of experts under it); residual blocks that are coefficients on the same
+// shared basis mix in the shared subspace (sum_i beta_i B_i, one block of the largest rank), so
+// they cost one expert, not K; other blocks (own factors, dense, or a raw block replacing the
+// cores) are mixed densely into one block. Mixed coefficients stay f32 (bits = 0) or are
+// requantized (bits = 8 / 4, cheaper to apply, adds that quantization's error).
+//
+// BasisBank is DSC's per-token composition: unit-norm rank-1 atoms (u_j, v_j) with magnitudes
+// s_j; each token uses the K atoms with the largest |s_j v_j . x|.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <numeric>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+
+namespace s2lc::morph {
+
+/// softmax(logits / temperature).
+inline std::vector<float> softmax_weights(std::span<const float> logits, float temperature = 1.0f) {
+  if (logits.empty()) throw invalid_argument("softmax_weights: no logits");
+  if (!(temperature > 0)) throw invalid_argument("softmax_weights: temperature must be positive");
+  const float m = *std::max_element(logits.begin(), logits.end());
+  std::vector<float> w(logits.size());
+  double s = 0;
+  for (std::size_t i = 0; i < w.size(); ++i) s += (w[i] = std::exp((logits[i] - m) / temperature));
+  for (auto& v : w) v = static_cast<float>(v / s);
+  return w;
+}
+
+/// sparsemax (Martins & Astudillo 2016): the Euclidean projection of the logits on the simplex;
+/// weights below the threshold are exactly 0.
+inline std::vector<float> sparsemax_weights(std::span<const float> logits) {
+  if (logits.empty()) throw invalid_argument("sparsemax_weights: no logits");
+  std::vector<double> z(logits.begin(), logits.end());
+  std::sort(z.begin(), z.end(), std::greater<>());
+  double cum = 0, tau = 0;
+  for (std::size_t k = 0; k < z.size(); ++k) {
+    cum += z[k];
+    const double t = (cum - 1.0) / static_cast<double>(k + 1);
+    if (z[k] > t) tau = t;
+  }
+  std::vector<float> w(logits.size());
+  for (std::size_t i = 0; i < w.size(); ++i) w[i] = static_cast<float>(std::max(0.0, double(logits[i]) - tau));
+  return w;
+}
+
+struct MorphOptions {
+  unsigned bits = 0;  ///< 0: mixed coefficients in f32; 8 or 4: requantized (group size of the group)
+};
+
+/// A mixed expert: weighted cores plus one mixed residual.
+struct KMorph {
+  const KGroup* group = nullptr;
+  std::vector<std::pair<std::uint32_t, float>> cores;  ///< (node, weight), weight != 0
+  KMatrix residual;
+  std::vector<std::uint8_t> replaces;                  ///< per grid block: the residual replaces the cores
+
+  /// Bytes of coefficients apply reads (cores, residual, and the bases used, once each).
+  std::size_t bytes() const {
+    std::size_t n = residual.bytes();
+    std::vector<std::uint8_t> used(group->bases.size(), 0);
+    for (const auto& [nd, w] : cores) {
+      n += group->cores[nd].bytes();
+      for (const auto& b : group->cores[nd].blocks)
+        if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
+    }
+    for (const auto& b : residual.blocks)
+      if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
+    for (std::size_t i = 0; i < used.size(); ++i)
+      if (used[i]) n += group->bases[i].bytes();
+    return n;
+  }
+};
+
+namespace detail {
+
+/// out[rb, cb] += w * the decoded block (f32; not the hot path).
+inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out) {
+  const std::size_t rb = b.rb, cb = b.cb;
+  std::vector<float> tmp;
+  switch (b.kind) {
+    case compress::block_kind::zero: return;
+    case compress::block_kind::raw:
+      for (std::size_t i = 0; i < rb * cb; ++i) out[i] += w * b.raw[i];
+      return;
+    case compress::block_kind::dense:
+      tmp.assign(rb * cb, 0.0f);
+      kernels::q_decode_rows(b.a.view(), 0, rb, tier, tmp.data(), cb);
+      for (std::size_t i = 0; i < rb * cb; ++i) out[i] += w * tmp[i];
+      return;
+    case compress::block_kind::lowrank:
+    case compress::block_kind::shared: {
+      const std::size_t r = b.rank;
+      std::vector<float> right(r * cb), left(r * rb), lt(rb * r);
+      if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right.data(), cb);
+      else std::copy(b.raw.begin(), b.raw.end(), right.begin());
+      kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left.data(), rb);
+      for (std::size_t k = 0; k < r; ++k)
+        for (std::size_t i = 0; i < rb; ++i) lt[i * r + k] = w * left[k * rb + i];
+      kernels::gemm_nn(lt.data(), r, rb, r, right.data(), cb, cb, out, cb);
+      return;
+    }
+  }
+}
+
+inline const KBlock* find_block(const KMatrix& m, std::size_t index) {
+  auto it = std::lower_bound(m.blocks.begin(), m.blocks.end(), index, [](const KBlock& b, std::size_t i) { return b.index < i; });
+  return it != m.blocks.end() && it->index == index ? &*it : nullptr;
+}
+
+inline KBlock block_shell(const compress::GridShape& grid, std::size_t index) {
+  KBlock b;
+  b.index = static_cast<std::uint32_t>(index);
+  b.r0 = static_cast<std::uint32_t>(grid.r0(index)), b.c0 = static_cast<std::uint32_t>(grid.c0(index));
+  b.rb = static_cast<std::uint32_t>(grid.rb(index)), b.cb = static_cast<std::uint32_t>(grid.cb(index));
+  return b;
+}
+
+inline KMat requantize(const std::vector<float>& v, std::size_t rows, std::size_t cols, unsigned bits, std::size_t group) {
+  return KMat::from(compress::quantize(v.data(), rows, cols, {bits, group, false}));
+}
+
+}  // namespace detail
+
+/// The hybrid c * C + sum_i beta_i (W_i - C) of experts[i] (see the file comment). Experts may
+/// repeat; weights must be finite.
+inline KMorph morph(const KGroup& g, std::span<const std::uint32_t> experts, std::span<const float> beta, float core_weight,
+                    const MorphOptions& opt = {}) {
+  if (experts.empty() || experts.size() != beta.size()) throw invalid_argument("morph: need one weight per expert, and at least one expert");
+  if (opt.bits != 0 && opt.bits != 8 && opt.bits != 4) throw invalid_argument("morph: bits must be 0, 8 or 4");
+  for (std::size_t i = 0; i < experts.size(); ++i) {
+    if (experts[i] >= g.members()) throw invalid_argument("morph: expert " + std::to_string(experts[i]) + " out of range");
+    if (!std::isfinite(beta[i])) throw invalid_argument("morph: weight " + std::to_string(i) + " is not finite");
+  }
+  if (!std::isfinite(core_weight)) throw invalid_argument("morph: core weight is not finite");
+  KMorph m;
+  m.group = &g;
+  const std::size_t nblocks = g.grid.blocks();
+  m.replaces.assign(nblocks, 0);
+  // Common cores: the nodes on every listed expert's path (a shared prefix of the tree).
+  std::vector<float> w(g.cores.size(), 0.0f);
+  std::vector<std::uint8_t> common(g.cores.size(), 0);
+  for (auto nd : g.path[experts[0]]) common[nd] = 1;
+  for (auto e : experts) {
+    std::vector<std::uint8_t> on(g.cores.size(), 0);
+    for (auto nd : g.path[e]) on[nd] = 1;
+    for (std::size_t n = 0; n < common.size(); ++n) common[n] &= on[n];
+  }
+  float beta_sum = 0;
+  for (std::size_t i = 0; i < experts.size(); ++i) {
+    beta_sum += beta[i];
+    for (auto nd : g.path[experts[i]])
+      if (!common[nd]) w[nd] += beta[i];
+  }
+  for (std::size_t n = 0; n < w.size(); ++n) {
+    if (common[n]) w[n] = core_weight;
+    if (w[n] != 0.0f) m.cores.emplace_back(static_cast<std::uint32_t>(n), w[n]);
+  }
+  for (std::size_t b = 0; b < nblocks; ++b) {
+    bool replaced = false;
+    std::vector<std::pair<const KBlock*, float>> parts;
+    for (std::size_t i = 0; i < experts.size(); ++i) {
+      if (beta[i] == 0.0f) continue;
+      replaced |= g.replaces[experts[i]][b] != 0;
+      if (const KBlock* blk = detail::find_block(g.residuals[experts[i]], b)) parts.emplace_back(blk, beta[i]);
+    }
+    KBlock out = detail::block_shell(g.grid, b);
+    const std::size_t rb = out.rb, cb = out.cb;
+    if (replaced) {
+      // W_b = (c - sum beta) C_b + sum_i beta_i W_i,b, with W_i,b the expert's own block.
+      std::vector<float> dense(rb * cb, 0.0f);
+      for (std::size_t n = 0; n < g.cores.size(); ++n)
+        if (common[n] && core_weight - beta_sum != 0.0f)
+          if (const KBlock* cbk = detail::find_block(g.cores[n], b)) detail::add_block(g, *cbk, core_weight - beta_sum, 0, dense.data());
+      for (std::size_t i = 0; i < experts.size(); ++i) {
+        if (beta[i] == 0.0f) continue;
+        const auto e = experts[i];
+        if (!g.replaces[e][b])
+          for (auto nd : g.path[e])
+            if (const KBlock* cbk = detail::find_block(g.cores[nd], b)) detail::add_block(g, *cbk, beta[i], 0, dense.data());
+        if (const KBlock* rbk = detail::find_block(g.residuals[e], b)) detail::add_block(g, *rbk, beta[i], 0, dense.data());
+      }
+      m.replaces[b] = 1;
+      if (opt.bits) out.kind = compress::block_kind::dense, out.a = detail::requantize(dense, rb, cb, opt.bits, g.group_size);
+      else out.kind = compress::block_kind::raw, out.raw = std::move(dense);
+      m.residual.blocks.push_back(std::move(out));
+      continue;
+    }
+    if (parts.empty()) continue;
+    if (parts.size() == 1 && parts[0].second == 1.0f) {  // one expert at weight 1: its block as is
+      m.residual.blocks.push_back(*parts[0].first);
+      continue;
+    }
+    const bool same_basis = std::all_of(parts.begin(), parts.end(), [&](const auto& p) {
+      return p.first->kind == compress::block_kind::shared && p.first->basis == parts[0].first->basis;
+    });
+    const std::size_t group = g.group_size;
+    if (same_basis) {
+      // Mix in the shared subspace: sum_i beta_i B_i, rows beyond an expert's rank are zero.
+      std::uint32_t rank = 0;
+      for (const auto& p : parts) rank = std::max(rank, p.first->rank);
+      std::vector<float> coef(rank * cb, 0.0f), row(cb);
+      for (const auto& [blk, bw] : parts) {
+        if (!blk->raw.empty()) {
+          for (std::size_t i = 0; i < blk->rank * cb; ++i) coef[i] += bw * blk->raw[i];
+          continue;
+        }
+        std::vector<float> dec(blk->rank * cb);
+        kernels::q_decode_rows(blk->b.view(), 0, blk->rank, 0, dec.data(), cb);
+        for (std::size_t i = 0; i < dec.size(); ++i) coef[i] += bw * dec[i];
+      }
+      out.kind = compress::block_kind::shared, out.basis = parts[0].first->basis, out.rank = rank;
+      if (opt.bits) out.b = detail::requantize(coef, rank, cb, opt.bits, group);
+      else out.raw = std::move(coef);
+    } else {
+      std::vector<float> dense(rb * cb, 0.0f);
+      for (const auto& [blk, bw] : parts) detail::add_block(g, *blk, bw, 0, dense.data());
+      if (opt.bits) out.kind = compress::block_kind::dense, out.a = detail::requantize(dense, rb, cb, opt.bits, group);
+      else out.kind = compress::block_kind::raw, out.raw = std::move(dense);
+    }
+    m.residual.blocks.push_back(std::move(out));
+  }
+  return m;
+}
+
+/// sum_i alpha_i W_i.
+inline KMorph mix_linear(const KGroup& g, std::span<const std::uint32_t> experts, std::span<const float> alpha, const MorphOptions& opt = {}) {
+  const float s = std::accumulate(alpha.begin(), alpha.end(), 0.0f);
+  return morph(g, experts, alpha, s, opt);
+}
+
+/// DSC's magnitude-gated simplex interpolation: C + gate * sum_i alpha_i (W_i - C), alpha on the
+/// simplex (e.g. softmax_weights / sparsemax_weights), gate in [0, 1].
+inline KMorph mix_gated(const KGroup& g, std::span<const std::uint32_t> experts, std::span<const float> alpha, float gate,
+                        const MorphOptions& opt = {}) {
+  if (!(gate >= 0.0f && gate <= 1.0f)) throw invalid_argument("mix_gated: gate must be in [0, 1]");
+  double s = 0;
+  for (float a : alpha) {
+    if (!(a >= 0.0f)) throw invalid_argument("mix_gated: weights must be non-negative (a point of the simplex)");
+    s += a;
+  }
+  if (std::fabs(s - 1.0) > 1e-4) throw invalid_argument("mix_gated: weights must sum to 1 (got " + std::to_string(s) + ")");
+  std::vector<float> beta(alpha.begin(), alpha.end());
+  for (auto& b : beta) b *= gate;
+  return morph(g, experts, beta, 1.0f, opt);
+}
+
+inline std::size_t apply_scratch_bytes(const KMorph& m, std::size_t n) {
+  std::size_t r = m.group->max_rank;
+  for (const auto& b : m.residual.blocks) r = std::max<std::size_t>(r, b.rank);
+  const std::size_t wide = std::max(m.group->grid.block_rows, m.group->grid.block_cols);
+  return Arena::bytes_for<float>(n * r) + Arena::bytes_for<float>(std::max<std::size_t>(kPanelRows, r) * wide);
+}
+
+/// Y[t, :] += alpha * W X[t, :] for the hybrid W.
+inline void apply(const KMorph& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy, Arena& arena,
+                  float alpha = 1.0f, unsigned tier = 0) {
+  check_tier(tier);
+  const KGroup& g = *m.group;
+  for (const auto& [nd, w] : m.cores) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha * w, tier, arena, m.replaces.data());
+  apply_matrix(g, m.residual, X, ldx, n, Y, ldy, alpha, tier, arena);
+}
+
+/// DSC basis bank: unit-norm atoms u_j [rows], v_j [cols] with magnitudes s_j.
+struct BasisBank {
+  std::size_t rows = 0, cols = 0;
+  std::vector<float> u;  ///< [atoms, rows]
+  std::vector<float> v;  ///< [atoms, cols]
+  std::vector<float> s;  ///< [atoms]
+
+  std::size_t atoms() const noexcept { return s.size(); }
+
+  /// The leading `per_matrix` singular triplets of each matrix (e.g. experts' residuals W_i - C).
+  static BasisBank from_matrices(const std::vector<matrix>& ms, std::size_t per_matrix) {
+    if (ms.empty()) throw invalid_argument("BasisBank: no matrices");
+    BasisBank bank;
+    bank.rows = ms[0].shape(0), bank.cols = ms[0].shape(1);
+    for (const auto& a : ms) {
+      if (a.shape(0) != bank.rows || a.shape(1) != bank.cols) throw invalid_argument("BasisBank: matrices of different shapes");
+      const auto f = linalg::truncate(linalg::svd(a), std::min(per_matrix, std::min(bank.rows, bank.cols)));
+      for (std::size_t k = 0; k < f.rank(); ++k) {
+        for (std::size_t i = 0; i < bank.rows; ++i) bank.u.push_back(f.U(i, k));
+        for (std::size_t j = 0; j < bank.cols; ++j) bank.v.push_back(f.Vt(k, j));
+        bank.s.push_back(f.S(k));
+      }
+    }
+    return bank;
+  }
+
+  /// Scratch bytes of apply for n tokens.
+  std::size_t scratch_bytes(std::size_t n) const { return Arena::bytes_for<float>(n * atoms()) + Arena::bytes_for<std::uint32_t>(atoms()); }
+
+  /// Y[t, :] += sum over the K atoms j with the largest |s_j v_j . x_t| of s_j (v_j . x_t) u_j
+  /// (ties: the lower atom index). K >= atoms() is the full bank.
+  void apply(const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy, std::size_t K, Arena& arena) const {
+    const std::size_t A = atoms(), mark = arena.mark();
+    float* sc = arena.take_zeroed<float>(n * A);
+    std::uint32_t* order = arena.take<std::uint32_t>(A);
+    kernels::gemm_nt(v.data(), cols, A, X, ldx, n, cols, 1.0f, sc, A);
+    for (std::size_t t = 0; t < n; ++t) {
+      float* c = sc + t * A;
+      for (std::size_t j = 0; j < A; ++j) c[j] *= s[j], order[j] = static_cast<std::uint32_t>(j);
+      const std::size_t k = std::min(K, A);
+      std::partial_sort(order, order + k, order + A, [&](std::uint32_t a, std::uint32_t b) {
+        const float fa = std::fabs(c[a]), fb = std::fabs(c[b]);
+        return fa > fb || (fa == fb && a < b);
+      });
+      float* y = Y + t * ldy;
+      for (std::size_t i = 0; i < k; ++i) {
+        const float w = c[order[i]];
+        const float* uj = u.data() + std::size_t{order[i]} * rows;
+        for (std::size_t r = 0; r < rows; ++r) y[r] += w * uj[r];
+      }
+    }
+    arena.reset(mark);
+  }
+};
+
+}  // namespace s2lc::morph
+// ---- end morph/morph.hpp ----
+// ---- begin morph/merge.hpp ----
+// s2lc::morph — JIT merge: add a compressed member (or a morphed hybrid) into a caller-provided
+// dense f32 or bf16 weight buffer in place, for engines that want dense weights, and unmerge it
+// again restoring the base bit for bit.
+//
+// Exactness without a copy of the base: merge computes w' = w + d per element (bf16: rounded to
+// nearest even) and checks that w' - d gives w back; where it does not (a binade crossed, a
+// tie), the element's index and old value go into the MergeUndo record. How many depends on the
+// delta's size against the base: merging half an expert into another expert of the same layer
+// (tinymoe) records 11-13 % of the elements (about a third of a copy's bytes); a delta much larger
+// than the base records most of them. unmerge decodes the same d (same kernels, same order: bit-identical),
+// subtracts it and writes the recorded values back.
+//
+// Decoding is per grid block into scratch, so the block's delta is never a full matrix.
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+
+namespace s2lc::morph {
+
+/// What unmerge needs besides the module: the elements whose merge was not exactly invertible.
+struct MergeUndo {
+  dtype type = dtype::f32;
+  std::size_t rows = 0, cols = 0, ld = 0;
+  std::vector<std::uint64_t> index;   ///< element offsets (row * ld + col)
+  std::vector<float> f32;             ///< old values (f32 buffers)
+  std::vector<std::uint16_t> bf16;    ///< old values (bf16 buffers)
+  std::size_t exceptions() const noexcept { return index.size(); }
+};
+
+namespace detail {
+
+struct MemberDelta {
+  const KGroup* g;
+  std::size_t e;
+  float scale;
+};
+struct MorphDelta {
+  const KMorph* m;
+  float scale;
+};
+
+/// Adds block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, unsigned tier) {
+  const KGroup& g = *s.g;
+  if (!g.replaces[s.e][b])
+    for (auto nd : g.path[s.e])
+      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale, tier, out);
+  if (const KBlock* r = find_block(g.residuals[s.e], b)) add_block(g, *r, s.scale, tier, out);
+}
+
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigned tier) {
+  const KGroup& g = *s.m->group;
+  if (!s.m->replaces[b])
+    for (const auto& [nd, w] : s.m->cores)
+      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale * w, tier, out);
+  if (const KBlock* r = find_block(s.m->residual, b)) add_block(g, *r, s.scale, tier, out);
+}
+
+template <class T, class Source>
+MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier) {
+  check_tier(tier);
+  if (ld < g.cols()) throw invalid_argument("merge: leading dimension " + std::to_string(ld) + " is less than the " + std::to_string(g.cols()) + " columns");
+  MergeUndo u;
+  u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
+  u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
+  const std::size_t wide = g.grid.block_rows * g.grid.block_cols;
+  std::vector<float> d(wide);
+  std::vector<std::uint32_t> idx(g.grid.block_cols);
+  std::vector<T> val(g.grid.block_cols);
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
+    const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
+    std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
+    decode_delta(src, b, d.data(), tier);
+    for (std::size_t i = 0; i < rb; ++i) {
+      T* row = buf + (r0 + i) * ld + c0;
+      std::size_t nb;
+      if constexpr (std::is_same_v<T, float>) nb = kernels::merge_f32(row, d.data() + i * cb, cb, idx.data(), val.data());
+      else nb = kernels::merge_bf16(row, d.data() + i * cb, cb, idx.data(), val.data());
+      for (std::size_t k = 0; k < nb; ++k) {
+        u.index.push_back((r0 + i) * ld + c0 + idx[k]);
+        if constexpr (std::is_same_v<T, float>) u.f32.push_back(val[k]);
+        else u.bf16.push_back(val[k]);
+      }
+    }
+  }
+  return u;
+}
+
+template <class T, class Source>
+void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, const MergeUndo& u, unsigned tier) {
+  const dtype want = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
+  if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld)
+    throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
+                           std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ")");
+  std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
+    const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
+    std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
+    decode_delta(src, b, d.data(), tier);
+    for (std::size_t i = 0; i < rb; ++i) {
+      T* row = buf + (r0 + i) * ld + c0;
+      if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d.data() + i * cb, cb);
+      else kernels::unmerge_bf16(row, d.data() + i * cb, cb);
+    }
+  }
+  for (std::size_t k = 0; k < u.index.size(); ++k) {
+    if constexpr (std::is_same_v<T, float>) buf[u.index[k]] = u.f32[k];
+    else buf[u.index[k]] = u.bf16[k];
+  }
+}
+
+}  // namespace detail
+
+/// buf [rows, cols] (row stride ld) += scale * W_e, in place. Keep the returned record for unmerge.
+inline MergeUndo merge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0) {
+  if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier);
+}
+inline MergeUndo merge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0) {
+  if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier);
+}
+inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, 0);
+}
+inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0);
+}
+
+/// Restores the buffer merge() changed, bit for bit (same module, scale and tier).
+inline void unmerge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, unsigned tier = 0) {
+  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, u, tier);
+}
+inline void unmerge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f,
+                    unsigned tier = 0) {
+  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, u, tier);
+}
+inline void unmerge(const KMorph& m, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f) {
+  detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, u, 0);
+}
+inline void unmerge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f) {
+  detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, u, 0);
+}
+
+}  // namespace s2lc::morph
+// ---- end morph/merge.hpp ----
 // ---- end s2lc/s2lc.hpp ----
 #endif  // S2LC_SINGLE_INCLUDE_HPP_

@@ -29,6 +29,10 @@ constexpr const char* kUsage =
     "  eval IN.safetensors... OUT.s2lc|RECON.safetensors [--calib C] [--baselines] [--json]\n"
     "                             ratios and errors per group and in total, optionally against\n"
     "                             SVD, D2-MoE-style and int-N baselines at equal bytes\n"
+    "  bench apply [--rows M] [--cols N] [--ratio R] [--batch B] [--threads T] [--morph K]\n"
+    "              [--hot] [--json]\n"
+    "                             compressed apply vs OpenBLAS dense f32 and the bandwidth\n"
+    "                             bound, measured in one run (cold unless --hot)\n"
     "\n"
     "  s2lc --help | --version\n";
 
@@ -55,6 +59,7 @@ int main(int argc, char** argv) {
     if (cmd == "compress") return s2lc::cli::run_compress(args);
     if (cmd == "decompress") return s2lc::cli::run_decompress(args);
     if (cmd == "eval") return s2lc::cli::run_eval(args);
+    if (cmd == "bench") return s2lc::cli::run_bench(args);
     throw s2lc::cli::usage_error("unknown command '" + cmd + "' (try 's2lc --help')");
   } catch (const s2lc::cli::usage_error& e) {
     std::fprintf(stderr, "s2lc: %s\n", e.what());

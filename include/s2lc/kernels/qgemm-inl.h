@@ -56,26 +56,37 @@ HWY_INLINE VF Codes(VI q, const TierParams& t) {
   return hn::ConvertTo(DF(), q);
 }
 
-// Whether group g of q runs the vector body: full length and whole vectors.
-HWY_INLINE bool FastGroup(const QView& q, std::size_t g, std::size_t N) {
-  if ((g + 1) * q.group > q.cols) return false;
-  return q.nibble ? (q.group / 2) % N == 0 : q.group % N == 0;
+// Per-call layout constants (no divisions in the loops): groups per row, bytes per row, and the
+// number of leading groups that run the vector body (full length, whole vectors).
+struct Layout {
+  std::size_t gpr, rb, nfast;
+};
+HWY_INLINE Layout MakeLayout(const QView& q, std::size_t N) {
+  Layout l;
+  l.gpr = q.groups_per_row();
+  l.rb = q.row_bytes();
+  const bool ok = q.nibble ? (q.group / 2) % N == 0 : q.group % N == 0;
+  l.nfast = ok ? q.cols / q.group : 0;
+  return l;
+}
+HWY_INLINE float Scale(const QView& q, const Layout& l, std::size_t r, std::size_t g, const TierParams& t) {
+  return s2lc::bf16_to_f32(q.scales[r * l.gpr + g]) * t.mul;
 }
 
 // Decoded row r, columns [c0, c0 + n) of one group, into out (vector or scalar).
 template <bool kTier>
-HWY_INLINE void DecodeGroup(const QView& q, std::size_t r, std::size_t g, const TierParams& t, float* out) {
+HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std::size_t g, const TierParams& t, float* out) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
   const std::size_t c0 = g * q.group;
-  const float s = detail::group_scale(q, r, g, t);
-  if (!FastGroup(q, g, N)) {
+  const float s = Scale(q, L, r, g, t);
+  if (g >= L.nfast) {
     const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
     for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<float>(detail::tiered(detail::stored_code(q, r, c0 + j), t)) * s;
     return;
   }
   const auto vs = hn::Set(df, s);
-  const std::uint8_t* row = q.codes + r * q.row_bytes();
+  const std::uint8_t* row = q.codes + r * L.rb;
   if (q.nibble) {
     const std::size_t h = q.group / 2;
     const std::uint8_t* p = row + g * h;
@@ -92,9 +103,9 @@ HWY_INLINE void DecodeGroup(const QView& q, std::size_t r, std::size_t g, const 
 
 template <bool kTier>
 HWY_INLINE void DecodeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float* out, std::size_t ld) {
-  const std::size_t gpr = q.groups_per_row();
+  const Layout L = MakeLayout(q, hn::Lanes(DF()));
   for (std::size_t i = 0; i < nr; ++i)
-    for (std::size_t g = 0; g < gpr; ++g) DecodeGroup<kTier>(q, r0 + i, g, t, out + i * ld + g * q.group);
+    for (std::size_t g = 0; g < L.gpr; ++g) DecodeGroup<kTier>(q, L, r0 + i, g, t, out + i * ld + g * q.group);
 }
 
 // y[i] += alpha * sum_j W[r0 + i, j] x[j] for R rows: codes decoded in registers, one x load
@@ -104,19 +115,20 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
                            float* HWY_RESTRICT y) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
-  const std::size_t gpr = q.groups_per_row(), rb = q.row_bytes();
+  const Layout L = MakeLayout(q, N);
+  const std::size_t gpr = L.gpr, rb = L.rb;
   VF acc[R];
   float tail[R];
   for (std::size_t i = 0; i < R; ++i) acc[i] = hn::Zero(df), tail[i] = 0.0f;
   for (std::size_t g = 0; g < gpr; ++g) {
     const std::size_t c0 = g * q.group;
-    if (!FastGroup(q, g, N)) {
+    if (g >= L.nfast) {
       const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
       for (std::size_t i = 0; i < R; ++i) {
         float s = 0;
         for (std::size_t j = 0; j < n; ++j)
           s += static_cast<float>(detail::tiered(detail::stored_code(q, r0 + i, c0 + j), t)) * x[c0 + j];
-        tail[i] += s * detail::group_scale(q, r0 + i, g, t);
+        tail[i] += s * Scale(q, L, r0 + i, g, t);
       }
       continue;
     }
@@ -140,7 +152,7 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
       }
     }
     for (std::size_t i = 0; i < R; ++i)
-      acc[i] = hn::MulAdd(part[i], hn::Set(df, detail::group_scale(q, r0 + i, g, t)), acc[i]);
+      acc[i] = hn::MulAdd(part[i], hn::Set(df, Scale(q, L, r0 + i, g, t)), acc[i]);
   }
   for (std::size_t i = 0; i < R; ++i) y[i] += alpha * (hn::GetLane(hn::SumOfLanes(df, acc[i])) + tail[i]);
 }
@@ -157,12 +169,13 @@ template <std::size_t R, bool kTier>
 HWY_INLINE void GemvNNRows(const QView& q, std::size_t k0, const TierParams& t, const float* c, float* HWY_RESTRICT y) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
-  const std::size_t gpr = q.groups_per_row(), rb = q.row_bytes();
+  const Layout L = MakeLayout(q, N);
+  const std::size_t gpr = L.gpr, rb = L.rb;
   for (std::size_t g = 0; g < gpr; ++g) {
     const std::size_t c0 = g * q.group;
     float cs[R];
-    for (std::size_t i = 0; i < R; ++i) cs[i] = c[i] * detail::group_scale(q, k0 + i, g, t);
-    if (!FastGroup(q, g, N)) {
+    for (std::size_t i = 0; i < R; ++i) cs[i] = c[i] * Scale(q, L, k0 + i, g, t);
+    if (g >= L.nfast) {
       const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
       for (std::size_t j = 0; j < n; ++j) {
         float s = y[c0 + j];

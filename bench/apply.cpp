@@ -1,0 +1,193 @@
+// Compressed apply, morphing and JIT merge against what a user would otherwise run, in one run:
+//   apply/<impl>/<shape>_b<batch>_<hot|cold>: s2lc (from coefficients), openblas (sgemv / sgemm on
+//     the reconstructed f32 matrix, the baseline), highway_dense (our f32 kernel on it), and
+//     stream_bound (a read-only streaming kernel: the bandwidth bound of each impl's own bytes);
+//   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8;
+//   merge/<impl>/<shape>: JIT merge of one expert into a dense f32 buffer vs memcpy of the buffer.
+// Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
+// Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
+// Single thread for every contender (OpenBLAS too). See bench/RESULTS.md.
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include <morph/merge.hpp>
+
+#include "apply_bench.hpp"
+#include "report.hpp"
+
+namespace {
+
+namespace ab = s2lc::apply_bench;
+namespace mo = s2lc::morph;
+
+struct Shape {
+  std::size_t rows, cols;
+};
+const Shape kShapes[] = {{768, 256}, {2048, 1408}, {4096, 14336}};
+constexpr std::size_t kColdBytes = std::size_t{512} << 20;
+
+struct Setup {
+  mo::KGroup base;
+  std::vector<mo::KGroup> copies;          // cold: distinct memory
+  std::vector<std::vector<float>> dense;   // reconstructed f32, copies
+  std::vector<float> stream;               // for the bound
+  std::map<unsigned, std::vector<mo::KMorph>> morphs;
+  double bytes = 0, dense_bytes = 0;
+};
+
+Setup& setup(std::size_t si, bool cold) {
+  static std::map<std::pair<std::size_t, bool>, std::unique_ptr<Setup>> cache;
+  auto& slot = cache[{si, cold}];
+  if (slot) return *slot;
+  // The compressed group is shared by the hot and cold setups of a shape.
+  static std::map<std::size_t, std::pair<mo::KGroup, std::vector<float>>> groups;
+  if (!groups.count(si)) {
+    ab::Config c;
+    c.rows = kShapes[si].rows, c.cols = kShapes[si].cols, c.experts = 8;
+    s2lc::compress::Options opt;
+    opt.ratio = 8;
+    opt.threads = 2;
+    const auto comp = s2lc::compress::compress(ab::make_experts(c), opt);
+    const auto W = s2lc::compress::reconstruct(comp.groups[0], 0);
+    groups[si] = {mo::KGroup::from(comp.groups[0]), std::vector<float>(W.begin(), W.end())};
+  }
+  slot = std::make_unique<Setup>();
+  Setup& s = *slot;
+  s.base = groups[si].first;
+  s.bytes = static_cast<double>(s.base.member_bytes(0));
+  s.dense_bytes = static_cast<double>(groups[si].second.size() * sizeof(float));
+  const std::size_t nq = cold ? std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(kColdBytes) / s.bytes)) : 1;
+  const std::size_t nd = cold ? std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / s.dense_bytes)) : 1;
+  s.copies.assign(nq, s.base);
+  s.dense.assign(nd, groups[si].second);
+  s.stream.assign(cold ? kColdBytes / sizeof(float) : static_cast<std::size_t>(s.dense_bytes) / sizeof(float), 1.0f);
+  return s;
+}
+
+std::string case_name(std::size_t si, std::size_t batch, bool cold) {
+  return std::to_string(kShapes[si].rows) + "x" + std::to_string(kShapes[si].cols) + "_b" + std::to_string(batch) + (cold ? "_cold" : "_hot");
+}
+
+enum class impl { s2lc, openblas, highway_dense, stream_bound };
+
+void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool cold, impl which) {
+  openblas_set_num_threads(1);
+  Setup& s = setup(si, cold);
+  const std::size_t R = kShapes[si].rows, C = kShapes[si].cols;
+  std::vector<float> X(B * C, 0.5f), Y(B * R);
+  std::vector<std::byte> mem(mo::apply_scratch_bytes(s.base, B));
+  mo::Arena arena(mem);
+  std::size_t i = 0;
+  double bytes = 0;
+  for (auto _ : state) {
+    switch (which) {
+      case impl::s2lc:
+        mo::apply(s.copies[i++ % s.copies.size()], 0, X.data(), C, B, Y.data(), R, arena);
+        bytes = s.bytes;
+        break;
+      case impl::openblas: {
+        const float* w = s.dense[i++ % s.dense.size()].data();
+        if (B == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, int(R), int(C), 1.0f, w, int(C), X.data(), 1, 0.0f, Y.data(), 1);
+        else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(B), int(R), int(C), 1.0f, X.data(), int(C), w, int(C), 0.0f, Y.data(), int(R));
+        bytes = s.dense_bytes;
+        break;
+      }
+      case impl::highway_dense:
+        s2lc::kernels::gemm_nt(s.dense[i++ % s.dense.size()].data(), C, R, X.data(), C, B, C, 1.0f, Y.data(), R);
+        bytes = s.dense_bytes;
+        break;
+      case impl::stream_bound:
+        benchmark::DoNotOptimize(s2lc::kernels::stream_read(s.stream.data(), s.stream.size()));
+        bytes = static_cast<double>(s.stream.size() * sizeof(float));
+        break;
+    }
+    benchmark::ClobberMemory();
+  }
+  s2lc::bench::set_bytes(state, bytes);
+}
+
+void bench_morph(benchmark::State& state, std::size_t si, unsigned K) {
+  Setup& s = setup(si, true);
+  const std::size_t R = kShapes[si].rows, C = kShapes[si].cols;
+  if (K && !s.morphs.count(K)) {
+    std::vector<std::uint32_t> ex(K);
+    std::vector<float> a(K, 1.0f / static_cast<float>(K));
+    for (unsigned k = 0; k < K; ++k) ex[k] = k;
+    const mo::KMorph m0 = mo::mix_linear(s.base, ex, a, {8});  // mixed once, copied per group copy
+    auto& v = s.morphs[K];
+    v.reserve(s.copies.size());
+    for (const auto& g : s.copies) {
+      v.push_back(m0);
+      v.back().group = &g;
+    }
+  }
+  std::vector<float> X(C, 0.5f), Y(R);
+  std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(s.base, 1), K ? mo::apply_scratch_bytes(s.morphs[K][0], 1) : 0));
+  mo::Arena arena(mem);
+  std::size_t i = 0;
+  for (auto _ : state) {
+    if (K) mo::apply(s.morphs[K][i++ % s.copies.size()], X.data(), C, 1, Y.data(), R, arena);
+    else mo::apply(s.copies[i++ % s.copies.size()], 0, X.data(), C, 1, Y.data(), R, arena);
+    benchmark::ClobberMemory();
+  }
+  s2lc::bench::set_bytes(state, K ? static_cast<double>(s.morphs[K][0].bytes()) : s.bytes);
+  // Resident bytes of the layer's 8 experts: soft-MoE keeps them dense (bf16); morphing keeps the
+  // compressed group (cores, bases, coefficients) and builds hybrids from it.
+  double group_bytes = 0;
+  for (const auto& c : s.base.cores) group_bytes += static_cast<double>(c.bytes());
+  for (const auto& r : s.base.residuals) group_bytes += static_cast<double>(r.bytes());
+  for (const auto& b : s.base.bases) group_bytes += static_cast<double>(b.bytes());
+  state.counters["resident_dense_MB"] = static_cast<double>(s.base.members() * R * C * 2) / 1e6;
+  state.counters["resident_morph_MB"] = group_bytes / 1e6;
+}
+
+void bench_merge(benchmark::State& state, std::size_t si, bool copy) {
+  Setup& s = setup(si, false);
+  std::vector<float> buf = s.dense[0], src = s.dense[0];
+  double bytes = 2.0 * s.dense_bytes;
+  for (auto _ : state) {
+    if (copy) std::memcpy(buf.data(), src.data(), buf.size() * sizeof(float));
+    else {
+      auto u = mo::merge(s.base, 0, buf.data(), kShapes[si].cols);
+      state.PauseTiming();
+      mo::unmerge(s.base, 0, buf.data(), kShapes[si].cols, u);
+      state.ResumeTiming();
+    }
+    benchmark::ClobberMemory();
+  }
+  s2lc::bench::set_bytes(state, bytes + (copy ? 0.0 : s.bytes));
+}
+
+const bool registered = [] {
+  const char* names[] = {"s2lc", "openblas", "highway_dense", "stream_bound"};
+  for (std::size_t si = 0; si < std::size(kShapes); ++si)
+    for (bool cold : {false, true})
+      for (std::size_t B : {1u, 8u, 32u})
+        for (int w = 0; w < 4; ++w)
+          benchmark::RegisterBenchmark(("apply/" + std::string(names[w]) + "/" + case_name(si, B, cold)).c_str(),
+                                       [=](benchmark::State& st) { bench_apply(st, si, B, cold, static_cast<impl>(w)); })
+              ->Unit(benchmark::kMicrosecond);
+  s2lc::bench::register_op("apply", {"openblas", "stream_bound"});
+  for (std::size_t si = 0; si < std::size(kShapes); ++si) {
+    for (unsigned K : {0u, 2u, 4u, 8u})
+      benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) : std::string("single")) + "/" + case_name(si, 1, true)).c_str(),
+                                   [=](benchmark::State& st) { bench_morph(st, si, K); })
+          ->Unit(benchmark::kMicrosecond);
+    for (bool copy : {false, true})
+      benchmark::RegisterBenchmark(("merge/" + std::string(copy ? "memcpy" : "s2lc") + "/" + std::to_string(kShapes[si].rows) + "x" +
+                                    std::to_string(kShapes[si].cols)).c_str(),
+                                   [=](benchmark::State& st) { bench_merge(st, si, copy); })
+          ->Unit(benchmark::kMicrosecond);
+  }
+  s2lc::bench::register_op("morph", {"single", "none"});
+  s2lc::bench::register_op("merge", {"memcpy", "memcpy"});
+  return true;
+}();
+
+}  // namespace

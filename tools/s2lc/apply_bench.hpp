@@ -1,0 +1,182 @@
+// s2lc CLI / bench — the compressed-apply measurement shared by `s2lc bench apply` and
+// bench/apply.cpp: experts with a real-like spectrum, compressed; contenders measured in the same
+// run on the same threads: s2lc apply from coefficients, OpenBLAS sgemv/sgemm on the reconstructed
+// f32 matrix, our own Highway f32 kernel on it, and a read-only streaming kernel over the same
+// number of bytes (the bandwidth bound). Cold runs cycle through enough copies that every call
+// reads its weights from DRAM; hot runs reuse one.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <xtensor-blas/xlinalg.hpp>  // declares the CBLAS functions (xflens cblas.h)
+
+extern "C" void openblas_set_num_threads(int);
+
+#include <morph/grouped.hpp>
+#include <morph/morph.hpp>
+#include <morph/parallel.hpp>
+#include <morph/runtime.hpp>
+#include <s2lc/compress/compressor.hpp>
+#include <s2lc/kernels/qgemm.hpp>
+#include <s2lc/tensor.hpp>
+
+namespace s2lc::apply_bench {
+
+struct Config {
+  std::size_t rows = 2048, cols = 1408, batch = 1, experts = 4;
+  double ratio = 8;
+  unsigned threads = 1, morph = 0;
+  bool cold = true;
+  std::size_t cold_bytes = std::size_t{512} << 20;  ///< working set that defeats the caches
+  double seconds = 0.3;                              ///< per contender
+};
+
+/// Experts W_e = S + 0.3 R_e: every 256 x 256 tile of S and R_e a product of Gaussians through a
+/// power-law spectrum (sigma_k = k^-0.6), like trained weights; speed does not depend on values.
+inline std::vector<compress::GroupInput> make_experts(const Config& c, std::uint32_t seed = 1) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto tiled = [&](matrix& m, float scale) {
+    const std::size_t T = 256;
+    for (std::size_t r0 = 0; r0 < c.rows; r0 += T)
+      for (std::size_t c0 = 0; c0 < c.cols; c0 += T) {
+        const std::size_t rb = std::min(T, c.rows - r0), cb = std::min(T, c.cols - c0), k = std::min(rb, cb);
+        matrix a = matrix::from_shape({rb, k}), b = matrix::from_shape({k, cb});
+        for (auto& v : a) v = nd(rng);
+        for (std::size_t i = 0; i < k; ++i)
+          for (std::size_t j = 0; j < cb; ++j) b(i, j) = nd(rng) * scale * std::pow(static_cast<float>(i + 1), -0.6f) / 16.0f;
+        const matrix p = xt::linalg::dot(a, b);
+        for (std::size_t i = 0; i < rb; ++i)
+          for (std::size_t j = 0; j < cb; ++j) m(r0 + i, c0 + j) += p(i, j);
+      }
+  };
+  matrix S = xt::zeros<float>({c.rows, c.cols});
+  tiled(S, 1.0f);
+  compress::GroupInput g;
+  g.name = "bench.{E}.weight";
+  g.type = dtype::bf16;
+  for (std::size_t e = 0; e < c.experts; ++e) {
+    matrix W = S;
+    tiled(W, 0.3f);
+    g.weights.push_back(std::move(W));
+    g.member_names.push_back("bench." + std::to_string(e) + ".weight");
+    g.member_sources.push_back(0);
+  }
+  return {g};
+}
+
+struct Result {
+  double us = 0;            ///< s2lc compressed apply, per call
+  double openblas_us = 0;   ///< OpenBLAS on the reconstructed f32 matrix
+  double dense_us = 0;      ///< our Highway f32 kernel on it
+  double bound_us = 0;      ///< streaming read of the compressed bytes
+  double dense_bound_us = 0;///< streaming read of the f32 matrix
+  double bytes = 0, dense_bytes = 0, bandwidth_gbs = 0;
+  double morph_us = 0, morph_bytes = 0, single_serial_us = 0;  ///< morph and one expert, one thread
+  std::size_t copies = 0;
+};
+
+/// Mean seconds per call of f(i) for i = 0, 1, 2, ... over about `seconds`.
+template <class F>
+double time_calls(F&& f, double seconds) {
+  using clk = std::chrono::steady_clock;
+  for (int i = 0; i < 3; ++i) f(static_cast<std::size_t>(i));
+  std::size_t n = 0;
+  const auto t0 = clk::now();
+  double el = 0;
+  do {
+    for (int i = 0; i < 8; ++i) f(n++);
+    el = std::chrono::duration<double>(clk::now() - t0).count();
+  } while (el < seconds);
+  return el / static_cast<double>(n);
+}
+
+inline Result run(const Config& c) {
+  openblas_set_num_threads(static_cast<int>(c.threads));
+  compress::Options opt;
+  opt.ratio = c.ratio;
+  opt.threads = c.threads;
+  Config cc = c;
+  cc.experts = std::max<std::size_t>(c.experts, c.morph);
+  const auto comp = compress::compress(make_experts(cc), opt);
+  const auto& cg = comp.groups[0];
+  const morph::KGroup base = morph::KGroup::from(cg);
+  const matrix W0 = compress::reconstruct(cg, 0);
+  Result r;
+  r.bytes = static_cast<double>(base.member_bytes(0));
+  r.dense_bytes = static_cast<double>(c.rows * c.cols * sizeof(float));
+  // Copies (distinct memory) to cycle through when cold.
+  const std::size_t nq = c.cold ? std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(c.cold_bytes) / r.bytes)) : 1;
+  const std::size_t nd = c.cold ? std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(c.cold_bytes) / r.dense_bytes)) : 1;
+  std::vector<morph::KGroup> qs(nq, base);
+  std::vector<std::vector<float>> ds(nd, std::vector<float>(W0.begin(), W0.end()));
+  r.copies = nq;
+  const std::size_t B = c.batch;
+  std::vector<float> X(B * c.cols), Y(B * c.rows);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> dist;
+  for (auto& v : X) v = dist(rng);
+  morph::ThreadPool pool(c.threads);
+  morph::Executor* ex = c.threads > 1 ? &pool : nullptr;
+  std::vector<std::byte> mem(morph::parallel_scratch_bytes(base, B, c.threads) + morph::apply_scratch_bytes(base, B) * 2 + (1 << 20));
+  morph::Arena arena(mem);
+
+  r.us = 1e6 * time_calls([&](std::size_t i) {
+    morph::apply_parallel(qs[i % nq], 0, X.data(), c.cols, B, Y.data(), c.rows, arena, ex);
+  }, c.seconds);
+  r.openblas_us = 1e6 * time_calls([&](std::size_t i) {
+    const float* w = ds[i % nd].data();
+    const auto M = static_cast<int>(c.rows), K = static_cast<int>(c.cols), N = static_cast<int>(B);
+    if (B == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, M, K, 1.0f, w, K, X.data(), 1, 0.0f, Y.data(), 1);
+    else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, M, K, 1.0f, X.data(), K, w, K, 0.0f, Y.data(), M);
+  }, c.seconds);
+  // Our f32 kernel, split over block rows of 256 like the compressed path.
+  r.dense_us = 1e6 * time_calls([&](std::size_t i) {
+    const float* w = ds[i % nd].data();
+    const std::size_t tasks = (c.rows + 255) / 256;
+    morph::parallel_for(ex, tasks, [&](std::size_t t, unsigned) {
+      const std::size_t r0 = t * 256, n = std::min<std::size_t>(256, c.rows - r0);
+      kernels::gemm_nt(w + r0 * c.cols, c.cols, n, X.data(), c.cols, B, c.cols, 1.0f, Y.data() + r0, c.rows);
+    });
+  }, c.seconds);
+  // Bandwidth: a streaming read over the same threads, cold (a buffer far larger than the caches)
+  // or hot (the compressed bytes themselves, again and again).
+  {
+    const std::size_t n = c.cold ? c.cold_bytes / sizeof(float) : static_cast<std::size_t>(r.bytes) / sizeof(float);
+    std::vector<float> buf(n, 1.0f);
+    const std::size_t parts = c.threads;
+    volatile float sink = 0;
+    const double s = time_calls([&](std::size_t) {
+      morph::parallel_for(ex, parts, [&](std::size_t p, unsigned) {
+        const std::size_t a = n * p / parts, b = n * (p + 1) / parts;
+        sink = sink + kernels::stream_read(buf.data() + a, b - a);
+      });
+    }, c.seconds);
+    r.bandwidth_gbs = static_cast<double>(n * sizeof(float)) / s * 1e-9;
+    r.bound_us = r.bytes / (r.bandwidth_gbs * 1e9) * 1e6;
+    r.dense_bound_us = r.dense_bytes / (r.bandwidth_gbs * 1e9) * 1e6;
+  }
+  if (c.morph > 0) {
+    std::vector<std::uint32_t> ex_ids(c.morph);
+    std::vector<float> alpha(c.morph, 1.0f / static_cast<float>(c.morph));
+    for (std::size_t i = 0; i < c.morph; ++i) ex_ids[i] = static_cast<std::uint32_t>(i);
+    std::vector<morph::KMorph> ms;
+    ms.reserve(nq);
+    for (std::size_t i = 0; i < nq; ++i) ms.push_back(morph::mix_linear(qs[i], ex_ids, alpha, {8}));
+    r.morph_bytes = static_cast<double>(ms[0].bytes());
+    std::vector<std::byte> mm(std::max(morph::apply_scratch_bytes(ms[0], B), morph::apply_scratch_bytes(base, B)));
+    morph::Arena ma(mm);
+    r.single_serial_us = 1e6 * time_calls([&](std::size_t i) { morph::apply(qs[i % nq], 0, X.data(), c.cols, B, Y.data(), c.rows, ma); }, c.seconds);
+    r.morph_us = 1e6 * time_calls([&](std::size_t i) { morph::apply(ms[i % nq], X.data(), c.cols, B, Y.data(), c.rows, ma); }, c.seconds);
+  }
+  return r;
+}
+
+}  // namespace s2lc::apply_bench

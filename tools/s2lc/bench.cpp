@@ -1,0 +1,84 @@
+// s2lc bench apply — compressed apply against OpenBLAS dense and the bandwidth bound, measured in
+// one run (see apply_bench.hpp and bench/RESULTS.md).
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "apply_bench.hpp"
+#include "cli.hpp"
+
+namespace s2lc::cli {
+
+namespace {
+
+std::size_t to_size(const std::string& flag, const std::string& v) {
+  std::size_t pos = 0;
+  unsigned long long n = 0;
+  try {
+    n = std::stoull(v, &pos);
+  } catch (...) {
+    pos = 0;
+  }
+  if (pos != v.size() || v.empty() || v[0] == '-') throw usage_error(flag + " needs a non-negative integer, got '" + v + "'");
+  return static_cast<std::size_t>(n);
+}
+
+}  // namespace
+
+int run_bench(const std::vector<std::string>& args) {
+  if (args.empty() || args[0] != "apply")
+    throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K] [--hot] [--json]");
+  apply_bench::Config c;
+  bool json = false;
+  for (std::size_t i = 1; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    auto value = [&]() -> const std::string& {
+      if (i + 1 >= args.size()) throw usage_error(a + " needs a value");
+      return args[++i];
+    };
+    if (a == "--rows") c.rows = to_size(a, value());
+    else if (a == "--cols") c.cols = to_size(a, value());
+    else if (a == "--batch") c.batch = to_size(a, value());
+    else if (a == "--threads") c.threads = static_cast<unsigned>(to_size(a, value()));
+    else if (a == "--morph") c.morph = static_cast<unsigned>(to_size(a, value()));
+    else if (a == "--experts") c.experts = to_size(a, value());
+    else if (a == "--hot") c.cold = false;
+    else if (a == "--json") json = true;
+    else if (a == "--seconds") c.seconds = std::stod(value());
+    else if (a == "--ratio") {
+      const std::string& v = value();
+      try {
+        c.ratio = std::stod(v);
+      } catch (...) {
+        throw usage_error("--ratio needs a number, got '" + v + "'");
+      }
+      if (!(c.ratio >= 1)) throw usage_error("--ratio must be at least 1");
+    } else throw usage_error("bench apply: unknown option '" + a + "'");
+  }
+  if (c.rows == 0 || c.cols == 0 || c.batch == 0 || c.batch > 4096 || c.threads == 0)
+    throw usage_error("bench apply: rows, cols, threads and batch (<= 4096) must be positive");
+  if (c.morph == 1 || c.morph > 64) throw usage_error("bench apply: --morph K needs 2 <= K <= 64");
+  const auto r = apply_bench::run(c);
+  nlohmann::ordered_json j;
+  j["rows"] = c.rows, j["cols"] = c.cols, j["ratio"] = c.ratio, j["batch"] = c.batch, j["threads"] = c.threads;
+  j["cold"] = c.cold, j["copies"] = r.copies;
+  j["bytes"] = r.bytes, j["dense_f32_bytes"] = r.dense_bytes, j["bandwidth_gbs"] = r.bandwidth_gbs;
+  j["us_per_call"] = r.us, j["openblas_us_per_call"] = r.openblas_us, j["dense_highway_us_per_call"] = r.dense_us;
+  j["speedup_vs_openblas"] = r.openblas_us / r.us;
+  j["bound_us"] = r.bound_us, j["bound_ratio"] = r.us / r.bound_us;
+  j["openblas_bound_ratio"] = r.openblas_us / r.dense_bound_us;
+  if (c.morph) {
+    j["morph_k"] = c.morph, j["morph_bytes"] = r.morph_bytes, j["morph_us_per_call"] = r.morph_us;
+    j["single_us_per_call_1thread"] = r.single_serial_us, j["morph_vs_single"] = r.morph_us / r.single_serial_us;
+  }
+  if (json) {
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  for (auto it = j.begin(); it != j.end(); ++it) std::printf("%-28s %s\n", it.key().c_str(), it.value().dump().c_str());
+  return 0;
+}
+
+}  // namespace s2lc::cli
