@@ -198,44 +198,46 @@ struct Sections {
   };
   std::vector<Section> list;
 
-  explicit Sections(const Bytes& file) {
+  [[gnu::noinline]] explicit Sections(const Bytes& file) {
     const auto v = io::parse_container(file, "good");
     for (const auto& s : v.sections()) list.push_back({s.name, s.kind, s.type, s.shape, Bytes(s.bytes.begin(), s.bytes.end())});
   }
-  Section& at(const std::string& name) {
+  [[gnu::noinline]] Section& at(const std::string& name) {
     for (auto& s : list)
       if (s.name == name) return s;
     throw std::runtime_error("test harness: no section " + name);
   }
-  void erase(const std::string& name) {
+  [[gnu::noinline]] void erase(const std::string& name) {
     list.erase(std::remove_if(list.begin(), list.end(), [&](const Section& s) { return s.name == name; }), list.end());
   }
-  nlohmann::json manifest() { return nlohmann::json::parse(std::string(reinterpret_cast<const char*>(at("manifest").data.data()), at("manifest").data.size())); }
-  void set_manifest(const nlohmann::json& m) {
+  [[gnu::noinline]] nlohmann::json manifest() {
+    return nlohmann::json::parse(std::string(reinterpret_cast<const char*>(at("manifest").data.data()), at("manifest").data.size()));
+  }
+  [[gnu::noinline]] void set_manifest(const nlohmann::json& m) {
     const std::string text = m.dump();
     auto& s = at("manifest");
     s.data.assign(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());
     s.shape = {text.size()};
   }
   /// Field f of record r of a U32 [n, width] section.
-  std::uint32_t get(const std::string& name, std::size_t r, std::size_t f) {
+  [[gnu::noinline]] std::uint32_t get(const std::string& name, std::size_t r, std::size_t f) {
     auto& s = at(name);
     std::uint32_t v;
     std::memcpy(&v, s.data.data() + 4 * (r * s.shape[1] + f), 4);
     return v;
   }
-  void set(const std::string& name, std::size_t r, std::size_t f, std::uint32_t v) {
+  [[gnu::noinline]] void set(const std::string& name, std::size_t r, std::size_t f, std::uint32_t v) {
     auto& s = at(name);
     REQUIRE(4 * (r * s.shape[1] + f) + 4 <= s.data.size());
     std::memcpy(s.data.data() + 4 * (r * s.shape[1] + f), &v, 4);
   }
-  std::uint64_t offset_of(const std::string& name) const {
+  [[gnu::noinline]] std::uint64_t offset_of(const std::string& name) const {
     io::ContainerBuilder b = builder();
     const Bytes bytes = b.to_bytes();
     const auto v = io::parse_container(bytes, "rebuilt");
     return v.at(name).offset;
   }
-  io::ContainerBuilder builder() const {
+  [[gnu::noinline]] io::ContainerBuilder builder() const {
     io::ContainerBuilder b;
     for (const auto& s : list) {
       if (s.kind == io::section_kind::json) {
@@ -246,12 +248,12 @@ struct Sections {
     }
     return b;
   }
-  Bytes bytes() const { return builder().to_bytes(); }
+  [[gnu::noinline]] Bytes bytes() const { return builder().to_bytes(); }
 };
 
 /// The format_error opening `file` throws, or nullopt if it opens. Any other exception escapes.
 /// The file is opened both mapped and from memory (the fuzz target's path): they must agree.
-std::optional<s2lc::format_error> rejection(const Bytes& file) {
+[[gnu::noinline]] std::optional<s2lc::format_error> rejection(const Bytes& file) {
   s2lc::test::TempDir dir;
   s2lc::test::write_bytes(dir / "bad.s2lc", file);
   std::optional<s2lc::format_error> mapped, in_memory;
@@ -281,21 +283,33 @@ std::optional<s2lc::format_error> rejection(const Bytes& file) {
 #define CHECK_CONTAINS(str, needle) \
   CHECK_MESSAGE(contains((str), (needle)), "\"" << std::string(str) << "\" does not contain \"" << std::string(needle) << "\"")
 
+namespace {
+
+/// Opening `file` must fail with a format_error whose message contains `needle`, naming the
+/// section `section` and a byte offset (`offset`, when given, exactly). An out-of-line function
+/// (not a macro) so its assertions are compiled once, not at each of the dozens of call sites;
+/// CHECK_REJECTS below records the call site.
+[[gnu::noinline]] void check_rejects(int line, const Bytes& file, const std::string& section, std::string_view needle,
+                                     std::optional<std::uint64_t> want_offset) {
+  INFO("CHECK_REJECTS called from line " << line);
+  const auto e = rejection(file);
+  REQUIRE_MESSAGE(e.has_value(), "tampered artifact accepted");
+  INFO("what(): " << std::string(e->what()));
+  CHECK_CONTAINS(e->message(), needle);
+  CHECK(e->tensor() == section);
+  CHECK(e->offset().has_value());
+  if (want_offset && e->offset()) CHECK(*e->offset() == *want_offset);
+  CHECK_CONTAINS(e->what(), "'" + section + "'");
+  CHECK_CONTAINS(e->what(), "byte offset");
+}
+
+}  // namespace
+
 /// Opening `file_` must fail with a format_error whose message contains `needle_`, naming the
-/// section `section_` and a byte offset (`offset_`, when given, exactly).
-#define CHECK_REJECTS(file_, section_, needle_, offset_)                                                        \
-  do {                                                                                                        \
-    const auto e_ = rejection(file_);                                                                         \
-    REQUIRE_MESSAGE(e_.has_value(), "tampered artifact accepted");                                            \
-    INFO("what(): " << std::string(e_->what()));                                                              \
-    CHECK_CONTAINS(e_->message(), needle_);                                                                   \
-    CHECK(e_->tensor() == std::string(section_));                                                             \
-    CHECK(e_->offset().has_value());                                                                          \
-    const std::optional<std::uint64_t> want_offset_ = (offset_);                                              \
-    if (want_offset_ && e_->offset()) CHECK(*e_->offset() == *want_offset_);                                  \
-    CHECK_CONTAINS(e_->what(), "'" + std::string(section_) + "'");                                            \
-    CHECK_CONTAINS(e_->what(), "byte offset");                                                                \
-  } while (false)
+/// section `section_` and a byte offset (`offset_`, when given, exactly). Failures name the line
+/// of the CHECK_REJECTS.
+#define CHECK_REJECTS(file_, section_, needle_, offset_) \
+  check_rejects(__LINE__, (file_), std::string(section_), (needle_), (offset_))
 
 // ---------------------------------------------------------------------------------------------
 // Round trips
@@ -615,7 +629,7 @@ TEST_CASE("compress: artifact rejects corrupt and inconsistent artifacts: a form
     Sections s(good_artifact());
     auto m = s.manifest();
     const std::uint64_t manifest_at = s.offset_of("manifest");  // the manifest is the first section
-    auto rejects = [&](const nlohmann::json& changed, const std::string& needle) {
+    auto rejects = [&](const nlohmann::json& changed, const std::string& needle) __attribute__((noinline)) {
       Sections t = s;
       t.set_manifest(changed);
       CHECK_REJECTS(t.bytes(), "manifest", needle, std::optional<std::uint64_t>(manifest_at));

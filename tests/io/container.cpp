@@ -209,20 +209,31 @@ std::vector<std::string> listing(const std::filesystem::path& dir) {
 #define CHECK_CONTAINS(str, needle) \
   CHECK_MESSAGE(contains((str), (needle)), "\"" << std::string(str) << "\" does not contain \"" << std::string(needle) << "\"")
 
+namespace {
+
+/// parse_container must reject `file` with a message containing `needle`, naming the section
+/// `section` ("" for none), the byte offset `offset` and the file's label. An out-of-line
+/// function (not a macro) so its assertions are compiled once, not at each of the dozens of call
+/// sites; CHECK_REJECTS below records the call site.
+[[gnu::noinline]] void check_rejects(int line, const Bytes& file, std::string_view needle, const std::string& section, std::uint64_t offset) {
+  INFO("CHECK_REJECTS called from line " << line);
+  const auto e = rejection(file);
+  REQUIRE_MESSAGE(e.has_value(), "malformed container accepted");
+  INFO("what(): " << std::string(e->what()));
+  CHECK_CONTAINS(e->message(), needle);
+  CHECK(e->file() == kLabel);
+  CHECK(e->tensor() == section);
+  REQUIRE(e->offset().has_value());
+  CHECK(*e->offset() == offset);
+  CHECK_CONTAINS(e->what(), std::string("file '") + kLabel + "'");
+}
+
+}  // namespace
+
 /// parse_container must reject `file_` with a message containing `needle_`, naming the section
 /// `section_` ("" for none), the byte offset `offset_` and the file's label.
-#define CHECK_REJECTS(file_, needle_, section_, offset_)                              \
-  do {                                                                                \
-    const auto e_ = rejection(file_);                                                 \
-    REQUIRE_MESSAGE(e_.has_value(), "malformed container accepted");                  \
-    INFO("what(): " << std::string(e_->what()));                                      \
-    CHECK_CONTAINS(e_->message(), needle_);                                           \
-    CHECK(e_->file() == kLabel);                                                      \
-    CHECK(e_->tensor() == std::string(section_));                                     \
-    REQUIRE(e_->offset().has_value());                                                \
-    CHECK(*e_->offset() == static_cast<std::uint64_t>(offset_));                      \
-    CHECK_CONTAINS(e_->what(), std::string("file '") + kLabel + "'");                 \
-  } while (false)
+#define CHECK_REJECTS(file_, needle_, section_, offset_) \
+  check_rejects(__LINE__, (file_), (needle_), std::string(section_), static_cast<std::uint64_t>(offset_))
 
 // ---------------------------------------------------------------------------------------------
 // CRC-32C.
