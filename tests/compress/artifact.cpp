@@ -6,6 +6,7 @@
 // section and the byte offset.
 #include <doctest/doctest.h>
 
+#include "compress/synthetic.hpp"
 #include "support.hpp"
 
 #include <s2lc/compress/artifact.hpp>
@@ -136,42 +137,8 @@ void check_same_reconstruction(const cz::Artifact& a, const cz::Compressed& c) {
   }
 }
 
-/// A synthetic group with clusters, structure at several scales and blocks at the edges, small
-/// enough to compress in milliseconds.
-std::vector<cz::GroupInput> synthetic_groups() {
-  std::mt19937 rng(5);
-  auto gauss = [&](std::size_t r, std::size_t c, float scale) {
-    matrix m = matrix::from_shape({r, c});
-    for (auto& v : m) {
-      double s = 0;
-      for (int k = 0; k < 4; ++k) s += static_cast<double>(rng()) / 4294967296.0 - 0.5;
-      v = static_cast<float>(s) * scale;
-    }
-    return m;
-  };
-  const std::size_t rows = 40, cols = 70;
-  const matrix common = gauss(rows, cols, 1.0f);
-  const matrix centers[2] = {gauss(rows, cols, 0.4f), gauss(rows, cols, 0.4f)};
-  cz::GroupInput g;
-  g.name = "synthetic.{E}.weight";
-  g.type = s2lc::dtype::f32;
-  for (std::uint32_t e = 0; e < 6; ++e) {
-    // A low-rank part (cheap as lowrank/shared blocks) and a little noise (dense).
-    const matrix lr = xt::linalg::dot(gauss(rows, 2, 0.5f), gauss(2, cols, 0.5f));
-    g.weights.push_back(matrix(common + centers[e % 2] + lr + gauss(rows, cols, 0.02f)));
-    g.member_names.push_back("synthetic." + std::to_string(e) + ".weight");
-    g.member_sources.push_back(0);
-  }
-  return {g};
-}
-
-cz::Options small_blocks(cz::Options opt) {
-  opt.block_rows = 16;  // 40 x 70 -> a 3 x 3 grid with short edge blocks
-  opt.block_cols = 32;
-  opt.group = 16;
-  opt.threads = 2;
-  return opt;
-}
+using s2lc::test::small_blocks;
+using s2lc::test::synthetic_groups;
 
 /// A good artifact of the fixture at ratio 8 (compressed once per process).
 const Bytes& good_artifact() {
