@@ -62,22 +62,25 @@ struct DispatchPlan {
     return p;
   }
 
-  /// Throws invalid_argument naming the first inconsistency.
-  void validate() const {
+  /// Throws invalid_argument naming the first inconsistency. With check_duplicates = false (what
+  /// the apply paths use: no allocation), a token listed twice under one expert is not detected.
+  void validate(bool check_duplicates = true) const {
     if (offsets.empty() || offsets.front() != 0) throw invalid_argument("dispatch plan: offsets must start at 0");
     for (std::size_t e = 0; e + 1 < offsets.size(); ++e)
       if (offsets[e + 1] < offsets[e]) throw invalid_argument("dispatch plan: offsets decrease at expert " + std::to_string(e));
     if (offsets.back() != token.size() || gate.size() != token.size())
       throw invalid_argument("dispatch plan: offsets, token and gate sizes disagree");
-    std::vector<std::uint32_t> seen(n_tokens, 0xFFFFFFFFu);
+    std::vector<std::uint32_t> seen(check_duplicates ? n_tokens : 0, 0xFFFFFFFFu);
     for (std::size_t e = 0; e + 1 < offsets.size(); ++e)
       for (std::size_t i = offsets[e]; i < offsets[e + 1]; ++i) {
         if (token[i] >= n_tokens)
           throw invalid_argument("dispatch plan: expert " + std::to_string(e) + " has token " + std::to_string(token[i]) +
                                  " of a batch of " + std::to_string(n_tokens));
-        if (seen[token[i]] == e)
-          throw invalid_argument("dispatch plan: expert " + std::to_string(e) + " lists token " + std::to_string(token[i]) + " twice");
-        seen[token[i]] = static_cast<std::uint32_t>(e);
+        if (check_duplicates) {
+          if (seen[token[i]] == e)
+            throw invalid_argument("dispatch plan: expert " + std::to_string(e) + " lists token " + std::to_string(token[i]) + " twice");
+          seen[token[i]] = static_cast<std::uint32_t>(e);
+        }
         if (!std::isfinite(gate[i])) throw invalid_argument("dispatch plan: gate of expert " + std::to_string(e) + " is not finite");
       }
   }
