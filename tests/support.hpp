@@ -14,6 +14,19 @@
 
 namespace s2lc::test {
 
+/// True in the ASan + UBSan build (the asan preset), where the heaviest cases are skipped.
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool kSanitized = true;
+#else
+inline constexpr bool kSanitized = false;
+#endif
+#else
+inline constexpr bool kSanitized = false;
+#endif
+
 /// tests/data in the source tree (small real fixtures committed to the repo).
 inline std::filesystem::path data_dir() { return S2LC_TEST_DATA_DIR; }
 

@@ -66,6 +66,19 @@ inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigne
   if (const KBlock* r = find_block(s.m->residual, b)) add_block(g, *r, s.scale, tier, out);
 }
 
+/// Calls row_fn(row pointer into buf, the delta's row, length, element offset of the row start)
+/// for every row of every grid block, the block's delta decoded into one reused scratch block.
+template <class T, class Source, class RowFn>
+void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, RowFn&& row_fn) {
+  std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
+    const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
+    std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
+    decode_delta(src, b, d.data(), tier);
+    for (std::size_t i = 0; i < rb; ++i) row_fn(buf + (r0 + i) * ld + c0, d.data() + i * cb, cb, (r0 + i) * ld + c0);
+  }
+}
+
 template <class T, class Source>
 MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier) {
   check_tier(tier);
@@ -73,26 +86,18 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
   MergeUndo u;
   u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
   u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
-  const std::size_t wide = g.grid.block_rows * g.grid.block_cols;
-  std::vector<float> d(wide);
   std::vector<std::uint32_t> idx(g.grid.block_cols);
   std::vector<T> val(g.grid.block_cols);
-  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
-    const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
-    std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
-    decode_delta(src, b, d.data(), tier);
-    for (std::size_t i = 0; i < rb; ++i) {
-      T* row = buf + (r0 + i) * ld + c0;
-      std::size_t nb;
-      if constexpr (std::is_same_v<T, float>) nb = kernels::merge_f32(row, d.data() + i * cb, cb, idx.data(), val.data());
-      else nb = kernels::merge_bf16(row, d.data() + i * cb, cb, idx.data(), val.data());
-      for (std::size_t k = 0; k < nb; ++k) {
-        u.index.push_back((r0 + i) * ld + c0 + idx[k]);
-        if constexpr (std::is_same_v<T, float>) u.f32.push_back(val[k]);
-        else u.bf16.push_back(val[k]);
-      }
+  for_each_delta_row(g, src, buf, ld, tier, [&](T* row, const float* d, std::size_t n, std::size_t at) {
+    std::size_t nb;
+    if constexpr (std::is_same_v<T, float>) nb = kernels::merge_f32(row, d, n, idx.data(), val.data());
+    else nb = kernels::merge_bf16(row, d, n, idx.data(), val.data());
+    for (std::size_t k = 0; k < nb; ++k) {
+      u.index.push_back(at + idx[k]);
+      if constexpr (std::is_same_v<T, float>) u.f32.push_back(val[k]);
+      else u.bf16.push_back(val[k]);
     }
-  }
+  });
   return u;
 }
 
@@ -102,17 +107,10 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
   if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld)
     throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
                            std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ")");
-  std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
-  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
-    const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
-    std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
-    decode_delta(src, b, d.data(), tier);
-    for (std::size_t i = 0; i < rb; ++i) {
-      T* row = buf + (r0 + i) * ld + c0;
-      if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d.data() + i * cb, cb);
-      else kernels::unmerge_bf16(row, d.data() + i * cb, cb);
-    }
-  }
+  for_each_delta_row(g, src, buf, ld, tier, [&](T* row, const float* d, std::size_t n, std::size_t) {
+    if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d, n);
+    else kernels::unmerge_bf16(row, d, n);
+  });
   for (std::size_t k = 0; k < u.index.size(); ++k) {
     if constexpr (std::is_same_v<T, float>) buf[u.index[k]] = u.f32[k];
     else buf[u.index[k]] = u.bf16[k];

@@ -83,18 +83,9 @@ struct KMorph {
 
   /// Bytes of coefficients apply reads (cores, residual, and the bases used, once each).
   std::size_t bytes() const {
-    std::size_t n = residual.bytes();
-    std::vector<std::uint8_t> used(group->bases.size(), 0);
-    for (const auto& [nd, w] : cores) {
-      n += group->cores[nd].bytes();
-      for (const auto& b : group->cores[nd].blocks)
-        if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
-    }
-    for (const auto& b : residual.blocks)
-      if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
-    for (std::size_t i = 0; i < used.size(); ++i)
-      if (used[i]) n += group->bases[i].bytes();
-    return n;
+    std::vector<const KMatrix*> ms{&residual};
+    for (const auto& c : cores) ms.push_back(&group->cores[c.first]);
+    return group->bytes_with_bases(ms);
   }
 };
 

@@ -152,15 +152,20 @@ struct KGroup {
   /// Bytes of coefficients the kernels read to apply member e (its cores, residual and the bases
   /// its shared blocks use, each basis counted once).
   std::size_t member_bytes(std::size_t e) const {
-    std::size_t n = residuals[e].bytes();
-    for (auto nd : path[e]) n += cores[nd].bytes();
+    std::vector<const KMatrix*> ms{&residuals[e]};
+    for (auto nd : path[e]) ms.push_back(&cores[nd]);
+    return bytes_with_bases(ms);
+  }
+
+  /// Bytes of the matrices plus each basis their shared blocks use, counted once.
+  std::size_t bytes_with_bases(const std::vector<const KMatrix*>& ms) const {
+    std::size_t n = 0;
     std::vector<std::uint8_t> used(bases.size(), 0);
-    auto mark = [&](const KMatrix& m) {
-      for (const auto& b : m.blocks)
+    for (const KMatrix* m : ms) {
+      n += m->bytes();
+      for (const auto& b : m->blocks)
         if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
-    };
-    mark(residuals[e]);
-    for (auto nd : path[e]) mark(cores[nd]);
+    }
     for (std::size_t i = 0; i < bases.size(); ++i)
       if (used[i]) n += bases[i].bytes();
     return n;

@@ -42,17 +42,7 @@ extern "C" void openblas_set_num_threads(int);  // the tests link OpenBLAS (BLA_
 // Under ASan + UBSan (the asan preset) the compressor runs about 10x slower: the fixture round trip
 // (two full compressions) is skipped there (doctest::skip; run it with --no-skip); the synthetic
 // round trip covers every block kind under the sanitizers.
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using s2lc::test::kSanitized;
 
 namespace {
 

@@ -31,17 +31,7 @@ extern "C" void openblas_set_num_threads(int);  // the tests link OpenBLAS (BLA_
 // Under ASan + UBSan (the asan preset) the compressor runs about 10x slower: the heaviest cases
 // are skipped there (doctest::skip; run them with --no-skip). The artifact reader (all its
 // rejections), the synthetic round trip of every block kind and one full compress_files run stay.
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
+using s2lc::test::kSanitized;
 
 namespace {
 
