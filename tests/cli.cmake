@@ -63,3 +63,8 @@ s2lc_cli_test(bench_bad_rows 2 ARGS bench apply --rows x STDERR "^s2lc: --rows n
 s2lc_cli_test(bench_bad_morph 2 ARGS bench apply --morph 1 STDERR "--morph K needs 2 <= K <= 64" STDERR_LINES 1)
 s2lc_cli_test(bench_apply_json 0 ARGS bench apply --rows 300 --cols 257 --ratio 6 --batch 3 --morph 2 --hot --seconds 0.01 --json
               STDOUT "\"us_per_call\": [0-9.e+-]+,\n *\"openblas_us_per_call\": [0-9.e+-]+,.*\"speedup_vs_openblas\": [0-9.e+-]+,\n *\"bound_us\": [0-9.e+-]+,\n *\"bound_ratio\": [0-9.e+-]+,.*\"morph_vs_single\": [0-9.e+-]+\n}")
+
+# route fit / route / eval (the context router)
+add_test(NAME cli_route_roundtrip COMMAND ${CMAKE_COMMAND} -DS2LC=${S2LC_EXE} -DFIX=${FIX}
+         -DWORK=${CMAKE_CURRENT_BINARY_DIR}/cli_route_roundtrip -P ${CMAKE_CURRENT_SOURCE_DIR}/route_cli_check.cmake)
+s2lc_cli_test(route_no_args 2 ARGS route STDERR "route: usage")

@@ -17,5 +17,6 @@ int run_compress(const std::vector<std::string>& args);
 int run_decompress(const std::vector<std::string>& args);
 int run_eval(const std::vector<std::string>& args);
 int run_bench(const std::vector<std::string>& args);
+int run_route(const std::vector<std::string>& args);
 
 }  // namespace s2lc::cli

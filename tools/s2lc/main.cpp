@@ -33,6 +33,15 @@ constexpr const char* kUsage =
     "              [--hot] [--json]\n"
     "                             compressed apply vs OpenBLAS dense f32 and the bandwidth\n"
     "                             bound, measured in one run (cold unless --hot)\n"
+    "  route fit EXAMPLES.json -o R.json [--model logistic|sigmoid|centroid|naive_bayes]\n"
+    "            [--ngrams A-B] [--buckets N] [--threshold X] [--embeddings FILE]\n"
+    "                             fit the prompt-level context router from labelled prompts\n"
+    "                             ([{\"domain\": name, \"text\": prompt}, ...])\n"
+    "  route R.json [--json] < PROMPT\n"
+    "                             pick a module for the prompt: {\"module\", \"confidence\",\n"
+    "                             \"weights\"} (\"base\" when unsure)\n"
+    "  route eval R.json EXAMPLES.json [--json]\n"
+    "                             accuracy, fallback rate and calibration on labelled prompts\n"
     "\n"
     "  s2lc --help | --version\n";
 
@@ -60,6 +69,7 @@ int main(int argc, char** argv) {
     if (cmd == "decompress") return s2lc::cli::run_decompress(args);
     if (cmd == "eval") return s2lc::cli::run_eval(args);
     if (cmd == "bench") return s2lc::cli::run_bench(args);
+    if (cmd == "route") return s2lc::cli::run_route(args);
     throw s2lc::cli::usage_error("unknown command '" + cmd + "' (try 's2lc --help')");
   } catch (const s2lc::cli::usage_error& e) {
     std::fprintf(stderr, "s2lc: %s\n", e.what());
