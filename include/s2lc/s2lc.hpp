@@ -31,3 +31,7 @@
 #include "morph/grouped.hpp"
 #include "morph/morph.hpp"
 #include "morph/merge.hpp"
+#include "route/token.hpp"
+#include "route/schedule.hpp"
+#include "route/context.hpp"
+#include "route/safe_add.hpp"

@@ -6420,5 +6420,1539 @@ inline void unmerge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, co
 
 }  // namespace s2lc::morph
 // ---- end morph/merge.hpp ----
+// ---- begin route/token.hpp ----
+// s2lc — token routers: from hidden states and a gate weight to a dispatch plan.
+//
+//   std::vector<float> logits(T * E);
+//   s2lc::route::router_logits(X, d, T, gate, E, d, logits.data());     // Highway GEMM
+//   auto r = s2lc::route::TopK{2}.route(logits.data(), T, E);           // Mixtral
+//   s2lc::route::apply_capacity(r, {.factor = 1.25}, logits.data());    // optional
+//   s2lc::DispatchPlan plan = r.plan();                                 // -> grouped_apply
+//
+// Every router reads logits [T, E] (row-major, one row per token) and returns a Routing: per
+// token up to `slots` (expert, gate) pairs, best first, -1 for an empty slot. Results are a pure
+// function of the inputs (and of the seed for the noisy router): no global state, and the same
+// with or without an executor.
+//
+// Ties are broken deterministically and the same way everywhere: between equal scores the lower
+// expert index ranks first (expert-choice: the lower token index). NaN and +inf logits are
+// rejected; -inf masks an expert (it is chosen only when k exceeds the finite logits).
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+
+namespace s2lc::route {
+
+using morph::Executor;
+
+/// Per-token routing decisions: token t's slot j holds expert[t * slots + j] (-1: empty) with
+/// gate[t * slots + j]; filled slots come first, in descending router preference.
+struct Routing {
+  std::size_t n_tokens = 0;
+  std::size_t n_experts = 0;
+  std::size_t slots = 0;
+  std::vector<std::int32_t> expert;
+  std::vector<float> gate;
+
+  static Routing empty(std::size_t tokens, std::size_t experts, std::size_t slots) {
+    Routing r;
+    r.n_tokens = tokens, r.n_experts = experts, r.slots = slots;
+    r.expert.assign(tokens * slots, -1);
+    r.gate.assign(tokens * slots, 0.0f);
+    return r;
+  }
+  /// Experts token t is routed to.
+  std::size_t active(std::size_t t) const noexcept {
+    std::size_t n = 0;
+    for (std::size_t j = 0; j < slots; ++j) n += expert[t * slots + j] >= 0;
+    return n;
+  }
+  /// (token, expert) pairs in total.
+  std::size_t routed() const noexcept {
+    return static_cast<std::size_t>(std::count_if(expert.begin(), expert.end(), [](std::int32_t e) { return e >= 0; }));
+  }
+  double mean_active() const noexcept { return n_tokens ? static_cast<double>(routed()) / static_cast<double>(n_tokens) : 0.0; }
+  /// The CSR plan grouped apply consumes (empty slots skipped; token order inside each expert).
+  DispatchPlan plan() const { return DispatchPlan::from_topk(n_experts, n_tokens, slots, expert.data(), gate.data()); }
+};
+
+namespace detail {
+
+inline constexpr std::size_t kChunk = 128;  ///< tokens per task (fixed: results never depend on it)
+
+inline void check_logits(const float* logits, std::size_t T, std::size_t E, const char* who) {
+  if (E == 0) throw invalid_argument(std::string(who) + ": no experts");
+  if (T > 0 && logits == nullptr) throw invalid_argument(std::string(who) + ": logits is null");
+  if (E > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
+    throw invalid_argument(std::string(who) + ": too many experts");
+  for (std::size_t i = 0; i < T * E; ++i)
+    if (std::isnan(logits[i]) || logits[i] == std::numeric_limits<float>::infinity())
+      throw invalid_argument(std::string(who) + ": logit of token " + std::to_string(i / E) + ", expert " + std::to_string(i % E) +
+                             (std::isnan(logits[i]) ? " is NaN" : " is +inf"));
+}
+
+/// True when (a, ia) ranks before (b, ib): higher score first, then lower index.
+inline bool before(float a, std::size_t ia, float b, std::size_t ib) noexcept { return a > b || (a == b && ia < ib); }
+
+/// The k best of s[0, n) by `before`, best first, into idx[0, k). k <= n.
+inline void top_k(const float* s, std::size_t n, std::size_t k, std::uint32_t* idx) {
+  std::size_t have = 0;
+  for (std::size_t e = 0; e < n; ++e) {
+    if (have == k && !before(s[e], e, s[idx[k - 1]], idx[k - 1])) continue;
+    std::size_t pos = have < k ? have++ : k - 1;
+    while (pos > 0 && before(s[e], e, s[idx[pos - 1]], idx[pos - 1])) {
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    idx[pos] = static_cast<std::uint32_t>(e);
+  }
+}
+
+/// All of s[0, n) ranked by `before`.
+inline void rank_all(const float* s, std::size_t n, std::uint32_t* idx) {
+  std::iota(idx, idx + n, 0u);
+  std::sort(idx, idx + n, [s](std::uint32_t a, std::uint32_t b) { return before(s[a], a, s[b], b); });
+}
+
+/// Softmax of x[0, n) into p (float; max-subtracted).
+inline void softmax(const float* x, std::size_t n, float* p) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (std::size_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  if (std::isinf(m) && m < 0) {  // every logit -inf: uniform
+    for (std::size_t i = 0; i < n; ++i) p[i] = 1.0f / static_cast<float>(n);
+    return;
+  }
+  double s = 0;
+  for (std::size_t i = 0; i < n; ++i) s += p[i] = std::exp(x[i] - m);
+  const float inv = static_cast<float>(1.0 / s);
+  for (std::size_t i = 0; i < n; ++i) p[i] *= inv;
+}
+
+/// Softmax over the selected logits x[idx[0..k)] into g[0..k).
+inline void softmax_selected(const float* x, const std::uint32_t* idx, std::size_t k, float* g) {
+  const float m = x[idx[0]];
+  double s = 0;
+  for (std::size_t j = 0; j < k; ++j) s += g[j] = std::isinf(m) ? 1.0f : std::exp(x[idx[j]] - m);
+  const float inv = static_cast<float>(1.0 / s);
+  for (std::size_t j = 0; j < k; ++j) g[j] *= inv;
+}
+
+template <class F>
+void for_chunks(Executor* ex, std::size_t T, F&& f) {
+  const std::size_t n = (T + kChunk - 1) / kChunk;
+  morph::parallel_for(ex, n, [&](std::size_t c, unsigned) { f(c * kChunk, std::min(T, (c + 1) * kChunk)); });
+}
+
+/// splitmix64: the counter-based generator behind the noisy router (no state between calls).
+inline std::uint64_t mix64(std::uint64_t z) noexcept {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+/// A standard normal drawn from (seed, stream, token, expert) alone (Box-Muller).
+inline float normal_at(std::uint64_t seed, std::uint64_t stream, std::size_t t, std::size_t e) noexcept {
+  const std::uint64_t h = mix64(mix64(mix64(seed) ^ stream) ^ (static_cast<std::uint64_t>(t) << 20 ^ e));
+  const double u1 = (static_cast<double>(h >> 40) + 0.5) / 16777216.0;              // (0, 1)
+  const double u2 = static_cast<double>(mix64(h) >> 40) / 16777216.0;               // [0, 1)
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+}
+
+inline float softplus(float x) noexcept { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+inline float sigmoid(float x) noexcept { return 1.0f / (1.0f + std::exp(-x)); }
+
+}  // namespace detail
+
+/// Router logits: logits[t, e] = sum_k gate[e, k] x[t, k]. x [T, d] (row stride ldx), gate [E, d]
+/// (row stride ldg; Hugging Face `...gate.weight` layout), logits [T, E] dense. The GEMM is the
+/// Highway gemm_nt kernel; tokens are split in fixed chunks, so threads do not change results.
+inline void router_logits(const float* x, std::size_t ldx, std::size_t T, const float* gate, std::size_t ldg, std::size_t E,
+                          std::size_t d, float* logits, Executor* ex = nullptr) {
+  if (E == 0 || d == 0) throw invalid_argument("router_logits: no experts or zero hidden size");
+  if (ldx < d || ldg < d) throw invalid_argument("router_logits: row stride smaller than the hidden size");
+  std::fill(logits, logits + T * E, 0.0f);
+  detail::for_chunks(ex, T, [&](std::size_t t0, std::size_t t1) {
+    kernels::gemm_nt(gate, ldg, E, x + t0 * ldx, ldx, t1 - t0, d, 1.0f, logits + t0 * E, E);
+  });
+}
+
+/// Softmax top-k. normalize = true (Mixtral, Qwen-MoE norm_topk_prob): the gates are the softmax
+/// over the k selected logits (= the full softmax renormalised over them). normalize = false
+/// (Switch / GShard): the gates are the full softmax probabilities of the selected experts.
+struct TopK {
+  std::size_t k = 2;
+  bool normalize = true;
+
+  Routing route(const float* logits, std::size_t T, std::size_t E, Executor* ex = nullptr) const {
+    detail::check_logits(logits, T, E, "TopK");
+    if (k == 0 || k > E) throw invalid_argument("TopK: k = " + std::to_string(k) + " must be in [1, " + std::to_string(E) + "]");
+    Routing r = Routing::empty(T, E, k);
+    detail::for_chunks(ex, T, [&](std::size_t t0, std::size_t t1) {
+      std::vector<std::uint32_t> idx(k);
+      std::vector<float> p(normalize ? 0 : E);
+      for (std::size_t t = t0; t < t1; ++t) {
+        const float* l = logits + t * E;
+        detail::top_k(l, E, k, idx.data());
+        float* g = r.gate.data() + t * k;
+        if (normalize) {
+          detail::softmax_selected(l, idx.data(), k, g);
+        } else {
+          detail::softmax(l, E, p.data());
+          for (std::size_t j = 0; j < k; ++j) g[j] = p[idx[j]];
+        }
+        for (std::size_t j = 0; j < k; ++j) r.expert[t * k + j] = static_cast<std::int32_t>(idx[j]);
+      }
+    });
+    return r;
+  }
+};
+
+/// Noisy top-k gating (Shazeer et al. 2017): H = logits + N(0, 1) * sigma, sigma =
+/// softplus(noise_logits) when the caller passes x W_noise (same layout as the logits) or the
+/// constant `noise_std` otherwise; the k best of H are kept and the gates are the softmax over
+/// their noisy values. The noise is a pure function of (seed, stream, token, expert): bump
+/// `stream` per step for fresh noise. With train = false no noise is added (= TopK).
+struct NoisyTopK {
+  std::size_t k = 2;
+  float noise_std = 1.0f;
+  std::uint64_t seed = 0;
+  std::uint64_t stream = 0;
+  bool train = true;
+
+  Routing route(const float* logits, std::size_t T, std::size_t E, Executor* ex = nullptr,
+                const float* noise_logits = nullptr) const {
+    detail::check_logits(logits, T, E, "NoisyTopK");
+    if (k == 0 || k > E) throw invalid_argument("NoisyTopK: k = " + std::to_string(k) + " must be in [1, " + std::to_string(E) + "]");
+    if (!(noise_std >= 0.0f) || !std::isfinite(noise_std)) throw invalid_argument("NoisyTopK: noise_std must be finite and >= 0");
+    if (train && noise_logits) detail::check_logits(noise_logits, T, E, "NoisyTopK noise");
+    Routing r = Routing::empty(T, E, k);
+    detail::for_chunks(ex, T, [&](std::size_t t0, std::size_t t1) {
+      std::vector<std::uint32_t> idx(k);
+      std::vector<float> h(E);
+      for (std::size_t t = t0; t < t1; ++t) {
+        const float* l = logits + t * E;
+        for (std::size_t e = 0; e < E; ++e) {
+          h[e] = l[e];
+          if (train) {
+            const float sigma = noise_logits ? detail::softplus(noise_logits[t * E + e]) : noise_std;
+            h[e] += sigma * detail::normal_at(seed, stream, t, e);
+          }
+        }
+        detail::top_k(h.data(), E, k, idx.data());
+        detail::softmax_selected(h.data(), idx.data(), k, r.gate.data() + t * k);
+        for (std::size_t j = 0; j < k; ++j) r.expert[t * k + j] = static_cast<std::int32_t>(idx[j]);
+      }
+    });
+    return r;
+  }
+};
+
+/// Top-p (confidence-threshold) routing: experts in descending softmax probability until their
+/// cumulative probability reaches p, then clamped to [min_k, max_k] (max_k = 0: all experts).
+/// p >= 1 selects max_k experts; p -> 0 selects min_k (= top-1 with the default). Gates are the
+/// probabilities renormalised over the selection (normalize = false: the raw probabilities).
+/// The cumulative sum runs in double over the float probabilities, in rank order.
+struct TopP {
+  double p = 0.5;
+  std::size_t min_k = 1;
+  std::size_t max_k = 0;
+  bool normalize = true;
+
+  std::size_t cap(std::size_t E) const noexcept { return max_k == 0 ? E : std::min(max_k, E); }
+
+  Routing route(const float* logits, std::size_t T, std::size_t E, Executor* ex = nullptr) const {
+    detail::check_logits(logits, T, E, "TopP");
+    if (!(p >= 0.0) || !std::isfinite(p)) throw invalid_argument("TopP: p must be finite and >= 0");
+    const std::size_t hi = cap(E);
+    if (min_k == 0 || min_k > hi)
+      throw invalid_argument("TopP: min_k = " + std::to_string(min_k) + " must be in [1, max_k = " + std::to_string(hi) + "]");
+    Routing r = Routing::empty(T, E, hi);
+    detail::for_chunks(ex, T, [&](std::size_t t0, std::size_t t1) {
+      std::vector<std::uint32_t> idx(E);
+      std::vector<float> pr(E);
+      for (std::size_t t = t0; t < t1; ++t) {
+        detail::softmax(logits + t * E, E, pr.data());
+        detail::rank_all(pr.data(), E, idx.data());
+        std::size_t n = 0;
+        if (p >= 1.0) {
+          n = hi;
+        } else {
+          double cum = 0;
+          while (n < hi && (n < min_k || cum < p)) cum += pr[idx[n++]];
+        }
+        double s = 0;
+        for (std::size_t j = 0; j < n; ++j) s += pr[idx[j]];
+        const float inv = normalize && s > 0 ? static_cast<float>(1.0 / s) : 1.0f;
+        for (std::size_t j = 0; j < n; ++j) {
+          r.expert[t * hi + j] = static_cast<std::int32_t>(idx[j]);
+          r.gate[t * hi + j] = pr[idx[j]] * inv;
+        }
+      }
+    });
+    return r;
+  }
+};
+
+/// Sigmoid scores with a per-expert selection bias (DeepSeek-V3): s = sigmoid(logits); experts
+/// are chosen by s + bias (bias only steers selection: auxiliary-loss-free load balancing), the
+/// gates are s of the chosen experts, divided by their sum when `normalize`, times `scale`
+/// (routed_scaling_factor). Group-limited routing: experts split into n_groups equal groups,
+/// a group scores the sum of its two best s + bias, only the topk_groups best groups compete.
+struct SigmoidBias {
+  std::size_t k = 8;
+  std::vector<float> bias;       ///< E entries, or empty for none
+  std::size_t n_groups = 1;
+  std::size_t topk_groups = 1;
+  bool normalize = true;
+  float scale = 1.0f;
+
+  Routing route(const float* logits, std::size_t T, std::size_t E, Executor* ex = nullptr) const {
+    detail::check_logits(logits, T, E, "SigmoidBias");
+    if (!bias.empty() && bias.size() != E)
+      throw invalid_argument("SigmoidBias: bias has " + std::to_string(bias.size()) + " entries for " + std::to_string(E) + " experts");
+    if (n_groups == 0 || E % n_groups != 0)
+      throw invalid_argument("SigmoidBias: " + std::to_string(E) + " experts do not split into " + std::to_string(n_groups) + " groups");
+    const std::size_t per = E / n_groups, groups = n_groups == 1 ? 1 : topk_groups;
+    if (groups == 0 || groups > n_groups) throw invalid_argument("SigmoidBias: topk_groups must be in [1, n_groups]");
+    if (k == 0 || k > groups * per)
+      throw invalid_argument("SigmoidBias: k = " + std::to_string(k) + " must be in [1, " + std::to_string(groups * per) + "]");
+    if (n_groups > 1 && per < 2) throw invalid_argument("SigmoidBias: group-limited routing needs at least 2 experts per group");
+    Routing r = Routing::empty(T, E, k);
+    detail::for_chunks(ex, T, [&](std::size_t t0, std::size_t t1) {
+      std::vector<float> s(E), c(E), gs(n_groups);
+      std::vector<std::uint32_t> idx(k), top2(2), gidx(groups);
+      for (std::size_t t = t0; t < t1; ++t) {
+        for (std::size_t e = 0; e < E; ++e) {
+          s[e] = detail::sigmoid(logits[t * E + e]);
+          c[e] = s[e] + (bias.empty() ? 0.0f : bias[e]);
+        }
+        if (n_groups > 1) {
+          for (std::size_t gi = 0; gi < n_groups; ++gi) {
+            detail::top_k(c.data() + gi * per, per, 2, top2.data());
+            gs[gi] = c[gi * per + top2[0]] + c[gi * per + top2[1]];
+          }
+          detail::top_k(gs.data(), n_groups, groups, gidx.data());
+          std::vector<bool> keep(n_groups, false);
+          for (auto gi : gidx) keep[gi] = true;
+          for (std::size_t e = 0; e < E; ++e)
+            if (!keep[e / per]) c[e] = -std::numeric_limits<float>::infinity();
+        }
+        detail::top_k(c.data(), E, k, idx.data());
+        double sum = 0;
+        for (std::size_t j = 0; j < k; ++j) sum += s[idx[j]];
+        const float mul = normalize ? static_cast<float>(scale / (sum + 1e-20)) : scale;
+        for (std::size_t j = 0; j < k; ++j) {
+          r.expert[t * k + j] = static_cast<std::int32_t>(idx[j]);
+          r.gate[t * k + j] = s[idx[j]] * mul;
+        }
+      }
+    });
+    return r;
+  }
+
+  /// Auxiliary-loss-free balancing step: bias_e += rate * sign(mean load - load_e).
+  void update_bias(const std::vector<std::size_t>& load, float rate) {
+    if (bias.empty()) bias.assign(load.size(), 0.0f);
+    if (load.size() != bias.size()) throw invalid_argument("SigmoidBias::update_bias: load and bias sizes differ");
+    double mean = 0;
+    for (auto l : load) mean += static_cast<double>(l);
+    mean /= static_cast<double>(std::max<std::size_t>(load.size(), 1));
+    for (std::size_t e = 0; e < load.size(); ++e) {
+      const double l = static_cast<double>(load[e]);
+      bias[e] += l < mean ? rate : (l > mean ? -rate : 0.0f);
+    }
+  }
+};
+
+/// Expert-choice routing (Zhou et al. 2022): every expert takes its capacity c = ceil(factor *
+/// T / E) (at most T) tokens with the highest softmax probability (over experts, per token);
+/// the gate is that probability. Ties: the lower token index first. A token may get 0..E experts;
+/// its slots list them by descending probability.
+struct ExpertChoice {
+  double capacity_factor = 2.0;
+
+  std::size_t capacity(std::size_t T, std::size_t E) const noexcept {
+    const double c = std::ceil(capacity_factor * static_cast<double>(T) / static_cast<double>(E));
+    return std::min(T, static_cast<std::size_t>(std::max(c, 0.0)));
+  }
+
+  Routing route(const float* logits, std::size_t T, std::size_t E, Executor* ex = nullptr) const {
+    detail::check_logits(logits, T, E, "ExpertChoice");
+    if (!(capacity_factor > 0.0) || !std::isfinite(capacity_factor)) throw invalid_argument("ExpertChoice: capacity_factor must be > 0");
+    const std::size_t c = capacity(T, E);
+    std::vector<float> probT(E * T);  // [E, T]
+    detail::for_chunks(ex, T, [&](std::size_t t0, std::size_t t1) {
+      std::vector<float> p(E);
+      for (std::size_t t = t0; t < t1; ++t) {
+        detail::softmax(logits + t * E, E, p.data());
+        for (std::size_t e = 0; e < E; ++e) probT[e * T + t] = p[e];
+      }
+    });
+    std::vector<std::uint32_t> chosen(E * c);
+    morph::parallel_for(ex, E, [&](std::size_t e, unsigned) {
+      if (c) detail::top_k(probT.data() + e * T, T, c, chosen.data() + e * c);
+    });
+    std::vector<std::size_t> count(T, 0);
+    for (auto t : chosen) ++count[t];
+    const std::size_t slots = T ? *std::max_element(count.begin(), count.end()) : 0;
+    Routing r = Routing::empty(T, E, std::max<std::size_t>(slots, 1));
+    std::fill(count.begin(), count.end(), 0);
+    for (std::size_t e = 0; e < E; ++e)
+      for (std::size_t i = 0; i < c; ++i) {
+        const std::size_t t = chosen[e * c + i], j = count[t]++;
+        r.expert[t * r.slots + j] = static_cast<std::int32_t>(e);
+        r.gate[t * r.slots + j] = probT[e * T + t];
+      }
+    // Slots by descending probability (then expert index).
+    for (std::size_t t = 0; t < T; ++t) {
+      std::int32_t* ids = r.expert.data() + t * r.slots;
+      float* g = r.gate.data() + t * r.slots;
+      const std::size_t n = count[t];
+      for (std::size_t a = 1; a < n; ++a)
+        for (std::size_t b = a; b > 0 && detail::before(g[b], static_cast<std::size_t>(ids[b]), g[b - 1], static_cast<std::size_t>(ids[b - 1])); --b) {
+          std::swap(g[b], g[b - 1]);
+          std::swap(ids[b], ids[b - 1]);
+        }
+    }
+    return r;
+  }
+};
+
+/// What happens to a (token, expert) assignment beyond the expert's capacity.
+enum class Overflow {
+  drop,              ///< removed; the token keeps its other experts' gates as they were
+  drop_renormalize,  ///< removed; the token's surviving gates are rescaled to the original sum
+  reroute,           ///< moved, with its gate, to the token's best-logit expert that has room
+};
+/// The order in which assignments claim capacity (all first choices, then all second choices...).
+enum class Priority {
+  token_order,  ///< earlier tokens first (Switch Transformer)
+  score,        ///< higher gate first, then earlier token (batch-prioritized routing)
+};
+
+struct Capacity {
+  double factor = 1.25;          ///< capacity = ceil(factor * assignments / E)
+  std::size_t min_capacity = 1;
+  Overflow overflow = Overflow::drop;
+  Priority priority = Priority::token_order;
+
+  std::size_t capacity(std::size_t assignments, std::size_t E) const noexcept {
+    const double c = std::ceil(factor * static_cast<double>(assignments) / static_cast<double>(E));
+    return std::max(min_capacity, static_cast<std::size_t>(std::max(c, 0.0)));
+  }
+};
+
+struct CapacityReport {
+  std::size_t capacity = 0;   ///< per expert
+  std::size_t dropped = 0;    ///< assignments removed
+  std::size_t rerouted = 0;   ///< assignments moved to another expert
+  std::size_t unrouted_tokens = 0;  ///< tokens that lost every expert in this call (load_stats counts all)
+};
+
+/// Enforces an expert capacity on a Routing in place (see Overflow, Priority). `logits` [T, E] is
+/// needed for Overflow::reroute (candidate order) and may be null otherwise. Afterwards filled
+/// slots still come first.
+inline CapacityReport apply_capacity(Routing& r, const Capacity& cap, const float* logits = nullptr) {
+  if (!(cap.factor > 0.0) || !std::isfinite(cap.factor)) throw invalid_argument("apply_capacity: factor must be > 0");
+  if (cap.overflow == Overflow::reroute && logits == nullptr) throw invalid_argument("apply_capacity: rerouting needs the logits");
+  const std::size_t T = r.n_tokens, E = r.n_experts, S = r.slots;
+  CapacityReport rep;
+  rep.capacity = cap.capacity(r.routed(), E);
+  std::vector<std::size_t> load(E, 0);
+  std::vector<double> before_sum(T, 0.0);
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t j = 0; j < S; ++j)
+      if (r.expert[t * S + j] >= 0) before_sum[t] += r.gate[t * S + j];
+  std::vector<std::uint32_t> order(T), cand(E);
+  std::vector<bool> lost(T, false);
+  for (std::size_t j = 0; j < S; ++j) {
+    std::iota(order.begin(), order.end(), 0u);
+    if (cap.priority == Priority::score)
+      std::stable_sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) { return r.gate[a * S + j] > r.gate[b * S + j]; });
+    for (std::uint32_t t : order) {
+      std::int32_t& e = r.expert[t * S + j];
+      if (e < 0) continue;
+      if (load[static_cast<std::size_t>(e)] < rep.capacity) {
+        ++load[static_cast<std::size_t>(e)];
+        continue;
+      }
+      if (cap.overflow == Overflow::reroute) {
+        detail::rank_all(logits + t * E, E, cand.data());
+        std::int32_t to = -1;
+        for (std::uint32_t c : cand) {
+          if (load[c] >= rep.capacity) continue;
+          bool taken = false;
+          for (std::size_t i = 0; i < S; ++i) taken |= r.expert[t * S + i] == static_cast<std::int32_t>(c);
+          if (!taken) {
+            to = static_cast<std::int32_t>(c);
+            break;
+          }
+        }
+        if (to >= 0) {
+          e = to;
+          ++load[static_cast<std::size_t>(to)];
+          ++rep.rerouted;
+          continue;
+        }
+      }
+      e = -1;
+      r.gate[t * S + j] = 0.0f;
+      ++rep.dropped;
+      lost[t] = true;
+    }
+  }
+  for (std::size_t t = 0; t < T; ++t) {
+    if (!lost[t]) continue;
+    // Compact: filled slots first, order kept.
+    std::size_t w = 0;
+    double after = 0;
+    for (std::size_t j = 0; j < S; ++j)
+      if (r.expert[t * S + j] >= 0) {
+        r.expert[t * S + w] = r.expert[t * S + j];
+        r.gate[t * S + w] = r.gate[t * S + j];
+        after += r.gate[t * S + w];
+        ++w;
+      }
+    for (std::size_t j = w; j < S; ++j) r.expert[t * S + j] = -1, r.gate[t * S + j] = 0.0f;
+    if (w == 0) ++rep.unrouted_tokens;
+    if (cap.overflow == Overflow::drop_renormalize && w > 0 && after > 0) {
+      const float mul = static_cast<float>(before_sum[t] / after);
+      for (std::size_t j = 0; j < w; ++j) r.gate[t * S + j] *= mul;
+    }
+  }
+  return rep;
+}
+
+/// Monitoring: per-expert load and how peaked the router is.
+struct LoadStats {
+  std::vector<std::size_t> load;    ///< assignments per expert
+  std::vector<double> importance;   ///< mean softmax probability per expert (needs logits)
+  std::size_t tokens = 0, routed = 0, unrouted_tokens = 0;
+  double mean_experts = 0;          ///< assignments per token
+  double max_over_mean = 0;         ///< max load / mean load (1 = perfectly balanced)
+  double cv = 0;                    ///< coefficient of variation of the load
+  double load_entropy = 0;          ///< entropy of the load distribution / ln E (1 = balanced)
+  double routing_entropy = 0;       ///< mean per-token entropy of the softmax, nats (needs logits)
+  double aux_loss = 0;              ///< Switch balancing loss E * sum_e f_e P_e (needs logits)
+};
+
+inline LoadStats load_stats(const Routing& r, const float* logits = nullptr) {
+  LoadStats s;
+  const std::size_t T = r.n_tokens, E = r.n_experts, S = r.slots;
+  s.tokens = T;
+  s.load.assign(E, 0);
+  for (std::size_t t = 0; t < T; ++t) {
+    std::size_t n = 0;
+    for (std::size_t j = 0; j < S; ++j)
+      if (r.expert[t * S + j] >= 0) ++s.load[static_cast<std::size_t>(r.expert[t * S + j])], ++n;
+    s.routed += n;
+    s.unrouted_tokens += n == 0;
+  }
+  if (T == 0 || E == 0) return s;
+  s.mean_experts = static_cast<double>(s.routed) / static_cast<double>(T);
+  const double mean = static_cast<double>(s.routed) / static_cast<double>(E);
+  double var = 0, mx = 0, ent = 0;
+  for (auto l : s.load) {
+    const double x = static_cast<double>(l);
+    var += (x - mean) * (x - mean), mx = std::max(mx, x);
+    if (l) ent -= x / static_cast<double>(s.routed) * std::log(x / static_cast<double>(s.routed));
+  }
+  s.max_over_mean = mean > 0 ? mx / mean : 0;
+  s.cv = mean > 0 ? std::sqrt(var / static_cast<double>(E)) / mean : 0;
+  s.load_entropy = E > 1 ? ent / std::log(static_cast<double>(E)) : 1.0;
+  if (logits) {
+    s.importance.assign(E, 0.0);
+    std::vector<float> p(E);
+    double h = 0;
+    for (std::size_t t = 0; t < T; ++t) {
+      detail::softmax(logits + t * E, E, p.data());
+      for (std::size_t e = 0; e < E; ++e) {
+        s.importance[e] += p[e];
+        if (p[e] > 0) h -= static_cast<double>(p[e]) * std::log(static_cast<double>(p[e]));
+      }
+    }
+    s.routing_entropy = h / static_cast<double>(T);
+    double aux = 0;
+    for (std::size_t e = 0; e < E; ++e) {
+      s.importance[e] /= static_cast<double>(T);
+      aux += static_cast<double>(s.load[e]) / static_cast<double>(s.routed ? s.routed : 1) * s.importance[e];
+    }
+    s.aux_loss = static_cast<double>(E) * aux;
+  }
+  return s;
+}
+
+}  // namespace s2lc::route
+// ---- end route/token.hpp ----
+// ---- begin route/schedule.hpp ----
+// s2lc — per-layer routing schedules (DynaMoE-style): how many experts a token may use and how
+// much capacity each expert has, as a function of the layer.
+//
+//   s2lc::route::RoutingSchedule s;
+//   s.max_k = {s2lc::route::Shape::pyramid, 1, 4};       // 1 expert at the ends, 4 mid-stack
+//   s.capacity = {s2lc::route::Shape::descending, 1.0, 2.0};
+//   s.top_p = {s2lc::route::Shape::uniform, 0.6, 0.6};
+//   auto router = s.top_p_router(layer, n_layers);        // TopP{p, 1, max_k(layer)}
+//   auto cap = s.capacity_for(layer, n_layers);           // Capacity{factor(layer)}
+//
+// Shapes, over layers l = 0 .. L-1 with x = l / (L - 1) (x = 0 when L = 1):
+//   uniform     hi everywhere
+//   descending  hi -> lo linearly        ascending  lo -> hi linearly
+//   pyramid     lo at both ends, hi in the middle: lo + (hi - lo) * (1 - |2x - 1|)
+//   wave        lo + (hi - lo) * (1 - cos(2 pi periods x)) / 2   (starts and ends at lo)
+//   user        values[l] (one per layer)
+
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+
+namespace s2lc::route {
+
+enum class Shape { uniform, descending, ascending, pyramid, wave, user };
+
+inline const char* shape_name(Shape s) noexcept {
+  switch (s) {
+    case Shape::uniform: return "uniform";
+    case Shape::descending: return "descending";
+    case Shape::ascending: return "ascending";
+    case Shape::pyramid: return "pyramid";
+    case Shape::wave: return "wave";
+    case Shape::user: return "user";
+  }
+  return "?";
+}
+
+inline Shape parse_shape(const std::string& s) {
+  for (Shape v : {Shape::uniform, Shape::descending, Shape::ascending, Shape::pyramid, Shape::wave, Shape::user})
+    if (s == shape_name(v)) return v;
+  throw invalid_argument("unknown schedule shape '" + s + "' (uniform, descending, ascending, pyramid, wave, user)");
+}
+
+/// One quantity as a function of the layer.
+struct LayerSchedule {
+  Shape shape = Shape::uniform;
+  double lo = 1.0;
+  double hi = 1.0;
+  std::vector<double> values;  ///< Shape::user: one value per layer
+  double periods = 1.0;        ///< Shape::wave
+
+  double at(std::size_t layer, std::size_t n_layers) const {
+    if (n_layers == 0 || layer >= n_layers)
+      throw invalid_argument("schedule: layer " + std::to_string(layer) + " of " + std::to_string(n_layers));
+    if (shape == Shape::user) {
+      if (values.size() != n_layers)
+        throw invalid_argument("schedule: user shape has " + std::to_string(values.size()) + " values for " + std::to_string(n_layers) +
+                               " layers");
+      return values[layer];
+    }
+    const double x = n_layers == 1 ? 0.0 : static_cast<double>(layer) / static_cast<double>(n_layers - 1);
+    switch (shape) {
+      case Shape::uniform: return hi;
+      case Shape::descending: return hi + (lo - hi) * x;
+      case Shape::ascending: return lo + (hi - lo) * x;
+      case Shape::pyramid: return lo + (hi - lo) * (1.0 - std::fabs(2.0 * x - 1.0));
+      case Shape::wave: return lo + (hi - lo) * 0.5 * (1.0 - std::cos(6.283185307179586 * periods * x));
+      case Shape::user: break;
+    }
+    return hi;
+  }
+};
+
+/// The routing quantities of one layer.
+struct LayerRouting {
+  std::size_t max_k = 2;       ///< experts per token at most (top-k's k, top-p's max_k)
+  double capacity_factor = 1.25;
+  double top_p = 1.0;
+};
+
+/// Per-layer schedules for the expert count, the capacity factor and top-p's threshold.
+struct RoutingSchedule {
+  LayerSchedule max_k{Shape::uniform, 2.0, 2.0, {}, 1.0};
+  LayerSchedule capacity{Shape::uniform, 1.25, 1.25, {}, 1.0};
+  LayerSchedule top_p{Shape::uniform, 1.0, 1.0, {}, 1.0};
+  std::size_t min_k = 1;
+
+  /// max_k is rounded to the nearest integer (ties up) and kept >= min_k.
+  LayerRouting at(std::size_t layer, std::size_t n_layers) const {
+    LayerRouting r;
+    const double k = max_k.at(layer, n_layers);
+    if (!std::isfinite(k)) throw invalid_argument("schedule: expert count is not finite at layer " + std::to_string(layer));
+    r.max_k = std::max(min_k, static_cast<std::size_t>(std::max(0.0, std::floor(k + 0.5))));
+    r.capacity_factor = capacity.at(layer, n_layers);
+    r.top_p = top_p.at(layer, n_layers);
+    if (!(r.capacity_factor > 0.0)) throw invalid_argument("schedule: capacity factor must be > 0 at layer " + std::to_string(layer));
+    if (!(r.top_p >= 0.0)) throw invalid_argument("schedule: top_p must be >= 0 at layer " + std::to_string(layer));
+    return r;
+  }
+  TopK top_k_router(std::size_t layer, std::size_t n_layers) const { return TopK{at(layer, n_layers).max_k, true}; }
+  TopP top_p_router(std::size_t layer, std::size_t n_layers) const {
+    const auto r = at(layer, n_layers);
+    return TopP{r.top_p, std::min(min_k, r.max_k), r.max_k, true};
+  }
+  Capacity capacity_for(std::size_t layer, std::size_t n_layers, Overflow o = Overflow::drop, Priority p = Priority::token_order) const {
+    return Capacity{at(layer, n_layers).capacity_factor, 1, o, p};
+  }
+};
+
+}  // namespace s2lc::route
+// ---- end route/schedule.hpp ----
+// ---- begin route/context.hpp ----
+// s2lc — the context router: a pre-pass over a prompt that picks a domain module (or weights
+// several) before decoding, with a calibrated confidence and a fallback to the base model.
+//
+//   auto examples = s2lc::route::read_examples("EXAMPLES.json");   // [{"domain", "text"}...]
+//   auto router = s2lc::route::ContextRouter::fit(examples);         // C++ only, no external model
+//   router.save("R.json");                                           // crash-safe
+//   auto d = s2lc::route::ContextRouter::load("R.json").route(prompt_bytes);
+//   // d.module ("base" when unsure), d.confidence, d.weights (one per module)
+//
+// Features: hashed byte (or token id) n-grams, log(1 + count), L2-normalised; and/or the mean of
+// the engine's own embedding rows for the prompt's token ids (caller provides the table),
+// L2-normalised and scaled by embed_weight. Models: multinomial logistic regression (softmax:
+// one module), one-vs-rest logistic regression (sigmoid: several modules at once, Brainstacks'
+// meta-router), or nearest centroid (cosine). Confidence is calibrated by temperature scaling on
+// a held-out fifth of the examples (every fifth example of each domain; with fewer than 10
+// held-out prompts per domain the temperature only softens), then the model is refit on all
+// examples. Fitting is deterministic (full-batch Adam from zero).
+//
+// Serialized as JSON (format "s2lc-context-router"); weights are little-endian f32 in base64,
+// so a reloaded router is bit-identical.
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+
+namespace s2lc::route {
+
+/// One labelled example prompt: bytes (text) or token ids, as symbols.
+struct Example {
+  std::string domain;
+  std::vector<std::uint32_t> symbols;
+};
+
+/// The caller's embedding table [vocab, dim] (row per token id), borrowed. The fingerprint
+/// (FNV-1a over shape and contents, computed once) ties a fitted router to its table.
+struct EmbeddingTable {
+  const float* data = nullptr;
+  std::size_t vocab = 0, dim = 0;
+  std::uint64_t fingerprint = 0;
+
+  static EmbeddingTable of(const float* data, std::size_t vocab, std::size_t dim) {
+    if (!data || vocab == 0 || dim == 0) throw invalid_argument("EmbeddingTable: empty table");
+    EmbeddingTable t{data, vocab, dim, 0};
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    auto eat = [&h](const void* p, std::size_t n) {
+      const auto* b = static_cast<const unsigned char*>(p);
+      for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
+    };
+    const std::uint64_t shape[2] = {vocab, dim};
+    eat(shape, sizeof shape);
+    eat(data, vocab * dim * sizeof(float));
+    t.fingerprint = h;
+    return t;
+  }
+};
+
+struct FeatureConfig {
+  unsigned ngram_min = 1;
+  unsigned ngram_max = 4;
+  std::uint32_t buckets = 1u << 14;  ///< hashed n-gram space (power of two); 0 disables n-grams
+  bool words = true;                  ///< also hash words ([A-Za-z0-9_]+ runs) and word bigrams
+  std::size_t embed_dim = 0;          ///< 0: no embedding features
+  float embed_weight = 1.0f;
+  std::uint64_t table_fingerprint = 0;
+
+  std::size_t dim() const noexcept { return buckets + embed_dim; }
+};
+
+enum class ContextModel { logistic, sigmoid, centroid, naive_bayes };
+
+inline const char* model_name(ContextModel m) noexcept {
+  switch (m) {
+    case ContextModel::logistic: return "logistic";
+    case ContextModel::sigmoid: return "sigmoid";
+    case ContextModel::centroid: return "centroid";
+    case ContextModel::naive_bayes: return "naive_bayes";
+  }
+  return "?";
+}
+
+struct FitOptions {
+  ContextModel model = ContextModel::logistic;
+  FeatureConfig features;
+  unsigned epochs = 4;         ///< passes over the examples (logistic / sigmoid)
+  float learning_rate = 0.5f;  ///< AdaGrad step
+  float l2 = 1e-6f;            ///< weight decay per example step
+  float nb_alpha = 0.1f;       ///< naive Bayes smoothing
+  double threshold = 0.5;      ///< below this confidence the router falls back to the base
+  bool calibrate = true;       ///< temperature scaling on a held-out fifth
+};
+
+/// What the router decided for one prompt.
+struct ContextDecision {
+  std::string module;              ///< chosen module name, or "base" (fallback)
+  double confidence = 0;           ///< calibrated probability of the choice
+  bool fallback = false;
+  std::vector<double> scores;      ///< calibrated probability per module
+  std::vector<double> weights;     ///< mixing weight per module (all 0: run the base alone)
+};
+
+namespace detail {
+
+/// Sparse hashed n-gram features plus the dense embedding part, for one prompt.
+struct FeatureVector {
+  std::vector<std::uint32_t> idx;  ///< sorted, unique, < buckets
+  std::vector<float> val;
+  std::vector<float> dense;        ///< embed_dim entries (feature index buckets + j)
+};
+
+inline std::uint32_t ngram_bucket(const std::uint32_t* s, unsigned n, std::uint32_t buckets) noexcept {
+  std::uint64_t h = 0xcbf29ce484222325ull ^ (0x9E3779B97F4A7C15ull * n);
+  for (unsigned i = 0; i < n; ++i)
+    for (unsigned b = 0; b < 4; ++b) h = (h ^ ((s[i] >> (8 * b)) & 0xFFu)) * 0x100000001b3ull;
+  h ^= h >> 29;
+  return static_cast<std::uint32_t>(h & (buckets - 1));
+}
+
+inline std::uint64_t mix_words(std::uint64_t a, std::uint64_t b) noexcept {
+  std::uint64_t h = a * 0x9E3779B97F4A7C15ull ^ b;
+  h ^= h >> 29;
+  return h * 0xBF58476D1CE4E5B9ull ^ (h >> 32);
+}
+
+inline FeatureVector features(std::span<const std::uint32_t> s, const FeatureConfig& f, const EmbeddingTable* table) {
+  FeatureVector v;
+  if (f.buckets) {
+    std::vector<std::uint32_t> all;
+    for (unsigned n = f.ngram_min; n <= f.ngram_max; ++n)
+      for (std::size_t i = 0; i + n <= s.size(); ++i) all.push_back(ngram_bucket(s.data() + i, n, f.buckets));
+    if (f.words) {
+      auto is_word = [](std::uint32_t c) { return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_'; };
+      std::uint64_t prev = 0;
+      for (std::size_t i = 0; i < s.size();) {
+        if (!is_word(s[i])) { ++i; continue; }
+        std::uint64_t h = 0x84222325cbf29ce4ull;
+        std::size_t j = i;
+        for (; j < s.size() && is_word(s[j]); ++j) h = (h ^ s[j]) * 0x100000001b3ull;
+        h ^= h >> 31;
+        all.push_back(static_cast<std::uint32_t>(h & (f.buckets - 1)));
+        if (prev) all.push_back(static_cast<std::uint32_t>(mix_words(prev, h) & (f.buckets - 1)));
+        prev = h;
+        i = j;
+      }
+    }
+    std::sort(all.begin(), all.end());
+    double norm = 0;
+    for (std::size_t i = 0; i < all.size();) {
+      std::size_t j = i;
+      while (j < all.size() && all[j] == all[i]) ++j;
+      const float x = std::log1p(static_cast<float>(j - i));
+      v.idx.push_back(all[i]);
+      v.val.push_back(x);
+      norm += static_cast<double>(x) * x;
+      i = j;
+    }
+    if (norm > 0) {
+      const float inv = static_cast<float>(1.0 / std::sqrt(norm));
+      for (auto& x : v.val) x *= inv;
+    }
+  }
+  if (f.embed_dim) {
+    if (!table || !table->data) throw invalid_argument("context router: this router uses embeddings; pass the embedding table");
+    if (table->dim != f.embed_dim || table->fingerprint != f.table_fingerprint)
+      throw invalid_argument("context router: the embedding table differs from the one the router was fitted with (dim " +
+                             std::to_string(table->dim) + " vs " + std::to_string(f.embed_dim) + ", or different contents)");
+    std::vector<double> acc(f.embed_dim, 0.0);
+    for (std::uint32_t t : s) {
+      if (t >= table->vocab)
+        throw invalid_argument("context router: token id " + std::to_string(t) + " outside the embedding table (" +
+                               std::to_string(table->vocab) + " rows)");
+      const float* row = table->data + static_cast<std::size_t>(t) * table->dim;
+      for (std::size_t j = 0; j < f.embed_dim; ++j) acc[j] += row[j];
+    }
+    double norm = 0;
+    for (double a : acc) norm += a * a;
+    const double mul = norm > 0 ? f.embed_weight / std::sqrt(norm) : 0.0;
+    v.dense.resize(f.embed_dim);
+    for (std::size_t j = 0; j < f.embed_dim; ++j) v.dense[j] = static_cast<float>(acc[j] * mul);
+  }
+  return v;
+}
+
+/// s[m] = W[m, :] . x + b[m] for every class m.
+inline void scores(const std::vector<float>& W, const std::vector<float>& b, std::size_t D, std::size_t buckets, const FeatureVector& x,
+                   double* s) {
+  for (std::size_t m = 0; m < b.size(); ++m) {
+    const float* w = W.data() + m * D;
+    double a = b[m];
+    for (std::size_t i = 0; i < x.idx.size(); ++i) a += static_cast<double>(w[x.idx[i]]) * x.val[i];
+    for (std::size_t j = 0; j < x.dense.size(); ++j) a += static_cast<double>(w[buckets + j]) * x.dense[j];
+    s[m] = a;
+  }
+}
+
+/// Calibrated probabilities from raw scores: softmax(s / T) or sigmoid(s / T).
+inline void probabilities(const double* s, std::size_t M, double T, bool sigmoid, double* p) {
+  if (sigmoid) {
+    for (std::size_t m = 0; m < M; ++m) p[m] = 1.0 / (1.0 + std::exp(-s[m] / T));
+    return;
+  }
+  double mx = -std::numeric_limits<double>::infinity(), z = 0;
+  for (std::size_t m = 0; m < M; ++m) mx = std::max(mx, s[m] / T);
+  for (std::size_t m = 0; m < M; ++m) z += p[m] = std::exp(s[m] / T - mx);
+  for (std::size_t m = 0; m < M; ++m) p[m] /= z;
+}
+
+inline constexpr char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Little-endian f32 as base64.
+inline std::string floats_to_base64(const std::vector<float>& v) {
+  std::string bytes(v.size() * 4, '\0');
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(v[i]);
+    for (int b = 0; b < 4; ++b) bytes[i * 4 + static_cast<std::size_t>(b)] = static_cast<char>((u >> (8 * b)) & 0xFFu);
+  }
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  for (std::size_t i = 0; i < bytes.size(); i += 3) {
+    const std::size_t n = std::min<std::size_t>(3, bytes.size() - i);
+    std::uint32_t w = 0;
+    for (std::size_t k = 0; k < 3; ++k) w = w << 8 | (k < n ? static_cast<unsigned char>(bytes[i + k]) : 0u);
+    for (std::size_t k = 0; k < 4; ++k) out.push_back(k <= n ? kB64[(w >> (18 - 6 * k)) & 63u] : '=');
+  }
+  return out;
+}
+
+/// Inverse of floats_to_base64; throws format_error (naming `where`) on bad characters or length.
+inline std::vector<float> base64_to_floats(const std::string& s, std::size_t expect, const error_location& where) {
+  auto val = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  if (s.size() % 4 != 0) throw format_error("base64 length " + std::to_string(s.size()) + " is not a multiple of 4", where);
+  std::string bytes;
+  bytes.reserve(s.size() / 4 * 3);
+  for (std::size_t i = 0; i < s.size(); i += 4) {
+    std::uint32_t w = 0;
+    int pad = 0;
+    for (std::size_t k = 0; k < 4; ++k) {
+      const char c = s[i + k];
+      if (c == '=' && i + 4 == s.size() && k >= 2) {
+        ++pad;
+        w <<= 6;
+        continue;
+      }
+      const int x = val(c);
+      if (x < 0 || pad) throw format_error("bad base64 character at position " + std::to_string(i + k), where);
+      w = w << 6 | static_cast<std::uint32_t>(x);
+    }
+    for (int k = 0; k < 3 - pad; ++k) bytes.push_back(static_cast<char>((w >> (16 - 8 * k)) & 0xFFu));
+  }
+  if (bytes.size() != expect * 4)
+    throw format_error("expected " + std::to_string(expect) + " f32 values, found " + std::to_string(bytes.size()) + " bytes", where);
+  std::vector<float> out(expect);
+  for (std::size_t i = 0; i < expect; ++i) {
+    std::uint32_t u = 0;
+    for (int b = 0; b < 4; ++b) u |= static_cast<std::uint32_t>(static_cast<unsigned char>(bytes[i * 4 + static_cast<std::size_t>(b)])) << (8 * b);
+    out[i] = std::bit_cast<float>(u);
+    if (!std::isfinite(out[i])) throw format_error("value " + std::to_string(i) + " is not finite", where);
+  }
+  return out;
+}
+
+inline std::string read_text_file(const std::filesystem::path& path) {
+  io::MappedFile f(path);
+  return std::string(reinterpret_cast<const char*>(f.data()), f.size());
+}
+
+inline nlohmann::json parse_json(const std::string& text, const std::string& file) {
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    std::string msg = e.what();
+    if (const auto p = msg.find("parse error"); p != std::string::npos) msg = msg.substr(p);
+    throw format_error("invalid JSON: " + msg, {file, {}, e.byte > 0 ? std::optional<std::uint64_t>(e.byte - 1) : std::nullopt});
+  }
+}
+
+}  // namespace detail
+
+/// Text as symbols (one per byte).
+inline std::vector<std::uint32_t> bytes_to_symbols(std::string_view text) {
+  std::vector<std::uint32_t> s(text.size());
+  for (std::size_t i = 0; i < text.size(); ++i) s[i] = static_cast<unsigned char>(text[i]);
+  return s;
+}
+
+/// Parses EXAMPLES.json: a list of {"domain": name, "text": prompt} (or "tokens": [ids] instead of
+/// "text"). Every malformed input is rejected naming the file, the element and the key.
+inline std::vector<Example> parse_examples(const std::string& json_text, const std::string& file = "EXAMPLES.json") {
+  const nlohmann::json j = detail::parse_json(json_text, file);
+  if (!j.is_array()) throw format_error("expected a JSON array of {\"domain\": ..., \"text\": ...} objects, found " + std::string(j.type_name()), {file, {}, {}});
+  std::vector<Example> out;
+  out.reserve(j.size());
+  for (std::size_t i = 0; i < j.size(); ++i) {
+    const auto& e = j[i];
+    const std::string at = "element " + std::to_string(i);
+    auto bad = [&](const std::string& what) { throw format_error(at + ": " + what, {file, {}, {}}); };
+    if (!e.is_object()) bad("expected an object, found " + std::string(e.type_name()));
+    const auto d = e.find("domain");
+    if (d == e.end()) bad("missing \"domain\"");
+    if (!d->is_string()) bad("\"domain\" must be a string, found " + std::string(d->type_name()));
+    Example ex;
+    ex.domain = d->get<std::string>();
+    if (ex.domain.empty()) bad("\"domain\" is empty");
+    const auto t = e.find("text");
+    const auto k = e.find("tokens");
+    if (t != e.end() && k != e.end()) bad("has both \"text\" and \"tokens\"");
+    if (t != e.end()) {
+      if (!t->is_string()) bad("\"text\" must be a string, found " + std::string(t->type_name()));
+      ex.symbols = bytes_to_symbols(t->get_ref<const std::string&>());
+    } else if (k != e.end()) {
+      if (!k->is_array()) bad("\"tokens\" must be an array of token ids");
+      for (std::size_t q = 0; q < k->size(); ++q) {
+        const auto& v = (*k)[q];
+        if (!v.is_number_unsigned() || v.get<std::uint64_t>() > 0xFFFFFFFFull)
+          bad("\"tokens\"[" + std::to_string(q) + "] is not a token id (unsigned 32-bit integer)");
+        ex.symbols.push_back(static_cast<std::uint32_t>(v.get<std::uint64_t>()));
+      }
+    } else {
+      bad("missing \"text\" (or \"tokens\")");
+    }
+    if (ex.symbols.empty()) bad("the prompt is empty");
+    out.push_back(std::move(ex));
+  }
+  if (out.empty()) throw format_error("no examples", {file, {}, {}});
+  return out;
+}
+
+inline std::vector<Example> read_examples(const std::filesystem::path& path) {
+  return parse_examples(detail::read_text_file(path), path.string());
+}
+
+class ContextRouter {
+ public:
+  static constexpr const char* kFormat = "s2lc-context-router";
+  static constexpr int kVersion = 1;
+
+  /// Fits a router from labelled examples (at least two domains). Modules are named by domain,
+  /// in order of first appearance. `table` is required when features.embed_dim > 0 (it is set
+  /// from the table: pass embed_dim = 1 to ask for embeddings).
+  static ContextRouter fit(const std::vector<Example>& examples, FitOptions opt = {}, const EmbeddingTable* table = nullptr) {
+    auto& f = opt.features;
+    if (f.buckets && (f.buckets & (f.buckets - 1)) != 0) throw invalid_argument("context router: buckets must be a power of two");
+    if (f.buckets && (f.ngram_min == 0 || f.ngram_max < f.ngram_min || f.ngram_max > 16))
+      throw invalid_argument("context router: need 1 <= ngram_min <= ngram_max <= 16");
+    if (f.embed_dim) {
+      if (!table || !table->data) throw invalid_argument("context router: embedding features need the embedding table");
+      f.embed_dim = table->dim;
+      f.table_fingerprint = table->fingerprint;
+    }
+    if (f.dim() == 0) throw invalid_argument("context router: no features (n-grams disabled and no embeddings)");
+    if (!(opt.threshold >= 0.0 && opt.threshold <= 1.0)) throw invalid_argument("context router: threshold must be in [0, 1]");
+    ContextRouter r;
+    r.features_ = f;
+    r.model_ = opt.model;
+    r.threshold_ = opt.threshold;
+    std::vector<std::size_t> label(examples.size());
+    for (std::size_t i = 0; i < examples.size(); ++i) {
+      auto it = std::find(r.modules_.begin(), r.modules_.end(), examples[i].domain);
+      if (it == r.modules_.end()) {
+        r.modules_.push_back(examples[i].domain);
+        it = r.modules_.end() - 1;
+      }
+      label[i] = static_cast<std::size_t>(it - r.modules_.begin());
+    }
+    if (r.modules_.size() < 2) throw invalid_argument("context router: the examples name only one domain ('" + r.modules_[0] + "'); need two or more");
+    std::vector<detail::FeatureVector> X;
+    X.reserve(examples.size());
+    for (const auto& e : examples) X.push_back(detail::features(e.symbols, f, table));
+
+    // Calibration: fit on four fifths, choose the temperature on the rest (every fifth example of
+    // each domain), then refit on everything.
+    std::vector<std::size_t> seen(r.modules_.size(), 0), train, held;
+    for (std::size_t i = 0; i < X.size(); ++i) (seen[label[i]]++ % 5 == 4 ? held : train).push_back(i);
+    r.temperature_ = 1.0;
+    r.calibrated_ = false;
+    if (opt.calibrate && !held.empty() && held.size() >= r.modules_.size()) {
+      r.train(X, label, train, opt);
+      r.temperature_ = r.fit_temperature(X, label, held);
+      // A handful of held-out prompts, all classified right, would drive T to 0 (certainty):
+      // with fewer than 10 per domain the temperature may only soften.
+      if (held.size() < 10 * r.modules_.size()) r.temperature_ = std::max(r.temperature_, 1.0);
+      r.calibrated_ = true;
+    }
+    std::vector<std::size_t> all(X.size());
+    for (std::size_t i = 0; i < all.size(); ++i) all[i] = i;
+    r.train(X, label, all, opt);
+    return r;
+  }
+
+  /// Routes a prompt given as symbols (bytes or token ids). threshold < 0: the fitted one.
+  ContextDecision route(std::span<const std::uint32_t> prompt, const EmbeddingTable* table = nullptr, double threshold = -1.0) const {
+    const auto x = detail::features(prompt, features_, table);
+    const std::size_t M = modules_.size();
+    std::vector<double> s(M);
+    detail::scores(W_, b_, features_.dim(), features_.buckets, x, s.data());
+    ContextDecision d;
+    d.scores.resize(M);
+    detail::probabilities(s.data(), M, temperature_, model_ == ContextModel::sigmoid, d.scores.data());
+    const double th = threshold < 0 ? threshold_ : threshold;
+    std::size_t best = 0;
+    for (std::size_t m = 1; m < M; ++m)
+      if (d.scores[m] > d.scores[best]) best = m;
+    d.confidence = d.scores[best];
+    d.fallback = d.confidence < th;
+    d.module = d.fallback ? "base" : modules_[best];
+    d.weights.assign(M, 0.0);
+    if (model_ == ContextModel::sigmoid) {
+      for (std::size_t m = 0; m < M; ++m) d.weights[m] = d.scores[m] >= th ? d.scores[m] : 0.0;
+    } else if (!d.fallback) {
+      d.weights = d.scores;
+    }
+    return d;
+  }
+  ContextDecision route(std::string_view text, const EmbeddingTable* table = nullptr, double threshold = -1.0) const {
+    const auto s = bytes_to_symbols(text);
+    return route(std::span<const std::uint32_t>(s), table, threshold);
+  }
+
+  const std::vector<std::string>& modules() const noexcept { return modules_; }
+  const FeatureConfig& features() const noexcept { return features_; }
+  ContextModel model() const noexcept { return model_; }
+  double temperature() const noexcept { return temperature_; }
+  double threshold() const noexcept { return threshold_; }
+  bool calibrated() const noexcept { return calibrated_; }
+
+  nlohmann::json to_json() const {
+    nlohmann::json j;
+    j["format"] = kFormat;
+    j["version"] = kVersion;
+    j["model"] = model_name(model_);
+    j["modules"] = modules_;
+    j["features"] = {{"ngram_min", features_.ngram_min},
+                     {"ngram_max", features_.ngram_max},
+                     {"buckets", features_.buckets},
+                     {"embed_dim", features_.embed_dim},
+                     {"embed_weight", features_.embed_weight},
+                     {"table_fingerprint", features_.table_fingerprint}};
+    j["temperature"] = temperature_;
+    j["calibrated"] = calibrated_;
+    j["threshold"] = threshold_;
+    j["weights_f32le"] = detail::floats_to_base64(W_);
+    j["bias_f32le"] = detail::floats_to_base64(b_);
+    return j;
+  }
+
+  /// Reads a router written by to_json; every missing or malformed key is named.
+  static ContextRouter from_json(const nlohmann::json& j, const std::string& file = "router.json") {
+    auto where = [&](const std::string& key) { return error_location{file, key, {}}; };
+    if (!j.is_object()) throw format_error("expected a JSON object", {file, {}, {}});
+    auto get = [&](const nlohmann::json& o, const char* key, nlohmann::json::value_t type, const std::string& path) -> const nlohmann::json& {
+      const auto it = o.find(key);
+      if (it == o.end()) throw format_error("missing key", where(path));
+      const bool ok = type == nlohmann::json::value_t::number_float ? it->is_number()
+                      : type == nlohmann::json::value_t::number_unsigned ? (it->is_number_integer() && it->get<std::int64_t>() >= 0)
+                                                                         : it->type() == type;
+      if (!ok) throw format_error("wrong type (" + std::string(it->type_name()) + ")", where(path));
+      return *it;
+    };
+    using vt = nlohmann::json::value_t;
+    if (get(j, "format", vt::string, "format").get<std::string>() != kFormat)
+      throw format_error("not an s2lc context router (format is not '" + std::string(kFormat) + "')", where("format"));
+    if (get(j, "version", vt::number_unsigned, "version").get<int>() != kVersion)
+      throw format_error("unsupported version (this build reads " + std::to_string(kVersion) + ")", where("version"));
+    ContextRouter r;
+    const std::string model = get(j, "model", vt::string, "model").get<std::string>();
+    if (model == "logistic") r.model_ = ContextModel::logistic;
+    else if (model == "sigmoid") r.model_ = ContextModel::sigmoid;
+    else if (model == "centroid") r.model_ = ContextModel::centroid;
+    else if (model == "naive_bayes") r.model_ = ContextModel::naive_bayes;
+    else throw format_error("unknown model '" + model + "'", where("model"));
+    const auto& mods = get(j, "modules", vt::array, "modules");
+    for (const auto& m : mods) {
+      if (!m.is_string() || m.get<std::string>().empty()) throw format_error("module names must be non-empty strings", where("modules"));
+      if (std::find(r.modules_.begin(), r.modules_.end(), m.get<std::string>()) != r.modules_.end())
+        throw format_error("module '" + m.get<std::string>() + "' appears twice", where("modules"));
+      r.modules_.push_back(m.get<std::string>());
+    }
+    if (r.modules_.size() < 2) throw format_error("need at least two modules", where("modules"));
+    const auto& f = get(j, "features", vt::object, "features");
+    auto& F = r.features_;
+    F.ngram_min = get(f, "ngram_min", vt::number_unsigned, "features.ngram_min").get<unsigned>();
+    F.ngram_max = get(f, "ngram_max", vt::number_unsigned, "features.ngram_max").get<unsigned>();
+    const auto buckets = get(f, "buckets", vt::number_unsigned, "features.buckets").get<std::uint64_t>();
+    if (buckets > (1ull << 28) || (buckets & (buckets - 1)) != 0) throw format_error("buckets must be a power of two <= 2^28", where("features.buckets"));
+    F.buckets = static_cast<std::uint32_t>(buckets);
+    if (F.buckets && (F.ngram_min == 0 || F.ngram_max < F.ngram_min || F.ngram_max > 16))
+      throw format_error("need 1 <= ngram_min <= ngram_max <= 16", where("features.ngram_max"));
+    F.embed_dim = get(f, "embed_dim", vt::number_unsigned, "features.embed_dim").get<std::size_t>();
+    if (F.embed_dim > (1u << 20)) throw format_error("embed_dim too large", where("features.embed_dim"));
+    F.embed_weight = get(f, "embed_weight", vt::number_float, "features.embed_weight").get<float>();
+    F.table_fingerprint = get(f, "table_fingerprint", vt::number_unsigned, "features.table_fingerprint").get<std::uint64_t>();
+    if (F.dim() == 0) throw format_error("no features", where("features"));
+    r.temperature_ = get(j, "temperature", vt::number_float, "temperature").get<double>();
+    if (!(r.temperature_ > 0) || !std::isfinite(r.temperature_)) throw format_error("temperature must be positive", where("temperature"));
+    r.calibrated_ = get(j, "calibrated", vt::boolean, "calibrated").get<bool>();
+    r.threshold_ = get(j, "threshold", vt::number_float, "threshold").get<double>();
+    if (!(r.threshold_ >= 0.0 && r.threshold_ <= 1.0)) throw format_error("threshold must be in [0, 1]", where("threshold"));
+    const std::size_t M = r.modules_.size();
+    r.W_ = detail::base64_to_floats(get(j, "weights_f32le", vt::string, "weights_f32le").get<std::string>(), M * F.dim(), where("weights_f32le"));
+    r.b_ = detail::base64_to_floats(get(j, "bias_f32le", vt::string, "bias_f32le").get<std::string>(), M, where("bias_f32le"));
+    return r;
+  }
+
+  /// Writes the router as JSON, crash-safely (temp file, fsync, rename).
+  void save(const std::filesystem::path& path) const {
+    const std::string text = to_json().dump(1) + "\n";
+    io::write_atomically(path, [&](io::FileSink& out) { out.write(text.data(), text.size()); });
+  }
+  static ContextRouter load(const std::filesystem::path& path) {
+    const std::string file = path.string();
+    return from_json(detail::parse_json(detail::read_text_file(path), file), file);
+  }
+
+  friend bool operator==(const ContextRouter& a, const ContextRouter& b) {
+    auto bits = [](const std::vector<float>& v) {
+      std::vector<std::uint32_t> u(v.size());
+      std::memcpy(u.data(), v.data(), v.size() * 4);
+      return u;
+    };
+    return a.modules_ == b.modules_ && a.model_ == b.model_ && a.features_.ngram_min == b.features_.ngram_min &&
+           a.features_.ngram_max == b.features_.ngram_max && a.features_.buckets == b.features_.buckets &&
+           a.features_.embed_dim == b.features_.embed_dim && a.features_.embed_weight == b.features_.embed_weight &&
+           a.features_.table_fingerprint == b.features_.table_fingerprint && a.temperature_ == b.temperature_ &&
+           a.threshold_ == b.threshold_ && a.calibrated_ == b.calibrated_ && bits(a.W_) == bits(b.W_) && bits(a.b_) == bits(b.b_);
+  }
+
+ private:
+  void train(const std::vector<detail::FeatureVector>& X, const std::vector<std::size_t>& label, const std::vector<std::size_t>& use,
+             const FitOptions& opt) {
+    const std::size_t M = modules_.size(), D = features_.dim(), B = features_.buckets;
+    W_.assign(M * D, 0.0f);
+    b_.assign(M, 0.0f);
+    // Class weights: every domain counts equally whatever its number of examples.
+    std::vector<double> count(M, 0.0);
+    for (auto i : use) count[label[i]] += 1;
+    std::vector<double> cw(M);
+    for (std::size_t m = 0; m < M; ++m) cw[m] = count[m] > 0 ? static_cast<double>(use.size()) / (static_cast<double>(M) * count[m]) : 0.0;
+
+    if (model_ == ContextModel::centroid || model_ == ContextModel::naive_bayes) {
+      std::vector<double> c(M * D, 0.0);
+      for (auto i : use) {
+        double* cm = c.data() + label[i] * D;
+        for (std::size_t q = 0; q < X[i].idx.size(); ++q) cm[X[i].idx[q]] += X[i].val[q];
+        for (std::size_t q = 0; q < X[i].dense.size(); ++q) cm[B + q] += X[i].dense[q];
+      }
+      if (model_ == ContextModel::naive_bayes) {
+        // Multinomial naive Bayes over the normalised term frequencies (Rennie et al. 2003),
+        // Laplace-smoothed with alpha; uniform class prior (domains count equally).
+        const double alpha = static_cast<double>(opt.nb_alpha);
+        for (std::size_t m = 0; m < M; ++m) {
+          double tot = 0;
+          for (std::size_t q = 0; q < D; ++q) tot += std::max(c[m * D + q], 0.0);
+          const double den = std::log(tot + alpha * static_cast<double>(D));
+          for (std::size_t q = 0; q < D; ++q) W_[m * D + q] = static_cast<float>(std::log(std::max(c[m * D + q], 0.0) + alpha) - den);
+        }
+        return;
+      }
+      for (std::size_t m = 0; m < M; ++m) {
+        double n = 0;
+        for (std::size_t q = 0; q < D; ++q) n += c[m * D + q] * c[m * D + q];
+        const double inv = n > 0 ? 1.0 / std::sqrt(n) : 0.0;
+        for (std::size_t q = 0; q < D; ++q) W_[m * D + q] = static_cast<float>(c[m * D + q] * inv);
+      }
+      return;
+    }
+    // Logistic regression by per-example AdaGrad (sparse updates), examples visited in a fixed
+    // pseudo-random order (splitmix64 Fisher-Yates: the same on every platform).
+    const bool sig = model_ == ContextModel::sigmoid;
+    std::vector<float> hW(M * D, 0.0f);
+    std::vector<double> hb(M, 0.0), s(M), p(M);
+    std::vector<std::size_t> order = use;
+    std::uint64_t rng = 0x5eed;
+    const double lr = static_cast<double>(opt.learning_rate), decay = static_cast<double>(opt.l2);
+    for (unsigned ep = 0; ep < opt.epochs; ++ep) {
+      for (std::size_t i = order.size(); i > 1; --i) {
+        rng += 0x9E3779B97F4A7C15ull;
+        std::uint64_t z = rng;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        std::swap(order[i - 1], order[(z ^ (z >> 31)) % i]);
+      }
+      for (auto i : order) {
+        const auto& x = X[i];
+        detail::scores(W_, b_, D, B, x, s.data());
+        detail::probabilities(s.data(), M, 1.0, sig, p.data());
+        for (std::size_t m = 0; m < M; ++m) {
+          const double g = (p[m] - (m == label[i] ? 1.0 : 0.0)) * cw[label[i]];
+          float* w = W_.data() + m * D;
+          float* h = hW.data() + m * D;
+          auto step = [&](std::size_t q, double gq) {
+            gq += decay * w[q];
+            h[q] += static_cast<float>(gq * gq);
+            w[q] -= static_cast<float>(lr * gq / (std::sqrt(static_cast<double>(h[q])) + 1e-8));
+          };
+          for (std::size_t q = 0; q < x.idx.size(); ++q) step(x.idx[q], g * x.val[q]);
+          for (std::size_t q = 0; q < x.dense.size(); ++q) step(B + q, g * x.dense[q]);
+          hb[m] += g * g;
+          b_[m] -= static_cast<float>(lr * g / (std::sqrt(hb[m]) + 1e-8));
+        }
+      }
+    }
+  }
+
+  /// The temperature minimising the held-out negative log-likelihood (golden-section search on
+  /// log T in [-7, 7]).
+  double fit_temperature(const std::vector<detail::FeatureVector>& X, const std::vector<std::size_t>& label,
+                         const std::vector<std::size_t>& held) const {
+    const std::size_t M = modules_.size();
+    const bool sig = model_ == ContextModel::sigmoid;
+    std::vector<double> S(held.size() * M);
+    for (std::size_t h = 0; h < held.size(); ++h) detail::scores(W_, b_, features_.dim(), features_.buckets, X[held[h]], S.data() + h * M);
+    auto nll = [&](double logT) {
+      const double T = std::exp(logT);
+      std::vector<double> p(M);
+      double l = 0;
+      for (std::size_t h = 0; h < held.size(); ++h) {
+        detail::probabilities(S.data() + h * M, M, T, sig, p.data());
+        for (std::size_t m = 0; m < M; ++m) {
+          const bool y = m == label[held[h]];
+          if (sig) l -= std::log(std::max(y ? p[m] : 1.0 - p[m], 1e-300));
+          else if (y) l -= std::log(std::max(p[m], 1e-300));
+        }
+      }
+      return l;
+    };
+    double a = -7.0, b = 7.0;
+    const double gr = (std::sqrt(5.0) - 1.0) / 2.0;
+    double c = b - gr * (b - a), d = a + gr * (b - a), fc = nll(c), fd = nll(d);
+    for (int i = 0; i < 60; ++i) {
+      if (fc <= fd) {
+        b = d, d = c, fd = fc;
+        c = b - gr * (b - a);
+        fc = nll(c);
+      } else {
+        a = c, c = d, fc = fd;
+        d = a + gr * (b - a);
+        fd = nll(d);
+      }
+    }
+    return std::exp((a + b) / 2.0);
+  }
+
+  std::vector<std::string> modules_;
+  FeatureConfig features_;
+  ContextModel model_ = ContextModel::logistic;
+  double temperature_ = 1.0;
+  double threshold_ = 0.5;
+  bool calibrated_ = false;
+  std::vector<float> W_;  ///< [modules, features.dim()]
+  std::vector<float> b_;  ///< [modules]
+};
+
+}  // namespace s2lc::route
+// ---- end route/context.hpp ----
+// ---- begin route/safe_add.hpp ----
+// s2lc — safe module addition (Brainstacks-style): before a new domain module joins existing
+// ones, remove the part of its weight delta that lies in the existing modules' principal
+// subspaces, so routing or mixing the new module does not disturb what the others do there,
+// and measure the interference before and after.
+//
+//   auto S = s2lc::route::principal_subspace({&delta_c, &delta_py}, {.rank = 16});
+//   double before = s2lc::route::overlap(S, delta_en);           // energy fraction inside
+//   s2lc::matrix safe = s2lc::route::project_out(S, delta_en);   // overlap(S, safe) ~ 0
+//
+// The subspace of each existing delta D_i [out, in] is its top-`rank` left singular vectors
+// (randomized SVD, deterministic for a seed), optionally also the right ones (two_sided); the
+// union is re-orthonormalised (QR). One-sided projection: D' = (I - U U^T) D. Two-sided:
+// D' = (I - U U^T) D (I - V V^T). overlap(S, D) = 1 - ||D'||_F^2 / ||D||_F^2.
+
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <xtensor-blas/xlinalg.hpp>
+
+
+namespace s2lc::route {
+
+struct SubspaceOptions {
+  std::size_t rank = 16;     ///< singular directions kept per existing module
+  double energy = 0.0;       ///< > 0: keep only as many (<= rank) as reach this energy fraction
+  bool two_sided = false;    ///< also project out the input-side (right) subspace
+  linalg::RandomizedOptions rsvd{};
+};
+
+struct Subspace {
+  matrix U;   ///< [out, r] orthonormal columns (output space)
+  matrix V;   ///< [in, r'] orthonormal columns (input space; empty unless two-sided)
+};
+
+namespace detail {
+
+inline double frob2(const matrix& A) {
+  double s = 0;
+  for (float v : A) s += static_cast<double>(v) * v;
+  return s;
+}
+
+/// Columns of `parts` side by side, re-orthonormalised; rank-deficient directions dropped.
+inline matrix orthonormal_union(const std::vector<matrix>& parts, std::size_t rows) {
+  std::size_t cols = 0;
+  for (const auto& p : parts) cols += p.shape()[1];
+  if (cols == 0) return matrix::from_shape({rows, 0});
+  matrix A = matrix::from_shape({rows, cols});
+  std::size_t c = 0;
+  for (const auto& p : parts) {
+    for (std::size_t j = 0; j < p.shape()[1]; ++j, ++c)
+      for (std::size_t i = 0; i < rows; ++i) A(i, c) = p(i, j);
+  }
+  if (cols >= rows) {  // the union spans everything it can: an SVD basis is safer than QR here
+    const auto f = linalg::svd(A);
+    std::size_t r = 0;
+    while (r < f.S.size() && f.S(r) > f.S(0) * 1e-6f) ++r;
+    return xt::eval(xt::view(f.U, xt::all(), xt::range(0, r)));
+  }
+  return linalg::orthonormal_basis(A);
+}
+
+inline matrix left_directions(const matrix& D, const SubspaceOptions& opt, bool right) {
+  const matrix A = right ? matrix(xt::transpose(D)) : D;
+  const std::size_t r = std::min({opt.rank, A.shape()[0], A.shape()[1]});
+  auto f = linalg::randomized_svd(A, r, opt.rsvd);
+  std::size_t keep = r;
+  if (opt.energy > 0) {
+    keep = std::max<std::size_t>(1, linalg::rank_for_energy(f.S, opt.energy, frob2(A)));
+    keep = std::min(keep, r);
+  }
+  return xt::eval(xt::view(f.U, xt::all(), xt::range(0, keep)));
+}
+
+/// (I - Q Q^T) A.
+inline matrix remove_columns_space(const matrix& Q, const matrix& A) {
+  if (Q.shape()[1] == 0) return A;
+  return A - xt::linalg::dot(Q, xt::linalg::dot(xt::transpose(Q), A));
+}
+
+}  // namespace detail
+
+/// The principal subspace of the existing modules' deltas (all the same shape).
+inline Subspace principal_subspace(const std::vector<const matrix*>& existing, const SubspaceOptions& opt = {}) {
+  if (existing.empty()) throw invalid_argument("principal_subspace: no existing modules");
+  if (opt.rank == 0) throw invalid_argument("principal_subspace: rank must be positive");
+  const auto shape = existing[0]->shape();
+  std::vector<matrix> left, right;
+  for (std::size_t i = 0; i < existing.size(); ++i) {
+    const matrix& D = *existing[i];
+    if (D.shape() != shape)
+      throw invalid_argument("principal_subspace: module " + std::to_string(i) + " is [" + std::to_string(D.shape()[0]) + ", " +
+                             std::to_string(D.shape()[1]) + "], module 0 is [" + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) + "]");
+    if (detail::frob2(D) == 0) continue;
+    left.push_back(detail::left_directions(D, opt, false));
+    if (opt.two_sided) right.push_back(detail::left_directions(D, opt, true));
+  }
+  Subspace s;
+  s.U = detail::orthonormal_union(left, shape[0]);
+  s.V = opt.two_sided ? detail::orthonormal_union(right, shape[1]) : matrix::from_shape({shape[1], 0});
+  return s;
+}
+
+/// D without its components in the subspace: (I - U U^T) D [(I - V V^T)].
+inline matrix project_out(const Subspace& s, const matrix& D) {
+  if (D.shape()[0] != s.U.shape()[0] || (s.V.shape()[1] && D.shape()[1] != s.V.shape()[0]))
+    throw invalid_argument("project_out: the module's shape does not match the subspace's");
+  matrix out = detail::remove_columns_space(s.U, D);
+  if (s.V.shape()[1]) out = xt::transpose(detail::remove_columns_space(s.V, xt::transpose(out)));
+  return out;
+}
+
+/// Fraction of D's energy (squared Frobenius norm) inside the subspace, in [0, 1].
+inline double overlap(const Subspace& s, const matrix& D) {
+  const double all = detail::frob2(D);
+  if (all == 0) return 0.0;
+  return std::max(0.0, 1.0 - detail::frob2(project_out(s, D)) / all);
+}
+
+/// One tensor of a module: its name and weight delta.
+struct NamedDelta {
+  std::string name;
+  matrix delta;
+};
+
+struct InterferenceReport {
+  std::string name;
+  double overlap_before = 0;  ///< energy fraction of the new delta inside the existing subspaces
+  double overlap_after = 0;   ///< the same after projection (~0)
+  double kept = 1;            ///< ||D'||^2 / ||D||^2: how much of the new module survives
+  std::size_t subspace_rank = 0;
+};
+
+/// Adds `incoming` beside `existing` modules (each a list of named deltas; tensors matched by
+/// name, missing ones skipped): returns the projected module and a report per tensor. With
+/// project = false the module is returned unchanged and only the interference is measured.
+inline std::pair<std::vector<NamedDelta>, std::vector<InterferenceReport>> safe_add(const std::vector<std::vector<NamedDelta>>& existing,
+                                                                                    const std::vector<NamedDelta>& incoming,
+                                                                                    const SubspaceOptions& opt = {}, bool project = true) {
+  std::vector<NamedDelta> out;
+  std::vector<InterferenceReport> rep;
+  for (const auto& t : incoming) {
+    std::vector<const matrix*> same;
+    for (const auto& m : existing)
+      for (const auto& e : m)
+        if (e.name == t.name) same.push_back(&e.delta);
+    InterferenceReport r;
+    r.name = t.name;
+    if (same.empty()) {
+      out.push_back(t);
+      rep.push_back(r);
+      continue;
+    }
+    const Subspace s = principal_subspace(same, opt);
+    r.subspace_rank = s.U.shape()[1] + s.V.shape()[1];
+    const matrix p = project_out(s, t.delta);
+    const double all = detail::frob2(t.delta);
+    r.overlap_before = all > 0 ? std::max(0.0, 1.0 - detail::frob2(p) / all) : 0.0;
+    r.overlap_after = overlap(s, p);
+    r.kept = all > 0 ? detail::frob2(p) / all : 1.0;
+    out.push_back({t.name, project ? p : t.delta});
+    if (!project) r.overlap_after = r.overlap_before, r.kept = 1.0;
+    rep.push_back(r);
+  }
+  return {std::move(out), std::move(rep)};
+}
+
+}  // namespace s2lc::route
+// ---- end route/safe_add.hpp ----
 // ---- end s2lc/s2lc.hpp ----
 #endif  // S2LC_SINGLE_INCLUDE_HPP_
