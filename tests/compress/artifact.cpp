@@ -358,7 +358,7 @@ TEST_CASE("compress: artifact round trip of every block kind and tier, edge bloc
   CHECK(with_bases > 0);
 }
 
-TEST_CASE("compress: Artifact::write_safetensors restores every tensor under its name and dtype; copies byte-identical") {
+TEST_CASE("compress: Artifact::write_safetensors restores every tensor under its name and dtype, copies byte-identical") {
   s2lc::test::TempDir dir;
   s2lc::test::write_bytes(dir / "a.s2lc", good_artifact());
   const cz::Artifact a(dir / "a.s2lc");

@@ -260,7 +260,7 @@ TEST_CASE("container: crc32c matches the standard test vectors, at compile time 
   CHECK(io::crc32c(b) == 0x113FDB5Cu);
 }
 
-TEST_CASE("container: crc32c slice-by-8 equals the bitwise definition; incremental equals one-shot") {
+TEST_CASE("container: crc32c slice-by-8 equals the bitwise definition, incremental equals one-shot") {
   const Bytes data = pattern(1000, 3);
   const std::span<const std::byte> all(data);
   // Every length and start alignment of the 8-byte loop and the byte tail.
@@ -921,7 +921,7 @@ TEST_CASE("container: the error message names the file, section and offset in on
 // ---------------------------------------------------------------------------------------------
 // Accessors.
 
-TEST_CASE("container: json() rejects invalid JSON and repeated keys as format_errors at the offset; kinds are checked") {
+TEST_CASE("container: json() rejects invalid JSON and repeated keys as format_errors at the offset, kinds are checked") {
   auto json_file = [](std::string_view text, RawFile& r) {
     r.body = text_bytes(text);
     r.sections = {{"manifest", 0, 0, {text.size()}, 64, text.size(), {}}, {"w", 1, 10, {0}, 64, 0, {}}};
@@ -965,7 +965,7 @@ TEST_CASE("container: json() rejects invalid JSON and repeated keys as format_er
   }
 }
 
-TEST_CASE("container: typed views check dtype and memory alignment; at() names a missing section and the file") {
+TEST_CASE("container: typed views check dtype and memory alignment, at() names a missing section and the file") {
   const Bytes good = sample_builder().to_bytes();
   const auto v = io::parse_container(good, kLabel);
   CHECK(v.array<float>("experts.3.coeff").size() == 15);

@@ -658,7 +658,7 @@ TEST_CASE("safetensors: every dtype round-trips bit-exactly through write_safete
   CHECK(order.size() == tensors.size());
 }
 
-TEST_CASE("safetensors: typed views check the element type; at() names a missing tensor") {
+TEST_CASE("safetensors: typed views check the element type, at() names a missing tensor") {
   s2lc::test::TempDir dir;
   const std::vector<float> f32{1.5f, -2.0f, 3.25f};
   const std::vector<std::uint16_t> bf{0x3F80, 0xC000};

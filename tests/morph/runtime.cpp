@@ -398,7 +398,7 @@ TEST_CASE("morph: mixing weights (softmax, sparsemax) lie on the simplex") {
   CHECK_THROWS_AS(mo::softmax_weights(logits, 0.0f), s2lc::invalid_argument);
 }
 
-TEST_CASE("morph: hybrids equal the weighted sum of the experts; one-hot is the expert; gate 0 is the shared core exactly") {
+TEST_CASE("morph: hybrids equal the weighted sum of the experts, one-hot is the expert, gate 0 is the shared core exactly") {
   auto cs = synthetic_compressed();
   std::vector<const cz::CompressedGroup*> groups = {&fixture_compressed().groups[0], &fixture_compressed().groups[1]};
   for (const auto& c : cs) groups.push_back(&c.groups[0]);
@@ -504,7 +504,7 @@ TEST_CASE("morph: experts sharing a basis mix in the shared subspace at the cost
   }
 }
 
-TEST_CASE("morph: basis bank atoms are unit-norm; all atoms give the dense product, K picks the largest") {
+TEST_CASE("morph: basis bank atoms are unit-norm, all atoms give the dense product, K picks the largest") {
   std::vector<s2lc::matrix> ms;
   for (std::uint32_t s = 0; s < 3; ++s) {
     const auto v = randn(30 * 20, 40 + s);

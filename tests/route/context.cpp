@@ -152,7 +152,7 @@ TEST_CASE("route: malformed EXAMPLES.json is rejected with the file, element and
   CHECK_THROWS_WITH_AS(rt::ContextRouter::fit(one), doctest::Contains("only one domain ('c')"), s2lc::invalid_argument);
 }
 
-TEST_CASE("route: malformed router files are rejected naming the key; a failed save leaves nothing behind") {
+TEST_CASE("route: malformed router files are rejected naming the key, and a failed save leaves nothing behind") {
   const auto r = rt::ContextRouter::fit(examples());
   const auto good = r.to_json();
   auto with = [&](const char* key, nlohmann::json v) {

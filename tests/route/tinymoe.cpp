@@ -86,7 +86,7 @@ TEST_CASE("route: top-2 over the trained gate reproduces tinymoe's own expert ch
   }
 }
 
-TEST_CASE("route: top-p on real logits starts with the model's first choice; more p, more experts (0 -> 1, 1 -> all 8)") {
+TEST_CASE("route: top-p on real logits starts with the model's first choice, more p, more experts (0 -> 1, 1 -> all 8)") {
   const s2lc::io::SafetensorsFile model(tinymoe() / "moe-upcycled.safetensors"), calib(tinymoe() / "calib-moe-upcycled.safetensors");
   const Layer l = load_layer(model, calib, 1);
   const std::size_t T = l.x.shape()[0], E = 8;

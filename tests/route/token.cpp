@@ -460,7 +460,7 @@ TEST_CASE("route: NoisyTopK noise is a pure function of (seed, stream, token, ex
   CHECK(rt::detail::normal_at(3, 4, 5, 6) != rt::detail::normal_at(3, 5, 5, 6));
 }
 
-TEST_CASE("route: TopP equals the scalar reference; p -> 0 is TopK{1}; p = 1 takes max_k; min_k holds") {
+TEST_CASE("route: TopP equals the scalar reference, p -> 0 is TopK{1}, p = 1 takes max_k, min_k holds") {
   struct P {
     double p;
     std::size_t min_k, max_k;
@@ -605,7 +605,7 @@ TEST_CASE("route: SigmoidBias::update_bias moves the bias toward balance") {
   CHECK_THROWS_WITH_AS((sb.update_bias({1, 2}, 0.1f)), doctest::Contains("load and bias sizes differ"), s2lc::invalid_argument);
 }
 
-TEST_CASE("route: ExpertChoice equals the scalar reference; every expert takes its capacity; ties by token") {
+TEST_CASE("route: ExpertChoice equals the scalar reference, every expert takes its capacity, ties by token") {
   struct C {
     std::size_t T, E;
     double f;
@@ -935,7 +935,7 @@ RefStats ref_stats(const rt::Routing& r, const float* logits) {
 
 }  // namespace
 
-TEST_CASE("route: load_stats equals the scalar reference; balanced routing scores 1") {
+TEST_CASE("route: load_stats equals the scalar reference, balanced routing scores 1") {
   struct C {
     std::size_t T, E, k;
   };
