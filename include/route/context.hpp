@@ -294,6 +294,8 @@ inline nlohmann::json parse_json(const std::string& text, const std::string& fil
     std::string msg = e.what();
     if (const auto p = msg.find("parse error"); p != std::string::npos) msg = msg.substr(p);
     throw format_error("invalid JSON: " + msg, {file, {}, e.byte > 0 ? std::optional<std::uint64_t>(e.byte - 1) : std::nullopt});
+  } catch (const nlohmann::json::exception& e) {  // e.g. out_of_range 406: a number too large for a double
+    throw format_error(std::string("invalid JSON: ") + e.what(), {file, {}, {}});
   }
 }
 

@@ -162,12 +162,16 @@ inline std::pair<std::vector<NamedDelta>, std::vector<InterferenceReport>> safe_
     const Subspace s = principal_subspace(same, opt);
     r.subspace_rank = s.U.shape()[1] + s.V.shape()[1];
     const matrix p = project_out(s, t.delta);
-    const double all = detail::frob2(t.delta);
-    r.overlap_before = all > 0 ? std::max(0.0, 1.0 - detail::frob2(p) / all) : 0.0;
-    r.overlap_after = overlap(s, p);
-    r.kept = all > 0 ? detail::frob2(p) / all : 1.0;
-    out.push_back({t.name, project ? p : t.delta});
-    if (!project) r.overlap_after = r.overlap_before, r.kept = 1.0;
+    const double all = detail::frob2(t.delta), left = detail::frob2(p);
+    r.overlap_before = all > 0 ? std::max(0.0, 1.0 - left / all) : 0.0;
+    if (project) {
+      r.overlap_after = overlap(s, p);
+      r.kept = all > 0 ? left / all : 1.0;
+      out.push_back({t.name, p});
+    } else {
+      r.overlap_after = r.overlap_before;
+      out.push_back(t);
+    }
     rep.push_back(r);
   }
   return {std::move(out), std::move(rep)};

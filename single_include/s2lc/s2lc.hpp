@@ -7400,6 +7400,8 @@ inline nlohmann::json parse_json(const std::string& text, const std::string& fil
     std::string msg = e.what();
     if (const auto p = msg.find("parse error"); p != std::string::npos) msg = msg.substr(p);
     throw format_error("invalid JSON: " + msg, {file, {}, e.byte > 0 ? std::optional<std::uint64_t>(e.byte - 1) : std::nullopt});
+  } catch (const nlohmann::json::exception& e) {  // e.g. out_of_range 406: a number too large for a double
+    throw format_error(std::string("invalid JSON: ") + e.what(), {file, {}, {}});
   }
 }
 
@@ -7941,12 +7943,16 @@ inline std::pair<std::vector<NamedDelta>, std::vector<InterferenceReport>> safe_
     const Subspace s = principal_subspace(same, opt);
     r.subspace_rank = s.U.shape()[1] + s.V.shape()[1];
     const matrix p = project_out(s, t.delta);
-    const double all = detail::frob2(t.delta);
-    r.overlap_before = all > 0 ? std::max(0.0, 1.0 - detail::frob2(p) / all) : 0.0;
-    r.overlap_after = overlap(s, p);
-    r.kept = all > 0 ? detail::frob2(p) / all : 1.0;
-    out.push_back({t.name, project ? p : t.delta});
-    if (!project) r.overlap_after = r.overlap_before, r.kept = 1.0;
+    const double all = detail::frob2(t.delta), left = detail::frob2(p);
+    r.overlap_before = all > 0 ? std::max(0.0, 1.0 - left / all) : 0.0;
+    if (project) {
+      r.overlap_after = overlap(s, p);
+      r.kept = all > 0 ? left / all : 1.0;
+      out.push_back({t.name, p});
+    } else {
+      r.overlap_after = r.overlap_before;
+      out.push_back(t);
+    }
     rep.push_back(r);
   }
   return {std::move(out), std::move(rep)};

@@ -5,6 +5,7 @@
 // the documented ratio-8 result.
 #include <doctest/doctest.h>
 
+#include "compress/synthetic.hpp"
 #include "support.hpp"
 
 #include <s2lc/compress/artifact.hpp>
@@ -41,29 +42,8 @@ using s2lc::matrix;
 std::filesystem::path fixture() { return s2lc::test::data_dir() / "tinymoe-upcycled-L1.safetensors"; }
 std::filesystem::path fixture_calib() { return s2lc::test::data_dir() / "tinymoe-upcycled-L1-calib.safetensors"; }
 
-const char* const kRoles[] = {"w1", "w2", "w3"};
-
-std::string member_name(int e, const char* role) {
-  return "layers.1.moe.experts." + std::to_string(e) + "." + role + ".weight";
-}
-
 /// The fixture's three expert groups (w1, w2, w3), as the pipeline would gather them.
-std::vector<cz::GroupInput> fixture_groups() {
-  s2lc::io::SafetensorsFile f(fixture());
-  std::vector<cz::GroupInput> out;
-  for (const char* role : kRoles) {
-    cz::GroupInput g;
-    g.name = std::string("layers.1.moe.experts.{E}.") + role + ".weight";
-    g.type = s2lc::dtype::bf16;
-    for (int e = 0; e < 8; ++e) {
-      g.member_names.push_back(member_name(e, role));
-      g.member_sources.push_back(0);
-      g.weights.push_back(s2lc::load_matrix_f32(f, g.member_names.back()));
-    }
-    out.push_back(std::move(g));
-  }
-  return out;
-}
+std::vector<cz::GroupInput> fixture_groups() { return s2lc::test::tinymoe_l1_groups(); }
 
 /// H = X^T X / N of the layer's FFN input (the covariance of the w1 and w3 inputs).
 matrix ffn_input_covariance() {

@@ -1,6 +1,6 @@
-// A synthetic expert group for tests: clusters, structure at several scales and blocks at the
-// edges, small enough to compress in milliseconds (every block kind appears across the options
-// of small_blocks / energy 1).
+// Expert groups for tests: a synthetic one (clusters, structure at several scales and blocks at
+// the edges, small enough to compress in milliseconds; every block kind appears across the
+// options of small_blocks / energy 1), and the real tinymoe layer-1 fixture's three groups.
 #pragma once
 
 #include <cstddef>
@@ -12,9 +12,31 @@
 #include <xtensor-blas/xlinalg.hpp>
 
 #include <s2lc/compress/compressor.hpp>
+#include <s2lc/io/safetensors.hpp>
 #include <s2lc/tensor.hpp>
 
+#include "support.hpp"
+
 namespace s2lc::test {
+
+/// The in-repo tinymoe fixture's layer-1 expert groups (w1, w2, w3; 8 BF16 experts each), as the
+/// pipeline would gather them.
+inline std::vector<compress::GroupInput> tinymoe_l1_groups() {
+  io::SafetensorsFile f(data_dir() / "tinymoe-upcycled-L1.safetensors");
+  std::vector<compress::GroupInput> out;
+  for (const char* role : {"w1", "w2", "w3"}) {
+    compress::GroupInput g;
+    g.name = std::string("layers.1.moe.experts.{E}.") + role + ".weight";
+    g.type = dtype::bf16;
+    for (int e = 0; e < 8; ++e) {
+      g.member_names.push_back("layers.1.moe.experts." + std::to_string(e) + "." + role + ".weight");
+      g.member_sources.push_back(0);
+      g.weights.push_back(load_matrix_f32(f, g.member_names.back()));
+    }
+    out.push_back(std::move(g));
+  }
+  return out;
+}
 
 inline std::vector<compress::GroupInput> synthetic_groups(std::size_t rows = 40, std::size_t cols = 70) {
   std::mt19937 rng(5);

@@ -47,19 +47,7 @@ using s2lc::test::randn;
 const cz::Compressed& fixture_compressed() {
   static const cz::Compressed c = [] {
     openblas_set_num_threads(1);
-    s2lc::io::SafetensorsFile f(s2lc::test::data_dir() / "tinymoe-upcycled-L1.safetensors");
-    std::vector<cz::GroupInput> in;
-    for (const char* role : {"w1", "w2", "w3"}) {
-      cz::GroupInput g;
-      g.name = std::string("layers.1.moe.experts.{E}.") + role + ".weight";
-      g.type = s2lc::dtype::bf16;
-      for (int e = 0; e < 8; ++e) {
-        g.member_names.push_back("layers.1.moe.experts." + std::to_string(e) + "." + role + ".weight");
-        g.member_sources.push_back(0);
-        g.weights.push_back(s2lc::load_matrix_f32(f, g.member_names.back()));
-      }
-      in.push_back(std::move(g));
-    }
+    const auto in = s2lc::test::tinymoe_l1_groups();
     cz::Options opt;
     opt.ratio = 8;
     opt.block_rows = 100;

@@ -6,6 +6,7 @@
 // context router reaches >= 95 % on held-out 300-byte prompts of c / py / en.
 #include <doctest/doctest.h>
 
+#include "compress/synthetic.hpp"
 #include "support.hpp"
 
 #include <morph/grouped.hpp>
@@ -111,21 +112,9 @@ TEST_CASE("route: a router's plan round-trips through the SwiGLU layer (real tin
   const s2lc::io::SafetensorsFile calib(s2lc::test::data_dir() / "tinymoe-upcycled-L1-calib.safetensors");
   const Layer l = load_layer(f, calib, 1);
   namespace cz = s2lc::compress;
-  std::vector<cz::GroupInput> in;
-  for (const char* role : {"w1", "w2", "w3"}) {
-    cz::GroupInput g;
-    g.name = std::string("layers.1.moe.experts.{E}.") + role + ".weight";
-    g.type = s2lc::dtype::bf16;
-    for (int e = 0; e < 8; ++e) {
-      g.member_names.push_back("layers.1.moe.experts." + std::to_string(e) + "." + role + ".weight");
-      g.member_sources.push_back(0);
-      g.weights.push_back(s2lc::load_matrix_f32(f, g.member_names.back()));
-    }
-    in.push_back(std::move(g));
-  }
   cz::Options opt;
   opt.ratio = 8;
-  const auto c = cz::compress(in, opt);
+  const auto c = cz::compress(s2lc::test::tinymoe_l1_groups(), opt);
   const auto w1 = mo::KGroup::from(c.groups[0]), w2 = mo::KGroup::from(c.groups[1]), w3 = mo::KGroup::from(c.groups[2]);
   const mo::SwiGLUExperts L{&w1, &w3, &w2};
   const std::size_t T = 64, d = 256, E = 8;

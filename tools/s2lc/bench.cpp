@@ -11,22 +11,6 @@
 
 namespace s2lc::cli {
 
-namespace {
-
-std::size_t to_size(const std::string& flag, const std::string& v) {
-  std::size_t pos = 0;
-  unsigned long long n = 0;
-  try {
-    n = std::stoull(v, &pos);
-  } catch (...) {
-    pos = 0;
-  }
-  if (pos != v.size() || v.empty() || v[0] == '-') throw usage_error(flag + " needs a non-negative integer, got '" + v + "'");
-  return static_cast<std::size_t>(n);
-}
-
-}  // namespace
-
 int run_bench(const std::vector<std::string>& args) {
   if (args.empty() || args[0] != "apply")
     throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K] [--hot] [--json]");
@@ -38,22 +22,17 @@ int run_bench(const std::vector<std::string>& args) {
       if (i + 1 >= args.size()) throw usage_error(a + " needs a value");
       return args[++i];
     };
-    if (a == "--rows") c.rows = to_size(a, value());
-    else if (a == "--cols") c.cols = to_size(a, value());
-    else if (a == "--batch") c.batch = to_size(a, value());
-    else if (a == "--threads") c.threads = static_cast<unsigned>(to_size(a, value()));
-    else if (a == "--morph") c.morph = static_cast<unsigned>(to_size(a, value()));
-    else if (a == "--experts") c.experts = to_size(a, value());
+    if (a == "--rows") c.rows = parse_count(a, value());
+    else if (a == "--cols") c.cols = parse_count(a, value());
+    else if (a == "--batch") c.batch = parse_count(a, value());
+    else if (a == "--threads") c.threads = static_cast<unsigned>(parse_count(a, value()));
+    else if (a == "--morph") c.morph = static_cast<unsigned>(parse_count(a, value()));
+    else if (a == "--experts") c.experts = parse_count(a, value());
     else if (a == "--hot") c.cold = false;
     else if (a == "--json") json = true;
-    else if (a == "--seconds") c.seconds = std::stod(value());
+    else if (a == "--seconds") c.seconds = parse_number(a, value());
     else if (a == "--ratio") {
-      const std::string& v = value();
-      try {
-        c.ratio = std::stod(v);
-      } catch (...) {
-        throw usage_error("--ratio needs a number, got '" + v + "'");
-      }
+      c.ratio = parse_number(a, value());
       if (!(c.ratio >= 1)) throw usage_error("--ratio must be at least 1");
     } else throw usage_error("bench apply: unknown option '" + a + "'");
   }

@@ -24,23 +24,6 @@ namespace {
 namespace fs = std::filesystem;
 namespace cz = s2lc::compress;
 
-double parse_number(const std::string& flag, const std::string& v) {
-  try {
-    std::size_t used = 0;
-    const double d = std::stod(v, &used);
-    if (used != v.size() || !std::isfinite(d)) throw std::invalid_argument(v);
-    return d;
-  } catch (const std::exception&) {
-    throw usage_error(flag + " needs a number, got '" + v + "'");
-  }
-}
-
-std::size_t parse_count(const std::string& flag, const std::string& v) {
-  const double d = parse_number(flag, v);
-  if (d < 0 || d != std::floor(d) || d > 1e9) throw usage_error(flag + " needs a non-negative integer, got '" + v + "'");
-  return static_cast<std::size_t>(d);
-}
-
 struct Args {
   std::vector<std::string> positional;
   std::vector<std::pair<std::string, std::string>> flags;  // value "" for switches

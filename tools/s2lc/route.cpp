@@ -56,29 +56,13 @@ void load_table(TableHolder& h, const std::string& file, const std::string& tens
   h.table = route::EmbeddingTable::of(h.data.data(), h.data.shape()[0], h.data.shape()[1]);
 }
 
-double to_double(const std::string& flag, const std::string& v) {
-  try {
-    std::size_t pos = 0;
-    const double x = std::stod(v, &pos);
-    if (pos == v.size()) return x;
-  } catch (...) {
-  }
-  throw usage_error(flag + " needs a number, got '" + v + "'");
-}
-
-unsigned long to_count(const std::string& flag, const std::string& v) {
-  const double x = to_double(flag, v);
-  if (!(x >= 0) || x != std::floor(x) || x > 4294967295.0) throw usage_error(flag + " needs a non-negative integer, got '" + v + "'");
-  return static_cast<unsigned long>(x);
-}
-
 std::vector<std::uint32_t> read_stdin(bool tokens) {
   std::string in((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
   if (!tokens) return route::bytes_to_symbols(in);
   std::vector<std::uint32_t> ids;
   std::istringstream ss(in);
   std::string w;
-  while (ss >> w) ids.push_back(static_cast<std::uint32_t>(to_count("token id", w)));
+  while (ss >> w) ids.push_back(static_cast<std::uint32_t>(parse_count("token id", w)));
   return ids;
 }
 
@@ -115,7 +99,7 @@ int run_route(const std::vector<std::string>& args) {
     else if (a == "--quiet") quiet = true;
     else if (a == "--tokens") tokens = true;
     else if (a == "--threshold") {
-      threshold = to_double(a, value());
+      threshold = parse_number(a, value());
       if (!(threshold >= 0 && threshold <= 1)) throw usage_error("--threshold must be in [0, 1]");
       opt.threshold = threshold;
     } else if (a == "--model") {
@@ -129,11 +113,11 @@ int run_route(const std::vector<std::string>& args) {
       const std::string& v = value();
       const auto dash = v.find('-');
       const std::string lo = dash == std::string::npos ? v : v.substr(0, dash), hi = dash == std::string::npos ? v : v.substr(dash + 1);
-      opt.features.ngram_min = static_cast<unsigned>(to_count(a, lo));
-      opt.features.ngram_max = static_cast<unsigned>(to_count(a, hi));
-    } else if (a == "--buckets") opt.features.buckets = static_cast<std::uint32_t>(to_count(a, value()));
+      opt.features.ngram_min = static_cast<unsigned>(parse_count(a, lo));
+      opt.features.ngram_max = static_cast<unsigned>(parse_count(a, hi));
+    } else if (a == "--buckets") opt.features.buckets = static_cast<std::uint32_t>(parse_count(a, value()));
     else if (a == "--no-words") opt.features.words = false;
-    else if (a == "--epochs") opt.epochs = static_cast<unsigned>(to_count(a, value()));
+    else if (a == "--epochs") opt.epochs = static_cast<unsigned>(parse_count(a, value()));
     else if (a == "--embeddings") emb_file = value();
     else if (a == "--embedding-tensor") emb_tensor = value();
     else if (!a.empty() && a[0] == '-') throw usage_error("route " + (mode == "route" ? std::string() : mode + " ") + ": unknown option '" + a + "'");
