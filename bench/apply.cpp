@@ -1,5 +1,6 @@
 // Compressed apply, morphing and JIT merge against what a user would otherwise run, in one run:
-//   apply/<impl>/<shape>_b<batch>_<hot|cold>: s2lc (from coefficients), openblas (sgemv / sgemm on
+//   apply/<impl>/<shape>_b<batch>_<hot|cold>: s2lc (from coefficients, f32 activations), s2lc_int8
+//     (int8 activations, integer dot products), openblas (sgemv / sgemm on
 //     the reconstructed f32 matrix, the baseline), highway_dense (our f32 kernel on it), and
 //     stream_bound (a read-only streaming kernel: the bandwidth bound of each impl's own bytes);
 //   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8;
@@ -74,7 +75,7 @@ std::string case_name(std::size_t si, std::size_t batch, bool cold) {
   return std::to_string(kShapes[si].rows) + "x" + std::to_string(kShapes[si].cols) + "_b" + std::to_string(batch) + (cold ? "_cold" : "_hot");
 }
 
-enum class impl { s2lc, openblas, highway_dense, stream_bound };
+enum class impl { s2lc, s2lc_int8, openblas, highway_dense, stream_bound };
 
 void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool cold, impl which) {
   openblas_set_num_threads(1);
@@ -88,7 +89,9 @@ void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool co
   for (auto _ : state) {
     switch (which) {
       case impl::s2lc:
-        mo::apply(s.copies[i++ % s.copies.size()], 0, X.data(), C, B, Y.data(), R, arena);
+      case impl::s2lc_int8:
+        mo::apply(s.copies[i++ % s.copies.size()], 0, X.data(), C, B, Y.data(), R, arena, 1.0f,
+                  {0, which == impl::s2lc ? mo::Activations::f32 : mo::Activations::int8});
         bytes = s.bytes;
         break;
       case impl::openblas: {
@@ -165,11 +168,11 @@ void bench_merge(benchmark::State& state, std::size_t si, bool copy) {
 }
 
 const bool registered = [] {
-  const char* names[] = {"s2lc", "openblas", "highway_dense", "stream_bound"};
+  const char* names[] = {"s2lc", "s2lc_int8", "openblas", "highway_dense", "stream_bound"};
   for (std::size_t si = 0; si < std::size(kShapes); ++si)
     for (bool cold : {false, true})
       for (std::size_t B : {1u, 8u, 32u})
-        for (int w = 0; w < 4; ++w)
+        for (int w = 0; w < 5; ++w)
           benchmark::RegisterBenchmark(("apply/" + std::string(names[w]) + "/" + case_name(si, B, cold)).c_str(),
                                        [=](benchmark::State& st) { bench_apply(st, si, B, cold, static_cast<impl>(w)); })
               ->Unit(benchmark::kMicrosecond);

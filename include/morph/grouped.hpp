@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -77,13 +78,13 @@ inline unsigned workers_of(Executor* ex) { return ex ? std::min(ex->workers(), W
 
 /// Y[i, :] += M X[i, :] for i < n, split into block-row tasks (each writes its own columns of Y).
 inline void apply_matrix_parallel(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y,
-                                  std::size_t ldy, unsigned tier, Executor* ex, Workers& w, float alpha = 1.0f,
-                                  const std::uint8_t* skip = nullptr) {
+                                  std::size_t ldy, Precision tier, Executor* ex, Workers& w, float alpha = 1.0f,
+                                  const std::uint8_t* skip = nullptr, const Q8Cache* q8c = nullptr) {
   if (n == 0 || m.blocks.empty()) return;
   const std::size_t gc = g.grid.grid_cols();
   parallel_for(ex, g.grid.grid_rows(), [&](std::size_t br, unsigned worker) {
     for (const auto& b : m.blocks)
-      if (b.index / gc == br && !(skip && skip[b.index])) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, w.arena[worker]);
+      if (b.index / gc == br && !(skip && skip[b.index])) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, w.arena[worker], q8c);
   });
 }
 
@@ -100,7 +101,7 @@ inline void check_plan(const DispatchPlan& p, std::size_t experts, const char* w
 
 /// Applies the cores of e's path at the blocks its residual replaces, with weight -1.
 inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y,
-                             std::size_t ldy, unsigned tier, Arena& a) {
+                             std::size_t ldy, Precision tier, Arena& a) {
   const auto& rep = g.replaces[e];
   if (std::find(rep.begin(), rep.end(), std::uint8_t{1}) == rep.end()) return;
   for (auto nd : g.path[e])
@@ -112,19 +113,22 @@ inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std
 
 /// Arena bytes apply_parallel needs.
 inline std::size_t parallel_scratch_bytes(const KGroup& g, std::size_t n, unsigned workers) {
-  return std::max(workers, 1u) * (apply_scratch_bytes(g, n) + 64);
+  return std::max(workers, 1u) * (apply_scratch_bytes(g, n) + 64) + detail::Q8Cache::bytes(g.grid, g.group_size, n);
 }
 
 /// apply() with its block rows split over an executor's workers (same result, bit for bit).
 inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
-                           Arena& arena, Executor* ex, float alpha = 1.0f, unsigned tier = 0) {
+                           Arena& arena, Executor* ex, float alpha = 1.0f, Precision tier = {}) {
   if (e >= g.members()) throw invalid_argument("morph::apply_parallel: member " + std::to_string(e) + " out of range");
   check_tier(tier);
   const std::size_t mark = arena.mark();
+  std::optional<detail::Q8Cache> q8c;
+  if (tier.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);
+  const detail::Q8Cache* c = q8c ? &*q8c : nullptr;
   detail::Workers w;
   detail::split_workers(arena, ex, apply_scratch_bytes(g, n), w);
-  for (auto nd : g.path[e]) detail::apply_matrix_parallel(g, g.cores[nd], X, ldx, n, Y, ldy, tier, ex, w, alpha, g.replaces[e].data());
-  detail::apply_matrix_parallel(g, g.residuals[e], X, ldx, n, Y, ldy, tier, ex, w, alpha);
+  for (auto nd : g.path[e]) detail::apply_matrix_parallel(g, g.cores[nd], X, ldx, n, Y, ldy, tier, ex, w, alpha, g.replaces[e].data(), c);
+  detail::apply_matrix_parallel(g, g.residuals[e], X, ldx, n, Y, ldy, tier, ex, w, alpha, nullptr, c);
   arena.reset(mark);
 }
 
@@ -139,7 +143,7 @@ inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, st
 /// Y[t, :] += sum over experts e routed t of gate(e, t) * W_e X[t, :]. X [n_tokens, cols] (stride
 /// ldx), Y [n_tokens, rows] (stride ldy). Equal to per-expert apply up to f32 summation order.
 inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
-                          Arena& arena, Executor* ex = nullptr, unsigned tier = 0) {
+                          Arena& arena, Executor* ex = nullptr, Precision tier = {}) {
   detail::check_plan(plan, g.members(), "grouped_apply");
   check_tier(tier);
   const std::size_t R = g.rows(), C = g.cols(), T = std::max<std::size_t>(plan.n_tokens, 1);
@@ -212,7 +216,7 @@ inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t toke
 
 /// Y[t, :] += sum over experts e routed t of gate(e, t) * FFN_e(X[t, :]).
 inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
-                         Arena& arena, Executor* ex = nullptr, unsigned tier = 0) {
+                         Arena& arena, Executor* ex = nullptr, Precision tier = {}) {
   L.check();
   detail::check_plan(plan, L.w1->members(), "swiglu_apply");
   check_tier(tier);

@@ -271,7 +271,7 @@ inline std::size_t apply_scratch_bytes(const KMorph& m, std::size_t n) {
 
 /// Y[t, :] += alpha * W X[t, :] for the hybrid W.
 inline void apply(const KMorph& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy, Arena& arena,
-                  float alpha = 1.0f, unsigned tier = 0) {
+                  float alpha = 1.0f, Precision tier = {}) {
   check_tier(tier);
   const KGroup& g = *m.group;
   for (const auto& [nd, w] : m.cores) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha * w, tier, arena, m.replaces.data());

@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -221,19 +222,104 @@ struct KGroup {
   }
 };
 
+/// How activations meet the codes.
+enum class Activations : std::uint8_t {
+  f32,   ///< codes dequantized to f32 in registers, f32 products: W_e x up to f32 summation order
+  int8,  ///< x quantized per group of columns to int8 (Q8Acts), integer dot products of codes and
+         ///< x (VNNI where present), one f32 scale per group: faster; error also includes the
+         ///< activation rounding, |dy_i| <= sum_j |w_ij| sx_g(j) / 2 (q8_gemv_nt). Blocks read at a
+         ///< tier below their stored bits, raw blocks and the left factors use the f32 path.
+};
+
+/// What apply() reads: a tier of the stored codes (0: as stored) and the activation path.
+/// Converts from a bare tier, so apply(..., 3) still means "tier 3, f32 activations".
+struct Precision {
+  unsigned tier = 0;
+  Activations act = Activations::f32;
+  Precision() = default;
+  Precision(unsigned t, Activations a = Activations::f32) : tier(t), act(a) {}  // NOLINT: implicit
+};
+
 /// Rows of a dense block decoded per panel on the batched path.
 inline constexpr std::size_t kPanelRows = 16;
+
+namespace detail {
+
+/// int8 activations of one apply call's tokens, quantized once per grid column and code container
+/// (nibble / byte) when the cache is made, then shared (read-only, so by every worker too) by all
+/// blocks of that column.
+struct Q8Cache {
+  const float* X = nullptr;  ///< the call's activations, before the column offset
+  std::size_t ldx = 0, n = 0, gcols = 0, block_cols = 0, cols = 0, group = 32;
+  std::uint8_t** slot = nullptr;  ///< [gcols * 2]: the buffer
+
+  static kernels::QView layout(std::size_t cols, std::size_t group, bool nibble) {
+    kernels::QView v;
+    v.cols = static_cast<std::uint32_t>(cols), v.group = static_cast<std::uint32_t>(group), v.nibble = nibble;
+    return v;
+  }
+  static std::size_t bytes(const compress::GridShape& grid, std::size_t group, std::size_t n) {
+    std::size_t b = Arena::bytes_for<std::uint8_t*>(grid.grid_cols() * 2);
+    for (std::size_t j = 0; j < grid.grid_cols(); ++j) {
+      const std::size_t cb = std::min(grid.block_cols, grid.cols - j * grid.block_cols);
+      for (bool nib : {false, true}) b += Arena::bytes_for<std::uint8_t>(n * kernels::Q8Acts::bytes(layout(cb, group, nib)));
+    }
+    return b;
+  }
+  Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a)
+      : X(x), ldx(ld), n(nt), gcols(g.grid.grid_cols()), block_cols(g.grid.block_cols), cols(g.grid.cols), group(g.group_size) {
+    slot = a.take<std::uint8_t*>(gcols * 2);
+    for (std::size_t j = 0; j < gcols; ++j)
+      for (int nib = 0; nib < 2; ++nib) {
+        const auto q = layout(width(j), group, nib != 0 && group % 2 == 0);
+        std::uint8_t*& buf = slot[j * 2 + static_cast<std::size_t>(nib)];
+        buf = a.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
+        kernels::q8_quantize(q, X + j * block_cols, ldx, n, buf);
+      }
+  }
+  std::size_t width(std::size_t j) const { return std::min(block_cols, cols - j * block_cols); }
+  /// The activations of the block at column offset c0 in q's layout, or null if q does not fit
+  /// the cache's layout (another group size or width).
+  const std::uint8_t* get(const kernels::QView& q, std::size_t c0) const {
+    const std::size_t j = c0 / block_cols;
+    if (q.group != group || c0 % block_cols || j >= gcols || q.cols != width(j)) return nullptr;
+    return slot[j * 2 + (q.nibble ? 1 : 0)];
+  }
+};
+
+/// Y[t, :nr] += alpha * q X[t, :] through int8 activations (from the cache if it has them), if
+/// prec asks for them and q is read at its stored bits; false (nothing done) otherwise.
+inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, std::size_t ldx, std::size_t n, float* Y,
+                     std::size_t ldy, float alpha, const Precision& prec, Arena& arena, const Q8Cache* cache, std::size_t c0) {
+  if (prec.act != Activations::int8 || (prec.tier != 0 && prec.tier < q.bits)) return false;
+  const std::size_t mark = arena.mark();
+  const std::uint8_t* acts = cache ? cache->get(q, c0) : nullptr;
+  if (!acts) {
+    auto* buf = arena.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
+    kernels::q8_quantize(q, X, ldx, n, buf);
+    acts = buf;
+  }
+  kernels::q8_gemv_nt(q, 0, nr, acts, n, alpha, Y, ldy);
+  arena.reset(mark);
+  return true;
+}
+
+}  // namespace detail
 
 /// Scratch bytes apply_block / apply_matrix / apply need for a batch of n tokens.
 inline std::size_t apply_scratch_bytes(const KGroup& g, std::size_t n) {
   const std::size_t wide = std::max(g.grid.block_rows, g.grid.block_cols);
-  return Arena::bytes_for<float>(n * g.max_rank) + Arena::bytes_for<float>(std::max<std::size_t>(kPanelRows, g.max_rank) * wide);
+  // int8 activations of n tokens over one block's columns: Q8Acts::bytes <= 8 * padded(columns).
+  const std::size_t q8 = Arena::bytes_for<std::uint8_t>(n * 8 * kernels::Q8Acts::padded(g.grid.block_cols)) +
+                         detail::Q8Cache::bytes(g.grid, g.group_size, n);
+  return Arena::bytes_for<float>(n * g.max_rank) + Arena::bytes_for<float>(std::max<std::size_t>(kPanelRows, g.max_rank) * wide) + q8;
 }
 
 /// Y[t, r0:r0+rb] += alpha * B X[t, c0:c0+cb] for t < n (X, Y: token-major with strides ldx, ldy).
 inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::size_t ldx, std::size_t n, float* Y,
-                        std::size_t ldy, float alpha, unsigned tier, Arena& arena) {
+                        std::size_t ldy, float alpha, Precision prec, Arena& arena, const detail::Q8Cache* q8c = nullptr) {
   if (n == 0) return;
+  const unsigned tier = prec.tier;
   const float* x = X + b.c0;
   float* y = Y + b.r0;
   const std::size_t mark = arena.mark();
@@ -244,6 +330,7 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
       return;
     case compress::block_kind::dense: {
       const auto q = b.a.view();
+      if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
       if (n < 3) {
         for (std::size_t t = 0; t < n; ++t) kernels::q_gemv_nt(q, 0, b.rb, tier, x + t * ldx, alpha, y + t * ldy);
         return;
@@ -263,17 +350,20 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
       const std::size_t r = b.rank;
       const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
       float* t = arena.take_zeroed<float>(n * r);
+      const bool q8 = !f32 && detail::apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0);  // t = right x
       if (n < 3) {
         for (std::size_t i = 0; i < n; ++i) {
           if (f32) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
-          else kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
+          else if (!q8) kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
           kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
         }
       } else {
         float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
-        const float* right = b.raw.data();
-        if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
-        kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+        if (!q8) {
+          const float* right = b.raw.data();
+          if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
+          kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+        }
         kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
         kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
       }
@@ -285,22 +375,30 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
 
 /// Applies every block of m (skipping grid blocks where skip[index] != 0, if skip is given).
 inline void apply_matrix(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
-                         float alpha, unsigned tier, Arena& arena, const std::uint8_t* skip = nullptr) {
+                         float alpha, Precision prec, Arena& arena, const std::uint8_t* skip = nullptr,
+                         const detail::Q8Cache* q8c = nullptr) {
   for (const auto& b : m.blocks)
-    if (!skip || !skip[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, arena);
+    if (!skip || !skip[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, alpha, prec, arena, q8c);
 }
 
-inline void check_tier(unsigned tier) {
+inline void check_tier(Precision prec) {
+  const unsigned tier = prec.tier;
+  if (prec.act != Activations::f32 && prec.act != Activations::int8) throw invalid_argument("morph: unknown activation path");
   if (tier != 0 && !compress::valid_bits(tier)) throw invalid_argument("morph: tier must be 0 (as stored) or 2 to 8, got " + std::to_string(tier));
 }
 
 /// Y[t, :] += alpha * W_e X[t, :] for t < n: member e's cores and residual, from the coefficients.
 inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
-                  Arena& arena, float alpha = 1.0f, unsigned tier = 0) {
+                  Arena& arena, float alpha = 1.0f, Precision prec = {}) {
   if (e >= g.members()) throw invalid_argument("morph::apply: member " + std::to_string(e) + " out of range");
-  check_tier(tier);
-  for (auto nd : g.path[e]) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha, tier, arena, g.replaces[e].data());
-  apply_matrix(g, g.residuals[e], X, ldx, n, Y, ldy, alpha, tier, arena);
+  check_tier(prec);
+  const std::size_t mark = arena.mark();
+  std::optional<detail::Q8Cache> q8c;
+  if (prec.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);
+  const detail::Q8Cache* c = q8c ? &*q8c : nullptr;
+  for (auto nd : g.path[e]) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha, prec, arena, g.replaces[e].data(), c);
+  apply_matrix(g, g.residuals[e], X, ldx, n, Y, ldy, alpha, prec, arena, nullptr, c);
+  arena.reset(mark);
 }
 
 }  // namespace s2lc::morph

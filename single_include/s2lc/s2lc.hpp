@@ -4566,6 +4566,22 @@ struct QView {
   std::size_t bytes() const noexcept { return rows * row_bytes() + 2u * rows * groups_per_row(); }
 };
 
+/// One token's activations quantized to int8 for the code layout of a QView (q8_quantize), what
+/// q8_gemv_nt reads. Per token, `bytes(q)` bytes (rbp = row_bytes() rounded up to 64):
+///   [0, rbp)          int8 x paired with the codes byte for byte (nibble: with the low nibbles)
+///   [rbp, 2 rbp)      nibble container: int8 x paired with the high nibbles (else zero)
+///   [2 rbp, 3 rbp)    f32 scale of the group of each 4-byte lane of the vector body
+///   [3 rbp, 4 rbp)    i32 per lane: 8 * (sum of its x), the offset of unsigned nibble codes
+///   [4 rbp, ...)      f32 scale per group, groups_per_row() of them
+/// Group g of x is quantized as xq = round_half_even(x * (127 / amax_g)) with scale amax_g / 127
+/// (a group with amax < 1e-30 quantizes to zero; a non-finite x makes its group's scale NaN).
+struct Q8Acts {
+  static constexpr std::size_t padded(std::size_t rb) noexcept { return (rb + 63) & ~std::size_t{63}; }
+  static std::size_t bytes(const QView& q) noexcept {
+    return 4 * padded(q.row_bytes()) + padded(4 * std::size_t{q.groups_per_row()});
+  }
+};
+
 /// How a tier is read: code c -> clamp((c + half) >> shift, lo, hi), value = c' * scale * mul.
 struct TierParams {
   int shift = 0, half = 0, lo = -128, hi = 127;
@@ -4639,9 +4655,383 @@ inline float decode(const QView& q, std::size_t r, std::size_t c, const TierPara
 #include <cstdint>
 #include <cstring>
 
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
+// ---- begin s2lc/kernels/q8-inl.h ----
+// s2lc — per-target bodies of the int8-activation products (Highway): activations quantized per
+// group to int8, integer dot products of the stored codes with them (AVX-512 VNNI vpdpbusd;
+// AVX-512BW / AVX2 / SSSE3 pmaddubsw; portable elsewhere), one f32 scale per group. Included by
+// qgemm-inl.h; use <s2lc/kernels/qgemm.hpp>. The buffer layout is s2lc::kernels::Q8Acts.
+//
+// Exactness: every integer partial is exact on every target (|lane| < 2^17), so the result is
+//   y[i] += alpha * sum_g sw[i, g] * sx[g] * sum_{j in g} code[i, j] * xq[j]
+// up to f32 summation order, whatever the target. The quantization itself (q8_quantize) is
+// bit-identical on every target: xq = round_half_even(x * (127 / amax_g)), sx = amax_g / 127.
+
+#if defined(S2LC_KERNELS_Q8_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef S2LC_KERNELS_Q8_INL_H_
+#undef S2LC_KERNELS_Q8_INL_H_
+#else
+#define S2LC_KERNELS_Q8_INL_H_
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include <hwy/cache_control.h>
+#include <hwy/highway.h>
+
+
+HWY_BEFORE_NAMESPACE();
+#if HWY_TARGET == HWY_AVX3_DL
+// Highway 1.0.3's AVX3_DL target string names avxvnni but not avx512vnni, which vpdpbusd on zmm
+// needs; the target is only chosen on CPUs that have it.
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+#endif
+namespace s2lc::kernels::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace q8k {
+
+using DF = hn::ScalableTag<float>;
+using DI = hn::RebindToSigned<DF>;
+using DU8 = hn::ScalableTag<std::uint8_t>;  // as many bytes as DF has (HWY_SCALAR: one)
+using DI8 = hn::ScalableTag<std::int8_t>;
+using DU16 = hn::ScalableTag<std::uint16_t>;
+using DH16 = hn::Rebind<std::uint16_t, DF>;  // one u16 per f32 lane
+using VF = hn::Vec<DF>;
+using VI = hn::Vec<DI>;
+using VU8 = hn::Vec<DU8>;
+using VI8 = hn::Vec<DI8>;
+using IdxF = decltype(hn::SetTableIndices(DF(), static_cast<const std::int32_t*>(nullptr)));
+
+// acc[i] += sum_{j < 4} a[4i + j] * b[4i + j] with a unsigned bytes <= 128 and b in [-127, 127]:
+// every pair sum fits int16, so pmaddubsw never saturates and all targets agree exactly.
+HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
+#if HWY_TARGET == HWY_AVX3_DL
+  return VI{_mm512_dpbusd_epi32(acc.raw, a.raw, b.raw)};
+#elif HWY_TARGET == HWY_AVX3
+  return hn::Add(acc, VI{_mm512_madd_epi16(_mm512_maddubs_epi16(a.raw, b.raw), _mm512_set1_epi16(1))});
+#elif HWY_TARGET == HWY_AVX2
+  return hn::Add(acc, VI{_mm256_madd_epi16(_mm256_maddubs_epi16(a.raw, b.raw), _mm256_set1_epi16(1))});
+#elif HWY_TARGET == HWY_SSE4 || HWY_TARGET == HWY_SSSE3
+  return hn::Add(acc, VI{_mm_madd_epi16(_mm_maddubs_epi16(a.raw, b.raw), _mm_set1_epi16(1))});
+#else
+  const DU8 du8;
+  const DI8 di8;
+  const DI di;
+  HWY_ALIGN std::uint8_t av[hn::MaxLanes(du8)];
+  HWY_ALIGN std::int8_t bv[hn::MaxLanes(di8)];
+  HWY_ALIGN std::int32_t r[hn::MaxLanes(di)];
+  if (hn::MaxLanes(du8) < 4 * hn::MaxLanes(di)) return acc;  // HWY_SCALAR: never called (no vector body)
+  hn::Store(a, du8, av);
+  hn::Store(b, di8, bv);
+  for (std::size_t i = 0; i < hn::Lanes(di); ++i) {
+    std::int32_t s = 0;
+    for (std::size_t j = 0; j < 4; ++j) s += static_cast<std::int32_t>(av[4 * i + j]) * bv[4 * i + j];
+    r[i] = s;
+  }
+  return hn::Add(acc, hn::Load(di, r));
+#endif
+}
+
+// Per-call layout of the codes seen by the vector body: bytes per group (gb), lanes per group,
+// and the bytes of each row the vector chunks cover (whole groups only).
+struct Layout {
+  std::size_t gpr, rb, rbp, gb, full, vend;
+  bool bcast;  // a group spans whole chunks: one scale per chunk
+};
+
+HWY_INLINE Layout MakeLayout(const QView& q) {
+  const std::size_t N8 = hn::Lanes(DU8());
+  Layout l;
+  l.gpr = q.groups_per_row();
+  l.rb = q.row_bytes();
+  l.rbp = Q8Acts::padded(l.rb);
+  l.gb = q.nibble ? q.group / 2 : q.group;
+  l.full = q.cols / q.group;
+  l.bcast = l.gb % N8 == 0;
+  // (HWY_SCALAR has one lane of every type: no byte vectors to pair with i32 lanes.)
+  const bool ok = N8 == 4 * hn::Lanes(DI()) && l.gb % 4 == 0 && (l.bcast || N8 % l.gb == 0);
+  l.vend = ok ? (l.full * l.gb) / N8 * N8 : 0;
+  return l;
+}
+
+// The quantized activation paired with column c of a row (inverse of the code packing).
+HWY_INLINE int XqAt(const QView& q, const Layout& L, const std::int8_t* lo, const std::int8_t* hi, std::size_t c) {
+  if (!q.nibble) return lo[c];
+  const std::size_t g = c / q.group, j = c % q.group;
+  const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
+  return j < h ? lo[g * L.gb + j] : hi[g * L.gb + j - h];
+}
+
+// Scalar tail of row r: groups [g0, gpr), exact integer sums, one f32 product per group.
+HWY_INLINE float TailRow(const QView& q, const Layout& L, std::size_t r, std::size_t g0, const std::uint8_t* act) {
+  const auto* lo = reinterpret_cast<const std::int8_t*>(act);
+  const auto* hi = lo + L.rbp;
+  const float* sx = reinterpret_cast<const float*>(act + 4 * L.rbp);
+  float s = 0.0f;
+  for (std::size_t g = g0; g < L.gpr; ++g) {
+    const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
+    std::int32_t acc = 0;
+    for (std::size_t j = 0; j < n; ++j) acc += detail::stored_code(q, r, c0 + j) * XqAt(q, L, lo, hi, c0 + j);
+    s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scales[r * L.gpr + g]);
+  }
+  return s;
+}
+
+// out[0..3] = the lane sums of a, b, c, d (one transposing pass instead of four reductions).
+#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
+template <class D>
+HWY_INLINE void StoreBlockSums(D d, hn::Vec<D> v, float* out) {
+  if constexpr (hn::MaxLanes(D()) <= 4) {
+    hn::StoreU(v, d, out);
+  } else {
+    const hn::Half<D> dh;
+    StoreBlockSums(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out);
+  }
+}
+#endif
+HWY_INLINE void Sum4(VF a, VF b, VF c, VF d, float* out) {
+  const DF df;
+#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
+  if constexpr (hn::MaxLanes(DF()) >= 4) {
+    const hn::Repartition<std::uint64_t, DF> d64;
+    // per 128-bit block: ab = [a0+a2, b0+b2, a1+a3, b1+b3], cd likewise
+    const VF ab = hn::Add(hn::InterleaveLower(df, a, b), hn::InterleaveUpper(df, a, b));
+    const VF cd = hn::Add(hn::InterleaveLower(df, c, d), hn::InterleaveUpper(df, c, d));
+    const auto ab64 = hn::BitCast(d64, ab), cd64 = hn::BitCast(d64, cd);
+    const VF abcd = hn::Add(hn::BitCast(df, hn::InterleaveLower(d64, ab64, cd64)), hn::BitCast(df, hn::InterleaveUpper(d64, ab64, cd64)));
+    StoreBlockSums(df, abcd, out);
+    return;
+  }
+#endif
+  out[0] = hn::GetLane(hn::SumOfLanes(df, a));
+  out[1] = hn::GetLane(hn::SumOfLanes(df, b));
+  out[2] = hn::GetLane(hn::SumOfLanes(df, c));
+  out[3] = hn::GetLane(hn::SumOfLanes(df, d));
+}
+
+// The scales the kernel multiplies by are f32: Q8GemvNT converts them per panel of rows and
+// column segment into a stack buffer (kScaleBuf floats), so the row loop only loads them.
+inline constexpr std::size_t kScaleBuf = 4096;
+// Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
+// short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
+inline constexpr std::size_t kPrefetch = 2048;
+
+// Columns [g0 * gb, g1 * gb) of the vector body, as a panel's work description.
+struct Span {
+  std::size_t g0, g1;      // groups
+  const float* sw;         // scales of the panel's first row at group g0; row stride lds
+  std::size_t lds;
+  bool tail;               // also the scalar groups [gvec, gpr)
+};
+
+// y[t, i] += alpha * row (r0 + i) . x_t over span sp, for R rows and T tokens; codes decoded once
+// per chunk. kNib: nibble container; kBcast: a group spans whole chunks (else a chunk holds whole
+// groups).
+template <std::size_t R, std::size_t T, bool kNib, bool kBcast>
+HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
+                     const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  const DF df;
+  VF acc[R][T];
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t t = 0; t < T; ++t) acc[i][t] = hn::Zero(df);
+#if HWY_TARGET != HWY_SCALAR  // (one lane of every type: no bytes to pair with i32 lanes; vend is 0)
+  const DI di;
+  const DU8 du8;
+  const DI8 di8;
+  const std::size_t N8 = hn::Lanes(du8);
+  const std::size_t gpc = kBcast ? 1 : N8 / L.gb;   // groups per chunk
+  const std::size_t cpg = kBcast ? L.gb / N8 : 1;   // chunks per group
+  const auto k88 = hn::Set(du8, 0x88), k0f = hn::Set(du8, 0x0F);
+  const std::uint8_t* const base = q.codes + r0 * L.rb;
+  const std::size_t rb = L.rb, lds = sp.lds;
+  std::size_t off = sp.g0 * L.gb;
+  for (std::size_t gl = 0; gl < sp.g1 - sp.g0; gl += gpc) {
+    VF sw[R];
+    for (std::size_t i = 0; i < R; ++i)
+      sw[i] = kBcast ? hn::Set(df, sw0[i * lds + gl]) : hn::TableLookupLanes(hn::LoadU(df, sw0 + i * lds + gl), rep);
+    for (std::size_t c = 0; c < cpg; ++c, off += N8) {
+      VU8 a0[R], a1[R];
+      for (std::size_t i = 0; i < R; ++i) {
+        hwy::Prefetch(base + i * rb + off + kPrefetch);  // rows are contiguous: the panel's next rows
+        const VU8 b = hn::LoadU(du8, base + i * rb + off);
+        if constexpr (kNib) {  // nibble c (two's complement) ^ 8 = c + 8 in [0, 15]
+          const VU8 u = hn::Xor(b, k88);
+          a0[i] = hn::And(u, k0f);
+          a1[i] = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), u))), k0f);
+        } else {  // |c| (<= 128) against x with c's sign
+          a0[i] = hn::BitCast(du8, hn::Abs(hn::BitCast(di8, b)));
+          a1[i] = b;
+        }
+      }
+      for (std::size_t t = 0; t < T; ++t) {
+        const std::uint8_t* act = acts + t * abytes;
+        const VI8 x0 = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(act + off));
+        const VF sx = hn::LoadU(df, reinterpret_cast<const float*>(act + 2 * L.rbp) + off / 4);
+        if constexpr (kNib) {
+          const VI8 x1 = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(act + L.rbp + off));
+          const VI corr = hn::LoadU(di, reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp) + off / 4);
+          for (std::size_t i = 0; i < R; ++i) {
+            const VI d = hn::Sub(DotU8I8(DotU8I8(hn::Zero(di), a0[i], x0), a1[i], x1), corr);
+            acc[i][t] = hn::MulAdd(hn::Mul(hn::ConvertTo(df, d), sx), sw[i], acc[i][t]);
+          }
+        } else {
+          for (std::size_t i = 0; i < R; ++i) {
+            const auto neg = hn::Lt(hn::BitCast(di8, a1[i]), hn::Zero(di8));
+            const VI d = DotU8I8(hn::Zero(di), a0[i], hn::IfThenElse(neg, hn::Neg(x0), x0));
+            acc[i][t] = hn::MulAdd(hn::Mul(hn::ConvertTo(df, d), sx), sw[i], acc[i][t]);
+          }
+        }
+      }
+    }
+  }
+#else
+  (void)rep, (void)sw0;
+#endif
+  const std::size_t gt = L.vend / L.gb;
+  for (std::size_t t = 0; t < T; ++t) {
+    float sums[R];
+    if constexpr (R == 4) Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], sums);
+    else
+      for (std::size_t i = 0; i < R; ++i) sums[i] = hn::GetLane(hn::SumOfLanes(df, acc[i][t]));
+    for (std::size_t i = 0; i < R; ++i)
+      y[t * ldy + i] += alpha * (sp.tail ? sums[i] + TailRow(q, L, r0 + i, gt, acts + t * abytes) : sums[i]);
+  }
+}
+
+template <std::size_t T, bool kNib, bool kBcast>
+HWY_INLINE void RowsAll(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, std::size_t nr,
+                        const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  std::size_t i = 0;
+  if constexpr (T == 1)
+    for (; i + 4 <= nr; i += 4) Rows<4, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+  for (; i + 2 <= nr; i += 2) Rows<2, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+  for (; i < nr; ++i) Rows<1, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+}
+
+template <bool kNib, bool kBcast>
+HWY_INLINE void Panel(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, std::size_t nr,
+                      const std::uint8_t* acts, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  std::size_t t = 0;
+  for (; t + 4 <= nt; t += 4) RowsAll<4, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+  for (; t + 2 <= nt; t += 2) RowsAll<2, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+  for (; t < nt; ++t) RowsAll<1, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+}
+
+}  // namespace q8k
+
+/// Quantizes nt tokens (x[t * ldx + c], c < q.cols) into the Q8Acts layout of q's codes.
+inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t ldx, std::size_t nt, std::uint8_t* out) {
+  const q8k::Layout L = q8k::MakeLayout(q);
+  const std::size_t abytes = Q8Acts::bytes(q);
+  const std::size_t G = q.group;
+  for (std::size_t t = 0; t < nt; ++t) {
+    std::uint8_t* act = out + t * abytes;
+    std::memset(act, 0, abytes);
+    auto* lo = reinterpret_cast<std::int8_t*>(act);
+    auto* hi = lo + L.rbp;
+    auto* sxl = reinterpret_cast<float*>(act + 2 * L.rbp);
+    auto* corr = reinterpret_cast<std::int32_t*>(act + 3 * L.rbp);
+    auto* sx = reinterpret_cast<float*>(act + 4 * L.rbp);
+    const float* xr = x + t * ldx;
+    for (std::size_t g = 0; g < L.gpr; ++g) {
+      const std::size_t c0 = g * G, n = std::min(G, static_cast<std::size_t>(q.cols) - c0);
+      float amax = 0.0f;
+      bool finite = true;
+      for (std::size_t j = 0; j < n; ++j) {
+        const float a = std::fabs(xr[c0 + j]);
+        if (!(a <= 3.40282347e38f)) finite = false;  // inf or NaN
+        else amax = std::max(amax, a);
+      }
+      // A non-finite input makes its group's scale NaN, so every product with it is NaN.
+      // Groups below 1e-30 quantize to zero (127 / amax would overflow for subnormal amax).
+      const bool tiny = amax < 1e-30f;
+      sx[g] = !finite ? std::nanf("") : tiny ? 0.0f : amax / 127.0f;
+      const float inv = finite && !tiny ? 127.0f / amax : 0.0f;
+      for (std::size_t j = 0; j < n; ++j) {
+        const float v = finite ? std::nearbyint(xr[c0 + j] * inv) : 0.0f;
+        const auto xq = static_cast<std::int8_t>(std::clamp(v, -127.0f, 127.0f));
+        const std::size_t c = c0 + j;
+        if (!q.nibble) lo[c] = xq;
+        else {
+          const std::size_t h = (n + 1) / 2;
+          if (j < h) lo[g * L.gb + j] = xq;
+          else hi[g * L.gb + j - h] = xq;
+        }
+      }
+    }
+    for (std::size_t i = 0; 4 * i < L.vend; ++i) {
+      sxl[i] = sx[4 * i / L.gb];
+      if (q.nibble) {
+        std::int32_t s = 0;
+        for (std::size_t j = 0; j < 4; ++j) s += lo[4 * i + j] + hi[4 * i + j];
+        corr[i] = 8 * s;
+      }
+    }
+  }
+}
+
+/// y[t * ldy + i] += alpha * sum_j q[r0 + i, j] xq_t[j] (scaled per group), i < nr, t < nt; the
+/// codes at their stored precision.
+inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt,
+                                  float alpha, float* y, std::size_t ldy) {
+  const q8k::Layout L = q8k::MakeLayout(q);
+  const std::size_t abytes = Q8Acts::bytes(q);
+  const q8k::DF df;
+  HWY_ALIGN std::int32_t idx[hn::MaxLanes(df)];
+  const std::size_t per = std::max<std::size_t>(1, L.gb / 4);
+  for (std::size_t i = 0; i < hn::Lanes(df); ++i) idx[i] = static_cast<std::int32_t>(std::min(i / per, hn::Lanes(df) - 1));
+  const auto rep = hn::SetTableIndices(df, idx);
+  // Column segments of at most kScaleBuf / 4 groups, row panels whose scales fit the buffer; the
+  // rows' partial sums of each segment are added to y (the tail goes with the last segment).
+  HWY_ALIGN float sbuf[q8k::kScaleBuf + hn::MaxLanes(df)];
+  const std::size_t NL = hn::Lanes(df), gvec = L.vend / L.gb, seg = q8k::kScaleBuf / 4;
+  for (std::size_t g0 = 0;;) {
+    const std::size_t g1 = std::min(gvec, g0 + seg), ns = g1 - g0;
+    q8k::Span sp{g0, g1, sbuf, std::max<std::size_t>(ns, 1), g1 == gvec};
+    const std::size_t panel = std::max<std::size_t>(4, q8k::kScaleBuf / sp.lds / 4 * 4);
+    for (std::size_t p0 = 0; p0 < nr; p0 += panel) {
+      const std::size_t np = std::min(panel, nr - p0);
+      if (ns == L.gpr) {  // whole rows: the panel's scales are contiguous
+        const std::uint16_t* src = q.scales + (r0 + p0) * L.gpr;
+        std::size_t j = 0;
+        for (; j + NL <= np * ns; j += NL) hn::StoreU(BF16ToF32Vec(hn::LoadU(q8k::DH16(), src + j)), df, sbuf + j);
+        for (; j < np * ns; ++j) sbuf[j] = s2lc::bf16_to_f32(src[j]);
+      } else {
+        for (std::size_t i = 0; i < np; ++i)
+          for (std::size_t g = 0; g < ns; ++g) sbuf[i * sp.lds + g] = s2lc::bf16_to_f32(q.scales[(r0 + p0 + i) * L.gpr + g0 + g]);
+      }
+      for (std::size_t j = 0; j < NL; ++j) sbuf[np * sp.lds + j] = 0.0f;  // what the last row's loads may touch
+      float* yp = y + p0;
+      if (q.nibble) {
+        if (L.bcast) q8k::Panel<true, true>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+        else q8k::Panel<true, false>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+      } else {
+        if (L.bcast) q8k::Panel<false, true>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+        else q8k::Panel<false, false>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+      }
+    }
+    if (g1 == gvec) break;
+    g0 = g1;
+  }
+}
+
+}  // namespace s2lc::kernels::HWY_NAMESPACE
+#if HWY_TARGET == HWY_AVX3_DL
+#pragma GCC pop_options
+#endif
+HWY_AFTER_NAMESPACE();
+
+#endif  // per-target include guard
+// ---- end s2lc/kernels/q8-inl.h ----
 
 HWY_BEFORE_NAMESPACE();
 namespace s2lc::kernels::HWY_NAMESPACE {
@@ -4655,6 +5045,9 @@ using DU = hn::RebindToUnsigned<DF>;
 using DI8 = hn::Rebind<std::int8_t, DF>;
 using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
+
+// Prefetch distance of the fused gemvs (see q8-inl.h: cold blocks have short rows).
+inline constexpr std::size_t kPrefetchBytes = 2048;
 
 // N codes starting at p as i32 lanes (sign-extended bytes).
 HWY_INLINE VI LoadBytes(const std::uint8_t* p) {
@@ -4756,6 +5149,7 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
       for (std::size_t j = 0; j < h; j += N) {
         const VF xl = hn::LoadU(df, x + c0 + j), xh = hn::LoadU(df, x + c0 + h + j);
         for (std::size_t i = 0; i < R; ++i) {
+          hwy::Prefetch(q.codes + (r0 + i) * rb + g * h + j + kPrefetchBytes);
           const VI b = LoadBytes(q.codes + (r0 + i) * rb + g * h + j);
           part[i] = hn::MulAdd(Codes<kTier>(LowNibble(b), t), xl, part[i]);
           part[i] = hn::MulAdd(Codes<kTier>(HighNibble(b), t), xh, part[i]);
@@ -4807,6 +5201,7 @@ HWY_INLINE void GemvNNRows(const QView& q, std::size_t k0, const TierParams& t, 
       for (std::size_t j = 0; j < h; j += N) {
         VF yl = hn::LoadU(df, y + c0 + j), yh = hn::LoadU(df, y + c0 + h + j);
         for (std::size_t i = 0; i < R; ++i) {
+          hwy::Prefetch(q.codes + (k0 + i) * rb + g * h + j + kPrefetchBytes);
           const VI b = LoadBytes(q.codes + (k0 + i) * rb + g * h + j);
           const VF ci = hn::Set(df, cs[i]);
           yl = hn::MulAdd(Codes<kTier>(LowNibble(b), t), ci, yl);
@@ -5066,6 +5461,11 @@ namespace s2lc::kernels {
                                float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
   X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
                                float* y), (q, k0, nk, tier, c, y))                                                   \
+  X(void, q8_quantize, Q8Quantize, (const QView& q, const float* x, std::size_t ldx, std::size_t nt,              \
+                                     std::uint8_t* out), (q, x, ldx, nt, out))                                       \
+  X(void, q8_gemv_nt, Q8GemvNT, (const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,          \
+                                 std::size_t nt, float alpha, float* y, std::size_t ldy),                            \
+    (q, r0, nr, acts, nt, alpha, y, ldy))                                                                            \
   X(void, gemm_nt, GemmNT, (const float* w, std::size_t ldw, std::size_t nr, const float* x, std::size_t ldx,        \
                             std::size_t nt, std::size_t k, float alpha, float* y, std::size_t ldy),                  \
     (w, ldw, nr, x, ldx, nt, k, alpha, y, ldy))                                                                      \
@@ -5084,6 +5484,11 @@ namespace s2lc::kernels {
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
 // q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
+// q8_quantize:   nt tokens x[t * ldx + c] (c < q.cols) to int8 in q's layout: out holds
+//                nt * Q8Acts::bytes(q) bytes (see qview.hpp; bit-identical on every target).
+// q8_gemv_nt:    y[t * ldy + i] += alpha * sum_g s[r0 + i, g] sx_t[g] sum_{j in g} code[r0 + i, j] xq_t[j]
+//                for i < nr, t < nt: integer dot products (VNNI where the CPU has it), codes at
+//                their stored precision (tiers take q_gemv_nt).
 // gemm_nt:       y[t, i] += alpha * sum_k w[i, k] x[t, k]  (i < nr, t < nt).
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
@@ -5345,6 +5750,7 @@ void parallel_for(Executor* ex, std::size_t n, F&& f) {
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -5542,19 +5948,104 @@ struct KGroup {
   }
 };
 
+/// How activations meet the codes.
+enum class Activations : std::uint8_t {
+  f32,   ///< codes dequantized to f32 in registers, f32 products: W_e x up to f32 summation order
+  int8,  ///< x quantized per group of columns to int8 (Q8Acts), integer dot products of codes and
+         ///< x (VNNI where present), one f32 scale per group: faster; error also includes the
+         ///< activation rounding, |dy_i| <= sum_j |w_ij| sx_g(j) / 2 (q8_gemv_nt). Blocks read at a
+         ///< tier below their stored bits, raw blocks and the left factors use the f32 path.
+};
+
+/// What apply() reads: a tier of the stored codes (0: as stored) and the activation path.
+/// Converts from a bare tier, so apply(..., 3) still means "tier 3, f32 activations".
+struct Precision {
+  unsigned tier = 0;
+  Activations act = Activations::f32;
+  Precision() = default;
+  Precision(unsigned t, Activations a = Activations::f32) : tier(t), act(a) {}  // NOLINT: implicit
+};
+
 /// Rows of a dense block decoded per panel on the batched path.
 inline constexpr std::size_t kPanelRows = 16;
+
+namespace detail {
+
+/// int8 activations of one apply call's tokens, quantized once per grid column and code container
+/// (nibble / byte) when the cache is made, then shared (read-only, so by every worker too) by all
+/// blocks of that column.
+struct Q8Cache {
+  const float* X = nullptr;  ///< the call's activations, before the column offset
+  std::size_t ldx = 0, n = 0, gcols = 0, block_cols = 0, cols = 0, group = 32;
+  std::uint8_t** slot = nullptr;  ///< [gcols * 2]: the buffer
+
+  static kernels::QView layout(std::size_t cols, std::size_t group, bool nibble) {
+    kernels::QView v;
+    v.cols = static_cast<std::uint32_t>(cols), v.group = static_cast<std::uint32_t>(group), v.nibble = nibble;
+    return v;
+  }
+  static std::size_t bytes(const compress::GridShape& grid, std::size_t group, std::size_t n) {
+    std::size_t b = Arena::bytes_for<std::uint8_t*>(grid.grid_cols() * 2);
+    for (std::size_t j = 0; j < grid.grid_cols(); ++j) {
+      const std::size_t cb = std::min(grid.block_cols, grid.cols - j * grid.block_cols);
+      for (bool nib : {false, true}) b += Arena::bytes_for<std::uint8_t>(n * kernels::Q8Acts::bytes(layout(cb, group, nib)));
+    }
+    return b;
+  }
+  Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a)
+      : X(x), ldx(ld), n(nt), gcols(g.grid.grid_cols()), block_cols(g.grid.block_cols), cols(g.grid.cols), group(g.group_size) {
+    slot = a.take<std::uint8_t*>(gcols * 2);
+    for (std::size_t j = 0; j < gcols; ++j)
+      for (int nib = 0; nib < 2; ++nib) {
+        const auto q = layout(width(j), group, nib != 0 && group % 2 == 0);
+        std::uint8_t*& buf = slot[j * 2 + static_cast<std::size_t>(nib)];
+        buf = a.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
+        kernels::q8_quantize(q, X + j * block_cols, ldx, n, buf);
+      }
+  }
+  std::size_t width(std::size_t j) const { return std::min(block_cols, cols - j * block_cols); }
+  /// The activations of the block at column offset c0 in q's layout, or null if q does not fit
+  /// the cache's layout (another group size or width).
+  const std::uint8_t* get(const kernels::QView& q, std::size_t c0) const {
+    const std::size_t j = c0 / block_cols;
+    if (q.group != group || c0 % block_cols || j >= gcols || q.cols != width(j)) return nullptr;
+    return slot[j * 2 + (q.nibble ? 1 : 0)];
+  }
+};
+
+/// Y[t, :nr] += alpha * q X[t, :] through int8 activations (from the cache if it has them), if
+/// prec asks for them and q is read at its stored bits; false (nothing done) otherwise.
+inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, std::size_t ldx, std::size_t n, float* Y,
+                     std::size_t ldy, float alpha, const Precision& prec, Arena& arena, const Q8Cache* cache, std::size_t c0) {
+  if (prec.act != Activations::int8 || (prec.tier != 0 && prec.tier < q.bits)) return false;
+  const std::size_t mark = arena.mark();
+  const std::uint8_t* acts = cache ? cache->get(q, c0) : nullptr;
+  if (!acts) {
+    auto* buf = arena.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
+    kernels::q8_quantize(q, X, ldx, n, buf);
+    acts = buf;
+  }
+  kernels::q8_gemv_nt(q, 0, nr, acts, n, alpha, Y, ldy);
+  arena.reset(mark);
+  return true;
+}
+
+}  // namespace detail
 
 /// Scratch bytes apply_block / apply_matrix / apply need for a batch of n tokens.
 inline std::size_t apply_scratch_bytes(const KGroup& g, std::size_t n) {
   const std::size_t wide = std::max(g.grid.block_rows, g.grid.block_cols);
-  return Arena::bytes_for<float>(n * g.max_rank) + Arena::bytes_for<float>(std::max<std::size_t>(kPanelRows, g.max_rank) * wide);
+  // int8 activations of n tokens over one block's columns: Q8Acts::bytes <= 8 * padded(columns).
+  const std::size_t q8 = Arena::bytes_for<std::uint8_t>(n * 8 * kernels::Q8Acts::padded(g.grid.block_cols)) +
+                         detail::Q8Cache::bytes(g.grid, g.group_size, n);
+  return Arena::bytes_for<float>(n * g.max_rank) + Arena::bytes_for<float>(std::max<std::size_t>(kPanelRows, g.max_rank) * wide) + q8;
 }
 
 /// Y[t, r0:r0+rb] += alpha * B X[t, c0:c0+cb] for t < n (X, Y: token-major with strides ldx, ldy).
 inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::size_t ldx, std::size_t n, float* Y,
-                        std::size_t ldy, float alpha, unsigned tier, Arena& arena) {
+                        std::size_t ldy, float alpha, Precision prec, Arena& arena, const detail::Q8Cache* q8c = nullptr) {
   if (n == 0) return;
+  const unsigned tier = prec.tier;
   const float* x = X + b.c0;
   float* y = Y + b.r0;
   const std::size_t mark = arena.mark();
@@ -5565,6 +6056,7 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
       return;
     case compress::block_kind::dense: {
       const auto q = b.a.view();
+      if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
       if (n < 3) {
         for (std::size_t t = 0; t < n; ++t) kernels::q_gemv_nt(q, 0, b.rb, tier, x + t * ldx, alpha, y + t * ldy);
         return;
@@ -5584,17 +6076,20 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
       const std::size_t r = b.rank;
       const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
       float* t = arena.take_zeroed<float>(n * r);
+      const bool q8 = !f32 && detail::apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0);  // t = right x
       if (n < 3) {
         for (std::size_t i = 0; i < n; ++i) {
           if (f32) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
-          else kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
+          else if (!q8) kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
           kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
         }
       } else {
         float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
-        const float* right = b.raw.data();
-        if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
-        kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+        if (!q8) {
+          const float* right = b.raw.data();
+          if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
+          kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+        }
         kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
         kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
       }
@@ -5606,22 +6101,30 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
 
 /// Applies every block of m (skipping grid blocks where skip[index] != 0, if skip is given).
 inline void apply_matrix(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
-                         float alpha, unsigned tier, Arena& arena, const std::uint8_t* skip = nullptr) {
+                         float alpha, Precision prec, Arena& arena, const std::uint8_t* skip = nullptr,
+                         const detail::Q8Cache* q8c = nullptr) {
   for (const auto& b : m.blocks)
-    if (!skip || !skip[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, arena);
+    if (!skip || !skip[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, alpha, prec, arena, q8c);
 }
 
-inline void check_tier(unsigned tier) {
+inline void check_tier(Precision prec) {
+  const unsigned tier = prec.tier;
+  if (prec.act != Activations::f32 && prec.act != Activations::int8) throw invalid_argument("morph: unknown activation path");
   if (tier != 0 && !compress::valid_bits(tier)) throw invalid_argument("morph: tier must be 0 (as stored) or 2 to 8, got " + std::to_string(tier));
 }
 
 /// Y[t, :] += alpha * W_e X[t, :] for t < n: member e's cores and residual, from the coefficients.
 inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
-                  Arena& arena, float alpha = 1.0f, unsigned tier = 0) {
+                  Arena& arena, float alpha = 1.0f, Precision prec = {}) {
   if (e >= g.members()) throw invalid_argument("morph::apply: member " + std::to_string(e) + " out of range");
-  check_tier(tier);
-  for (auto nd : g.path[e]) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha, tier, arena, g.replaces[e].data());
-  apply_matrix(g, g.residuals[e], X, ldx, n, Y, ldy, alpha, tier, arena);
+  check_tier(prec);
+  const std::size_t mark = arena.mark();
+  std::optional<detail::Q8Cache> q8c;
+  if (prec.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);
+  const detail::Q8Cache* c = q8c ? &*q8c : nullptr;
+  for (auto nd : g.path[e]) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha, prec, arena, g.replaces[e].data(), c);
+  apply_matrix(g, g.residuals[e], X, ldx, n, Y, ldy, alpha, prec, arena, nullptr, c);
+  arena.reset(mark);
 }
 
 }  // namespace s2lc::morph
@@ -5647,6 +6150,7 @@ inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ld
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -5701,13 +6205,13 @@ inline unsigned workers_of(Executor* ex) { return ex ? std::min(ex->workers(), W
 
 /// Y[i, :] += M X[i, :] for i < n, split into block-row tasks (each writes its own columns of Y).
 inline void apply_matrix_parallel(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y,
-                                  std::size_t ldy, unsigned tier, Executor* ex, Workers& w, float alpha = 1.0f,
-                                  const std::uint8_t* skip = nullptr) {
+                                  std::size_t ldy, Precision tier, Executor* ex, Workers& w, float alpha = 1.0f,
+                                  const std::uint8_t* skip = nullptr, const Q8Cache* q8c = nullptr) {
   if (n == 0 || m.blocks.empty()) return;
   const std::size_t gc = g.grid.grid_cols();
   parallel_for(ex, g.grid.grid_rows(), [&](std::size_t br, unsigned worker) {
     for (const auto& b : m.blocks)
-      if (b.index / gc == br && !(skip && skip[b.index])) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, w.arena[worker]);
+      if (b.index / gc == br && !(skip && skip[b.index])) apply_block(g, b, X, ldx, n, Y, ldy, alpha, tier, w.arena[worker], q8c);
   });
 }
 
@@ -5724,7 +6228,7 @@ inline void check_plan(const DispatchPlan& p, std::size_t experts, const char* w
 
 /// Applies the cores of e's path at the blocks its residual replaces, with weight -1.
 inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y,
-                             std::size_t ldy, unsigned tier, Arena& a) {
+                             std::size_t ldy, Precision tier, Arena& a) {
   const auto& rep = g.replaces[e];
   if (std::find(rep.begin(), rep.end(), std::uint8_t{1}) == rep.end()) return;
   for (auto nd : g.path[e])
@@ -5736,19 +6240,22 @@ inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std
 
 /// Arena bytes apply_parallel needs.
 inline std::size_t parallel_scratch_bytes(const KGroup& g, std::size_t n, unsigned workers) {
-  return std::max(workers, 1u) * (apply_scratch_bytes(g, n) + 64);
+  return std::max(workers, 1u) * (apply_scratch_bytes(g, n) + 64) + detail::Q8Cache::bytes(g.grid, g.group_size, n);
 }
 
 /// apply() with its block rows split over an executor's workers (same result, bit for bit).
 inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
-                           Arena& arena, Executor* ex, float alpha = 1.0f, unsigned tier = 0) {
+                           Arena& arena, Executor* ex, float alpha = 1.0f, Precision tier = {}) {
   if (e >= g.members()) throw invalid_argument("morph::apply_parallel: member " + std::to_string(e) + " out of range");
   check_tier(tier);
   const std::size_t mark = arena.mark();
+  std::optional<detail::Q8Cache> q8c;
+  if (tier.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);
+  const detail::Q8Cache* c = q8c ? &*q8c : nullptr;
   detail::Workers w;
   detail::split_workers(arena, ex, apply_scratch_bytes(g, n), w);
-  for (auto nd : g.path[e]) detail::apply_matrix_parallel(g, g.cores[nd], X, ldx, n, Y, ldy, tier, ex, w, alpha, g.replaces[e].data());
-  detail::apply_matrix_parallel(g, g.residuals[e], X, ldx, n, Y, ldy, tier, ex, w, alpha);
+  for (auto nd : g.path[e]) detail::apply_matrix_parallel(g, g.cores[nd], X, ldx, n, Y, ldy, tier, ex, w, alpha, g.replaces[e].data(), c);
+  detail::apply_matrix_parallel(g, g.residuals[e], X, ldx, n, Y, ldy, tier, ex, w, alpha, nullptr, c);
   arena.reset(mark);
 }
 
@@ -5763,7 +6270,7 @@ inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, st
 /// Y[t, :] += sum over experts e routed t of gate(e, t) * W_e X[t, :]. X [n_tokens, cols] (stride
 /// ldx), Y [n_tokens, rows] (stride ldy). Equal to per-expert apply up to f32 summation order.
 inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
-                          Arena& arena, Executor* ex = nullptr, unsigned tier = 0) {
+                          Arena& arena, Executor* ex = nullptr, Precision tier = {}) {
   detail::check_plan(plan, g.members(), "grouped_apply");
   check_tier(tier);
   const std::size_t R = g.rows(), C = g.cols(), T = std::max<std::size_t>(plan.n_tokens, 1);
@@ -5836,7 +6343,7 @@ inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t toke
 
 /// Y[t, :] += sum over experts e routed t of gate(e, t) * FFN_e(X[t, :]).
 inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
-                         Arena& arena, Executor* ex = nullptr, unsigned tier = 0) {
+                         Arena& arena, Executor* ex = nullptr, Precision tier = {}) {
   L.check();
   detail::check_plan(plan, L.w1->members(), "swiglu_apply");
   check_tier(tier);
@@ -6207,7 +6714,7 @@ inline std::size_t apply_scratch_bytes(const KMorph& m, std::size_t n) {
 
 /// Y[t, :] += alpha * W X[t, :] for the hybrid W.
 inline void apply(const KMorph& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy, Arena& arena,
-                  float alpha = 1.0f, unsigned tier = 0) {
+                  float alpha = 1.0f, Precision tier = {}) {
   check_tier(tier);
   const KGroup& g = *m.group;
   for (const auto& [nd, w] : m.cores) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha * w, tier, arena, m.replaces.data());

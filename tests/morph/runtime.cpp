@@ -152,6 +152,56 @@ void check_apply(const cz::CompressedGroup& g, const mo::KGroup& kg, std::uint32
   for (std::size_t t = 0; t < n; ++t) REQUIRE(Y[t * ldy + R] == 0.25f);  // padding untouched
 }
 
+/// int8 activations: Y = Y0 + alpha W X^T within the activation-rounding bound (each column's
+/// group scale over 2 times the magnitudes |W| the products pass through) plus the f32 bound.
+void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::uint32_t e, std::size_t n, mo::Executor* ex = nullptr) {
+  const std::size_t R = g.grid.rows, C = g.grid.cols, ldx = C + 3, ldy = R + 1, bc = g.grid.block_cols, G = g.group_size;
+  const auto X = randn(n * ldx, static_cast<std::uint32_t>(e * 1000 + n * 10 + 7), 1.0f);
+  std::vector<float> Y(n * ldy, 0.25f);
+  std::vector<std::byte> mem(mo::parallel_scratch_bytes(kg, n, 3));
+  mo::Arena arena(mem);
+  const mo::Precision prec{0, mo::Activations::int8};
+  mo::apply(kg, e, X.data(), ldx, n, Y.data(), ldy, arena, -2.0f, prec);
+  CHECK(arena.used() == 0);
+  bool quantized = false;  // a block the int8 path takes: then the bits differ from the f32 path
+  auto scan = [&](const mo::KMatrix& m) {
+    for (const auto& b : m.blocks) quantized = quantized || (b.kind != cz::block_kind::raw && b.raw.empty());
+  };
+  scan(kg.residuals[e]);
+  for (auto nd : kg.path[e]) scan(kg.cores[nd]);
+  std::vector<float> Yf(n * ldy, 0.25f);
+  mo::apply(kg, e, X.data(), ldx, n, Yf.data(), ldy, arena, -2.0f);
+  CHECK((Yf != Y) == quantized);
+  if (ex) {  // split over workers: the same bits
+    std::vector<float> Yp(n * ldy, 0.25f);
+    mo::apply_parallel(kg, e, X.data(), ldx, n, Yp.data(), ldy, arena, ex, -2.0f, prec);
+    CHECK(Yp == Y);
+  }
+  const auto W = cz::reconstruct(g, e);
+  const auto A = abs_components(g, e, 0);
+  const double slack = static_cast<double>(C + max_rank(g) + 32);
+  for (std::size_t t = 0; t < n; ++t) {
+    const float* x = X.data() + t * ldx;
+    std::vector<double> half_sx(C);  // half the scale of the group each column is quantized in
+    for (std::size_t j = 0; j < C; ++j) {
+      const std::size_t b0 = j / bc * bc, be = std::min(C, b0 + bc), g0 = b0 + (j - b0) / G * G, g1 = std::min(be, g0 + G);
+      float amax = 0;
+      for (std::size_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(x[k]));
+      half_sx[j] = 0.5 * double(amax) / 127.0;
+    }
+    for (std::size_t i = 0; i < R; ++i) {
+      double s = 0, a = 0, q = 0;
+      for (std::size_t j = 0; j < C; ++j) {
+        s += double(W(i, j)) * x[j];
+        a += A[i * C + j] * std::fabs(x[j]);
+        q += A[i * C + j] * (half_sx[j] + 4 * kU * std::fabs(x[j]));
+      }
+      REQUIRE(std::fabs(Y[t * ldy + i] - (0.25 - 2.0 * s)) <= 2.0 * (q + slack * kU * (a + q)) + kU);
+    }
+    REQUIRE(Y[t * ldy + R] == 0.25f);
+  }
+}
+
 /// A top-2 plan over `experts` with deterministic pseudo-random choices and gates.
 s2lc::DispatchPlan top2_plan(std::size_t experts, std::size_t tokens, std::uint32_t seed) {
   std::mt19937 rng(seed);
@@ -186,6 +236,30 @@ TEST_CASE("morph: apply equals the dense product of the reconstruction (real exp
   }
   // Batch 64 once, on the group with the most blocks.
   check_apply(c.groups[0], mo::KGroup::from(c.groups[0]), 3, 0, 64);
+}
+
+TEST_CASE("morph: int8-activation apply stays within the activation-rounding bound of the reconstruction, threads give the same bits") {
+  mo::ThreadPool pool(3);
+  const auto& c = fixture_compressed();
+  for (const auto& g : c.groups) {
+    CAPTURE(g.name);
+    const auto kg = mo::KGroup::from(g);
+    for (std::uint32_t e : {0u, 5u})
+      for (std::size_t n : {1u, 2u, 3u, 8u, 33u}) {
+        CAPTURE(e);
+        CAPTURE(n);
+        check_apply_int8(g, kg, e, n, n == 3 ? &pool : nullptr);
+      }
+  }
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& cs : synthetic_compressed())
+      for (const auto& g : cs.groups) {
+        const auto kg = mo::KGroup::from(g);
+        for (std::uint32_t e = 0; e < kg.members(); ++e) check_apply_int8(g, kg, e, 5);
+      }
+  }
 }
 
 TEST_CASE("morph: apply covers every block kind (raw residuals replacing cores, shared bases, 4-bit) on every target") {

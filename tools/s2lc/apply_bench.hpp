@@ -34,6 +34,7 @@ struct Config {
   double ratio = 8;
   unsigned threads = 1, morph = 0;
   bool cold = true;
+  morph::Activations act = morph::Activations::f32;  ///< the path `us` measures (both are timed)
   std::size_t cold_bytes = std::size_t{512} << 20;  ///< working set that defeats the caches
   double seconds = 0.3;                              ///< per contender
 };
@@ -73,7 +74,8 @@ inline std::vector<compress::GroupInput> make_experts(const Config& c, std::uint
 }
 
 struct Result {
-  double us = 0;            ///< s2lc compressed apply, per call
+  double us = 0;            ///< s2lc compressed apply, per call, with Config::act
+  double f32_us = 0, int8_us = 0;  ///< the same with f32 / int8 activations
   double openblas_us = 0;   ///< OpenBLAS on the reconstructed f32 matrix
   double dense_us = 0;      ///< our Highway f32 kernel on it
   double bound_us = 0;      ///< streaming read of the compressed bytes
@@ -128,9 +130,13 @@ inline Result run(const Config& c) {
   std::vector<std::byte> mem(morph::parallel_scratch_bytes(base, B, c.threads) + morph::apply_scratch_bytes(base, B) * 2 + (1 << 20));
   morph::Arena arena(mem);
 
-  r.us = 1e6 * time_calls([&](std::size_t i) {
-    morph::apply_parallel(qs[i % nq], 0, X.data(), c.cols, B, Y.data(), c.rows, arena, ex);
-  }, c.seconds);
+  for (auto act : {morph::Activations::f32, morph::Activations::int8}) {
+    const double us = 1e6 * time_calls([&](std::size_t i) {
+      morph::apply_parallel(qs[i % nq], 0, X.data(), c.cols, B, Y.data(), c.rows, arena, ex, 1.0f, {0, act});
+    }, c.seconds);
+    (act == morph::Activations::f32 ? r.f32_us : r.int8_us) = us;
+  }
+  r.us = c.act == morph::Activations::f32 ? r.f32_us : r.int8_us;
   r.openblas_us = 1e6 * time_calls([&](std::size_t i) {
     const float* w = ds[i % nd].data();
     const auto M = static_cast<int>(c.rows), K = static_cast<int>(c.cols), N = static_cast<int>(B);
@@ -173,8 +179,9 @@ inline Result run(const Config& c) {
     r.morph_bytes = static_cast<double>(ms[0].bytes());
     std::vector<std::byte> mm(std::max(morph::apply_scratch_bytes(ms[0], B), morph::apply_scratch_bytes(base, B)));
     morph::Arena ma(mm);
-    r.single_serial_us = 1e6 * time_calls([&](std::size_t i) { morph::apply(qs[i % nq], 0, X.data(), c.cols, B, Y.data(), c.rows, ma); }, c.seconds);
-    r.morph_us = 1e6 * time_calls([&](std::size_t i) { morph::apply(ms[i % nq], X.data(), c.cols, B, Y.data(), c.rows, ma); }, c.seconds);
+    const morph::Precision prec{0, c.act};
+    r.single_serial_us = 1e6 * time_calls([&](std::size_t i) { morph::apply(qs[i % nq], 0, X.data(), c.cols, B, Y.data(), c.rows, ma, 1.0f, prec); }, c.seconds);
+    r.morph_us = 1e6 * time_calls([&](std::size_t i) { morph::apply(ms[i % nq], X.data(), c.cols, B, Y.data(), c.rows, ma, 1.0f, prec); }, c.seconds);
   }
   return r;
 }

@@ -13,7 +13,7 @@ namespace s2lc::cli {
 
 int run_bench(const std::vector<std::string>& args) {
   if (args.empty() || args[0] != "apply")
-    throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K] [--hot] [--json]");
+    throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K] [--activations f32|int8] [--hot] [--json]");
   apply_bench::Config c;
   bool json = false;
   for (std::size_t i = 1; i < args.size(); ++i) {
@@ -29,6 +29,12 @@ int run_bench(const std::vector<std::string>& args) {
     else if (a == "--morph") c.morph = static_cast<unsigned>(parse_count(a, value()));
     else if (a == "--experts") c.experts = parse_count(a, value());
     else if (a == "--hot") c.cold = false;
+    else if (a == "--activations") {
+      const std::string& v = value();
+      if (v == "f32") c.act = morph::Activations::f32;
+      else if (v == "int8") c.act = morph::Activations::int8;
+      else throw usage_error("--activations must be f32 or int8, got '" + v + "'");
+    }
     else if (a == "--json") json = true;
     else if (a == "--seconds") c.seconds = parse_number(a, value());
     else if (a == "--ratio") {
@@ -43,8 +49,10 @@ int run_bench(const std::vector<std::string>& args) {
   nlohmann::ordered_json j;
   j["rows"] = c.rows, j["cols"] = c.cols, j["ratio"] = c.ratio, j["batch"] = c.batch, j["threads"] = c.threads;
   j["cold"] = c.cold, j["copies"] = r.copies;
+  j["activations"] = c.act == morph::Activations::int8 ? "int8" : "f32";
   j["bytes"] = r.bytes, j["dense_f32_bytes"] = r.dense_bytes, j["bandwidth_gbs"] = r.bandwidth_gbs;
   j["us_per_call"] = r.us, j["openblas_us_per_call"] = r.openblas_us, j["dense_highway_us_per_call"] = r.dense_us;
+  j["f32_activations_us_per_call"] = r.f32_us, j["int8_activations_us_per_call"] = r.int8_us;
   j["speedup_vs_openblas"] = r.openblas_us / r.us;
   j["bound_us"] = r.bound_us, j["bound_ratio"] = r.us / r.bound_us;
   j["openblas_bound_ratio"] = r.openblas_us / r.dense_bound_us;

@@ -20,10 +20,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
 #include "s2lc/kernels/convert-inl.h"
+#include "s2lc/kernels/q8-inl.h"
 #include "s2lc/kernels/qview.hpp"
 
 HWY_BEFORE_NAMESPACE();
@@ -38,6 +40,9 @@ using DU = hn::RebindToUnsigned<DF>;
 using DI8 = hn::Rebind<std::int8_t, DF>;
 using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
+
+// Prefetch distance of the fused gemvs (see q8-inl.h: cold blocks have short rows).
+inline constexpr std::size_t kPrefetchBytes = 2048;
 
 // N codes starting at p as i32 lanes (sign-extended bytes).
 HWY_INLINE VI LoadBytes(const std::uint8_t* p) {
@@ -139,6 +144,7 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
       for (std::size_t j = 0; j < h; j += N) {
         const VF xl = hn::LoadU(df, x + c0 + j), xh = hn::LoadU(df, x + c0 + h + j);
         for (std::size_t i = 0; i < R; ++i) {
+          hwy::Prefetch(q.codes + (r0 + i) * rb + g * h + j + kPrefetchBytes);
           const VI b = LoadBytes(q.codes + (r0 + i) * rb + g * h + j);
           part[i] = hn::MulAdd(Codes<kTier>(LowNibble(b), t), xl, part[i]);
           part[i] = hn::MulAdd(Codes<kTier>(HighNibble(b), t), xh, part[i]);
@@ -190,6 +196,7 @@ HWY_INLINE void GemvNNRows(const QView& q, std::size_t k0, const TierParams& t, 
       for (std::size_t j = 0; j < h; j += N) {
         VF yl = hn::LoadU(df, y + c0 + j), yh = hn::LoadU(df, y + c0 + h + j);
         for (std::size_t i = 0; i < R; ++i) {
+          hwy::Prefetch(q.codes + (k0 + i) * rb + g * h + j + kPrefetchBytes);
           const VI b = LoadBytes(q.codes + (k0 + i) * rb + g * h + j);
           const VF ci = hn::Set(df, cs[i]);
           yl = hn::MulAdd(Codes<kTier>(LowNibble(b), t), ci, yl);

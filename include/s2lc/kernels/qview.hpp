@@ -40,6 +40,22 @@ struct QView {
   std::size_t bytes() const noexcept { return rows * row_bytes() + 2u * rows * groups_per_row(); }
 };
 
+/// One token's activations quantized to int8 for the code layout of a QView (q8_quantize), what
+/// q8_gemv_nt reads. Per token, `bytes(q)` bytes (rbp = row_bytes() rounded up to 64):
+///   [0, rbp)          int8 x paired with the codes byte for byte (nibble: with the low nibbles)
+///   [rbp, 2 rbp)      nibble container: int8 x paired with the high nibbles (else zero)
+///   [2 rbp, 3 rbp)    f32 scale of the group of each 4-byte lane of the vector body
+///   [3 rbp, 4 rbp)    i32 per lane: 8 * (sum of its x), the offset of unsigned nibble codes
+///   [4 rbp, ...)      f32 scale per group, groups_per_row() of them
+/// Group g of x is quantized as xq = round_half_even(x * (127 / amax_g)) with scale amax_g / 127
+/// (a group with amax < 1e-30 quantizes to zero; a non-finite x makes its group's scale NaN).
+struct Q8Acts {
+  static constexpr std::size_t padded(std::size_t rb) noexcept { return (rb + 63) & ~std::size_t{63}; }
+  static std::size_t bytes(const QView& q) noexcept {
+    return 4 * padded(q.row_bytes()) + padded(4 * std::size_t{q.groups_per_row()});
+  }
+};
+
 /// How a tier is read: code c -> clamp((c + half) >> shift, lo, hi), value = c' * scale * mul.
 struct TierParams {
   int shift = 0, half = 0, lo = -128, hi = 127;

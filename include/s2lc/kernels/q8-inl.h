@@ -1,0 +1,374 @@
+// s2lc — per-target bodies of the int8-activation products (Highway): activations quantized per
+// group to int8, integer dot products of the stored codes with them (AVX-512 VNNI vpdpbusd;
+// AVX-512BW / AVX2 / SSSE3 pmaddubsw; portable elsewhere), one f32 scale per group. Included by
+// qgemm-inl.h; use <s2lc/kernels/qgemm.hpp>. The buffer layout is s2lc::kernels::Q8Acts.
+//
+// Exactness: every integer partial is exact on every target (|lane| < 2^17), so the result is
+//   y[i] += alpha * sum_g sw[i, g] * sx[g] * sum_{j in g} code[i, j] * xq[j]
+// up to f32 summation order, whatever the target. The quantization itself (q8_quantize) is
+// bit-identical on every target: xq = round_half_even(x * (127 / amax_g)), sx = amax_g / 127.
+
+#if defined(S2LC_KERNELS_Q8_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef S2LC_KERNELS_Q8_INL_H_
+#undef S2LC_KERNELS_Q8_INL_H_
+#else
+#define S2LC_KERNELS_Q8_INL_H_
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include <hwy/cache_control.h>
+#include <hwy/highway.h>
+
+#include "s2lc/dtype.hpp"
+#include "s2lc/kernels/convert-inl.h"
+#include "s2lc/kernels/qview.hpp"
+
+HWY_BEFORE_NAMESPACE();
+#if HWY_TARGET == HWY_AVX3_DL
+// Highway 1.0.3's AVX3_DL target string names avxvnni but not avx512vnni, which vpdpbusd on zmm
+// needs; the target is only chosen on CPUs that have it.
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+#endif
+namespace s2lc::kernels::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace q8k {
+
+using DF = hn::ScalableTag<float>;
+using DI = hn::RebindToSigned<DF>;
+using DU8 = hn::ScalableTag<std::uint8_t>;  // as many bytes as DF has (HWY_SCALAR: one)
+using DI8 = hn::ScalableTag<std::int8_t>;
+using DU16 = hn::ScalableTag<std::uint16_t>;
+using DH16 = hn::Rebind<std::uint16_t, DF>;  // one u16 per f32 lane
+using VF = hn::Vec<DF>;
+using VI = hn::Vec<DI>;
+using VU8 = hn::Vec<DU8>;
+using VI8 = hn::Vec<DI8>;
+using IdxF = decltype(hn::SetTableIndices(DF(), static_cast<const std::int32_t*>(nullptr)));
+
+// acc[i] += sum_{j < 4} a[4i + j] * b[4i + j] with a unsigned bytes <= 128 and b in [-127, 127]:
+// every pair sum fits int16, so pmaddubsw never saturates and all targets agree exactly.
+HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
+#if HWY_TARGET == HWY_AVX3_DL
+  return VI{_mm512_dpbusd_epi32(acc.raw, a.raw, b.raw)};
+#elif HWY_TARGET == HWY_AVX3
+  return hn::Add(acc, VI{_mm512_madd_epi16(_mm512_maddubs_epi16(a.raw, b.raw), _mm512_set1_epi16(1))});
+#elif HWY_TARGET == HWY_AVX2
+  return hn::Add(acc, VI{_mm256_madd_epi16(_mm256_maddubs_epi16(a.raw, b.raw), _mm256_set1_epi16(1))});
+#elif HWY_TARGET == HWY_SSE4 || HWY_TARGET == HWY_SSSE3
+  return hn::Add(acc, VI{_mm_madd_epi16(_mm_maddubs_epi16(a.raw, b.raw), _mm_set1_epi16(1))});
+#else
+  const DU8 du8;
+  const DI8 di8;
+  const DI di;
+  HWY_ALIGN std::uint8_t av[hn::MaxLanes(du8)];
+  HWY_ALIGN std::int8_t bv[hn::MaxLanes(di8)];
+  HWY_ALIGN std::int32_t r[hn::MaxLanes(di)];
+  if (hn::MaxLanes(du8) < 4 * hn::MaxLanes(di)) return acc;  // HWY_SCALAR: never called (no vector body)
+  hn::Store(a, du8, av);
+  hn::Store(b, di8, bv);
+  for (std::size_t i = 0; i < hn::Lanes(di); ++i) {
+    std::int32_t s = 0;
+    for (std::size_t j = 0; j < 4; ++j) s += static_cast<std::int32_t>(av[4 * i + j]) * bv[4 * i + j];
+    r[i] = s;
+  }
+  return hn::Add(acc, hn::Load(di, r));
+#endif
+}
+
+// Per-call layout of the codes seen by the vector body: bytes per group (gb), lanes per group,
+// and the bytes of each row the vector chunks cover (whole groups only).
+struct Layout {
+  std::size_t gpr, rb, rbp, gb, full, vend;
+  bool bcast;  // a group spans whole chunks: one scale per chunk
+};
+
+HWY_INLINE Layout MakeLayout(const QView& q) {
+  const std::size_t N8 = hn::Lanes(DU8());
+  Layout l;
+  l.gpr = q.groups_per_row();
+  l.rb = q.row_bytes();
+  l.rbp = Q8Acts::padded(l.rb);
+  l.gb = q.nibble ? q.group / 2 : q.group;
+  l.full = q.cols / q.group;
+  l.bcast = l.gb % N8 == 0;
+  // (HWY_SCALAR has one lane of every type: no byte vectors to pair with i32 lanes.)
+  const bool ok = N8 == 4 * hn::Lanes(DI()) && l.gb % 4 == 0 && (l.bcast || N8 % l.gb == 0);
+  l.vend = ok ? (l.full * l.gb) / N8 * N8 : 0;
+  return l;
+}
+
+// The quantized activation paired with column c of a row (inverse of the code packing).
+HWY_INLINE int XqAt(const QView& q, const Layout& L, const std::int8_t* lo, const std::int8_t* hi, std::size_t c) {
+  if (!q.nibble) return lo[c];
+  const std::size_t g = c / q.group, j = c % q.group;
+  const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
+  return j < h ? lo[g * L.gb + j] : hi[g * L.gb + j - h];
+}
+
+// Scalar tail of row r: groups [g0, gpr), exact integer sums, one f32 product per group.
+HWY_INLINE float TailRow(const QView& q, const Layout& L, std::size_t r, std::size_t g0, const std::uint8_t* act) {
+  const auto* lo = reinterpret_cast<const std::int8_t*>(act);
+  const auto* hi = lo + L.rbp;
+  const float* sx = reinterpret_cast<const float*>(act + 4 * L.rbp);
+  float s = 0.0f;
+  for (std::size_t g = g0; g < L.gpr; ++g) {
+    const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
+    std::int32_t acc = 0;
+    for (std::size_t j = 0; j < n; ++j) acc += detail::stored_code(q, r, c0 + j) * XqAt(q, L, lo, hi, c0 + j);
+    s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scales[r * L.gpr + g]);
+  }
+  return s;
+}
+
+// out[0..3] = the lane sums of a, b, c, d (one transposing pass instead of four reductions).
+#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
+template <class D>
+HWY_INLINE void StoreBlockSums(D d, hn::Vec<D> v, float* out) {
+  if constexpr (hn::MaxLanes(D()) <= 4) {
+    hn::StoreU(v, d, out);
+  } else {
+    const hn::Half<D> dh;
+    StoreBlockSums(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out);
+  }
+}
+#endif
+HWY_INLINE void Sum4(VF a, VF b, VF c, VF d, float* out) {
+  const DF df;
+#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
+  if constexpr (hn::MaxLanes(DF()) >= 4) {
+    const hn::Repartition<std::uint64_t, DF> d64;
+    // per 128-bit block: ab = [a0+a2, b0+b2, a1+a3, b1+b3], cd likewise
+    const VF ab = hn::Add(hn::InterleaveLower(df, a, b), hn::InterleaveUpper(df, a, b));
+    const VF cd = hn::Add(hn::InterleaveLower(df, c, d), hn::InterleaveUpper(df, c, d));
+    const auto ab64 = hn::BitCast(d64, ab), cd64 = hn::BitCast(d64, cd);
+    const VF abcd = hn::Add(hn::BitCast(df, hn::InterleaveLower(d64, ab64, cd64)), hn::BitCast(df, hn::InterleaveUpper(d64, ab64, cd64)));
+    StoreBlockSums(df, abcd, out);
+    return;
+  }
+#endif
+  out[0] = hn::GetLane(hn::SumOfLanes(df, a));
+  out[1] = hn::GetLane(hn::SumOfLanes(df, b));
+  out[2] = hn::GetLane(hn::SumOfLanes(df, c));
+  out[3] = hn::GetLane(hn::SumOfLanes(df, d));
+}
+
+// The scales the kernel multiplies by are f32: Q8GemvNT converts them per panel of rows and
+// column segment into a stack buffer (kScaleBuf floats), so the row loop only loads them.
+inline constexpr std::size_t kScaleBuf = 4096;
+// Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
+// short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
+inline constexpr std::size_t kPrefetch = 2048;
+
+// Columns [g0 * gb, g1 * gb) of the vector body, as a panel's work description.
+struct Span {
+  std::size_t g0, g1;      // groups
+  const float* sw;         // scales of the panel's first row at group g0; row stride lds
+  std::size_t lds;
+  bool tail;               // also the scalar groups [gvec, gpr)
+};
+
+// y[t, i] += alpha * row (r0 + i) . x_t over span sp, for R rows and T tokens; codes decoded once
+// per chunk. kNib: nibble container; kBcast: a group spans whole chunks (else a chunk holds whole
+// groups).
+template <std::size_t R, std::size_t T, bool kNib, bool kBcast>
+HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
+                     const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  const DF df;
+  VF acc[R][T];
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t t = 0; t < T; ++t) acc[i][t] = hn::Zero(df);
+#if HWY_TARGET != HWY_SCALAR  // (one lane of every type: no bytes to pair with i32 lanes; vend is 0)
+  const DI di;
+  const DU8 du8;
+  const DI8 di8;
+  const std::size_t N8 = hn::Lanes(du8);
+  const std::size_t gpc = kBcast ? 1 : N8 / L.gb;   // groups per chunk
+  const std::size_t cpg = kBcast ? L.gb / N8 : 1;   // chunks per group
+  const auto k88 = hn::Set(du8, 0x88), k0f = hn::Set(du8, 0x0F);
+  const std::uint8_t* const base = q.codes + r0 * L.rb;
+  const std::size_t rb = L.rb, lds = sp.lds;
+  std::size_t off = sp.g0 * L.gb;
+  for (std::size_t gl = 0; gl < sp.g1 - sp.g0; gl += gpc) {
+    VF sw[R];
+    for (std::size_t i = 0; i < R; ++i)
+      sw[i] = kBcast ? hn::Set(df, sw0[i * lds + gl]) : hn::TableLookupLanes(hn::LoadU(df, sw0 + i * lds + gl), rep);
+    for (std::size_t c = 0; c < cpg; ++c, off += N8) {
+      VU8 a0[R], a1[R];
+      for (std::size_t i = 0; i < R; ++i) {
+        hwy::Prefetch(base + i * rb + off + kPrefetch);  // rows are contiguous: the panel's next rows
+        const VU8 b = hn::LoadU(du8, base + i * rb + off);
+        if constexpr (kNib) {  // nibble c (two's complement) ^ 8 = c + 8 in [0, 15]
+          const VU8 u = hn::Xor(b, k88);
+          a0[i] = hn::And(u, k0f);
+          a1[i] = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), u))), k0f);
+        } else {  // |c| (<= 128) against x with c's sign
+          a0[i] = hn::BitCast(du8, hn::Abs(hn::BitCast(di8, b)));
+          a1[i] = b;
+        }
+      }
+      for (std::size_t t = 0; t < T; ++t) {
+        const std::uint8_t* act = acts + t * abytes;
+        const VI8 x0 = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(act + off));
+        const VF sx = hn::LoadU(df, reinterpret_cast<const float*>(act + 2 * L.rbp) + off / 4);
+        if constexpr (kNib) {
+          const VI8 x1 = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(act + L.rbp + off));
+          const VI corr = hn::LoadU(di, reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp) + off / 4);
+          for (std::size_t i = 0; i < R; ++i) {
+            const VI d = hn::Sub(DotU8I8(DotU8I8(hn::Zero(di), a0[i], x0), a1[i], x1), corr);
+            acc[i][t] = hn::MulAdd(hn::Mul(hn::ConvertTo(df, d), sx), sw[i], acc[i][t]);
+          }
+        } else {
+          for (std::size_t i = 0; i < R; ++i) {
+            const auto neg = hn::Lt(hn::BitCast(di8, a1[i]), hn::Zero(di8));
+            const VI d = DotU8I8(hn::Zero(di), a0[i], hn::IfThenElse(neg, hn::Neg(x0), x0));
+            acc[i][t] = hn::MulAdd(hn::Mul(hn::ConvertTo(df, d), sx), sw[i], acc[i][t]);
+          }
+        }
+      }
+    }
+  }
+#else
+  (void)rep, (void)sw0;
+#endif
+  const std::size_t gt = L.vend / L.gb;
+  for (std::size_t t = 0; t < T; ++t) {
+    float sums[R];
+    if constexpr (R == 4) Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], sums);
+    else
+      for (std::size_t i = 0; i < R; ++i) sums[i] = hn::GetLane(hn::SumOfLanes(df, acc[i][t]));
+    for (std::size_t i = 0; i < R; ++i)
+      y[t * ldy + i] += alpha * (sp.tail ? sums[i] + TailRow(q, L, r0 + i, gt, acts + t * abytes) : sums[i]);
+  }
+}
+
+template <std::size_t T, bool kNib, bool kBcast>
+HWY_INLINE void RowsAll(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, std::size_t nr,
+                        const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  std::size_t i = 0;
+  if constexpr (T == 1)
+    for (; i + 4 <= nr; i += 4) Rows<4, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+  for (; i + 2 <= nr; i += 2) Rows<2, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+  for (; i < nr; ++i) Rows<1, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+}
+
+template <bool kNib, bool kBcast>
+HWY_INLINE void Panel(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, std::size_t nr,
+                      const std::uint8_t* acts, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  std::size_t t = 0;
+  for (; t + 4 <= nt; t += 4) RowsAll<4, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+  for (; t + 2 <= nt; t += 2) RowsAll<2, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+  for (; t < nt; ++t) RowsAll<1, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+}
+
+}  // namespace q8k
+
+/// Quantizes nt tokens (x[t * ldx + c], c < q.cols) into the Q8Acts layout of q's codes.
+inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t ldx, std::size_t nt, std::uint8_t* out) {
+  const q8k::Layout L = q8k::MakeLayout(q);
+  const std::size_t abytes = Q8Acts::bytes(q);
+  const std::size_t G = q.group;
+  for (std::size_t t = 0; t < nt; ++t) {
+    std::uint8_t* act = out + t * abytes;
+    std::memset(act, 0, abytes);
+    auto* lo = reinterpret_cast<std::int8_t*>(act);
+    auto* hi = lo + L.rbp;
+    auto* sxl = reinterpret_cast<float*>(act + 2 * L.rbp);
+    auto* corr = reinterpret_cast<std::int32_t*>(act + 3 * L.rbp);
+    auto* sx = reinterpret_cast<float*>(act + 4 * L.rbp);
+    const float* xr = x + t * ldx;
+    for (std::size_t g = 0; g < L.gpr; ++g) {
+      const std::size_t c0 = g * G, n = std::min(G, static_cast<std::size_t>(q.cols) - c0);
+      float amax = 0.0f;
+      bool finite = true;
+      for (std::size_t j = 0; j < n; ++j) {
+        const float a = std::fabs(xr[c0 + j]);
+        if (!(a <= 3.40282347e38f)) finite = false;  // inf or NaN
+        else amax = std::max(amax, a);
+      }
+      // A non-finite input makes its group's scale NaN, so every product with it is NaN.
+      // Groups below 1e-30 quantize to zero (127 / amax would overflow for subnormal amax).
+      const bool tiny = amax < 1e-30f;
+      sx[g] = !finite ? std::nanf("") : tiny ? 0.0f : amax / 127.0f;
+      const float inv = finite && !tiny ? 127.0f / amax : 0.0f;
+      for (std::size_t j = 0; j < n; ++j) {
+        const float v = finite ? std::nearbyint(xr[c0 + j] * inv) : 0.0f;
+        const auto xq = static_cast<std::int8_t>(std::clamp(v, -127.0f, 127.0f));
+        const std::size_t c = c0 + j;
+        if (!q.nibble) lo[c] = xq;
+        else {
+          const std::size_t h = (n + 1) / 2;
+          if (j < h) lo[g * L.gb + j] = xq;
+          else hi[g * L.gb + j - h] = xq;
+        }
+      }
+    }
+    for (std::size_t i = 0; 4 * i < L.vend; ++i) {
+      sxl[i] = sx[4 * i / L.gb];
+      if (q.nibble) {
+        std::int32_t s = 0;
+        for (std::size_t j = 0; j < 4; ++j) s += lo[4 * i + j] + hi[4 * i + j];
+        corr[i] = 8 * s;
+      }
+    }
+  }
+}
+
+/// y[t * ldy + i] += alpha * sum_j q[r0 + i, j] xq_t[j] (scaled per group), i < nr, t < nt; the
+/// codes at their stored precision.
+inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt,
+                                  float alpha, float* y, std::size_t ldy) {
+  const q8k::Layout L = q8k::MakeLayout(q);
+  const std::size_t abytes = Q8Acts::bytes(q);
+  const q8k::DF df;
+  HWY_ALIGN std::int32_t idx[hn::MaxLanes(df)];
+  const std::size_t per = std::max<std::size_t>(1, L.gb / 4);
+  for (std::size_t i = 0; i < hn::Lanes(df); ++i) idx[i] = static_cast<std::int32_t>(std::min(i / per, hn::Lanes(df) - 1));
+  const auto rep = hn::SetTableIndices(df, idx);
+  // Column segments of at most kScaleBuf / 4 groups, row panels whose scales fit the buffer; the
+  // rows' partial sums of each segment are added to y (the tail goes with the last segment).
+  HWY_ALIGN float sbuf[q8k::kScaleBuf + hn::MaxLanes(df)];
+  const std::size_t NL = hn::Lanes(df), gvec = L.vend / L.gb, seg = q8k::kScaleBuf / 4;
+  for (std::size_t g0 = 0;;) {
+    const std::size_t g1 = std::min(gvec, g0 + seg), ns = g1 - g0;
+    q8k::Span sp{g0, g1, sbuf, std::max<std::size_t>(ns, 1), g1 == gvec};
+    const std::size_t panel = std::max<std::size_t>(4, q8k::kScaleBuf / sp.lds / 4 * 4);
+    for (std::size_t p0 = 0; p0 < nr; p0 += panel) {
+      const std::size_t np = std::min(panel, nr - p0);
+      if (ns == L.gpr) {  // whole rows: the panel's scales are contiguous
+        const std::uint16_t* src = q.scales + (r0 + p0) * L.gpr;
+        std::size_t j = 0;
+        for (; j + NL <= np * ns; j += NL) hn::StoreU(BF16ToF32Vec(hn::LoadU(q8k::DH16(), src + j)), df, sbuf + j);
+        for (; j < np * ns; ++j) sbuf[j] = s2lc::bf16_to_f32(src[j]);
+      } else {
+        for (std::size_t i = 0; i < np; ++i)
+          for (std::size_t g = 0; g < ns; ++g) sbuf[i * sp.lds + g] = s2lc::bf16_to_f32(q.scales[(r0 + p0 + i) * L.gpr + g0 + g]);
+      }
+      for (std::size_t j = 0; j < NL; ++j) sbuf[np * sp.lds + j] = 0.0f;  // what the last row's loads may touch
+      float* yp = y + p0;
+      if (q.nibble) {
+        if (L.bcast) q8k::Panel<true, true>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+        else q8k::Panel<true, false>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+      } else {
+        if (L.bcast) q8k::Panel<false, true>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+        else q8k::Panel<false, false>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+      }
+    }
+    if (g1 == gvec) break;
+    g0 = g1;
+  }
+}
+
+}  // namespace s2lc::kernels::HWY_NAMESPACE
+#if HWY_TARGET == HWY_AVX3_DL
+#pragma GCC pop_options
+#endif
+HWY_AFTER_NAMESPACE();
+
+#endif  // per-target include guard

@@ -1,0 +1,185 @@
+// int8-activation products (q8_quantize / q8_gemv_nt) against scalar references, on every SIMD
+// target compiled into the dispatch tables:
+//  * the quantized activations are bit-identical to an independent scalar quantizer everywhere;
+//  * the product equals the exact integer formulation sum_g s_g sx_g sum code * xq within the f32
+//    summation bound of its terms;
+//  * against the f32 product of the dequantized matrix, the error stays within the bound the
+//    activation rounding implies: sum_j |w_j| (sx_g / 2 + 4 u |x_j|) plus the summation bound.
+// Shapes cover both containers, vector bodies (group bytes 4 ... 128, chunk-straddling or not),
+// partial last groups, odd group sizes, and 1 ... 7 tokens (the 4-, 2- and 1-token tiles).
+#include <doctest/doctest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <hwy/targets.h>
+
+#include <morph/runtime.hpp>
+#include <s2lc/compress/quant.hpp>
+#include <s2lc/kernels/qgemm.hpp>
+
+#include "kernels/targets.hpp"
+#include "support.hpp"
+
+namespace {
+
+namespace cz = s2lc::compress;
+namespace k = s2lc::kernels;
+using s2lc::test::randn;
+
+constexpr double kU = 1.0 / 16777216.0;
+
+struct Case {
+  std::size_t rows, cols, group;
+  unsigned bits;
+};
+const Case kCases[] = {{1, 1, 32, 8},     {5, 37, 32, 4},   {9, 1408, 32, 4}, {3, 256, 64, 4},   {5, 300, 128, 3},
+                       {4, 512, 32, 8},   {3, 200, 16, 4},  {2, 96, 8, 2},    {6, 1000, 256, 4}, {7, 33, 7, 4},
+                       {3, 70, 10, 6},    {13, 256, 32, 5}, {2, 31, 32, 2},   {4, 288, 96, 4}};
+
+/// The reference quantizer: per group, amax; scale amax / 127; xq = round_half_even(x * 127 / amax).
+struct RefQ {
+  std::vector<int> xq;
+  std::vector<float> sx;
+};
+RefQ ref_quantize(const float* x, std::size_t cols, std::size_t G) {
+  RefQ r;
+  r.xq.assign(cols, 0);
+  for (std::size_t c0 = 0; c0 < cols; c0 += G) {
+    const std::size_t n = std::min(G, cols - c0);
+    float amax = 0;
+    for (std::size_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[c0 + j]));
+    const bool tiny = amax < 1e-30f;
+    r.sx.push_back(tiny ? 0.0f : amax / 127.0f);
+    const float inv = tiny ? 0.0f : 127.0f / amax;
+    for (std::size_t j = 0; j < n; ++j) r.xq[c0 + j] = static_cast<int>(std::nearbyint(x[c0 + j] * inv));
+  }
+  return r;
+}
+
+/// The activation paired with column c in a Q8Acts buffer (inverse of the code packing).
+int stored_xq(const k::QView& q, const std::uint8_t* act, std::size_t c) {
+  const std::size_t rbp = k::Q8Acts::padded(q.row_bytes());
+  const auto* lo = reinterpret_cast<const std::int8_t*>(act);
+  if (!q.nibble) return lo[c];
+  const std::size_t g = c / q.group, j = c % q.group, n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
+  return j < h ? lo[g * (q.group / 2) + j] : lo[rbp + g * (q.group / 2) + j - h];
+}
+
+}  // namespace
+
+TEST_CASE("kernels: q8 activation quantization is bit-identical to the scalar reference on every target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& c : kCases) {
+      CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
+      const auto w = randn(c.rows * c.cols, 3, 0.05f);
+      const auto km = s2lc::morph::KMat::from(cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false}));
+      const auto q = km.view();
+      const std::size_t nt = 3, ldx = c.cols + 5, ab = k::Q8Acts::bytes(q);
+      auto x = randn(nt * ldx, static_cast<std::uint32_t>(c.cols), 1.0f);
+      for (std::size_t j = 0; j < std::min<std::size_t>(c.group, c.cols); ++j) x[ldx + j] = 0.0f;  // an all-zero group
+      std::vector<std::uint8_t> acts(nt * ab + 1, 0xAB);
+      k::q8_quantize(q, x.data(), ldx, nt, acts.data());
+      REQUIRE(acts.back() == 0xAB);  // nothing written past nt * bytes
+      const std::size_t rbp = k::Q8Acts::padded(q.row_bytes());
+      for (std::size_t t = 0; t < nt; ++t) {
+        const auto ref = ref_quantize(x.data() + t * ldx, c.cols, c.group);
+        const std::uint8_t* act = acts.data() + t * ab;
+        const float* sx = reinterpret_cast<const float*>(act + 4 * rbp);
+        for (std::size_t g = 0; g < ref.sx.size(); ++g) REQUIRE(std::bit_cast<std::uint32_t>(sx[g]) == std::bit_cast<std::uint32_t>(ref.sx[g]));
+        for (std::size_t j = 0; j < c.cols; ++j) {
+          REQUIRE(stored_xq(q, act, j) == ref.xq[j]);
+          REQUIRE(std::abs(ref.xq[j]) <= 127);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays within the activation-rounding bound of W x") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& c : kCases) {
+      CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
+      const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 7 + c.cols), 0.05f);
+      const auto qm = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
+      const auto km = s2lc::morph::KMat::from(qm);
+      const auto q = km.view();
+      const auto W = cz::dequantize(qm);
+      for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 7u}) {
+        CAPTURE(nt);
+        const std::size_t ldx = c.cols + 1, ldy = c.rows + 3, ab = k::Q8Acts::bytes(q);
+        const auto x = randn(nt * ldx, static_cast<std::uint32_t>(nt), 1.0f);
+        std::vector<std::uint8_t> acts(nt * ab);
+        k::q8_quantize(q, x.data(), ldx, nt, acts.data());
+        std::vector<float> y(nt * ldy, 0.5f);
+        const float alpha = -0.75f;
+        k::q8_gemv_nt(q, 0, c.rows, acts.data(), nt, alpha, y.data(), ldy);
+        for (std::size_t t = 0; t < nt; ++t) {
+          const auto ref = ref_quantize(x.data() + t * ldx, c.cols, c.group);
+          for (std::size_t i = 0; i < c.rows; ++i) {
+            // exact integer formulation
+            double s = 0, a = 0;
+            for (std::size_t g = 0; g < ref.sx.size(); ++g) {
+              long long is = 0, ia = 0;
+              for (std::size_t j = g * c.group; j < std::min(c.cols, (g + 1) * c.group); ++j) {
+                const long long p = static_cast<long long>(k::detail::stored_code(q, i, j)) * ref.xq[j];
+                is += p, ia += p < 0 ? -p : p;
+              }
+              const double sc = double(s2lc::bf16_to_f32(q.scales[i * q.groups_per_row() + g])) * ref.sx[g];
+              s += sc * double(is), a += std::fabs(sc) * double(ia);
+            }
+            const double got = y[t * ldy + i];
+            REQUIRE(std::fabs(got - (0.5 + alpha * s)) <= std::fabs(alpha) * double(c.cols + 8) * kU * a + kU);
+            // against the f32 product W x: the activation rounding bound
+            double exact = 0, wabs_err = 0, fa = 0;
+            for (std::size_t j = 0; j < c.cols; ++j) {
+              const double wv = W[i * c.cols + j], xv = x[t * ldx + j];
+              exact += wv * xv;
+              wabs_err += std::fabs(wv) * (0.5 * ref.sx[j / c.group] + 4 * kU * std::fabs(xv));
+              fa += std::fabs(wv * xv);
+            }
+            REQUIRE(std::fabs(got - (0.5 + alpha * exact)) <= std::fabs(alpha) * (wabs_err + double(c.cols + 8) * kU * (a + fa)) + kU);
+          }
+          for (std::size_t i = c.rows; i < ldy; ++i) REQUIRE(y[t * ldy + i] == 0.5f);  // nothing else written
+        }
+      }
+      // A row sub-range touches only its rows.
+      if (c.rows >= 3) {
+        const auto x = randn(c.cols, 5, 1.0f);
+        std::vector<std::uint8_t> acts(k::Q8Acts::bytes(q));
+        k::q8_quantize(q, x.data(), c.cols, 1, acts.data());
+        std::vector<float> y(c.rows, 0.0f), full(c.rows, 0.0f);
+        k::q8_gemv_nt(q, 1, c.rows - 2, acts.data(), 1, 1.0f, y.data() + 1, 1);
+        k::q8_gemv_nt(q, 0, c.rows, acts.data(), 1, 1.0f, full.data(), 1);
+        CHECK(y[0] == 0.0f);
+        CHECK(y[c.rows - 1] == 0.0f);
+        for (std::size_t i = 1; i + 1 < c.rows; ++i) CHECK(std::fabs(y[i] - full[i]) <= 1e-5f * (std::fabs(full[i]) + 1e-3f));
+      }
+    }
+  }
+}
+
+TEST_CASE("kernels: q8 gemv turns a non-finite activation into NaN outputs, never a silent zero") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    const auto w = randn(4 * 256, 9, 0.05f);
+    const auto km = s2lc::morph::KMat::from(cz::quantize(w.data(), 4, 256, {4, 32, false}));
+    for (float bad : {INFINITY, NAN}) {
+      auto x = randn(256, 10, 1.0f);
+      x[77] = bad;
+      std::vector<std::uint8_t> acts(k::Q8Acts::bytes(km.view()));
+      k::q8_quantize(km.view(), x.data(), 256, 1, acts.data());
+      std::vector<float> y(4, 0.0f);
+      k::q8_gemv_nt(km.view(), 0, 4, acts.data(), 1, 1.0f, y.data(), 1);
+      for (float v : y) CHECK(std::isnan(v));
+    }
+  }
+}
