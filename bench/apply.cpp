@@ -1,8 +1,9 @@
 // Compressed apply, morphing and JIT merge against what a user would otherwise run, in one run:
 //   apply/<impl>/<shape>_b<batch>_<hot|cold>: s2lc (from coefficients, f32 activations), s2lc_int8
 //     (int8 activations, integer dot products), openblas (sgemv / sgemm on
-//     the reconstructed f32 matrix, the baseline), highway_dense (our f32 kernel on it), and
-//     stream_bound (a read-only streaming kernel: the bandwidth bound of each impl's own bytes);
+//     the reconstructed f32 matrix, the baseline), highway_dense (our f32 kernel on it),
+//     stream_bound (a read-only streaming kernel: the bandwidth bound of each impl's own bytes) and
+//     fma_bound (register-only f32 FMAs, as many as s2lc's multiply-adds: its FMA bound);
 //   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8;
 //   merge/<impl>/<shape>: JIT merge of one expert into a dense f32 buffer vs memcpy of the buffer.
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
@@ -75,7 +76,7 @@ std::string case_name(std::size_t si, std::size_t batch, bool cold) {
   return std::to_string(kShapes[si].rows) + "x" + std::to_string(kShapes[si].cols) + "_b" + std::to_string(batch) + (cold ? "_cold" : "_hot");
 }
 
-enum class impl { s2lc, s2lc_int8, openblas, highway_dense, stream_bound };
+enum class impl { s2lc, s2lc_int8, openblas, highway_dense, stream_bound, fma_bound };
 
 void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool cold, impl which) {
   openblas_set_num_threads(1);
@@ -105,6 +106,14 @@ void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool co
         s2lc::kernels::gemm_nt(s.dense[i++ % s.dense.size()].data(), C, R, X.data(), C, B, C, 1.0f, Y.data(), R);
         bytes = s.dense_bytes;
         break;
+      case impl::fma_bound: {  // register FMAs as many as s2lc's multiply-adds: the FMA bound
+        float sink = 0;
+        const std::size_t macs = s.base.member_macs(0) * B, lanes8 = s2lc::kernels::fma_peak(1, &sink);
+        s2lc::kernels::fma_peak(macs / lanes8, &sink);
+        benchmark::DoNotOptimize(sink);
+        bytes = 0;
+        break;
+      }
       case impl::stream_bound:
         benchmark::DoNotOptimize(s2lc::kernels::stream_read(s.stream.data(), s.stream.size()));
         bytes = static_cast<double>(s.stream.size() * sizeof(float));
@@ -168,11 +177,11 @@ void bench_merge(benchmark::State& state, std::size_t si, bool copy) {
 }
 
 const bool registered = [] {
-  const char* names[] = {"s2lc", "s2lc_int8", "openblas", "highway_dense", "stream_bound"};
+  const char* names[] = {"s2lc", "s2lc_int8", "openblas", "highway_dense", "stream_bound", "fma_bound"};
   for (std::size_t si = 0; si < std::size(kShapes); ++si)
     for (bool cold : {false, true})
       for (std::size_t B : {1u, 8u, 32u})
-        for (int w = 0; w < 5; ++w)
+        for (int w = 0; w < 6; ++w)
           benchmark::RegisterBenchmark(("apply/" + std::string(names[w]) + "/" + case_name(si, B, cold)).c_str(),
                                        [=](benchmark::State& st) { bench_apply(st, si, B, cold, static_cast<impl>(w)); })
               ->Unit(benchmark::kMicrosecond);

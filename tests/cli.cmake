@@ -61,8 +61,9 @@ s2lc_cli_test(bench_usage 2 ARGS bench STDERR "^s2lc: bench: usage: s2lc bench a
 s2lc_cli_test(bench_bad_option 2 ARGS bench apply --bogus STDERR "^s2lc: bench apply: unknown option '--bogus'\n$" STDERR_LINES 1)
 s2lc_cli_test(bench_bad_rows 2 ARGS bench apply --rows x STDERR "^s2lc: --rows needs a non-negative integer, got 'x'\n$" STDERR_LINES 1)
 s2lc_cli_test(bench_bad_morph 2 ARGS bench apply --morph 1 STDERR "--morph K needs 2 <= K <= 64" STDERR_LINES 1)
-s2lc_cli_test(bench_apply_json 0 ARGS bench apply --rows 300 --cols 257 --ratio 6 --batch 3 --morph 2 --hot --seconds 0.01 --json
-              STDOUT "\"us_per_call\": [0-9.e+-]+,\n *\"openblas_us_per_call\": [0-9.e+-]+,.*\"speedup_vs_openblas\": [0-9.e+-]+,\n *\"bound_us\": [0-9.e+-]+,\n *\"bound_ratio\": [0-9.e+-]+,.*\"morph_vs_single\": [0-9.e+-]+\n}")
+s2lc_cli_test(bench_bad_activations 2 ARGS bench apply --activations int4 STDERR "--activations must be f32 or int8, got 'int4'" STDERR_LINES 1)
+s2lc_cli_test(bench_apply_json 0 ARGS bench apply --rows 300 --cols 257 --ratio 6 --batch 3 --morph 2 --activations int8 --hot --seconds 0.01 --json
+              STDOUT "\"activations\": \"int8\",.*\"us_per_call\": [0-9.e+-]+,\n *\"openblas_us_per_call\": [0-9.e+-]+,.*\"int8_activations_us_per_call\": [0-9.e+-]+,\n *\"speedup_vs_openblas\": [0-9.e+-]+,.*\"fma_bound_us\": [0-9.e+-]+,\n *\"bound_us\": [0-9.e+-]+,\n *\"bound_ratio\": [0-9.e+-]+,.*\"morph_vs_single\": [0-9.e+-]+\n}")
 
 # route fit / route / eval (the context router)
 add_test(NAME cli_route_roundtrip COMMAND ${CMAKE_COMMAND} -DS2LC=${S2LC_EXE} -DFIX=${FIX}

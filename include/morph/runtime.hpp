@@ -158,6 +158,23 @@ struct KGroup {
     return bytes_with_bases(ms);
   }
 
+  /// Multiply-adds per token of apply(e): dense and raw blocks rb * cb, low-rank rank * (rb + cb);
+  /// core blocks a raw residual replaces are skipped (the FMA bound of apply).
+  std::size_t member_macs(std::size_t e) const {
+    auto macs = [](const KMatrix& m, const std::uint8_t* skip) {
+      std::size_t n = 0;
+      for (const auto& b : m.blocks) {
+        if (skip && skip[b.index]) continue;
+        const bool lr = b.kind == compress::block_kind::lowrank || b.kind == compress::block_kind::shared;
+        n += lr ? std::size_t{b.rank} * (b.rb + b.cb) : std::size_t{b.rb} * b.cb;
+      }
+      return n;
+    };
+    std::size_t n = macs(residuals[e], nullptr);
+    for (auto nd : path[e]) n += macs(cores[nd], replaces[e].data());
+    return n;
+  }
+
   /// Bytes of the matrices plus each basis their shared blocks use, counted once.
   std::size_t bytes_with_bases(const std::vector<const KMatrix*>& ms) const {
     std::size_t n = 0;

@@ -4897,14 +4897,22 @@ HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Spa
   (void)rep, (void)sw0;
 #endif
   const std::size_t gt = L.vend / L.gb;
-  for (std::size_t t = 0; t < T; ++t) {
-    float sums[R];
-    if constexpr (R == 4) Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], sums);
-    else
-      for (std::size_t i = 0; i < R; ++i) sums[i] = hn::GetLane(hn::SumOfLanes(df, acc[i][t]));
+  float sums[R][T];  // lane sums, four at a time where a tile has four rows or four tokens
+  if constexpr (R == 4) {
+    for (std::size_t t = 0; t < T; ++t) {
+      float s4[4];
+      Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], s4);
+      for (std::size_t i = 0; i < 4; ++i) sums[i][t] = s4[i];
+    }
+  } else if constexpr (T == 4) {
+    for (std::size_t i = 0; i < R; ++i) Sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], sums[i]);
+  } else {
     for (std::size_t i = 0; i < R; ++i)
-      y[t * ldy + i] += alpha * (sp.tail ? sums[i] + TailRow(q, L, r0 + i, gt, acts + t * abytes) : sums[i]);
+      for (std::size_t t = 0; t < T; ++t) sums[i][t] = hn::GetLane(hn::SumOfLanes(df, acc[i][t]));
   }
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t i = 0; i < R; ++i)
+      y[t * ldy + i] += alpha * (sp.tail ? sums[i][t] + TailRow(q, L, r0 + i, gt, acts + t * abytes) : sums[i][t]);
 }
 
 template <std::size_t T, bool kNib, bool kBcast>
@@ -5369,6 +5377,19 @@ inline HWY_NOINLINE float StreamRead(const float* HWY_RESTRICT p, std::size_t n)
   return s;
 }
 
+/// iters rounds of 8 independent vector FMAs on registers: the FMA throughput bound.
+inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
+  const qk::DF df;
+  const auto m = hn::Set(df, 0.999999f), c = hn::Set(df, 1e-7f);
+  auto a0 = hn::Set(df, 1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (std::size_t i = 0; i < iters; ++i) {
+    a0 = hn::MulAdd(a0, m, c), a1 = hn::MulAdd(a1, m, c), a2 = hn::MulAdd(a2, m, c), a3 = hn::MulAdd(a3, m, c);
+    a4 = hn::MulAdd(a4, m, c), a5 = hn::MulAdd(a5, m, c), a6 = hn::MulAdd(a6, m, c), a7 = hn::MulAdd(a7, m, c);
+  }
+  *sink = hn::GetLane(hn::SumOfLanes(df, hn::Add(hn::Add(hn::Add(a0, a1), hn::Add(a2, a3)), hn::Add(hn::Add(a4, a5), hn::Add(a6, a7)))));
+  return iters * 8 * hn::Lanes(df);
+}
+
 // JIT merge: w += d, recording (index, old value) of every element where (w + d) - d does not
 // give w back bit for bit, so unmerge (w -= d, then the recorded values) is exact.
 inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
@@ -5474,6 +5495,7 @@ namespace s2lc::kernels {
     (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
+  X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint32_t* bad_idx,             \
                                        float* bad_val), (w, d, n, bad_idx, bad_val))                                 \
   X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
@@ -5493,6 +5515,8 @@ namespace s2lc::kernels {
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
+// fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
+//                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
 //                subtracting d would not restore w bit for bit, with their indices and old values.
 // unmerge_*:     w -= d (then write back the recorded values).
@@ -5882,6 +5906,23 @@ struct KGroup {
     std::vector<const KMatrix*> ms{&residuals[e]};
     for (auto nd : path[e]) ms.push_back(&cores[nd]);
     return bytes_with_bases(ms);
+  }
+
+  /// Multiply-adds per token of apply(e): dense and raw blocks rb * cb, low-rank rank * (rb + cb);
+  /// core blocks a raw residual replaces are skipped (the FMA bound of apply).
+  std::size_t member_macs(std::size_t e) const {
+    auto macs = [](const KMatrix& m, const std::uint8_t* skip) {
+      std::size_t n = 0;
+      for (const auto& b : m.blocks) {
+        if (skip && skip[b.index]) continue;
+        const bool lr = b.kind == compress::block_kind::lowrank || b.kind == compress::block_kind::shared;
+        n += lr ? std::size_t{b.rank} * (b.rb + b.cb) : std::size_t{b.rb} * b.cb;
+      }
+      return n;
+    };
+    std::size_t n = macs(residuals[e], nullptr);
+    for (auto nd : path[e]) n += macs(cores[nd], replaces[e].data());
+    return n;
   }
 
   /// Bytes of the matrices plus each basis their shared blocks use, counted once.

@@ -81,6 +81,7 @@ struct Result {
   double bound_us = 0;      ///< streaming read of the compressed bytes
   double dense_bound_us = 0;///< streaming read of the f32 matrix
   double bytes = 0, dense_bytes = 0, bandwidth_gbs = 0;
+  double macs = 0, fma_gmacs = 0, fma_bound_us = 0, bandwidth_bound_us = 0;  ///< bound_us = max of the two
   double morph_us = 0, morph_bytes = 0, single_serial_us = 0;  ///< morph and one expert, one thread
   std::size_t copies = 0;
 };
@@ -166,8 +167,23 @@ inline Result run(const Config& c) {
       });
     }, c.seconds);
     r.bandwidth_gbs = static_cast<double>(n * sizeof(float)) / s * 1e-9;
-    r.bound_us = r.bytes / (r.bandwidth_gbs * 1e9) * 1e6;
+    r.bandwidth_bound_us = r.bytes / (r.bandwidth_gbs * 1e9) * 1e6;
     r.dense_bound_us = r.dense_bytes / (r.bandwidth_gbs * 1e9) * 1e6;
+  }
+  // FMA bound: register-only f32 FMAs on the same threads, for the multiply-adds apply does.
+  {
+    const std::size_t iters = 1u << 16;
+    std::vector<float> sink(c.threads, 0.0f);
+    const std::size_t per_call = kernels::fma_peak(iters, sink.data());
+    const double s = time_calls([&](std::size_t) {
+      morph::parallel_for(ex, c.threads, [&](std::size_t p, unsigned) { kernels::fma_peak(iters, &sink[p]); });
+    }, c.seconds);
+    volatile float keep = sink[0];
+    (void)keep;
+    r.fma_gmacs = static_cast<double>(per_call * c.threads) / s * 1e-9;  // multiply-adds per ns
+    r.macs = static_cast<double>(base.member_macs(0) * B);
+    r.fma_bound_us = r.macs / (r.fma_gmacs * 1e9) * 1e6;
+    r.bound_us = std::max(r.bandwidth_bound_us, r.fma_bound_us);
   }
   if (c.morph > 0) {
     std::vector<std::uint32_t> ex_ids(c.morph);

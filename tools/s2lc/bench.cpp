@@ -54,6 +54,8 @@ int run_bench(const std::vector<std::string>& args) {
   j["us_per_call"] = r.us, j["openblas_us_per_call"] = r.openblas_us, j["dense_highway_us_per_call"] = r.dense_us;
   j["f32_activations_us_per_call"] = r.f32_us, j["int8_activations_us_per_call"] = r.int8_us;
   j["speedup_vs_openblas"] = r.openblas_us / r.us;
+  j["macs"] = r.macs, j["fma_gmacs"] = r.fma_gmacs;
+  j["bandwidth_bound_us"] = r.bandwidth_bound_us, j["fma_bound_us"] = r.fma_bound_us;
   j["bound_us"] = r.bound_us, j["bound_ratio"] = r.us / r.bound_us;
   j["openblas_bound_ratio"] = r.openblas_us / r.dense_bound_us;
   if (c.morph) {

@@ -238,14 +238,22 @@ HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Spa
   (void)rep, (void)sw0;
 #endif
   const std::size_t gt = L.vend / L.gb;
-  for (std::size_t t = 0; t < T; ++t) {
-    float sums[R];
-    if constexpr (R == 4) Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], sums);
-    else
-      for (std::size_t i = 0; i < R; ++i) sums[i] = hn::GetLane(hn::SumOfLanes(df, acc[i][t]));
+  float sums[R][T];  // lane sums, four at a time where a tile has four rows or four tokens
+  if constexpr (R == 4) {
+    for (std::size_t t = 0; t < T; ++t) {
+      float s4[4];
+      Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], s4);
+      for (std::size_t i = 0; i < 4; ++i) sums[i][t] = s4[i];
+    }
+  } else if constexpr (T == 4) {
+    for (std::size_t i = 0; i < R; ++i) Sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], sums[i]);
+  } else {
     for (std::size_t i = 0; i < R; ++i)
-      y[t * ldy + i] += alpha * (sp.tail ? sums[i] + TailRow(q, L, r0 + i, gt, acts + t * abytes) : sums[i]);
+      for (std::size_t t = 0; t < T; ++t) sums[i][t] = hn::GetLane(hn::SumOfLanes(df, acc[i][t]));
   }
+  for (std::size_t t = 0; t < T; ++t)
+    for (std::size_t i = 0; i < R; ++i)
+      y[t * ldy + i] += alpha * (sp.tail ? sums[i][t] + TailRow(q, L, r0 + i, gt, acts + t * abytes) : sums[i][t]);
 }
 
 template <std::size_t T, bool kNib, bool kBcast>

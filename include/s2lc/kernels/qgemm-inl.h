@@ -364,6 +364,19 @@ inline HWY_NOINLINE float StreamRead(const float* HWY_RESTRICT p, std::size_t n)
   return s;
 }
 
+/// iters rounds of 8 independent vector FMAs on registers: the FMA throughput bound.
+inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
+  const qk::DF df;
+  const auto m = hn::Set(df, 0.999999f), c = hn::Set(df, 1e-7f);
+  auto a0 = hn::Set(df, 1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (std::size_t i = 0; i < iters; ++i) {
+    a0 = hn::MulAdd(a0, m, c), a1 = hn::MulAdd(a1, m, c), a2 = hn::MulAdd(a2, m, c), a3 = hn::MulAdd(a3, m, c);
+    a4 = hn::MulAdd(a4, m, c), a5 = hn::MulAdd(a5, m, c), a6 = hn::MulAdd(a6, m, c), a7 = hn::MulAdd(a7, m, c);
+  }
+  *sink = hn::GetLane(hn::SumOfLanes(df, hn::Add(hn::Add(hn::Add(a0, a1), hn::Add(a2, a3)), hn::Add(hn::Add(a4, a5), hn::Add(a6, a7)))));
+  return iters * 8 * hn::Lanes(df);
+}
+
 // JIT merge: w += d, recording (index, old value) of every element where (w + d) - d does not
 // give w back bit for bit, so unmerge (w -= d, then the recorded values) is exact.
 inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,

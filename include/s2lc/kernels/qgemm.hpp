@@ -37,6 +37,7 @@ namespace s2lc::kernels {
     (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
+  X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint32_t* bad_idx,             \
                                        float* bad_val), (w, d, n, bad_idx, bad_val))                                 \
   X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
@@ -56,6 +57,8 @@ namespace s2lc::kernels {
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
+// fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
+//                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
 //                subtracting d would not restore w bit for bit, with their indices and old values.
 // unmerge_*:     w -= d (then write back the recorded values).
