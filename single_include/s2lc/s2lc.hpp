@@ -4688,6 +4688,50 @@ inline float decode(const QView& q, std::size_t r, std::size_t c, const TierPara
 
 
 HWY_BEFORE_NAMESPACE();
+namespace s2lc::kernels::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace q8k {
+
+// (Before the avx512vnni region below: qgemm-inl.h's GEMM tiles use it too.)
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+// out[0..3] = the lane sums of a, b, c, d (one transposing pass instead of four reductions).
+#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
+template <class D>
+HWY_INLINE void StoreBlockSums(D d, hn::Vec<D> v, float* out) {
+  if constexpr (hn::MaxLanes(D()) <= 4) {
+    hn::StoreU(v, d, out);
+  } else {
+    const hn::Half<D> dh;
+    StoreBlockSums(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out);
+  }
+}
+#endif
+HWY_INLINE void Sum4(VF a, VF b, VF c, VF d, float* out) {
+  const DF df;
+#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
+  if constexpr (hn::MaxLanes(DF()) >= 4) {
+    const hn::Repartition<std::uint64_t, DF> d64;
+    // per 128-bit block: ab = [a0+a2, b0+b2, a1+a3, b1+b3], cd likewise
+    const VF ab = hn::Add(hn::InterleaveLower(df, a, b), hn::InterleaveUpper(df, a, b));
+    const VF cd = hn::Add(hn::InterleaveLower(df, c, d), hn::InterleaveUpper(df, c, d));
+    const auto ab64 = hn::BitCast(d64, ab), cd64 = hn::BitCast(d64, cd);
+    const VF abcd = hn::Add(hn::BitCast(df, hn::InterleaveLower(d64, ab64, cd64)), hn::BitCast(df, hn::InterleaveUpper(d64, ab64, cd64)));
+    StoreBlockSums(df, abcd, out);
+    return;
+  }
+#endif
+  out[0] = hn::GetLane(hn::SumOfLanes(df, a));
+  out[1] = hn::GetLane(hn::SumOfLanes(df, b));
+  out[2] = hn::GetLane(hn::SumOfLanes(df, c));
+  out[3] = hn::GetLane(hn::SumOfLanes(df, d));
+}
+
+}  // namespace q8k
+}  // namespace s2lc::kernels::HWY_NAMESPACE
+
 #if HWY_TARGET == HWY_AVX3_DL
 // Highway 1.0.3's AVX3_DL target string names avxvnni but not avx512vnni, which vpdpbusd on zmm
 // needs; the target is only chosen on CPUs that have it.
@@ -4695,17 +4739,13 @@ HWY_BEFORE_NAMESPACE();
 #pragma GCC target("avx512vnni")
 #endif
 namespace s2lc::kernels::HWY_NAMESPACE {
-namespace hn = hwy::HWY_NAMESPACE;
-
 namespace q8k {
 
-using DF = hn::ScalableTag<float>;
 using DI = hn::RebindToSigned<DF>;
 using DU8 = hn::ScalableTag<std::uint8_t>;  // as many bytes as DF has (HWY_SCALAR: one)
 using DI8 = hn::ScalableTag<std::int8_t>;
 using DU16 = hn::ScalableTag<std::uint16_t>;
 using DH16 = hn::Rebind<std::uint16_t, DF>;  // one u16 per f32 lane
-using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
 using VU8 = hn::Vec<DU8>;
 using VI8 = hn::Vec<DI8>;
@@ -4784,38 +4824,6 @@ HWY_INLINE float TailRow(const QView& q, const Layout& L, std::size_t r, std::si
     s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scales[r * L.gpr + g]);
   }
   return s;
-}
-
-// out[0..3] = the lane sums of a, b, c, d (one transposing pass instead of four reductions).
-#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
-template <class D>
-HWY_INLINE void StoreBlockSums(D d, hn::Vec<D> v, float* out) {
-  if constexpr (hn::MaxLanes(D()) <= 4) {
-    hn::StoreU(v, d, out);
-  } else {
-    const hn::Half<D> dh;
-    StoreBlockSums(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out);
-  }
-}
-#endif
-HWY_INLINE void Sum4(VF a, VF b, VF c, VF d, float* out) {
-  const DF df;
-#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
-  if constexpr (hn::MaxLanes(DF()) >= 4) {
-    const hn::Repartition<std::uint64_t, DF> d64;
-    // per 128-bit block: ab = [a0+a2, b0+b2, a1+a3, b1+b3], cd likewise
-    const VF ab = hn::Add(hn::InterleaveLower(df, a, b), hn::InterleaveUpper(df, a, b));
-    const VF cd = hn::Add(hn::InterleaveLower(df, c, d), hn::InterleaveUpper(df, c, d));
-    const auto ab64 = hn::BitCast(d64, ab), cd64 = hn::BitCast(d64, cd);
-    const VF abcd = hn::Add(hn::BitCast(df, hn::InterleaveLower(d64, ab64, cd64)), hn::BitCast(df, hn::InterleaveUpper(d64, ab64, cd64)));
-    StoreBlockSums(df, abcd, out);
-    return;
-  }
-#endif
-  out[0] = hn::GetLane(hn::SumOfLanes(df, a));
-  out[1] = hn::GetLane(hn::SumOfLanes(df, b));
-  out[2] = hn::GetLane(hn::SumOfLanes(df, c));
-  out[3] = hn::GetLane(hn::SumOfLanes(df, d));
 }
 
 // The scales the kernel multiplies by are f32: Q8GemvNT converts them per panel of rows and
@@ -5256,9 +5264,15 @@ HWY_INLINE void GemmNTTile(const float* HWY_RESTRICT W, std::size_t ldw, const f
       for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::MulAdd(w, xv[j], acc[i][j]);
     }
   }
+  float sums[R][T];  // lane sums: four tokens in one transposing pass where the tile has four
+  for (std::size_t i = 0; i < R; ++i) {
+    if constexpr (T == 4) q8k::Sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], sums[i]);
+    else
+      for (std::size_t j = 0; j < T; ++j) sums[i][j] = hn::GetLane(hn::SumOfLanes(df, acc[i][j]));
+  }
   for (std::size_t i = 0; i < R; ++i)
     for (std::size_t j = 0; j < T; ++j) {
-      float s = hn::GetLane(hn::SumOfLanes(df, acc[i][j]));
+      float s = sums[i][j];
       const float* w = W + i * ldw;
       const float* xr = X + j * ldx;
       for (std::size_t kk = k; kk < K; ++kk) s += w[kk] * xr[kk];

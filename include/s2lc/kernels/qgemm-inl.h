@@ -243,9 +243,15 @@ HWY_INLINE void GemmNTTile(const float* HWY_RESTRICT W, std::size_t ldw, const f
       for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::MulAdd(w, xv[j], acc[i][j]);
     }
   }
+  float sums[R][T];  // lane sums: four tokens in one transposing pass where the tile has four
+  for (std::size_t i = 0; i < R; ++i) {
+    if constexpr (T == 4) q8k::Sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], sums[i]);
+    else
+      for (std::size_t j = 0; j < T; ++j) sums[i][j] = hn::GetLane(hn::SumOfLanes(df, acc[i][j]));
+  }
   for (std::size_t i = 0; i < R; ++i)
     for (std::size_t j = 0; j < T; ++j) {
-      float s = hn::GetLane(hn::SumOfLanes(df, acc[i][j]));
+      float s = sums[i][j];
       const float* w = W + i * ldw;
       const float* xr = X + j * ldx;
       for (std::size_t kk = k; kk < K; ++kk) s += w[kk] * xr[kk];
