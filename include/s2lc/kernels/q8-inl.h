@@ -172,7 +172,7 @@ HWY_INLINE float TailRow(const QView& q, const Layout& L, std::size_t r, std::si
 inline constexpr std::size_t kScaleBuf = 4096;
 // Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
 // short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
-inline constexpr std::size_t kPrefetch = 2048;
+inline constexpr std::size_t kPrefetch = 8192;
 
 // Columns [g0 * gb, g1 * gb) of the vector body, as a panel's work description.
 struct Span {

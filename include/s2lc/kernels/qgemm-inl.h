@@ -42,7 +42,7 @@ using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
 
 // Prefetch distance of the fused gemvs (see q8-inl.h: cold blocks have short rows).
-inline constexpr std::size_t kPrefetchBytes = 2048;
+inline constexpr std::size_t kPrefetchBytes = 8192;
 
 // N codes starting at p as i32 lanes (sign-extended bytes).
 HWY_INLINE VI LoadBytes(const std::uint8_t* p) {
@@ -170,59 +170,77 @@ HWY_INLINE void GemvNTT(const QView& q, std::size_t r0, std::size_t nr, const Ti
   for (; i < nr; ++i) GemvNTRows<1, kTier>(q, r0 + i, t, x, alpha, y + i);
 }
 
-// y[j] += sum_k c[k] W[k, j] over R rows k at once (one load/store of y per R rows).
-template <std::size_t R, bool kTier>
-HWY_INLINE void GemvNNRows(const QView& q, std::size_t k0, const TierParams& t, const float* c, float* HWY_RESTRICT y) {
-  const DF df;
-  const std::size_t N = hn::Lanes(df);
-  const Layout L = MakeLayout(q, N);
-  const std::size_t gpr = L.gpr, rb = L.rb;
-  for (std::size_t g = 0; g < gpr; ++g) {
-    const std::size_t c0 = g * q.group;
-    float cs[R];
-    for (std::size_t i = 0; i < R; ++i) cs[i] = c[i] * Scale(q, L, k0 + i, g, t);
-    if (g >= L.nfast) {
-      const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
-      for (std::size_t j = 0; j < n; ++j) {
-        float s = y[c0 + j];
-        for (std::size_t i = 0; i < R; ++i)
-          s += cs[i] * static_cast<float>(detail::tiered(detail::stored_code(q, k0 + i, c0 + j), t));
-        y[c0 + j] = s;
-      }
-      continue;
-    }
-    if (q.nibble) {
-      const std::size_t h = q.group / 2;
-      for (std::size_t j = 0; j < h; j += N) {
-        VF yl = hn::LoadU(df, y + c0 + j), yh = hn::LoadU(df, y + c0 + h + j);
-        for (std::size_t i = 0; i < R; ++i) {
-          hwy::Prefetch(q.codes + (k0 + i) * rb + g * h + j + kPrefetchBytes);
-          const VI b = LoadBytes(q.codes + (k0 + i) * rb + g * h + j);
-          const VF ci = hn::Set(df, cs[i]);
-          yl = hn::MulAdd(Codes<kTier>(LowNibble(b), t), ci, yl);
-          yh = hn::MulAdd(Codes<kTier>(HighNibble(b), t), ci, yh);
-        }
-        hn::StoreU(yl, df, y + c0 + j);
-        hn::StoreU(yh, df, y + c0 + h + j);
-      }
-    } else {
-      for (std::size_t j = 0; j < q.group; j += N) {
-        VF yv = hn::LoadU(df, y + c0 + j);
-        for (std::size_t i = 0; i < R; ++i)
-          yv = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (k0 + i) * rb + c0 + j), t),
-                          hn::Set(df, cs[i]), yv);
-        hn::StoreU(yv, df, y + c0 + j);
-      }
+// y[j] += sum_k c[k] W[k, j], k < nk, over the scalar groups [g0, g1) of each row.
+template <bool kTier>
+HWY_INLINE void GemvNNScalar(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
+                             std::size_t g0, std::size_t g1, float* HWY_RESTRICT y) {
+  for (std::size_t g = g0; g < g1; ++g) {
+    const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
+    for (std::size_t k = 0; k < nk; ++k) {
+      const float cs = c[k] * Scale(q, L, k0 + k, g, t);
+      for (std::size_t j = 0; j < n; ++j)
+        y[c0 + j] += cs * static_cast<float>(detail::tiered(detail::stored_code(q, k0 + k, c0 + j), t));
     }
   }
 }
 
+// y[j] += sum_k c[k] W[k, j] over the G groups from g0 (kV vectors each): the columns stay in
+// kV * G <= 8 register accumulators over every row k, so y is read and written once and a row
+// costs its codes, G scales and kV * G FMAs.
+template <std::size_t kV, std::size_t G, bool kTier>
+HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
+                           std::size_t g0, float* HWY_RESTRICT y) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  VF acc[kV * G];
+  for (std::size_t v = 0; v < kV * G; ++v) acc[v] = hn::Zero(df);
+  const std::size_t gb = q.nibble ? q.group / 2 : q.group;
+  const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
+  const std::uint16_t* sc = q.scales + k0 * L.gpr + g0;
+  for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
+    hwy::Prefetch(p + kPrefetchBytes);
+    const float ck = c[k] * t.mul;
+    for (std::size_t gi = 0; gi < G; ++gi) {
+      const VF cs = hn::Set(df, ck * s2lc::bf16_to_f32(sc[gi]));
+      if (q.nibble) {
+        for (std::size_t j = 0; j < kV / 2; ++j) {
+          const VI b = LoadBytes(p + gi * gb + j * N);
+          acc[gi * kV + j] = hn::MulAdd(Codes<kTier>(LowNibble(b), t), cs, acc[gi * kV + j]);
+          acc[gi * kV + kV / 2 + j] = hn::MulAdd(Codes<kTier>(HighNibble(b), t), cs, acc[gi * kV + kV / 2 + j]);
+        }
+      } else {
+        for (std::size_t j = 0; j < kV; ++j)
+          acc[gi * kV + j] = hn::MulAdd(Codes<kTier>(LoadBytes(p + gi * gb + j * N), t), cs, acc[gi * kV + j]);
+      }
+    }
+  }
+  float* yp = y + g0 * q.group;
+  for (std::size_t v = 0; v < kV * G; ++v) hn::StoreU(hn::Add(hn::LoadU(df, yp + v * N), acc[v]), df, yp + v * N);
+}
+
+template <std::size_t kV, bool kTier>
+HWY_INLINE void GemvNNTiles(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
+                            float* y) {
+  constexpr std::size_t G = kV >= 8 ? 1 : 8 / kV;
+  std::size_t g = 0;
+  for (; g + G <= L.nfast; g += G) GemvNNTile<kV, G, kTier>(q, L, k0, nk, t, c, g, y);
+  for (; g < L.nfast; ++g) GemvNNTile<kV, 1, kTier>(q, L, k0, nk, t, c, g, y);
+}
+
+// y[j] += sum_k c[k] W[k, j]: register column tiles over the vector groups, scalar for the rest.
 template <bool kTier>
 HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* c, float* y) {
-  std::size_t k = 0;
-  for (; k + 4 <= nk; k += 4) GemvNNRows<4, kTier>(q, k0 + k, t, c + k, y);
-  for (; k < nk; ++k)
-    if (c[k] != 0.0f) GemvNNRows<1, kTier>(q, k0 + k, t, c + k, y);
+  const std::size_t N = hn::Lanes(DF());
+  Layout L = MakeLayout(q, N);
+  const std::size_t kv = q.group / N;  // vectors per group (nibble: half of them per half group)
+  const bool vec = L.nfast && q.group % N == 0 && (!q.nibble || kv % 2 == 0);
+  if (vec && kv == 1 && !q.nibble) GemvNNTiles<1, kTier>(q, L, k0, nk, t, c, y);
+  else if (vec && kv == 2) GemvNNTiles<2, kTier>(q, L, k0, nk, t, c, y);
+  else if (vec && kv == 4) GemvNNTiles<4, kTier>(q, L, k0, nk, t, c, y);
+  else if (vec && kv == 8) GemvNNTiles<8, kTier>(q, L, k0, nk, t, c, y);
+  else if (vec && kv == 16) GemvNNTiles<16, kTier>(q, L, k0, nk, t, c, y);
+  else L.nfast = 0;
+  GemvNNScalar<kTier>(q, L, k0, nk, t, c, L.nfast, L.gpr, y);
 }
 
 // Y[t, i] += alpha sum_k W[i, k] X[t, k] on an R x T register tile.
