@@ -5,7 +5,8 @@
 //     stream_bound (a read-only streaming kernel: the bandwidth bound of each impl's own bytes) and
 //     fma_bound (register-only f32 FMAs, as many as s2lc's multiply-adds: its FMA bound);
 //   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8;
-//   merge/<impl>/<shape>: JIT merge of one expert into a dense f32 buffer vs memcpy of the buffer.
+//   merge/<impl>/<shape>: JIT merge of one expert into a dense f32 buffer vs memcpy of the buffer
+//   and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per element).
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
 // Single thread for every contender (OpenBLAS too). See bench/RESULTS.md.
@@ -159,13 +160,37 @@ void bench_morph(benchmark::State& state, std::size_t si, unsigned K) {
   state.counters["resident_morph_MB"] = group_bytes / 1e6;
 }
 
-void bench_merge(benchmark::State& state, std::size_t si, bool copy) {
+// Multiply-adds of merging member e: a low-rank block costs rank per element, dense and raw
+// blocks one (the FMA bound of the merge; cores a raw residual replaces are skipped).
+std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
+  auto macs = [](const mo::KMatrix& m, const std::uint8_t* skip) {
+    std::size_t n = 0;
+    for (const auto& b : m.blocks) {
+      if (skip && skip[b.index]) continue;
+      const bool lr = b.kind == s2lc::compress::block_kind::lowrank || b.kind == s2lc::compress::block_kind::shared;
+      n += std::size_t{b.rb} * b.cb * (lr ? b.rank : 1u);
+    }
+    return n;
+  };
+  std::size_t n = macs(g.residuals[e], nullptr);
+  for (auto nd : g.path[e]) n += macs(g.cores[nd], g.replaces[e].data());
+  return n;
+}
+
+enum class merge_impl { s2lc, memcpy, fma_bound };
+
+void bench_merge(benchmark::State& state, std::size_t si, merge_impl which) {
   Setup& s = setup(si, false);
   std::vector<float> buf = s.dense[0], src = s.dense[0];
-  double bytes = 2.0 * s.dense_bytes;
+  const double bytes = 2.0 * s.dense_bytes;
+  const std::size_t macs = merge_macs(s.base, 0);
   for (auto _ : state) {
-    if (copy) std::memcpy(buf.data(), src.data(), buf.size() * sizeof(float));
-    else {
+    if (which == merge_impl::memcpy) std::memcpy(buf.data(), src.data(), buf.size() * sizeof(float));
+    else if (which == merge_impl::fma_bound) {
+      float sink = 0;
+      s2lc::kernels::fma_peak(macs / s2lc::kernels::fma_peak(1, &sink), &sink);
+      benchmark::DoNotOptimize(sink);
+    } else {
       auto u = mo::merge(s.base, 0, buf.data(), kShapes[si].cols);
       state.PauseTiming();
       mo::unmerge(s.base, 0, buf.data(), kShapes[si].cols, u);
@@ -173,7 +198,8 @@ void bench_merge(benchmark::State& state, std::size_t si, bool copy) {
     }
     benchmark::ClobberMemory();
   }
-  s2lc::bench::set_bytes(state, bytes + (copy ? 0.0 : s.bytes));
+  state.counters["macs"] = static_cast<double>(macs);
+  s2lc::bench::set_bytes(state, which == merge_impl::fma_bound ? 0.0 : bytes + (which == merge_impl::memcpy ? 0.0 : s.bytes));
 }
 
 const bool registered = [] {
@@ -191,10 +217,11 @@ const bool registered = [] {
       benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) : std::string("single")) + "/" + case_name(si, 1, true)).c_str(),
                                    [=](benchmark::State& st) { bench_morph(st, si, K); })
           ->Unit(benchmark::kMicrosecond);
-    for (bool copy : {false, true})
-      benchmark::RegisterBenchmark(("merge/" + std::string(copy ? "memcpy" : "s2lc") + "/" + std::to_string(kShapes[si].rows) + "x" +
+    const char* merge_names[] = {"s2lc", "memcpy", "fma_bound"};
+    for (int w = 0; w < 3; ++w)
+      benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
                                     std::to_string(kShapes[si].cols)).c_str(),
-                                   [=](benchmark::State& st) { bench_merge(st, si, copy); })
+                                   [=](benchmark::State& st) { bench_merge(st, si, static_cast<merge_impl>(w)); })
           ->Unit(benchmark::kMicrosecond);
   }
   s2lc::bench::register_op("morph", {"single", "none"});

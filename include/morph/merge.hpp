@@ -50,20 +50,20 @@ struct MorphDelta {
 };
 
 /// Adds block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
-inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, unsigned tier) {
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, unsigned tier, BlockScratch& bs) {
   const KGroup& g = *s.g;
   if (!g.replaces[s.e][b])
     for (auto nd : g.path[s.e])
-      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale, tier, out);
-  if (const KBlock* r = find_block(g.residuals[s.e], b)) add_block(g, *r, s.scale, tier, out);
+      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale, tier, out, &bs);
+  if (const KBlock* r = find_block(g.residuals[s.e], b)) add_block(g, *r, s.scale, tier, out, &bs);
 }
 
-inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigned tier) {
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigned tier, BlockScratch& bs) {
   const KGroup& g = *s.m->group;
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
-      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale * w, tier, out);
-  if (const KBlock* r = find_block(s.m->residual, b)) add_block(g, *r, s.scale, tier, out);
+      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale * w, tier, out, &bs);
+  if (const KBlock* r = find_block(s.m->residual, b)) add_block(g, *r, s.scale, tier, out, &bs);
 }
 
 /// Calls row_fn(row pointer into buf, the delta's row, length, element offset of the row start)
@@ -71,10 +71,11 @@ inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigne
 template <class T, class Source, class RowFn>
 void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, RowFn&& row_fn) {
   std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
+  BlockScratch bs;  // reused by every block: no allocation per block
   for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
     const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
     std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
-    decode_delta(src, b, d.data(), tier);
+    decode_delta(src, b, d.data(), tier, bs);
     for (std::size_t i = 0; i < rb; ++i) row_fn(buf + (r0 + i) * ld + c0, d.data() + i * cb, cb, (r0 + i) * ld + c0);
   }
 }

@@ -91,30 +91,43 @@ struct KMorph {
 
 namespace detail {
 
-/// out[rb, cb] += w * the decoded block (f32; not the hot path).
-inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out) {
+/// Reusable f32 scratch of add_block (the merge path calls it once per block and part).
+struct BlockScratch {
+  std::vector<float> a, b, c;
+};
+
+/// out[rb, cb] += w * the decoded block (f32), with scratch reused across calls if given.
+inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out, BlockScratch* scratch = nullptr) {
   const std::size_t rb = b.rb, cb = b.cb;
-  std::vector<float> tmp;
+  BlockScratch local;
+  BlockScratch& s = scratch ? *scratch : local;
+  auto fit = [](std::vector<float>& v, std::size_t n) -> float* {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  };
   switch (b.kind) {
     case compress::block_kind::zero: return;
     case compress::block_kind::raw:
       for (std::size_t i = 0; i < rb * cb; ++i) out[i] += w * b.raw[i];
       return;
-    case compress::block_kind::dense:
-      tmp.assign(rb * cb, 0.0f);
-      kernels::q_decode_rows(b.a.view(), 0, rb, tier, tmp.data(), cb);
+    case compress::block_kind::dense: {
+      float* tmp = fit(s.a, rb * cb);
+      kernels::q_decode_rows(b.a.view(), 0, rb, tier, tmp, cb);
       for (std::size_t i = 0; i < rb * cb; ++i) out[i] += w * tmp[i];
       return;
+    }
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
       const std::size_t r = b.rank;
-      std::vector<float> right(r * cb), left(r * rb), lt(rb * r);
-      if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right.data(), cb);
-      else std::copy(b.raw.begin(), b.raw.end(), right.begin());
-      kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left.data(), rb);
+      float* right = fit(s.a, r * cb);
+      float* left = fit(s.b, r * rb);
+      float* lt = fit(s.c, rb * r);
+      if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right, cb);
+      else std::copy(b.raw.begin(), b.raw.end(), right);
+      kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
       for (std::size_t k = 0; k < r; ++k)
         for (std::size_t i = 0; i < rb; ++i) lt[i * r + k] = w * left[k * rb + i];
-      kernels::gemm_nn(lt.data(), r, rb, r, right.data(), cb, cb, out, cb);
+      kernels::gemm_nn(lt, r, rb, r, right, cb, cb, out, cb);
       return;
     }
   }

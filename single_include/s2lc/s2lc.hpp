@@ -4831,7 +4831,7 @@ HWY_INLINE float TailRow(const QView& q, const Layout& L, std::size_t r, std::si
 inline constexpr std::size_t kScaleBuf = 4096;
 // Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
 // short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
-inline constexpr std::size_t kPrefetch = 2048;
+inline constexpr std::size_t kPrefetch = 8192;
 
 // Columns [g0 * gb, g1 * gb) of the vector body, as a panel's work description.
 struct Span {
@@ -5063,7 +5063,7 @@ using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
 
 // Prefetch distance of the fused gemvs (see q8-inl.h: cold blocks have short rows).
-inline constexpr std::size_t kPrefetchBytes = 2048;
+inline constexpr std::size_t kPrefetchBytes = 8192;
 
 // N codes starting at p as i32 lanes (sign-extended bytes).
 HWY_INLINE VI LoadBytes(const std::uint8_t* p) {
@@ -5191,59 +5191,77 @@ HWY_INLINE void GemvNTT(const QView& q, std::size_t r0, std::size_t nr, const Ti
   for (; i < nr; ++i) GemvNTRows<1, kTier>(q, r0 + i, t, x, alpha, y + i);
 }
 
-// y[j] += sum_k c[k] W[k, j] over R rows k at once (one load/store of y per R rows).
-template <std::size_t R, bool kTier>
-HWY_INLINE void GemvNNRows(const QView& q, std::size_t k0, const TierParams& t, const float* c, float* HWY_RESTRICT y) {
-  const DF df;
-  const std::size_t N = hn::Lanes(df);
-  const Layout L = MakeLayout(q, N);
-  const std::size_t gpr = L.gpr, rb = L.rb;
-  for (std::size_t g = 0; g < gpr; ++g) {
-    const std::size_t c0 = g * q.group;
-    float cs[R];
-    for (std::size_t i = 0; i < R; ++i) cs[i] = c[i] * Scale(q, L, k0 + i, g, t);
-    if (g >= L.nfast) {
-      const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
-      for (std::size_t j = 0; j < n; ++j) {
-        float s = y[c0 + j];
-        for (std::size_t i = 0; i < R; ++i)
-          s += cs[i] * static_cast<float>(detail::tiered(detail::stored_code(q, k0 + i, c0 + j), t));
-        y[c0 + j] = s;
-      }
-      continue;
-    }
-    if (q.nibble) {
-      const std::size_t h = q.group / 2;
-      for (std::size_t j = 0; j < h; j += N) {
-        VF yl = hn::LoadU(df, y + c0 + j), yh = hn::LoadU(df, y + c0 + h + j);
-        for (std::size_t i = 0; i < R; ++i) {
-          hwy::Prefetch(q.codes + (k0 + i) * rb + g * h + j + kPrefetchBytes);
-          const VI b = LoadBytes(q.codes + (k0 + i) * rb + g * h + j);
-          const VF ci = hn::Set(df, cs[i]);
-          yl = hn::MulAdd(Codes<kTier>(LowNibble(b), t), ci, yl);
-          yh = hn::MulAdd(Codes<kTier>(HighNibble(b), t), ci, yh);
-        }
-        hn::StoreU(yl, df, y + c0 + j);
-        hn::StoreU(yh, df, y + c0 + h + j);
-      }
-    } else {
-      for (std::size_t j = 0; j < q.group; j += N) {
-        VF yv = hn::LoadU(df, y + c0 + j);
-        for (std::size_t i = 0; i < R; ++i)
-          yv = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (k0 + i) * rb + c0 + j), t),
-                          hn::Set(df, cs[i]), yv);
-        hn::StoreU(yv, df, y + c0 + j);
-      }
+// y[j] += sum_k c[k] W[k, j], k < nk, over the scalar groups [g0, g1) of each row.
+template <bool kTier>
+HWY_INLINE void GemvNNScalar(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
+                             std::size_t g0, std::size_t g1, float* HWY_RESTRICT y) {
+  for (std::size_t g = g0; g < g1; ++g) {
+    const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
+    for (std::size_t k = 0; k < nk; ++k) {
+      const float cs = c[k] * Scale(q, L, k0 + k, g, t);
+      for (std::size_t j = 0; j < n; ++j)
+        y[c0 + j] += cs * static_cast<float>(detail::tiered(detail::stored_code(q, k0 + k, c0 + j), t));
     }
   }
 }
 
+// y[j] += sum_k c[k] W[k, j] over the G groups from g0 (kV vectors each): the columns stay in
+// kV * G <= 8 register accumulators over every row k, so y is read and written once and a row
+// costs its codes, G scales and kV * G FMAs.
+template <std::size_t kV, std::size_t G, bool kTier>
+HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
+                           std::size_t g0, float* HWY_RESTRICT y) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  VF acc[kV * G];
+  for (std::size_t v = 0; v < kV * G; ++v) acc[v] = hn::Zero(df);
+  const std::size_t gb = q.nibble ? q.group / 2 : q.group;
+  const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
+  const std::uint16_t* sc = q.scales + k0 * L.gpr + g0;
+  for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
+    hwy::Prefetch(p + kPrefetchBytes);
+    const float ck = c[k] * t.mul;
+    for (std::size_t gi = 0; gi < G; ++gi) {
+      const VF cs = hn::Set(df, ck * s2lc::bf16_to_f32(sc[gi]));
+      if (q.nibble) {
+        for (std::size_t j = 0; j < kV / 2; ++j) {
+          const VI b = LoadBytes(p + gi * gb + j * N);
+          acc[gi * kV + j] = hn::MulAdd(Codes<kTier>(LowNibble(b), t), cs, acc[gi * kV + j]);
+          acc[gi * kV + kV / 2 + j] = hn::MulAdd(Codes<kTier>(HighNibble(b), t), cs, acc[gi * kV + kV / 2 + j]);
+        }
+      } else {
+        for (std::size_t j = 0; j < kV; ++j)
+          acc[gi * kV + j] = hn::MulAdd(Codes<kTier>(LoadBytes(p + gi * gb + j * N), t), cs, acc[gi * kV + j]);
+      }
+    }
+  }
+  float* yp = y + g0 * q.group;
+  for (std::size_t v = 0; v < kV * G; ++v) hn::StoreU(hn::Add(hn::LoadU(df, yp + v * N), acc[v]), df, yp + v * N);
+}
+
+template <std::size_t kV, bool kTier>
+HWY_INLINE void GemvNNTiles(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
+                            float* y) {
+  constexpr std::size_t G = kV >= 8 ? 1 : 8 / kV;
+  std::size_t g = 0;
+  for (; g + G <= L.nfast; g += G) GemvNNTile<kV, G, kTier>(q, L, k0, nk, t, c, g, y);
+  for (; g < L.nfast; ++g) GemvNNTile<kV, 1, kTier>(q, L, k0, nk, t, c, g, y);
+}
+
+// y[j] += sum_k c[k] W[k, j]: register column tiles over the vector groups, scalar for the rest.
 template <bool kTier>
 HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* c, float* y) {
-  std::size_t k = 0;
-  for (; k + 4 <= nk; k += 4) GemvNNRows<4, kTier>(q, k0 + k, t, c + k, y);
-  for (; k < nk; ++k)
-    if (c[k] != 0.0f) GemvNNRows<1, kTier>(q, k0 + k, t, c + k, y);
+  const std::size_t N = hn::Lanes(DF());
+  Layout L = MakeLayout(q, N);
+  const std::size_t kv = q.group / N;  // vectors per group (nibble: half of them per half group)
+  const bool vec = L.nfast && q.group % N == 0 && (!q.nibble || kv % 2 == 0);
+  if (vec && kv == 1 && !q.nibble) GemvNNTiles<1, kTier>(q, L, k0, nk, t, c, y);
+  else if (vec && kv == 2) GemvNNTiles<2, kTier>(q, L, k0, nk, t, c, y);
+  else if (vec && kv == 4) GemvNNTiles<4, kTier>(q, L, k0, nk, t, c, y);
+  else if (vec && kv == 8) GemvNNTiles<8, kTier>(q, L, k0, nk, t, c, y);
+  else if (vec && kv == 16) GemvNNTiles<16, kTier>(q, L, k0, nk, t, c, y);
+  else L.nfast = 0;
+  GemvNNScalar<kTier>(q, L, k0, nk, t, c, L.nfast, L.gpr, y);
 }
 
 // Y[t, i] += alpha sum_k W[i, k] X[t, k] on an R x T register tile.
@@ -6589,30 +6607,43 @@ struct KMorph {
 
 namespace detail {
 
-/// out[rb, cb] += w * the decoded block (f32; not the hot path).
-inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out) {
+/// Reusable f32 scratch of add_block (the merge path calls it once per block and part).
+struct BlockScratch {
+  std::vector<float> a, b, c;
+};
+
+/// out[rb, cb] += w * the decoded block (f32), with scratch reused across calls if given.
+inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out, BlockScratch* scratch = nullptr) {
   const std::size_t rb = b.rb, cb = b.cb;
-  std::vector<float> tmp;
+  BlockScratch local;
+  BlockScratch& s = scratch ? *scratch : local;
+  auto fit = [](std::vector<float>& v, std::size_t n) -> float* {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  };
   switch (b.kind) {
     case compress::block_kind::zero: return;
     case compress::block_kind::raw:
       for (std::size_t i = 0; i < rb * cb; ++i) out[i] += w * b.raw[i];
       return;
-    case compress::block_kind::dense:
-      tmp.assign(rb * cb, 0.0f);
-      kernels::q_decode_rows(b.a.view(), 0, rb, tier, tmp.data(), cb);
+    case compress::block_kind::dense: {
+      float* tmp = fit(s.a, rb * cb);
+      kernels::q_decode_rows(b.a.view(), 0, rb, tier, tmp, cb);
       for (std::size_t i = 0; i < rb * cb; ++i) out[i] += w * tmp[i];
       return;
+    }
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
       const std::size_t r = b.rank;
-      std::vector<float> right(r * cb), left(r * rb), lt(rb * r);
-      if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right.data(), cb);
-      else std::copy(b.raw.begin(), b.raw.end(), right.begin());
-      kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left.data(), rb);
+      float* right = fit(s.a, r * cb);
+      float* left = fit(s.b, r * rb);
+      float* lt = fit(s.c, rb * r);
+      if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right, cb);
+      else std::copy(b.raw.begin(), b.raw.end(), right);
+      kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
       for (std::size_t k = 0; k < r; ++k)
         for (std::size_t i = 0; i < rb; ++i) lt[i * r + k] = w * left[k * rb + i];
-      kernels::gemm_nn(lt.data(), r, rb, r, right.data(), cb, cb, out, cb);
+      kernels::gemm_nn(lt, r, rb, r, right, cb, cb, out, cb);
       return;
     }
   }
@@ -6880,20 +6911,20 @@ struct MorphDelta {
 };
 
 /// Adds block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
-inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, unsigned tier) {
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, unsigned tier, BlockScratch& bs) {
   const KGroup& g = *s.g;
   if (!g.replaces[s.e][b])
     for (auto nd : g.path[s.e])
-      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale, tier, out);
-  if (const KBlock* r = find_block(g.residuals[s.e], b)) add_block(g, *r, s.scale, tier, out);
+      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale, tier, out, &bs);
+  if (const KBlock* r = find_block(g.residuals[s.e], b)) add_block(g, *r, s.scale, tier, out, &bs);
 }
 
-inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigned tier) {
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigned tier, BlockScratch& bs) {
   const KGroup& g = *s.m->group;
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
-      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale * w, tier, out);
-  if (const KBlock* r = find_block(s.m->residual, b)) add_block(g, *r, s.scale, tier, out);
+      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale * w, tier, out, &bs);
+  if (const KBlock* r = find_block(s.m->residual, b)) add_block(g, *r, s.scale, tier, out, &bs);
 }
 
 /// Calls row_fn(row pointer into buf, the delta's row, length, element offset of the row start)
@@ -6901,10 +6932,11 @@ inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigne
 template <class T, class Source, class RowFn>
 void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, RowFn&& row_fn) {
   std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
+  BlockScratch bs;  // reused by every block: no allocation per block
   for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
     const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
     std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
-    decode_delta(src, b, d.data(), tier);
+    decode_delta(src, b, d.data(), tier, bs);
     for (std::size_t i = 0; i < rb; ++i) row_fn(buf + (r0 + i) * ld + c0, d.data() + i * cb, cb, (r0 + i) * ld + c0);
   }
 }
