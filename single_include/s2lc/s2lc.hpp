@@ -5927,6 +5927,9 @@ struct KGroup {
   std::vector<KMat> bases;
   std::uint32_t max_rank = 0;                    ///< over every low-rank / shared block
   std::uint32_t group_size = 32;                 ///< quantization group of the payloads
+  /// Per grid column: which code containers meet x there (bit 0: bytes, bit 1: nibbles), so
+  /// int8 activations are quantized only for those (empty: assume both).
+  std::vector<std::uint8_t> x_containers;
 
   std::size_t rows() const noexcept { return grid.rows; }
   std::size_t cols() const noexcept { return grid.cols; }
@@ -5977,6 +5980,7 @@ struct KGroup {
     k.member_names = g.member_names;
     k.grid = g.grid;
     k.group_size = g.group_size;
+    k.x_containers.assign(g.grid.grid_cols(), 0);
     for (const auto& b : g.bases) k.bases.push_back(KMat::from(b.u));
     auto convert = [&](const compress::BlockMatrix& m) {
       KMatrix out;
@@ -5997,6 +6001,8 @@ struct KGroup {
           case compress::block_kind::zero: break;
         }
         if (src.kind == compress::block_kind::lowrank || src.kind == compress::block_kind::shared) k.max_rank = std::max(k.max_rank, src.rank);
+        const KMat& onx = src.kind == compress::block_kind::dense ? b.a : b.b;  // the codes x meets
+        if (!onx.codes.empty()) k.x_containers[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
         out.blocks.push_back(std::move(b));
       }
       return out;
@@ -6045,7 +6051,7 @@ inline constexpr std::size_t kPanelRows = 16;
 namespace detail {
 
 /// int8 activations of one apply call's tokens, quantized once per grid column and code container
-/// (nibble / byte) when the cache is made, then shared (read-only, so by every worker too) by all
+/// (nibble / byte; only those the group's blocks there use) when the cache is made, then shared (read-only, so by every worker too) by all
 /// blocks of that column.
 struct Q8Cache {
   const float* X = nullptr;  ///< the call's activations, before the column offset
@@ -6072,6 +6078,8 @@ struct Q8Cache {
       for (int nib = 0; nib < 2; ++nib) {
         const auto q = layout(width(j), group, nib != 0 && group % 2 == 0);
         std::uint8_t*& buf = slot[j * 2 + static_cast<std::size_t>(nib)];
+        buf = nullptr;  // get() then returns null: apply_q8 quantizes for that block itself
+        if (j < g.x_containers.size() && !(g.x_containers[j] >> nib & 1)) continue;
         buf = a.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
         kernels::q8_quantize(q, X + j * block_cols, ldx, n, buf);
       }
