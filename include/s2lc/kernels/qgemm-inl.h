@@ -61,6 +61,32 @@ HWY_INLINE VF Codes(VI q, const TierParams& t) {
   return hn::ConvertTo(DF(), q);
 }
 
+// The tier's nibble table (TierParams::nibble) where the kernels look nibbles up: AVX-512 only.
+HWY_INLINE VF NibbleTable(const TierParams& t) {
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  return hn::LoadU(DF(), t.nibble);
+#else
+  (void)t;
+  return hn::Zero(DF());
+#endif
+}
+
+// The values of the low and high nibbles of the bytes in b (one byte per i32 lane). AVX-512: two
+// vpermps from the tier's table (each reads only the low 4 bits of its index lanes), no shifts
+// to sign-extend, no conversions, the tier already applied; elsewhere shifts and ConvertTo.
+template <bool kTier>
+HWY_INLINE void Nibbles(VI b, VF table, const TierParams& t, VF& lo, VF& hi) {
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  (void)t;
+  lo = VF{_mm512_permutexvar_ps(b.raw, table.raw)};
+  hi = VF{_mm512_permutexvar_ps(hn::ShiftRight<4>(b).raw, table.raw)};
+#else
+  (void)table;
+  lo = Codes<kTier>(LowNibble(b), t);
+  hi = Codes<kTier>(HighNibble(b), t);
+#endif
+}
+
 // Per-call layout constants (no divisions in the loops): groups per row, bytes per row, and the
 // number of leading groups that run the vector body (full length, whole vectors).
 struct Layout {
@@ -95,10 +121,12 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
   if (q.nibble) {
     const std::size_t h = q.group / 2;
     const std::uint8_t* p = row + g * h;
+    const VF table = NibbleTable(t);
     for (std::size_t j = 0; j < h; j += N) {
-      const VI b = LoadBytes(p + j);
-      hn::StoreU(hn::Mul(Codes<kTier>(LowNibble(b), t), vs), df, out + j);
-      hn::StoreU(hn::Mul(Codes<kTier>(HighNibble(b), t), vs), df, out + h + j);
+      VF lo, hi;
+      Nibbles<kTier>(LoadBytes(p + j), table, t, lo, hi);
+      hn::StoreU(hn::Mul(lo, vs), df, out + j);
+      hn::StoreU(hn::Mul(hi, vs), df, out + h + j);
     }
   } else {
     const std::uint8_t* p = row + c0;
@@ -122,6 +150,7 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
   const std::size_t N = hn::Lanes(df);
   const Layout L = MakeLayout(q, N);
   const std::size_t gpr = L.gpr, rb = L.rb;
+  const VF table = NibbleTable(t);
   VF acc[R];
   float tail[R];
   for (std::size_t i = 0; i < R; ++i) acc[i] = hn::Zero(df), tail[i] = 0.0f;
@@ -145,9 +174,10 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
         const VF xl = hn::LoadU(df, x + c0 + j), xh = hn::LoadU(df, x + c0 + h + j);
         for (std::size_t i = 0; i < R; ++i) {
           hwy::Prefetch(q.codes + (r0 + i) * rb + g * h + j + kPrefetchBytes);
-          const VI b = LoadBytes(q.codes + (r0 + i) * rb + g * h + j);
-          part[i] = hn::MulAdd(Codes<kTier>(LowNibble(b), t), xl, part[i]);
-          part[i] = hn::MulAdd(Codes<kTier>(HighNibble(b), t), xh, part[i]);
+          VF lo, hi;
+          Nibbles<kTier>(LoadBytes(q.codes + (r0 + i) * rb + g * h + j), table, t, lo, hi);
+          part[i] = hn::MulAdd(lo, xl, part[i]);
+          part[i] = hn::MulAdd(hi, xh, part[i]);
         }
       }
     } else {
@@ -192,6 +222,7 @@ HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std:
                            std::size_t g0, float* HWY_RESTRICT y) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
+  const VF table = NibbleTable(t);
   VF acc[kV * G];
   for (std::size_t v = 0; v < kV * G; ++v) acc[v] = hn::Zero(df);
   const std::size_t gb = q.nibble ? q.group / 2 : q.group;
@@ -204,9 +235,10 @@ HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std:
       const VF cs = hn::Set(df, ck * s2lc::bf16_to_f32(sc[gi]));
       if (q.nibble) {
         for (std::size_t j = 0; j < kV / 2; ++j) {
-          const VI b = LoadBytes(p + gi * gb + j * N);
-          acc[gi * kV + j] = hn::MulAdd(Codes<kTier>(LowNibble(b), t), cs, acc[gi * kV + j]);
-          acc[gi * kV + kV / 2 + j] = hn::MulAdd(Codes<kTier>(HighNibble(b), t), cs, acc[gi * kV + kV / 2 + j]);
+          VF lo, hi;
+          Nibbles<kTier>(LoadBytes(p + gi * gb + j * N), table, t, lo, hi);
+          acc[gi * kV + j] = hn::MulAdd(lo, cs, acc[gi * kV + j]);
+          acc[gi * kV + kV / 2 + j] = hn::MulAdd(hi, cs, acc[gi * kV + kV / 2 + j]);
         }
       } else {
         for (std::size_t j = 0; j < kV; ++j)

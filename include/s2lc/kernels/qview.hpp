@@ -60,6 +60,9 @@ struct Q8Acts {
 struct TierParams {
   int shift = 0, half = 0, lo = -128, hi = 127;
   float mul = 1.0f;
+  /// Value of each 4-bit code pattern n (two's complement) at this tier: the table the AVX-512
+  /// kernels look nibbles up in (vpermps reads only an index's low 4 bits).
+  alignas(64) float nibble[16] = {};
 };
 
 inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
@@ -70,6 +73,10 @@ inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
   t.lo = -(1 << (tier - 1));
   t.hi = (1 << (tier - 1)) - 1;
   t.mul = static_cast<float>(1u << t.shift);
+  for (int n = 0; n < 16; ++n) {
+    const int c = n < 8 ? n : n - 16;
+    t.nibble[n] = static_cast<float>(t.shift ? std::min(std::max((c + t.half) >> t.shift, t.lo), t.hi) : c);
+  }
   return t;
 }
 
