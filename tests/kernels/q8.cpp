@@ -83,6 +83,10 @@ TEST_CASE("kernels: q8 activation quantization is bit-identical to the scalar re
       const std::size_t nt = 3, ldx = c.cols + 5, ab = k::Q8Acts::bytes(q);
       auto x = randn(nt * ldx, static_cast<std::uint32_t>(c.cols), 1.0f);
       for (std::size_t j = 0; j < std::min<std::size_t>(c.group, c.cols); ++j) x[ldx + j] = 0.0f;  // an all-zero group
+      // Token 2's first group: amax 127 (scale 1), every other value halfway between integers, so
+      // the products are exact ties and round half to even is checked, not only nearest.
+      for (std::size_t j = 0; j < std::min<std::size_t>(c.group, c.cols); ++j)
+        x[2 * ldx + j] = j == 0 ? 127.0f : static_cast<float>(static_cast<int>(j % 40) - 20) + 0.5f;
       std::vector<std::uint8_t> acts(nt * ab + 1, 0xAB);
       k::q8_quantize(q, x.data(), ldx, nt, acts.data());
       REQUIRE(acts.back() == 0xAB);  // nothing written past nt * bytes

@@ -167,6 +167,37 @@ HWY_INLINE float TailRow(const QView& q, const Layout& L, std::size_t r, std::si
   return s;
 }
 
+// One whole group of n values (a multiple of twice the f32 lanes) quantized exactly as the
+// scalar loop of Q8Quantize does (same products, round half to even, same clamps), into lo (and,
+// nibble container, its second half into hi), its scale into *sx.
+HWY_INLINE void QuantizeGroup(const float* x, std::size_t n, bool nibble, std::int8_t* lo, std::int8_t* hi, float* sx) {
+  const DF df;
+  const DI di;
+  const hn::Rebind<std::int8_t, DF> d8;
+  const std::size_t N = hn::Lanes(df);
+  auto vmax = hn::Zero(df);
+  auto finite = hn::Set(df, 1.0f);
+  const auto big = hn::Set(df, 3.40282347e38f);
+  for (std::size_t j = 0; j < n; j += N) {
+    const auto a = hn::Abs(hn::LoadU(df, x + j));
+    finite = hn::IfThenElseZero(hn::Le(a, big), finite);  // inf or NaN fail the comparison
+    vmax = hn::Max(vmax, hn::IfThenElseZero(hn::Le(a, big), a));
+  }
+  const bool ok = hn::GetLane(hn::MinOfLanes(df, finite)) == 1.0f;
+  const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  const bool tiny = amax < 1e-30f;
+  *sx = !ok ? std::nanf("") : tiny ? 0.0f : amax / 127.0f;
+  if (!ok || tiny) return;  // codes stay zero (the caller cleared the buffer)
+  const auto inv = hn::Set(df, 127.0f / amax), lim = hn::Set(df, 127.0f), nlim = hn::Set(df, -127.0f);
+  for (std::size_t j = 0; j < n; j += N) {
+    const auto v = hn::Min(hn::Max(hn::Round(hn::Mul(hn::LoadU(df, x + j), inv)), nlim), lim);
+    const auto q = hn::DemoteTo(d8, hn::ConvertTo(di, v));
+    if (!nibble) hn::StoreU(q, d8, lo + j);
+    else if (j < n / 2) hn::StoreU(q, d8, lo + j);
+    else hn::StoreU(q, d8, hi + j - n / 2);
+  }
+}
+
 // The scales the kernel multiplies by are f32: Q8GemvNT converts them per panel of rows and
 // column segment into a stack buffer (kScaleBuf floats), so the row loop only loads them.
 inline constexpr std::size_t kScaleBuf = 4096;
@@ -289,7 +320,7 @@ HWY_INLINE void Panel(const QView& q, const Layout& L, const IdxF& rep, const Sp
 inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t ldx, std::size_t nt, std::uint8_t* out) {
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t abytes = Q8Acts::bytes(q);
-  const std::size_t G = q.group;
+  const std::size_t G = q.group, NF = hn::Lanes(q8k::DF());
   for (std::size_t t = 0; t < nt; ++t) {
     std::uint8_t* act = out + t * abytes;
     std::memset(act, 0, abytes);
@@ -301,6 +332,10 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
     const float* xr = x + t * ldx;
     for (std::size_t g = 0; g < L.gpr; ++g) {
       const std::size_t c0 = g * G, n = std::min(G, static_cast<std::size_t>(q.cols) - c0);
+      if (n == G && G % (2 * NF) == 0) {  // whole group, whole vectors (halves too): vector body
+        q8k::QuantizeGroup(xr + c0, G, q.nibble, lo + (q.nibble ? g * L.gb : c0), q.nibble ? hi + g * L.gb : nullptr, sx + g);
+        continue;
+      }
       float amax = 0.0f;
       bool finite = true;
       for (std::size_t j = 0; j < n; ++j) {
