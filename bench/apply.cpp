@@ -4,7 +4,8 @@
 //     the reconstructed f32 matrix, the baseline), highway_dense (our f32 kernel on it),
 //     stream_bound (a read-only streaming kernel: the bandwidth bound of each impl's own bytes) and
 //     fma_bound (register-only f32 FMAs, as many as s2lc's multiply-adds: its FMA bound);
-//   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8;
+//   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8, on
+//     the synthetic experts and on the real tinymoe layer-1 experts (tinymoe_<w1|w2|w3>);
 //   merge/<impl>/<shape>: JIT merge of one expert into a dense f32 buffer vs memcpy of the buffer
 //   and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per element).
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
@@ -20,6 +21,8 @@
 #include <benchmark/benchmark.h>
 
 #include <morph/merge.hpp>
+#include <s2lc/io/safetensors.hpp>
+#include <s2lc/tensor.hpp>
 
 #include "apply_bench.hpp"
 #include "report.hpp"
@@ -160,6 +163,76 @@ void bench_morph(benchmark::State& state, std::size_t si, unsigned K) {
   state.counters["resident_morph_MB"] = group_bytes / 1e6;
 }
 
+// Morph on real trained experts: tinymoe layer 1 (tests/data, committed), compressed as the CLI
+// does by default (ratio 8), whose residuals use shared bases where the compressor found them.
+struct RealMorph {
+  std::vector<mo::KGroup> copies;                  // cold: distinct memory
+  std::map<unsigned, std::vector<mo::KMorph>> morphs;
+  double single_bytes = 0;
+  std::size_t shared_blocks = 0, rows = 0, cols = 0;
+};
+
+RealMorph& real_morph(std::size_t role) {
+  static std::map<std::size_t, std::unique_ptr<RealMorph>> cache;
+  auto& slot = cache[role];
+  if (slot) return *slot;
+  slot = std::make_unique<RealMorph>();
+  RealMorph& r = *slot;
+  s2lc::io::SafetensorsFile f(std::string(S2LC_SOURCE_DIR) + "/tests/data/tinymoe-upcycled-L1.safetensors");
+  s2lc::compress::GroupInput in;
+  const std::string name = role == 0 ? "w1" : role == 1 ? "w2" : "w3";
+  in.name = "layers.1.moe.experts.{E}." + name + ".weight";
+  in.type = s2lc::dtype::bf16;
+  for (int e = 0; e < 8; ++e) {
+    in.member_names.push_back("layers.1.moe.experts." + std::to_string(e) + "." + name + ".weight");
+    in.member_sources.push_back(0);
+    in.weights.push_back(s2lc::load_matrix_f32(f, in.member_names.back()));
+  }
+  s2lc::compress::Options opt;
+  opt.ratio = 8;
+  opt.threads = 2;
+  const auto comp = s2lc::compress::compress({in}, opt);
+  const auto base = mo::KGroup::from(comp.groups[0]);
+  r.rows = base.rows(), r.cols = base.cols();
+  for (const auto& m : base.residuals)
+    for (const auto& b : m.blocks) r.shared_blocks += b.kind == s2lc::compress::block_kind::shared;
+  double group_bytes = 0;
+  for (std::size_t e = 0; e < base.members(); ++e) group_bytes += static_cast<double>(base.member_bytes(e));
+  r.single_bytes = group_bytes / static_cast<double>(base.members());
+  r.copies.assign(std::max<std::size_t>(2, kColdBytes / static_cast<std::size_t>(4 * r.single_bytes)), base);
+  return r;
+}
+
+// One compressed expert (K = 0: the members in turn) or a linear hybrid of the first K experts,
+// batch 1, cold, f32 activations (what the synthetic morph rows run).
+void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K) {
+  RealMorph& r = real_morph(role);
+  if (K && !r.morphs.count(K)) {
+    std::vector<std::uint32_t> ex(K);
+    std::vector<float> a(K, 1.0f / static_cast<float>(K));
+    for (unsigned k = 0; k < K; ++k) ex[k] = k;
+    const mo::KMorph m0 = mo::mix_linear(r.copies[0], ex, a, {8});
+    auto& v = r.morphs[K];
+    v.reserve(r.copies.size());
+    for (const auto& g : r.copies) {
+      v.push_back(m0);
+      v.back().group = &g;
+    }
+  }
+  std::vector<float> X(r.cols, 0.5f), Y(r.rows);
+  std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(r.copies[0], 1), K ? mo::apply_scratch_bytes(r.morphs[K][0], 1) : 0));
+  mo::Arena arena(mem);
+  std::size_t i = 0;
+  for (auto _ : state) {
+    if (K) mo::apply(r.morphs[K][i % r.copies.size()], X.data(), r.cols, 1, Y.data(), r.rows, arena);
+    else mo::apply(r.copies[i % r.copies.size()], i % 8, X.data(), r.cols, 1, Y.data(), r.rows, arena);
+    ++i;
+    benchmark::ClobberMemory();
+  }
+  state.counters["shared_blocks"] = static_cast<double>(r.shared_blocks);
+  s2lc::bench::set_bytes(state, K ? static_cast<double>(r.morphs[K][0].bytes()) : r.single_bytes);
+}
+
 // Multiply-adds of merging member e: a low-rank block costs rank per element, dense and raw
 // blocks one (the FMA bound of the merge; cores a raw residual replaces are skipped).
 std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
@@ -224,6 +297,12 @@ const bool registered = [] {
                                    [=](benchmark::State& st) { bench_merge(st, si, static_cast<merge_impl>(w)); })
           ->Unit(benchmark::kMicrosecond);
   }
+  for (std::size_t role = 0; role < 3; ++role)
+    for (unsigned K : {0u, 2u, 4u, 8u})
+      benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) : std::string("single")) + "/tinymoe_" +
+                                    (role == 0 ? "w1" : role == 1 ? "w2" : "w3") + "_b1_cold").c_str(),
+                                   [=](benchmark::State& st) { bench_morph_real(st, role, K); })
+          ->Unit(benchmark::kMicrosecond);
   s2lc::bench::register_op("morph", {"single", "none"});
   s2lc::bench::register_op("merge", {"memcpy", "memcpy"});
   return true;
