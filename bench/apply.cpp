@@ -11,6 +11,7 @@
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
 // Single thread for every contender (OpenBLAS too). See bench/RESULTS.md.
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -167,7 +168,8 @@ void bench_morph(benchmark::State& state, std::size_t si, unsigned K) {
 // does by default (ratio 8), whose residuals use shared bases where the compressor found them.
 struct RealMorph {
   std::vector<mo::KGroup> copies;                  // cold: distinct memory
-  std::map<unsigned, std::vector<mo::KMorph>> morphs;
+  std::map<unsigned, std::vector<mo::KMorph>> morphs;  // by 2 K + truncate
+  std::map<unsigned, double> rel_error;
   double single_bytes = 0;
   std::size_t shared_blocks = 0, rows = 0, cols = 0;
 };
@@ -203,16 +205,25 @@ RealMorph& real_morph(std::size_t role) {
   return r;
 }
 
-// One compressed expert (K = 0: the members in turn) or a linear hybrid of the first K experts,
-// batch 1, cold, f32 activations (what the synthetic morph rows run).
-void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K) {
+// One compressed expert (K = 0: the members in turn) or a linear hybrid of the first K experts
+// (int8 coefficients; truncated: own-factor mixes cut to one expert's rank), batch 1, cold, f32
+// activations (what the synthetic morph rows run). rel_error: ||hybrid - exact mix|| / ||exact
+// mix|| (both materialized with merge).
+void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K, bool truncate) {
   RealMorph& r = real_morph(role);
-  if (K && !r.morphs.count(K)) {
+  const unsigned key = K * 2 + (truncate ? 1 : 0);
+  if (K && !r.morphs.count(key)) {
     std::vector<std::uint32_t> ex(K);
     std::vector<float> a(K, 1.0f / static_cast<float>(K));
     for (unsigned k = 0; k < K; ++k) ex[k] = k;
-    const mo::KMorph m0 = mo::mix_linear(r.copies[0], ex, a, {8});
-    auto& v = r.morphs[K];
+    const mo::KMorph m0 = mo::mix_linear(r.copies[0], ex, a, {8, truncate});
+    std::vector<float> got(r.rows * r.cols, 0.0f), want(r.rows * r.cols, 0.0f);
+    mo::merge(m0, got.data(), r.cols);
+    mo::merge(mo::mix_linear(r.copies[0], ex, a, {0}), want.data(), r.cols);
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]), den += double(want[i]) * want[i];
+    r.rel_error[key] = std::sqrt(num / den);
+    auto& v = r.morphs[key];
     v.reserve(r.copies.size());
     for (const auto& g : r.copies) {
       v.push_back(m0);
@@ -220,17 +231,18 @@ void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K) {
     }
   }
   std::vector<float> X(r.cols, 0.5f), Y(r.rows);
-  std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(r.copies[0], 1), K ? mo::apply_scratch_bytes(r.morphs[K][0], 1) : 0));
+  std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(r.copies[0], 1), K ? mo::apply_scratch_bytes(r.morphs[key][0], 1) : 0));
   mo::Arena arena(mem);
   std::size_t i = 0;
   for (auto _ : state) {
-    if (K) mo::apply(r.morphs[K][i % r.copies.size()], X.data(), r.cols, 1, Y.data(), r.rows, arena);
+    if (K) mo::apply(r.morphs[key][i % r.copies.size()], X.data(), r.cols, 1, Y.data(), r.rows, arena);
     else mo::apply(r.copies[i % r.copies.size()], i % 8, X.data(), r.cols, 1, Y.data(), r.rows, arena);
     ++i;
     benchmark::ClobberMemory();
   }
   state.counters["shared_blocks"] = static_cast<double>(r.shared_blocks);
-  s2lc::bench::set_bytes(state, K ? static_cast<double>(r.morphs[K][0].bytes()) : r.single_bytes);
+  if (K) state.counters["rel_error"] = r.rel_error[key];
+  s2lc::bench::set_bytes(state, K ? static_cast<double>(r.morphs[key][0].bytes()) : r.single_bytes);
 }
 
 // Multiply-adds of merging member e: a low-rank block costs rank per element, dense and raw
@@ -299,10 +311,13 @@ const bool registered = [] {
   }
   for (std::size_t role = 0; role < 3; ++role)
     for (unsigned K : {0u, 2u, 4u, 8u})
-      benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) : std::string("single")) + "/tinymoe_" +
-                                    (role == 0 ? "w1" : role == 1 ? "w2" : "w3") + "_b1_cold").c_str(),
-                                   [=](benchmark::State& st) { bench_morph_real(st, role, K); })
-          ->Unit(benchmark::kMicrosecond);
+      for (bool tr : {false, true}) {
+        if (tr && !K) continue;
+        benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) + (tr ? "_truncated" : "") : std::string("single")) +
+                                      "/tinymoe_" + (role == 0 ? "w1" : role == 1 ? "w2" : "w3") + "_b1_cold").c_str(),
+                                     [=](benchmark::State& st) { bench_morph_real(st, role, K, tr); })
+            ->Unit(benchmark::kMicrosecond);
+      }
   s2lc::bench::register_op("morph", {"single", "none"});
   s2lc::bench::register_op("merge", {"memcpy", "memcpy"});
   return true;

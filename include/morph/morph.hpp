@@ -15,7 +15,8 @@
 // whatever the number of experts under it); residual blocks that are coefficients on the same
 // shared basis mix in the shared subspace (sum_i beta_i B_i, one block of the largest rank), so
 // they cost one expert, not K; other blocks (own factors, dense, or a raw block replacing the
-// cores) are mixed densely into one block. Mixed coefficients stay f32 (bits = 0) or are
+// cores) are mixed densely into one block (MorphOptions::truncate cuts mixes of low-rank blocks
+// back to the largest part's rank by an SVD instead: about one expert's bytes, not exact). Mixed coefficients stay f32 (bits = 0) or are
 // requantized (bits = 8 / 4, cheaper to apply, adds that quantization's error).
 //
 // BasisBank is DSC's per-token composition: unit-norm rank-1 atoms (u_j, v_j) with magnitudes
@@ -72,6 +73,11 @@ inline std::vector<float> sparsemax_weights(std::span<const float> logits) {
 
 struct MorphOptions {
   unsigned bits = 0;  ///< 0: mixed coefficients in f32; 8 or 4: requantized (group size of the group)
+  /// Blocks whose parts are low-rank on different factors (no shared basis) mix densely, exactly;
+  /// with truncate (needs bits 8 or 4) they are cut back to the largest part's rank by an SVD of
+  /// the mix (Eckart-Young: the best approximation of that rank), so the hybrid costs about one
+  /// expert there too, at the error of the dropped singular directions.
+  bool truncate = false;
 };
 
 /// A mixed expert: weighted cores plus one mixed residual.
@@ -150,6 +156,23 @@ inline KMat requantize(const std::vector<float>& v, std::size_t rows, std::size_
   return KMat::from(compress::quantize(v.data(), rows, cols, {bits, group, false}));
 }
 
+/// out = the best rank-`rank` approximation of the dense [rb, cb] block, as a low-rank block with
+/// left = (U S)^T [rank, rb] and right = Vt [rank, cb], both requantized.
+inline void truncate_into(const std::vector<float>& dense, std::size_t rb, std::size_t cb, std::size_t rank, unsigned bits,
+                          std::size_t group, KBlock& out) {
+  matrix M = matrix::from_shape({rb, cb});
+  std::copy(dense.begin(), dense.end(), M.begin());
+  const auto f = linalg::truncate(linalg::svd(M), std::min(rank, std::min(rb, cb)));
+  const std::size_t r = f.rank();
+  std::vector<float> left(r * rb), right(r * cb);
+  for (std::size_t k = 0; k < r; ++k) {
+    for (std::size_t i = 0; i < rb; ++i) left[k * rb + i] = f.U(i, k) * f.S(k);
+    for (std::size_t j = 0; j < cb; ++j) right[k * cb + j] = f.Vt(k, j);
+  }
+  out.kind = compress::block_kind::lowrank, out.rank = static_cast<std::uint32_t>(r);
+  out.a = requantize(left, r, rb, bits, group), out.b = requantize(right, r, cb, bits, group);
+}
+
 }  // namespace detail
 
 /// The hybrid c * C + sum_i beta_i (W_i - C) of experts[i] (see the file comment). Experts may
@@ -158,6 +181,7 @@ inline KMorph morph(const KGroup& g, std::span<const std::uint32_t> experts, std
                     const MorphOptions& opt = {}) {
   if (experts.empty() || experts.size() != beta.size()) throw invalid_argument("morph: need one weight per expert, and at least one expert");
   if (opt.bits != 0 && opt.bits != 8 && opt.bits != 4) throw invalid_argument("morph: bits must be 0, 8 or 4");
+  if (opt.truncate && opt.bits == 0) throw invalid_argument("morph: truncate needs quantized factors (bits 8 or 4)");
   for (std::size_t i = 0; i < experts.size(); ++i) {
     if (experts[i] >= g.members()) throw invalid_argument("morph: expert " + std::to_string(experts[i]) + " out of range");
     if (!std::isfinite(beta[i])) throw invalid_argument("morph: weight " + std::to_string(i) + " is not finite");
@@ -245,8 +269,19 @@ inline KMorph morph(const KGroup& g, std::span<const std::uint32_t> experts, std
     } else {
       std::vector<float> dense(rb * cb, 0.0f);
       for (const auto& [blk, bw] : parts) detail::add_block(g, *blk, bw, 0, dense.data());
-      if (opt.bits) out.kind = compress::block_kind::dense, out.a = detail::requantize(dense, rb, cb, opt.bits, group);
-      else out.kind = compress::block_kind::raw, out.raw = std::move(dense);
+      std::uint32_t rank = 0;
+      bool lowrank = true;
+      for (const auto& p : parts) {
+        lowrank &= p.first->kind == compress::block_kind::lowrank || p.first->kind == compress::block_kind::shared;
+        rank = std::max(rank, p.first->rank);
+      }
+      if (opt.truncate && lowrank && rank < std::min(rb, cb)) {
+        detail::truncate_into(dense, rb, cb, rank, opt.bits, group, out);
+      } else if (opt.bits) {
+        out.kind = compress::block_kind::dense, out.a = detail::requantize(dense, rb, cb, opt.bits, group);
+      } else {
+        out.kind = compress::block_kind::raw, out.raw = std::move(dense);
+      }
     }
     m.residual.blocks.push_back(std::move(out));
   }

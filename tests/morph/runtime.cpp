@@ -566,6 +566,47 @@ TEST_CASE("morph: experts sharing a basis mix in the shared subspace at the cost
   }
 }
 
+TEST_CASE("morph: truncate cuts own-factor mixes to one expert's rank within the SVD tail of the exact mix") {
+  std::size_t cut = 0;
+  for (const auto& g : fixture_compressed().groups) {
+    CAPTURE(g.name);
+    const auto kg = mo::KGroup::from(g);
+    const std::vector<std::uint32_t> ex{0, 2, 5, 7};
+    const std::vector<float> a{0.4f, 0.3f, 0.2f, 0.1f};
+    const auto exact = mo::mix_linear(kg, ex, a, {0});         // dense f32 mixes
+    const auto dense8 = mo::mix_linear(kg, ex, a, {8});        // dense int8 mixes
+    const auto cutm = mo::mix_linear(kg, ex, a, {8, true});    // truncated, int8 factors
+    std::size_t here = 0;
+    for (const auto& b : cutm.residual.blocks) {
+      if (b.kind != cz::block_kind::lowrank) continue;
+      const auto* e = mo::detail::find_block(exact.residual, b.index);
+      REQUIRE(e != nullptr);
+      if (e->kind != cz::block_kind::raw || cutm.replaces[b.index]) continue;  // a part's own block, kept as is
+      ++here;
+      std::vector<float> d(std::size_t{b.rb} * b.cb, 0.0f);
+      mo::detail::add_block(kg, b, 1.0f, 0, d.data());
+      s2lc::matrix M = s2lc::matrix::from_shape({b.rb, b.cb});
+      std::copy(e->raw.begin(), e->raw.end(), M.begin());
+      const auto f = s2lc::linalg::svd(M);
+      double tail = 0, norm = 0, err = 0;
+      for (std::size_t k = b.rank; k < f.rank(); ++k) tail += double(f.S(k)) * f.S(k);
+      for (std::size_t i = 0; i < d.size(); ++i) norm += double(e->raw[i]) * e->raw[i], err += (double(d[i]) - e->raw[i]) * (double(d[i]) - e->raw[i]);
+      CAPTURE(b.index); CAPTURE(b.rank);
+      // Eckart-Young: the rank-r cut loses exactly the tail; int8 factors add well under 1 %.
+      CHECK(std::sqrt(err) <= std::sqrt(tail) + 0.01 * std::sqrt(norm));
+      CHECK(b.rank < std::min(b.rb, b.cb));
+    }
+    if (here) CHECK(cutm.bytes() < dense8.bytes());
+    cut += here;
+  }
+  MESSAGE(cut << " own-factor mixes truncated");
+  CHECK(cut > 0);
+  const auto kg = mo::KGroup::from(fixture_compressed().groups[0]);
+  const std::vector<std::uint32_t> ex{0, 1};
+  const std::vector<float> a{0.5f, 0.5f};
+  CHECK_THROWS_AS(mo::mix_linear(kg, ex, a, {0, true}), s2lc::invalid_argument);  // f32 factors: not supported
+}
+
 TEST_CASE("morph: basis bank atoms are unit-norm, all atoms give the dense product, K picks the largest") {
   std::vector<s2lc::matrix> ms;
   for (std::uint32_t s = 0; s < 3; ++s) {
