@@ -5447,9 +5447,24 @@ inline HWY_NOINLINE void GemmNT(const float* W, std::size_t ldw, std::size_t nr,
 
 inline HWY_NOINLINE void GemmNN(const float* C, std::size_t ldc, std::size_t nt, std::size_t K, const float* A, std::size_t lda,
                                 std::size_t ncols, float* Y, std::size_t ldy) {
+  // Many rows of C: each slab of 2 vectors of A's columns is packed contiguous first (A's rows are
+  // typically 1 KB apart, and K such rows map to a few L1 sets and evict each other), then every
+  // row tile runs on the packed slab. Same products in the same order: same bits.
+  constexpr std::size_t kPack = 8192;  // floats
+  const std::size_t W = 2 * hn::Lanes(qk::DF());
+  std::size_t j0 = 0;
+  if (nt >= 8 && K * W <= kPack) {
+    HWY_ALIGN float pack[kPack];
+    for (; j0 + W <= ncols; j0 += W) {
+      for (std::size_t k = 0; k < K; ++k) std::memcpy(pack + k * W, A + k * lda + j0, W * sizeof(float));
+      std::size_t t = 0;
+      for (; t + 4 <= nt; t += 4) qk::GemmNNTile<4, 2>(C + t * ldc, ldc, K, pack, W, Y + t * ldy + j0, ldy);
+      for (; t < nt; ++t) qk::GemmNNTile<1, 2>(C + t * ldc, ldc, K, pack, W, Y + t * ldy + j0, ldy);
+    }
+  }
   std::size_t t = 0;
-  for (; t + 4 <= nt; t += 4) qk::GemmNNTokens<4>(C + t * ldc, ldc, K, A, lda, ncols, Y + t * ldy, ldy);
-  for (; t < nt; ++t) qk::GemmNNTokens<1>(C + t * ldc, ldc, K, A, lda, ncols, Y + t * ldy, ldy);
+  for (; t + 4 <= nt; t += 4) qk::GemmNNTokens<4>(C + t * ldc, ldc, K, A + j0, lda, ncols - j0, Y + t * ldy + j0, ldy);
+  for (; t < nt; ++t) qk::GemmNNTokens<1>(C + t * ldc, ldc, K, A + j0, lda, ncols - j0, Y + t * ldy + j0, ldy);
 }
 
 /// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u.

@@ -126,7 +126,7 @@ TEST_CASE("kernels: f32 GEMM micro-kernels for every batch 1..9 and odd K, every
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
-    for (std::size_t nr : {1u, 3u, 4u, 6u, 17u})
+    for (std::size_t nr : {1u, 3u, 4u, 6u, 17u, 70u})  // 70: packed column slabs of gemm_nn, then a remainder
       for (std::size_t K : {1u, 5u, 16u, 33u, 70u})
         for (std::size_t nt = 1; nt <= 9; ++nt) {
           CAPTURE(nr); CAPTURE(K); CAPTURE(nt);
