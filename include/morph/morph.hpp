@@ -16,8 +16,9 @@
 // shared basis mix in the shared subspace (sum_i beta_i B_i, one block of the largest rank), so
 // they cost one expert, not K; other blocks (own factors, dense, or a raw block replacing the
 // cores) are mixed densely into one block (MorphOptions::truncate cuts mixes of low-rank blocks
-// back to the largest part's rank by an SVD instead: about one expert's bytes, not exact). Mixed coefficients stay f32 (bits = 0) or are
-// requantized (bits = 8 / 4, cheaper to apply, adds that quantization's error).
+// back to the largest part's rank by an SVD instead: about one expert's bytes, not exact).
+// Mixed coefficients stay f32 (bits = 0) or are requantized (bits = 8 / 4, cheaper to apply,
+// adds that quantization's error).
 //
 // BasisBank is DSC's per-token composition: unit-norm rank-1 atoms (u_j, v_j) with magnitudes
 // s_j; each token uses the K atoms with the largest |s_j v_j . x|.

@@ -269,8 +269,8 @@ inline constexpr std::size_t kPanelRows = 16;
 namespace detail {
 
 /// int8 activations of one apply call's tokens, quantized once per grid column and code container
-/// (nibble / byte; only those the group's blocks there use) when the cache is made, then shared (read-only, so by every worker too) by all
-/// blocks of that column.
+/// (nibble / byte; only those the group's blocks there use) when the cache is made, then shared
+/// (read-only, so by every worker too) by all blocks of that column.
 struct Q8Cache {
   const float* X = nullptr;  ///< the call's activations, before the column offset
   std::size_t ldx = 0, n = 0, gcols = 0, block_cols = 0, cols = 0, group = 32;

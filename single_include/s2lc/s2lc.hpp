@@ -4591,6 +4591,15 @@ struct TierParams {
   alignas(64) float nibble[16] = {};
 };
 
+namespace detail {
+/// Code c read at a tier (see TierParams).
+inline int tiered(int code, const TierParams& t) noexcept {
+  if (t.shift == 0) return code;
+  return std::min(std::max((code + t.half) >> t.shift, t.lo), t.hi);
+}
+
+}  // namespace detail
+
 inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
   if (tier == 0 || tier > bits) tier = bits;
   TierParams t;
@@ -4599,10 +4608,7 @@ inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
   t.lo = -(1 << (tier - 1));
   t.hi = (1 << (tier - 1)) - 1;
   t.mul = static_cast<float>(1u << t.shift);
-  for (int n = 0; n < 16; ++n) {
-    const int c = n < 8 ? n : n - 16;
-    t.nibble[n] = static_cast<float>(t.shift ? std::min(std::max((c + t.half) >> t.shift, t.lo), t.hi) : c);
-  }
+  for (int n = 0; n < 16; ++n) t.nibble[n] = static_cast<float>(detail::tiered(n < 8 ? n : n - 16, t));
   return t;
 }
 
@@ -4616,11 +4622,6 @@ inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
   const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
   const int byte = static_cast<std::int8_t>(row[g * (q.group / 2) + (j < h ? j : j - h)]);
   return j < h ? static_cast<int>(static_cast<unsigned>(byte) << 28) >> 28 : byte >> 4;
-}
-
-inline int tiered(int code, const TierParams& t) noexcept {
-  if (t.shift == 0) return code;
-  return std::min(std::max((code + t.half) >> t.shift, t.lo), t.hi);
 }
 
 /// Effective scale of group g of row r at a tier (bf16 scale times 2^shift, exact).
@@ -4846,8 +4847,9 @@ HWY_INLINE void QuantizeGroup(const float* x, std::size_t n, bool nibble, std::i
   const auto big = hn::Set(df, 3.40282347e38f);
   for (std::size_t j = 0; j < n; j += N) {
     const auto a = hn::Abs(hn::LoadU(df, x + j));
-    finite = hn::IfThenElseZero(hn::Le(a, big), finite);  // inf or NaN fail the comparison
-    vmax = hn::Max(vmax, hn::IfThenElseZero(hn::Le(a, big), a));
+    const auto ok_lane = hn::Le(a, big);  // inf or NaN fail the comparison
+    finite = hn::IfThenElseZero(ok_lane, finite);
+    vmax = hn::Max(vmax, hn::IfThenElseZero(ok_lane, a));
   }
   const bool ok = hn::GetLane(hn::MinOfLanes(df, finite)) == 1.0f;
   const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
@@ -6140,8 +6142,8 @@ inline constexpr std::size_t kPanelRows = 16;
 namespace detail {
 
 /// int8 activations of one apply call's tokens, quantized once per grid column and code container
-/// (nibble / byte; only those the group's blocks there use) when the cache is made, then shared (read-only, so by every worker too) by all
-/// blocks of that column.
+/// (nibble / byte; only those the group's blocks there use) when the cache is made, then shared
+/// (read-only, so by every worker too) by all blocks of that column.
 struct Q8Cache {
   const float* X = nullptr;  ///< the call's activations, before the column offset
   std::size_t ldx = 0, n = 0, gcols = 0, block_cols = 0, cols = 0, group = 32;
@@ -6636,8 +6638,9 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
 // shared basis mix in the shared subspace (sum_i beta_i B_i, one block of the largest rank), so
 // they cost one expert, not K; other blocks (own factors, dense, or a raw block replacing the
 // cores) are mixed densely into one block (MorphOptions::truncate cuts mixes of low-rank blocks
-// back to the largest part's rank by an SVD instead: about one expert's bytes, not exact). Mixed coefficients stay f32 (bits = 0) or are
-// requantized (bits = 8 / 4, cheaper to apply, adds that quantization's error).
+// back to the largest part's rank by an SVD instead: about one expert's bytes, not exact).
+// Mixed coefficients stay f32 (bits = 0) or are requantized (bits = 8 / 4, cheaper to apply,
+// adds that quantization's error).
 //
 // BasisBank is DSC's per-token composition: unit-norm rank-1 atoms (u_j, v_j) with magnitudes
 // s_j; each token uses the K atoms with the largest |s_j v_j . x|.

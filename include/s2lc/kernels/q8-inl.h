@@ -180,8 +180,9 @@ HWY_INLINE void QuantizeGroup(const float* x, std::size_t n, bool nibble, std::i
   const auto big = hn::Set(df, 3.40282347e38f);
   for (std::size_t j = 0; j < n; j += N) {
     const auto a = hn::Abs(hn::LoadU(df, x + j));
-    finite = hn::IfThenElseZero(hn::Le(a, big), finite);  // inf or NaN fail the comparison
-    vmax = hn::Max(vmax, hn::IfThenElseZero(hn::Le(a, big), a));
+    const auto ok_lane = hn::Le(a, big);  // inf or NaN fail the comparison
+    finite = hn::IfThenElseZero(ok_lane, finite);
+    vmax = hn::Max(vmax, hn::IfThenElseZero(ok_lane, a));
   }
   const bool ok = hn::GetLane(hn::MinOfLanes(df, finite)) == 1.0f;
   const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));

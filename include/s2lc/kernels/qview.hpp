@@ -65,6 +65,15 @@ struct TierParams {
   alignas(64) float nibble[16] = {};
 };
 
+namespace detail {
+/// Code c read at a tier (see TierParams).
+inline int tiered(int code, const TierParams& t) noexcept {
+  if (t.shift == 0) return code;
+  return std::min(std::max((code + t.half) >> t.shift, t.lo), t.hi);
+}
+
+}  // namespace detail
+
 inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
   if (tier == 0 || tier > bits) tier = bits;
   TierParams t;
@@ -73,10 +82,7 @@ inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
   t.lo = -(1 << (tier - 1));
   t.hi = (1 << (tier - 1)) - 1;
   t.mul = static_cast<float>(1u << t.shift);
-  for (int n = 0; n < 16; ++n) {
-    const int c = n < 8 ? n : n - 16;
-    t.nibble[n] = static_cast<float>(t.shift ? std::min(std::max((c + t.half) >> t.shift, t.lo), t.hi) : c);
-  }
+  for (int n = 0; n < 16; ++n) t.nibble[n] = static_cast<float>(detail::tiered(n < 8 ? n : n - 16, t));
   return t;
 }
 
@@ -90,11 +96,6 @@ inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
   const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
   const int byte = static_cast<std::int8_t>(row[g * (q.group / 2) + (j < h ? j : j - h)]);
   return j < h ? static_cast<int>(static_cast<unsigned>(byte) << 28) >> 28 : byte >> 4;
-}
-
-inline int tiered(int code, const TierParams& t) noexcept {
-  if (t.shift == 0) return code;
-  return std::min(std::max((code + t.half) >> t.shift, t.lo), t.hi);
 }
 
 /// Effective scale of group g of row r at a tier (bf16 scale times 2^shift, exact).
