@@ -4982,6 +4982,254 @@ HWY_INLINE void Panel(const QView& q, const Layout& L, const IdxF& rep, const Sp
   for (; t < nt; ++t) RowsAll<1, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
 }
 
+// ---- Batches: tokens in lanes ----
+// From kTokensMin tokens on, nibble codes take this path instead of Panel: R rows of a column
+// segment are decoded once into bytes code + 8 (u8 in [0, 15]; two's complement c ^ 8), and lane
+// l of every i32 accumulator holds token l of a tile of NL tokens. A row's 4 codes are broadcast
+// to all lanes and the tile's 4 paired activations per token are one vector load, so a code is
+// decoded once per call (Panel decodes it once per 4 tokens) and no accumulator is ever summed
+// across lanes. sum (c + 8) x = sum c x + 8 sum x: the second term (Q8Acts' corr) is subtracted
+// per group and token before the f32 scaling. Same integer partials as Panel, so the same
+// result up to f32 summation order.
+//
+// Decoded segment layout: per chunk of N8 code bytes, 2 N8 bytes: the low nibbles, then the high
+// ones. A group of gb code bytes (gb <= N8, several per chunk) is two runs of gb decoded bytes,
+// N8 apart; a group spanning chunks (gb > N8) is one run of 2 gb bytes.
+inline constexpr std::size_t kTokensMin = 8;
+inline constexpr std::size_t kSegBytes = 256;  // code bytes of a row per column segment
+inline constexpr std::size_t kTileTokens = 2;  // token tiles per pass (x NL tokens): TokRows<R, 1 or 2>
+
+struct TokGeom {
+  std::size_t N8, NL, seg, dec, gseg;  // chunk bytes, lanes, code bytes / decoded bytes / groups per segment
+  std::size_t gb, gpc;                 // code bytes per group; groups per chunk (0: a group spans chunks)
+  std::size_t tile;                    // bytes of one token tile: dec * NL quads, then gseg * NL sx and corr
+  std::size_t run(std::size_t g, std::size_t which) const {  // decoded offset of run `which` of group g
+    if (gpc == 0) return 2 * g * gb + which * gb;
+    return (g / gpc) * 2 * N8 + (g % gpc) * gb + which * N8;
+  }
+};
+
+// Tile of NL tokens (t0..t0+NL, zero past nt) for the segment at code byte s0 (group g0).
+HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t* acts, std::size_t abytes, std::size_t t0,
+                          std::size_t nt, std::size_t s0, std::size_t g0, std::uint8_t* tile) {
+  auto* quads = reinterpret_cast<std::uint32_t*>(tile);
+  auto* sxg = reinterpret_cast<float*>(tile + G.dec * G.NL);
+  auto* corr = reinterpret_cast<std::int32_t*>(tile + G.dec * G.NL + 4 * G.gseg * G.NL);
+  for (std::size_t l = 0; l < G.NL; ++l) {
+    const std::size_t t = t0 + l;
+    if (t >= nt) {
+      for (std::size_t m = 0; m < G.dec / 4; ++m) quads[m * G.NL + l] = 0;
+      for (std::size_t g = 0; g < G.gseg; ++g) sxg[g * G.NL + l] = 0.0f, corr[g * G.NL + l] = 0;
+      continue;
+    }
+    const std::uint8_t* act = acts + t * abytes;
+    for (std::size_t c = 0; c < G.seg / G.N8; ++c) {
+      const std::uint8_t* lo = act + s0 + c * G.N8;
+      const std::uint8_t* hi = lo + L.rbp;
+      std::uint32_t* dst = quads + c * 2 * (G.N8 / 4) * G.NL + l;
+      for (std::size_t m = 0; m < G.N8 / 4; ++m) std::memcpy(dst + m * G.NL, lo + 4 * m, 4);
+      dst += (G.N8 / 4) * G.NL;
+      for (std::size_t m = 0; m < G.N8 / 4; ++m) std::memcpy(dst + m * G.NL, hi + 4 * m, 4);
+    }
+    const float* sx = reinterpret_cast<const float*>(act + 4 * L.rbp);
+    const auto* lane_corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
+    for (std::size_t g = 0; g < G.gseg; ++g) {
+      std::int32_t s = 0;
+      for (std::size_t i = 0; i < G.gb / 4; ++i) s += lane_corr[(s0 + g * G.gb) / 4 + i];
+      sxg[g * G.NL + l] = sx[g0 + g];
+      corr[g * G.NL + l] = s;
+    }
+  }
+}
+
+// out[i][j * NL + l] = sum over the segment's groups of row i times token l of tile j, for R rows
+// (decoded, row stride G.dec) and T tiles; sw: the rows' f32 group scales (row stride lds).
+template <std::size_t R, std::size_t T>
+HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds, const std::uint8_t* tiles,
+                        float* out) {
+#if HWY_TARGET != HWY_SCALAR
+  const DF df;
+  const DI di;
+  const DU8 du8;
+  const DI8 di8;
+  VF accf[R][T];
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t j = 0; j < T; ++j) accf[i][j] = hn::Zero(df);
+  const std::size_t qstride = G.NL;  // u32 per decoded quad in a tile
+  for (std::size_t g = 0; g < G.gseg; ++g) {
+    VI acc[R][T];
+    for (std::size_t i = 0; i < R; ++i)
+      for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::Zero(di);
+    const std::size_t len = G.gpc == 0 ? 2 * G.gb : G.gb;
+    for (std::size_t w = 0; w < (G.gpc == 0 ? 1u : 2u); ++w) {
+      const std::size_t o = G.run(g, w);
+      for (std::size_t d = o; d < o + len; d += 4) {
+        VI8 xv[T];
+        for (std::size_t j = 0; j < T; ++j)
+          xv[j] = hn::Load(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d * qstride));
+        for (std::size_t i = 0; i < R; ++i) {
+          std::int32_t c4;
+          std::memcpy(&c4, dec + i * G.dec + d, 4);
+          const VU8 wv = hn::BitCast(du8, hn::Set(di, c4));
+          for (std::size_t j = 0; j < T; ++j) acc[i][j] = DotU8I8(acc[i][j], wv, xv[j]);
+        }
+      }
+    }
+    for (std::size_t j = 0; j < T; ++j) {
+      const std::uint8_t* tail = tiles + j * G.tile + G.dec * G.NL;
+      const VF sx = hn::Load(df, reinterpret_cast<const float*>(tail) + g * G.NL);
+      const VI corr = hn::Load(di, reinterpret_cast<const std::int32_t*>(tail + 4 * G.gseg * G.NL) + g * G.NL);
+      for (std::size_t i = 0; i < R; ++i)
+        accf[i][j] = hn::MulAdd(hn::ConvertTo(df, hn::Sub(acc[i][j], corr)), hn::Mul(sx, hn::Set(df, sw[i * lds + g])), accf[i][j]);
+    }
+  }
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t j = 0; j < T; ++j) hn::StoreU(accf[i][j], df, out + (i * T + j) * G.NL);
+#else
+  (void)G, (void)dec, (void)sw, (void)lds, (void)tiles, (void)out;
+#endif
+}
+
+// Decodes rows [r, r + nr) of the segment at code byte s0 into dec (row stride G.dec).
+HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, std::size_t r, std::size_t nr, std::size_t s0,
+                           std::uint8_t* dec) {
+#if HWY_TARGET != HWY_SCALAR
+  const DU8 du8;
+  const auto k88 = hn::Set(du8, 0x88), k0f = hn::Set(du8, 0x0F);
+  for (std::size_t i = 0; i < nr; ++i) {
+    const std::uint8_t* src = q.codes + (r + i) * L.rb + s0;
+    std::uint8_t* dst = dec + i * G.dec;
+    for (std::size_t c = 0; c < G.seg; c += G.N8, dst += 2 * G.N8) {
+      const VU8 u = hn::Xor(hn::LoadU(du8, src + c), k88);
+      hn::Store(hn::And(u, k0f), du8, dst);
+      hn::Store(hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), u))), k0f), du8, dst + G.N8);
+    }
+  }
+#else
+  (void)q, (void)L, (void)G, (void)r, (void)nr, (void)s0, (void)dec;
+#endif
+}
+
+// y[t * ldy + i] += alpha * m[i * lds + t] for i < NL (all lanes) and t < nt <= NL: the NL x NL
+// block transposed in registers (unpacks inside 128-bit blocks, then blocks exchanged), so y is
+// updated a vector of rows at a time.
+HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, float alpha, float* y, std::size_t ldy) {
+#if HWY_TARGET != HWY_SCALAR
+  const DF df;
+  const hn::Repartition<std::uint64_t, DF> d64;
+  constexpr std::size_t kN = hn::MaxLanes(DF());
+  const std::size_t N = hn::Lanes(df);
+  if constexpr (kN >= 4 && kN <= 16) {
+    VF v[kN];
+    for (std::size_t i = 0; i < N; ++i) v[i] = hn::LoadU(df, m + i * lds);
+    // Per 128-bit block, rows 4q..4q+3 -> u[q][c]: block k holds column 4k + c of those rows.
+    VF u[kN / 4][4];
+    for (std::size_t q = 0; q < N / 4; ++q) {
+      const VF t0 = hn::InterleaveLower(df, v[4 * q], v[4 * q + 1]), t1 = hn::InterleaveUpper(df, v[4 * q], v[4 * q + 1]);
+      const VF t2 = hn::InterleaveLower(df, v[4 * q + 2], v[4 * q + 3]), t3 = hn::InterleaveUpper(df, v[4 * q + 2], v[4 * q + 3]);
+      const auto a0 = hn::BitCast(d64, t0), a1 = hn::BitCast(d64, t1), a2 = hn::BitCast(d64, t2), a3 = hn::BitCast(d64, t3);
+      u[q][0] = hn::BitCast(df, hn::InterleaveLower(d64, a0, a2));
+      u[q][1] = hn::BitCast(df, hn::InterleaveUpper(d64, a0, a2));
+      u[q][2] = hn::BitCast(df, hn::InterleaveLower(d64, a1, a3));
+      u[q][3] = hn::BitCast(df, hn::InterleaveUpper(d64, a1, a3));
+    }
+    // Transpose the blocks: u[q][c] block k -> column 4k + c, rows 4q..4q+3 of the result.
+    for (std::size_t c = 0; c < 4; ++c) {
+      if constexpr (kN == 16) {
+        for (std::size_t q = 0; q < 2; ++q) {
+          const VF lo = u[q][c], hi = u[q + 2][c];
+          u[q][c] = hn::ConcatLowerLower(df, hi, lo), u[q + 2][c] = hn::ConcatUpperUpper(df, hi, lo);
+        }
+      }
+      if constexpr (kN >= 8) {
+        for (std::size_t q = 0; q < N / 4; q += 2) {
+          const VF a = u[q][c], b = u[q + 1][c];
+          u[q][c] = hn::OddEvenBlocks(hn::SwapAdjacentBlocks(b), a), u[q + 1][c] = hn::OddEvenBlocks(b, hn::SwapAdjacentBlocks(a));
+        }
+      }
+    }
+    const VF va = hn::Set(df, alpha);
+    for (std::size_t k = 0; k < N / 4; ++k)
+      for (std::size_t c = 0; c < 4; ++c) {
+        const std::size_t t = 4 * k + c;
+        if (t >= nt) return;
+        float* yt = y + t * ldy;
+        hn::StoreU(hn::MulAdd(u[k][c], va, hn::LoadU(df, yt)), df, yt);
+      }
+    return;
+  }
+#endif
+  for (std::size_t t = 0; t < nt; ++t)
+    for (std::size_t i = 0; i < hn::Lanes(DF()); ++i) y[t * ldy + i] += alpha * m[i * lds + t];
+}
+
+template <std::size_t T>
+HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds,
+                         const std::uint8_t* tiles, float* out) {
+  if (R == 4) TokRows<4, T>(G, dec, sw, lds, tiles, out);
+  else if (R == 2) TokRows<2, T>(G, dec, sw, lds, tiles, out);
+  else TokRows<1, T>(G, dec, sw, lds, tiles, out);
+}
+
+// The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply.
+HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
+                           std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  constexpr std::size_t kMaxNL = 16, kR = 4;
+  const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(DI());
+  if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > kMaxNL || NL < 4) return false;
+  const std::size_t unit = std::max(N8, L.gb);
+  if (unit > kSegBytes) return false;
+  // A tile: 2 kSegBytes quads bytes per lane, sx and corr of at most kSegBytes / 4 groups.
+  constexpr std::size_t kTileMax = (2 * kSegBytes + 8 * (kSegBytes / 4)) * kMaxNL;
+  HWY_ALIGN std::uint8_t tiles[kTileTokens * kTileMax];
+  HWY_ALIGN std::uint8_t dec[kR * 2 * kSegBytes];
+  HWY_ALIGN float out[kMaxNL * kTileTokens * kMaxNL];  // a panel: NL rows x T tiles
+  float sw[kR * (kSegBytes / 4)];
+  const std::size_t ntiles = (nt + NL - 1) / NL, segmax = kSegBytes / unit * unit;
+  for (std::size_t s0 = 0; s0 < L.vend; s0 += segmax) {
+    TokGeom G;
+    G.N8 = N8, G.NL = NL, G.seg = std::min(segmax, L.vend - s0), G.dec = 2 * G.seg, G.gb = L.gb, G.gseg = G.seg / L.gb;
+    G.gpc = L.gb <= N8 ? N8 / L.gb : 0;
+    G.tile = (G.dec + 8 * G.gseg) * NL;
+    const std::size_t g0 = s0 / L.gb;
+    for (std::size_t tt = 0; tt < ntiles; tt += kTileTokens) {
+      const std::size_t T = std::min(kTileTokens, ntiles - tt);
+      for (std::size_t j = 0; j < T; ++j) BuildTile(G, L, acts, abytes, (tt + j) * NL, nt, s0, g0, tiles + j * G.tile);
+      auto prepare = [&](std::size_t r, std::size_t R) {  // rows r..r+R decoded, their scales in f32
+        DecodeRows(q, L, G, r0 + r, R, s0, dec);
+        for (std::size_t i = 0; i < R; ++i)
+          for (std::size_t g = 0; g < G.gseg; ++g) sw[i * G.gseg + g] = s2lc::bf16_to_f32(q.scales[(r0 + r + i) * L.gpr + g0 + g]);
+      };
+      // Panels of NL rows (R at a time into out), each transposed onto y; then the last rows.
+      std::size_t r = 0;
+      for (; r + NL <= nr; r += NL) {
+        for (std::size_t p = 0; p < NL; p += kR) {
+          prepare(r + p, kR);
+          if (T == 2) TokRows<kR, 2>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else TokRows<kR, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+        }
+        for (std::size_t j = 0; j < T; ++j)
+          TransposeAdd(out + j * NL, T * NL, std::min(NL, nt - (tt + j) * NL), alpha, y + (tt + j) * NL * ldy + r, ldy);
+      }
+      while (r < nr) {
+        const std::size_t R = nr - r >= kR ? kR : nr - r >= 2 ? 2 : 1;
+        prepare(r, R);
+        if (T == 2) TokRowsR<2>(R, G, dec, sw, G.gseg, tiles, out);
+        else TokRowsR<1>(R, G, dec, sw, G.gseg, tiles, out);
+        for (std::size_t i = 0; i < R; ++i)
+          for (std::size_t j = 0; j < T; ++j)
+            for (std::size_t l = 0, t = (tt + j) * NL; l < NL && t < nt; ++l, ++t) y[t * ldy + r + i] += alpha * out[(i * T + j) * NL + l];
+        r += R;
+      }
+    }
+  }
+  const std::size_t gvec = L.vend / L.gb;
+  if (gvec < L.gpr)
+    for (std::size_t t = 0; t < nt; ++t)
+      for (std::size_t i = 0; i < nr; ++i) y[t * ldy + i] += alpha * TailRow(q, L, r0 + i, gvec, acts + t * abytes);
+  return true;
+}
+
 }  // namespace q8k
 
 /// Quantizes nt tokens (x[t * ldx + c], c < q.cols) into the Q8Acts layout of q's codes.
@@ -5045,6 +5293,7 @@ inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr
                                   float alpha, float* y, std::size_t ldy) {
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t abytes = Q8Acts::bytes(q);
+  if (q8k::TokensPath(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy)) return;
   const q8k::DF df;
   HWY_ALIGN std::int32_t idx[hn::MaxLanes(df)];
   const std::size_t per = std::max<std::size_t>(1, L.gb / 4);

@@ -6,7 +6,8 @@
 //  * against the f32 product of the dequantized matrix, the error stays within the bound the
 //    activation rounding implies: sum_j |w_j| (sx_g / 2 + 4 u |x_j|) plus the summation bound.
 // Shapes cover both containers, vector bodies (group bytes 4 ... 128, chunk-straddling or not),
-// partial last groups, odd group sizes, and 1 ... 7 tokens (the 4-, 2- and 1-token tiles).
+// partial last groups, odd group sizes, 1 ... 7 tokens (the 4-, 2- and 1-token tiles) and 8 ... 40
+// tokens (the batched path: one or two tiles of lanes, partial tiles, row panels and leftovers).
 #include <doctest/doctest.h>
 
 #include <bit>
@@ -38,7 +39,10 @@ struct Case {
 };
 const Case kCases[] = {{1, 1, 32, 8},     {5, 37, 32, 4},   {9, 1408, 32, 4}, {3, 256, 64, 4},   {5, 300, 128, 3},
                        {4, 512, 32, 8},   {3, 200, 16, 4},  {2, 96, 8, 2},    {6, 1000, 256, 4}, {7, 33, 7, 4},
-                       {3, 70, 10, 6},    {13, 256, 32, 5}, {2, 31, 32, 2},   {4, 288, 96, 4}};
+                       {3, 70, 10, 6},    {13, 256, 32, 5}, {2, 31, 32, 2},   {4, 288, 96, 4},
+                       // 16+ rows: whole row panels of the batched (tokens in lanes) path plus
+                       // leftover rows; two column segments; groups spanning chunks
+                       {37, 600, 32, 4},  {20, 1408, 64, 3}, {17, 512, 256, 4}};
 
 /// The reference quantizer: per group, amax; scale amax / 127; xq = round_half_even(x * 127 / amax).
 struct RefQ {
@@ -116,7 +120,7 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
       const auto km = s2lc::morph::KMat::from(qm);
       const auto q = km.view();
       const auto W = cz::dequantize(qm);
-      for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 7u}) {
+      for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 7u, 8u, 16u, 19u, 33u, 40u}) {
         CAPTURE(nt);
         const std::size_t ldx = c.cols + 1, ldy = c.rows + 3, ab = k::Q8Acts::bytes(q);
         const auto x = randn(nt * ldx, static_cast<std::uint32_t>(nt), 1.0f);
