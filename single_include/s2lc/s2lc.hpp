@@ -5174,7 +5174,7 @@ HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* de
 // The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply.
 HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                            std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
-  constexpr std::size_t kMaxNL = 16, kR = 4;
+  constexpr std::size_t kMaxNL = 16, kR = 8;  // rows per TokRows: 4 with two tiles, 8 with one
   const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(DI());
   if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > kMaxNL || NL < 4) return false;
   const std::size_t unit = std::max(N8, L.gb);
@@ -5203,16 +5203,18 @@ HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std:
       // Panels of NL rows (R at a time into out), each transposed onto y; then the last rows.
       std::size_t r = 0;
       for (; r + NL <= nr; r += NL) {
-        for (std::size_t p = 0; p < NL; p += kR) {
-          prepare(r + p, kR);
-          if (T == 2) TokRows<kR, 2>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else TokRows<kR, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+        const std::size_t R = T == 2 ? 4 : std::min<std::size_t>(8, NL);
+        for (std::size_t p = 0; p < NL; p += R) {
+          prepare(r + p, R);
+          if (T == 2) TokRows<4, 2>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else if (R == 8) TokRows<8, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else TokRows<4, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
           TransposeAdd(out + j * NL, T * NL, std::min(NL, nt - (tt + j) * NL), alpha, y + (tt + j) * NL * ldy + r, ldy);
       }
       while (r < nr) {
-        const std::size_t R = nr - r >= kR ? kR : nr - r >= 2 ? 2 : 1;
+        const std::size_t R = nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
         prepare(r, R);
         if (T == 2) TokRowsR<2>(R, G, dec, sw, G.gseg, tiles, out);
         else TokRowsR<1>(R, G, dec, sw, G.gseg, tiles, out);
@@ -5589,6 +5591,98 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
   GemvNNScalar<kTier>(q, L, k0, nk, t, c, L.nfast, L.gpr, y);
 }
 
+// Y[t, j] += sum_k C[t, k] W[k, j] for T tokens over the G groups from g0 (kV vectors each,
+// T * kV * G <= kNNQAcc accumulators): each row's codes are decoded once for the T tokens and scaled
+// once (code * scale * 2^shift is exact in f32: a small integer times a bf16), then one FMA per
+// token.
+template <std::size_t T, std::size_t kV, std::size_t G, bool kTier>
+HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
+                            std::size_t ldc, std::size_t g0, float* HWY_RESTRICT Y, std::size_t ldy) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const VF table = NibbleTable(t);
+  VF acc[T][kV * G];
+  for (std::size_t i = 0; i < T; ++i)
+    for (std::size_t v = 0; v < kV * G; ++v) acc[i][v] = hn::Zero(df);
+  const std::size_t gb = q.nibble ? q.group / 2 : q.group;
+  const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
+  const std::uint16_t* sc = q.scales + k0 * L.gpr + g0;
+  for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
+    hwy::Prefetch(p + kPrefetchBytes);
+    VF ck[T];
+    for (std::size_t i = 0; i < T; ++i) ck[i] = hn::Set(df, C[i * ldc + k]);
+    for (std::size_t gi = 0; gi < G; ++gi) {
+      const VF s = hn::Set(df, s2lc::bf16_to_f32(sc[gi]) * t.mul);  // exact: t.mul is a power of 2
+      for (std::size_t j = 0; j < (q.nibble ? kV / 2 : kV); ++j) {
+        VF a, b;
+        if (q.nibble) {
+          Nibbles<kTier>(LoadBytes(p + gi * gb + j * N), table, t, a, b);
+          b = hn::Mul(b, s);
+        } else {
+          a = Codes<kTier>(LoadBytes(p + gi * gb + j * N), t);
+        }
+        a = hn::Mul(a, s);
+        for (std::size_t i = 0; i < T; ++i) {
+          acc[i][gi * kV + j] = hn::MulAdd(a, ck[i], acc[i][gi * kV + j]);
+          if (q.nibble) acc[i][gi * kV + kV / 2 + j] = hn::MulAdd(b, ck[i], acc[i][gi * kV + kV / 2 + j]);
+        }
+      }
+    }
+  }
+  for (std::size_t i = 0; i < T; ++i) {
+    float* yp = Y + i * ldy + g0 * q.group;
+    for (std::size_t v = 0; v < kV * G; ++v) hn::StoreU(hn::Add(hn::LoadU(df, yp + v * N), acc[i][v]), df, yp + v * N);
+  }
+}
+
+// Accumulators a GemmNNQTile may keep: 16 with 32 vector registers (AVX-512), else 8.
+inline constexpr std::size_t kNNQAcc = hn::MaxLanes(DF()) >= 16 ? 16 : 8;
+
+template <std::size_t T, std::size_t kV, bool kTier>
+HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
+                              std::size_t ldc, float* Y, std::size_t ldy) {
+  constexpr std::size_t G = kNNQAcc / (T * kV);
+  static_assert(G >= 1);
+  std::size_t g = 0;
+  for (; g + G <= L.nfast; g += G) GemmNNQTile<T, kV, G, kTier>(q, L, k0, nk, t, C, ldc, g, Y, ldy);
+  for (; g < L.nfast; ++g) GemmNNQTile<T, kV, 1, kTier>(q, L, k0, nk, t, C, ldc, g, Y, ldy);
+}
+
+// Y[t, j] += sum_k C[t, k] W[k, j] for nt tokens: token tiles of 8, 4, 2, 1 (as many as the
+// accumulators allow) over the vector groups (groups of 2 or 4 vectors; otherwise a q_gemv_nn
+// per token), scalar for the rest.
+template <bool kTier>
+HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* C, std::size_t ldc,
+                         std::size_t nt, float* Y, std::size_t ldy) {
+  const std::size_t N = hn::Lanes(DF());
+  const Layout L = MakeLayout(q, N);
+  const std::size_t kv = q.group / N;
+  const bool vec = L.nfast && q.group % N == 0 && (kv == 2 || kv == 4);
+  if (!vec) {
+    for (std::size_t i = 0; i < nt; ++i) GemvNNT<kTier>(q, k0, nk, t, C + i * ldc, Y + i * ldy);
+    return;
+  }
+  std::size_t i = 0;
+  auto run = [&](auto tt, auto vv) {
+    constexpr std::size_t T = decltype(tt)::value, kV = decltype(vv)::value;
+    if constexpr (T * kV <= kNNQAcc) {
+      while (i + T <= nt) {
+        GemmNNQGroups<T, kV, kTier>(q, L, k0, nk, t, C + i * ldc, ldc, Y + i * ldy, ldy);
+        for (std::size_t j = 0; j < T; ++j) GemvNNScalar<kTier>(q, L, k0, nk, t, C + (i + j) * ldc, L.nfast, L.gpr, Y + (i + j) * ldy);
+        i += T;
+      }
+    }
+  };
+  auto all = [&](auto vv) {
+    run(std::integral_constant<std::size_t, 8>(), vv);
+    run(std::integral_constant<std::size_t, 4>(), vv);
+    run(std::integral_constant<std::size_t, 2>(), vv);
+    run(std::integral_constant<std::size_t, 1>(), vv);
+  };
+  if (kv == 2) all(std::integral_constant<std::size_t, 2>());
+  else all(std::integral_constant<std::size_t, 4>());
+}
+
 // Y[t, i] += alpha sum_k W[i, k] X[t, k] on an R x T register tile.
 template <std::size_t R, std::size_t T>
 HWY_INLINE void GemmNTTile(const float* HWY_RESTRICT W, std::size_t ldw, const float* HWY_RESTRICT X, std::size_t ldx,
@@ -5687,6 +5781,13 @@ inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk,
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::GemvNNT<true>(q, k0, nk, t, c, y);
   else qk::GemvNNT<false>(q, k0, nk, t, c, y);
+}
+
+inline HWY_NOINLINE void QGemmNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* C, std::size_t ldc,
+                                 std::size_t nt, float* Y, std::size_t ldy) {
+  const TierParams t = tier_params(q.bits, tier);
+  if (t.shift) qk::GemmNNQT<true>(q, k0, nk, t, C, ldc, nt, Y, ldy);
+  else qk::GemmNNQT<false>(q, k0, nk, t, C, ldc, nt, Y, ldy);
 }
 
 inline HWY_NOINLINE void GemmNT(const float* W, std::size_t ldw, std::size_t nr, const float* X, std::size_t ldx, std::size_t nt,
@@ -5854,6 +5955,9 @@ namespace s2lc::kernels {
                                float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
   X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
                                float* y), (q, k0, nk, tier, c, y))                                                   \
+  X(void, q_gemm_nn, QGemmNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
+                               std::size_t ldc, std::size_t nt, float* y, std::size_t ldy),                          \
+    (q, k0, nk, tier, c, ldc, nt, y, ldy))                                                                           \
   X(void, q8_quantize, Q8Quantize, (const QView& q, const float* x, std::size_t ldx, std::size_t nt,              \
                                      std::uint8_t* out), (q, x, ldx, nt, out))                                       \
   X(void, q8_gemv_nt, Q8GemvNT, (const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,          \
@@ -5878,6 +5982,8 @@ namespace s2lc::kernels {
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
 // q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
+// q_gemm_nn:     y[t * ldy + j] += sum_k c[t * ldc + k] q[k0 + k, j], k < nk, t < nt (codes
+//                decoded once per row for up to 4 tokens; what q_gemv_nn is per token).
 // q8_quantize:   nt tokens x[t * ldx + c] (c < q.cols) to int8 in q's layout: out holds
 //                nt * Q8Acts::bytes(q) bytes (see qview.hpp; bit-identical on every target).
 // q8_gemv_nt:    y[t * ldy + i] += alpha * sum_g s[r0 + i, g] sx_t[g] sum_{j in g} code[r0 + i, j] xq_t[j]
@@ -6387,6 +6493,11 @@ struct Precision {
 
 /// Rows of a dense block decoded per panel on the batched path.
 inline constexpr std::size_t kPanelRows = 16;
+/// Below this many tokens a low-rank block's left factor runs fused (q_gemm_nn: codes decoded in
+/// registers, once per 8 tokens); from it on, decoded once into scratch for gemm_nn, whose
+/// plain f32 tiles are faster once the decode is spread over that many tokens (measured: equal
+/// at 32 on AVX-512, fused 2x faster at 8).
+inline constexpr std::size_t kFusedLeftMax = 32;
 
 namespace detail {
 
@@ -6511,8 +6622,12 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
           if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
           kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
         }
-        kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
-        kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
+        if (n < kFusedLeftMax) {
+          kernels::q_gemm_nn(left, 0, r, tier, t, r, n, y, ldy);
+        } else {
+          kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
+          kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
+        }
       }
       arena.reset(mark);
       return;

@@ -71,7 +71,7 @@ TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit
   }
 }
 
-TEST_CASE("kernels: fused quantized gemv (both orientations) within the f32 summation bound, every tier and target") {
+TEST_CASE("kernels: fused quantized gemv (both orientations) and q_gemm_nn within the f32 summation bound, every tier and target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
@@ -105,6 +105,25 @@ TEST_CASE("kernels: fused quantized gemv (both orientations) within the f32 summ
           REQUIRE(std::fabs(z[j] - s) <= bound(c.rows, a));
         }
         REQUIRE(z.back() == -9.0f);
+        // Z[t] = 0.25 + W^T T[t] for 1..9 tokens (q_gemm_nn: tiles of 4, 2, 1 tokens)
+        for (std::size_t nt : {1u, 2u, 3u, 4u, 7u, 9u}) {
+          CAPTURE(nt);
+          const std::size_t ldc = c.rows + 2, ldz = c.cols + 3;
+          const auto T = randn(nt * ldc, static_cast<std::uint32_t>(13 + nt));
+          std::vector<float> Z(nt * ldz, 0.25f);
+          k::q_gemm_nn(km.view(), 0, c.rows, tier, T.data(), ldc, nt, Z.data(), ldz);
+          for (std::size_t i = 0; i < nt; ++i) {
+            for (std::size_t j = 0; j < c.cols; ++j) {
+              double s = 0.25, a = 0.25;
+              for (std::size_t r = 0; r < c.rows; ++r) {
+                const double p = double(W[r * c.cols + j]) * T[i * ldc + r];
+                s += p, a += std::fabs(p);
+              }
+              REQUIRE(std::fabs(Z[i * ldz + j] - s) <= bound(c.rows, a));
+            }
+            for (std::size_t j = c.cols; j < ldz; ++j) REQUIRE(Z[i * ldz + j] == 0.25f);  // nothing else written
+          }
+        }
       }
       // A row sub-range: only those rows are read and written.
       if (c.rows >= 3) {

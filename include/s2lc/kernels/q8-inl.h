@@ -507,7 +507,7 @@ HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* de
 // The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply.
 HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                            std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
-  constexpr std::size_t kMaxNL = 16, kR = 4;
+  constexpr std::size_t kMaxNL = 16, kR = 8;  // rows per TokRows: 4 with two tiles, 8 with one
   const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(DI());
   if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > kMaxNL || NL < 4) return false;
   const std::size_t unit = std::max(N8, L.gb);
@@ -536,16 +536,18 @@ HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std:
       // Panels of NL rows (R at a time into out), each transposed onto y; then the last rows.
       std::size_t r = 0;
       for (; r + NL <= nr; r += NL) {
-        for (std::size_t p = 0; p < NL; p += kR) {
-          prepare(r + p, kR);
-          if (T == 2) TokRows<kR, 2>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else TokRows<kR, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+        const std::size_t R = T == 2 ? 4 : std::min<std::size_t>(8, NL);
+        for (std::size_t p = 0; p < NL; p += R) {
+          prepare(r + p, R);
+          if (T == 2) TokRows<4, 2>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else if (R == 8) TokRows<8, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else TokRows<4, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
           TransposeAdd(out + j * NL, T * NL, std::min(NL, nt - (tt + j) * NL), alpha, y + (tt + j) * NL * ldy + r, ldy);
       }
       while (r < nr) {
-        const std::size_t R = nr - r >= kR ? kR : nr - r >= 2 ? 2 : 1;
+        const std::size_t R = nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
         prepare(r, R);
         if (T == 2) TokRowsR<2>(R, G, dec, sw, G.gseg, tiles, out);
         else TokRowsR<1>(R, G, dec, sw, G.gseg, tiles, out);

@@ -24,6 +24,9 @@ namespace s2lc::kernels {
                                float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
   X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
                                float* y), (q, k0, nk, tier, c, y))                                                   \
+  X(void, q_gemm_nn, QGemmNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
+                               std::size_t ldc, std::size_t nt, float* y, std::size_t ldy),                          \
+    (q, k0, nk, tier, c, ldc, nt, y, ldy))                                                                           \
   X(void, q8_quantize, Q8Quantize, (const QView& q, const float* x, std::size_t ldx, std::size_t nt,              \
                                      std::uint8_t* out), (q, x, ldx, nt, out))                                       \
   X(void, q8_gemv_nt, Q8GemvNT, (const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,          \
@@ -48,6 +51,8 @@ namespace s2lc::kernels {
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
 // q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
+// q_gemm_nn:     y[t * ldy + j] += sum_k c[t * ldc + k] q[k0 + k, j], k < nk, t < nt (codes
+//                decoded once per row for up to 4 tokens; what q_gemv_nn is per token).
 // q8_quantize:   nt tokens x[t * ldx + c] (c < q.cols) to int8 in q's layout: out holds
 //                nt * Q8Acts::bytes(q) bytes (see qview.hpp; bit-identical on every target).
 // q8_gemv_nt:    y[t * ldy + i] += alpha * sum_g s[r0 + i, g] sx_t[g] sum_{j in g} code[r0 + i, j] xq_t[j]
