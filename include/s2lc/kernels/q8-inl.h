@@ -122,6 +122,17 @@ HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
 #endif
 }
 
+#if HWY_TARGET == HWY_AVX3_DL || HWY_TARGET == HWY_AVX3
+// The same on 256-bit vectors (the 8-token tiles of TokensRun).
+HWY_INLINE hn::Vec256<std::int32_t> DotU8I8(hn::Vec256<std::int32_t> acc, hn::Vec256<std::uint8_t> a, hn::Vec256<std::int8_t> b) {
+#if HWY_TARGET == HWY_AVX3_DL
+  return hn::Vec256<std::int32_t>{_mm256_dpbusd_epi32(acc.raw, a.raw, b.raw)};
+#else
+  return hn::Add(acc, hn::Vec256<std::int32_t>{_mm256_madd_epi16(_mm256_maddubs_epi16(a.raw, b.raw), _mm256_set1_epi16(1))});
+#endif
+}
+#endif
+
 // Per-call layout of the codes seen by the vector body: bytes per group (gb), lanes per group,
 // and the bytes of each row the vector chunks cover (whole groups only).
 struct Layout {
@@ -336,11 +347,8 @@ struct TokGeom {
   std::size_t N8, NL, seg, dec, gseg;  // chunk bytes, lanes, code bytes / decoded bytes / groups per segment
   std::size_t gb, gpc;                 // code bytes per group; groups per chunk (0: a group spans chunks)
   std::size_t tile;                    // bytes of one token tile: dec * NL quads, then gseg * NL sx and corr
-  std::size_t run(std::size_t g, std::size_t which) const {  // decoded offset of run `which` of group g
-    if (gpc == 0) return 2 * g * gb + which * gb;
-    return (g / gpc) * 2 * N8 + (g % gpc) * gb + which * N8;
-  }
 };
+inline constexpr std::size_t kDecStride = 2 * kSegBytes;  // decoded row stride (a constant: one base register)
 
 // Tile of NL tokens (t0..t0+NL, zero past nt) for the segment at code byte s0 (group g0).
 HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t* acts, std::size_t abytes, std::size_t t0,
@@ -376,42 +384,46 @@ HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t*
 }
 
 // out[i][j * NL + l] = sum over the segment's groups of row i times token l of tile j, for R rows
-// (decoded, row stride G.dec) and T tiles; sw: the rows' f32 group scales (row stride lds).
-template <std::size_t R, std::size_t T>
+// (decoded, row stride kDecStride) and T tiles; sw: the rows' f32 group scales (row stride lds).
+template <class D, std::size_t R, std::size_t T>
 HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds, const std::uint8_t* tiles,
                         float* out) {
 #if HWY_TARGET != HWY_SCALAR
-  const DF df;
-  const DI di;
-  const DU8 du8;
-  const DI8 di8;
-  VF accf[R][T];
+  const D df;
+  const hn::RebindToSigned<D> di;
+  const hn::Repartition<std::uint8_t, D> du8;
+  const hn::Repartition<std::int8_t, D> di8;
+  hn::Vec<D> accf[R][T];
   for (std::size_t i = 0; i < R; ++i)
     for (std::size_t j = 0; j < T; ++j) accf[i][j] = hn::Zero(df);
   const std::size_t qstride = G.NL;  // u32 per decoded quad in a tile
-  for (std::size_t g = 0; g < G.gseg; ++g) {
-    VI acc[R][T];
+  const std::size_t len = G.gpc == 0 ? 2 * G.gb : G.gb, runs = G.gpc == 0 ? 1 : 2;
+  for (std::size_t g = 0, o = 0, k = 0; g < G.gseg; ++g) {
+    hn::Vec<decltype(di)> acc[R][T];
     for (std::size_t i = 0; i < R; ++i)
       for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::Zero(di);
-    const std::size_t len = G.gpc == 0 ? 2 * G.gb : G.gb;
-    for (std::size_t w = 0; w < (G.gpc == 0 ? 1u : 2u); ++w) {
-      const std::size_t o = G.run(g, w);
-      for (std::size_t d = o; d < o + len; d += 4) {
-        VI8 xv[T];
+    for (std::size_t w = 0; w < runs; ++w) {
+      const std::size_t ow = o + w * (G.gpc == 0 ? 0 : G.N8);
+      for (std::size_t d = ow; d < ow + len; d += 4) {
+        hn::Vec<decltype(di8)> xv[T];
         for (std::size_t j = 0; j < T; ++j)
           xv[j] = hn::Load(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d * qstride));
         for (std::size_t i = 0; i < R; ++i) {
           std::int32_t c4;
-          std::memcpy(&c4, dec + i * G.dec + d, 4);
-          const VU8 wv = hn::BitCast(du8, hn::Set(di, c4));
+          std::memcpy(&c4, dec + i * kDecStride + d, 4);
+          const auto wv = hn::BitCast(du8, hn::Set(di, c4));
           for (std::size_t j = 0; j < T; ++j) acc[i][j] = DotU8I8(acc[i][j], wv, xv[j]);
         }
       }
     }
+    // next group's first run: the next gb bytes, or past this chunk's high half
+    if (G.gpc == 0) o += 2 * G.gb;
+    else if (++k < G.gpc) o += G.gb;
+    else k = 0, o += G.N8 + G.gb;
     for (std::size_t j = 0; j < T; ++j) {
       const std::uint8_t* tail = tiles + j * G.tile + G.dec * G.NL;
-      const VF sx = hn::Load(df, reinterpret_cast<const float*>(tail) + g * G.NL);
-      const VI corr = hn::Load(di, reinterpret_cast<const std::int32_t*>(tail + 4 * G.gseg * G.NL) + g * G.NL);
+      const auto sx = hn::Load(df, reinterpret_cast<const float*>(tail) + g * G.NL);
+      const auto corr = hn::Load(di, reinterpret_cast<const std::int32_t*>(tail + 4 * G.gseg * G.NL) + g * G.NL);
       for (std::size_t i = 0; i < R; ++i)
         accf[i][j] = hn::MulAdd(hn::ConvertTo(df, hn::Sub(acc[i][j], corr)), hn::Mul(sx, hn::Set(df, sw[i * lds + g])), accf[i][j]);
     }
@@ -423,7 +435,7 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
 #endif
 }
 
-// Decodes rows [r, r + nr) of the segment at code byte s0 into dec (row stride G.dec).
+// Decodes rows [r, r + nr) of the segment at code byte s0 into dec (row stride kDecStride).
 HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, std::size_t r, std::size_t nr, std::size_t s0,
                            std::uint8_t* dec) {
 #if HWY_TARGET != HWY_SCALAR
@@ -431,7 +443,7 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
   const auto k88 = hn::Set(du8, 0x88), k0f = hn::Set(du8, 0x0F);
   for (std::size_t i = 0; i < nr; ++i) {
     const std::uint8_t* src = q.codes + (r + i) * L.rb + s0;
-    std::uint8_t* dst = dec + i * G.dec;
+    std::uint8_t* dst = dec + i * kDecStride;
     for (std::size_t c = 0; c < G.seg; c += G.N8, dst += 2 * G.N8) {
       const VU8 u = hn::Xor(hn::LoadU(du8, src + c), k88);
       hn::Store(hn::And(u, k0f), du8, dst);
@@ -446,20 +458,22 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
 // y[t * ldy + i] += alpha * m[i * lds + t] for i < NL (all lanes) and t < nt <= NL: the NL x NL
 // block transposed in registers (unpacks inside 128-bit blocks, then blocks exchanged), so y is
 // updated a vector of rows at a time.
+template <class D>
 HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, float alpha, float* y, std::size_t ldy) {
 #if HWY_TARGET != HWY_SCALAR
-  const DF df;
-  const hn::Repartition<std::uint64_t, DF> d64;
-  constexpr std::size_t kN = hn::MaxLanes(DF());
+  using V = hn::Vec<D>;
+  const D df;
+  const hn::Repartition<std::uint64_t, D> d64;
+  constexpr std::size_t kN = hn::MaxLanes(D());
   const std::size_t N = hn::Lanes(df);
   if constexpr (kN >= 4 && kN <= 16) {
-    VF v[kN];
+    V v[kN];
     for (std::size_t i = 0; i < N; ++i) v[i] = hn::LoadU(df, m + i * lds);
     // Per 128-bit block, rows 4q..4q+3 -> u[q][c]: block k holds column 4k + c of those rows.
-    VF u[kN / 4][4];
+    V u[kN / 4][4];
     for (std::size_t q = 0; q < N / 4; ++q) {
-      const VF t0 = hn::InterleaveLower(df, v[4 * q], v[4 * q + 1]), t1 = hn::InterleaveUpper(df, v[4 * q], v[4 * q + 1]);
-      const VF t2 = hn::InterleaveLower(df, v[4 * q + 2], v[4 * q + 3]), t3 = hn::InterleaveUpper(df, v[4 * q + 2], v[4 * q + 3]);
+      const V t0 = hn::InterleaveLower(df, v[4 * q], v[4 * q + 1]), t1 = hn::InterleaveUpper(df, v[4 * q], v[4 * q + 1]);
+      const V t2 = hn::InterleaveLower(df, v[4 * q + 2], v[4 * q + 3]), t3 = hn::InterleaveUpper(df, v[4 * q + 2], v[4 * q + 3]);
       const auto a0 = hn::BitCast(d64, t0), a1 = hn::BitCast(d64, t1), a2 = hn::BitCast(d64, t2), a3 = hn::BitCast(d64, t3);
       u[q][0] = hn::BitCast(df, hn::InterleaveLower(d64, a0, a2));
       u[q][1] = hn::BitCast(df, hn::InterleaveUpper(d64, a0, a2));
@@ -470,18 +484,18 @@ HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, fl
     for (std::size_t c = 0; c < 4; ++c) {
       if constexpr (kN == 16) {
         for (std::size_t q = 0; q < 2; ++q) {
-          const VF lo = u[q][c], hi = u[q + 2][c];
+          const V lo = u[q][c], hi = u[q + 2][c];
           u[q][c] = hn::ConcatLowerLower(df, hi, lo), u[q + 2][c] = hn::ConcatUpperUpper(df, hi, lo);
         }
       }
       if constexpr (kN >= 8) {
         for (std::size_t q = 0; q < N / 4; q += 2) {
-          const VF a = u[q][c], b = u[q + 1][c];
+          const V a = u[q][c], b = u[q + 1][c];
           u[q][c] = hn::OddEvenBlocks(hn::SwapAdjacentBlocks(b), a), u[q + 1][c] = hn::OddEvenBlocks(b, hn::SwapAdjacentBlocks(a));
         }
       }
     }
-    const VF va = hn::Set(df, alpha);
+    const V va = hn::Set(df, alpha);
     for (std::size_t k = 0; k < N / 4; ++k)
       for (std::size_t c = 0; c < 4; ++c) {
         const std::size_t t = 4 * k + c;
@@ -493,29 +507,27 @@ HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, fl
   }
 #endif
   for (std::size_t t = 0; t < nt; ++t)
-    for (std::size_t i = 0; i < hn::Lanes(DF()); ++i) y[t * ldy + i] += alpha * m[i * lds + t];
+    for (std::size_t i = 0; i < hn::Lanes(D()); ++i) y[t * ldy + i] += alpha * m[i * lds + t];
 }
 
-template <std::size_t T>
+template <class D, std::size_t T>
 HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds,
                          const std::uint8_t* tiles, float* out) {
-  if (R == 4) TokRows<4, T>(G, dec, sw, lds, tiles, out);
-  else if (R == 2) TokRows<2, T>(G, dec, sw, lds, tiles, out);
-  else TokRows<1, T>(G, dec, sw, lds, tiles, out);
+  if (R == 4) TokRows<D, 4, T>(G, dec, sw, lds, tiles, out);
+  else if (R == 2) TokRows<D, 2, T>(G, dec, sw, lds, tiles, out);
+  else TokRows<D, 1, T>(G, dec, sw, lds, tiles, out);
 }
 
-// The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply.
-HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
-                           std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+// The tokens-in-lanes path of Q8GemvNT with token tiles of D's lanes (NL, 4 ... 16).
+template <class D>
+HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
+                          std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   constexpr std::size_t kMaxNL = 16, kR = 8;  // rows per TokRows: 4 with two tiles, 8 with one
-  const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(DI());
-  if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > kMaxNL || NL < 4) return false;
-  const std::size_t unit = std::max(N8, L.gb);
-  if (unit > kSegBytes) return false;
+  const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(D()), NLF = hn::Lanes(DF()), unit = std::max(N8, L.gb);
   // A tile: 2 kSegBytes quads bytes per lane, sx and corr of at most kSegBytes / 4 groups.
   constexpr std::size_t kTileMax = (2 * kSegBytes + 8 * (kSegBytes / 4)) * kMaxNL;
   HWY_ALIGN std::uint8_t tiles[kTileTokens * kTileMax];
-  HWY_ALIGN std::uint8_t dec[kR * 2 * kSegBytes];
+  HWY_ALIGN std::uint8_t dec[kR * kDecStride];
   HWY_ALIGN float out[kMaxNL * kTileTokens * kMaxNL];  // a panel: NL rows x T tiles
   float sw[kR * (kSegBytes / 4)];
   const std::size_t ntiles = (nt + NL - 1) / NL, segmax = kSegBytes / unit * unit;
@@ -530,8 +542,12 @@ HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std:
       for (std::size_t j = 0; j < T; ++j) BuildTile(G, L, acts, abytes, (tt + j) * NL, nt, s0, g0, tiles + j * G.tile);
       auto prepare = [&](std::size_t r, std::size_t R) {  // rows r..r+R decoded, their scales in f32
         DecodeRows(q, L, G, r0 + r, R, s0, dec);
-        for (std::size_t i = 0; i < R; ++i)
-          for (std::size_t g = 0; g < G.gseg; ++g) sw[i * G.gseg + g] = s2lc::bf16_to_f32(q.scales[(r0 + r + i) * L.gpr + g0 + g]);
+        std::size_t j = 0;
+        if (G.gseg == L.gpr) {  // whole rows: the R rows' scales are contiguous
+          const std::uint16_t* src = q.scales + (r0 + r) * L.gpr;
+          for (; j + NLF <= R * G.gseg; j += NLF) hn::StoreU(BF16ToF32Vec(hn::LoadU(DH16(), src + j)), DF(), sw + j);
+        }
+        for (; j < R * G.gseg; ++j) sw[j] = s2lc::bf16_to_f32(q.scales[(r0 + r + j / G.gseg) * L.gpr + g0 + j % G.gseg]);
       };
       // Panels of NL rows (R at a time into out), each transposed onto y; then the last rows.
       std::size_t r = 0;
@@ -539,18 +555,18 @@ HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std:
         const std::size_t R = T == 2 ? 4 : std::min<std::size_t>(8, NL);
         for (std::size_t p = 0; p < NL; p += R) {
           prepare(r + p, R);
-          if (T == 2) TokRows<4, 2>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else if (R == 8) TokRows<8, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else TokRows<4, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          if (T == 2) TokRows<D, 4, 2>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else if (R == 8) TokRows<D, 8, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else TokRows<D, 4, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
-          TransposeAdd(out + j * NL, T * NL, std::min(NL, nt - (tt + j) * NL), alpha, y + (tt + j) * NL * ldy + r, ldy);
+          TransposeAdd<D>(out + j * NL, T * NL, std::min(NL, nt - (tt + j) * NL), alpha, y + (tt + j) * NL * ldy + r, ldy);
       }
       while (r < nr) {
         const std::size_t R = nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
         prepare(r, R);
-        if (T == 2) TokRowsR<2>(R, G, dec, sw, G.gseg, tiles, out);
-        else TokRowsR<1>(R, G, dec, sw, G.gseg, tiles, out);
+        if (T == 2) TokRowsR<D, 2>(R, G, dec, sw, G.gseg, tiles, out);
+        else TokRowsR<D, 1>(R, G, dec, sw, G.gseg, tiles, out);
         for (std::size_t i = 0; i < R; ++i)
           for (std::size_t j = 0; j < T; ++j)
             for (std::size_t l = 0, t = (tt + j) * NL; l < NL && t < nt; ++l, ++t) y[t * ldy + r + i] += alpha * out[(i * T + j) * NL + l];
@@ -562,6 +578,22 @@ HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std:
   if (gvec < L.gpr)
     for (std::size_t t = 0; t < nt; ++t)
       for (std::size_t i = 0; i < nr; ++i) y[t * ldy + i] += alpha * TailRow(q, L, r0 + i, gvec, acts + t * abytes);
+}
+
+// The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply. With
+// 16-lane vectors and at most 8 tokens, tiles of 8 lanes (256-bit) leave no lane idle.
+HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
+                           std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(DI());
+  if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > 16 || NL < 4) return false;
+  if (std::max(N8, L.gb) > kSegBytes) return false;
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  if (nt <= 8) {
+    TokensRun<hn::CappedTag<float, 8>>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
+    return true;
+  }
+#endif
+  TokensRun<DF>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
   return true;
 }
 
