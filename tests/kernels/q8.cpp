@@ -6,8 +6,9 @@
 //  * against the f32 product of the dequantized matrix, the error stays within the bound the
 //    activation rounding implies: sum_j |w_j| (sx_g / 2 + 4 u |x_j|) plus the summation bound.
 // Shapes cover both containers, vector bodies (group bytes 4 ... 128, chunk-straddling or not),
-// partial last groups, odd group sizes, 1 ... 7 tokens (the 4-, 2- and 1-token tiles) and 8 ... 40
-// tokens (the batched path: one or two tiles of lanes, partial tiles, row panels and leftovers).
+// partial last groups, odd group sizes, 1 ... 3 tokens (the 2- and 1-token tiles) and 4 ... 40
+// tokens (the tokens-in-lanes path of nibble codes: lane groups of 4, 2 or 1 lanes per token, one
+// or two tiles, partial tiles, row panels and leftover rows).
 #include <doctest/doctest.h>
 
 #include <bit>

@@ -122,16 +122,6 @@ HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
 #endif
 }
 
-#if HWY_TARGET == HWY_AVX3_DL || HWY_TARGET == HWY_AVX3
-// The same on 256-bit vectors (the 8-token tiles of TokensRun).
-HWY_INLINE hn::Vec256<std::int32_t> DotU8I8(hn::Vec256<std::int32_t> acc, hn::Vec256<std::uint8_t> a, hn::Vec256<std::int8_t> b) {
-#if HWY_TARGET == HWY_AVX3_DL
-  return hn::Vec256<std::int32_t>{_mm256_dpbusd_epi32(acc.raw, a.raw, b.raw)};
-#else
-  return hn::Add(acc, hn::Vec256<std::int32_t>{_mm256_madd_epi16(_mm256_maddubs_epi16(a.raw, b.raw), _mm256_set1_epi16(1))});
-#endif
-}
-#endif
 
 // Per-call layout of the codes seen by the vector body: bytes per group (gb), lanes per group,
 // and the bytes of each row the vector chunks cover (whole groups only).
@@ -339,53 +329,62 @@ HWY_INLINE void Panel(const QView& q, const Layout& L, const IdxF& rep, const Sp
 // Decoded segment layout: per chunk of N8 code bytes, 2 N8 bytes: the low nibbles, then the high
 // ones. A group of gb code bytes (gb <= N8, several per chunk) is two runs of gb decoded bytes,
 // N8 apart; a group spanning chunks (gb > N8) is one run of 2 gb bytes.
-inline constexpr std::size_t kTokensMin = 8;
+inline constexpr std::size_t kTokensMin = 4;
 inline constexpr std::size_t kSegBytes = 256;  // code bytes of a row per column segment
 inline constexpr std::size_t kTileTokens = 2;  // token tiles per pass (x NL tokens): TokRows<R, 1 or 2>
 
 struct TokGeom {
   std::size_t N8, NL, seg, dec, gseg;  // chunk bytes, lanes, code bytes / decoded bytes / groups per segment
   std::size_t gb, gpc;                 // code bytes per group; groups per chunk (0: a group spans chunks)
-  std::size_t tile;                    // bytes of one token tile: dec * NL quads, then gseg * NL sx and corr
+  std::size_t S;                       // quads per lane group (tokens per tile: NL / S)
+  std::size_t tile;                    // bytes of one token tile: dec / S * NL quads, then gseg * NL sx and corr
 };
 inline constexpr std::size_t kDecStride = 2 * kSegBytes;  // decoded row stride (a constant: one base register)
 
-// Tile of NL tokens (t0..t0+NL, zero past nt) for the segment at code byte s0 (group g0).
+// Tile of NL / S tokens (t0.., zero past nt) for the segment at code byte s0 (group g0). Lane
+// l * S + s holds token l's activations for decoded quads m = s (mod S): super-quad M = m / S
+// is one vector of NL lanes. corr per group and lane: 8 * the sum of those activations.
 HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t* acts, std::size_t abytes, std::size_t t0,
                           std::size_t nt, std::size_t s0, std::size_t g0, std::uint8_t* tile) {
   auto* quads = reinterpret_cast<std::uint32_t*>(tile);
-  auto* sxg = reinterpret_cast<float*>(tile + G.dec * G.NL);
-  auto* corr = reinterpret_cast<std::int32_t*>(tile + G.dec * G.NL + 4 * G.gseg * G.NL);
-  for (std::size_t l = 0; l < G.NL; ++l) {
+  auto* sxg = reinterpret_cast<float*>(tile + G.dec * G.NL / G.S);
+  auto* corr = reinterpret_cast<std::int32_t*>(tile + G.dec * G.NL / G.S + 4 * G.gseg * G.NL);
+  const std::size_t S = G.S, len = G.gpc == 0 ? 2 * G.gb : G.gb, runs = G.gpc == 0 ? 1 : 2;
+  for (std::size_t l = 0; l < G.NL / S; ++l) {
     const std::size_t t = t0 + l;
     if (t >= nt) {
-      for (std::size_t m = 0; m < G.dec / 4; ++m) quads[m * G.NL + l] = 0;
-      for (std::size_t g = 0; g < G.gseg; ++g) sxg[g * G.NL + l] = 0.0f, corr[g * G.NL + l] = 0;
+      for (std::size_t m = 0; m < G.dec / 4; ++m) quads[(m / S) * G.NL + l * S + m % S] = 0;
+      for (std::size_t g = 0; g < G.gseg; ++g)
+        for (std::size_t u = 0; u < S; ++u) sxg[g * G.NL + l * S + u] = 0.0f, corr[g * G.NL + l * S + u] = 0;
       continue;
     }
     const std::uint8_t* act = acts + t * abytes;
-    for (std::size_t c = 0; c < G.seg / G.N8; ++c) {
-      const std::uint8_t* lo = act + s0 + c * G.N8;
-      const std::uint8_t* hi = lo + L.rbp;
-      std::uint32_t* dst = quads + c * 2 * (G.N8 / 4) * G.NL + l;
-      for (std::size_t m = 0; m < G.N8 / 4; ++m) std::memcpy(dst + m * G.NL, lo + 4 * m, 4);
-      dst += (G.N8 / 4) * G.NL;
-      for (std::size_t m = 0; m < G.N8 / 4; ++m) std::memcpy(dst + m * G.NL, hi + 4 * m, 4);
-    }
     const float* sx = reinterpret_cast<const float*>(act + 4 * L.rbp);
-    const auto* lane_corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
-    for (std::size_t g = 0; g < G.gseg; ++g) {
-      std::int32_t s = 0;
-      for (std::size_t i = 0; i < G.gb / 4; ++i) s += lane_corr[(s0 + g * G.gb) / 4 + i];
-      sxg[g * G.NL + l] = sx[g0 + g];
-      corr[g * G.NL + l] = s;
+    for (std::size_t g = 0, o = 0, k = 0; g < G.gseg; ++g) {
+      std::int32_t cs[4] = {0, 0, 0, 0};
+      for (std::size_t w = 0; w < runs; ++w) {
+        const std::size_t ow = o + w * (G.gpc == 0 ? 0 : G.N8);
+        for (std::size_t d = ow; d < ow + len; d += 4) {
+          // decoded offset d: chunk d / 2 N8, low nibbles in its first N8 bytes, high in the rest
+          const std::size_t c = d / (2 * G.N8), in = d % (2 * G.N8);
+          const std::uint8_t* src = act + s0 + c * G.N8 + (in < G.N8 ? in : L.rbp + in - G.N8);
+          const std::size_t m = d / 4;
+          std::memcpy(quads + (m / S) * G.NL + l * S + m % S, src, 4);
+          const auto* x = reinterpret_cast<const std::int8_t*>(src);
+          cs[m % S] += x[0] + x[1] + x[2] + x[3];
+        }
+      }
+      for (std::size_t u = 0; u < S; ++u) sxg[g * G.NL + l * S + u] = sx[g0 + g], corr[g * G.NL + l * S + u] = 8 * cs[u];
+      if (G.gpc == 0) o += 2 * G.gb;
+      else if (++k < G.gpc) o += G.gb;
+      else k = 0, o += G.N8 + G.gb;
     }
   }
 }
 
 // out[i][j * NL + l] = sum over the segment's groups of row i times token l of tile j, for R rows
 // (decoded, row stride kDecStride) and T tiles; sw: the rows' f32 group scales (row stride lds).
-template <class D, std::size_t R, std::size_t T>
+template <class D, std::size_t R, std::size_t T, std::size_t S>
 HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds, const std::uint8_t* tiles,
                         float* out) {
 #if HWY_TARGET != HWY_SCALAR
@@ -396,7 +395,7 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
   hn::Vec<D> accf[R][T];
   for (std::size_t i = 0; i < R; ++i)
     for (std::size_t j = 0; j < T; ++j) accf[i][j] = hn::Zero(df);
-  const std::size_t qstride = G.NL;  // u32 per decoded quad in a tile
+  const hn::Repartition<std::uint64_t, D> d64;
   const std::size_t len = G.gpc == 0 ? 2 * G.gb : G.gb, runs = G.gpc == 0 ? 1 : 2;
   for (std::size_t g = 0, o = 0, k = 0; g < G.gseg; ++g) {
     hn::Vec<decltype(di)> acc[R][T];
@@ -404,14 +403,24 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
       for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::Zero(di);
     for (std::size_t w = 0; w < runs; ++w) {
       const std::size_t ow = o + w * (G.gpc == 0 ? 0 : G.N8);
-      for (std::size_t d = ow; d < ow + len; d += 4) {
+      for (std::size_t d = ow; d < ow + len; d += 4 * S) {
         hn::Vec<decltype(di8)> xv[T];
         for (std::size_t j = 0; j < T; ++j)
-          xv[j] = hn::Load(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d * qstride));
+          xv[j] = hn::Load(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d / S * G.NL));
         for (std::size_t i = 0; i < R; ++i) {
-          std::int32_t c4;
-          std::memcpy(&c4, dec + i * kDecStride + d, 4);
-          const auto wv = hn::BitCast(du8, hn::Set(di, c4));
+          const std::uint8_t* c = dec + i * kDecStride + d;  // S quads of row i, to every lane group
+          hn::Vec<decltype(du8)> wv;
+          if constexpr (S == 1) {
+            std::int32_t c4;
+            std::memcpy(&c4, c, 4);
+            wv = hn::BitCast(du8, hn::Set(di, c4));
+          } else if constexpr (S == 2) {
+            std::uint64_t c8;
+            std::memcpy(&c8, c, 8);
+            wv = hn::BitCast(du8, hn::Set(d64, c8));
+          } else {
+            wv = hn::LoadDup128(du8, c);
+          }
           for (std::size_t j = 0; j < T; ++j) acc[i][j] = DotU8I8(acc[i][j], wv, xv[j]);
         }
       }
@@ -421,7 +430,7 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
     else if (++k < G.gpc) o += G.gb;
     else k = 0, o += G.N8 + G.gb;
     for (std::size_t j = 0; j < T; ++j) {
-      const std::uint8_t* tail = tiles + j * G.tile + G.dec * G.NL;
+      const std::uint8_t* tail = tiles + j * G.tile + G.dec / S * G.NL;
       const auto sx = hn::Load(df, reinterpret_cast<const float*>(tail) + g * G.NL);
       const auto corr = hn::Load(di, reinterpret_cast<const std::int32_t*>(tail + 4 * G.gseg * G.NL) + g * G.NL);
       for (std::size_t i = 0; i < R; ++i)
@@ -429,7 +438,12 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
     }
   }
   for (std::size_t i = 0; i < R; ++i)
-    for (std::size_t j = 0; j < T; ++j) hn::StoreU(accf[i][j], df, out + (i * T + j) * G.NL);
+    for (std::size_t j = 0; j < T; ++j) {
+      // each lane group's S partial sums (in all of its lanes)
+      if constexpr (S >= 2) accf[i][j] = hn::Add(accf[i][j], hn::Shuffle2301(accf[i][j]));
+      if constexpr (S >= 4) accf[i][j] = hn::Add(accf[i][j], hn::Shuffle1032(accf[i][j]));
+      hn::StoreU(accf[i][j], df, out + (i * T + j) * G.NL);
+    }
 #else
   (void)G, (void)dec, (void)sw, (void)lds, (void)tiles, (void)out;
 #endif
@@ -459,7 +473,7 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
 // block transposed in registers (unpacks inside 128-bit blocks, then blocks exchanged), so y is
 // updated a vector of rows at a time.
 template <class D>
-HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, float alpha, float* y, std::size_t ldy) {
+HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t S, std::size_t nt, float alpha, float* y, std::size_t ldy) {
 #if HWY_TARGET != HWY_SCALAR
   using V = hn::Vec<D>;
   const D df;
@@ -498,7 +512,8 @@ HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, fl
     const V va = hn::Set(df, alpha);
     for (std::size_t k = 0; k < N / 4; ++k)
       for (std::size_t c = 0; c < 4; ++c) {
-        const std::size_t t = 4 * k + c;
+        const std::size_t lane = 4 * k + c, t = lane / S;
+        if (lane % S) continue;
         if (t >= nt) return;
         float* yt = y + t * ldy;
         hn::StoreU(hn::MulAdd(u[k][c], va, hn::LoadU(df, yt)), df, yt);
@@ -507,19 +522,20 @@ HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, fl
   }
 #endif
   for (std::size_t t = 0; t < nt; ++t)
-    for (std::size_t i = 0; i < hn::Lanes(D()); ++i) y[t * ldy + i] += alpha * m[i * lds + t];
+    for (std::size_t i = 0; i < hn::Lanes(D()); ++i) y[t * ldy + i] += alpha * m[i * lds + t * S];
 }
 
-template <class D, std::size_t T>
+template <class D, std::size_t T, std::size_t S>
 HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds,
                          const std::uint8_t* tiles, float* out) {
-  if (R == 4) TokRows<D, 4, T>(G, dec, sw, lds, tiles, out);
-  else if (R == 2) TokRows<D, 2, T>(G, dec, sw, lds, tiles, out);
-  else TokRows<D, 1, T>(G, dec, sw, lds, tiles, out);
+  if (R == 8) TokRows<D, 8, T, S>(G, dec, sw, lds, tiles, out);
+  else if (R == 4) TokRows<D, 4, T, S>(G, dec, sw, lds, tiles, out);
+  else if (R == 2) TokRows<D, 2, T, S>(G, dec, sw, lds, tiles, out);
+  else TokRows<D, 1, T, S>(G, dec, sw, lds, tiles, out);
 }
 
-// The tokens-in-lanes path of Q8GemvNT with token tiles of D's lanes (NL, 4 ... 16).
-template <class D>
+// The tokens-in-lanes path of Q8GemvNT with tiles of NL / S tokens (lane groups of S).
+template <class D, std::size_t S>
 HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                           std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   constexpr std::size_t kMaxNL = 16, kR = 8;  // rows per TokRows: 4 with two tiles, 8 with one
@@ -530,16 +546,18 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
   HWY_ALIGN std::uint8_t dec[kR * kDecStride];
   HWY_ALIGN float out[kMaxNL * kTileTokens * kMaxNL];  // a panel: NL rows x T tiles
   float sw[kR * (kSegBytes / 4)];
-  const std::size_t ntiles = (nt + NL - 1) / NL, segmax = kSegBytes / unit * unit;
+  const std::size_t per = NL / S;  // tokens per tile
+  const std::size_t ntiles = (nt + per - 1) / per, segmax = kSegBytes / unit * unit;
   for (std::size_t s0 = 0; s0 < L.vend; s0 += segmax) {
     TokGeom G;
     G.N8 = N8, G.NL = NL, G.seg = std::min(segmax, L.vend - s0), G.dec = 2 * G.seg, G.gb = L.gb, G.gseg = G.seg / L.gb;
     G.gpc = L.gb <= N8 ? N8 / L.gb : 0;
-    G.tile = (G.dec + 8 * G.gseg) * NL;
+    G.S = S;
+    G.tile = (G.dec / S + 8 * G.gseg) * NL;
     const std::size_t g0 = s0 / L.gb;
     for (std::size_t tt = 0; tt < ntiles; tt += kTileTokens) {
       const std::size_t T = std::min(kTileTokens, ntiles - tt);
-      for (std::size_t j = 0; j < T; ++j) BuildTile(G, L, acts, abytes, (tt + j) * NL, nt, s0, g0, tiles + j * G.tile);
+      for (std::size_t j = 0; j < T; ++j) BuildTile(G, L, acts, abytes, (tt + j) * per, nt, s0, g0, tiles + j * G.tile);
       auto prepare = [&](std::size_t r, std::size_t R) {  // rows r..r+R decoded, their scales in f32
         DecodeRows(q, L, G, r0 + r, R, s0, dec);
         std::size_t j = 0;
@@ -555,21 +573,21 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
         const std::size_t R = T == 2 ? 4 : std::min<std::size_t>(8, NL);
         for (std::size_t p = 0; p < NL; p += R) {
           prepare(r + p, R);
-          if (T == 2) TokRows<D, 4, 2>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else if (R == 8) TokRows<D, 8, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else TokRows<D, 4, 1>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          if (T == 2) TokRows<D, 4, 2, S>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else TokRowsR<D, 1, S>(R, G, dec, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
-          TransposeAdd<D>(out + j * NL, T * NL, std::min(NL, nt - (tt + j) * NL), alpha, y + (tt + j) * NL * ldy + r, ldy);
+          TransposeAdd<D>(out + j * NL, T * NL, S, std::min(per, nt - (tt + j) * per), alpha, y + (tt + j) * per * ldy + r, ldy);
       }
       while (r < nr) {
         const std::size_t R = nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
         prepare(r, R);
-        if (T == 2) TokRowsR<D, 2>(R, G, dec, sw, G.gseg, tiles, out);
-        else TokRowsR<D, 1>(R, G, dec, sw, G.gseg, tiles, out);
+        if (T == 2) TokRowsR<D, 2, S>(R, G, dec, sw, G.gseg, tiles, out);
+        else TokRowsR<D, 1, S>(R, G, dec, sw, G.gseg, tiles, out);
         for (std::size_t i = 0; i < R; ++i)
           for (std::size_t j = 0; j < T; ++j)
-            for (std::size_t l = 0, t = (tt + j) * NL; l < NL && t < nt; ++l, ++t) y[t * ldy + r + i] += alpha * out[(i * T + j) * NL + l];
+            for (std::size_t l = 0, t = (tt + j) * per; l < per && t < nt; ++l, ++t)
+              y[t * ldy + r + i] += alpha * out[(i * T + j) * NL + l * S];
         r += R;
       }
     }
@@ -580,20 +598,18 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
       for (std::size_t i = 0; i < nr; ++i) y[t * ldy + i] += alpha * TailRow(q, L, r0 + i, gvec, acts + t * abytes);
 }
 
-// The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply. With
-// 16-lane vectors and at most 8 tokens, tiles of 8 lanes (256-bit) leave no lane idle.
+// The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply. Fewer
+// tokens than lanes: lane groups of S = 2 or 4 lanes per token, each lane on its own quads of
+// the codes (summed at the end), so no lane idles.
 HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                            std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(DI());
   if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > 16 || NL < 4) return false;
   if (std::max(N8, L.gb) > kSegBytes) return false;
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-  if (nt <= 8) {
-    TokensRun<hn::CappedTag<float, 8>>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
-    return true;
-  }
-#endif
-  TokensRun<DF>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
+  const std::size_t run_quads = (L.gb <= N8 ? L.gb : 2 * L.gb) / 4;  // a group's runs are whole lane groups
+  if (4 * nt <= NL && run_quads % 4 == 0) TokensRun<DF, 4>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
+  else if (2 * nt <= NL && run_quads % 2 == 0) TokensRun<DF, 2>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
+  else TokensRun<DF, 1>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
   return true;
 }
 
