@@ -5011,40 +5011,44 @@ inline constexpr std::size_t kDecStride = 2 * kSegBytes;  // decoded row stride 
 // Tile of NL / S tokens (t0.., zero past nt) for the segment at code byte s0 (group g0). Lane
 // l * S + s holds token l's activations for decoded quads m = s (mod S): super-quad M = m / S
 // is one vector of NL lanes. corr per group and lane: 8 * the sum of those activations.
+template <std::size_t S>
 HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t* acts, std::size_t abytes, std::size_t t0,
                           std::size_t nt, std::size_t s0, std::size_t g0, std::uint8_t* tile) {
   auto* quads = reinterpret_cast<std::uint32_t*>(tile);
-  auto* sxg = reinterpret_cast<float*>(tile + G.dec * G.NL / G.S);
-  auto* corr = reinterpret_cast<std::int32_t*>(tile + G.dec * G.NL / G.S + 4 * G.gseg * G.NL);
-  const std::size_t S = G.S, len = G.gpc == 0 ? 2 * G.gb : G.gb, runs = G.gpc == 0 ? 1 : 2;
-  for (std::size_t l = 0; l < G.NL / S; ++l) {
+  auto* sxg = reinterpret_cast<float*>(tile + G.dec * G.NL / S);
+  auto* corr = reinterpret_cast<std::int32_t*>(tile + G.dec * G.NL / S + 4 * G.gseg * G.NL);
+  const std::size_t NL = G.NL, N8 = G.N8;
+  // Pieces of a group: (decoded offset, code byte offset, bytes), low nibbles then high ones.
+  const std::size_t piece = G.gpc == 0 ? N8 : G.gb, pieces = G.gpc == 0 ? G.gb / N8 : 1;
+  for (std::size_t l = 0; l < NL / S; ++l) {
     const std::size_t t = t0 + l;
     if (t >= nt) {
-      for (std::size_t m = 0; m < G.dec / 4; ++m) quads[(m / S) * G.NL + l * S + m % S] = 0;
+      for (std::size_t m = 0; m < G.dec / 4; ++m) quads[(m / S) * NL + l * S + m % S] = 0;
       for (std::size_t g = 0; g < G.gseg; ++g)
-        for (std::size_t u = 0; u < S; ++u) sxg[g * G.NL + l * S + u] = 0.0f, corr[g * G.NL + l * S + u] = 0;
+        for (std::size_t u = 0; u < S; ++u) sxg[g * NL + l * S + u] = 0.0f, corr[g * NL + l * S + u] = 0;
       continue;
     }
     const std::uint8_t* act = acts + t * abytes;
     const float* sx = reinterpret_cast<const float*>(act + 4 * L.rbp);
-    for (std::size_t g = 0, o = 0, k = 0; g < G.gseg; ++g) {
-      std::int32_t cs[4] = {0, 0, 0, 0};
-      for (std::size_t w = 0; w < runs; ++w) {
-        const std::size_t ow = o + w * (G.gpc == 0 ? 0 : G.N8);
-        for (std::size_t d = ow; d < ow + len; d += 4) {
-          // decoded offset d: chunk d / 2 N8, low nibbles in its first N8 bytes, high in the rest
-          const std::size_t c = d / (2 * G.N8), in = d % (2 * G.N8);
-          const std::uint8_t* src = act + s0 + c * G.N8 + (in < G.N8 ? in : L.rbp + in - G.N8);
-          const std::size_t m = d / 4;
-          std::memcpy(quads + (m / S) * G.NL + l * S + m % S, src, 4);
-          const auto* x = reinterpret_cast<const std::int8_t*>(src);
-          cs[m % S] += x[0] + x[1] + x[2] + x[3];
+    // Q8Acts' corr: 8 * the sum of the x paired with code bytes 4i..4i+3 (both nibbles), the
+    // bytes whose two decoded quads land in lane group member i mod S.
+    const auto* lane_corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp) + s0 / 4;
+    for (std::size_t g = 0, o = 0, b = 0; g < G.gseg; ++g) {
+      std::int32_t cs[S] = {};
+      for (std::size_t pc = 0; pc < pieces; ++pc) {
+        const std::size_t od = o + pc * 2 * N8, ob = b + pc * N8;  // decoded offset, code byte offset
+        for (std::size_t h = 0; h < 2; ++h) {                     // low nibbles, then high
+          const std::uint8_t* src = act + s0 + ob + h * L.rbp;
+          std::uint32_t* dst = quads + (od + h * N8) / (4 * S) * NL + l * S;
+          for (std::size_t qd = 0; qd < piece / 4; qd += S, src += 4 * S, dst += NL) std::memcpy(dst, src, 4 * S);
         }
+        for (std::size_t qd = 0; qd < piece / 4; ++qd) cs[qd % S] += lane_corr[ob / 4 + qd];
       }
-      for (std::size_t u = 0; u < S; ++u) sxg[g * G.NL + l * S + u] = sx[g0 + g], corr[g * G.NL + l * S + u] = 8 * cs[u];
+      for (std::size_t u = 0; u < S; ++u) sxg[g * NL + l * S + u] = sx[g0 + g], corr[g * NL + l * S + u] = cs[u];
+      b += G.gb;
       if (G.gpc == 0) o += 2 * G.gb;
-      else if (++k < G.gpc) o += G.gb;
-      else k = 0, o += G.N8 + G.gb;
+      else if (b % N8 != 0) o += G.gb;
+      else o += N8 + G.gb;
     }
   }
 }
@@ -5139,8 +5143,8 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
 // y[t * ldy + i] += alpha * m[i * lds + t] for i < NL (all lanes) and t < nt <= NL: the NL x NL
 // block transposed in registers (unpacks inside 128-bit blocks, then blocks exchanged), so y is
 // updated a vector of rows at a time.
-template <class D>
-HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t S, std::size_t nt, float alpha, float* y, std::size_t ldy) {
+template <class D, std::size_t S>
+HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, float alpha, float* y, std::size_t ldy) {
 #if HWY_TARGET != HWY_SCALAR
   using V = hn::Vec<D>;
   const D df;
@@ -5224,7 +5228,7 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
     const std::size_t g0 = s0 / L.gb;
     for (std::size_t tt = 0; tt < ntiles; tt += kTileTokens) {
       const std::size_t T = std::min(kTileTokens, ntiles - tt);
-      for (std::size_t j = 0; j < T; ++j) BuildTile(G, L, acts, abytes, (tt + j) * per, nt, s0, g0, tiles + j * G.tile);
+      for (std::size_t j = 0; j < T; ++j) BuildTile<S>(G, L, acts, abytes, (tt + j) * per, nt, s0, g0, tiles + j * G.tile);
       auto prepare = [&](std::size_t r, std::size_t R) {  // rows r..r+R decoded, their scales in f32
         DecodeRows(q, L, G, r0 + r, R, s0, dec);
         std::size_t j = 0;
@@ -5244,7 +5248,7 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
           else TokRowsR<D, 1, S>(R, G, dec, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
-          TransposeAdd<D>(out + j * NL, T * NL, S, std::min(per, nt - (tt + j) * per), alpha, y + (tt + j) * per * ldy + r, ldy);
+          TransposeAdd<D, S>(out + j * NL, T * NL, std::min(per, nt - (tt + j) * per), alpha, y + (tt + j) * per * ldy + r, ldy);
       }
       while (r < nr) {
         const std::size_t R = nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
