@@ -463,6 +463,9 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
     const std::uint8_t* src = q.codes + (r + i) * L.rb + s0;
     std::uint8_t* dst = dec + i * kDecStride;
     for (std::size_t c = 0; c < G.seg; c += G.N8, dst += 2 * G.N8) {
+      // The rows are read a few at a time between long compute stretches: without this the
+      // hardware prefetcher lets each prepare wait on DRAM (cold batch 32 ran 1.5x hot).
+      hwy::Prefetch(src + c + kPrefetch);
       const VU8 u = hn::Xor(hn::LoadU(du8, src + c), k88);
       hn::Store(hn::And(u, k0f), du8, dst);
       hn::Store(hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), u))), k0f), du8, dst + G.N8);
