@@ -4789,7 +4789,6 @@ HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
 #endif
 }
 
-
 // Per-call layout of the codes seen by the vector body: bytes per group (gb), lanes per group,
 // and the bytes of each row the vector chunks cover (whole groups only).
 struct Layout {
@@ -4986,10 +4985,10 @@ HWY_INLINE void Panel(const QView& q, const Layout& L, const IdxF& rep, const Sp
 // ---- Batches: tokens in lanes ----
 // From kTokensMin tokens on, nibble codes take this path instead of Panel: R rows of a column
 // segment are decoded once into bytes code + 8 (u8 in [0, 15]; two's complement c ^ 8), and lane
-// l of every i32 accumulator holds token l of a tile of NL tokens. A row's 4 codes are broadcast
-// to all lanes and the tile's 4 paired activations per token are one vector load, so a code is
-// decoded once per call (Panel decodes it once per 4 tokens) and no accumulator is ever summed
-// across lanes. sum (c + 8) x = sum c x + 8 sum x: the second term (Q8Acts' corr) is subtracted
+// l of every i32 accumulator holds token l of a tile of NL tokens (or, with fewer tokens, lane
+// group l of S lanes: see TokensPath). A row's 4 codes are broadcast to all lanes and the tile's
+// 4 paired activations per token are one vector load, so a code is decoded once per 2 NL tokens
+// (Panel decodes it once per 4 tokens) and no accumulator is summed across lanes but a group's. sum (c + 8) x = sum c x + 8 sum x: the second term (Q8Acts' corr) is subtracted
 // per group and token before the f32 scaling. Same integer partials as Panel, so the same
 // result up to f32 summation order.
 //
