@@ -129,21 +129,24 @@ void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool co
   s2lc::bench::set_bytes(state, bytes);
 }
 
+// The linear hybrid of experts 0..K-1 with equal weights.
+mo::KMorph equal_mix(const mo::KGroup& g, unsigned K, const mo::MorphOptions& opt) {
+  std::vector<std::uint32_t> ex(K);
+  for (unsigned k = 0; k < K; ++k) ex[k] = k;
+  return mo::mix_linear(g, ex, std::vector<float>(K, 1.0f / static_cast<float>(K)), opt);
+}
+
+// m (mixed once) rebound to every copy of its group: cold runs read each copy's cores and bases.
+std::vector<mo::KMorph> per_copy(const mo::KMorph& m, const std::vector<mo::KGroup>& copies) {
+  std::vector<mo::KMorph> v(copies.size(), m);
+  for (std::size_t i = 0; i < copies.size(); ++i) v[i].group = &copies[i];
+  return v;
+}
+
 void bench_morph(benchmark::State& state, std::size_t si, unsigned K) {
   Setup& s = setup(si, true);
   const std::size_t R = kShapes[si].rows, C = kShapes[si].cols;
-  if (K && !s.morphs.count(K)) {
-    std::vector<std::uint32_t> ex(K);
-    std::vector<float> a(K, 1.0f / static_cast<float>(K));
-    for (unsigned k = 0; k < K; ++k) ex[k] = k;
-    const mo::KMorph m0 = mo::mix_linear(s.base, ex, a, {8});  // mixed once, copied per group copy
-    auto& v = s.morphs[K];
-    v.reserve(s.copies.size());
-    for (const auto& g : s.copies) {
-      v.push_back(m0);
-      v.back().group = &g;
-    }
-  }
+  if (K && !s.morphs.count(K)) s.morphs[K] = per_copy(equal_mix(s.base, K, {8}), s.copies);
   std::vector<float> X(C, 0.5f), Y(R);
   std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(s.base, 1), K ? mo::apply_scratch_bytes(s.morphs[K][0], 1) : 0));
   mo::Arena arena(mem);
@@ -213,22 +216,14 @@ void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K, boo
   RealMorph& r = real_morph(role);
   const unsigned key = K * 2 + (truncate ? 1 : 0);
   if (K && !r.morphs.count(key)) {
-    std::vector<std::uint32_t> ex(K);
-    std::vector<float> a(K, 1.0f / static_cast<float>(K));
-    for (unsigned k = 0; k < K; ++k) ex[k] = k;
-    const mo::KMorph m0 = mo::mix_linear(r.copies[0], ex, a, {8, truncate});
+    const mo::KMorph m0 = equal_mix(r.copies[0], K, {8, truncate});
+    r.morphs[key] = per_copy(m0, r.copies);
     std::vector<float> got(r.rows * r.cols, 0.0f), want(r.rows * r.cols, 0.0f);
     mo::merge(m0, got.data(), r.cols);
-    mo::merge(mo::mix_linear(r.copies[0], ex, a, {0}), want.data(), r.cols);
+    mo::merge(equal_mix(r.copies[0], K, {0}), want.data(), r.cols);
     double num = 0, den = 0;
     for (std::size_t i = 0; i < got.size(); ++i) num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]), den += double(want[i]) * want[i];
     r.rel_error[key] = std::sqrt(num / den);
-    auto& v = r.morphs[key];
-    v.reserve(r.copies.size());
-    for (const auto& g : r.copies) {
-      v.push_back(m0);
-      v.back().group = &g;
-    }
   }
   std::vector<float> X(r.cols, 0.5f), Y(r.rows);
   std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(r.copies[0], 1), K ? mo::apply_scratch_bytes(r.morphs[key][0], 1) : 0));

@@ -4753,7 +4753,6 @@ using DI = hn::RebindToSigned<DF>;
 using DU8 = hn::ScalableTag<std::uint8_t>;  // as many bytes as DF has (HWY_SCALAR: one)
 using DI8 = hn::ScalableTag<std::int8_t>;
 using DU16 = hn::ScalableTag<std::uint16_t>;
-using DH16 = hn::Rebind<std::uint16_t, DF>;  // one u16 per f32 lane
 using VI = hn::Vec<DI>;
 using VU8 = hn::Vec<DU8>;
 using VI8 = hn::Vec<DI8>;
@@ -5002,8 +5001,7 @@ inline constexpr std::size_t kTileTokens = 2;  // token tiles per pass (x NL tok
 struct TokGeom {
   std::size_t N8, NL, seg, dec, gseg;  // chunk bytes, lanes, code bytes / decoded bytes / groups per segment
   std::size_t gb, gpc;                 // code bytes per group; groups per chunk (0: a group spans chunks)
-  std::size_t S;                       // quads per lane group (tokens per tile: NL / S)
-  std::size_t tile;                    // bytes of one token tile: dec / S * NL quads, then gseg * NL sx and corr
+  std::size_t tile;                    // bytes of one token tile (lane groups of S): dec / S * NL quads, then gseg * NL sx and corr
 };
 inline constexpr std::size_t kDecStride = 2 * kSegBytes;  // decoded row stride (a constant: one base register)
 
@@ -5212,7 +5210,7 @@ template <class D, std::size_t S>
 HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                           std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   constexpr std::size_t kMaxNL = 16, kR = 8;  // rows per TokRows: 4 with two tiles, 8 with one
-  const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(D()), NLF = hn::Lanes(DF()), unit = std::max(N8, L.gb);
+  const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(D()), unit = std::max(N8, L.gb);
   // A tile: 2 kSegBytes quads bytes per lane, sx and corr of at most kSegBytes / 4 groups.
   constexpr std::size_t kTileMax = (2 * kSegBytes + 8 * (kSegBytes / 4)) * kMaxNL;
   HWY_ALIGN std::uint8_t tiles[kTileTokens * kTileMax];
@@ -5225,7 +5223,6 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
     TokGeom G;
     G.N8 = N8, G.NL = NL, G.seg = std::min(segmax, L.vend - s0), G.dec = 2 * G.seg, G.gb = L.gb, G.gseg = G.seg / L.gb;
     G.gpc = L.gb <= N8 ? N8 / L.gb : 0;
-    G.S = S;
     G.tile = (G.dec / S + 8 * G.gseg) * NL;
     const std::size_t g0 = s0 / L.gb;
     for (std::size_t tt = 0; tt < ntiles; tt += kTileTokens) {
@@ -5233,12 +5230,11 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
       for (std::size_t j = 0; j < T; ++j) BuildTile<S>(G, L, acts, abytes, (tt + j) * per, nt, s0, g0, tiles + j * G.tile);
       auto prepare = [&](std::size_t r, std::size_t R) {  // rows r..r+R decoded, their scales in f32
         DecodeRows(q, L, G, r0 + r, R, s0, dec);
-        std::size_t j = 0;
         if (G.gseg == L.gpr) {  // whole rows: the R rows' scales are contiguous
-          const std::uint16_t* src = q.scales + (r0 + r) * L.gpr;
-          for (; j + NLF <= R * G.gseg; j += NLF) hn::StoreU(BF16ToF32Vec(hn::LoadU(DH16(), src + j)), DF(), sw + j);
+          BF16ToF32(q.scales + (r0 + r) * L.gpr, sw, R * G.gseg);
+          return;
         }
-        for (; j < R * G.gseg; ++j) sw[j] = s2lc::bf16_to_f32(q.scales[(r0 + r + j / G.gseg) * L.gpr + g0 + j % G.gseg]);
+        for (std::size_t j = 0; j < R * G.gseg; ++j) sw[j] = s2lc::bf16_to_f32(q.scales[(r0 + r + j / G.gseg) * L.gpr + g0 + j % G.gseg]);
       };
       // Panels of NL rows (R at a time into out), each transposed onto y; then the last rows.
       std::size_t r = 0;
@@ -5366,10 +5362,7 @@ inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr
     for (std::size_t p0 = 0; p0 < nr; p0 += panel) {
       const std::size_t np = std::min(panel, nr - p0);
       if (ns == L.gpr) {  // whole rows: the panel's scales are contiguous
-        const std::uint16_t* src = q.scales + (r0 + p0) * L.gpr;
-        std::size_t j = 0;
-        for (; j + NL <= np * ns; j += NL) hn::StoreU(BF16ToF32Vec(hn::LoadU(q8k::DH16(), src + j)), df, sbuf + j);
-        for (; j < np * ns; ++j) sbuf[j] = s2lc::bf16_to_f32(src[j]);
+        BF16ToF32(q.scales + (r0 + p0) * L.gpr, sbuf, np * ns);
       } else {
         for (std::size_t i = 0; i < np; ++i)
           for (std::size_t g = 0; g < ns; ++g) sbuf[i * sp.lds + g] = s2lc::bf16_to_f32(q.scales[(r0 + p0 + i) * L.gpr + g0 + g]);
