@@ -4819,7 +4819,14 @@ HWY_INLINE int XqAt(const QView& q, const Layout& L, const std::int8_t* lo, cons
 }
 
 // Scalar tail of row r: groups [g0, gpr), exact integer sums, one f32 product per group.
-HWY_INLINE float TailRow(const QView& q, const Layout& L, std::size_t r, std::size_t g0, const std::uint8_t* act) {
+// Not auto-vectorized with GCC: GCC 12.2 turns this int8 x int8 sum into vpdpbusd (unsigned x
+// signed) where AVX-VNNI is enabled, as in the AVX3_DL region, and gets negative codes wrong
+// (tests/kernels/q8.cpp's 8-bit cases with a tail caught it; plain C++ reproduces it at -O2
+// -march=native on this CPU).
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
+inline HWY_NOINLINE float TailRow(const QView& q, const Layout& L, std::size_t r, std::size_t g0, const std::uint8_t* act) {
   const auto* lo = reinterpret_cast<const std::int8_t*>(act);
   const auto* hi = lo + L.rbp;
   const float* sx = reinterpret_cast<const float*>(act + 4 * L.rbp);

@@ -42,8 +42,9 @@ const Case kCases[] = {{1, 1, 32, 8},     {5, 37, 32, 4},   {9, 1408, 32, 4}, {3
                        {4, 512, 32, 8},   {3, 200, 16, 4},  {2, 96, 8, 2},    {6, 1000, 256, 4}, {7, 33, 7, 4},
                        {3, 70, 10, 6},    {13, 256, 32, 5}, {2, 31, 32, 2},   {4, 288, 96, 4},
                        // 16+ rows: whole row panels of the batched (tokens in lanes) path plus
-                       // leftover rows; two column segments; groups spanning chunks
-                       {37, 600, 32, 4},  {20, 1408, 64, 3}, {17, 512, 256, 4}};
+                       // leftover rows; two column segments; groups spanning chunks; byte
+                       // containers with a vector body and a scalar tail
+                       {37, 600, 32, 4},  {20, 1408, 64, 3}, {17, 512, 256, 4}, {18, 300, 32, 8}, {35, 96, 16, 6}};
 
 /// The reference quantizer: per group, amax; scale amax / 127; xq = round_half_even(x * 127 / amax).
 struct RefQ {
