@@ -6,7 +6,8 @@
 //  * against the f32 product of the dequantized matrix, the error stays within the bound the
 //    activation rounding implies: sum_j |w_j| (sx_g / 2 + 4 u |x_j|) plus the summation bound.
 // Shapes cover both containers, vector bodies (group bytes 4 ... 128, chunk-straddling or not),
-// partial last groups, odd group sizes, 1 ... 3 tokens (the 2- and 1-token tiles) and 4 ... 40
+// partial last groups, odd group sizes, 1 ... 3 tokens (the 2- and 1-token tiles; one token: rows
+// a vector at a time, reduced together, and the rows left over) and 4 ... 40
 // tokens (the tokens-in-lanes path of nibble codes: lane groups of 4, 2 or 1 lanes per token, one
 // or two tiles, partial tiles, row panels and leftover rows).
 #include <doctest/doctest.h>
@@ -41,9 +42,10 @@ struct Case {
 const Case kCases[] = {{1, 1, 32, 8},     {5, 37, 32, 4},   {9, 1408, 32, 4}, {3, 256, 64, 4},   {5, 300, 128, 3},
                        {4, 512, 32, 8},   {3, 200, 16, 4},  {2, 96, 8, 2},    {6, 1000, 256, 4}, {7, 33, 7, 4},
                        {3, 70, 10, 6},    {13, 256, 32, 5}, {2, 31, 32, 2},   {4, 288, 96, 4},
-                       // 16+ rows: whole row panels of the batched (tokens in lanes) path plus
-                       // leftover rows; two column segments; groups spanning chunks; byte
-                       // containers with a vector body and a scalar tail
+                       // 16+ rows: whole row panels of the batched (tokens in lanes) path and
+                       // whole vectors of rows of the one-token path, plus leftover rows; two
+                       // column segments; groups spanning chunks; byte containers with a vector
+                       // body and a scalar tail
                        {37, 600, 32, 4},  {20, 1408, 64, 3}, {17, 512, 256, 4}, {18, 300, 32, 8}, {35, 96, 16, 6}};
 
 /// The reference quantizer: per group, amax; scale amax / 127; xq = round_half_even(x * 127 / amax).

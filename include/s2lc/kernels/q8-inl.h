@@ -70,6 +70,39 @@ HWY_INLINE void Sum4(VF a, VF b, VF c, VF d, float* out) {
   out[3] = hn::GetLane(hn::SumOfLanes(df, d));
 }
 
+#if HWY_TARGET != HWY_SCALAR && HWY_HAVE_INTEGER64
+// Lanes of a vector of rows: per 128-bit block k, [a, b, c, d] summed over block k's lanes.
+HWY_INLINE VF Block4(VF a, VF b, VF c, VF d) {
+  const DF df;
+  const hn::Repartition<std::uint64_t, DF> d64;
+  const VF ab = hn::Add(hn::InterleaveLower(df, a, b), hn::InterleaveUpper(df, a, b));
+  const VF cd = hn::Add(hn::InterleaveLower(df, c, d), hn::InterleaveUpper(df, c, d));
+  const auto ab64 = hn::BitCast(d64, ab), cd64 = hn::BitCast(d64, cd);
+  return hn::Add(hn::BitCast(df, hn::InterleaveLower(d64, ab64, cd64)), hn::BitCast(df, hn::InterleaveUpper(d64, ab64, cd64)));
+}
+
+// Whole vectors of 4, 8 or 16 f32 lanes: RowsOne's reduction applies.
+inline constexpr bool kRowsVec = !HWY_HAVE_SCALABLE && hn::MaxLanes(DF()) >= 4 && hn::MaxLanes(DF()) <= 16;
+
+// s[q] = Block4 of rows 4q..4q+3 (q < lanes / 4) -> lane i = the whole sum of row i.
+HWY_INLINE VF SumBlocks(const VF* s) {
+  const DF df;
+  constexpr std::size_t kN = hn::MaxLanes(DF());
+  if constexpr (kN == 4) {
+    return s[0];
+  } else if constexpr (kN == 8) {
+    return hn::Add(hn::ConcatLowerLower(df, s[1], s[0]), hn::ConcatUpperUpper(df, s[1], s[0]));
+  } else {
+    // halves: u = [s0 blocks 0+2, 1+3 | s2 ...], w = [s1 ... | s3 ...]; then adjacent blocks
+    const VF u = hn::Add(hn::ConcatLowerLower(df, s[2], s[0]), hn::ConcatUpperUpper(df, s[2], s[0]));
+    const VF w = hn::Add(hn::ConcatLowerLower(df, s[3], s[1]), hn::ConcatUpperUpper(df, s[3], s[1]));
+    return hn::Add(hn::OddEvenBlocks(hn::SwapAdjacentBlocks(w), u), hn::OddEvenBlocks(w, hn::SwapAdjacentBlocks(u)));
+  }
+}
+#else
+inline constexpr bool kRowsVec = false;
+#endif
+
 }  // namespace q8k
 }  // namespace s2lc::kernels::HWY_NAMESPACE
 
@@ -220,14 +253,15 @@ struct Span {
   bool tail;               // also the scalar groups [gvec, gpr)
 };
 
-// y[t, i] += alpha * row (r0 + i) . x_t over span sp, for R rows and T tokens; codes decoded once
-// per chunk. kNib: nibble container; kBcast: a group spans whole chunks (else a chunk holds whole
-// groups).
+// acc[i][t] = lane partials of row (r0 + i) . x_t over span sp, for R rows and T tokens. kNib:
+// nibble container; kBcast: a group spans whole chunks (else a chunk holds whole groups). With
+// several tokens each chunk of the R rows is decoded once for all of them; with one, each row is
+// decoded and multiplied at once (nothing decoded is held), so a whole vector of rows fits the
+// registers and the activations are loaded once per chunk for all of them.
 template <std::size_t R, std::size_t T, bool kNib, bool kBcast>
-HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
-                     const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
+                        const std::uint8_t* acts, std::size_t abytes, VF (&acc)[R][T]) {
   const DF df;
-  VF acc[R][T];
   for (std::size_t i = 0; i < R; ++i)
     for (std::size_t t = 0; t < T; ++t) acc[i][t] = hn::Zero(df);
 #if HWY_TARGET != HWY_SCALAR  // (one lane of every type: no bytes to pair with i32 lanes; vend is 0)
@@ -240,58 +274,71 @@ HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Spa
   const auto k88 = hn::Set(du8, 0x88), k0f = hn::Set(du8, 0x0F);
   const std::uint8_t* const base = q.codes + r0 * L.rb;
   const std::size_t rb = L.rb, lds = sp.lds;
+  // Row i's codes of the chunk at off, prefetched ahead (rows are contiguous: the next rows), as
+  // the two byte vectors paired with the activations: nibbles c (two's complement) ^ 8 = c + 8 in
+  // [0, 15]; bytes |c| (<= 128) and c (whose sign goes onto x).
+  auto decode = [&](std::size_t i, std::size_t off, VU8& a0, VU8& a1) {
+    hwy::Prefetch(base + i * rb + off + kPrefetch);
+    const VU8 b = hn::LoadU(du8, base + i * rb + off);
+    if constexpr (kNib) {
+      const VU8 u = hn::Xor(b, k88);
+      a0 = hn::And(u, k0f), a1 = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), u))), k0f);
+    } else {
+      a0 = hn::BitCast(du8, hn::Abs(hn::BitCast(di8, b))), a1 = b;
+    }
+  };
+  // The integer partial of a decoded chunk with token activations x0 (x1: high nibbles; ncorr: -8 sum x).
+  auto dot = [&](VU8 a0, VU8 a1, VI8 x0, VI8 x1, VI ncorr) {
+    if constexpr (kNib) return DotU8I8(DotU8I8(ncorr, a0, x0), a1, x1);
+    const auto neg = hn::Lt(hn::BitCast(di8, a1), hn::Zero(di8));
+    (void)x1, (void)ncorr;
+    return DotU8I8(hn::Zero(di), a0, hn::IfThenElse(neg, hn::Neg(x0), x0));
+  };
+  auto scale = [&](std::size_t i, std::size_t gl) {  // row i's group scales over the lanes
+    return kBcast ? hn::Set(df, sw0[i * lds + gl]) : hn::TableLookupLanes(hn::LoadU(df, sw0 + i * lds + gl), rep);
+  };
   std::size_t off = sp.g0 * L.gb;
   for (std::size_t gl = 0; gl < sp.g1 - sp.g0; gl += gpc) {
-    VF sw[R];
-    for (std::size_t i = 0; i < R; ++i)
-      sw[i] = kBcast ? hn::Set(df, sw0[i * lds + gl]) : hn::TableLookupLanes(hn::LoadU(df, sw0 + i * lds + gl), rep);
+    VF sw[T == 1 ? 1 : R];
+    if constexpr (T > 1)
+      for (std::size_t i = 0; i < R; ++i) sw[i] = scale(i, gl);
     for (std::size_t c = 0; c < cpg; ++c, off += N8) {
-      VU8 a0[R], a1[R];
-      for (std::size_t i = 0; i < R; ++i) {
-        hwy::Prefetch(base + i * rb + off + kPrefetch);  // rows are contiguous: the panel's next rows
-        const VU8 b = hn::LoadU(du8, base + i * rb + off);
-        if constexpr (kNib) {  // nibble c (two's complement) ^ 8 = c + 8 in [0, 15]
-          const VU8 u = hn::Xor(b, k88);
-          a0[i] = hn::And(u, k0f);
-          a1[i] = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), u))), k0f);
-        } else {  // |c| (<= 128) against x with c's sign
-          a0[i] = hn::BitCast(du8, hn::Abs(hn::BitCast(di8, b)));
-          a1[i] = b;
-        }
-      }
+      VU8 a0[T == 1 ? 1 : R], a1[T == 1 ? 1 : R];
+      if constexpr (T > 1)
+        for (std::size_t i = 0; i < R; ++i) decode(i, off, a0[i], a1[i]);
       for (std::size_t t = 0; t < T; ++t) {
         const std::uint8_t* act = acts + t * abytes;
         const VI8 x0 = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(act + off));
         const VF sx = hn::LoadU(df, reinterpret_cast<const float*>(act + 2 * L.rbp) + off / 4);
-        if constexpr (kNib) {
-          const VI8 x1 = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(act + L.rbp + off));
-          const VI corr = hn::LoadU(di, reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp) + off / 4);
-          for (std::size_t i = 0; i < R; ++i) {
-            const VI d = hn::Sub(DotU8I8(DotU8I8(hn::Zero(di), a0[i], x0), a1[i], x1), corr);
-            acc[i][t] = hn::MulAdd(hn::Mul(hn::ConvertTo(df, d), sx), sw[i], acc[i][t]);
-          }
-        } else {
-          for (std::size_t i = 0; i < R; ++i) {
-            const auto neg = hn::Lt(hn::BitCast(di8, a1[i]), hn::Zero(di8));
-            const VI d = DotU8I8(hn::Zero(di), a0[i], hn::IfThenElse(neg, hn::Neg(x0), x0));
-            acc[i][t] = hn::MulAdd(hn::Mul(hn::ConvertTo(df, d), sx), sw[i], acc[i][t]);
+        const VI8 x1 = kNib ? hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(act + L.rbp + off)) : x0;
+        const VI ncorr = kNib ? hn::Neg(hn::LoadU(di, reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp) + off / 4)) : hn::Zero(di);
+        for (std::size_t i = 0; i < R; ++i) {
+          if constexpr (T == 1) {
+            decode(i, off, a0[0], a1[0]);
+            const VI d = dot(a0[0], a1[0], x0, x1, ncorr);
+            acc[i][0] = hn::MulAdd(hn::Mul(hn::ConvertTo(df, d), sx), scale(i, gl), acc[i][0]);
+          } else {
+            acc[i][t] = hn::MulAdd(hn::Mul(hn::ConvertTo(df, dot(a0[i], a1[i], x0, x1, ncorr)), sx), sw[i], acc[i][t]);
           }
         }
       }
     }
   }
 #else
-  (void)rep, (void)sw0;
+  (void)q, (void)L, (void)rep, (void)sp, (void)r0, (void)sw0, (void)acts, (void)abytes;
 #endif
+}
+
+// y[t, i] += alpha * row (r0 + i) . x_t over span sp, for R rows and T tokens.
+template <std::size_t R, std::size_t T, bool kNib, bool kBcast>
+HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
+                     const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  const DF df;
+  VF acc[R][T];
+  RowsAcc<R, T, kNib, kBcast>(q, L, rep, sp, r0, sw0, acts, abytes, acc);
   const std::size_t gt = L.vend / L.gb;
-  float sums[R][T];  // lane sums, four at a time where a tile has four rows or four tokens
-  if constexpr (R == 4) {
-    for (std::size_t t = 0; t < T; ++t) {
-      float s4[4];
-      Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], s4);
-      for (std::size_t i = 0; i < 4; ++i) sums[i][t] = s4[i];
-    }
-  } else if constexpr (T == 4) {
+  float sums[R][T];  // lane sums, four at a time where a tile has four tokens
+  if constexpr (T == 4) {
     for (std::size_t i = 0; i < R; ++i) Sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], sums[i]);
   } else {
     for (std::size_t i = 0; i < R; ++i)
@@ -302,12 +349,49 @@ HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Spa
       y[t * ldy + i] += alpha * (sp.tail ? sums[i][t] + TailRow(q, L, r0 + i, gt, acts + t * abytes) : sums[i][t]);
 }
 
+// y[i] += alpha * row (r0 + i) . x for R rows and one token. R = the f32 lanes (4, 8 or 16): the
+// rows' lane partials are reduced together in registers (Block4, then SumBlocks) and y is updated
+// a vector at a time (summing each row on its own had cost as much as a 256-column 4-bit row's
+// dot product); R = 4, 2, 1: the rows left over.
+template <std::size_t R, bool kNib, bool kBcast>
+HWY_INLINE void RowsOne(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
+                        const std::uint8_t* act, float alpha, float* y) {
+  const DF df;
+  VF acc[R][1];
+  RowsAcc<R, 1, kNib, kBcast>(q, L, rep, sp, r0, sw0, act, 0, acc);
+  const std::size_t gt = L.vend / L.gb;
+  if constexpr (kRowsVec && R == hn::MaxLanes(DF())) {
+    VF s[R / 4];
+    for (std::size_t j = 0; j < R / 4; ++j) s[j] = Block4(acc[4 * j][0], acc[4 * j + 1][0], acc[4 * j + 2][0], acc[4 * j + 3][0]);
+    VF v = SumBlocks(s);
+    if (sp.tail) {
+      HWY_ALIGN float tl[R];
+      for (std::size_t i = 0; i < R; ++i) tl[i] = TailRow(q, L, r0 + i, gt, act);
+      v = hn::Add(v, hn::Load(df, tl));
+    }
+    hn::StoreU(hn::MulAdd(v, hn::Set(df, alpha), hn::LoadU(df, y)), df, y);
+  } else {
+    float sums[R];
+    if constexpr (R == 4) Sum4(acc[0][0], acc[1][0], acc[2][0], acc[3][0], sums);
+    else
+      for (std::size_t i = 0; i < R; ++i) sums[i] = hn::GetLane(hn::SumOfLanes(df, acc[i][0]));
+    for (std::size_t i = 0; i < R; ++i) y[i] += alpha * (sp.tail ? sums[i] + TailRow(q, L, r0 + i, gt, act) : sums[i]);
+  }
+}
+
 template <std::size_t T, bool kNib, bool kBcast>
 HWY_INLINE void RowsAll(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, std::size_t nr,
                         const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   std::size_t i = 0;
-  if constexpr (T == 1)
-    for (; i + 4 <= nr; i += 4) Rows<4, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+  if constexpr (T == 1) {
+    constexpr std::size_t kN = hn::MaxLanes(DF());
+    if constexpr (kRowsVec)
+      for (; i + kN <= nr; i += kN) RowsOne<kN, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
+    for (; i + 4 <= nr; i += 4) RowsOne<4, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
+    for (; i + 2 <= nr; i += 2) RowsOne<2, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
+    for (; i < nr; ++i) RowsOne<1, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
+    return;
+  }
   for (; i + 2 <= nr; i += 2) Rows<2, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
   for (; i < nr; ++i) Rows<1, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
 }
