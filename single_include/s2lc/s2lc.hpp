@@ -5672,7 +5672,7 @@ HWY_INLINE void GemvNNScalar(const QView& q, const Layout& L, std::size_t k0, st
 // kV * G <= 8 register accumulators over every row k, so y is read and written once and a row
 // costs its codes, G scales and kV * G FMAs.
 template <std::size_t kV, std::size_t G, bool kTier>
-HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
+HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* cs,
                            std::size_t g0, float* HWY_RESTRICT y) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
@@ -5681,22 +5681,21 @@ HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std:
   for (std::size_t v = 0; v < kV * G; ++v) acc[v] = hn::Zero(df);
   const std::size_t gb = q.nibble ? q.group / 2 : q.group;
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
-  const std::uint16_t* sc = q.scales + k0 * L.gpr + g0;
+  const float* sc = cs + g0;
   for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
     hwy::Prefetch(p + kPrefetchBytes);
-    const float ck = c[k] * t.mul;
     for (std::size_t gi = 0; gi < G; ++gi) {
-      const VF cs = hn::Set(df, ck * s2lc::bf16_to_f32(sc[gi]));
+      const VF cg = hn::Set(df, sc[gi]);
       if (q.nibble) {
         for (std::size_t j = 0; j < kV / 2; ++j) {
           VF lo, hi;
           Nibbles<kTier>(LoadBytes(p + gi * gb + j * N), table, t, lo, hi);
-          acc[gi * kV + j] = hn::MulAdd(lo, cs, acc[gi * kV + j]);
-          acc[gi * kV + kV / 2 + j] = hn::MulAdd(hi, cs, acc[gi * kV + kV / 2 + j]);
+          acc[gi * kV + j] = hn::MulAdd(lo, cg, acc[gi * kV + j]);
+          acc[gi * kV + kV / 2 + j] = hn::MulAdd(hi, cg, acc[gi * kV + kV / 2 + j]);
         }
       } else {
         for (std::size_t j = 0; j < kV; ++j)
-          acc[gi * kV + j] = hn::MulAdd(Codes<kTier>(LoadBytes(p + gi * gb + j * N), t), cs, acc[gi * kV + j]);
+          acc[gi * kV + j] = hn::MulAdd(Codes<kTier>(LoadBytes(p + gi * gb + j * N), t), cg, acc[gi * kV + j]);
       }
     }
   }
@@ -5704,28 +5703,54 @@ HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std:
   for (std::size_t v = 0; v < kV * G; ++v) hn::StoreU(hn::Add(hn::LoadU(df, yp + v * N), acc[v]), df, yp + v * N);
 }
 
+// (cs: the rows' coefficients c[k] 2^shift s[k, g], row stride L.gpr; see GemvNNT.)
 template <std::size_t kV, bool kTier>
-HWY_INLINE void GemvNNTiles(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
+HWY_INLINE void GemvNNTiles(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* cs,
                             float* y) {
   constexpr std::size_t G = kV >= 8 ? 1 : 8 / kV;
   std::size_t g = 0;
-  for (; g + G <= L.nfast; g += G) GemvNNTile<kV, G, kTier>(q, L, k0, nk, t, c, g, y);
-  for (; g < L.nfast; ++g) GemvNNTile<kV, 1, kTier>(q, L, k0, nk, t, c, g, y);
+  for (; g + G <= L.nfast; g += G) GemvNNTile<kV, G, kTier>(q, L, k0, nk, t, cs, g, y);
+  for (; g < L.nfast; ++g) GemvNNTile<kV, 1, kTier>(q, L, k0, nk, t, cs, g, y);
 }
 
+// Floats of GemvNNT's coefficient buffer (stack): rows are taken kNNCoefs / groups at a time.
+inline constexpr std::size_t kNNCoefs = 4096;
+
 // y[j] += sum_k c[k] W[k, j]: register column tiles over the vector groups, scalar for the rest.
+// The tiles' coefficients c[k] 2^shift s[k, g] are computed for a chunk of rows at once (vector
+// conversion and products; one scalar conversion, product and broadcast per row and group had
+// been a third of a tile's instructions): the same products, so the same results.
 template <bool kTier>
 HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* c, float* y) {
-  const std::size_t N = hn::Lanes(DF());
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
   Layout L = MakeLayout(q, N);
   const std::size_t kv = q.group / N;  // vectors per group (nibble: half of them per half group)
-  const bool vec = L.nfast && q.group % N == 0 && (!q.nibble || kv % 2 == 0);
-  if (vec && kv == 1 && !q.nibble) GemvNNTiles<1, kTier>(q, L, k0, nk, t, c, y);
-  else if (vec && kv == 2) GemvNNTiles<2, kTier>(q, L, k0, nk, t, c, y);
-  else if (vec && kv == 4) GemvNNTiles<4, kTier>(q, L, k0, nk, t, c, y);
-  else if (vec && kv == 8) GemvNNTiles<8, kTier>(q, L, k0, nk, t, c, y);
-  else if (vec && kv == 16) GemvNNTiles<16, kTier>(q, L, k0, nk, t, c, y);
-  else L.nfast = 0;
+  const bool vec = L.nfast && q.group % N == 0 && (!q.nibble || kv % 2 == 0) && L.gpr <= kNNCoefs &&
+                   ((kv == 1 && !q.nibble) || kv == 2 || kv == 4 || kv == 8 || kv == 16);
+  if (vec) {
+    HWY_ALIGN float cs[kNNCoefs];
+    const std::size_t kc = kNNCoefs / L.gpr;
+    for (std::size_t kb = 0; kb < nk; kb += kc) {
+      const std::size_t n = std::min(kc, nk - kb);
+      BF16ToF32(q.scales + (k0 + kb) * L.gpr, cs, n * L.gpr);
+      for (std::size_t i = 0; i < n; ++i) {
+        float* row = cs + i * L.gpr;
+        const float ck = c[kb + i] * t.mul;
+        const VF vk = hn::Set(df, ck);
+        std::size_t g = 0;
+        for (; g + N <= L.gpr; g += N) hn::StoreU(hn::Mul(hn::LoadU(df, row + g), vk), df, row + g);
+        for (; g < L.gpr; ++g) row[g] *= ck;
+      }
+      if (kv == 1) GemvNNTiles<1, kTier>(q, L, k0 + kb, n, t, cs, y);
+      else if (kv == 2) GemvNNTiles<2, kTier>(q, L, k0 + kb, n, t, cs, y);
+      else if (kv == 4) GemvNNTiles<4, kTier>(q, L, k0 + kb, n, t, cs, y);
+      else if (kv == 8) GemvNNTiles<8, kTier>(q, L, k0 + kb, n, t, cs, y);
+      else GemvNNTiles<16, kTier>(q, L, k0 + kb, n, t, cs, y);
+    }
+  } else {
+    L.nfast = 0;
+  }
   GemvNNScalar<kTier>(q, L, k0, nk, t, c, L.nfast, L.gpr, y);
 }
 

@@ -37,10 +37,11 @@ struct Case {
 };
 
 // Shapes: odd rows and columns, partial last groups, odd and even group sizes, both containers;
-// 53 x 288 is a low-rank factor (q_gemv_nn's register tiles of 4 groups, then a lone group).
+// 53 x 288 is a low-rank factor (q_gemv_nn's register tiles of 4 groups, then a lone group);
+// 300 x 600: q_gemv_nn's coefficients computed in two chunks of rows.
 const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 32, 4}, {6, 45, 16, 3},
                        {4, 96, 64, 2}, {7, 33, 7, 4}, {3, 70, 10, 6}, {13, 256, 32, 5}, {2, 31, 32, 2},
-                       {5, 80, 16, 8}, {53, 288, 32, 3}};
+                       {5, 80, 16, 8}, {53, 288, 32, 3}, {300, 600, 32, 4}};
 
 /// |value| bound of the error of an f32 sum of K products: (K + 4) u sum |terms|.
 double bound(std::size_t K, double abs_sum) { return static_cast<double>(K + 4) * kU * abs_sum + 1e-30; }
