@@ -280,6 +280,7 @@ struct Q8Cache {
   const float* X = nullptr;  ///< the call's activations, before the column offset
   std::size_t ldx = 0, n = 0, gcols = 0, block_cols = 0, cols = 0, group = 32;
   std::uint8_t** slot = nullptr;  ///< [gcols * 2]: the buffer
+  std::uint8_t** tiles = nullptr; ///< [gcols]: the nibble activations' tokens-in-lanes tiles (or null)
 
   static kernels::QView layout(std::size_t cols, std::size_t group, bool nibble) {
     kernels::QView v;
@@ -287,17 +288,20 @@ struct Q8Cache {
     return v;
   }
   static std::size_t bytes(const compress::GridShape& grid, std::size_t group, std::size_t n) {
-    std::size_t b = Arena::bytes_for<std::uint8_t*>(grid.grid_cols() * 2);
+    std::size_t b = Arena::bytes_for<std::uint8_t*>(grid.grid_cols() * 3);
     for (std::size_t j = 0; j < grid.grid_cols(); ++j) {
       const std::size_t cb = std::min(grid.block_cols, grid.cols - j * grid.block_cols);
       for (bool nib : {false, true}) b += Arena::bytes_for<std::uint8_t>(n * kernels::Q8Acts::bytes(layout(cb, group, nib)));
+      if (group % 2 == 0) b += Arena::bytes_for<std::uint8_t>(kernels::q8_tiles_bytes(layout(cb, group, true), n));
     }
     return b;
   }
   Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a)
       : X(x), ldx(ld), n(nt), gcols(g.grid.grid_cols()), block_cols(g.grid.block_cols), cols(g.grid.cols), group(g.group_size) {
     slot = a.take<std::uint8_t*>(gcols * 2);
-    for (std::size_t j = 0; j < gcols; ++j)
+    tiles = a.take<std::uint8_t*>(gcols);
+    for (std::size_t j = 0; j < gcols; ++j) {
+      tiles[j] = nullptr;
       for (int nib = 0; nib < 2; ++nib) {
         const auto q = layout(width(j), group, nib != 0 && group % 2 == 0);
         std::uint8_t*& buf = slot[j * 2 + static_cast<std::size_t>(nib)];
@@ -305,7 +309,13 @@ struct Q8Cache {
         if (j < g.x_containers.size() && !(g.x_containers[j] >> nib & 1)) continue;
         buf = a.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
         kernels::q8_quantize(q, X + j * block_cols, ldx, n, buf);
+        // every block of this grid column meets the same tiles: built once here, not per block
+        if (const std::size_t tb = q.nibble ? kernels::q8_tiles_bytes(q, n) : 0) {
+          tiles[j] = a.take<std::uint8_t>(tb);
+          kernels::q8_tiles(q, buf, n, tiles[j]);
+        }
       }
+    }
   }
   std::size_t width(std::size_t j) const { return std::min(block_cols, cols - j * block_cols); }
   /// The activations of the block at column offset c0 in q's layout, or null if q does not fit
@@ -314,6 +324,10 @@ struct Q8Cache {
     const std::size_t j = c0 / block_cols;
     if (q.group != group || c0 % block_cols || j >= gcols || q.cols != width(j)) return nullptr;
     return slot[j * 2 + (q.nibble ? 1 : 0)];
+  }
+  /// The tiles of get(q, c0)'s activations (null: none; q8_gemv_nt then builds its own).
+  const std::uint8_t* tiles_for(const kernels::QView& q, std::size_t c0) const {
+    return q.nibble && get(q, c0) ? tiles[c0 / block_cols] : nullptr;
   }
 };
 
@@ -324,12 +338,13 @@ inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, st
   if (prec.act != Activations::int8 || (prec.tier != 0 && prec.tier < q.bits)) return false;
   const std::size_t mark = arena.mark();
   const std::uint8_t* acts = cache ? cache->get(q, c0) : nullptr;
+  const std::uint8_t* tiles = cache ? cache->tiles_for(q, c0) : nullptr;
   if (!acts) {
     auto* buf = arena.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
     kernels::q8_quantize(q, X, ldx, n, buf);
     acts = buf;
   }
-  kernels::q8_gemv_nt(q, 0, nr, acts, n, alpha, Y, ldy);
+  kernels::q8_gemv_nt_tiles(q, 0, nr, acts, tiles, n, alpha, Y, ldy);
   arena.reset(mark);
   return true;
 }

@@ -117,6 +117,7 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
+    std::size_t tiled = 0;  // cases with prebuilt tiles
     for (const auto& c : kCases) {
       CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
       const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 7 + c.cols), 0.05f);
@@ -133,6 +134,17 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
         std::vector<float> y(nt * ldy, 0.5f);
         const float alpha = -0.75f;
         k::q8_gemv_nt(q, 0, c.rows, acts.data(), nt, alpha, y.data(), ldy);
+        {  // tiles built once (what a grid column's blocks share) give the same result, bit for bit
+          const std::size_t tb = k::q8_tiles_bytes(q, nt);
+          REQUIRE((tb == 0 || (q.nibble && nt >= 4)));
+          tiled += tb > 0;
+          std::vector<std::uint8_t> tiles(tb + 1, 0xCD);
+          k::q8_tiles(q, acts.data(), nt, tiles.data());
+          REQUIRE(tiles.back() == 0xCD);  // nothing written past the reported bytes
+          std::vector<float> y2(nt * ldy, 0.5f);
+          k::q8_gemv_nt_tiles(q, 0, c.rows, acts.data(), tb ? tiles.data() : nullptr, nt, alpha, y2.data(), ldy);
+          for (std::size_t j = 0; j < y.size(); ++j) REQUIRE(std::bit_cast<std::uint32_t>(y2[j]) == std::bit_cast<std::uint32_t>(y[j]));
+        }
         for (std::size_t t = 0; t < nt; ++t) {
           const auto ref = ref_quantize(x.data() + t * ldx, c.cols, c.group);
           for (std::size_t i = 0; i < c.rows; ++i) {
@@ -175,6 +187,7 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
         for (std::size_t i = 1; i + 1 < c.rows; ++i) CHECK(std::fabs(y[i] - full[i]) <= 1e-5f * (std::fabs(full[i]) + 1e-3f));
       }
     }
+    if (target != HWY_SCALAR) REQUIRE(tiled > 0);
   }
 }
 

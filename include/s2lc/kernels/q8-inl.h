@@ -498,7 +498,7 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
       for (std::size_t d = ow; d < ow + len; d += 4 * S) {
         hn::Vec<decltype(di8)> xv[T];
         for (std::size_t j = 0; j < T; ++j)
-          xv[j] = hn::Load(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d / S * G.NL));
+          xv[j] = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d / S * G.NL));
         for (std::size_t i = 0; i < R; ++i) {
           const std::uint8_t* c = dec + i * kDecStride + d;  // S quads of row i, to every lane group
           hn::Vec<decltype(du8)> wv;
@@ -523,8 +523,8 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
     else k = 0, o += G.N8 + G.gb;
     for (std::size_t j = 0; j < T; ++j) {
       const std::uint8_t* tail = tiles + j * G.tile + G.dec / S * G.NL;
-      const auto sx = hn::Load(df, reinterpret_cast<const float*>(tail) + g * G.NL);
-      const auto corr = hn::Load(di, reinterpret_cast<const std::int32_t*>(tail + 4 * G.gseg * G.NL) + g * G.NL);
+      const auto sx = hn::LoadU(df, reinterpret_cast<const float*>(tail) + g * G.NL);
+      const auto corr = hn::LoadU(di, reinterpret_cast<const std::int32_t*>(tail + 4 * G.gseg * G.NL) + g * G.NL);
       for (std::size_t i = 0; i < R; ++i)
         accf[i][j] = hn::MulAdd(hn::ConvertTo(df, hn::Sub(acc[i][j], corr)), hn::Mul(sx, hn::Set(df, sw[i * lds + g])), accf[i][j]);
     }
@@ -630,28 +630,64 @@ HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* de
 }
 
 // The tokens-in-lanes path of Q8GemvNT with tiles of NL / S tokens (lane groups of S).
+// Code bytes per column segment of the tokens path (whole chunks or groups).
+HWY_INLINE std::size_t SegMax(const Layout& L) {
+  const std::size_t unit = std::max(hn::Lanes(DU8()), L.gb);
+  return kSegBytes / unit * unit;
+}
+
+// The geometry of the segment at code byte s0 with lane groups of S.
+template <std::size_t S>
+HWY_INLINE TokGeom SegGeom(const Layout& L, std::size_t s0) {
+  TokGeom G;
+  const std::size_t N8 = hn::Lanes(DU8());
+  G.N8 = N8, G.NL = hn::Lanes(DF()), G.seg = std::min(SegMax(L), L.vend - s0), G.dec = 2 * G.seg, G.gb = L.gb;
+  G.gseg = G.seg / L.gb, G.gpc = L.gb <= N8 ? N8 / L.gb : 0;
+  G.tile = (G.dec / S + 8 * G.gseg) * G.NL;
+  return G;
+}
+
+// The tiles of every segment for nt tokens, laid out segment by segment, tile by tile (what
+// TokensRun builds for itself when given none): their bytes, and building them into out.
+template <std::size_t S>
+HWY_INLINE std::size_t TilesBytes(const Layout& L, std::size_t nt) {
+  const std::size_t per = hn::Lanes(DF()) / S, ntiles = (nt + per - 1) / per;
+  std::size_t n = 0;
+  for (std::size_t s0 = 0; s0 < L.vend; s0 += SegMax(L)) n += ntiles * SegGeom<S>(L, s0).tile;
+  return n;
+}
+template <std::size_t S>
+HWY_INLINE void BuildTiles(const Layout& L, const std::uint8_t* acts, std::size_t abytes, std::size_t nt, std::uint8_t* out) {
+  const std::size_t per = hn::Lanes(DF()) / S, ntiles = (nt + per - 1) / per;
+  for (std::size_t s0 = 0; s0 < L.vend; s0 += SegMax(L)) {
+    const TokGeom G = SegGeom<S>(L, s0);
+    for (std::size_t tt = 0; tt < ntiles; ++tt, out += G.tile) BuildTile<S>(G, L, acts, abytes, tt * per, nt, s0, s0 / L.gb, out);
+  }
+}
+
+// pre: the tiles BuildTiles made for these activations (or null: built here per segment).
 template <class D, std::size_t S>
 HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
-                          std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+                          const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   constexpr std::size_t kMaxNL = 16, kR = 8;  // rows per TokRows: 4 with two tiles, 8 with one
-  const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(D()), unit = std::max(N8, L.gb);
+  const std::size_t NL = hn::Lanes(D());
   // A tile: 2 kSegBytes quads bytes per lane, sx and corr of at most kSegBytes / 4 groups.
   constexpr std::size_t kTileMax = (2 * kSegBytes + 8 * (kSegBytes / 4)) * kMaxNL;
-  HWY_ALIGN std::uint8_t tiles[kTileTokens * kTileMax];
+  HWY_ALIGN std::uint8_t own[kTileTokens * kTileMax];
   HWY_ALIGN std::uint8_t dec[kR * kDecStride];
   HWY_ALIGN float out[kMaxNL * kTileTokens * kMaxNL];  // a panel: NL rows x T tiles
   float sw[kR * (kSegBytes / 4)];
   const std::size_t per = NL / S;  // tokens per tile
-  const std::size_t ntiles = (nt + per - 1) / per, segmax = kSegBytes / unit * unit;
-  for (std::size_t s0 = 0; s0 < L.vend; s0 += segmax) {
-    TokGeom G;
-    G.N8 = N8, G.NL = NL, G.seg = std::min(segmax, L.vend - s0), G.dec = 2 * G.seg, G.gb = L.gb, G.gseg = G.seg / L.gb;
-    G.gpc = L.gb <= N8 ? N8 / L.gb : 0;
-    G.tile = (G.dec / S + 8 * G.gseg) * NL;
+  const std::size_t ntiles = (nt + per - 1) / per;
+  for (std::size_t s0 = 0, off = 0; s0 < L.vend; s0 += SegMax(L)) {
+    const TokGeom G = SegGeom<S>(L, s0);
     const std::size_t g0 = s0 / L.gb;
     for (std::size_t tt = 0; tt < ntiles; tt += kTileTokens) {
       const std::size_t T = std::min(kTileTokens, ntiles - tt);
-      for (std::size_t j = 0; j < T; ++j) BuildTile<S>(G, L, acts, abytes, (tt + j) * per, nt, s0, g0, tiles + j * G.tile);
+      const std::uint8_t* tiles = own;
+      if (pre) tiles = pre + off + tt * G.tile;
+      else
+        for (std::size_t j = 0; j < T; ++j) BuildTile<S>(G, L, acts, abytes, (tt + j) * per, nt, s0, g0, own + j * G.tile);
       auto prepare = [&](std::size_t r, std::size_t R) {  // rows r..r+R decoded, their scales in f32
         DecodeRows(q, L, G, r0 + r, R, s0, dec);
         if (G.gseg == L.gpr) {  // whole rows: the R rows' scales are contiguous
@@ -684,6 +720,7 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
         r += R;
       }
     }
+    off += ntiles * G.tile;
   }
   const std::size_t gvec = L.vend / L.gb;
   if (gvec < L.gpr)
@@ -694,16 +731,24 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
 // The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply. Fewer
 // tokens than lanes: lane groups of S = 2 or 4 lanes per token, each lane on its own quads of
 // the codes (summed at the end), so no lane idles.
-HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
-                           std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+// The lanes per token of the tokens path for nt tokens (1, 2 or 4), or 0 where it does not apply.
+HWY_INLINE std::size_t TokensLanes(const QView& q, const Layout& L, std::size_t nt) {
   const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(DI());
-  if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > 16 || NL < 4) return false;
-  if (std::max(N8, L.gb) > kSegBytes) return false;
+  if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > 16 || NL < 4) return 0;
+  if (std::max(N8, L.gb) > kSegBytes) return 0;
   const std::size_t run_quads = (L.gb <= N8 ? L.gb : 2 * L.gb) / 4;  // a group's runs are whole lane groups
-  if (4 * nt <= NL && run_quads % 4 == 0) TokensRun<DF, 4>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
-  else if (2 * nt <= NL && run_quads % 2 == 0) TokensRun<DF, 2>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
-  else TokensRun<DF, 1>(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy);
-  return true;
+  if (4 * nt <= NL && run_quads % 4 == 0) return 4;
+  if (2 * nt <= NL && run_quads % 2 == 0) return 2;
+  return 1;
+}
+
+HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
+                           const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
+  const std::size_t S = TokensLanes(q, L, nt);
+  if (S == 4) TokensRun<DF, 4>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+  else if (S == 2) TokensRun<DF, 2>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+  else if (S == 1) TokensRun<DF, 1>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+  return S != 0;
 }
 
 }  // namespace q8k
@@ -763,13 +808,28 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
   }
 }
 
-/// y[t * ldy + i] += alpha * sum_j q[r0 + i, j] xq_t[j] (scaled per group), i < nr, t < nt; the
-/// codes at their stored precision.
-inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt,
-                                  float alpha, float* y, std::size_t ldy) {
+/// Bytes of the tokens-in-lanes tiles of nt tokens for q's layout (0: that path does not apply).
+inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
+  const q8k::Layout L = q8k::MakeLayout(q);
+  const std::size_t S = q8k::TokensLanes(q, L, nt);
+  return S == 4 ? q8k::TilesBytes<4>(L, nt) : S == 2 ? q8k::TilesBytes<2>(L, nt) : S == 1 ? q8k::TilesBytes<1>(L, nt) : 0;
+}
+
+/// Builds the tiles of nt tokens' activations (q8_quantize's, for q's layout) into out.
+inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out) {
+  const q8k::Layout L = q8k::MakeLayout(q);
+  const std::size_t S = q8k::TokensLanes(q, L, nt), abytes = Q8Acts::bytes(q);
+  if (S == 4) q8k::BuildTiles<4>(L, acts, abytes, nt, out);
+  else if (S == 2) q8k::BuildTiles<2>(L, acts, abytes, nt, out);
+  else if (S == 1) q8k::BuildTiles<1>(L, acts, abytes, nt, out);
+}
+
+/// Q8GemvNT with the tiles Q8Tiles built for these activations (null: built per call).
+inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
+                                       const std::uint8_t* tiles, std::size_t nt, float alpha, float* y, std::size_t ldy) {
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t abytes = Q8Acts::bytes(q);
-  if (q8k::TokensPath(q, L, r0, nr, acts, nt, abytes, alpha, y, ldy)) return;
+  if (q8k::TokensPath(q, L, r0, nr, acts, tiles, nt, abytes, alpha, y, ldy)) return;
   const q8k::DF df;
   HWY_ALIGN std::int32_t idx[hn::MaxLanes(df)];
   const std::size_t per = std::max<std::size_t>(1, L.gb / 4);
@@ -804,6 +864,13 @@ inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr
     if (g1 == gvec) break;
     g0 = g1;
   }
+}
+
+/// y[t * ldy + i] += alpha * sum_j q[r0 + i, j] xq_t[j] (scaled per group), i < nr, t < nt; the
+/// codes at their stored precision.
+inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt,
+                                  float alpha, float* y, std::size_t ldy) {
+  Q8GemvNTTiles(q, r0, nr, acts, nullptr, nt, alpha, y, ldy);
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE

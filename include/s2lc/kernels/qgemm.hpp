@@ -32,6 +32,12 @@ namespace s2lc::kernels {
   X(void, q8_gemv_nt, Q8GemvNT, (const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,          \
                                  std::size_t nt, float alpha, float* y, std::size_t ldy),                            \
     (q, r0, nr, acts, nt, alpha, y, ldy))                                                                            \
+  X(std::size_t, q8_tiles_bytes, Q8TilesBytes, (const QView& q, std::size_t nt), (q, nt))                           \
+  X(void, q8_tiles, Q8Tiles, (const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out),         \
+    (q, acts, nt, out))                                                                                              \
+  X(void, q8_gemv_nt_tiles, Q8GemvNTTiles, (const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, \
+                                             const std::uint8_t* tiles, std::size_t nt, float alpha, float* y,       \
+                                             std::size_t ldy), (q, r0, nr, acts, tiles, nt, alpha, y, ldy))          \
   X(void, gemm_nt, GemmNT, (const float* w, std::size_t ldw, std::size_t nr, const float* x, std::size_t ldx,        \
                             std::size_t nt, std::size_t k, float alpha, float* y, std::size_t ldy),                  \
     (w, ldw, nr, x, ldx, nt, k, alpha, y, ldy))                                                                      \
@@ -58,6 +64,11 @@ namespace s2lc::kernels {
 // q8_gemv_nt:    y[t * ldy + i] += alpha * sum_g s[r0 + i, g] sx_t[g] sum_{j in g} code[r0 + i, j] xq_t[j]
 //                for i < nr, t < nt: integer dot products (VNNI where the CPU has it), codes at
 //                their stored precision (tiers take q_gemv_nt).
+// q8_tiles_bytes, q8_tiles: the activation tiles q8_gemv_nt builds per call for 4+ tokens on
+//                nibble codes (tokens in lanes), built once for activations that several matrices
+//                of the same layout (columns, group) meet: their bytes (0: no tiles for this
+//                layout and nt on this target), and building them.
+// q8_gemv_nt_tiles: q8_gemv_nt with those tiles (null: built per call); the same result.
 // gemm_nt:       y[t, i] += alpha * sum_k w[i, k] x[t, k]  (i < nr, t < nt).
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
