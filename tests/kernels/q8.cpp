@@ -7,9 +7,9 @@
 //    activation rounding implies: sum_j |w_j| (sx_g / 2 + 4 u |x_j|) plus the summation bound.
 // Shapes cover both containers, vector bodies (group bytes 4 ... 128, chunk-straddling or not),
 // partial last groups, odd group sizes, 1 ... 3 tokens (the 2- and 1-token tiles; one token: rows
-// a vector at a time, reduced together, and the rows left over) and 4 ... 40
-// tokens (the tokens-in-lanes path of nibble codes: lane groups of 4, 2 or 1 lanes per token, one
-// or two tiles, partial tiles, row panels and leftover rows).
+// a vector at a time, reduced together, and the rows left over) and 4 ... 40 tokens (the
+// tokens-in-lanes path of nibble codes: lane groups of 4, 2 or 1 lanes per token, one or two
+// tiles, partial tiles, row panels and leftover rows; with tiles prebuilt and without).
 #include <doctest/doctest.h>
 
 #include <bit>

@@ -289,10 +289,12 @@ HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const 
   };
   // The integer partial of a decoded chunk with token activations x0 (x1: high nibbles; ncorr: -8 sum x).
   auto dot = [&](VU8 a0, VU8 a1, VI8 x0, VI8 x1, VI ncorr) {
-    if constexpr (kNib) return DotU8I8(DotU8I8(ncorr, a0, x0), a1, x1);
-    const auto neg = hn::Lt(hn::BitCast(di8, a1), hn::Zero(di8));
-    (void)x1, (void)ncorr;
-    return DotU8I8(hn::Zero(di), a0, hn::IfThenElse(neg, hn::Neg(x0), x0));
+    if constexpr (kNib) {
+      return DotU8I8(DotU8I8(ncorr, a0, x0), a1, x1);
+    } else {
+      (void)x1, (void)ncorr;
+      return DotU8I8(hn::Zero(di), a0, hn::IfThenElse(hn::Lt(hn::BitCast(di8, a1), hn::Zero(di8)), hn::Neg(x0), x0));
+    }
   };
   auto scale = [&](std::size_t i, std::size_t gl) {  // row i's group scales over the lanes
     return kBcast ? hn::Set(df, sw0[i * lds + gl]) : hn::TableLookupLanes(hn::LoadU(df, sw0 + i * lds + gl), rep);
@@ -411,8 +413,9 @@ HWY_INLINE void Panel(const QView& q, const Layout& L, const IdxF& rep, const Sp
 // l of every i32 accumulator holds token l of a tile of NL tokens (or, with fewer tokens, lane
 // group l of S lanes: see TokensPath). A row's 4 codes are broadcast to all lanes and the tile's
 // 4 paired activations per token are one vector load, so a code is decoded once per 2 NL tokens
-// (Panel decodes it once per 4 tokens) and no accumulator is summed across lanes but a group's. sum (c + 8) x = sum c x + 8 sum x: the second term (Q8Acts' corr) is subtracted
-// per group and token before the f32 scaling. Same integer partials as Panel, so the same
+// (Panel decodes it once per 4 tokens) and no accumulator is summed across lanes but a group's.
+// sum (c + 8) x = sum c x + 8 sum x: the second term (Q8Acts' corr) is subtracted per group and
+// token before the f32 scaling. Same integer partials as Panel, so the same
 // result up to f32 summation order.
 //
 // Decoded segment layout: per chunk of N8 code bytes, 2 N8 bytes: the low nibbles, then the high
@@ -629,7 +632,6 @@ HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* de
   else TokRows<D, 1, T, S>(G, dec, sw, lds, tiles, out);
 }
 
-// The tokens-in-lanes path of Q8GemvNT with tiles of NL / S tokens (lane groups of S).
 // Code bytes per column segment of the tokens path (whole chunks or groups).
 HWY_INLINE std::size_t SegMax(const Layout& L) {
   const std::size_t unit = std::max(hn::Lanes(DU8()), L.gb);
@@ -665,7 +667,8 @@ HWY_INLINE void BuildTiles(const Layout& L, const std::uint8_t* acts, std::size_
   }
 }
 
-// pre: the tiles BuildTiles made for these activations (or null: built here per segment).
+// The tokens-in-lanes path of Q8GemvNT with tiles of NL / S tokens (lane groups of S); pre: the
+// tiles BuildTiles made for these activations (or null: built here per segment).
 template <class D, std::size_t S>
 HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                           const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
@@ -728,10 +731,9 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
       for (std::size_t i = 0; i < nr; ++i) y[t * ldy + i] += alpha * TailRow(q, L, r0 + i, gvec, acts + t * abytes);
 }
 
-// The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply. Fewer
+// The lanes per token of the tokens path for nt tokens, or 0 where it does not apply. Fewer
 // tokens than lanes: lane groups of S = 2 or 4 lanes per token, each lane on its own quads of
 // the codes (summed at the end), so no lane idles.
-// The lanes per token of the tokens path for nt tokens (1, 2 or 4), or 0 where it does not apply.
 HWY_INLINE std::size_t TokensLanes(const QView& q, const Layout& L, std::size_t nt) {
   const std::size_t N8 = hn::Lanes(DU8()), NL = hn::Lanes(DI());
   if (HWY_TARGET == HWY_SCALAR || !q.nibble || L.vend == 0 || nt < kTokensMin || NL > 16 || NL < 4) return 0;
@@ -742,6 +744,7 @@ HWY_INLINE std::size_t TokensLanes(const QView& q, const Layout& L, std::size_t 
   return 1;
 }
 
+// The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply.
 HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                            const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   const std::size_t S = TokensLanes(q, L, nt);

@@ -272,7 +272,7 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
   const std::size_t N = hn::Lanes(df);
   Layout L = MakeLayout(q, N);
   const std::size_t kv = q.group / N;  // vectors per group (nibble: half of them per half group)
-  const bool vec = L.nfast && q.group % N == 0 && (!q.nibble || kv % 2 == 0) && L.gpr <= kNNCoefs &&
+  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs &&
                    ((kv == 1 && !q.nibble) || kv == 2 || kv == 4 || kv == 8 || kv == 16);
   if (vec) {
     HWY_ALIGN float cs[kNNCoefs];
