@@ -13,6 +13,7 @@
 // Decoding is per grid block into scratch, so the block's delta is never a full matrix.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -49,21 +50,28 @@ struct MorphDelta {
   float scale;
 };
 
-/// Adds block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
-inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, unsigned tier, BlockScratch& bs) {
+/// Writes block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb]: the
+/// first part overwrites out (no zeroing pass), the others add; no part at all writes zeros.
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs) {
   const KGroup& g = *s.g;
+  bool first = true;
+  auto add = [&](const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first), first = false; };
   if (!g.replaces[s.e][b])
     for (auto nd : g.path[s.e])
-      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale, tier, out, &bs);
-  if (const KBlock* r = find_block(g.residuals[s.e], b)) add_block(g, *r, s.scale, tier, out, &bs);
+      if (const KBlock* c = find_block(g.cores[nd], b)) add(*c, s.scale);
+  if (const KBlock* r = find_block(g.residuals[s.e], b)) add(*r, s.scale);
+  if (first) std::fill(out, out + n, 0.0f);
 }
 
-inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, unsigned tier, BlockScratch& bs) {
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs) {
   const KGroup& g = *s.m->group;
+  bool first = true;
+  auto add = [&](const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first), first = false; };
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
-      if (const KBlock* c = find_block(g.cores[nd], b)) add_block(g, *c, s.scale * w, tier, out, &bs);
-  if (const KBlock* r = find_block(s.m->residual, b)) add_block(g, *r, s.scale, tier, out, &bs);
+      if (const KBlock* c = find_block(g.cores[nd], b)) add(*c, s.scale * w);
+  if (const KBlock* r = find_block(s.m->residual, b)) add(*r, s.scale);
+  if (first) std::fill(out, out + n, 0.0f);
 }
 
 /// Calls row_fn(row pointer into buf, the delta's row, length, element offset of the row start)
@@ -74,8 +82,7 @@ void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t 
   BlockScratch bs;  // reused by every block: no allocation per block
   for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
     const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
-    std::fill(d.begin(), d.begin() + static_cast<std::ptrdiff_t>(rb * cb), 0.0f);
-    decode_delta(src, b, d.data(), tier, bs);
+    decode_delta(src, b, d.data(), rb * cb, tier, bs);
     for (std::size_t i = 0; i < rb; ++i) row_fn(buf + (r0 + i) * ld + c0, d.data() + i * cb, cb, (r0 + i) * ld + c0);
   }
 }

@@ -100,11 +100,13 @@ namespace detail {
 
 /// Reusable f32 scratch of add_block (the merge path calls it once per block and part).
 struct BlockScratch {
-  std::vector<float> a, b, c;
+  std::vector<float> a, b;
 };
 
-/// out[rb, cb] += w * the decoded block (f32), with scratch reused across calls if given.
-inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out, BlockScratch* scratch = nullptr) {
+/// out[rb, cb] += w * the decoded block (f32), with scratch reused across calls if given; with
+/// overwrite, out's old contents are ignored (out = w * the block: no zeroing pass first).
+inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out, BlockScratch* scratch = nullptr,
+                      bool overwrite = false) {
   const std::size_t rb = b.rb, cb = b.cb;
   BlockScratch local;
   BlockScratch& s = scratch ? *scratch : local;
@@ -112,29 +114,29 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
     if (v.size() < n) v.resize(n);
     return v.data();
   };
+  if (overwrite && b.kind != compress::block_kind::dense) std::fill(out, out + rb * cb, 0.0f);
   switch (b.kind) {
     case compress::block_kind::zero: return;
     case compress::block_kind::raw:
       for (std::size_t i = 0; i < rb * cb; ++i) out[i] += w * b.raw[i];
       return;
-    case compress::block_kind::dense: {
-      float* tmp = fit(s.a, rb * cb);
-      kernels::q_decode_rows(b.a.view(), 0, rb, tier, tmp, cb);
-      for (std::size_t i = 0; i < rb * cb; ++i) out[i] += w * tmp[i];
+    case compress::block_kind::dense:
+      if (!overwrite) return kernels::q_decode_rows_add(b.a.view(), 0, rb, tier, w, out, cb);
+      kernels::q_decode_rows(b.a.view(), 0, rb, tier, out, cb);
+      if (w != 1.0f)
+        for (std::size_t i = 0; i < rb * cb; ++i) out[i] *= w;
       return;
-    }
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
       const std::size_t r = b.rank;
       float* right = fit(s.a, r * cb);
-      float* left = fit(s.b, r * rb);
-      float* lt = fit(s.c, rb * r);
+      float* left = fit(s.b, r * rb);  // [rank, rb]: gemm_tn reads it k-major, no transposed copy
       if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right, cb);
       else std::copy(b.raw.begin(), b.raw.end(), right);
       kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
-      for (std::size_t k = 0; k < r; ++k)
-        for (std::size_t i = 0; i < rb; ++i) lt[i * r + k] = w * left[k * rb + i];
-      kernels::gemm_nn(lt, r, rb, r, right, cb, cb, out, cb);
+      if (w != 1.0f)
+        for (std::size_t i = 0; i < r * rb; ++i) left[i] *= w;
+      kernels::gemm_tn(left, rb, rb, r, right, cb, cb, out, cb);
       return;
     }
   }

@@ -48,7 +48,7 @@ double bound(std::size_t K, double abs_sum) { return static_cast<double>(K + 4) 
 
 }  // namespace
 
-TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit, every tier and target") {
+TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit (and decode-add within one rounding), every tier and target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
@@ -67,6 +67,16 @@ TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit
           for (std::size_t j = 0; j < c.cols; ++j) REQUIRE(std::bit_cast<std::uint32_t>(got[r * c.cols + j]) == std::bit_cast<std::uint32_t>(ref[j]));
         }
         REQUIRE(got.back() == -9.0f);  // no write past the rows
+        // q_decode_rows_add: out += alpha * decoded, one rounding (FMA) or two (mul, add) per element.
+        const float alpha = -0.625f;
+        auto acc = randn(c.rows * c.cols + 1, static_cast<std::uint32_t>(c.rows + 7), 0.01f);
+        const auto acc0 = acc;
+        k::q_decode_rows_add(km.view(), 0, c.rows, tier == c.bits ? 0 : tier, alpha, acc.data(), c.cols);
+        for (std::size_t i = 0; i < c.rows * c.cols; ++i) {
+          const double want = double(acc0[i]) + double(alpha) * got[i];
+          REQUIRE(std::fabs(acc[i] - want) <= kU * (std::fabs(want) + std::fabs(double(alpha) * got[i])) + 1e-37);
+        }
+        REQUIRE(acc.back() == acc0.back());
       }
     }
   }
@@ -142,12 +152,12 @@ TEST_CASE("kernels: fused quantized gemv (both orientations) and q_gemm_nn withi
   }
 }
 
-TEST_CASE("kernels: f32 GEMM micro-kernels for every batch 1..9 and odd K, every target") {
+TEST_CASE("kernels: f32 GEMM micro-kernels (gemm_nt, gemm_nn, gemm_tn) for every batch 1..9 and odd K, every target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
-    for (std::size_t nr : {1u, 3u, 4u, 6u, 17u, 70u})  // 70: packed column slabs of gemm_nn, then a remainder
-      for (std::size_t K : {1u, 5u, 16u, 33u, 70u})
+    for (std::size_t nr : {1u, 3u, 4u, 6u, 17u, 70u, 150u})  // 70, 150: packed column slabs of gemm_nn, then remainders
+      for (std::size_t K : {1u, 5u, 16u, 33u, 70u, 130u})  // 130: too deep to pack a 4-vector slab
         for (std::size_t nt = 1; nt <= 9; ++nt) {
           CAPTURE(nr); CAPTURE(K); CAPTURE(nt);
           const std::size_t ldw = K + 3, ldx = K + 1, ldy = nr + 2;
@@ -175,6 +185,13 @@ TEST_CASE("kernels: f32 GEMM micro-kernels for every batch 1..9 and odd K, every
             }
             for (std::size_t j = nr; j < ldy; ++j) REQUIRE(Y2[t * ldy + j] == -1.0f);
           }
+          // gemm_tn: the same product with C stored k-major (Ct[k, t], ldct = nt + 3): same bits.
+          const std::size_t ldct = nt + 3;
+          std::vector<float> Ct(K * ldct, 7.0f), Y3(nt * ldy, -1.0f);
+          for (std::size_t t = 0; t < nt; ++t)
+            for (std::size_t kk = 0; kk < K; ++kk) Ct[kk * ldct + t] = Cm[t * ldc + kk];
+          k::gemm_tn(Ct.data(), ldct, nt, K, A.data(), lda, nr, Y3.data(), ldy);
+          for (std::size_t i = 0; i < Y2.size(); ++i) REQUIRE(std::bit_cast<std::uint32_t>(Y3[i]) == std::bit_cast<std::uint32_t>(Y2[i]));
         }
   }
 }

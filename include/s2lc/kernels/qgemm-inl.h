@@ -16,6 +16,7 @@
 #define S2LC_KERNELS_QGEMM_INL_H_
 #endif
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -104,19 +105,29 @@ HWY_INLINE float Scale(const QView& q, const Layout& l, std::size_t r, std::size
   return s2lc::bf16_to_f32(q.scales[r * l.gpr + g]) * t.mul;
 }
 
-// Decoded row r, columns [c0, c0 + n) of one group, into out (vector or scalar).
-template <bool kTier>
-HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std::size_t g, const TierParams& t, float* out) {
+// Decoded row r, columns [c0, c0 + n) of one group, into out (vector or scalar); with kAdd,
+// out += alpha * decoded instead (one FMA per element, the decoded value rounded first).
+template <bool kTier, bool kAdd = false>
+HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std::size_t g, const TierParams& t, float* out,
+                            float alpha = 1.0f) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
   const std::size_t c0 = g * q.group;
   const float s = Scale(q, L, r, g, t);
   if (g >= L.nfast) {
     const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
-    for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<float>(detail::tiered(detail::stored_code(q, r, c0 + j), t)) * s;
+    for (std::size_t j = 0; j < n; ++j) {
+      const float v = static_cast<float>(detail::tiered(detail::stored_code(q, r, c0 + j), t)) * s;
+      if constexpr (kAdd) out[j] = std::fma(alpha, v, out[j]);
+      else out[j] = v;
+    }
     return;
   }
-  const auto vs = hn::Set(df, s);
+  const auto vs = hn::Set(df, s), va = hn::Set(df, alpha);
+  auto put = [&](VF v, float* o) {
+    if constexpr (kAdd) hn::StoreU(hn::MulAdd(va, v, hn::LoadU(df, o)), df, o);
+    else hn::StoreU(v, df, o);
+  };
   const std::uint8_t* row = q.codes + r * L.rb;
   if (q.nibble) {
     const std::size_t h = q.group / 2;
@@ -125,20 +136,21 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
     for (std::size_t j = 0; j < h; j += N) {
       VF lo, hi;
       Nibbles<kTier>(LoadBytes(p + j), table, t, lo, hi);
-      hn::StoreU(hn::Mul(lo, vs), df, out + j);
-      hn::StoreU(hn::Mul(hi, vs), df, out + h + j);
+      put(hn::Mul(lo, vs), out + j);
+      put(hn::Mul(hi, vs), out + h + j);
     }
   } else {
     const std::uint8_t* p = row + c0;
-    for (std::size_t j = 0; j < q.group; j += N) hn::StoreU(hn::Mul(Codes<kTier>(LoadBytes(p + j), t), vs), df, out + j);
+    for (std::size_t j = 0; j < q.group; j += N) put(hn::Mul(Codes<kTier>(LoadBytes(p + j), t), vs), out + j);
   }
 }
 
-template <bool kTier>
-HWY_INLINE void DecodeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float* out, std::size_t ld) {
+template <bool kTier, bool kAdd = false>
+HWY_INLINE void DecodeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float* out, std::size_t ld,
+                            float alpha = 1.0f) {
   const Layout L = MakeLayout(q, hn::Lanes(DF()));
   for (std::size_t i = 0; i < nr; ++i)
-    for (std::size_t g = 0; g < L.gpr; ++g) DecodeGroup<kTier>(q, L, r0 + i, g, t, out + i * ld + g * q.group);
+    for (std::size_t g = 0; g < L.gpr; ++g) DecodeGroup<kTier, kAdd>(q, L, r0 + i, g, t, out + i * ld + g * q.group, alpha);
 }
 
 // y[i] += alpha * sum_j W[r0 + i, j] x[j] for R rows: codes decoded in registers, one x load
@@ -434,8 +446,28 @@ HWY_INLINE void GemmNTRows(const float* W, std::size_t ldw, const float* X, std:
   for (; j < nt; ++j) GemmNTTile<R, 1>(W, ldw, X + j * ldx, ldx, K, alpha, Y + j * ldy, ldy);
 }
 
-// Y[t, j] += sum_k C[t, k] A[k, j] on a T x (2 vectors) tile.
-template <std::size_t T, std::size_t V>
+// Element (t, k) of the coefficients C: C[t * ldc + k] (gemm_nn), or C[k * ldc + t] with kTransC
+// (gemm_tn: a decoded left factor, rank rows of block rows, used as is: no transposed copy).
+template <bool kTransC>
+HWY_INLINE const float* CRow(const float* C, std::size_t ldc, std::size_t t) {
+  return kTransC ? C + t : C + t * ldc;
+}
+template <bool kTransC>
+HWY_INLINE float CAt(const float* HWY_RESTRICT C, std::size_t ldc, std::size_t t, std::size_t k) {
+  return kTransC ? C[k * ldc + t] : C[t * ldc + k];
+}
+
+// Vectors of columns per register tile of gemm_nn / gemm_tn: 4 where the target has 32 vector
+// registers (4 x 4 accumulators leave room for the 4 loads of A and a broadcast; two FMAs per
+// load of A or C), else 2 (4 x 2, 16 registers).
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+inline constexpr std::size_t kNNV = 4;
+#else
+inline constexpr std::size_t kNNV = 2;
+#endif
+
+// Y[t, j] += sum_k C(t, k) A[k, j] on a T x (V vectors) tile.
+template <std::size_t T, std::size_t V, bool kTransC>
 HWY_INLINE void GemmNNTile(const float* HWY_RESTRICT C, std::size_t ldc, std::size_t K, const float* HWY_RESTRICT A,
                            std::size_t lda, float* HWY_RESTRICT Y, std::size_t ldy) {
   const DF df;
@@ -447,7 +479,7 @@ HWY_INLINE void GemmNNTile(const float* HWY_RESTRICT C, std::size_t ldc, std::si
     VF a[V];
     for (std::size_t v = 0; v < V; ++v) a[v] = hn::LoadU(df, A + k * lda + v * N);
     for (std::size_t t = 0; t < T; ++t) {
-      const VF c = hn::Set(df, C[t * ldc + k]);
+      const VF c = hn::Set(df, CAt<kTransC>(C, ldc, t, k));
       for (std::size_t v = 0; v < V; ++v) acc[t][v] = hn::MulAdd(c, a[v], acc[t][v]);
     }
   }
@@ -455,19 +487,45 @@ HWY_INLINE void GemmNNTile(const float* HWY_RESTRICT C, std::size_t ldc, std::si
     for (std::size_t v = 0; v < V; ++v) hn::StoreU(acc[t][v], df, Y + t * ldy + v * N);
 }
 
-template <std::size_t T>
+template <std::size_t T, bool kTransC>
 HWY_INLINE void GemmNNTokens(const float* C, std::size_t ldc, std::size_t K, const float* A, std::size_t lda, std::size_t ncols,
                              float* Y, std::size_t ldy) {
   const std::size_t N = hn::Lanes(DF());
   std::size_t j = 0;
-  for (; j + 2 * N <= ncols; j += 2 * N) GemmNNTile<T, 2>(C, ldc, K, A + j, lda, Y + j, ldy);
-  for (; j + N <= ncols; j += N) GemmNNTile<T, 1>(C, ldc, K, A + j, lda, Y + j, ldy);
+  for (; j + 2 * N <= ncols; j += 2 * N) GemmNNTile<T, 2, kTransC>(C, ldc, K, A + j, lda, Y + j, ldy);
+  for (; j + N <= ncols; j += N) GemmNNTile<T, 1, kTransC>(C, ldc, K, A + j, lda, Y + j, ldy);
   for (; j < ncols; ++j)
     for (std::size_t t = 0; t < T; ++t) {
       float s = Y[t * ldy + j];
-      for (std::size_t k = 0; k < K; ++k) s += C[t * ldc + k] * A[k * lda + j];
+      // std::fma: the compiler's own contraction choice could differ between gemm_nn and gemm_tn.
+      for (std::size_t k = 0; k < K; ++k) s = std::fma(CAt<kTransC>(C, ldc, t, k), A[k * lda + j], s);
       Y[t * ldy + j] = s;
     }
+}
+
+// Y[t, j] += sum_k C(t, k) A[k, j], t < nt, j < ncols. Many rows of C: each slab of kNNV vectors
+// of A's columns is packed contiguous first (A's rows are typically 1 KB apart, and K such rows
+// map to a few L1 sets and evict each other), then every row tile runs on the packed slab. Every
+// element sums the same products in the same order whatever the tiling: same bits.
+template <bool kTransC>
+HWY_INLINE void GemmNNT(const float* C, std::size_t ldc, std::size_t nt, std::size_t K, const float* A, std::size_t lda,
+                        std::size_t ncols, float* Y, std::size_t ldy) {
+  constexpr std::size_t kPack = 8192;  // floats
+  const std::size_t W = kNNV * hn::Lanes(DF());
+  std::size_t j0 = 0;
+  if (nt >= 8 && K * W <= kPack) {
+    HWY_ALIGN float pack[kPack];
+    for (; j0 + W <= ncols; j0 += W) {
+      for (std::size_t k = 0; k < K; ++k) std::memcpy(pack + k * W, A + k * lda + j0, W * sizeof(float));
+      std::size_t t = 0;
+      for (; t + 4 <= nt; t += 4) GemmNNTile<4, kNNV, kTransC>(CRow<kTransC>(C, ldc, t), ldc, K, pack, W, Y + t * ldy + j0, ldy);
+      for (; t < nt; ++t) GemmNNTile<1, kNNV, kTransC>(CRow<kTransC>(C, ldc, t), ldc, K, pack, W, Y + t * ldy + j0, ldy);
+    }
+  }
+  std::size_t t = 0;
+  for (; t + 4 <= nt; t += 4)
+    GemmNNTokens<4, kTransC>(CRow<kTransC>(C, ldc, t), ldc, K, A + j0, lda, ncols - j0, Y + t * ldy + j0, ldy);
+  for (; t < nt; ++t) GemmNNTokens<1, kTransC>(CRow<kTransC>(C, ldc, t), ldc, K, A + j0, lda, ncols - j0, Y + t * ldy + j0, ldy);
 }
 
 }  // namespace qk
@@ -478,6 +536,13 @@ inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::DecodeRowsT<true>(q, r0, nr, t, out, ld);
   else qk::DecodeRowsT<false>(q, r0, nr, t, out, ld);
+}
+
+inline HWY_NOINLINE void QDecodeRowsAdd(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* out,
+                                        std::size_t ld) {
+  const TierParams t = tier_params(q.bits, tier);
+  if (t.shift) qk::DecodeRowsT<true, true>(q, r0, nr, t, out, ld, alpha);
+  else qk::DecodeRowsT<false, true>(q, r0, nr, t, out, ld, alpha);
 }
 
 inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x, float alpha, float* y) {
@@ -508,24 +573,12 @@ inline HWY_NOINLINE void GemmNT(const float* W, std::size_t ldw, std::size_t nr,
 
 inline HWY_NOINLINE void GemmNN(const float* C, std::size_t ldc, std::size_t nt, std::size_t K, const float* A, std::size_t lda,
                                 std::size_t ncols, float* Y, std::size_t ldy) {
-  // Many rows of C: each slab of 2 vectors of A's columns is packed contiguous first (A's rows are
-  // typically 1 KB apart, and K such rows map to a few L1 sets and evict each other), then every
-  // row tile runs on the packed slab. Same products in the same order: same bits.
-  constexpr std::size_t kPack = 8192;  // floats
-  const std::size_t W = 2 * hn::Lanes(qk::DF());
-  std::size_t j0 = 0;
-  if (nt >= 8 && K * W <= kPack) {
-    HWY_ALIGN float pack[kPack];
-    for (; j0 + W <= ncols; j0 += W) {
-      for (std::size_t k = 0; k < K; ++k) std::memcpy(pack + k * W, A + k * lda + j0, W * sizeof(float));
-      std::size_t t = 0;
-      for (; t + 4 <= nt; t += 4) qk::GemmNNTile<4, 2>(C + t * ldc, ldc, K, pack, W, Y + t * ldy + j0, ldy);
-      for (; t < nt; ++t) qk::GemmNNTile<1, 2>(C + t * ldc, ldc, K, pack, W, Y + t * ldy + j0, ldy);
-    }
-  }
-  std::size_t t = 0;
-  for (; t + 4 <= nt; t += 4) qk::GemmNNTokens<4>(C + t * ldc, ldc, K, A + j0, lda, ncols - j0, Y + t * ldy + j0, ldy);
-  for (; t < nt; ++t) qk::GemmNNTokens<1>(C + t * ldc, ldc, K, A + j0, lda, ncols - j0, Y + t * ldy + j0, ldy);
+  qk::GemmNNT<false>(C, ldc, nt, K, A, lda, ncols, Y, ldy);
+}
+
+inline HWY_NOINLINE void GemmTN(const float* C, std::size_t ldc, std::size_t nt, std::size_t K, const float* A, std::size_t lda,
+                                std::size_t ncols, float* Y, std::size_t ldy) {
+  qk::GemmNNT<true>(C, ldc, nt, K, A, lda, ncols, Y, ldy);
 }
 
 /// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u.

@@ -20,6 +20,9 @@ namespace s2lc::kernels {
 #define S2LC_QGEMM_FUNCTIONS(X)                                                                                     \
   X(void, q_decode_rows, QDecodeRows, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out,    \
                                        std::size_t ld), (q, r0, nr, tier, out, ld))                                  \
+  X(void, q_decode_rows_add, QDecodeRowsAdd, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier,         \
+                                              float alpha, float* out, std::size_t ld),                              \
+    (q, r0, nr, tier, alpha, out, ld))                                                                               \
   X(void, q_gemv_nt, QGemvNT, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x,        \
                                float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
   X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
@@ -44,6 +47,9 @@ namespace s2lc::kernels {
   X(void, gemm_nn, GemmNN, (const float* c, std::size_t ldc, std::size_t nt, std::size_t k, const float* a,          \
                             std::size_t lda, std::size_t ncols, float* y, std::size_t ldy),                          \
     (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
+  X(void, gemm_tn, GemmTN, (const float* c, std::size_t ldc, std::size_t nt, std::size_t k, const float* a,          \
+                            std::size_t lda, std::size_t ncols, float* y, std::size_t ldy),                          \
+    (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
@@ -55,6 +61,7 @@ namespace s2lc::kernels {
   X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))
 
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
+// q_decode_rows_add: out[i, :] += alpha * those decoded rows (one FMA per element).
 // q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
 // q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
 // q_gemm_nn:     y[t * ldy + j] += sum_k c[t * ldc + k] q[k0 + k, j], k < nk, t < nt (codes
@@ -71,6 +78,7 @@ namespace s2lc::kernels {
 // q8_gemv_nt_tiles: q8_gemv_nt with those tiles (null: built per call); the same result.
 // gemm_nt:       y[t, i] += alpha * sum_k w[i, k] x[t, k]  (i < nr, t < nt).
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
+// gemm_tn:       y[t, j] += sum_k c[k, t] a[k, j]          (c stored k-major: [k, ldc]).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
