@@ -5147,7 +5147,10 @@ HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t*
 
 // out[i][j * NL + l] = sum over the segment's groups of row i times token l of tile j, for R rows
 // (decoded, row stride kDecStride) and T tiles; sw: the rows' f32 group scales (row stride lds).
-template <class D, std::size_t R, std::size_t T, std::size_t S>
+// kG16: groups of 16 code bytes (32 nibble codes, the default) within a chunk and fixed-width
+// vectors (G.N8, G.NL the targets' maxima): every loop over a group's bytes has a constant trip
+// count and unrolls (a group's 2-4 steps otherwise paid a loop's overhead each).
+template <class D, std::size_t R, std::size_t T, std::size_t S, bool kG16 = false>
 HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds, const std::uint8_t* tiles,
                         float* out) {
 #if HWY_TARGET != HWY_SCALAR
@@ -5159,17 +5162,20 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
   for (std::size_t i = 0; i < R; ++i)
     for (std::size_t j = 0; j < T; ++j) accf[i][j] = hn::Zero(df);
   const hn::Repartition<std::uint64_t, D> d64;
-  const std::size_t len = G.gpc == 0 ? 2 * G.gb : G.gb, runs = G.gpc == 0 ? 1 : 2;
+  const std::size_t NL = kG16 ? hn::MaxLanes(df) : G.NL;
+  const std::size_t len = kG16 ? 16 : G.gpc == 0 ? 2 * G.gb : G.gb, runs = kG16 ? 2 : G.gpc == 0 ? 1 : 2;
+  const std::size_t run_stride = kG16 ? hn::MaxLanes(du8) : G.gpc == 0 ? 0 : G.N8;
   for (std::size_t g = 0, o = 0, k = 0; g < G.gseg; ++g) {
     hn::Vec<decltype(di)> acc[R][T];
     for (std::size_t i = 0; i < R; ++i)
       for (std::size_t j = 0; j < T; ++j) acc[i][j] = hn::Zero(di);
     for (std::size_t w = 0; w < runs; ++w) {
-      const std::size_t ow = o + w * (G.gpc == 0 ? 0 : G.N8);
-      for (std::size_t d = ow; d < ow + len; d += 4 * S) {
+      const std::size_t ow = o + w * run_stride;
+      for (std::size_t e = 0; e < len; e += 4 * S) {
+        const std::size_t d = ow + e;
         hn::Vec<decltype(di8)> xv[T];
         for (std::size_t j = 0; j < T; ++j)
-          xv[j] = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d / S * G.NL));
+          xv[j] = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d / S * NL));
         for (std::size_t i = 0; i < R; ++i) {
           const std::uint8_t* c = dec + i * kDecStride + d;  // S quads of row i, to every lane group
           hn::Vec<decltype(du8)> wv;
@@ -5193,9 +5199,9 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
     else if (++k < G.gpc) o += G.gb;
     else k = 0, o += G.N8 + G.gb;
     for (std::size_t j = 0; j < T; ++j) {
-      const std::uint8_t* tail = tiles + j * G.tile + G.dec / S * G.NL;
-      const auto sx = hn::LoadU(df, reinterpret_cast<const float*>(tail) + g * G.NL);
-      const auto corr = hn::LoadU(di, reinterpret_cast<const std::int32_t*>(tail + 4 * G.gseg * G.NL) + g * G.NL);
+      const std::uint8_t* tail = tiles + j * G.tile + G.dec / S * NL;
+      const auto sx = hn::LoadU(df, reinterpret_cast<const float*>(tail) + g * NL);
+      const auto corr = hn::LoadU(di, reinterpret_cast<const std::int32_t*>(tail + 4 * G.gseg * NL) + g * NL);
       for (std::size_t i = 0; i < R; ++i)
         accf[i][j] = hn::MulAdd(hn::ConvertTo(df, hn::Sub(acc[i][j], corr)), hn::Mul(sx, hn::Set(df, sw[i * lds + g])), accf[i][j]);
     }
@@ -5205,7 +5211,7 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
       // each lane group's S partial sums (in all of its lanes)
       if constexpr (S >= 2) accf[i][j] = hn::Add(accf[i][j], hn::Shuffle2301(accf[i][j]));
       if constexpr (S >= 4) accf[i][j] = hn::Add(accf[i][j], hn::Shuffle1032(accf[i][j]));
-      hn::StoreU(accf[i][j], df, out + (i * T + j) * G.NL);
+      hn::StoreU(accf[i][j], df, out + (i * T + j) * NL);
     }
 #else
   (void)G, (void)dec, (void)sw, (void)lds, (void)tiles, (void)out;
@@ -5291,10 +5297,16 @@ HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, fl
     for (std::size_t i = 0; i < hn::Lanes(D()); ++i) y[t * ldy + i] += alpha * m[i * lds + t * S];
 }
 
+// Whether TokRows' kG16 form applies to the segment geometry G.
+HWY_INLINE bool G16(const TokGeom& G) {
+  return !HWY_HAVE_SCALABLE && G.gpc != 0 && G.gb == 16 && G.N8 == hn::MaxLanes(DU8()) && G.NL == hn::MaxLanes(DF());
+}
+
 template <class D, std::size_t T, std::size_t S>
 HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds,
                          const std::uint8_t* tiles, float* out) {
-  if (R == 8) TokRows<D, 8, T, S>(G, dec, sw, lds, tiles, out);
+  if (R == 8 && T == 1 && G16(G)) TokRows<D, 8, 1, S, true>(G, dec, sw, lds, tiles, out);
+  else if (R == 8) TokRows<D, 8, T, S>(G, dec, sw, lds, tiles, out);
   else if (R == 4) TokRows<D, 4, T, S>(G, dec, sw, lds, tiles, out);
   else if (R == 2) TokRows<D, 2, T, S>(G, dec, sw, lds, tiles, out);
   else TokRows<D, 1, T, S>(G, dec, sw, lds, tiles, out);
@@ -5373,7 +5385,8 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
         const std::size_t R = T == 2 ? 4 : std::min<std::size_t>(8, NL);
         for (std::size_t p = 0; p < NL; p += R) {
           prepare(r + p, R);
-          if (T == 2) TokRows<D, 4, 2, S>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          if (T == 2 && G16(G)) TokRows<D, 4, 2, S, true>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          else if (T == 2) TokRows<D, 4, 2, S>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
           else TokRowsR<D, 1, S>(R, G, dec, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
