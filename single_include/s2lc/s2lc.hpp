@@ -7745,28 +7745,40 @@ struct MorphDelta {
   float scale;
 };
 
-/// Writes block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb]: the
-/// first part overwrites out (no zeroing pass), the others add; no part at all writes zeros.
+/// Writes the parts of one block of a delta into out (n floats): the first part overwrites out
+/// (no zeroing pass), the others add; finish() writes zeros if there was no part at all.
+struct DeltaWriter {
+  const KGroup& g;
+  float* out;
+  std::size_t n;
+  unsigned tier;
+  BlockScratch& bs;
+  bool first = true;
+  void add(const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first), first = false; }
+  void finish() const {
+    if (first) std::fill(out, out + n, 0.0f);
+  }
+};
+
+/// Writes block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
 inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs) {
   const KGroup& g = *s.g;
-  bool first = true;
-  auto add = [&](const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first), first = false; };
+  DeltaWriter dw{g, out, n, tier, bs};
   if (!g.replaces[s.e][b])
     for (auto nd : g.path[s.e])
-      if (const KBlock* c = find_block(g.cores[nd], b)) add(*c, s.scale);
-  if (const KBlock* r = find_block(g.residuals[s.e], b)) add(*r, s.scale);
-  if (first) std::fill(out, out + n, 0.0f);
+      if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale);
+  if (const KBlock* r = find_block(g.residuals[s.e], b)) dw.add(*r, s.scale);
+  dw.finish();
 }
 
 inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs) {
   const KGroup& g = *s.m->group;
-  bool first = true;
-  auto add = [&](const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first), first = false; };
+  DeltaWriter dw{g, out, n, tier, bs};
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
-      if (const KBlock* c = find_block(g.cores[nd], b)) add(*c, s.scale * w);
-  if (const KBlock* r = find_block(s.m->residual, b)) add(*r, s.scale);
-  if (first) std::fill(out, out + n, 0.0f);
+      if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale * w);
+  if (const KBlock* r = find_block(s.m->residual, b)) dw.add(*r, s.scale);
+  dw.finish();
 }
 
 /// Calls row_fn(row pointer into buf, the delta's row, length, element offset of the row start)
