@@ -73,16 +73,43 @@ struct KMat {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;
   bool nibble = false;
+  bool lanes = false;                 ///< rows in lanes (kernels/qview.hpp): scales live in codes
   std::vector<std::uint8_t> codes;
   std::vector<std::uint16_t> scales;
 
   kernels::QView view() const noexcept {
     kernels::QView v;
-    v.codes = codes.data(), v.scales = scales.data(), v.rows = rows, v.cols = cols, v.group = group, v.bits = bits, v.nibble = nibble;
+    v.codes = codes.data(), v.scales = lanes ? nullptr : scales.data(), v.rows = rows, v.cols = cols, v.group = group;
+    v.bits = bits, v.nibble = nibble, v.lanes = lanes;
     return v;
   }
   std::size_t bytes() const noexcept { return codes.size() + 2 * scales.size(); }
 
+  /// Repacks a storage-format matrix (same codes and scales, kernel layout); with `rows_in_lanes`
+  /// the rows-in-lanes layout where the shape takes it (QView::lanes_fit), else row-major.
+  static KMat from(const compress::QMatrix& q, bool rows_in_lanes) {
+    KMat k = from(q);
+    if (!rows_in_lanes || !kernels::QView::lanes_fit(k.cols, k.group, k.nibble)) return k;
+    const kernels::QView v = k.view();
+    const std::size_t R = kernels::QView::kLaneRows, gpr = v.groups_per_row(), rb = v.row_bytes(), gb = k.group / 2;
+    kernels::QView lv = v;
+    lv.lanes = true;
+    std::vector<std::uint8_t> out(lv.bytes(), 0x88);  // padded rows: codes 0 (stored ^ 0x88) ...
+    for (std::size_t p = 0; p < lv.panels(); ++p)
+      for (std::size_t g = 0; g < gpr; ++g) {
+        std::uint8_t* rec = out.data() + p * lv.lanes_panel() + g * lv.lanes_record();
+        std::fill(rec + 8 * k.group, rec + lv.lanes_record(), std::uint8_t{0});  // ... and scales 0
+        for (std::size_t i = 0; i < R && p * R + i < k.rows; ++i) {
+          const std::size_t r = p * R + i;
+          for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = k.codes[r * rb + g * gb + b] ^ 0x88;
+          std::memcpy(rec + 8 * k.group + 2 * i, &k.scales[r * gpr + g], 2);
+        }
+      }
+    k.codes = std::move(out);
+    k.scales.clear();
+    k.lanes = true;
+    return k;
+  }
   /// Repacks a storage-format matrix (same codes and scales, kernel layout).
   static KMat from(const compress::QMatrix& q) {
     KMat k;
@@ -212,7 +239,7 @@ struct KGroup {
         b.rb = static_cast<std::uint32_t>(g.grid.rb(i)), b.cb = static_cast<std::uint32_t>(g.grid.cb(i));
         b.rank = src.rank, b.basis = src.basis;
         switch (src.kind) {
-          case compress::block_kind::dense: b.a = KMat::from(src.a); break;
+          case compress::block_kind::dense: b.a = KMat::from(src.a, true); break;
           case compress::block_kind::lowrank: b.a = KMat::from(src.a), b.b = KMat::from(src.b); break;
           case compress::block_kind::shared: b.b = KMat::from(src.b); break;
           case compress::block_kind::raw: b.raw = src.raw; break;

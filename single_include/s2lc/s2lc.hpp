@@ -4541,10 +4541,23 @@ inline matrix svd_baseline(const matrix& W, std::size_t r) {
 // Scales stay bf16, [rows, groups_per_row]. A tier t < bits is read as in quant.hpp: the rounded
 // top t bits of each code at scale 2^(bits - t) s, computed in registers, so every tier of a
 // module runs from the same bytes.
+//
+//  * rows in lanes (`lanes`, a nibble container whose groups are whole and a multiple of 8
+//    codes): the rows are cut into panels of 16 (the last one padded with zero codes and zero
+//    scales) and stored panel by panel, group by group, one record per (panel, group): for each
+//    4 code bytes of the group (quad k < group / 8), 64 bytes holding quad k of the panel's 16
+//    rows (row i at 4 i), each byte stored ^ 0x88 (two nibbles c + 8 in [0, 15]); then the 16
+//    rows' bf16 scales of the group (32 bytes). A vector load is then the same 4 bytes of 16
+//    rows: `vpdpbusd` with each token's 4 activations broadcast accumulates every row in its own
+//    lane, with no horizontal sums and one scale vector per group, and the codes, scales and
+//    everything a panel needs arrive as one stream. `scales` is null (the scales are in the
+//    records, in host byte order). Kernels without a rows-in-lanes body unpack a panel at a time into the row-major
+//    form (unpack_lanes) and run that.
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 
 namespace s2lc::kernels {
@@ -4555,15 +4568,40 @@ struct QView {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;     ///< stored code width, 2..8
   bool nibble = false;       ///< nibble container (see above)
+  bool lanes = false;        ///< rows in lanes (see above; implies nibble)
+
+  static constexpr std::size_t kLaneRows = 16;
+  /// Widest rows the rows-in-lanes layout takes (a panel unpacked fits a 16 KB stack buffer).
+  static constexpr std::size_t kLanesMaxCols = 2048;
 
   std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
+  /// Whether a matrix of this shape can take the rows-in-lanes layout.
+  static bool lanes_fit(std::size_t cols, std::size_t group, bool nibble) noexcept {
+    return nibble && group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
+  }
+  /// Rows in lanes: bytes of one (panel, group) record, of one panel, and the record itself.
+  std::size_t lanes_record() const noexcept { return 8 * std::size_t{group} + 32; }
+  std::size_t lanes_panel() const noexcept { return lanes_record() * groups_per_row(); }
+  const std::uint8_t* lanes_at(std::size_t panel, std::size_t g) const noexcept {
+    return codes + panel * lanes_panel() + g * lanes_record();
+  }
+  std::size_t panels() const noexcept { return (rows + kLaneRows - 1) / kLaneRows; }
   static std::size_t row_bytes(std::size_t cols, std::size_t group, bool nibble) noexcept {
     if (!nibble) return cols;
     return (cols / group) * (group / 2) + ((cols % group) + 1) / 2;
   }
   std::size_t row_bytes() const noexcept { return row_bytes(cols, group, nibble); }
   /// Bytes the kernels read for the whole matrix.
-  std::size_t bytes() const noexcept { return rows * row_bytes() + 2u * rows * groups_per_row(); }
+  std::size_t bytes() const noexcept {
+    return lanes ? panels() * lanes_panel() : rows * row_bytes() + 2u * rows * groups_per_row();
+  }
+  /// The bf16 bits of the scale of group g of row r (either layout).
+  std::uint16_t scale_bits(std::size_t r, std::size_t g) const noexcept {
+    if (!lanes) return scales[r * groups_per_row() + g];
+    std::uint16_t s;
+    std::memcpy(&s, lanes_at(r / kLaneRows, g) + 8 * std::size_t{group} + 2 * (r % kLaneRows), 2);  // host order
+    return s;
+  }
 };
 
 /// One token's activations quantized to int8 for the code layout of a QView (q8_quantize), what
@@ -4616,6 +4654,11 @@ namespace detail {
 
 /// The stored code of element (r, c) of q (scalar path: tails, odd groups, references).
 inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
+  if (q.lanes) {
+    const std::size_t g = c / q.group, j = c % q.group, h = q.group / 2, b = j < h ? j : j - h;
+    const int byte = q.lanes_at(r / QView::kLaneRows, g)[(b / 4) * 64 + (r % QView::kLaneRows) * 4 + b % 4];  // c + 8
+    return (j < h ? byte & 0xF : byte >> 4) - 8;
+  }
   const std::uint8_t* row = q.codes + r * q.row_bytes();
   if (!q.nibble) return static_cast<std::int8_t>(row[c]);
   const std::size_t g = c / q.group, j = c % q.group;
@@ -4626,7 +4669,7 @@ inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
 
 /// Effective scale of group g of row r at a tier (bf16 scale times 2^shift, exact).
 inline float group_scale(const QView& q, std::size_t r, std::size_t g, const TierParams& t) noexcept {
-  return s2lc::bf16_to_f32(q.scales[r * q.groups_per_row() + g]) * t.mul;
+  return s2lc::bf16_to_f32(q.scale_bits(r, g)) * t.mul;
 }
 
 /// Decoded value of element (r, c): what every kernel's arithmetic starts from.
@@ -4635,6 +4678,46 @@ inline float decode(const QView& q, std::size_t r, std::size_t c, const TierPara
 }
 
 }  // namespace detail
+
+/// Panel p of a rows-in-lanes q in the row-major nibble form (unpack_lanes): a view of its rows
+/// (q.rows - 16 p of them if fewer than 16) over codes (row stride q.row_bytes()) and scales
+/// ([row, group]), with the scales written; the codes are the caller's (unpack_lanes_quads).
+inline QView unpack_lanes_view(const QView& q, std::size_t p, std::uint8_t* codes, std::uint16_t* scales) noexcept {
+  QView v = q;
+  v.lanes = false;
+  v.codes = codes, v.scales = scales;
+  v.rows = static_cast<std::uint32_t>(std::min(QView::kLaneRows, q.rows - p * QView::kLaneRows));
+  const std::size_t gpr = q.groups_per_row(), rec = q.lanes_record(), at = 8 * std::size_t{q.group};
+  const std::uint8_t* r = q.lanes_at(p, 0);
+  for (std::size_t g = 0; g < gpr; ++g, r += rec) {
+    std::uint16_t s[QView::kLaneRows];
+    std::memcpy(s, r + at, sizeof s);  // the records hold them in host order
+    for (std::size_t i = 0; i < v.rows; ++i) scales[i * gpr + g] = s[i];
+  }
+  return v;
+}
+/// Code bytes [4 m0, row bytes) of rows [i0, i1) of panel p, row-major, into codes (row stride
+/// q.row_bytes()); m0 on a group's first quad or not.
+inline void unpack_lanes_quads(const QView& q, std::size_t p, std::size_t m0, std::size_t i0, std::size_t i1, std::uint8_t* codes) noexcept {
+  const std::size_t nq = q.group / 8, rb = q.row_bytes(), rec = q.lanes_record(), gpr = q.groups_per_row();
+  const std::uint8_t* r = q.lanes_at(p, m0 / nq);
+  for (std::size_t g = m0 / nq, k = m0 % nq, m = m0; g < gpr; ++g, r += rec, k = 0)
+    for (; k < nq; ++k, ++m)
+      for (std::size_t i = i0; i < i1; ++i) {
+        std::uint32_t w;
+        std::memcpy(&w, r + 64 * k + 4 * i, 4);
+        w ^= 0x88888888u;
+        std::memcpy(codes + i * rb + 4 * m, &w, 4);
+      }
+}
+/// Panel p of a rows-in-lanes q in the row-major nibble form: its rows' codes and scales, and a
+/// QView over them (the scalar form; the kernels move the codes with vectors).
+inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, std::uint16_t* scales) noexcept {
+  const QView v = unpack_lanes_view(q, p, codes, scales);
+  unpack_lanes_quads(q, p, 0, 0, v.rows, codes);
+  return v;
+}
+
 }  // namespace s2lc::kernels
 // ---- end s2lc/kernels/qview.hpp ----
 
@@ -4771,6 +4854,126 @@ HWY_INLINE VF SumBlocks(const VF* s) {
 inline constexpr bool kRowsVec = false;
 #endif
 
+// Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
+// short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
+inline constexpr std::size_t kPrefetch = 8192;
+
+#if HWY_TARGET != HWY_SCALAR
+// The kN x kN transpose of v (kN = 4, 8 or 16 lanes) in registers: unpacks inside 128-bit blocks,
+// then blocks exchanged; u[k][c] = column 4k + c of v (lane i = v[i]'s lane 4k + c).
+template <class D, std::size_t kN = hn::MaxLanes(D())>
+HWY_INLINE void TransposeBlocks(const hn::Vec<D> (&v)[kN], hn::Vec<D> (&u)[kN / 4][4]) {
+  using V = hn::Vec<D>;
+  const D df;
+  const hn::Repartition<std::uint64_t, D> d64;
+  const std::size_t N = kN;
+  // Per 128-bit block, rows 4q..4q+3 -> u[q][c]: block k holds column 4k + c of those rows.
+  for (std::size_t q = 0; q < N / 4; ++q) {
+    const V t0 = hn::InterleaveLower(df, v[4 * q], v[4 * q + 1]), t1 = hn::InterleaveUpper(df, v[4 * q], v[4 * q + 1]);
+    const V t2 = hn::InterleaveLower(df, v[4 * q + 2], v[4 * q + 3]), t3 = hn::InterleaveUpper(df, v[4 * q + 2], v[4 * q + 3]);
+    const auto a0 = hn::BitCast(d64, t0), a1 = hn::BitCast(d64, t1), a2 = hn::BitCast(d64, t2), a3 = hn::BitCast(d64, t3);
+    u[q][0] = hn::BitCast(df, hn::InterleaveLower(d64, a0, a2));
+    u[q][1] = hn::BitCast(df, hn::InterleaveUpper(d64, a0, a2));
+    u[q][2] = hn::BitCast(df, hn::InterleaveLower(d64, a1, a3));
+    u[q][3] = hn::BitCast(df, hn::InterleaveUpper(d64, a1, a3));
+  }
+  // Transpose the blocks: u[q][c] block k -> column 4k + c, rows 4q..4q+3 of the result.
+  for (std::size_t c = 0; c < 4; ++c) {
+    if constexpr (kN == 16) {
+      for (std::size_t q = 0; q < 2; ++q) {
+        const V lo = u[q][c], hi = u[q + 2][c];
+        u[q][c] = hn::ConcatLowerLower(df, hi, lo), u[q + 2][c] = hn::ConcatUpperUpper(df, hi, lo);
+      }
+    }
+    if constexpr (kN >= 8) {
+      for (std::size_t q = 0; q < N / 4; q += 2) {
+        const V a = u[q][c], b = u[q + 1][c];
+        u[q][c] = hn::OddEvenBlocks(hn::SwapAdjacentBlocks(b), a), u[q + 1][c] = hn::OddEvenBlocks(b, hn::SwapAdjacentBlocks(a));
+      }
+    }
+  }
+}
+#endif
+
+// Rows in lanes (QView::lanes; the kernels are below and in qgemm-inl.h): whether this target
+// has them (else a panel at a time is unpacked to the row-major form), and their stores.
+inline constexpr bool kLanesVec =
+    HWY_TARGET != HWY_SCALAR && !HWY_HAVE_SCALABLE && hn::MaxLanes(DF()) >= 4 && hn::MaxLanes(DF()) <= QView::kLaneRows;
+
+// unpack_lanes (qview.hpp), the codes moved NL x NL quads at a time through TransposeBlocks.
+HWY_INLINE QView UnpackPanel(const QView& q, std::size_t p, std::uint8_t* codes, std::uint16_t* scales) {
+#if HWY_TARGET != HWY_SCALAR
+  if constexpr (kLanesVec) {
+    const DF df;
+    const hn::RebindToSigned<DF> di;
+    constexpr std::size_t kN = hn::MaxLanes(DF());
+    const QView v = unpack_lanes_view(q, p, codes, scales);
+    const std::size_t rb = q.row_bytes(), nq = q.group / 8, nqr = q.groups_per_row() * nq;
+    const auto flip = hn::Set(di, static_cast<std::int32_t>(0x88888888u));
+    const std::size_t full = nqr / kN * kN, rec = q.lanes_record();
+    for (std::size_t o = 0; o < q.lanes_panel(); o += 64) hwy::Prefetch(q.lanes_at(p, 0) + kPrefetch + o);  // panels ahead
+    for (std::size_t h = 0; h * kN < v.rows; ++h) {
+      const std::size_t rows = std::min(kN, v.rows - h * kN);
+      const std::uint8_t* r = q.lanes_at(p, 0) + 4 * kN * h;
+      for (std::size_t m0 = 0, k = 0; m0 < full; m0 += kN) {
+        VF in[kN];
+        for (std::size_t j = 0; j < kN; ++j) {  // quad m0 + j: quad k of the group at r
+          in[j] = hn::BitCast(df, hn::LoadU(di, reinterpret_cast<const std::int32_t*>(r + 64 * k)));
+          if (++k == nq) k = 0, r += rec;
+        }
+        VF u[kN / 4][4];
+        TransposeBlocks<DF>(in, u);
+        for (std::size_t i = 0; i < rows; ++i)
+          hn::StoreU(hn::Xor(hn::BitCast(di, u[i / 4][i % 4]), flip), di, reinterpret_cast<std::int32_t*>(codes + (h * kN + i) * rb + 4 * m0));
+      }
+      if (full < nqr) unpack_lanes_quads(q, p, full, h * kN, h * kN + rows, codes);
+    }
+    return v;
+  }
+#endif
+  return unpack_lanes(q, p, codes, scales);
+}
+
+// Runs f(v, i0, n, off) over rows [r0, r0 + nr) of a rows-in-lanes q, unpacked to the row-major
+// form (UnpackPanel) as many whole panels at a time as kUnpackBytes of codes hold (at least one;
+// each call of f has a per-call cost): v views those panels' rows, [i0, i0 + n) is the part of the
+// range in them, off that part's first row minus r0. For the kernels without a rows-in-lanes body.
+inline constexpr std::size_t kUnpackBytes = 32768;
+template <class F>
+inline void ForPanels(const QView& q, std::size_t r0, std::size_t nr, F&& f) {
+  constexpr std::size_t R = QView::kLaneRows;
+  static_assert(kUnpackBytes >= R * QView::kLanesMaxCols / 2);
+  HWY_ALIGN std::uint8_t codes[kUnpackBytes];
+  // scales: 2 bytes per group of >= 8 codes, <= half the codes' bytes
+  std::uint16_t scales[kUnpackBytes / 4];
+  const std::size_t rb = q.row_bytes(), gpr = q.groups_per_row(), per = kUnpackBytes / (R * rb);
+  for (std::size_t r = r0; r < r0 + nr;) {
+    const std::size_t p0 = r / R, np = std::min(per, (r0 + nr - 1) / R + 1 - p0);
+    QView v = UnpackPanel(q, p0, codes, scales);
+    for (std::size_t j = 1; j < np; ++j) v.rows += UnpackPanel(q, p0 + j, codes + j * R * rb, scales + j * R * gpr).rows;
+    const std::size_t i0 = r - p0 * R, n = std::min(p0 * R + v.rows, r0 + nr) - r;
+    f(v, i0, n, r - r0);
+    r += n;
+  }
+}
+
+// y[t * ldy + i] += alpha * ya[t] lane (i + i0 - off) for the rows of [i0, i0 + n) (of a vector of NL).
+template <std::size_t T>
+HWY_INLINE void LanesStore(const VF (&ya)[T], std::size_t i0, std::size_t n, float alpha, float* y, std::size_t ldy) {
+  const DF df;
+  const std::size_t NL = hn::Lanes(df);
+  for (std::size_t t = 0; t < T; ++t) {
+    float* yt = y + t * ldy;
+    if (i0 == 0 && n == NL) {
+      hn::StoreU(hn::MulAdd(ya[t], hn::Set(df, alpha), hn::LoadU(df, yt)), df, yt);
+      continue;
+    }
+    HWY_ALIGN float v[hn::MaxLanes(DF())];
+    hn::Store(ya[t], df, v);
+    for (std::size_t i = i0; i < i0 + n; ++i) yt[i - i0] += alpha * v[i];
+  }
+}
+
 }  // namespace q8k
 }  // namespace s2lc::kernels::HWY_NAMESPACE
 
@@ -4869,7 +5072,7 @@ inline HWY_NOINLINE float TailRow(const QView& q, const Layout& L, std::size_t r
     const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
     std::int32_t acc = 0;
     for (std::size_t j = 0; j < n; ++j) acc += detail::stored_code(q, r, c0 + j) * XqAt(q, L, lo, hi, c0 + j);
-    s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scales[r * L.gpr + g]);
+    s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scale_bits(r, g));
   }
   return s;
 }
@@ -4909,9 +5112,6 @@ HWY_INLINE void QuantizeGroup(const float* x, std::size_t n, bool nibble, std::i
 // The scales the kernel multiplies by are f32: Q8GemvNT converts them per panel of rows and
 // column segment into a stack buffer (kScaleBuf floats), so the row loop only loads them.
 inline constexpr std::size_t kScaleBuf = 4096;
-// Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
-// short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
-inline constexpr std::size_t kPrefetch = 8192;
 
 // Columns [g0 * gb, g1 * gb) of the vector body, as a panel's work description.
 struct Span {
@@ -5150,9 +5350,11 @@ HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t*
 // kG16: groups of 16 code bytes (32 nibble codes, the default) within a chunk and fixed-width
 // vectors (G.N8, G.NL the targets' maxima): every loop over a group's bytes has a constant trip
 // count and unrolls (a group's 2-4 steps otherwise paid a loop's overhead each).
-template <class D, std::size_t R, std::size_t T, std::size_t S, bool kG16 = false>
+// kLanes: dec is decoded rows in lanes (DecodeLanes: decoded quad m of row i at 64 m + 4 i; S = 1).
+template <class D, std::size_t R, std::size_t T, std::size_t S, bool kG16 = false, bool kLanes = false>
 HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds, const std::uint8_t* tiles,
                         float* out) {
+  static_assert(!kLanes || S == 1, "rows in lanes: one lane per token");
 #if HWY_TARGET != HWY_SCALAR
   const D df;
   const hn::RebindToSigned<D> di;
@@ -5177,7 +5379,7 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
         for (std::size_t j = 0; j < T; ++j)
           xv[j] = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d / S * NL));
         for (std::size_t i = 0; i < R; ++i) {
-          const std::uint8_t* c = dec + i * kDecStride + d;  // S quads of row i, to every lane group
+          const std::uint8_t* c = kLanes ? dec + 16 * d + 4 * i : dec + i * kDecStride + d;  // S quads of row i, to every lane group
           hn::Vec<decltype(du8)> wv;
           if constexpr (S == 1) {
             std::int32_t c4;
@@ -5241,6 +5443,37 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
 #endif
 }
 
+// Decodes panel p of a rows-in-lanes q, the segment at code byte s0, into dec in lanes order:
+// decoded quad m (what DecodeRows puts at row offset 4 m) of panel row i at 64 m + 4 i. The
+// records' bytes are already c + 8, so a quad is an And (low nibbles) or a shift and an And.
+HWY_INLINE void DecodeLanes(const QView& q, const TokGeom& G, std::size_t p, std::size_t s0, std::uint8_t* dec) {
+#if HWY_TARGET != HWY_SCALAR
+  const DU8 du8;  // 16, 32 or 64 bytes where kLanesVec holds: whole vectors of a 64-byte quad
+  const auto k0f = hn::Set(du8, 0x0F);
+  const std::size_t nq = q.group / 8, rec = q.lanes_record(), N8 = hn::Lanes(du8);
+  const std::uint8_t* r = q.lanes_at(p, s0 / 4 / nq);  // the record of the segment's first quad
+  // code quad ob / 4 of the segment: quad k of the record at r; its low nibbles go to decoded
+  // offset dlo (chunk c of N8 code bytes: its low nibbles, then its high ones)
+  for (std::size_t ob = 0, k = s0 / 4 % nq, dlo = 0, c = 0; ob < G.seg; ob += 4) {
+    const std::uint8_t* src = r + 64 * k;
+    hwy::Prefetch(src + kPrefetch);  // every line of the records (cold panels come from DRAM)
+    if (k == 0) hwy::Prefetch(r + 8 * std::size_t{q.group} + kPrefetch);
+    std::uint8_t* lo = dec + 16 * dlo;
+    std::uint8_t* hi = dec + 16 * (dlo + G.N8);
+    if (++k == nq) k = 0, r += rec;
+    dlo += 4;
+    if ((c += 4) == G.N8) c = 0, dlo += G.N8;
+    for (std::size_t b = 0; b < 64; b += N8) {
+      const VU8 v = hn::LoadU(du8, src + b);
+      hn::StoreU(hn::And(v, k0f), du8, lo + b);
+      hn::StoreU(hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f), du8, hi + b);
+    }
+  }
+#else
+  (void)q, (void)G, (void)p, (void)s0, (void)dec;
+#endif
+}
+
 // y[t * ldy + i] += alpha * m[i * lds + t] for i < NL (all lanes) and t < nt <= NL: the NL x NL
 // block transposed in registers (unpacks inside 128-bit blocks, then blocks exchanged), so y is
 // updated a vector of rows at a time.
@@ -5249,38 +5482,13 @@ HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, fl
 #if HWY_TARGET != HWY_SCALAR
   using V = hn::Vec<D>;
   const D df;
-  const hn::Repartition<std::uint64_t, D> d64;
   constexpr std::size_t kN = hn::MaxLanes(D());
   const std::size_t N = hn::Lanes(df);
   if constexpr (kN >= 4 && kN <= 16) {
     V v[kN];
     for (std::size_t i = 0; i < N; ++i) v[i] = hn::LoadU(df, m + i * lds);
-    // Per 128-bit block, rows 4q..4q+3 -> u[q][c]: block k holds column 4k + c of those rows.
     V u[kN / 4][4];
-    for (std::size_t q = 0; q < N / 4; ++q) {
-      const V t0 = hn::InterleaveLower(df, v[4 * q], v[4 * q + 1]), t1 = hn::InterleaveUpper(df, v[4 * q], v[4 * q + 1]);
-      const V t2 = hn::InterleaveLower(df, v[4 * q + 2], v[4 * q + 3]), t3 = hn::InterleaveUpper(df, v[4 * q + 2], v[4 * q + 3]);
-      const auto a0 = hn::BitCast(d64, t0), a1 = hn::BitCast(d64, t1), a2 = hn::BitCast(d64, t2), a3 = hn::BitCast(d64, t3);
-      u[q][0] = hn::BitCast(df, hn::InterleaveLower(d64, a0, a2));
-      u[q][1] = hn::BitCast(df, hn::InterleaveUpper(d64, a0, a2));
-      u[q][2] = hn::BitCast(df, hn::InterleaveLower(d64, a1, a3));
-      u[q][3] = hn::BitCast(df, hn::InterleaveUpper(d64, a1, a3));
-    }
-    // Transpose the blocks: u[q][c] block k -> column 4k + c, rows 4q..4q+3 of the result.
-    for (std::size_t c = 0; c < 4; ++c) {
-      if constexpr (kN == 16) {
-        for (std::size_t q = 0; q < 2; ++q) {
-          const V lo = u[q][c], hi = u[q + 2][c];
-          u[q][c] = hn::ConcatLowerLower(df, hi, lo), u[q + 2][c] = hn::ConcatUpperUpper(df, hi, lo);
-        }
-      }
-      if constexpr (kN >= 8) {
-        for (std::size_t q = 0; q < N / 4; q += 2) {
-          const V a = u[q][c], b = u[q + 1][c];
-          u[q][c] = hn::OddEvenBlocks(hn::SwapAdjacentBlocks(b), a), u[q + 1][c] = hn::OddEvenBlocks(b, hn::SwapAdjacentBlocks(a));
-        }
-      }
-    }
+    TransposeBlocks<D>(v, u);
     const V va = hn::Set(df, alpha);
     for (std::size_t k = 0; k < N / 4; ++k)
       for (std::size_t c = 0; c < 4; ++c) {
@@ -5302,14 +5510,14 @@ HWY_INLINE bool G16(const TokGeom& G) {
   return !HWY_HAVE_SCALABLE && G.gpc != 0 && G.gb == 16 && G.N8 == hn::MaxLanes(DU8()) && G.NL == hn::MaxLanes(DF());
 }
 
-template <class D, std::size_t T, std::size_t S>
+template <class D, std::size_t T, std::size_t S, bool kLanes = false>
 HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds,
                          const std::uint8_t* tiles, float* out) {
-  if (R == 8 && T == 1 && G16(G)) TokRows<D, 8, 1, S, true>(G, dec, sw, lds, tiles, out);
-  else if (R == 8) TokRows<D, 8, T, S>(G, dec, sw, lds, tiles, out);
-  else if (R == 4) TokRows<D, 4, T, S>(G, dec, sw, lds, tiles, out);
-  else if (R == 2) TokRows<D, 2, T, S>(G, dec, sw, lds, tiles, out);
-  else TokRows<D, 1, T, S>(G, dec, sw, lds, tiles, out);
+  if (R == 8 && T == 1 && G16(G)) TokRows<D, 8, 1, S, true, kLanes>(G, dec, sw, lds, tiles, out);
+  else if (R == 8) TokRows<D, 8, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
+  else if (R == 4) TokRows<D, 4, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
+  else if (R == 2) TokRows<D, 2, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
+  else TokRows<D, 1, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
 }
 
 // Code bytes per column segment of the tokens path (whole chunks or groups).
@@ -5349,10 +5557,12 @@ HWY_INLINE void BuildTiles(const Layout& L, const std::uint8_t* acts, std::size_
 
 // The tokens-in-lanes path of Q8GemvNT with tiles of NL / S tokens (lane groups of S); pre: the
 // tiles BuildTiles made for these activations (or null: built here per segment).
-template <class D, std::size_t S>
+// kLanes: q is rows in lanes (S = 1, r0 on a panel): each 16-row panel is decoded once per segment
+// and tile pair (DecodeLanes) and TokRows reads its rows in place.
+template <class D, std::size_t S, bool kLanes = false>
 HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                           const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
-  constexpr std::size_t kMaxNL = 16, kR = 8;  // rows per TokRows: 4 with two tiles, 8 with one
+  constexpr std::size_t kMaxNL = 16, kR = kLanes ? QView::kLaneRows : 8;  // rows per TokRows: 4 with two tiles, 8 with one
   const std::size_t NL = hn::Lanes(D());
   // A tile: 2 kSegBytes quads bytes per lane, sx and corr of at most kSegBytes / 4 groups.
   constexpr std::size_t kTileMax = (2 * kSegBytes + 8 * (kSegBytes / 4)) * kMaxNL;
@@ -5371,7 +5581,21 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
       if (pre) tiles = pre + off + tt * G.tile;
       else
         for (std::size_t j = 0; j < T; ++j) BuildTile<S>(G, L, acts, abytes, (tt + j) * per, nt, s0, g0, own + j * G.tile);
+      std::size_t panel = ~std::size_t{0};  // the lanes panel decoded in dec
+      const std::uint8_t* rows = dec;      // row r's decoded codes (kLanes: in the panel)
       auto prepare = [&](std::size_t r, std::size_t R) {  // rows r..r+R decoded, their scales in f32
+        if constexpr (kLanes) {
+          if ((r0 + r) / QView::kLaneRows != panel) DecodeLanes(q, G, panel = (r0 + r) / QView::kLaneRows, s0, dec);
+          const std::size_t i0 = (r0 + r) % QView::kLaneRows;
+          rows = dec + 4 * i0;
+          const std::uint8_t* rec = q.lanes_at(panel, g0) + 8 * std::size_t{q.group} + 2 * i0;  // the rows' scales
+          for (std::size_t g = 0; g < G.gseg; ++g, rec += q.lanes_record()) {
+            std::uint16_t b[QView::kLaneRows];
+            std::memcpy(b, rec, 2 * R);
+            for (std::size_t i = 0; i < R; ++i) sw[i * G.gseg + g] = s2lc::bf16_to_f32(b[i]);
+          }
+          return;
+        }
         DecodeRows(q, L, G, r0 + r, R, s0, dec);
         if (G.gseg == L.gpr) {  // whole rows: the R rows' scales are contiguous
           BF16ToF32(q.scales + (r0 + r) * L.gpr, sw, R * G.gseg);
@@ -5385,9 +5609,9 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
         const std::size_t R = T == 2 ? 4 : std::min<std::size_t>(8, NL);
         for (std::size_t p = 0; p < NL; p += R) {
           prepare(r + p, R);
-          if (T == 2 && G16(G)) TokRows<D, 4, 2, S, true>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else if (T == 2) TokRows<D, 4, 2, S>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else TokRowsR<D, 1, S>(R, G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          if (T == 2 && G16(G)) TokRows<D, 4, 2, S, true, kLanes>(G, rows, sw, G.gseg, tiles, out + p * T * NL);
+          else if (T == 2) TokRows<D, 4, 2, S, false, kLanes>(G, rows, sw, G.gseg, tiles, out + p * T * NL);
+          else TokRowsR<D, 1, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
           TransposeAdd<D, S>(out + j * NL, T * NL, std::min(per, nt - (tt + j) * per), alpha, y + (tt + j) * per * ldy + r, ldy);
@@ -5395,8 +5619,8 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
       while (r < nr) {
         const std::size_t R = nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
         prepare(r, R);
-        if (T == 2) TokRowsR<D, 2, S>(R, G, dec, sw, G.gseg, tiles, out);
-        else TokRowsR<D, 1, S>(R, G, dec, sw, G.gseg, tiles, out);
+        if (T == 2) TokRowsR<D, 2, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out);
+        else TokRowsR<D, 1, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out);
         for (std::size_t i = 0; i < R; ++i)
           for (std::size_t j = 0; j < T; ++j)
             for (std::size_t l = 0, t = (tt + j) * per; l < per && t < nt; ++l, ++t)
@@ -5429,10 +5653,131 @@ HWY_INLINE std::size_t TokensLanes(const QView& q, const Layout& L, std::size_t 
 HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                            const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   const std::size_t S = TokensLanes(q, L, nt);
+  if (q.lanes) {  // one lane per token, whole panels
+    if (S != 1 || r0 % QView::kLaneRows != 0 || !kLanesVec) return false;
+    TokensRun<DF, 1, true>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+    return true;
+  }
   if (S == 4) TokensRun<DF, 4>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
   else if (S == 2) TokensRun<DF, 2>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
   else if (S == 1) TokensRun<DF, 1>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
   return S != 0;
+}
+
+// ---- Rows in lanes (QView::lanes) ----
+// Each vector holds the same 4 code bytes of NL rows of a panel (a 64-byte quad record is 16 / NL
+// vectors, one per sub-panel of NL rows): the two nibble halves, already c + 8, meet each token's
+// 4 paired activations broadcast to every lane, so every i32 lane accumulates one row, one f32
+// scale vector per group serves NL rows, and y takes a vector of rows per token. The i32 partials
+// equal the row-major kernels' (sum (c + 8) x - 8 sum x per group): same result up to f32
+// summation order.
+// Tokens per pass over the codes: their accumulators (2 i32 + 1 f32 each) fit the registers.
+inline constexpr std::size_t kLanesTile = hn::MaxLanes(DI()) >= 16 ? 4 : 2;
+
+// A tile of T tokens' activations as LanesRows reads them, built once per call: per group g, the
+// 4 activations paired with each quad k of low nibbles, then of high nibbles, for every token
+// (xq[((g nq + k) 2 + half) T + t]); then -8 times each token's sum over the group (nc[g T + t],
+// the offset of codes stored as c + 8) and its scale (sx[g T + t]). One base pointer and constant
+// offsets reach everything a group needs.
+struct LanesActs {
+  const std::int32_t* xq;
+  const std::int32_t* nc;
+  const float* sx;
+};
+
+// ya[t] = rows [h NL, h NL + NL) of panel p times token t of the tile a. kNQ: quads per group as a
+// constant (0: q.group / 8 at run time).
+template <std::size_t T, std::size_t kNQ>
+HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const LanesActs& a, VF (&ya)[T]) {
+#if HWY_TARGET == HWY_SCALAR  // (never called: kLanesVec)
+  (void)q, (void)p, (void)h, (void)a, (void)ya;
+#else
+  const DF df;
+  const DI di;
+  const DU8 du8;
+  const DI8 di8;
+  const hn::RebindToUnsigned<DF> du32;
+  const hn::Rebind<std::uint16_t, DF> du16;
+  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = kNQ ? kNQ : q.group / 8;
+  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const auto k0f = hn::Set(du8, 0x0F);
+  for (std::size_t t = 0; t < T; ++t) ya[t] = hn::Zero(df);
+  const std::uint8_t* r = q.lanes_at(p, 0);
+  const std::int32_t* xq = a.xq;
+  for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += 2 * nq * T) {
+    if (h == 0)  // the panel's first pass brings its lines in; the others find them in L1
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetch + o);
+    hn::Vec<DI> a0[T], a1[T];
+    for (std::size_t t = 0; t < T; ++t) a0[t] = hn::Set(di, a.nc[g * T + t]), a1[t] = hn::Zero(di);
+    for (std::size_t k = 0; k < nq; ++k) {
+      const VU8 v = hn::LoadU(du8, r + 64 * k + 4 * NL * h);
+      const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
+      for (std::size_t t = 0; t < T; ++t) {
+        a0[t] = DotU8I8(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
+        a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+      }
+    }
+    const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, reinterpret_cast<const std::uint16_t*>(r + sc)))));
+    for (std::size_t t = 0; t < T; ++t)
+      ya[t] = hn::MulAdd(hn::ConvertTo(df, hn::Add(a0[t], a1[t])), hn::Mul(s, hn::Set(df, a.sx[g * T + t])), ya[t]);
+  }
+#endif
+}
+
+template <std::size_t T>
+HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const LanesActs& a, float alpha, float* y, std::size_t ldy) {
+  const std::size_t NL = hn::Lanes(DF());
+  // sub-panels of NL rows (16 / NL per panel) meeting [r0, r0 + nr)
+  for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
+    const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
+    VF ya[T];
+    if (q.group == 32) LanesRows<T, 4>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, a, ya);
+    else LanesRows<T, 0>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, a, ya);
+    LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
+  }
+}
+
+// Whether nt tokens on a rows-in-lanes matrix run LanesQ8 (from 16 tokens on, tokens in lanes on
+// each panel unpacked ran faster: LanesQ8 reads the codes once per kLanesTile tokens).
+inline constexpr std::size_t kLanesTokensMax = 16;
+HWY_INLINE bool LanesNative(std::size_t nt) { return kLanesVec && nt < kLanesTokensMax; }
+// The row-major layout of the same shape (what activations and tiles are laid out for).
+HWY_INLINE QView RowMajor(QView q) {
+  q.lanes = false;
+  return q;
+}
+
+// Q8GemvNT for a rows-in-lanes q: tiles of up to kLanesTile tokens, each a pass over the codes.
+HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt, float alpha,
+                        float* y, std::size_t ldy) {
+  const Layout L = MakeLayout(q);
+  const std::size_t abytes = Q8Acts::bytes(q), gpr = L.gpr, nq = q.group / 8, gb = q.group / 2;
+  constexpr std::size_t kG = QView::kLanesMaxCols / 8;  // groups at most
+  std::int32_t xq[kLanesTile * QView::kLanesMaxCols / 4], nc[kLanesTile * kG];
+  float sx[kLanesTile * kG];
+  const LanesActs la{xq, nc, sx};
+  for (std::size_t t0 = 0; t0 < nt; t0 += kLanesTile) {
+    const std::size_t T = std::min(kLanesTile, nt - t0);
+    for (std::size_t t = 0; t < T; ++t) {
+      const std::uint8_t* act = acts + (t0 + t) * abytes;
+      // Q8Acts' corr: 8 * the sum of each 4 code bytes' activations (both nibbles)
+      const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
+      for (std::size_t g = 0; g < gpr; ++g) {
+        std::int32_t sum = 0;
+        for (std::size_t k = 0; k < nq; ++k) {
+          sum += corr[g * nq + k];
+          for (std::size_t half = 0; half < 2; ++half) std::memcpy(&xq[((g * nq + k) * 2 + half) * T + t], act + half * L.rbp + g * gb + 4 * k, 4);
+        }
+        nc[g * T + t] = -sum;
+        sx[g * T + t] = reinterpret_cast<const float*>(act + 4 * L.rbp)[g];
+      }
+    }
+    float* yt = y + t0 * ldy;
+    if (T == 4) LanesTile<4>(q, r0, nr, la, alpha, yt, ldy);
+    else if (T == 3) LanesTile<3>(q, r0, nr, la, alpha, yt, ldy);
+    else if (T == 2) LanesTile<2>(q, r0, nr, la, alpha, yt, ldy);
+    else LanesTile<1>(q, r0, nr, la, alpha, yt, ldy);
+  }
 }
 
 }  // namespace q8k
@@ -5481,7 +5826,9 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
         }
       }
     }
-    for (std::size_t i = 0; 4 * i < L.vend; ++i) {
+    // (every whole 4-byte lane of whole groups: the rows-in-lanes kernel sums a group's lanes)
+    const std::size_t lanes_end = L.gb % 4 == 0 ? L.full * L.gb : L.vend;
+    for (std::size_t i = 0; 4 * i < lanes_end; ++i) {
       sxl[i] = sx[4 * i / L.gb];
       if (q.nibble) {
         std::int32_t s = 0;
@@ -5494,6 +5841,7 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
 
 /// Bytes of the tokens-in-lanes tiles of nt tokens for q's layout (0: that path does not apply).
 inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
+  if (q.lanes) return q8k::LanesNative(nt) ? 0 : Q8TilesBytes(q8k::RowMajor(q), nt);  // (the tiles of that many tokens)
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t S = q8k::TokensLanes(q, L, nt);
   return S == 4 ? q8k::TilesBytes<4>(L, nt) : S == 2 ? q8k::TilesBytes<2>(L, nt) : S == 1 ? q8k::TilesBytes<1>(L, nt) : 0;
@@ -5501,6 +5849,10 @@ inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
 
 /// Builds the tiles of nt tokens' activations (q8_quantize's, for q's layout) into out.
 inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out) {
+  if (q.lanes) {
+    if (!q8k::LanesNative(nt)) Q8Tiles(q8k::RowMajor(q), acts, nt, out);
+    return;
+  }
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t S = q8k::TokensLanes(q, L, nt), abytes = Q8Acts::bytes(q);
   if (S == 4) q8k::BuildTiles<4>(L, acts, abytes, nt, out);
@@ -5511,6 +5863,15 @@ inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::
 /// Q8GemvNT with the tiles Q8Tiles built for these activations (null: built per call).
 inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                                        const std::uint8_t* tiles, std::size_t nt, float alpha, float* y, std::size_t ldy) {
+  if (q.lanes) {
+    if (q8k::LanesNative(nt)) return q8k::LanesQ8(q, r0, nr, acts, nt, alpha, y, ldy);
+    // larger batches: tokens in lanes, reading the panels in place (the tiles are the row-major
+    // form's); else (a range not on a panel, or too few lanes) on each panel unpacked
+    if (q8k::TokensPath(q, q8k::MakeLayout(q), r0, nr, acts, tiles, nt, Q8Acts::bytes(q), alpha, y, ldy)) return;
+    return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      Q8GemvNTTiles(v, i0, n, acts, tiles, nt, alpha, y + off, ldy);
+    });
+  }
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t abytes = Q8Acts::bytes(q);
   if (q8k::TokensPath(q, L, r0, nr, acts, tiles, nt, abytes, alpha, y, ldy)) return;
@@ -5747,6 +6108,83 @@ HWY_INLINE void GemvNTT(const QView& q, std::size_t r0, std::size_t nr, const Ti
   std::size_t i = 0;
   for (; i + 4 <= nr; i += 4) GemvNTRows<4, kTier>(q, r0 + i, t, x, alpha, y + i);
   for (; i < nr; ++i) GemvNTRows<1, kTier>(q, r0 + i, t, x, alpha, y + i);
+}
+
+// ---- Rows in lanes (QView::lanes), f32 activations ----
+// One vector is the same 4 code bytes (8 codes) of NL rows of a panel: each code column is one
+// shift plus a lookup (AVX-512: vpermps in the tier's table, indexed by c + 8) or a shift pair and
+// a conversion (elsewhere), and one FMA with x[column] broadcast, every row in its own lane.
+// The same products as GemvNTRows, summed in another order.
+#if HWY_TARGET != HWY_SCALAR
+template <bool kTier, int B>
+HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF& hi) {
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  (void)wx, (void)t;
+  lo = VF{_mm512_permutexvar_ps(hn::ShiftRight<8 * B>(w).raw, table.raw)};
+  hi = VF{_mm512_permutexvar_ps(hn::ShiftRight<8 * B + 4>(w).raw, table.raw)};
+#else
+  (void)w, (void)table;  // wx: the codes in two's complement (stored ^ 0x88)
+  lo = Codes<kTier>(hn::ShiftRight<28>(hn::ShiftLeft<28 - 8 * B>(wx)), t);
+  hi = Codes<kTier>(hn::ShiftRight<28>(hn::ShiftLeft<24 - 8 * B>(wx)), t);
+#endif
+}
+
+// ya = rows [h NL, h NL + NL) of panel p times x, scaled (not yet by alpha).
+template <bool kTier>
+HWY_INLINE VF LanesGemvRows(const QView& q, std::size_t p, std::size_t h, const TierParams& t, VF table, const float* x) {
+  const DF df;
+  const DU du;
+  const hn::Rebind<std::uint16_t, DF> du16;
+  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = q.group / 8, hb = q.group / 2;
+  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
+  const VF mul = hn::Set(df, t.mul);
+  VF ya = hn::Zero(df);
+  const std::uint8_t* r = q.lanes_at(p, 0);
+  for (std::size_t g = 0; g < gpr; ++g, r += rec) {
+    if (h == 0)
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchBytes + o);
+    const float* xg = x + g * q.group;
+    VF acc[4] = {hn::Zero(df), hn::Zero(df), hn::Zero(df), hn::Zero(df)};
+    for (std::size_t k = 0; k < nq; ++k, xg += 4) {
+      const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h)), wx = hn::Xor(w, flip);
+      VF lo, hi;
+      LanesByte<kTier, 0>(w, wx, table, t, lo, hi);
+      acc[0] = hn::MulAdd(lo, hn::Set(df, xg[0]), acc[0]), acc[0] = hn::MulAdd(hi, hn::Set(df, xg[hb]), acc[0]);
+      LanesByte<kTier, 1>(w, wx, table, t, lo, hi);
+      acc[1] = hn::MulAdd(lo, hn::Set(df, xg[1]), acc[1]), acc[1] = hn::MulAdd(hi, hn::Set(df, xg[hb + 1]), acc[1]);
+      LanesByte<kTier, 2>(w, wx, table, t, lo, hi);
+      acc[2] = hn::MulAdd(lo, hn::Set(df, xg[2]), acc[2]), acc[2] = hn::MulAdd(hi, hn::Set(df, xg[hb + 2]), acc[2]);
+      LanesByte<kTier, 3>(w, wx, table, t, lo, hi);
+      acc[3] = hn::MulAdd(lo, hn::Set(df, xg[3]), acc[3]), acc[3] = hn::MulAdd(hi, hn::Set(df, xg[hb + 3]), acc[3]);
+    }
+    const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(du16, reinterpret_cast<const std::uint16_t*>(r + sc)))));
+    ya = hn::MulAdd(hn::Add(hn::Add(acc[0], acc[1]), hn::Add(acc[2], acc[3])), hn::Mul(s, mul), ya);
+  }
+  return ya;
+}
+#endif
+
+template <bool kTier>
+HWY_INLINE void LanesGemvT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* x, float alpha, float* y) {
+#if HWY_TARGET != HWY_SCALAR
+  const std::size_t NL = hn::Lanes(DF());
+  // AVX-512's table is indexed by the stored nibble, c + 8
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  HWY_ALIGN float tab[16];
+  for (std::size_t u = 0; u < 16; ++u) tab[u] = t.nibble[u ^ 8];
+  const VF tbl = hn::Load(DF(), tab);
+#else
+  const VF tbl = hn::Zero(DF());
+#endif
+  for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
+    const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
+    const VF ya[1] = {LanesGemvRows<kTier>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, t, tbl, x)};
+    q8k::LanesStore<1>(ya, i0, n, alpha, y + (b + i0 - r0), 0);
+  }
+#else
+  (void)q, (void)r0, (void)nr, (void)t, (void)x, (void)alpha, (void)y;
+#endif
 }
 
 // y[j] += sum_k c[k] W[k, j], k < nk, over the scalar groups [g0, g1) of each row.
@@ -6070,6 +6508,10 @@ HWY_INLINE void GemmNNT(const float* C, std::size_t ldc, std::size_t nt, std::si
 // ---- entry points (inline: header-only static dispatch from many TUs links) -------------------
 
 inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out, std::size_t ld) {
+  if (q.lanes)
+    return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      QDecodeRows(v, i0, n, tier, out + off * ld, ld);
+    });
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::DecodeRowsT<true>(q, r0, nr, t, out, ld);
   else qk::DecodeRowsT<false>(q, r0, nr, t, out, ld);
@@ -6077,6 +6519,10 @@ inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t
 
 inline HWY_NOINLINE void QDecodeRowsAdd(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* out,
                                         std::size_t ld) {
+  if (q.lanes)
+    return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      QDecodeRowsAdd(v, i0, n, tier, alpha, out + off * ld, ld);
+    });
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::DecodeRowsT<true, true>(q, r0, nr, t, out, ld, alpha);
   else qk::DecodeRowsT<false, true>(q, r0, nr, t, out, ld, alpha);
@@ -6084,11 +6530,26 @@ inline HWY_NOINLINE void QDecodeRowsAdd(const QView& q, std::size_t r0, std::siz
 
 inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x, float alpha, float* y) {
   const TierParams t = tier_params(q.bits, tier);
+  if (q.lanes) {
+    if constexpr (q8k::kLanesVec) {
+      if (t.shift) qk::LanesGemvT<true>(q, r0, nr, t, x, alpha, y);
+      else qk::LanesGemvT<false>(q, r0, nr, t, x, alpha, y);
+    } else {
+      q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+        QGemvNT(v, i0, n, tier, x, alpha, y + off);
+      });
+    }
+    return;
+  }
   if (t.shift) qk::GemvNTT<true>(q, r0, nr, t, x, alpha, y);
   else qk::GemvNTT<false>(q, r0, nr, t, x, alpha, y);
 }
 
 inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c, float* y) {
+  if (q.lanes)
+    return q8k::ForPanels(q, k0, nk, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      QGemvNN(v, i0, n, tier, c + off, y);
+    });
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::GemvNNT<true>(q, k0, nk, t, c, y);
   else qk::GemvNNT<false>(q, k0, nk, t, c, y);
@@ -6096,6 +6557,10 @@ inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk,
 
 inline HWY_NOINLINE void QGemmNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* C, std::size_t ldc,
                                  std::size_t nt, float* Y, std::size_t ldy) {
+  if (q.lanes)
+    return q8k::ForPanels(q, k0, nk, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      QGemmNN(v, i0, n, tier, C + off, ldc, nt, Y, ldy);
+    });
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::GemmNNQT<true>(q, k0, nk, t, C, ldc, nt, Y, ldy);
   else qk::GemmNNQT<false>(q, k0, nk, t, C, ldc, nt, Y, ldy);
@@ -6619,16 +7084,43 @@ struct KMat {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;
   bool nibble = false;
+  bool lanes = false;                 ///< rows in lanes (kernels/qview.hpp): scales live in codes
   std::vector<std::uint8_t> codes;
   std::vector<std::uint16_t> scales;
 
   kernels::QView view() const noexcept {
     kernels::QView v;
-    v.codes = codes.data(), v.scales = scales.data(), v.rows = rows, v.cols = cols, v.group = group, v.bits = bits, v.nibble = nibble;
+    v.codes = codes.data(), v.scales = lanes ? nullptr : scales.data(), v.rows = rows, v.cols = cols, v.group = group;
+    v.bits = bits, v.nibble = nibble, v.lanes = lanes;
     return v;
   }
   std::size_t bytes() const noexcept { return codes.size() + 2 * scales.size(); }
 
+  /// Repacks a storage-format matrix (same codes and scales, kernel layout); with `rows_in_lanes`
+  /// the rows-in-lanes layout where the shape takes it (QView::lanes_fit), else row-major.
+  static KMat from(const compress::QMatrix& q, bool rows_in_lanes) {
+    KMat k = from(q);
+    if (!rows_in_lanes || !kernels::QView::lanes_fit(k.cols, k.group, k.nibble)) return k;
+    const kernels::QView v = k.view();
+    const std::size_t R = kernels::QView::kLaneRows, gpr = v.groups_per_row(), rb = v.row_bytes(), gb = k.group / 2;
+    kernels::QView lv = v;
+    lv.lanes = true;
+    std::vector<std::uint8_t> out(lv.bytes(), 0x88);  // padded rows: codes 0 (stored ^ 0x88) ...
+    for (std::size_t p = 0; p < lv.panels(); ++p)
+      for (std::size_t g = 0; g < gpr; ++g) {
+        std::uint8_t* rec = out.data() + p * lv.lanes_panel() + g * lv.lanes_record();
+        std::fill(rec + 8 * k.group, rec + lv.lanes_record(), std::uint8_t{0});  // ... and scales 0
+        for (std::size_t i = 0; i < R && p * R + i < k.rows; ++i) {
+          const std::size_t r = p * R + i;
+          for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = k.codes[r * rb + g * gb + b] ^ 0x88;
+          std::memcpy(rec + 8 * k.group + 2 * i, &k.scales[r * gpr + g], 2);
+        }
+      }
+    k.codes = std::move(out);
+    k.scales.clear();
+    k.lanes = true;
+    return k;
+  }
   /// Repacks a storage-format matrix (same codes and scales, kernel layout).
   static KMat from(const compress::QMatrix& q) {
     KMat k;
@@ -6758,7 +7250,7 @@ struct KGroup {
         b.rb = static_cast<std::uint32_t>(g.grid.rb(i)), b.cb = static_cast<std::uint32_t>(g.grid.cb(i));
         b.rank = src.rank, b.basis = src.basis;
         switch (src.kind) {
-          case compress::block_kind::dense: b.a = KMat::from(src.a); break;
+          case compress::block_kind::dense: b.a = KMat::from(src.a, true); break;
           case compress::block_kind::lowrank: b.a = KMat::from(src.a), b.b = KMat::from(src.b); break;
           case compress::block_kind::shared: b.b = KMat::from(src.b); break;
           case compress::block_kind::raw: b.raw = src.raw; break;

@@ -9,7 +9,8 @@
 // partial last groups, odd group sizes, 1 ... 3 tokens (the 2- and 1-token tiles; one token: rows
 // a vector at a time, reduced together, and the rows left over) and 4 ... 40 tokens (the
 // tokens-in-lanes path of nibble codes: lane groups of 4, 2 or 1 lanes per token, one or two
-// tiles, partial tiles, row panels and leftover rows; with tiles prebuilt and without).
+// tiles, partial tiles, row panels and leftover rows; with tiles prebuilt and without). Nibble
+// cases with whole groups of a multiple of 8 run on the rows-in-lanes layout too.
 #include <doctest/doctest.h>
 
 #include <bit>
@@ -46,7 +47,9 @@ const Case kCases[] = {{1, 1, 32, 8},     {5, 37, 32, 4},   {9, 1408, 32, 4}, {3
                        // whole vectors of rows of the one-token path, plus leftover rows; two
                        // column segments; groups spanning chunks; byte containers with a vector
                        // body and a scalar tail
-                       {37, 600, 32, 4},  {20, 1408, 64, 3}, {17, 512, 256, 4}, {18, 300, 32, 8}, {35, 96, 16, 6}};
+                       {37, 600, 32, 4},  {20, 1408, 64, 3}, {17, 512, 256, 4}, {18, 300, 32, 8}, {35, 96, 16, 6},
+                       // rows in lanes: panels padded or not, group bytes 4 ... 128
+                       {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {50, 2048, 32, 4}};
 
 /// The reference quantizer: per group, amax; scale amax / 127; xq = round_half_even(x * 127 / amax).
 struct RefQ {
@@ -122,9 +125,12 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
       CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
       const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 7 + c.cols), 0.05f);
       const auto qm = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
-      const auto km = s2lc::morph::KMat::from(qm);
-      const auto q = km.view();
       const auto W = cz::dequantize(qm);
+      for (bool lanes : {false, true}) {
+      const auto km = s2lc::morph::KMat::from(qm, lanes);
+      if (lanes && !km.lanes) continue;  // the shape does not take rows in lanes
+      CAPTURE(lanes);
+      const auto q = km.view();
       for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 7u, 8u, 16u, 19u, 33u, 40u}) {
         CAPTURE(nt);
         const std::size_t ldx = c.cols + 1, ldy = c.rows + 3, ab = k::Q8Acts::bytes(q);
@@ -156,7 +162,7 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
                 const long long p = static_cast<long long>(k::detail::stored_code(q, i, j)) * ref.xq[j];
                 is += p, ia += p < 0 ? -p : p;
               }
-              const double sc = double(s2lc::bf16_to_f32(q.scales[i * q.groups_per_row() + g])) * ref.sx[g];
+              const double sc = double(s2lc::bf16_to_f32(q.scale_bits(i, g))) * ref.sx[g];
               s += sc * double(is), a += std::fabs(sc) * double(ia);
             }
             const double got = y[t * ldy + i];
@@ -186,6 +192,7 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
         CHECK(y[c.rows - 1] == 0.0f);
         for (std::size_t i = 1; i + 1 < c.rows; ++i) CHECK(std::fabs(y[i] - full[i]) <= 1e-5f * (std::fabs(full[i]) + 1e-3f));
       }
+      }
     }
     if (target != HWY_SCALAR) REQUIRE(tiled > 0);
   }
@@ -196,8 +203,10 @@ TEST_CASE("kernels: q8 gemv turns a non-finite activation into NaN outputs, neve
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
     const auto w = randn(4 * 256, 9, 0.05f);
-    const auto km = s2lc::morph::KMat::from(cz::quantize(w.data(), 4, 256, {4, 32, false}));
+    for (bool lanes : {false, true})
     for (float bad : {INFINITY, NAN}) {
+      const auto km = s2lc::morph::KMat::from(cz::quantize(w.data(), 4, 256, {4, 32, false}), lanes);
+      REQUIRE(km.lanes == lanes);
       auto x = randn(256, 10, 1.0f);
       x[77] = bad;
       std::vector<std::uint8_t> acts(k::Q8Acts::bytes(km.view()));

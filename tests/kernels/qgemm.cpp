@@ -3,6 +3,8 @@
 // products stay within the f32 summation bound (K + 4) * 2^-24 * sum |w x| of a double reference;
 // merge then unmerge restores the buffer bit for bit. Shapes, group sizes and lengths are chosen
 // so that vector bodies, partial groups, odd group sizes and scalar tails are all exercised.
+// Every quantized kernel runs on both kernel layouts where the shape takes the rows-in-lanes one
+// (nibble codes, whole groups of a multiple of 8): the same bounds, the same bits for decode.
 #include <doctest/doctest.h>
 
 #include <bit>
@@ -41,7 +43,27 @@ struct Case {
 // 300 x 600: q_gemv_nn's coefficients computed in two chunks of rows.
 const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 32, 4}, {6, 45, 16, 3},
                        {4, 96, 64, 2}, {7, 33, 7, 4}, {3, 70, 10, 6}, {13, 256, 32, 5}, {2, 31, 32, 2},
-                       {5, 80, 16, 8}, {53, 288, 32, 3}, {300, 600, 32, 4}};
+                       {5, 80, 16, 8}, {53, 288, 32, 3}, {300, 600, 32, 4},
+                       // rows in lanes: one panel, a padded one, several, quads per group 1 ... 8,
+                       // quads per row not a multiple of the lanes
+                       {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}};
+
+/// The kernel layouts to run a case on: row-major, and rows in lanes where the shape takes it.
+std::vector<s2lc::morph::KMat> layouts(const cz::QMatrix& q) {
+  std::vector<s2lc::morph::KMat> v{s2lc::morph::KMat::from(q)};
+  auto l = s2lc::morph::KMat::from(q, true);
+  REQUIRE(l.lanes == k::QView::lanes_fit(q.cols, q.group, v[0].nibble));
+  if (l.lanes) {
+    REQUIRE(l.view().bytes() == l.codes.size());
+    for (std::size_t r = 0; r < q.rows; ++r)
+      for (std::size_t c = 0; c < q.cols; ++c) {
+        REQUIRE(k::detail::stored_code(l.view(), r, c) == k::detail::stored_code(v[0].view(), r, c));
+        REQUIRE(l.view().scale_bits(r, c / q.group) == v[0].view().scale_bits(r, c / q.group));
+      }
+    v.push_back(std::move(l));
+  }
+  return v;
+}
 
 /// |value| bound of the error of an f32 sum of K products: (K + 4) u sum |terms|.
 double bound(std::size_t K, double abs_sum) { return static_cast<double>(K + 4) * kU * abs_sum + 1e-30; }
@@ -56,27 +78,34 @@ TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit
       CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
       const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 131 + c.cols), 0.05f);
       const auto q = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
-      const auto km = s2lc::morph::KMat::from(q);
-      CHECK(km.nibble == (c.bits <= 4 && c.group % 2 == 0));
-      for (unsigned tier = 2; tier <= c.bits; ++tier) {
-        CAPTURE(tier);
-        std::vector<float> got(c.rows * c.cols + 1, -9.0f), ref(c.cols);
-        k::q_decode_rows(km.view(), 0, c.rows, tier == c.bits ? 0 : tier, got.data(), c.cols);
-        for (std::size_t r = 0; r < c.rows; ++r) {
-          cz::dequantize_row(q, r, ref.data(), tier);
-          for (std::size_t j = 0; j < c.cols; ++j) REQUIRE(std::bit_cast<std::uint32_t>(got[r * c.cols + j]) == std::bit_cast<std::uint32_t>(ref[j]));
+      for (const auto& km : layouts(q)) {
+        CAPTURE(km.lanes);
+        CHECK(km.nibble == (c.bits <= 4 && c.group % 2 == 0));
+        for (unsigned tier = 2; tier <= c.bits; ++tier) {
+          CAPTURE(tier);
+          std::vector<float> got(c.rows * c.cols + 1, -9.0f), ref(c.cols);
+          k::q_decode_rows(km.view(), 0, c.rows, tier == c.bits ? 0 : tier, got.data(), c.cols);
+          for (std::size_t r = 0; r < c.rows; ++r) {
+            cz::dequantize_row(q, r, ref.data(), tier);
+            for (std::size_t j = 0; j < c.cols; ++j) REQUIRE(std::bit_cast<std::uint32_t>(got[r * c.cols + j]) == std::bit_cast<std::uint32_t>(ref[j]));
+          }
+          REQUIRE(got.back() == -9.0f);  // no write past the rows
+          if (c.rows >= 3) {  // a row sub-range (rows in lanes: not on panel bounds)
+            std::vector<float> sub((c.rows - 2) * c.cols, -9.0f);
+            k::q_decode_rows(km.view(), 1, c.rows - 2, tier == c.bits ? 0 : tier, sub.data(), c.cols);
+            for (std::size_t i = 0; i < sub.size(); ++i) REQUIRE(std::bit_cast<std::uint32_t>(sub[i]) == std::bit_cast<std::uint32_t>(got[c.cols + i]));
+          }
+          // q_decode_rows_add: out += alpha * decoded, one rounding (FMA) or two (mul, add) per element.
+          const float alpha = -0.625f;
+          auto acc = randn(c.rows * c.cols + 1, static_cast<std::uint32_t>(c.rows + 7), 0.01f);
+          const auto acc0 = acc;
+          k::q_decode_rows_add(km.view(), 0, c.rows, tier == c.bits ? 0 : tier, alpha, acc.data(), c.cols);
+          for (std::size_t i = 0; i < c.rows * c.cols; ++i) {
+            const double want = double(acc0[i]) + double(alpha) * got[i];
+            REQUIRE(std::fabs(acc[i] - want) <= kU * (std::fabs(want) + std::fabs(double(alpha) * got[i])) + 1e-37);
+          }
+          REQUIRE(acc.back() == acc0.back());
         }
-        REQUIRE(got.back() == -9.0f);  // no write past the rows
-        // q_decode_rows_add: out += alpha * decoded, one rounding (FMA) or two (mul, add) per element.
-        const float alpha = -0.625f;
-        auto acc = randn(c.rows * c.cols + 1, static_cast<std::uint32_t>(c.rows + 7), 0.01f);
-        const auto acc0 = acc;
-        k::q_decode_rows_add(km.view(), 0, c.rows, tier == c.bits ? 0 : tier, alpha, acc.data(), c.cols);
-        for (std::size_t i = 0; i < c.rows * c.cols; ++i) {
-          const double want = double(acc0[i]) + double(alpha) * got[i];
-          REQUIRE(std::fabs(acc[i] - want) <= kU * (std::fabs(want) + std::fabs(double(alpha) * got[i])) + 1e-37);
-        }
-        REQUIRE(acc.back() == acc0.back());
       }
     }
   }
@@ -90,63 +119,65 @@ TEST_CASE("kernels: fused quantized gemv (both orientations) and q_gemm_nn withi
       CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
       const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 7 + c.cols), 0.05f);
       const auto q = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
-      const auto km = s2lc::morph::KMat::from(q);
-      const auto x = randn(c.cols, 11), t = randn(c.rows, 12);
-      for (unsigned tier : {0u, 2u, c.bits - 1}) {
-        if (tier == 1) continue;
-        CAPTURE(tier);
-        const auto W = cz::dequantize(q, tier);
-        // y = 0.5 + alpha W x
-        std::vector<float> y(c.rows + 1, 0.5f);
-        y.back() = -9.0f;
-        k::q_gemv_nt(km.view(), 0, c.rows, tier, x.data(), -1.5f, y.data());
-        for (std::size_t i = 0; i < c.rows; ++i) {
-          double s = 0, a = 0;
-          for (std::size_t j = 0; j < c.cols; ++j) s += double(W[i * c.cols + j]) * x[j], a += std::fabs(double(W[i * c.cols + j]) * x[j]);
-          REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
-        }
-        REQUIRE(y.back() == -9.0f);
-        // z = 0.25 + W^T t
-        std::vector<float> z(c.cols + 1, 0.25f);
-        z.back() = -9.0f;
-        k::q_gemv_nn(km.view(), 0, c.rows, tier, t.data(), z.data());
-        for (std::size_t j = 0; j < c.cols; ++j) {
-          double s = 0.25, a = 0.25;
-          for (std::size_t i = 0; i < c.rows; ++i) s += double(W[i * c.cols + j]) * t[i], a += std::fabs(double(W[i * c.cols + j]) * t[i]);
-          REQUIRE(std::fabs(z[j] - s) <= bound(c.rows, a));
-        }
-        REQUIRE(z.back() == -9.0f);
-        // Z[t] = 0.25 + W^T T[t] for 1..9 tokens (q_gemm_nn: tiles of 4, 2, 1 tokens)
-        for (std::size_t nt : {1u, 2u, 3u, 4u, 7u, 9u}) {
-          CAPTURE(nt);
-          const std::size_t ldc = c.rows + 2, ldz = c.cols + 3;
-          const auto T = randn(nt * ldc, static_cast<std::uint32_t>(13 + nt));
-          std::vector<float> Z(nt * ldz, 0.25f);
-          k::q_gemm_nn(km.view(), 0, c.rows, tier, T.data(), ldc, nt, Z.data(), ldz);
-          for (std::size_t i = 0; i < nt; ++i) {
-            for (std::size_t j = 0; j < c.cols; ++j) {
-              double s = 0.25, a = 0.25;
-              for (std::size_t r = 0; r < c.rows; ++r) {
-                const double p = double(W[r * c.cols + j]) * T[i * ldc + r];
-                s += p, a += std::fabs(p);
+      for (const auto& km : layouts(q)) {
+        CAPTURE(km.lanes);
+        const auto x = randn(c.cols, 11), t = randn(c.rows, 12);
+        for (unsigned tier : {0u, 2u, c.bits - 1}) {
+          if (tier == 1) continue;
+          CAPTURE(tier);
+          const auto W = cz::dequantize(q, tier);
+          // y = 0.5 + alpha W x
+          std::vector<float> y(c.rows + 1, 0.5f);
+          y.back() = -9.0f;
+          k::q_gemv_nt(km.view(), 0, c.rows, tier, x.data(), -1.5f, y.data());
+          for (std::size_t i = 0; i < c.rows; ++i) {
+            double s = 0, a = 0;
+            for (std::size_t j = 0; j < c.cols; ++j) s += double(W[i * c.cols + j]) * x[j], a += std::fabs(double(W[i * c.cols + j]) * x[j]);
+            REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
+          }
+          REQUIRE(y.back() == -9.0f);
+          // z = 0.25 + W^T t
+          std::vector<float> z(c.cols + 1, 0.25f);
+          z.back() = -9.0f;
+          k::q_gemv_nn(km.view(), 0, c.rows, tier, t.data(), z.data());
+          for (std::size_t j = 0; j < c.cols; ++j) {
+            double s = 0.25, a = 0.25;
+            for (std::size_t i = 0; i < c.rows; ++i) s += double(W[i * c.cols + j]) * t[i], a += std::fabs(double(W[i * c.cols + j]) * t[i]);
+            REQUIRE(std::fabs(z[j] - s) <= bound(c.rows, a));
+          }
+          REQUIRE(z.back() == -9.0f);
+          // Z[t] = 0.25 + W^T T[t] for 1..9 tokens (q_gemm_nn: tiles of 4, 2, 1 tokens)
+          for (std::size_t nt : {1u, 2u, 3u, 4u, 7u, 9u}) {
+            CAPTURE(nt);
+            const std::size_t ldc = c.rows + 2, ldz = c.cols + 3;
+            const auto T = randn(nt * ldc, static_cast<std::uint32_t>(13 + nt));
+            std::vector<float> Z(nt * ldz, 0.25f);
+            k::q_gemm_nn(km.view(), 0, c.rows, tier, T.data(), ldc, nt, Z.data(), ldz);
+            for (std::size_t i = 0; i < nt; ++i) {
+              for (std::size_t j = 0; j < c.cols; ++j) {
+                double s = 0.25, a = 0.25;
+                for (std::size_t r = 0; r < c.rows; ++r) {
+                  const double p = double(W[r * c.cols + j]) * T[i * ldc + r];
+                  s += p, a += std::fabs(p);
+                }
+                REQUIRE(std::fabs(Z[i * ldz + j] - s) <= bound(c.rows, a));
               }
-              REQUIRE(std::fabs(Z[i * ldz + j] - s) <= bound(c.rows, a));
+              for (std::size_t j = c.cols; j < ldz; ++j) REQUIRE(Z[i * ldz + j] == 0.25f);  // nothing else written
             }
-            for (std::size_t j = c.cols; j < ldz; ++j) REQUIRE(Z[i * ldz + j] == 0.25f);  // nothing else written
           }
         }
-      }
-      // A row sub-range: only those rows are read and written.
-      if (c.rows >= 3) {
-        std::vector<float> y(c.rows, 0.0f);
-        k::q_gemv_nt(km.view(), 1, c.rows - 2, 0, x.data(), 1.0f, y.data());
-        const auto W = cz::dequantize(q);
-        double s = 0, a = 0;
-        for (std::size_t j = 0; j < c.cols; ++j) s += double(W[c.cols + j]) * x[j], a += std::fabs(double(W[c.cols + j]) * x[j]);
-        CHECK(std::fabs(y[0] - s) <= bound(c.cols, a));
-        CHECK(y[c.rows - 3] != 0.0f);
-        CHECK(y[c.rows - 2] == 0.0f);
-        CHECK(y[c.rows - 1] == 0.0f);
+        // A row sub-range: only those rows are read and written.
+        if (c.rows >= 3) {
+          std::vector<float> y(c.rows, 0.0f);
+          k::q_gemv_nt(km.view(), 1, c.rows - 2, 0, x.data(), 1.0f, y.data());
+          const auto W = cz::dequantize(q);
+          double s = 0, a = 0;
+          for (std::size_t j = 0; j < c.cols; ++j) s += double(W[c.cols + j]) * x[j], a += std::fabs(double(W[c.cols + j]) * x[j]);
+          CHECK(std::fabs(y[0] - s) <= bound(c.cols, a));
+          CHECK(y[c.rows - 3] != 0.0f);
+          CHECK(y[c.rows - 2] == 0.0f);
+          CHECK(y[c.rows - 1] == 0.0f);
+        }
       }
     }
   }

@@ -103,6 +103,126 @@ HWY_INLINE VF SumBlocks(const VF* s) {
 inline constexpr bool kRowsVec = false;
 #endif
 
+// Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
+// short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
+inline constexpr std::size_t kPrefetch = 8192;
+
+#if HWY_TARGET != HWY_SCALAR
+// The kN x kN transpose of v (kN = 4, 8 or 16 lanes) in registers: unpacks inside 128-bit blocks,
+// then blocks exchanged; u[k][c] = column 4k + c of v (lane i = v[i]'s lane 4k + c).
+template <class D, std::size_t kN = hn::MaxLanes(D())>
+HWY_INLINE void TransposeBlocks(const hn::Vec<D> (&v)[kN], hn::Vec<D> (&u)[kN / 4][4]) {
+  using V = hn::Vec<D>;
+  const D df;
+  const hn::Repartition<std::uint64_t, D> d64;
+  const std::size_t N = kN;
+  // Per 128-bit block, rows 4q..4q+3 -> u[q][c]: block k holds column 4k + c of those rows.
+  for (std::size_t q = 0; q < N / 4; ++q) {
+    const V t0 = hn::InterleaveLower(df, v[4 * q], v[4 * q + 1]), t1 = hn::InterleaveUpper(df, v[4 * q], v[4 * q + 1]);
+    const V t2 = hn::InterleaveLower(df, v[4 * q + 2], v[4 * q + 3]), t3 = hn::InterleaveUpper(df, v[4 * q + 2], v[4 * q + 3]);
+    const auto a0 = hn::BitCast(d64, t0), a1 = hn::BitCast(d64, t1), a2 = hn::BitCast(d64, t2), a3 = hn::BitCast(d64, t3);
+    u[q][0] = hn::BitCast(df, hn::InterleaveLower(d64, a0, a2));
+    u[q][1] = hn::BitCast(df, hn::InterleaveUpper(d64, a0, a2));
+    u[q][2] = hn::BitCast(df, hn::InterleaveLower(d64, a1, a3));
+    u[q][3] = hn::BitCast(df, hn::InterleaveUpper(d64, a1, a3));
+  }
+  // Transpose the blocks: u[q][c] block k -> column 4k + c, rows 4q..4q+3 of the result.
+  for (std::size_t c = 0; c < 4; ++c) {
+    if constexpr (kN == 16) {
+      for (std::size_t q = 0; q < 2; ++q) {
+        const V lo = u[q][c], hi = u[q + 2][c];
+        u[q][c] = hn::ConcatLowerLower(df, hi, lo), u[q + 2][c] = hn::ConcatUpperUpper(df, hi, lo);
+      }
+    }
+    if constexpr (kN >= 8) {
+      for (std::size_t q = 0; q < N / 4; q += 2) {
+        const V a = u[q][c], b = u[q + 1][c];
+        u[q][c] = hn::OddEvenBlocks(hn::SwapAdjacentBlocks(b), a), u[q + 1][c] = hn::OddEvenBlocks(b, hn::SwapAdjacentBlocks(a));
+      }
+    }
+  }
+}
+#endif
+
+// Rows in lanes (QView::lanes; the kernels are below and in qgemm-inl.h): whether this target
+// has them (else a panel at a time is unpacked to the row-major form), and their stores.
+inline constexpr bool kLanesVec =
+    HWY_TARGET != HWY_SCALAR && !HWY_HAVE_SCALABLE && hn::MaxLanes(DF()) >= 4 && hn::MaxLanes(DF()) <= QView::kLaneRows;
+
+// unpack_lanes (qview.hpp), the codes moved NL x NL quads at a time through TransposeBlocks.
+HWY_INLINE QView UnpackPanel(const QView& q, std::size_t p, std::uint8_t* codes, std::uint16_t* scales) {
+#if HWY_TARGET != HWY_SCALAR
+  if constexpr (kLanesVec) {
+    const DF df;
+    const hn::RebindToSigned<DF> di;
+    constexpr std::size_t kN = hn::MaxLanes(DF());
+    const QView v = unpack_lanes_view(q, p, codes, scales);
+    const std::size_t rb = q.row_bytes(), nq = q.group / 8, nqr = q.groups_per_row() * nq;
+    const auto flip = hn::Set(di, static_cast<std::int32_t>(0x88888888u));
+    const std::size_t full = nqr / kN * kN, rec = q.lanes_record();
+    for (std::size_t o = 0; o < q.lanes_panel(); o += 64) hwy::Prefetch(q.lanes_at(p, 0) + kPrefetch + o);  // panels ahead
+    for (std::size_t h = 0; h * kN < v.rows; ++h) {
+      const std::size_t rows = std::min(kN, v.rows - h * kN);
+      const std::uint8_t* r = q.lanes_at(p, 0) + 4 * kN * h;
+      for (std::size_t m0 = 0, k = 0; m0 < full; m0 += kN) {
+        VF in[kN];
+        for (std::size_t j = 0; j < kN; ++j) {  // quad m0 + j: quad k of the group at r
+          in[j] = hn::BitCast(df, hn::LoadU(di, reinterpret_cast<const std::int32_t*>(r + 64 * k)));
+          if (++k == nq) k = 0, r += rec;
+        }
+        VF u[kN / 4][4];
+        TransposeBlocks<DF>(in, u);
+        for (std::size_t i = 0; i < rows; ++i)
+          hn::StoreU(hn::Xor(hn::BitCast(di, u[i / 4][i % 4]), flip), di, reinterpret_cast<std::int32_t*>(codes + (h * kN + i) * rb + 4 * m0));
+      }
+      if (full < nqr) unpack_lanes_quads(q, p, full, h * kN, h * kN + rows, codes);
+    }
+    return v;
+  }
+#endif
+  return unpack_lanes(q, p, codes, scales);
+}
+
+// Runs f(v, i0, n, off) over rows [r0, r0 + nr) of a rows-in-lanes q, unpacked to the row-major
+// form (UnpackPanel) as many whole panels at a time as kUnpackBytes of codes hold (at least one;
+// each call of f has a per-call cost): v views those panels' rows, [i0, i0 + n) is the part of the
+// range in them, off that part's first row minus r0. For the kernels without a rows-in-lanes body.
+inline constexpr std::size_t kUnpackBytes = 32768;
+template <class F>
+inline void ForPanels(const QView& q, std::size_t r0, std::size_t nr, F&& f) {
+  constexpr std::size_t R = QView::kLaneRows;
+  static_assert(kUnpackBytes >= R * QView::kLanesMaxCols / 2);
+  HWY_ALIGN std::uint8_t codes[kUnpackBytes];
+  // scales: 2 bytes per group of >= 8 codes, <= half the codes' bytes
+  std::uint16_t scales[kUnpackBytes / 4];
+  const std::size_t rb = q.row_bytes(), gpr = q.groups_per_row(), per = kUnpackBytes / (R * rb);
+  for (std::size_t r = r0; r < r0 + nr;) {
+    const std::size_t p0 = r / R, np = std::min(per, (r0 + nr - 1) / R + 1 - p0);
+    QView v = UnpackPanel(q, p0, codes, scales);
+    for (std::size_t j = 1; j < np; ++j) v.rows += UnpackPanel(q, p0 + j, codes + j * R * rb, scales + j * R * gpr).rows;
+    const std::size_t i0 = r - p0 * R, n = std::min(p0 * R + v.rows, r0 + nr) - r;
+    f(v, i0, n, r - r0);
+    r += n;
+  }
+}
+
+// y[t * ldy + i] += alpha * ya[t] lane (i + i0 - off) for the rows of [i0, i0 + n) (of a vector of NL).
+template <std::size_t T>
+HWY_INLINE void LanesStore(const VF (&ya)[T], std::size_t i0, std::size_t n, float alpha, float* y, std::size_t ldy) {
+  const DF df;
+  const std::size_t NL = hn::Lanes(df);
+  for (std::size_t t = 0; t < T; ++t) {
+    float* yt = y + t * ldy;
+    if (i0 == 0 && n == NL) {
+      hn::StoreU(hn::MulAdd(ya[t], hn::Set(df, alpha), hn::LoadU(df, yt)), df, yt);
+      continue;
+    }
+    HWY_ALIGN float v[hn::MaxLanes(DF())];
+    hn::Store(ya[t], df, v);
+    for (std::size_t i = i0; i < i0 + n; ++i) yt[i - i0] += alpha * v[i];
+  }
+}
+
 }  // namespace q8k
 }  // namespace s2lc::kernels::HWY_NAMESPACE
 
@@ -201,7 +321,7 @@ inline HWY_NOINLINE float TailRow(const QView& q, const Layout& L, std::size_t r
     const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
     std::int32_t acc = 0;
     for (std::size_t j = 0; j < n; ++j) acc += detail::stored_code(q, r, c0 + j) * XqAt(q, L, lo, hi, c0 + j);
-    s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scales[r * L.gpr + g]);
+    s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scale_bits(r, g));
   }
   return s;
 }
@@ -241,9 +361,6 @@ HWY_INLINE void QuantizeGroup(const float* x, std::size_t n, bool nibble, std::i
 // The scales the kernel multiplies by are f32: Q8GemvNT converts them per panel of rows and
 // column segment into a stack buffer (kScaleBuf floats), so the row loop only loads them.
 inline constexpr std::size_t kScaleBuf = 4096;
-// Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
-// short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
-inline constexpr std::size_t kPrefetch = 8192;
 
 // Columns [g0 * gb, g1 * gb) of the vector body, as a panel's work description.
 struct Span {
@@ -482,9 +599,11 @@ HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t*
 // kG16: groups of 16 code bytes (32 nibble codes, the default) within a chunk and fixed-width
 // vectors (G.N8, G.NL the targets' maxima): every loop over a group's bytes has a constant trip
 // count and unrolls (a group's 2-4 steps otherwise paid a loop's overhead each).
-template <class D, std::size_t R, std::size_t T, std::size_t S, bool kG16 = false>
+// kLanes: dec is decoded rows in lanes (DecodeLanes: decoded quad m of row i at 64 m + 4 i; S = 1).
+template <class D, std::size_t R, std::size_t T, std::size_t S, bool kG16 = false, bool kLanes = false>
 HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds, const std::uint8_t* tiles,
                         float* out) {
+  static_assert(!kLanes || S == 1, "rows in lanes: one lane per token");
 #if HWY_TARGET != HWY_SCALAR
   const D df;
   const hn::RebindToSigned<D> di;
@@ -509,7 +628,7 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
         for (std::size_t j = 0; j < T; ++j)
           xv[j] = hn::LoadU(di8, reinterpret_cast<const std::int8_t*>(tiles + j * G.tile + d / S * NL));
         for (std::size_t i = 0; i < R; ++i) {
-          const std::uint8_t* c = dec + i * kDecStride + d;  // S quads of row i, to every lane group
+          const std::uint8_t* c = kLanes ? dec + 16 * d + 4 * i : dec + i * kDecStride + d;  // S quads of row i, to every lane group
           hn::Vec<decltype(du8)> wv;
           if constexpr (S == 1) {
             std::int32_t c4;
@@ -573,6 +692,37 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
 #endif
 }
 
+// Decodes panel p of a rows-in-lanes q, the segment at code byte s0, into dec in lanes order:
+// decoded quad m (what DecodeRows puts at row offset 4 m) of panel row i at 64 m + 4 i. The
+// records' bytes are already c + 8, so a quad is an And (low nibbles) or a shift and an And.
+HWY_INLINE void DecodeLanes(const QView& q, const TokGeom& G, std::size_t p, std::size_t s0, std::uint8_t* dec) {
+#if HWY_TARGET != HWY_SCALAR
+  const DU8 du8;  // 16, 32 or 64 bytes where kLanesVec holds: whole vectors of a 64-byte quad
+  const auto k0f = hn::Set(du8, 0x0F);
+  const std::size_t nq = q.group / 8, rec = q.lanes_record(), N8 = hn::Lanes(du8);
+  const std::uint8_t* r = q.lanes_at(p, s0 / 4 / nq);  // the record of the segment's first quad
+  // code quad ob / 4 of the segment: quad k of the record at r; its low nibbles go to decoded
+  // offset dlo (chunk c of N8 code bytes: its low nibbles, then its high ones)
+  for (std::size_t ob = 0, k = s0 / 4 % nq, dlo = 0, c = 0; ob < G.seg; ob += 4) {
+    const std::uint8_t* src = r + 64 * k;
+    hwy::Prefetch(src + kPrefetch);  // every line of the records (cold panels come from DRAM)
+    if (k == 0) hwy::Prefetch(r + 8 * std::size_t{q.group} + kPrefetch);
+    std::uint8_t* lo = dec + 16 * dlo;
+    std::uint8_t* hi = dec + 16 * (dlo + G.N8);
+    if (++k == nq) k = 0, r += rec;
+    dlo += 4;
+    if ((c += 4) == G.N8) c = 0, dlo += G.N8;
+    for (std::size_t b = 0; b < 64; b += N8) {
+      const VU8 v = hn::LoadU(du8, src + b);
+      hn::StoreU(hn::And(v, k0f), du8, lo + b);
+      hn::StoreU(hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f), du8, hi + b);
+    }
+  }
+#else
+  (void)q, (void)G, (void)p, (void)s0, (void)dec;
+#endif
+}
+
 // y[t * ldy + i] += alpha * m[i * lds + t] for i < NL (all lanes) and t < nt <= NL: the NL x NL
 // block transposed in registers (unpacks inside 128-bit blocks, then blocks exchanged), so y is
 // updated a vector of rows at a time.
@@ -581,38 +731,13 @@ HWY_INLINE void TransposeAdd(const float* m, std::size_t lds, std::size_t nt, fl
 #if HWY_TARGET != HWY_SCALAR
   using V = hn::Vec<D>;
   const D df;
-  const hn::Repartition<std::uint64_t, D> d64;
   constexpr std::size_t kN = hn::MaxLanes(D());
   const std::size_t N = hn::Lanes(df);
   if constexpr (kN >= 4 && kN <= 16) {
     V v[kN];
     for (std::size_t i = 0; i < N; ++i) v[i] = hn::LoadU(df, m + i * lds);
-    // Per 128-bit block, rows 4q..4q+3 -> u[q][c]: block k holds column 4k + c of those rows.
     V u[kN / 4][4];
-    for (std::size_t q = 0; q < N / 4; ++q) {
-      const V t0 = hn::InterleaveLower(df, v[4 * q], v[4 * q + 1]), t1 = hn::InterleaveUpper(df, v[4 * q], v[4 * q + 1]);
-      const V t2 = hn::InterleaveLower(df, v[4 * q + 2], v[4 * q + 3]), t3 = hn::InterleaveUpper(df, v[4 * q + 2], v[4 * q + 3]);
-      const auto a0 = hn::BitCast(d64, t0), a1 = hn::BitCast(d64, t1), a2 = hn::BitCast(d64, t2), a3 = hn::BitCast(d64, t3);
-      u[q][0] = hn::BitCast(df, hn::InterleaveLower(d64, a0, a2));
-      u[q][1] = hn::BitCast(df, hn::InterleaveUpper(d64, a0, a2));
-      u[q][2] = hn::BitCast(df, hn::InterleaveLower(d64, a1, a3));
-      u[q][3] = hn::BitCast(df, hn::InterleaveUpper(d64, a1, a3));
-    }
-    // Transpose the blocks: u[q][c] block k -> column 4k + c, rows 4q..4q+3 of the result.
-    for (std::size_t c = 0; c < 4; ++c) {
-      if constexpr (kN == 16) {
-        for (std::size_t q = 0; q < 2; ++q) {
-          const V lo = u[q][c], hi = u[q + 2][c];
-          u[q][c] = hn::ConcatLowerLower(df, hi, lo), u[q + 2][c] = hn::ConcatUpperUpper(df, hi, lo);
-        }
-      }
-      if constexpr (kN >= 8) {
-        for (std::size_t q = 0; q < N / 4; q += 2) {
-          const V a = u[q][c], b = u[q + 1][c];
-          u[q][c] = hn::OddEvenBlocks(hn::SwapAdjacentBlocks(b), a), u[q + 1][c] = hn::OddEvenBlocks(b, hn::SwapAdjacentBlocks(a));
-        }
-      }
-    }
+    TransposeBlocks<D>(v, u);
     const V va = hn::Set(df, alpha);
     for (std::size_t k = 0; k < N / 4; ++k)
       for (std::size_t c = 0; c < 4; ++c) {
@@ -634,14 +759,14 @@ HWY_INLINE bool G16(const TokGeom& G) {
   return !HWY_HAVE_SCALABLE && G.gpc != 0 && G.gb == 16 && G.N8 == hn::MaxLanes(DU8()) && G.NL == hn::MaxLanes(DF());
 }
 
-template <class D, std::size_t T, std::size_t S>
+template <class D, std::size_t T, std::size_t S, bool kLanes = false>
 HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds,
                          const std::uint8_t* tiles, float* out) {
-  if (R == 8 && T == 1 && G16(G)) TokRows<D, 8, 1, S, true>(G, dec, sw, lds, tiles, out);
-  else if (R == 8) TokRows<D, 8, T, S>(G, dec, sw, lds, tiles, out);
-  else if (R == 4) TokRows<D, 4, T, S>(G, dec, sw, lds, tiles, out);
-  else if (R == 2) TokRows<D, 2, T, S>(G, dec, sw, lds, tiles, out);
-  else TokRows<D, 1, T, S>(G, dec, sw, lds, tiles, out);
+  if (R == 8 && T == 1 && G16(G)) TokRows<D, 8, 1, S, true, kLanes>(G, dec, sw, lds, tiles, out);
+  else if (R == 8) TokRows<D, 8, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
+  else if (R == 4) TokRows<D, 4, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
+  else if (R == 2) TokRows<D, 2, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
+  else TokRows<D, 1, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
 }
 
 // Code bytes per column segment of the tokens path (whole chunks or groups).
@@ -681,10 +806,12 @@ HWY_INLINE void BuildTiles(const Layout& L, const std::uint8_t* acts, std::size_
 
 // The tokens-in-lanes path of Q8GemvNT with tiles of NL / S tokens (lane groups of S); pre: the
 // tiles BuildTiles made for these activations (or null: built here per segment).
-template <class D, std::size_t S>
+// kLanes: q is rows in lanes (S = 1, r0 on a panel): each 16-row panel is decoded once per segment
+// and tile pair (DecodeLanes) and TokRows reads its rows in place.
+template <class D, std::size_t S, bool kLanes = false>
 HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                           const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
-  constexpr std::size_t kMaxNL = 16, kR = 8;  // rows per TokRows: 4 with two tiles, 8 with one
+  constexpr std::size_t kMaxNL = 16, kR = kLanes ? QView::kLaneRows : 8;  // rows per TokRows: 4 with two tiles, 8 with one
   const std::size_t NL = hn::Lanes(D());
   // A tile: 2 kSegBytes quads bytes per lane, sx and corr of at most kSegBytes / 4 groups.
   constexpr std::size_t kTileMax = (2 * kSegBytes + 8 * (kSegBytes / 4)) * kMaxNL;
@@ -703,7 +830,21 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
       if (pre) tiles = pre + off + tt * G.tile;
       else
         for (std::size_t j = 0; j < T; ++j) BuildTile<S>(G, L, acts, abytes, (tt + j) * per, nt, s0, g0, own + j * G.tile);
+      std::size_t panel = ~std::size_t{0};  // the lanes panel decoded in dec
+      const std::uint8_t* rows = dec;      // row r's decoded codes (kLanes: in the panel)
       auto prepare = [&](std::size_t r, std::size_t R) {  // rows r..r+R decoded, their scales in f32
+        if constexpr (kLanes) {
+          if ((r0 + r) / QView::kLaneRows != panel) DecodeLanes(q, G, panel = (r0 + r) / QView::kLaneRows, s0, dec);
+          const std::size_t i0 = (r0 + r) % QView::kLaneRows;
+          rows = dec + 4 * i0;
+          const std::uint8_t* rec = q.lanes_at(panel, g0) + 8 * std::size_t{q.group} + 2 * i0;  // the rows' scales
+          for (std::size_t g = 0; g < G.gseg; ++g, rec += q.lanes_record()) {
+            std::uint16_t b[QView::kLaneRows];
+            std::memcpy(b, rec, 2 * R);
+            for (std::size_t i = 0; i < R; ++i) sw[i * G.gseg + g] = s2lc::bf16_to_f32(b[i]);
+          }
+          return;
+        }
         DecodeRows(q, L, G, r0 + r, R, s0, dec);
         if (G.gseg == L.gpr) {  // whole rows: the R rows' scales are contiguous
           BF16ToF32(q.scales + (r0 + r) * L.gpr, sw, R * G.gseg);
@@ -717,9 +858,9 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
         const std::size_t R = T == 2 ? 4 : std::min<std::size_t>(8, NL);
         for (std::size_t p = 0; p < NL; p += R) {
           prepare(r + p, R);
-          if (T == 2 && G16(G)) TokRows<D, 4, 2, S, true>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else if (T == 2) TokRows<D, 4, 2, S>(G, dec, sw, G.gseg, tiles, out + p * T * NL);
-          else TokRowsR<D, 1, S>(R, G, dec, sw, G.gseg, tiles, out + p * T * NL);
+          if (T == 2 && G16(G)) TokRows<D, 4, 2, S, true, kLanes>(G, rows, sw, G.gseg, tiles, out + p * T * NL);
+          else if (T == 2) TokRows<D, 4, 2, S, false, kLanes>(G, rows, sw, G.gseg, tiles, out + p * T * NL);
+          else TokRowsR<D, 1, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
           TransposeAdd<D, S>(out + j * NL, T * NL, std::min(per, nt - (tt + j) * per), alpha, y + (tt + j) * per * ldy + r, ldy);
@@ -727,8 +868,8 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
       while (r < nr) {
         const std::size_t R = nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
         prepare(r, R);
-        if (T == 2) TokRowsR<D, 2, S>(R, G, dec, sw, G.gseg, tiles, out);
-        else TokRowsR<D, 1, S>(R, G, dec, sw, G.gseg, tiles, out);
+        if (T == 2) TokRowsR<D, 2, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out);
+        else TokRowsR<D, 1, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out);
         for (std::size_t i = 0; i < R; ++i)
           for (std::size_t j = 0; j < T; ++j)
             for (std::size_t l = 0, t = (tt + j) * per; l < per && t < nt; ++l, ++t)
@@ -761,10 +902,131 @@ HWY_INLINE std::size_t TokensLanes(const QView& q, const Layout& L, std::size_t 
 HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                            const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   const std::size_t S = TokensLanes(q, L, nt);
+  if (q.lanes) {  // one lane per token, whole panels
+    if (S != 1 || r0 % QView::kLaneRows != 0 || !kLanesVec) return false;
+    TokensRun<DF, 1, true>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+    return true;
+  }
   if (S == 4) TokensRun<DF, 4>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
   else if (S == 2) TokensRun<DF, 2>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
   else if (S == 1) TokensRun<DF, 1>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
   return S != 0;
+}
+
+// ---- Rows in lanes (QView::lanes) ----
+// Each vector holds the same 4 code bytes of NL rows of a panel (a 64-byte quad record is 16 / NL
+// vectors, one per sub-panel of NL rows): the two nibble halves, already c + 8, meet each token's
+// 4 paired activations broadcast to every lane, so every i32 lane accumulates one row, one f32
+// scale vector per group serves NL rows, and y takes a vector of rows per token. The i32 partials
+// equal the row-major kernels' (sum (c + 8) x - 8 sum x per group): same result up to f32
+// summation order.
+// Tokens per pass over the codes: their accumulators (2 i32 + 1 f32 each) fit the registers.
+inline constexpr std::size_t kLanesTile = hn::MaxLanes(DI()) >= 16 ? 4 : 2;
+
+// A tile of T tokens' activations as LanesRows reads them, built once per call: per group g, the
+// 4 activations paired with each quad k of low nibbles, then of high nibbles, for every token
+// (xq[((g nq + k) 2 + half) T + t]); then -8 times each token's sum over the group (nc[g T + t],
+// the offset of codes stored as c + 8) and its scale (sx[g T + t]). One base pointer and constant
+// offsets reach everything a group needs.
+struct LanesActs {
+  const std::int32_t* xq;
+  const std::int32_t* nc;
+  const float* sx;
+};
+
+// ya[t] = rows [h NL, h NL + NL) of panel p times token t of the tile a. kNQ: quads per group as a
+// constant (0: q.group / 8 at run time).
+template <std::size_t T, std::size_t kNQ>
+HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const LanesActs& a, VF (&ya)[T]) {
+#if HWY_TARGET == HWY_SCALAR  // (never called: kLanesVec)
+  (void)q, (void)p, (void)h, (void)a, (void)ya;
+#else
+  const DF df;
+  const DI di;
+  const DU8 du8;
+  const DI8 di8;
+  const hn::RebindToUnsigned<DF> du32;
+  const hn::Rebind<std::uint16_t, DF> du16;
+  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = kNQ ? kNQ : q.group / 8;
+  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const auto k0f = hn::Set(du8, 0x0F);
+  for (std::size_t t = 0; t < T; ++t) ya[t] = hn::Zero(df);
+  const std::uint8_t* r = q.lanes_at(p, 0);
+  const std::int32_t* xq = a.xq;
+  for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += 2 * nq * T) {
+    if (h == 0)  // the panel's first pass brings its lines in; the others find them in L1
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetch + o);
+    hn::Vec<DI> a0[T], a1[T];
+    for (std::size_t t = 0; t < T; ++t) a0[t] = hn::Set(di, a.nc[g * T + t]), a1[t] = hn::Zero(di);
+    for (std::size_t k = 0; k < nq; ++k) {
+      const VU8 v = hn::LoadU(du8, r + 64 * k + 4 * NL * h);
+      const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
+      for (std::size_t t = 0; t < T; ++t) {
+        a0[t] = DotU8I8(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
+        a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+      }
+    }
+    const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, reinterpret_cast<const std::uint16_t*>(r + sc)))));
+    for (std::size_t t = 0; t < T; ++t)
+      ya[t] = hn::MulAdd(hn::ConvertTo(df, hn::Add(a0[t], a1[t])), hn::Mul(s, hn::Set(df, a.sx[g * T + t])), ya[t]);
+  }
+#endif
+}
+
+template <std::size_t T>
+HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const LanesActs& a, float alpha, float* y, std::size_t ldy) {
+  const std::size_t NL = hn::Lanes(DF());
+  // sub-panels of NL rows (16 / NL per panel) meeting [r0, r0 + nr)
+  for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
+    const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
+    VF ya[T];
+    if (q.group == 32) LanesRows<T, 4>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, a, ya);
+    else LanesRows<T, 0>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, a, ya);
+    LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
+  }
+}
+
+// Whether nt tokens on a rows-in-lanes matrix run LanesQ8 (from 16 tokens on, tokens in lanes on
+// each panel unpacked ran faster: LanesQ8 reads the codes once per kLanesTile tokens).
+inline constexpr std::size_t kLanesTokensMax = 16;
+HWY_INLINE bool LanesNative(std::size_t nt) { return kLanesVec && nt < kLanesTokensMax; }
+// The row-major layout of the same shape (what activations and tiles are laid out for).
+HWY_INLINE QView RowMajor(QView q) {
+  q.lanes = false;
+  return q;
+}
+
+// Q8GemvNT for a rows-in-lanes q: tiles of up to kLanesTile tokens, each a pass over the codes.
+HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt, float alpha,
+                        float* y, std::size_t ldy) {
+  const Layout L = MakeLayout(q);
+  const std::size_t abytes = Q8Acts::bytes(q), gpr = L.gpr, nq = q.group / 8, gb = q.group / 2;
+  constexpr std::size_t kG = QView::kLanesMaxCols / 8;  // groups at most
+  std::int32_t xq[kLanesTile * QView::kLanesMaxCols / 4], nc[kLanesTile * kG];
+  float sx[kLanesTile * kG];
+  const LanesActs la{xq, nc, sx};
+  for (std::size_t t0 = 0; t0 < nt; t0 += kLanesTile) {
+    const std::size_t T = std::min(kLanesTile, nt - t0);
+    for (std::size_t t = 0; t < T; ++t) {
+      const std::uint8_t* act = acts + (t0 + t) * abytes;
+      // Q8Acts' corr: 8 * the sum of each 4 code bytes' activations (both nibbles)
+      const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
+      for (std::size_t g = 0; g < gpr; ++g) {
+        std::int32_t sum = 0;
+        for (std::size_t k = 0; k < nq; ++k) {
+          sum += corr[g * nq + k];
+          for (std::size_t half = 0; half < 2; ++half) std::memcpy(&xq[((g * nq + k) * 2 + half) * T + t], act + half * L.rbp + g * gb + 4 * k, 4);
+        }
+        nc[g * T + t] = -sum;
+        sx[g * T + t] = reinterpret_cast<const float*>(act + 4 * L.rbp)[g];
+      }
+    }
+    float* yt = y + t0 * ldy;
+    if (T == 4) LanesTile<4>(q, r0, nr, la, alpha, yt, ldy);
+    else if (T == 3) LanesTile<3>(q, r0, nr, la, alpha, yt, ldy);
+    else if (T == 2) LanesTile<2>(q, r0, nr, la, alpha, yt, ldy);
+    else LanesTile<1>(q, r0, nr, la, alpha, yt, ldy);
+  }
 }
 
 }  // namespace q8k
@@ -813,7 +1075,9 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
         }
       }
     }
-    for (std::size_t i = 0; 4 * i < L.vend; ++i) {
+    // (every whole 4-byte lane of whole groups: the rows-in-lanes kernel sums a group's lanes)
+    const std::size_t lanes_end = L.gb % 4 == 0 ? L.full * L.gb : L.vend;
+    for (std::size_t i = 0; 4 * i < lanes_end; ++i) {
       sxl[i] = sx[4 * i / L.gb];
       if (q.nibble) {
         std::int32_t s = 0;
@@ -826,6 +1090,7 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
 
 /// Bytes of the tokens-in-lanes tiles of nt tokens for q's layout (0: that path does not apply).
 inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
+  if (q.lanes) return q8k::LanesNative(nt) ? 0 : Q8TilesBytes(q8k::RowMajor(q), nt);  // (the tiles of that many tokens)
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t S = q8k::TokensLanes(q, L, nt);
   return S == 4 ? q8k::TilesBytes<4>(L, nt) : S == 2 ? q8k::TilesBytes<2>(L, nt) : S == 1 ? q8k::TilesBytes<1>(L, nt) : 0;
@@ -833,6 +1098,10 @@ inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
 
 /// Builds the tiles of nt tokens' activations (q8_quantize's, for q's layout) into out.
 inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out) {
+  if (q.lanes) {
+    if (!q8k::LanesNative(nt)) Q8Tiles(q8k::RowMajor(q), acts, nt, out);
+    return;
+  }
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t S = q8k::TokensLanes(q, L, nt), abytes = Q8Acts::bytes(q);
   if (S == 4) q8k::BuildTiles<4>(L, acts, abytes, nt, out);
@@ -843,6 +1112,15 @@ inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::
 /// Q8GemvNT with the tiles Q8Tiles built for these activations (null: built per call).
 inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                                        const std::uint8_t* tiles, std::size_t nt, float alpha, float* y, std::size_t ldy) {
+  if (q.lanes) {
+    if (q8k::LanesNative(nt)) return q8k::LanesQ8(q, r0, nr, acts, nt, alpha, y, ldy);
+    // larger batches: tokens in lanes, reading the panels in place (the tiles are the row-major
+    // form's); else (a range not on a panel, or too few lanes) on each panel unpacked
+    if (q8k::TokensPath(q, q8k::MakeLayout(q), r0, nr, acts, tiles, nt, Q8Acts::bytes(q), alpha, y, ldy)) return;
+    return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      Q8GemvNTTiles(v, i0, n, acts, tiles, nt, alpha, y + off, ldy);
+    });
+  }
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t abytes = Q8Acts::bytes(q);
   if (q8k::TokensPath(q, L, r0, nr, acts, tiles, nt, abytes, alpha, y, ldy)) return;

@@ -212,6 +212,83 @@ HWY_INLINE void GemvNTT(const QView& q, std::size_t r0, std::size_t nr, const Ti
   for (; i < nr; ++i) GemvNTRows<1, kTier>(q, r0 + i, t, x, alpha, y + i);
 }
 
+// ---- Rows in lanes (QView::lanes), f32 activations ----
+// One vector is the same 4 code bytes (8 codes) of NL rows of a panel: each code column is one
+// shift plus a lookup (AVX-512: vpermps in the tier's table, indexed by c + 8) or a shift pair and
+// a conversion (elsewhere), and one FMA with x[column] broadcast, every row in its own lane.
+// The same products as GemvNTRows, summed in another order.
+#if HWY_TARGET != HWY_SCALAR
+template <bool kTier, int B>
+HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF& hi) {
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  (void)wx, (void)t;
+  lo = VF{_mm512_permutexvar_ps(hn::ShiftRight<8 * B>(w).raw, table.raw)};
+  hi = VF{_mm512_permutexvar_ps(hn::ShiftRight<8 * B + 4>(w).raw, table.raw)};
+#else
+  (void)w, (void)table;  // wx: the codes in two's complement (stored ^ 0x88)
+  lo = Codes<kTier>(hn::ShiftRight<28>(hn::ShiftLeft<28 - 8 * B>(wx)), t);
+  hi = Codes<kTier>(hn::ShiftRight<28>(hn::ShiftLeft<24 - 8 * B>(wx)), t);
+#endif
+}
+
+// ya = rows [h NL, h NL + NL) of panel p times x, scaled (not yet by alpha).
+template <bool kTier>
+HWY_INLINE VF LanesGemvRows(const QView& q, std::size_t p, std::size_t h, const TierParams& t, VF table, const float* x) {
+  const DF df;
+  const DU du;
+  const hn::Rebind<std::uint16_t, DF> du16;
+  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = q.group / 8, hb = q.group / 2;
+  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
+  const VF mul = hn::Set(df, t.mul);
+  VF ya = hn::Zero(df);
+  const std::uint8_t* r = q.lanes_at(p, 0);
+  for (std::size_t g = 0; g < gpr; ++g, r += rec) {
+    if (h == 0)
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchBytes + o);
+    const float* xg = x + g * q.group;
+    VF acc[4] = {hn::Zero(df), hn::Zero(df), hn::Zero(df), hn::Zero(df)};
+    for (std::size_t k = 0; k < nq; ++k, xg += 4) {
+      const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h)), wx = hn::Xor(w, flip);
+      VF lo, hi;
+      LanesByte<kTier, 0>(w, wx, table, t, lo, hi);
+      acc[0] = hn::MulAdd(lo, hn::Set(df, xg[0]), acc[0]), acc[0] = hn::MulAdd(hi, hn::Set(df, xg[hb]), acc[0]);
+      LanesByte<kTier, 1>(w, wx, table, t, lo, hi);
+      acc[1] = hn::MulAdd(lo, hn::Set(df, xg[1]), acc[1]), acc[1] = hn::MulAdd(hi, hn::Set(df, xg[hb + 1]), acc[1]);
+      LanesByte<kTier, 2>(w, wx, table, t, lo, hi);
+      acc[2] = hn::MulAdd(lo, hn::Set(df, xg[2]), acc[2]), acc[2] = hn::MulAdd(hi, hn::Set(df, xg[hb + 2]), acc[2]);
+      LanesByte<kTier, 3>(w, wx, table, t, lo, hi);
+      acc[3] = hn::MulAdd(lo, hn::Set(df, xg[3]), acc[3]), acc[3] = hn::MulAdd(hi, hn::Set(df, xg[hb + 3]), acc[3]);
+    }
+    const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(du16, reinterpret_cast<const std::uint16_t*>(r + sc)))));
+    ya = hn::MulAdd(hn::Add(hn::Add(acc[0], acc[1]), hn::Add(acc[2], acc[3])), hn::Mul(s, mul), ya);
+  }
+  return ya;
+}
+#endif
+
+template <bool kTier>
+HWY_INLINE void LanesGemvT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* x, float alpha, float* y) {
+#if HWY_TARGET != HWY_SCALAR
+  const std::size_t NL = hn::Lanes(DF());
+  // AVX-512's table is indexed by the stored nibble, c + 8
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  HWY_ALIGN float tab[16];
+  for (std::size_t u = 0; u < 16; ++u) tab[u] = t.nibble[u ^ 8];
+  const VF tbl = hn::Load(DF(), tab);
+#else
+  const VF tbl = hn::Zero(DF());
+#endif
+  for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
+    const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
+    const VF ya[1] = {LanesGemvRows<kTier>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, t, tbl, x)};
+    q8k::LanesStore<1>(ya, i0, n, alpha, y + (b + i0 - r0), 0);
+  }
+#else
+  (void)q, (void)r0, (void)nr, (void)t, (void)x, (void)alpha, (void)y;
+#endif
+}
+
 // y[j] += sum_k c[k] W[k, j], k < nk, over the scalar groups [g0, g1) of each row.
 template <bool kTier>
 HWY_INLINE void GemvNNScalar(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
@@ -533,6 +610,10 @@ HWY_INLINE void GemmNNT(const float* C, std::size_t ldc, std::size_t nt, std::si
 // ---- entry points (inline: header-only static dispatch from many TUs links) -------------------
 
 inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out, std::size_t ld) {
+  if (q.lanes)
+    return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      QDecodeRows(v, i0, n, tier, out + off * ld, ld);
+    });
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::DecodeRowsT<true>(q, r0, nr, t, out, ld);
   else qk::DecodeRowsT<false>(q, r0, nr, t, out, ld);
@@ -540,6 +621,10 @@ inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t
 
 inline HWY_NOINLINE void QDecodeRowsAdd(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* out,
                                         std::size_t ld) {
+  if (q.lanes)
+    return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      QDecodeRowsAdd(v, i0, n, tier, alpha, out + off * ld, ld);
+    });
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::DecodeRowsT<true, true>(q, r0, nr, t, out, ld, alpha);
   else qk::DecodeRowsT<false, true>(q, r0, nr, t, out, ld, alpha);
@@ -547,11 +632,26 @@ inline HWY_NOINLINE void QDecodeRowsAdd(const QView& q, std::size_t r0, std::siz
 
 inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x, float alpha, float* y) {
   const TierParams t = tier_params(q.bits, tier);
+  if (q.lanes) {
+    if constexpr (q8k::kLanesVec) {
+      if (t.shift) qk::LanesGemvT<true>(q, r0, nr, t, x, alpha, y);
+      else qk::LanesGemvT<false>(q, r0, nr, t, x, alpha, y);
+    } else {
+      q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+        QGemvNT(v, i0, n, tier, x, alpha, y + off);
+      });
+    }
+    return;
+  }
   if (t.shift) qk::GemvNTT<true>(q, r0, nr, t, x, alpha, y);
   else qk::GemvNTT<false>(q, r0, nr, t, x, alpha, y);
 }
 
 inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c, float* y) {
+  if (q.lanes)
+    return q8k::ForPanels(q, k0, nk, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      QGemvNN(v, i0, n, tier, c + off, y);
+    });
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::GemvNNT<true>(q, k0, nk, t, c, y);
   else qk::GemvNNT<false>(q, k0, nk, t, c, y);
@@ -559,6 +659,10 @@ inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk,
 
 inline HWY_NOINLINE void QGemmNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* C, std::size_t ldc,
                                  std::size_t nt, float* Y, std::size_t ldy) {
+  if (q.lanes)
+    return q8k::ForPanels(q, k0, nk, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      QGemmNN(v, i0, n, tier, C + off, ldc, nt, Y, ldy);
+    });
   const TierParams t = tier_params(q.bits, tier);
   if (t.shift) qk::GemmNNQT<true>(q, k0, nk, t, C, ldc, nt, Y, ldy);
   else qk::GemmNNQT<false>(q, k0, nk, t, C, ldc, nt, Y, ldy);

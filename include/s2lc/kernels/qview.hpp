@@ -13,11 +13,24 @@
 // Scales stay bf16, [rows, groups_per_row]. A tier t < bits is read as in quant.hpp: the rounded
 // top t bits of each code at scale 2^(bits - t) s, computed in registers, so every tier of a
 // module runs from the same bytes.
+//
+//  * rows in lanes (`lanes`, a nibble container whose groups are whole and a multiple of 8
+//    codes): the rows are cut into panels of 16 (the last one padded with zero codes and zero
+//    scales) and stored panel by panel, group by group, one record per (panel, group): for each
+//    4 code bytes of the group (quad k < group / 8), 64 bytes holding quad k of the panel's 16
+//    rows (row i at 4 i), each byte stored ^ 0x88 (two nibbles c + 8 in [0, 15]); then the 16
+//    rows' bf16 scales of the group (32 bytes). A vector load is then the same 4 bytes of 16
+//    rows: `vpdpbusd` with each token's 4 activations broadcast accumulates every row in its own
+//    lane, with no horizontal sums and one scale vector per group, and the codes, scales and
+//    everything a panel needs arrive as one stream. `scales` is null (the scales are in the
+//    records, in host byte order). Kernels without a rows-in-lanes body unpack a panel at a time into the row-major
+//    form (unpack_lanes) and run that.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "s2lc/dtype.hpp"
 
@@ -29,15 +42,40 @@ struct QView {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;     ///< stored code width, 2..8
   bool nibble = false;       ///< nibble container (see above)
+  bool lanes = false;        ///< rows in lanes (see above; implies nibble)
+
+  static constexpr std::size_t kLaneRows = 16;
+  /// Widest rows the rows-in-lanes layout takes (a panel unpacked fits a 16 KB stack buffer).
+  static constexpr std::size_t kLanesMaxCols = 2048;
 
   std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
+  /// Whether a matrix of this shape can take the rows-in-lanes layout.
+  static bool lanes_fit(std::size_t cols, std::size_t group, bool nibble) noexcept {
+    return nibble && group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
+  }
+  /// Rows in lanes: bytes of one (panel, group) record, of one panel, and the record itself.
+  std::size_t lanes_record() const noexcept { return 8 * std::size_t{group} + 32; }
+  std::size_t lanes_panel() const noexcept { return lanes_record() * groups_per_row(); }
+  const std::uint8_t* lanes_at(std::size_t panel, std::size_t g) const noexcept {
+    return codes + panel * lanes_panel() + g * lanes_record();
+  }
+  std::size_t panels() const noexcept { return (rows + kLaneRows - 1) / kLaneRows; }
   static std::size_t row_bytes(std::size_t cols, std::size_t group, bool nibble) noexcept {
     if (!nibble) return cols;
     return (cols / group) * (group / 2) + ((cols % group) + 1) / 2;
   }
   std::size_t row_bytes() const noexcept { return row_bytes(cols, group, nibble); }
   /// Bytes the kernels read for the whole matrix.
-  std::size_t bytes() const noexcept { return rows * row_bytes() + 2u * rows * groups_per_row(); }
+  std::size_t bytes() const noexcept {
+    return lanes ? panels() * lanes_panel() : rows * row_bytes() + 2u * rows * groups_per_row();
+  }
+  /// The bf16 bits of the scale of group g of row r (either layout).
+  std::uint16_t scale_bits(std::size_t r, std::size_t g) const noexcept {
+    if (!lanes) return scales[r * groups_per_row() + g];
+    std::uint16_t s;
+    std::memcpy(&s, lanes_at(r / kLaneRows, g) + 8 * std::size_t{group} + 2 * (r % kLaneRows), 2);  // host order
+    return s;
+  }
 };
 
 /// One token's activations quantized to int8 for the code layout of a QView (q8_quantize), what
@@ -90,6 +128,11 @@ namespace detail {
 
 /// The stored code of element (r, c) of q (scalar path: tails, odd groups, references).
 inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
+  if (q.lanes) {
+    const std::size_t g = c / q.group, j = c % q.group, h = q.group / 2, b = j < h ? j : j - h;
+    const int byte = q.lanes_at(r / QView::kLaneRows, g)[(b / 4) * 64 + (r % QView::kLaneRows) * 4 + b % 4];  // c + 8
+    return (j < h ? byte & 0xF : byte >> 4) - 8;
+  }
   const std::uint8_t* row = q.codes + r * q.row_bytes();
   if (!q.nibble) return static_cast<std::int8_t>(row[c]);
   const std::size_t g = c / q.group, j = c % q.group;
@@ -100,7 +143,7 @@ inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
 
 /// Effective scale of group g of row r at a tier (bf16 scale times 2^shift, exact).
 inline float group_scale(const QView& q, std::size_t r, std::size_t g, const TierParams& t) noexcept {
-  return s2lc::bf16_to_f32(q.scales[r * q.groups_per_row() + g]) * t.mul;
+  return s2lc::bf16_to_f32(q.scale_bits(r, g)) * t.mul;
 }
 
 /// Decoded value of element (r, c): what every kernel's arithmetic starts from.
@@ -109,4 +152,44 @@ inline float decode(const QView& q, std::size_t r, std::size_t c, const TierPara
 }
 
 }  // namespace detail
+
+/// Panel p of a rows-in-lanes q in the row-major nibble form (unpack_lanes): a view of its rows
+/// (q.rows - 16 p of them if fewer than 16) over codes (row stride q.row_bytes()) and scales
+/// ([row, group]), with the scales written; the codes are the caller's (unpack_lanes_quads).
+inline QView unpack_lanes_view(const QView& q, std::size_t p, std::uint8_t* codes, std::uint16_t* scales) noexcept {
+  QView v = q;
+  v.lanes = false;
+  v.codes = codes, v.scales = scales;
+  v.rows = static_cast<std::uint32_t>(std::min(QView::kLaneRows, q.rows - p * QView::kLaneRows));
+  const std::size_t gpr = q.groups_per_row(), rec = q.lanes_record(), at = 8 * std::size_t{q.group};
+  const std::uint8_t* r = q.lanes_at(p, 0);
+  for (std::size_t g = 0; g < gpr; ++g, r += rec) {
+    std::uint16_t s[QView::kLaneRows];
+    std::memcpy(s, r + at, sizeof s);  // the records hold them in host order
+    for (std::size_t i = 0; i < v.rows; ++i) scales[i * gpr + g] = s[i];
+  }
+  return v;
+}
+/// Code bytes [4 m0, row bytes) of rows [i0, i1) of panel p, row-major, into codes (row stride
+/// q.row_bytes()); m0 on a group's first quad or not.
+inline void unpack_lanes_quads(const QView& q, std::size_t p, std::size_t m0, std::size_t i0, std::size_t i1, std::uint8_t* codes) noexcept {
+  const std::size_t nq = q.group / 8, rb = q.row_bytes(), rec = q.lanes_record(), gpr = q.groups_per_row();
+  const std::uint8_t* r = q.lanes_at(p, m0 / nq);
+  for (std::size_t g = m0 / nq, k = m0 % nq, m = m0; g < gpr; ++g, r += rec, k = 0)
+    for (; k < nq; ++k, ++m)
+      for (std::size_t i = i0; i < i1; ++i) {
+        std::uint32_t w;
+        std::memcpy(&w, r + 64 * k + 4 * i, 4);
+        w ^= 0x88888888u;
+        std::memcpy(codes + i * rb + 4 * m, &w, 4);
+      }
+}
+/// Panel p of a rows-in-lanes q in the row-major nibble form: its rows' codes and scales, and a
+/// QView over them (the scalar form; the kernels move the codes with vectors).
+inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, std::uint16_t* scales) noexcept {
+  const QView v = unpack_lanes_view(q, p, codes, scales);
+  unpack_lanes_quads(q, p, 0, 0, v.rows, codes);
+  return v;
+}
+
 }  // namespace s2lc::kernels
