@@ -4551,8 +4551,8 @@ inline matrix svd_baseline(const matrix& W, std::size_t r) {
 //    rows: `vpdpbusd` with each token's 4 activations broadcast accumulates every row in its own
 //    lane, with no horizontal sums and one scale vector per group, and the codes, scales and
 //    everything a panel needs arrive as one stream. `scales` is null (the scales are in the
-//    records, in host byte order). Kernels without a rows-in-lanes body unpack a panel at a time into the row-major
-//    form (unpack_lanes) and run that.
+//    records, in host byte order). Kernels without a rows-in-lanes body unpack panels (up to
+//    32 KB of codes at a time) into the row-major form (unpack_lanes) and run that.
 
 #include <algorithm>
 #include <cstddef>
@@ -4896,7 +4896,7 @@ HWY_INLINE void TransposeBlocks(const hn::Vec<D> (&v)[kN], hn::Vec<D> (&u)[kN / 
 #endif
 
 // Rows in lanes (QView::lanes; the kernels are below and in qgemm-inl.h): whether this target
-// has them (else a panel at a time is unpacked to the row-major form), and their stores.
+// has them (else panels are unpacked to the row-major form, ForPanels), and their stores.
 inline constexpr bool kLanesVec =
     HWY_TARGET != HWY_SCALAR && !HWY_HAVE_SCALABLE && hn::MaxLanes(DF()) >= 4 && hn::MaxLanes(DF()) <= QView::kLaneRows;
 
@@ -5562,7 +5562,8 @@ HWY_INLINE void BuildTiles(const Layout& L, const std::uint8_t* acts, std::size_
 template <class D, std::size_t S, bool kLanes = false>
 HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                           const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
-  constexpr std::size_t kMaxNL = 16, kR = kLanes ? QView::kLaneRows : 8;  // rows per TokRows: 4 with two tiles, 8 with one
+  // rows decoded at a time: up to 8 (a TokRows call: 4 with two tiles, 8 with one); kLanes: a panel
+  constexpr std::size_t kMaxNL = 16, kR = kLanes ? QView::kLaneRows : 8;
   const std::size_t NL = hn::Lanes(D());
   // A tile: 2 kSegBytes quads bytes per lane, sx and corr of at most kSegBytes / 4 groups.
   constexpr std::size_t kTileMax = (2 * kSegBytes + 8 * (kSegBytes / 4)) * kMaxNL;
@@ -5737,8 +5738,8 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
   }
 }
 
-// Whether nt tokens on a rows-in-lanes matrix run LanesQ8 (from 16 tokens on, tokens in lanes on
-// each panel unpacked ran faster: LanesQ8 reads the codes once per kLanesTile tokens).
+// Whether nt tokens on a rows-in-lanes matrix run LanesQ8: from 16 tokens on, the tokens-in-lanes
+// path reading the panels in place ran faster (LanesQ8 reads the codes once per kLanesTile tokens).
 inline constexpr std::size_t kLanesTokensMax = 16;
 HWY_INLINE bool LanesNative(std::size_t nt) { return kLanesVec && nt < kLanesTokensMax; }
 // The row-major layout of the same shape (what activations and tiles are laid out for).

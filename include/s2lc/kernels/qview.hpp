@@ -23,8 +23,8 @@
 //    rows: `vpdpbusd` with each token's 4 activations broadcast accumulates every row in its own
 //    lane, with no horizontal sums and one scale vector per group, and the codes, scales and
 //    everything a panel needs arrive as one stream. `scales` is null (the scales are in the
-//    records, in host byte order). Kernels without a rows-in-lanes body unpack a panel at a time into the row-major
-//    form (unpack_lanes) and run that.
+//    records, in host byte order). Kernels without a rows-in-lanes body unpack panels (up to
+//    32 KB of codes at a time) into the row-major form (unpack_lanes) and run that.
 #pragma once
 
 #include <algorithm>
