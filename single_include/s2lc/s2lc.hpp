@@ -5697,8 +5697,6 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
   const DI di;
   const DU8 du8;
   const DI8 di8;
-  const hn::RebindToUnsigned<DF> du32;
-  const hn::Rebind<std::uint16_t, DF> du16;
   const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = kNQ ? kNQ : q.group / 8;
   const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
   const auto k0f = hn::Set(du8, 0x0F);
@@ -5718,7 +5716,7 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
         a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
       }
     }
-    const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, reinterpret_cast<const std::uint16_t*>(r + sc)))));
+    const VF s = BF16ToF32Vec(hn::LoadU(kernels::HWY_NAMESPACE::DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
     for (std::size_t t = 0; t < T; ++t)
       ya[t] = hn::MulAdd(hn::ConvertTo(df, hn::Add(a0[t], a1[t])), hn::Mul(s, hn::Set(df, a.sx[g * T + t])), ya[t]);
   }
@@ -6134,8 +6132,6 @@ HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF
 template <bool kTier>
 HWY_INLINE VF LanesGemvRows(const QView& q, std::size_t p, std::size_t h, const TierParams& t, VF table, const float* x) {
   const DF df;
-  const DU du;
-  const hn::Rebind<std::uint16_t, DF> du16;
   const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = q.group / 8, hb = q.group / 2;
   const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
   const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
@@ -6159,7 +6155,7 @@ HWY_INLINE VF LanesGemvRows(const QView& q, std::size_t p, std::size_t h, const 
       LanesByte<kTier, 3>(w, wx, table, t, lo, hi);
       acc[3] = hn::MulAdd(lo, hn::Set(df, xg[3]), acc[3]), acc[3] = hn::MulAdd(hi, hn::Set(df, xg[hb + 3]), acc[3]);
     }
-    const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(du16, reinterpret_cast<const std::uint16_t*>(r + sc)))));
+    const VF s = BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
     ya = hn::MulAdd(hn::Add(hn::Add(acc[0], acc[1]), hn::Add(acc[2], acc[3])), hn::Mul(s, mul), ya);
   }
   return ya;

@@ -235,8 +235,6 @@ HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF
 template <bool kTier>
 HWY_INLINE VF LanesGemvRows(const QView& q, std::size_t p, std::size_t h, const TierParams& t, VF table, const float* x) {
   const DF df;
-  const DU du;
-  const hn::Rebind<std::uint16_t, DF> du16;
   const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = q.group / 8, hb = q.group / 2;
   const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
   const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
@@ -260,7 +258,7 @@ HWY_INLINE VF LanesGemvRows(const QView& q, std::size_t p, std::size_t h, const 
       LanesByte<kTier, 3>(w, wx, table, t, lo, hi);
       acc[3] = hn::MulAdd(lo, hn::Set(df, xg[3]), acc[3]), acc[3] = hn::MulAdd(hi, hn::Set(df, xg[hb + 3]), acc[3]);
     }
-    const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(du16, reinterpret_cast<const std::uint16_t*>(r + sc)))));
+    const VF s = BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
     ya = hn::MulAdd(hn::Add(hn::Add(acc[0], acc[1]), hn::Add(acc[2], acc[3])), hn::Mul(s, mul), ya);
   }
   return ya;
