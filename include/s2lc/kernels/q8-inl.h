@@ -367,7 +367,7 @@ struct Span {
   std::size_t g0, g1;      // groups
   const float* sw;         // scales of the panel's first row at group g0; row stride lds
   std::size_t lds;
-  bool tail;               // also the scalar groups [gvec, gpr)
+  bool tail;               // also the scalar groups [gvec, gpr) (there are some)
 };
 
 // acc[i][t] = lane partials of row (r0 + i) . x_t over span sp, for R rows and T tokens. kNib:
@@ -1134,7 +1134,7 @@ inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size
   const std::size_t NL = hn::Lanes(df), gvec = L.vend / L.gb, seg = q8k::kScaleBuf / 4;
   for (std::size_t g0 = 0;;) {
     const std::size_t g1 = std::min(gvec, g0 + seg), ns = g1 - g0;
-    q8k::Span sp{g0, g1, sbuf, std::max<std::size_t>(ns, 1), g1 == gvec};
+    q8k::Span sp{g0, g1, sbuf, std::max<std::size_t>(ns, 1), g1 == gvec && gvec < L.gpr};
     const std::size_t panel = std::max<std::size_t>(4, q8k::kScaleBuf / sp.lds / 4 * 4);
     for (std::size_t p0 = 0; p0 < nr; p0 += panel) {
       const std::size_t np = std::min(panel, nr - p0);
