@@ -90,21 +90,10 @@ struct KMat {
   static KMat from(const compress::QMatrix& q, bool rows_in_lanes) {
     KMat k = from(q);
     if (!rows_in_lanes || !kernels::QView::lanes_fit(k.cols, k.group, k.nibble)) return k;
-    const kernels::QView v = k.view();
-    const std::size_t R = kernels::QView::kLaneRows, gpr = v.groups_per_row(), rb = v.row_bytes(), gb = k.group / 2;
-    kernels::QView lv = v;
+    kernels::QView lv = k.view();
     lv.lanes = true;
-    std::vector<std::uint8_t> out(lv.bytes(), 0x88);  // padded rows: codes 0 (stored ^ 0x88) ...
-    for (std::size_t p = 0; p < lv.panels(); ++p)
-      for (std::size_t g = 0; g < gpr; ++g) {
-        std::uint8_t* rec = out.data() + p * lv.lanes_panel() + g * lv.lanes_record();
-        std::fill(rec + 8 * k.group, rec + lv.lanes_record(), std::uint8_t{0});  // ... and scales 0
-        for (std::size_t i = 0; i < R && p * R + i < k.rows; ++i) {
-          const std::size_t r = p * R + i;
-          for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = k.codes[r * rb + g * gb + b] ^ 0x88;
-          std::memcpy(rec + 8 * k.group + 2 * i, &k.scales[r * gpr + g], 2);
-        }
-      }
+    std::vector<std::uint8_t> out(lv.bytes());
+    kernels::pack_lanes(k.view(), out.data());
     k.codes = std::move(out);
     k.scales.clear();
     k.lanes = true;

@@ -4679,6 +4679,26 @@ inline float decode(const QView& q, std::size_t r, std::size_t c, const TierPara
 
 }  // namespace detail
 
+/// The rows-in-lanes form of a row-major nibble q that fits it (QView::lanes_fit) into out
+/// (q.bytes() of the result, which is returned): every record written, padded rows as zero codes
+/// and zero scales. The inverse of unpack_lanes.
+inline QView pack_lanes(const QView& q, std::uint8_t* out) noexcept {
+  QView lv = q;
+  lv.lanes = true, lv.codes = out, lv.scales = nullptr;
+  const std::size_t R = QView::kLaneRows, gpr = q.groups_per_row(), rb = q.row_bytes(), gb = q.group / 2;
+  for (std::size_t p = 0; p < lv.panels(); ++p)
+    for (std::size_t g = 0; g < gpr; ++g) {
+      std::uint8_t* rec = out + p * lv.lanes_panel() + g * lv.lanes_record();
+      std::memset(rec, 0x88, 8 * std::size_t{q.group});                // padded rows: codes 0 (stored ^ 0x88)
+      std::memset(rec + 8 * std::size_t{q.group}, 0, 2 * QView::kLaneRows);  // ... and scales 0
+      for (std::size_t i = 0; i < R && p * R + i < q.rows; ++i) {
+        const std::size_t r = p * R + i;
+        for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = q.codes[r * rb + g * gb + b] ^ 0x88;
+        std::memcpy(rec + 8 * std::size_t{q.group} + 2 * i, &q.scales[r * gpr + g], 2);  // host order
+      }
+    }
+  return lv;
+}
 /// Panel p of a rows-in-lanes q in the row-major nibble form (unpack_lanes): a view of its rows
 /// (q.rows - 16 p of them if fewer than 16) over codes (row stride q.row_bytes()) and scales
 /// ([row, group]), with the scales written; the codes are the caller's (unpack_lanes_quads).
@@ -7098,21 +7118,10 @@ struct KMat {
   static KMat from(const compress::QMatrix& q, bool rows_in_lanes) {
     KMat k = from(q);
     if (!rows_in_lanes || !kernels::QView::lanes_fit(k.cols, k.group, k.nibble)) return k;
-    const kernels::QView v = k.view();
-    const std::size_t R = kernels::QView::kLaneRows, gpr = v.groups_per_row(), rb = v.row_bytes(), gb = k.group / 2;
-    kernels::QView lv = v;
+    kernels::QView lv = k.view();
     lv.lanes = true;
-    std::vector<std::uint8_t> out(lv.bytes(), 0x88);  // padded rows: codes 0 (stored ^ 0x88) ...
-    for (std::size_t p = 0; p < lv.panels(); ++p)
-      for (std::size_t g = 0; g < gpr; ++g) {
-        std::uint8_t* rec = out.data() + p * lv.lanes_panel() + g * lv.lanes_record();
-        std::fill(rec + 8 * k.group, rec + lv.lanes_record(), std::uint8_t{0});  // ... and scales 0
-        for (std::size_t i = 0; i < R && p * R + i < k.rows; ++i) {
-          const std::size_t r = p * R + i;
-          for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = k.codes[r * rb + g * gb + b] ^ 0x88;
-          std::memcpy(rec + 8 * k.group + 2 * i, &k.scales[r * gpr + g], 2);
-        }
-      }
+    std::vector<std::uint8_t> out(lv.bytes());
+    kernels::pack_lanes(k.view(), out.data());
     k.codes = std::move(out);
     k.scales.clear();
     k.lanes = true;
