@@ -288,6 +288,7 @@ inline KMorph morph(const KGroup& g, std::span<const std::uint32_t> experts, std
     }
     m.residual.blocks.push_back(std::move(out));
   }
+  m.residual.pool();  // one stream in read order, as KGroup::from does for the group's matrices
   return m;
 }
 

@@ -68,22 +68,42 @@ class Arena {
   std::size_t used_ = 0;
 };
 
-/// An owning, kernel-ready quantized matrix.
+/// A kernel-ready quantized matrix. Its codes and scales are either its own (the vectors) or, once
+/// a KMatrix has pooled it (KMatrix::pool), views into that matrix's pool; the vectors are then
+/// empty. Read it through view() and bytes(). A copy always owns its data (a block copied out of a
+/// pooled matrix does not point into it).
 struct KMat {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;
   bool nibble = false;
   bool lanes = false;                 ///< rows in lanes (kernels/qview.hpp): scales live in codes
-  std::vector<std::uint8_t> codes;
-  std::vector<std::uint16_t> scales;
+  std::vector<std::uint8_t> codes;    ///< own codes (empty when pooled)
+  std::vector<std::uint16_t> scales;  ///< own scales (empty when pooled)
+
+  KMat() = default;
+  KMat(const KMat& o)
+      : rows(o.rows), cols(o.cols), group(o.group), bits(o.bits), nibble(o.nibble), lanes(o.lanes),
+        codes(o.codes_data(), o.codes_data() + o.ncodes()), scales(o.scales_data(), o.scales_data() + o.nscales()) {}
+  KMat(KMat&&) noexcept = default;
+  KMat& operator=(const KMat& o) {
+    if (this != &o) *this = KMat(o);
+    return *this;
+  }
+  KMat& operator=(KMat&&) noexcept = default;
+
+  const std::uint8_t* codes_data() const noexcept { return pcodes_ ? pcodes_ : codes.data(); }
+  const std::uint16_t* scales_data() const noexcept { return pcodes_ ? pscales_ : scales.data(); }
+  std::size_t ncodes() const noexcept { return pcodes_ ? ncodes_ : codes.size(); }
+  std::size_t nscales() const noexcept { return pcodes_ ? nscales_ : scales.size(); }
+  bool pooled() const noexcept { return pcodes_ != nullptr; }
 
   kernels::QView view() const noexcept {
     kernels::QView v;
-    v.codes = codes.data(), v.scales = lanes ? nullptr : scales.data(), v.rows = rows, v.cols = cols, v.group = group;
+    v.codes = codes_data(), v.scales = lanes ? nullptr : scales_data(), v.rows = rows, v.cols = cols, v.group = group;
     v.bits = bits, v.nibble = nibble, v.lanes = lanes;
     return v;
   }
-  std::size_t bytes() const noexcept { return codes.size() + 2 * scales.size(); }
+  std::size_t bytes() const noexcept { return ncodes() + 2 * nscales(); }
 
   /// Repacks a storage-format matrix (same codes and scales, kernel layout); with `rows_in_lanes`
   /// the rows-in-lanes layout where the shape takes it (QView::lanes_fit), else row-major.
@@ -124,6 +144,12 @@ struct KMat {
     }
     return k;
   }
+
+ private:
+  friend struct KMatrix;
+  const std::uint8_t* pcodes_ = nullptr;  // pooled: the codes and scales in the KMatrix's pool
+  const std::uint16_t* pscales_ = nullptr;
+  std::size_t ncodes_ = 0, nscales_ = 0;
 };
 
 struct KBlock {
@@ -131,21 +157,75 @@ struct KBlock {
   std::uint32_t index = 0;             ///< grid block index
   std::uint32_t r0 = 0, c0 = 0, rb = 0, cb = 0;
   std::uint32_t rank = 0, basis = 0;   ///< lowrank / shared
-  KMat a, b;                           ///< dense: a; lowrank: a (left, [rank, rb]) and b; shared: b
+  KMat a, b;                           ///< dense: a; lowrank: a (left, [rank, rb]) and b (right); shared: b
   std::vector<float> raw;              ///< raw: [rb, cb]; lowrank / shared: if not empty, the right
                                        ///< factor in f32 [rank, cb] instead of b (morphed experts)
 
   std::size_t bytes() const noexcept { return a.bytes() + b.bytes() + raw.size() * sizeof(float); }
 };
 
-/// The non-zero blocks of a block matrix, in grid order.
+/// The non-zero blocks of a block matrix, in grid order. pool() moves the blocks' codes and
+/// scales into one allocation, laid out in the order apply reads them (per block: the right
+/// factor's codes and scales, then the left's; each array 64-byte aligned), so a cold apply reads
+/// one stream instead of hundreds of small heap arrays wherever the allocator put them (measured
+/// in bench/RESULTS.md). KGroup::from pools every matrix; a copy of a pooled matrix is pooled.
 struct KMatrix {
   std::vector<KBlock> blocks;
+
+  KMatrix() = default;
+  KMatrix(const KMatrix& o) : blocks(o.blocks) {
+    if (o.pooled()) pool();
+  }
+  KMatrix(KMatrix&&) noexcept = default;
+  KMatrix& operator=(const KMatrix& o) {
+    if (this != &o) *this = KMatrix(o);
+    return *this;
+  }
+  KMatrix& operator=(KMatrix&&) noexcept = default;
+
   std::size_t bytes() const noexcept {
     std::size_t n = 0;
     for (const auto& b : blocks) n += b.bytes();
     return n;
   }
+  bool pooled() const noexcept { return !pool_.empty(); }
+  /// Bytes of the pool (0 if not pooled): bytes() plus alignment padding.
+  std::size_t pool_bytes() const noexcept { return pool_.size(); }
+
+  /// Moves every block's codes and scales into one pool in read order (see above). Blocks added
+  /// later keep their own arrays; pooling again re-packs everything.
+  void pool() {
+    constexpr std::size_t kAlign = 64;
+    auto up = [](std::size_t n) { return (n + kAlign - 1) & ~(kAlign - 1); };
+    auto each = [&](auto&& f) {  // the read order: right factor (b), then left (a)
+      for (auto& b : blocks) f(b.b), f(b.a);
+    };
+    std::size_t total = 0;
+    each([&](KMat& m) { total += up(m.ncodes()) + up(2 * m.nscales()); });
+    if (total == 0) {  // nothing to pool (no blocks, or only raw ones)
+      std::vector<std::uint8_t>().swap(pool_);
+      return;
+    }
+    std::vector<std::uint8_t> mem(total + kAlign);
+    const auto base = (reinterpret_cast<std::uintptr_t>(mem.data()) + kAlign - 1) & ~std::uintptr_t{kAlign - 1};
+    std::uint8_t* p = mem.data() + (base - reinterpret_cast<std::uintptr_t>(mem.data()));
+    each([&](KMat& m) {
+      const std::size_t nc = m.ncodes(), ns = m.nscales();
+      if (nc) std::memcpy(p, m.codes_data(), nc);
+      std::uint8_t* sp = p + up(nc);
+      if (ns) std::memcpy(sp, m.scales_data(), 2 * ns);
+      m.pcodes_ = nc ? p : nullptr;
+      m.pscales_ = nc ? reinterpret_cast<const std::uint16_t*>(sp) : nullptr;
+      m.ncodes_ = nc, m.nscales_ = ns;
+      std::vector<std::uint8_t>().swap(m.codes);
+      std::vector<std::uint16_t>().swap(m.scales);
+      p = sp + up(2 * ns);
+    });
+    pool_ = std::move(mem);
+  }
+
+ private:
+  std::vector<std::uint8_t> pool_;
 };
 
 struct KGroup {
@@ -257,6 +337,8 @@ struct KGroup {
         if (b.kind == compress::block_kind::raw) rep[b.index] = 1;
       k.replaces.push_back(std::move(rep));
     }
+    for (auto& m : k.cores) m.pool();
+    for (auto& m : k.residuals) m.pool();
     return k;
   }
 };

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -290,6 +291,103 @@ TEST_CASE("morph: apply covers every block kind (raw residuals replacing cores, 
             check_apply(g, kg, e, 3, n);
           }
       }
+  }
+}
+
+namespace {
+
+/// Every array of m, in the order pool() lays them out (per block: right codes, scales, left codes,
+/// scales), as (pointer, bytes) with the empty ones left out.
+std::vector<std::pair<const std::uint8_t*, std::size_t>> read_order(const mo::KMatrix& m) {
+  std::vector<std::pair<const std::uint8_t*, std::size_t>> v;
+  for (const auto& b : m.blocks)
+    for (const mo::KMat* k : {&b.b, &b.a}) {
+      if (k->ncodes()) v.emplace_back(k->codes_data(), k->ncodes());
+      if (k->nscales()) v.emplace_back(reinterpret_cast<const std::uint8_t*>(k->scales_data()), 2 * k->nscales());
+    }
+  return v;
+}
+
+/// Member e's apply of one fixed batch of 3 tokens, f32 and int8 activations, appended.
+std::vector<float> apply_both(const mo::KGroup& kg, std::uint32_t e) {
+  const std::size_t R = kg.rows(), C = kg.cols(), n = 3;
+  const auto X = randn(n * C, 77 + e, 1.0f);
+  std::vector<float> Y(2 * n * R, 0.0f);
+  std::vector<std::byte> mem(mo::apply_scratch_bytes(kg, n));
+  mo::Arena arena(mem);
+  mo::apply(kg, e, X.data(), C, n, Y.data(), R, arena);
+  mo::apply(kg, e, X.data(), C, n, Y.data() + n * R, R, arena, 1.0f, {0, mo::Activations::int8});
+  return Y;
+}
+
+}  // namespace
+
+TEST_CASE("morph: a KGroup keeps each matrix's arrays in one pool in read order, copies get a pool of their own, copied blocks own their data") {
+  const auto& c = fixture_compressed();
+  const auto cs = synthetic_compressed();
+  for (const cz::CompressedGroup* g : {&c.groups[0], &cs[0].groups[0], &cs[1].groups[0]}) {
+    CAPTURE(g->name);
+    auto kg = std::make_unique<mo::KGroup>(mo::KGroup::from(*g));
+    std::vector<const mo::KMatrix*> ms;
+    for (const auto& m : kg->cores) ms.push_back(&m);
+    for (const auto& m : kg->residuals) ms.push_back(&m);
+    std::size_t arrays = 0;
+    for (const mo::KMatrix* m : ms) {
+      const auto order = read_order(*m);
+      arrays += order.size();
+      REQUIRE(m->pooled() == !order.empty());
+      if (order.empty()) continue;
+      CHECK(m->pool_bytes() >= m->bytes());
+      CHECK(m->pool_bytes() <= m->bytes() + 63 * order.size() + 64);
+      const std::uint8_t* end = order[0].first;
+      for (const auto& [ptr, n] : order) {
+        CHECK(reinterpret_cast<std::uintptr_t>(ptr) % 64 == 0);
+        CHECK(ptr >= end);         // after the previous array
+        CHECK(ptr < end + 64);     // with at most the alignment padding between
+        end = ptr + n;
+      }
+      CHECK(end <= order[0].first + m->pool_bytes());
+      for (const auto& b : m->blocks) CHECK((b.a.codes.empty() && b.a.scales.empty() && b.b.codes.empty() && b.b.scales.empty()));
+    }
+    CHECK(arrays > 0);
+    const auto ref = apply_both(*kg, 1);
+
+    // A copy: pooled again in its own memory, the same bytes, the same results bit for bit.
+    mo::KGroup copy = *kg;
+    mo::KGroup assigned;
+    assigned = copy;
+    for (const mo::KGroup* k : {&copy, &assigned}) {
+      for (std::size_t e = 0; e < kg->members(); ++e) {
+        const auto a = read_order(kg->residuals[e]), b = read_order(k->residuals[e]);
+        REQUIRE(a.size() == b.size());
+        CHECK(k->residuals[e].pooled() == kg->residuals[e].pooled());
+        for (std::size_t i = 0; i < a.size(); ++i) {
+          CHECK(a[i].first != b[i].first);
+          REQUIRE(a[i].second == b[i].second);
+          CHECK(std::memcmp(a[i].first, b[i].first, a[i].second) == 0);
+        }
+      }
+      CHECK(apply_both(*k, 1) == ref);
+    }
+
+    // A block copied out of a pooled matrix owns its data: it outlives the group.
+    const mo::KBlock* src = nullptr;
+    for (const auto& b : kg->residuals[1].blocks)
+      if (b.kind == cz::block_kind::lowrank || b.kind == cz::block_kind::dense) src = &b;
+    REQUIRE(src != nullptr);
+    mo::KBlock own = *src;
+    CHECK(!own.a.pooled());
+    CHECK(own.a.codes.size() == src->a.ncodes());
+    CHECK(own.a.view().codes != src->a.view().codes);
+    const auto X = randn(kg->cols(), 5, 1.0f);
+    std::vector<float> y0(kg->rows(), 0.0f), y1(kg->rows(), 0.0f);
+    std::vector<std::byte> mem(mo::apply_scratch_bytes(*kg, 1));
+    mo::Arena arena(mem);
+    mo::apply_block(*kg, *src, X.data(), kg->cols(), 1, y0.data(), kg->rows(), 1.0f, {}, arena);
+    const mo::KGroup keep = copy;  // apply_block reads only the block's own data and the bases
+    kg.reset();
+    mo::apply_block(keep, own, X.data(), keep.cols(), 1, y1.data(), keep.rows(), 1.0f, {}, arena);
+    CHECK(y0 == y1);
   }
 }
 
