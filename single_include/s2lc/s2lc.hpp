@@ -7344,7 +7344,7 @@ struct KGroup {
         }
         if (src.kind == compress::block_kind::lowrank || src.kind == compress::block_kind::shared) k.max_rank = std::max(k.max_rank, src.rank);
         const KMat& onx = src.kind == compress::block_kind::dense ? b.a : b.b;  // the codes x meets
-        if (!onx.codes.empty()) k.x_containers[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
+        if (onx.ncodes()) k.x_containers[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
         out.blocks.push_back(std::move(b));
       }
       return out;
