@@ -71,7 +71,8 @@ class Arena {
 /// A kernel-ready quantized matrix. Its codes and scales are either its own (the vectors) or, once
 /// a KMatrix has pooled it (KMatrix::pool), views into that matrix's pool; the vectors are then
 /// empty. Read it through view() and bytes(). A copy always owns its data (a block copied out of a
-/// pooled matrix does not point into it).
+/// pooled matrix does not point into it); a move keeps what it had, so a KMat moved out of a
+/// pooled matrix still reads that matrix's pool and must not outlive it (copy it instead).
 struct KMat {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;
