@@ -349,8 +349,11 @@ enum class Activations : std::uint8_t {
   f32,   ///< codes dequantized to f32 in registers, f32 products: W_e x up to f32 summation order
   int8,  ///< x quantized per group of columns to int8 (Q8Acts), integer dot products of codes and
          ///< x (VNNI where present), one f32 scale per group: faster; error also includes the
-         ///< activation rounding, |dy_i| <= sum_j |w_ij| sx_g(j) / 2 (q8_gemv_nt). Blocks read at a
-         ///< tier below their stored bits, raw blocks and the left factors use the f32 path.
+         ///< activation rounding, |dy_i| <= sum_j |w_ij| sx_g(j) / 2 (q8_gemv_nt). For one or two
+         ///< tokens, a low-rank block's 2- to 4-bit left factor (groups of a multiple of 32) also
+         ///< meets its coefficients t = right x as int8 (q8_gemv_nn): |dy_i| <= sigma_g / 2
+         ///< sum_k |code_ki| more, sigma_g = max_k |t_k s_kg| / 127. Blocks read at a tier below
+         ///< their stored bits, raw blocks and other left factors use the f32 path.
 };
 
 /// What apply() reads: a tier of the stored codes (0: as stored) and the activation path.
@@ -448,6 +451,13 @@ inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, st
   return true;
 }
 
+/// Whether a left factor meets its coefficients as int8 (q8_gemv_nn) at this precision: int8
+/// activations, stored bits, and the layout its vector body takes (2- to 4-bit codes in the
+/// row-major nibble container, groups of a multiple of 32 columns).
+inline bool q8_left(const kernels::QView& left, Precision prec) noexcept {
+  return prec.act == Activations::int8 && (prec.tier == 0 || prec.tier >= left.bits) && left.nibble && !left.lanes && left.group % 32 == 0;
+}
+
 }  // namespace detail
 
 /// Scratch bytes apply_block / apply_matrix / apply need for a batch of n tokens.
@@ -496,10 +506,12 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
       float* t = arena.take_zeroed<float>(n * r);
       const bool q8 = !f32 && detail::apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0);  // t = right x
       if (n < 3) {
+        const bool q8l = detail::q8_left(left, prec);
         for (std::size_t i = 0; i < n; ++i) {
           if (f32) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
           else if (!q8) kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
-          kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
+          if (q8l) kernels::q8_gemv_nn(left, 0, r, t + i * r, y + i * ldy);
+          else kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
         }
       } else {
         float* buf = arena.take<float>(r * std::max(b.rb, b.cb));

@@ -217,3 +217,105 @@ TEST_CASE("kernels: q8 gemv turns a non-finite activation into NaN outputs, neve
     }
   }
 }
+
+namespace {
+
+/// q8_gemv_nn's reference: y[j] (starting from y0) for rows [k0, k0 + nk) of q and coefficients
+/// c, from an independent scalar formulation (cq per group over the rows, exact integer sums per
+/// chunk of 64 rows); `mag` gets the sum of the magnitudes of the terms of each column.
+std::vector<double> ref_gemv_nn(const k::QView& q, std::size_t k0, std::size_t nk, const float* c, float y0, std::vector<double>& mag,
+                                std::vector<double>& sigma) {
+  const std::size_t G = q.group, gpr = q.groups_per_row();
+  std::vector<float> cs(nk * gpr);
+  sigma.assign(gpr, 0.0);
+  std::vector<float> inv(gpr, 0.0f);
+  for (std::size_t g = 0; g < gpr; ++g) {
+    float amax = 0;
+    for (std::size_t k = 0; k < nk; ++k) {
+      cs[k * gpr + g] = c[k] * s2lc::bf16_to_f32(q.scale_bits(k0 + k, g));
+      amax = std::max(amax, std::fabs(cs[k * gpr + g]));
+    }
+    if (amax >= 1e-30f) sigma[g] = amax / 127.0f, inv[g] = 127.0f / amax;
+  }
+  std::vector<double> y(q.cols, y0);
+  mag.assign(q.cols, std::fabs(y0));
+  for (std::size_t j = 0; j < q.cols; ++j) {
+    const std::size_t g = j / G;
+    for (std::size_t kc = 0; kc < nk; kc += 64) {
+      long long is = 0, ia = 0;
+      for (std::size_t k = kc; k < std::min(nk, kc + 64); ++k) {
+        const float v = std::clamp(std::nearbyint(cs[k * gpr + g] * inv[g]), -127.0f, 127.0f);
+        const long long p = static_cast<long long>(v) * k::detail::stored_code(q, k0 + k, j);
+        is += p, ia += p < 0 ? -p : p;
+      }
+      y[j] += sigma[g] * double(is), mag[j] += sigma[g] * double(ia);
+    }
+  }
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("kernels: q8 gemv_nn (int8 coefficients times a left factor's codes) equals its exact integer formulation and stays within the coefficient-rounding bound") {
+  // (rows = rank, cols, group, bits): left factors (2- and 4-bit nibbles, group 32: the vector
+  // body, one or two vectors of accumulators), two row chunks, column strips, groups of 64 ... 256
+  // (a vector of blocks in one group, several blocks per group), a partial last group, groups the
+  // vector body does not take, byte containers (scalar)
+  const Case cases[] = {{35, 256, 32, 2}, {35, 256, 32, 4}, {4, 128, 32, 4},  {1, 32, 32, 4},   {7, 1408, 32, 4}, {5, 2304, 32, 3},
+                        {70, 256, 32, 3}, {130, 96, 32, 4}, {9, 512, 64, 4},  {6, 1024, 128, 4}, {5, 1024, 256, 2}, {3, 300, 32, 4},
+                        {5, 96, 48, 4},   {6, 100, 10, 4},  {4, 64, 32, 8},   {7, 33, 7, 4},    {18, 384, 32, 4}};
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& cs : cases) {
+      CAPTURE(cs.rows); CAPTURE(cs.cols); CAPTURE(cs.group); CAPTURE(cs.bits);
+      const auto w = randn(cs.rows * cs.cols, static_cast<std::uint32_t>(cs.rows * 11 + cs.cols), 0.05f);
+      const auto qm = cz::quantize(w.data(), cs.rows, cs.cols, {cs.bits, cs.group, false});
+      const auto W = cz::dequantize(qm);
+      for (bool lanes : {false, true}) {
+        const auto km = s2lc::morph::KMat::from(qm, lanes);
+        if (lanes && !km.lanes) continue;
+        CAPTURE(lanes);
+        const auto q = km.view();
+        // coefficients of a right factor's output: mixed magnitudes, a zero, a sign change
+        auto c = randn(cs.rows, static_cast<std::uint32_t>(cs.cols), 2.0f);
+        if (cs.rows > 2) c[1] = 0.0f, c[2] *= 30.0f;
+        for (std::size_t k0 : {std::size_t{0}, cs.rows > 3 ? std::size_t{2} : std::size_t{0}}) {
+          const std::size_t nk = cs.rows - k0 - (k0 ? 1 : 0);
+          CAPTURE(k0);
+          std::vector<float> y(cs.cols + 3, 0.5f);
+          k::q8_gemv_nn(q, k0, nk, c.data() + k0, y.data());
+          std::vector<double> mag, sigma;
+          const auto ref = ref_gemv_nn(q, k0, nk, c.data() + k0, 0.5f, mag, sigma);
+          for (std::size_t j = 0; j < cs.cols; ++j) {
+            CAPTURE(j);
+            // the exact integer formulation: f32 rounding of one product and sum per 64 rows
+            REQUIRE(std::fabs(y[j] - ref[j]) <= double(nk / 64 + 3) * kU * mag[j] + kU);
+            // against the f32 product of the dequantized factor: the coefficient rounding bound
+            // sigma_g / 2 sum_k |code| (sigma and the rounding of c s and of c s / sigma: 1e-4 of sigma)
+            double exact = 0.5, fa = 0.5, codes = 0;
+            for (std::size_t k = k0; k < k0 + nk; ++k) {
+              exact += double(c[k]) * W[k * cs.cols + j];
+              fa += std::fabs(double(c[k]) * W[k * cs.cols + j]);
+              codes += std::abs(k::detail::stored_code(q, k, j));
+            }
+            const double bound = sigma[j / cs.group] * (0.5 + 1e-4) * codes + double(nk + 8) * kU * (fa + mag[j]) + kU;
+            REQUIRE(std::fabs(y[j] - exact) <= bound);
+          }
+          for (std::size_t j = cs.cols; j < y.size(); ++j) REQUIRE(y[j] == 0.5f);  // nothing else written
+        }
+        // all-zero coefficients add exact zeros; a non-finite one makes every output NaN
+        std::vector<float> z(cs.rows, 0.0f), y(cs.cols, 0.5f);
+        k::q8_gemv_nn(q, 0, cs.rows, z.data(), y.data());
+        for (float v : y) REQUIRE(v == 0.5f);
+        for (float bad : {INFINITY, NAN}) {
+          auto cb = c;
+          cb[cs.rows / 2] = bad;
+          k::q8_gemv_nn(q, 0, cs.rows, cb.data(), y.data());
+          for (float v : y) REQUIRE(std::isnan(v));
+          y.assign(cs.cols, 0.5f);
+        }
+      }
+    }
+  }
+}

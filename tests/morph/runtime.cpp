@@ -153,6 +153,42 @@ void check_apply(const cz::CompressedGroup& g, const mo::KGroup& kg, std::uint32
   for (std::size_t t = 0; t < n; ++t) REQUIRE(Y[t * ldy + R] == 0.25f);  // padding untouched
 }
 
+/// For one or two tokens, apply meets each eligible left factor's coefficients t = alpha right x
+/// as int8 (q8_gemv_nn): per output row, the bound that adds (in units of |alpha|),
+/// sigma_g / 2 sum_k |code_k,i| with sigma_g <= max_k T_k |s_kg| / 127 and |t_k| / |alpha| <= T_k =
+/// sum_j |right_kj| (|x_j| + half_sx_j), x_j's int8 value being at most half_sx_j further out.
+std::vector<double> left_q8_bound(const mo::KGroup& kg, std::uint32_t e, const float* x, const std::vector<double>& half_sx, std::size_t R) {
+  namespace k = s2lc::kernels;
+  std::vector<double> extra(R, 0.0);
+  auto scan = [&](const mo::KMatrix& m) {
+    for (const auto& b : m.blocks) {
+      if (b.kind != cz::block_kind::lowrank && b.kind != cz::block_kind::shared) continue;
+      const auto left = b.kind == cz::block_kind::lowrank ? b.a.view() : kg.bases[b.basis].view();
+      if (!mo::detail::q8_left(left, {0, mo::Activations::int8})) continue;
+      const auto rv = b.b.view();
+      const auto tp = k::tier_params(rv.bits, 0);
+      std::vector<double> T(b.rank, 0.0);
+      for (std::size_t kk = 0; kk < b.rank; ++kk)
+        for (std::size_t j = 0; j < b.cb; ++j) {
+          const double w = b.raw.empty() ? double(k::detail::decode(rv, kk, j, tp)) : double(b.raw[kk * b.cb + j]);
+          T[kk] += std::fabs(w) * (std::fabs(x[b.c0 + j]) + half_sx[b.c0 + j]);
+        }
+      for (std::size_t i = 0; i < b.rb; ++i) {
+        const std::size_t g = i / left.group;
+        double sig = 0, codes = 0;
+        for (std::size_t kk = 0; kk < b.rank; ++kk) {
+          sig = std::max(sig, T[kk] * (1 + 1e-5) * std::fabs(double(s2lc::bf16_to_f32(left.scale_bits(kk, g)))) / 127.0);
+          codes += std::abs(k::detail::stored_code(left, kk, i));
+        }
+        extra[b.r0 + i] += sig * (0.5 + 1e-4) * codes;
+      }
+    }
+  };
+  scan(kg.residuals[e]);
+  for (auto nd : kg.path[e]) scan(kg.cores[nd]);
+  return extra;
+}
+
 /// int8 activations: Y = Y0 + alpha W X^T within the activation-rounding bound (each column's
 /// group scale over 2 times the magnitudes |W| the products pass through) plus the f32 bound.
 void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::uint32_t e, std::size_t n, mo::Executor* ex = nullptr) {
@@ -190,8 +226,9 @@ void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::u
       for (std::size_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(x[k]));
       half_sx[j] = 0.5 * double(amax) / 127.0;
     }
+    const auto left = n < 3 ? left_q8_bound(kg, e, x, half_sx, R) : std::vector<double>(R, 0.0);
     for (std::size_t i = 0; i < R; ++i) {
-      double s = 0, a = 0, q = 0;
+      double s = 0, a = 0, q = left[i];
       for (std::size_t j = 0; j < C; ++j) {
         s += double(W(i, j)) * x[j];
         a += A[i * C + j] * std::fabs(x[j]);

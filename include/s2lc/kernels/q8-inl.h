@@ -1028,6 +1028,160 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
   }
 }
 
+// ---- Coefficients times codes (q8_gemv_nn): y[j] += sum_k c[k] q[k, j] ----
+// The left factor's product with the right one's output t: per group g of columns, the rows'
+// coefficients cs[k, g] = c[k] s[k, g] are quantized to int8 over the rows as q8_quantize does
+// activations (cq = round_half_even(cs * 127 / amax_g), sigma_g = amax_g / 127), so a group's
+// sum over rows is an exact integer sum of cq * code and one f32 product per group and chunk of
+// kNNRows rows. The vector body reads 4 rows at a time, each 128-bit block 16 code bytes of one
+// group: byte then word unpacks put one code byte of the 4 rows in each 4-byte lane, and one
+// DotU8I8 per nibble with the 4 rows' cq (a quad, broadcast per block) adds the 4 rows' products
+// for the low nibbles' columns and for the high ones'. Nibbles are read as c + 8 (byte ^ 0x88),
+// so 8 * sum cq is subtracted per group. Exact integers, so every target gives the same sums.
+inline constexpr std::size_t kNNRows = 64;   // rows per chunk (the integer partials' flush)
+inline constexpr std::size_t kNNStrip = 64;  // groups per column strip (the per-group buffers)
+using DC = hn::CappedTag<float, 8>;          // the per-group arithmetic (8 groups: a 256-row left factor)
+using DCI = hn::RebindToSigned<DC>;
+
+// Whether the vector body takes q's layout on this target: nibble codes in row-major form, 16
+// code bytes of a block inside one group, vectors of whole blocks that start on a group or lie
+// in one.
+HWY_INLINE bool NNVector(const QView& q) {
+#if HWY_TARGET == HWY_SCALAR || HWY_HAVE_SCALABLE
+  (void)q;
+  return false;
+#else
+  constexpr std::size_t N8 = hn::MaxLanes(DU8());
+  const std::size_t gb = q.group / 2;
+  return q.nibble && !q.lanes && q.bits <= 4 && q.group % 32 == 0 && (gb % N8 == 0 || N8 % gb == 0) && hn::MaxLanes(DF()) >= 4 &&
+         hn::MaxLanes(DF()) <= 16;
+#endif
+}
+
+// Row r's coefficients cs[g] = c * s[r, ga + g] for g < ns, lanes [ns, W) zero (W: whole DC vectors).
+HWY_INLINE void NNCoefRow(const QView& q, std::size_t gpr, std::size_t r, std::size_t ga, std::size_t ns, std::size_t W, float c,
+                          float* HWY_RESTRICT out) {
+  const DC dc;
+  const hn::Rebind<std::uint16_t, DC> d16;
+  const hn::RebindToUnsigned<DC> du32;
+  const std::size_t NC = hn::Lanes(dc);
+  const auto vc = hn::Set(dc, c);
+  std::size_t g = 0;
+  if (!q.lanes) {
+    const std::uint16_t* s = q.scales + r * gpr + ga;
+    for (; g + NC <= ns; g += NC)
+      hn::Store(hn::Mul(hn::BitCast(dc, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(d16, s + g)))), vc), dc, out + g);
+  }
+  for (; g < ns; ++g) out[g] = s2lc::bf16_to_f32(q.scale_bits(r, ga + g)) * c;
+  for (; g < W; ++g) out[g] = 0.0f;
+}
+
+// The per-strip state: groups [ga, ga + ns), W lanes of them (ns rounded up to DC vectors), and
+// Wq = W + 4 (what a LoadDup128 at the last group may read).
+struct NNStrip {
+  std::size_t ga, ns, W, Wq;
+  const float* sig;         // [Wq]: sigma_g (NaN: a non-finite coefficient; 0: all zero)
+  const std::int32_t* sum;  // [Wq]: sum of the chunk's cq per group
+  const std::int32_t* qq;   // [steps][Wq]: quad s of group g: cq of rows 4s..4s+3 (bytes, low first)
+};
+
+// Where a vector of the strip's codes starts: group g of the strip, byte ob of its codes.
+struct NNAt {
+  std::size_t g, ob;
+};
+
+#if HWY_TARGET != HWY_SCALAR && !HWY_HAVE_SCALABLE
+// Adds the 4 x 2 accumulators of the vector at `at` to y: per block L (its group's sigma and
+// bias broadcast by idx), lanes 4 R + i of block L are the columns 4 R + i of its 16, which start
+// boff[L] columns after the vector's first (low nibbles; the high ones gb later); a block
+// transpose gives them in order.
+HWY_INLINE void NNFlush(const QView& q, const NNStrip& st, NNAt at, std::size_t gb, VU8 idx, const std::size_t* boff, const VI (&acc)[4][2],
+                        float* y) {
+  const DF df;
+  const DI di;
+  constexpr std::size_t NB = hn::MaxLanes(DF()) / 4;
+  const VI bias = hn::ShiftLeft<3>(hn::BitCast(di, hn::TableLookupBytes(hn::LoadDup128(di, st.sum + at.g), idx)));
+  const VF sig = hn::BitCast(df, hn::TableLookupBytes(hn::LoadDup128(di, reinterpret_cast<const std::int32_t*>(st.sig) + at.g), idx));
+  float* y0 = y + (st.ga + at.g) * q.group + at.ob;
+  for (std::size_t h = 0; h < 2; ++h, y0 += gb) {
+    VF R[4];
+    for (std::size_t i = 0; i < 4; ++i) R[i] = hn::Mul(hn::ConvertTo(df, hn::Sub(acc[i][h], bias)), sig);
+    for (std::size_t L = 0; L < NB; ++L) {
+      float* yb = y0 + boff[L];  // the block's 16 columns
+      if constexpr (NB == 1) {
+        for (std::size_t i = 0; i < 4; ++i) hn::StoreU(hn::Add(hn::LoadU(df, yb + 4 * i), R[i]), df, yb + 4 * i);
+      } else if constexpr (NB == 2) {
+        const VF a = L == 0 ? hn::ConcatLowerLower(df, R[1], R[0]) : hn::ConcatUpperUpper(df, R[1], R[0]);
+        const VF b = L == 0 ? hn::ConcatLowerLower(df, R[3], R[2]) : hn::ConcatUpperUpper(df, R[3], R[2]);
+        hn::StoreU(hn::Add(hn::LoadU(df, yb), a), df, yb);
+        hn::StoreU(hn::Add(hn::LoadU(df, yb + 8), b), df, yb + 8);
+      } else {
+        // [R0.bL, R1.bL, R2.bL, R3.bL]: halves of R0/R2 and R1/R3, then even and odd blocks
+        const bool upper = L >= 2;
+        const VF t0 = upper ? hn::ConcatUpperUpper(df, R[2], R[0]) : hn::ConcatLowerLower(df, R[2], R[0]);
+        const VF t1 = upper ? hn::ConcatUpperUpper(df, R[3], R[1]) : hn::ConcatLowerLower(df, R[3], R[1]);
+        const VF v = L % 2 == 0 ? hn::OddEvenBlocks(hn::SwapAdjacentBlocks(t1), t0) : hn::OddEvenBlocks(t1, hn::SwapAdjacentBlocks(t0));
+        hn::StoreU(hn::Add(hn::LoadU(df, yb), v), df, yb);
+      }
+    }
+  }
+}
+
+// The TB vectors from byte offset o0 of the strip (codes from row p's, stride rb; where each
+// starts: at[t]) over nc rows.
+template <std::size_t TB>
+HWY_INLINE void NNTile(const QView& q, const NNStrip& st, const std::uint8_t* p, std::size_t rb, std::size_t nc, std::size_t o0,
+                       const NNAt* at, std::size_t gb, VU8 idx, const std::size_t* boff, float* y) {
+  const DU8 du8;
+  const DI di;
+  const hn::Repartition<std::uint16_t, DU8> du16;
+  const std::size_t N8 = hn::Lanes(du8);
+  VI acc[TB][4][2];
+  for (auto& a : acc)
+    for (auto& b : a) b[0] = b[1] = hn::Zero(di);
+  const VU8 m88 = hn::Set(du8, std::uint8_t{0x88}), m0f = hn::Set(du8, std::uint8_t{0x0F}), zero = hn::Zero(du8);
+  const std::uint8_t* pr = p + o0;
+  for (std::size_t k = 0, s = 0; k < nc; k += 4, ++s, pr += 4 * rb) {
+    for (std::size_t i = 0; i < 4 && k + i < nc; ++i) hwy::Prefetch(pr + i * rb + kPrefetch);
+    for (std::size_t t = 0; t < TB; ++t) {
+      const VI8 co = hn::BitCast(DI8(), hn::TableLookupBytes(hn::LoadDup128(di, st.qq + s * st.Wq + at[t].g), idx));
+      const std::uint8_t* pc = pr + t * N8;
+      const VU8 r0 = hn::LoadU(du8, pc);
+      const VU8 r1 = k + 1 < nc ? hn::LoadU(du8, pc + rb) : zero;
+      const VU8 r2 = k + 2 < nc ? hn::LoadU(du8, pc + 2 * rb) : zero;
+      const VU8 r3 = k + 3 < nc ? hn::LoadU(du8, pc + 3 * rb) : zero;
+      const auto a = hn::BitCast(du16, hn::InterleaveLower(du8, r0, r1)), b = hn::BitCast(du16, hn::InterleaveUpper(du8, r0, r1));
+      const auto c = hn::BitCast(du16, hn::InterleaveLower(du8, r2, r3)), d = hn::BitCast(du16, hn::InterleaveUpper(du8, r2, r3));
+      const VU8 T[4] = {hn::BitCast(du8, hn::InterleaveLower(du16, a, c)), hn::BitCast(du8, hn::InterleaveUpper(du16, a, c)),
+                        hn::BitCast(du8, hn::InterleaveLower(du16, b, d)), hn::BitCast(du8, hn::InterleaveUpper(du16, b, d))};
+      for (std::size_t R = 0; R < 4; ++R) {
+        const VU8 x = hn::Xor(T[R], m88);  // both nibbles c + 8, in [0, 15]
+        const VU8 lo = hn::And(x, m0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, x))), m0f);
+        acc[t][R][0] = DotU8I8(acc[t][R][0], lo, co);
+        acc[t][R][1] = DotU8I8(acc[t][R][1], hi, co);
+      }
+    }
+  }
+  for (std::size_t t = 0; t < TB; ++t) NNFlush(q, st, at[t], gb, idx, boff, acc[t], y);
+}
+#endif
+
+// Scalar columns: groups [ga + g0, ga + g1) of the strip over rows [r, r + nc) (exact integer
+// sums, one f32 product per group and column, as the vector body).
+inline HWY_NOINLINE void NNScalar(const QView& q, const NNStrip& st, std::size_t r, std::size_t nc, std::size_t g0, std::size_t g1, float* y) {
+  for (std::size_t g = g0; g < g1; ++g) {
+    const std::size_t c0 = (st.ga + g) * q.group, c1 = std::min<std::size_t>(q.cols, c0 + q.group);
+    for (std::size_t j = c0; j < c1; ++j) {
+      std::int32_t sum = 0;
+      for (std::size_t k = 0; k < nc; ++k) {
+        const auto cq = static_cast<std::int8_t>(static_cast<std::uint32_t>(st.qq[(k / 4) * st.Wq + g]) >> (8 * (k % 4)));
+        sum += cq * detail::stored_code(q, r + k, j);
+      }
+      y[j] += static_cast<float>(sum) * st.sig[g];
+    }
+  }
+}
+
 }  // namespace q8k
 
 /// Quantizes nt tokens (x[t * ldx + c], c < q.cols) into the Q8Acts layout of q's codes.
@@ -1164,6 +1318,133 @@ inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size
 inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt,
                                   float alpha, float* y, std::size_t ldy) {
   Q8GemvNTTiles(q, r0, nr, acts, nullptr, nt, alpha, y, ldy);
+}
+
+/// y[j] += sum_k c[k] q[k0 + k, j] for k < nk: the coefficients quantized to int8 per group of
+/// columns over the rows (sigma_g = max_k |c[k] s[k0 + k, g]| / 127, see q8k::NNStrip), the codes
+/// at their stored precision; exact integer sums per group and chunk of q8k::kNNRows rows.
+inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y) {
+  if (nk == 0 || q.cols == 0) return;
+  const q8k::DC dc;
+  const q8k::DCI dci;
+  const std::size_t NC = hn::Lanes(dc), gpr = q.groups_per_row();
+  constexpr std::size_t kW = q8k::kNNStrip, kWq = kW + 4, kR = q8k::kNNRows;
+  HWY_ALIGN float cs[kR * kW];  // the chunk's coefficients, [row][group]
+  HWY_ALIGN float row[kW], amax[kW], bad[kW], inv[kW], sig[kWq];
+  HWY_ALIGN std::int32_t sum[kWq], qq[kR / 4 * kWq];
+#if HWY_TARGET != HWY_SCALAR && !HWY_HAVE_SCALABLE
+  const bool vec = q8k::NNVector(q);
+  const std::size_t gb = q.group / 2, rb = q.row_bytes(), N8 = hn::Lanes(q8k::DU8());
+  // block L of a vector reads the quad (sigma, sum) of group 16 L / gb of the 4 loaded from its first
+  HWY_ALIGN std::uint8_t ib[hn::MaxLanes(q8k::DU8())];
+  std::size_t boff[hn::MaxLanes(q8k::DU8()) / 16];  // block L's first column after the vector's
+  for (std::size_t L = 0; L < N8 / 16; ++L) {
+    const auto first = static_cast<std::uint8_t>(vec ? 4 * (16 * L / gb) : 0);
+    const std::uint8_t quad[4] = {first, static_cast<std::uint8_t>(first + 1), static_cast<std::uint8_t>(first + 2),
+                                  static_cast<std::uint8_t>(first + 3)};
+    for (std::size_t j = 0; j < 4; ++j) std::memcpy(ib + 16 * L + 4 * j, quad, 4);
+    boff[L] = vec ? 16 * L / gb * q.group + 16 * L % gb : 0;
+  }
+  const q8k::VU8 idx = hn::Load(q8k::DU8(), ib);
+#endif
+  const auto big = hn::Set(dc, 3.40282347e38f), one = hn::Set(dc, 1.0f);
+  for (std::size_t ga = 0; ga < gpr; ga += q8k::kNNStrip) {
+    const std::size_t ns = std::min(q8k::kNNStrip, gpr - ga), W = (ns + NC - 1) / NC * NC, Wq = W + 4;
+    // sigma per group over every row (the first chunk's coefficients kept; amax in registers)
+    const std::size_t n0 = std::min(nk, kR);
+    const bool whole = !q.lanes && ns == W;  // the coefficients straight from whole vectors of scales
+    if (!whole)
+      for (std::size_t k = 0; k < n0; ++k) q8k::NNCoefRow(q, gpr, k0 + k, ga, ns, W, c[k], cs + k * W);
+    const hn::Rebind<std::uint16_t, q8k::DC> d16;
+    const hn::RebindToUnsigned<q8k::DC> du32;
+    for (std::size_t g = 0; g < W; g += NC) {
+      // two chains (a max's latency per row had dominated); bd: 1 where inf or NaN
+      auto am0 = hn::Zero(dc), am1 = am0, bd0 = am0, bd1 = am0;
+      const std::uint16_t* sp = whole ? q.scales + k0 * gpr + ga + g : nullptr;
+      auto row_at = [&](std::size_t k) {
+        if (!whole) return hn::Load(dc, cs + k * W + g);
+        const auto v = hn::Mul(hn::BitCast(dc, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(d16, sp + k * gpr)))), hn::Set(dc, c[k]));
+        hn::Store(v, dc, cs + k * W + g);
+        return v;
+      };
+      std::size_t k = 0;
+      for (; k + 2 <= n0; k += 2) {
+        const auto a0 = hn::Abs(row_at(k)), a1 = hn::Abs(row_at(k + 1));
+        am0 = hn::Max(am0, a0), bd0 = hn::Max(bd0, hn::IfThenZeroElse(hn::Le(a0, big), one));
+        am1 = hn::Max(am1, a1), bd1 = hn::Max(bd1, hn::IfThenZeroElse(hn::Le(a1, big), one));
+      }
+      if (k < n0) {
+        const auto a0 = hn::Abs(row_at(k));
+        am0 = hn::Max(am0, a0), bd0 = hn::Max(bd0, hn::IfThenZeroElse(hn::Le(a0, big), one));
+      }
+      hn::Store(hn::Max(am0, am1), dc, amax + g), hn::Store(hn::Max(bd0, bd1), dc, bad + g);
+    }
+    for (std::size_t k = n0; k < nk; ++k) {
+      q8k::NNCoefRow(q, gpr, k0 + k, ga, ns, W, c[k], row);
+      for (std::size_t g = 0; g < W; g += NC) {
+        const auto a = hn::Abs(hn::Load(dc, row + g));
+        hn::Store(hn::Max(hn::Load(dc, amax + g), a), dc, amax + g);
+        hn::Store(hn::Max(hn::Load(dc, bad + g), hn::IfThenZeroElse(hn::Le(a, big), one)), dc, bad + g);
+      }
+    }
+    // as q8_quantize: a non-finite coefficient makes its group NaN, below 1e-30 it is zero
+    for (std::size_t g = 0; g < W; g += NC) {
+      const auto am = hn::Load(dc, amax + g), bd = hn::Load(dc, bad + g);
+      const auto live = hn::And(hn::Eq(bd, hn::Zero(dc)), hn::Ge(am, hn::Set(dc, 1e-30f)));
+      const auto s127 = hn::Set(dc, 127.0f);
+      hn::Store(hn::IfThenElse(hn::Eq(bd, hn::Zero(dc)), hn::IfThenElseZero(live, hn::Div(am, s127)), hn::Set(dc, std::nanf(""))), dc, sig + g);
+      hn::Store(hn::IfThenElseZero(live, hn::Div(s127, am)), dc, inv + g);
+    }
+    for (std::size_t g = W; g < Wq; ++g) sig[g] = 0.0f;
+    const q8k::NNStrip st{ga, ns, W, Wq, sig, sum, qq};
+    for (std::size_t kc = 0; kc < nk; kc += kR) {
+      const std::size_t nc = std::min(kR, nk - kc), steps = (nc + 3) / 4;
+      if (kc > 0)
+        for (std::size_t k = 0; k < nc; ++k) q8k::NNCoefRow(q, gpr, k0 + kc + k, ga, ns, W, c[kc + k], cs + k * W);
+      // cq = round_half_even(cs / sigma): |cs * inv| <= 127 (1 + 2u) rounds into [-127, 127]
+      // (non-finite groups: any bytes, their sigma is NaN)
+      const auto ff = hn::Set(dci, 0xFF);
+      for (std::size_t g = 0; g < W; g += NC) {
+        const auto vinv = hn::Load(dc, inv + g);
+        auto acc = hn::Zero(dci);
+        for (std::size_t s = 0; s < steps; ++s) {
+          hn::Vec<q8k::DCI> v[4];
+          for (std::size_t i = 0; i < 4; ++i)
+            v[i] = 4 * s + i < nc ? hn::NearestInt(hn::Mul(hn::Load(dc, cs + (4 * s + i) * W + g), vinv)) : hn::Zero(dci);
+          const auto quad = hn::Or(hn::Or(hn::And(v[0], ff), hn::ShiftLeft<8>(hn::And(v[1], ff))),
+                                   hn::Or(hn::ShiftLeft<16>(hn::And(v[2], ff)), hn::ShiftLeft<24>(v[3])));
+          hn::StoreU(quad, dci, qq + s * Wq + g);
+          acc = hn::Add(acc, hn::Add(hn::Add(v[0], v[1]), hn::Add(v[2], v[3])));
+        }
+        hn::Store(acc, dci, sum + g);
+      }
+      for (std::size_t g = W; g < Wq; ++g) sum[g] = 0;
+      for (std::size_t s = 0; s < steps; ++s)
+        for (std::size_t g = W; g < Wq; ++g) qq[s * Wq + g] = 0;
+      std::size_t gv = 0;  // groups [0, gv) of the strip run the vector body
+#if HWY_TARGET != HWY_SCALAR && !HWY_HAVE_SCALABLE
+      if (vec) {
+        const std::size_t full = q.cols / q.group, gfull = full > ga ? std::min(ns, full - ga) : 0;
+        const std::size_t nvec = gb >= N8 ? gfull * gb / N8 : gfull / (N8 / gb);
+        gv = gb >= N8 ? gfull : nvec * (N8 / gb);
+        const std::uint8_t* p = q.codes + (k0 + kc) * rb + ga * gb;
+        constexpr std::size_t TB = hn::MaxLanes(q8k::DU8()) >= 64 ? 2 : 1;  // accumulators: 8 TB
+        q8k::NNAt at[TB] = {};
+        std::size_t v = 0;
+        auto where = [&](std::size_t v0, std::size_t n) {  // the n vectors from v0 (no divisions but one)
+          std::size_t g = v0 * N8 / gb, ob = v0 * N8 % gb;
+          for (std::size_t t = 0; t < n; ++t, ob += N8) {
+            for (; ob >= gb; ob -= gb) ++g;
+            at[t] = {g, ob};
+          }
+        };
+        for (; v + TB <= nvec; v += TB) where(v, TB), q8k::NNTile<TB>(q, st, p, rb, nc, v * N8, at, gb, idx, boff, y);
+        for (; v < nvec; ++v) where(v, 1), q8k::NNTile<1>(q, st, p, rb, nc, v * N8, at, gb, idx, boff, y);
+      }
+#endif
+      if (gv < ns) q8k::NNScalar(q, st, k0 + kc, nc, gv, ns, y);
+    }
+  }
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE

@@ -35,6 +35,8 @@ namespace s2lc::kernels {
   X(void, q8_gemv_nt, Q8GemvNT, (const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,          \
                                  std::size_t nt, float alpha, float* y, std::size_t ldy),                            \
     (q, r0, nr, acts, nt, alpha, y, ldy))                                                                            \
+  X(void, q8_gemv_nn, Q8GemvNN, (const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y),         \
+    (q, k0, nk, c, y))                                                                                               \
   X(std::size_t, q8_tiles_bytes, Q8TilesBytes, (const QView& q, std::size_t nt), (q, nt))                           \
   X(void, q8_tiles, Q8Tiles, (const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out),         \
     (q, acts, nt, out))                                                                                              \
@@ -71,6 +73,13 @@ namespace s2lc::kernels {
 // q8_gemv_nt:    y[t * ldy + i] += alpha * sum_g s[r0 + i, g] sx_t[g] sum_{j in g} code[r0 + i, j] xq_t[j]
 //                for i < nr, t < nt: integer dot products (VNNI where the CPU has it), codes at
 //                their stored precision (tiers take q_gemv_nt).
+// q8_gemv_nn:   y[j] += sum_k c[k] q[k0 + k, j], k < nk, with c[k] s[k0 + k, g] quantized to int8
+//                per group g of columns over the rows (cq = round_half_even(c s * 127 / amax_g),
+//                sigma_g = amax_g / 127): y[j] += sigma_g sum_k cq[k, g] code[k0 + k, j], exact
+//                integer sums (VNNI where the CPU has it) per chunk of 64 rows, so |dy_j| <=
+//                sigma_g / 2 sum_k |code[k0 + k, j]| beyond q_gemv_nn's rounding. Codes at their
+//                stored precision; the vector body takes row-major nibble codes whose groups are
+//                a multiple of 32 columns (a low-rank block's left factor), the rest is scalar.
 // q8_tiles_bytes, q8_tiles: the activation tiles q8_gemv_nt builds per call for 4+ tokens on
 //                nibble codes (16+ on rows in lanes; tokens in lanes), built once for activations
 //                that several matrices of the same layout (columns, group) meet: their bytes (0:
