@@ -453,7 +453,9 @@ inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, st
 
 /// Whether a left factor meets its coefficients as int8 (q8_gemv_nn) at this precision: int8
 /// activations, stored bits, and the layout its vector body takes (2- to 4-bit codes in the
-/// row-major nibble container, groups of a multiple of 32 columns).
+/// row-major nibble container, groups of a multiple of 32 columns). apply_block uses it for one
+/// or two tokens: q8_gemv_nn rounds each token's coefficients on its own (half of its time at
+/// rank 41, bench/RESULTS.md), while q_gemm_nn decodes a code row once for up to 8 tokens.
 inline bool q8_left(const kernels::QView& left, Precision prec) noexcept {
   return prec.act == Activations::int8 && (prec.tier == 0 || prec.tier >= left.bits) && left.nibble && !left.lanes && left.group % 32 == 0;
 }
