@@ -1040,7 +1040,7 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
 // so 8 * sum cq is subtracted per group. Exact integers, so every target gives the same sums.
 inline constexpr std::size_t kNNRows = 64;   // rows per chunk (the integer partials' flush)
 inline constexpr std::size_t kNNStrip = 64;  // groups per column strip (the per-group buffers)
-using DC = hn::CappedTag<float, 8>;          // the per-group arithmetic (8 groups: a 256-row left factor)
+using DC = hn::CappedTag<float, 8>;          // the per-group arithmetic (8 groups: a left factor of 256 columns)
 using DCI = hn::RebindToSigned<DC>;
 
 // Whether the vector body takes q's layout on this target: nibble codes in row-major form, 16
