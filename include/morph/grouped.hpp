@@ -141,7 +141,9 @@ inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, st
 }
 
 /// Y[t, :] += sum over experts e routed t of gate(e, t) * W_e X[t, :]. X [n_tokens, cols] (stride
-/// ldx), Y [n_tokens, rows] (stride ldy). Equal to per-expert apply up to f32 summation order.
+/// ldx), Y [n_tokens, rows] (stride ldy). Equal to per-expert apply up to f32 summation order;
+/// with int8 activations also up to the int8 rounding of left-factor coefficients, which
+/// per-expert calls of 1-2 tokens take (q8_gemv_nn) and cores over 3+ tokens do not.
 inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
                           Arena& arena, Executor* ex = nullptr, Precision tier = {}) {
   detail::check_plan(plan, g.members(), "grouped_apply");
@@ -152,14 +154,17 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
   detail::split_workers(arena, ex, apply_scratch_bytes(g, T), w);
   float* xg = arena.take<float>(T * C);
   float* yg = arena.take<float>(T * R);
-  // Cores: once per token of each node's union, weighted by the summed gates.
+  // Cores: once per token of each node's union, weighted by the summed gates (and subtracted
+  // per expert where its residual replaces them: the same left factor path both times).
+  Precision core = tier;
+  core.int8_left = core.int8_left && plan.n_tokens < 3;
   for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
     const std::size_t m2 = arena.mark();
     const auto u = detail::make_union(g.node_members[nd], plan, arena);
     if (u.n && !g.cores[nd].blocks.empty()) {
       detail::gather(X, ldx, u.list, u.n, C, xg);
       std::memset(yg, 0, u.n * R * sizeof(float));
-      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, tier, ex, w);
+      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, core, ex, w);
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
         const float wt = u.weight[i];
@@ -176,7 +181,7 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
     if (n == 0) return;
     detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
     apply_matrix(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, 1.0f, tier, w.arena[worker]);
-    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, tier, w.arena[worker]);
+    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, w.arena[worker]);
   });
   for (std::size_t i = 0; i < plan.routed(); ++i) {
     float* y = Y + plan.token[i] * ldy;
@@ -238,13 +243,15 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   if (L.w1->cores.size() > kMaxNodes || L.w3->cores.size() > kMaxNodes || L.w2->cores.size() > kMaxNodes)
     throw invalid_argument("swiglu_apply: more than 512 core nodes");
   NodeOut n1s[kMaxNodes], n3s[kMaxNodes];
+  Precision core = tier;  // (see grouped_apply)
+  core.int8_left = core.int8_left && plan.n_tokens < 3;
   auto run_cores = [&](const KGroup& g, NodeOut* outs) {
     for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
       NodeOut o{detail::make_union(g.node_members[nd], plan, arena), nullptr};
       o.out = arena.take_zeroed<float>(o.u.n * f);
       if (o.u.n && !g.cores[nd].blocks.empty()) {
         detail::gather(X, ldx, o.u.list, o.u.n, d, xg);
-        detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, tier, ex, w);
+        detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, core, ex, w);
       }
       outs[nd] = o;
     }
@@ -274,7 +281,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
         }
       }
       apply_matrix(g, g.residuals[e], x, d, n, h, f, 1.0f, tier, a);
-      detail::unapply_replaced(g, e, x, d, n, h, f, tier, a);
+      detail::unapply_replaced(g, e, x, d, n, h, f, core, a);
     };
     float* a1 = h1 + off * f;
     float* a3 = h3 + off * f;
@@ -282,7 +289,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     hidden(*L.w3, n3s, a3);
     kernels::swiglu(a1, a3, a1, n * f);
     apply_matrix(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, 1.0f, tier, a);
-    detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, tier, a);
+    detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, core, a);
   });
 
   // 3. w2 cores: once per token on the gate-weighted sum of its members' hidden states.
@@ -301,7 +308,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
           for (std::size_t j = 0; j < f; ++j) dst[j] += gt * src[j];
         }
       std::memset(yg, 0, u.n * d * sizeof(float));
-      detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, tier, ex, w);
+      detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, core, ex, w);
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
         for (std::size_t j = 0; j < d; ++j) y[j] += yg[i * d + j];

@@ -361,6 +361,11 @@ enum class Activations : std::uint8_t {
 struct Precision {
   unsigned tier = 0;
   Activations act = Activations::f32;
+  /// With int8 activations, calls of one or two tokens may run low-rank left factors as int8 too
+  /// (q8_gemv_nn, see Activations::int8). grouped_apply and swiglu_apply clear it for the cores
+  /// of batches of 3+ tokens, so a core block added over a node's tokens and subtracted per
+  /// expert (where a residual replaces it) takes the same path both times.
+  bool int8_left = true;
   Precision() = default;
   Precision(unsigned t, Activations a = Activations::f32) : tier(t), act(a) {}  // NOLINT: implicit
 };
@@ -452,12 +457,14 @@ inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, st
 }
 
 /// Whether a left factor meets its coefficients as int8 (q8_gemv_nn) at this precision: int8
-/// activations, stored bits, and the layout its vector body takes (2- to 4-bit codes in the
-/// row-major nibble container, groups of a multiple of 32 columns). apply_block uses it for one
+/// activations, stored bits, and a layout its vector body covers whole on this target (2- to
+/// 4-bit codes in the row-major nibble container, groups of a multiple of 32 columns, a whole
+/// number of vectors of them; its scalar path would be slower than f32). apply_block uses it for one
 /// or two tokens: q8_gemv_nn rounds each token's coefficients on its own (half of its time at
 /// rank 41, bench/RESULTS.md), while q_gemm_nn decodes a code row once for up to 8 tokens.
-inline bool q8_left(const kernels::QView& left, Precision prec) noexcept {
-  return prec.act == Activations::int8 && (prec.tier == 0 || prec.tier >= left.bits) && left.nibble && !left.lanes && left.group % 32 == 0;
+inline bool q8_left(const kernels::QView& left, Precision prec) {
+  return prec.act == Activations::int8 && prec.int8_left && (prec.tier == 0 || prec.tier >= left.bits) &&
+         kernels::q8_gemv_nn_vectorized(left);
 }
 
 }  // namespace detail

@@ -4790,6 +4790,7 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 #endif
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -5822,6 +5823,8 @@ HWY_INLINE bool NNVector(const QView& q) {
   (void)q;
   return false;
 #else
+  // (the coefficient quads are packed with shifts and read as bytes: little-endian lanes)
+  if constexpr (std::endian::native != std::endian::little) return false;
   constexpr std::size_t N8 = hn::MaxLanes(DU8());
   const std::size_t gb = q.group / 2;
   return q.nibble && !q.lanes && q.bits <= 4 && q.group % 32 == 0 && (gb % N8 == 0 || N8 % gb == 0) && hn::MaxLanes(DF()) >= 4 &&
@@ -6091,6 +6094,14 @@ inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr
   Q8GemvNTTiles(q, r0, nr, acts, nullptr, nt, alpha, y, ldy);
 }
 
+/// Whether Q8GemvNN's vector body covers every column of q here: whole groups only, and with
+/// groups narrower than a vector, a whole number of vectors of them.
+inline HWY_NOINLINE bool Q8GemvNNVectorized(const QView& q) {
+  if (!q8k::NNVector(q) || q.cols % q.group != 0) return false;
+  const std::size_t gb = q.group / 2, N8 = hn::Lanes(q8k::DU8());
+  return gb >= N8 || (q.cols / q.group) % (N8 / gb) == 0;
+}
+
 /// y[j] += sum_k c[k] q[k0 + k, j] for k < nk: the coefficients quantized to int8 per group of
 /// columns over the rows (sigma_g = max_k |c[k] s[k0 + k, g]| / 127, see q8k::NNStrip), the codes
 /// at their stored precision; exact integer sums per group and chunk of q8k::kNNRows rows.
@@ -6202,7 +6213,7 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
         constexpr std::size_t TB = hn::MaxLanes(q8k::DU8()) >= 64 ? 2 : 1;  // accumulators: 8 TB
         q8k::NNAt at[TB] = {};
         std::size_t v = 0;
-        auto where = [&](std::size_t v0, std::size_t n) {  // the n vectors from v0 (no divisions but one)
+        auto where = [&](std::size_t v0, std::size_t n) {  // the n vectors from v0 (one division per tile)
           std::size_t g = v0 * N8 / gb, ob = v0 * N8 % gb;
           for (std::size_t t = 0; t < n; ++t, ob += N8) {
             for (; ob >= gb; ob -= gb) ++g;
@@ -7030,6 +7041,7 @@ namespace s2lc::kernels {
     (q, r0, nr, acts, nt, alpha, y, ldy))                                                                            \
   X(void, q8_gemv_nn, Q8GemvNN, (const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y),         \
     (q, k0, nk, c, y))                                                                                               \
+  X(bool, q8_gemv_nn_vectorized, Q8GemvNNVectorized, (const QView& q), (q))                                         \
   X(std::size_t, q8_tiles_bytes, Q8TilesBytes, (const QView& q, std::size_t nt), (q, nt))                           \
   X(void, q8_tiles, Q8Tiles, (const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out),         \
     (q, acts, nt, out))                                                                                              \
@@ -7073,6 +7085,8 @@ namespace s2lc::kernels {
 //                sigma_g / 2 sum_k |code[k0 + k, j]| beyond q_gemv_nn's rounding. Codes at their
 //                stored precision; the vector body takes row-major nibble codes whose groups are
 //                a multiple of 32 columns (a low-rank block's left factor), the rest is scalar.
+// q8_gemv_nn_vectorized: whether q8_gemv_nn's vector body covers every column of q on this target
+//                (else some or all of it runs the scalar path: far slower than q_gemv_nn).
 // q8_tiles_bytes, q8_tiles: the activation tiles q8_gemv_nt builds per call for 4+ tokens on
 //                nibble codes (16+ on rows in lanes; tokens in lanes), built once for activations
 //                that several matrices of the same layout (columns, group) meet: their bytes (0:
@@ -7679,6 +7693,11 @@ enum class Activations : std::uint8_t {
 struct Precision {
   unsigned tier = 0;
   Activations act = Activations::f32;
+  /// With int8 activations, calls of one or two tokens may run low-rank left factors as int8 too
+  /// (q8_gemv_nn, see Activations::int8). grouped_apply and swiglu_apply clear it for the cores
+  /// of batches of 3+ tokens, so a core block added over a node's tokens and subtracted per
+  /// expert (where a residual replaces it) takes the same path both times.
+  bool int8_left = true;
   Precision() = default;
   Precision(unsigned t, Activations a = Activations::f32) : tier(t), act(a) {}  // NOLINT: implicit
 };
@@ -7770,12 +7789,14 @@ inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, st
 }
 
 /// Whether a left factor meets its coefficients as int8 (q8_gemv_nn) at this precision: int8
-/// activations, stored bits, and the layout its vector body takes (2- to 4-bit codes in the
-/// row-major nibble container, groups of a multiple of 32 columns). apply_block uses it for one
+/// activations, stored bits, and a layout its vector body covers whole on this target (2- to
+/// 4-bit codes in the row-major nibble container, groups of a multiple of 32 columns, a whole
+/// number of vectors of them; its scalar path would be slower than f32). apply_block uses it for one
 /// or two tokens: q8_gemv_nn rounds each token's coefficients on its own (half of its time at
 /// rank 41, bench/RESULTS.md), while q_gemm_nn decodes a code row once for up to 8 tokens.
-inline bool q8_left(const kernels::QView& left, Precision prec) noexcept {
-  return prec.act == Activations::int8 && (prec.tier == 0 || prec.tier >= left.bits) && left.nibble && !left.lanes && left.group % 32 == 0;
+inline bool q8_left(const kernels::QView& left, Precision prec) {
+  return prec.act == Activations::int8 && prec.int8_left && (prec.tier == 0 || prec.tier >= left.bits) &&
+         kernels::q8_gemv_nn_vectorized(left);
 }
 
 }  // namespace detail
@@ -8022,7 +8043,9 @@ inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, st
 }
 
 /// Y[t, :] += sum over experts e routed t of gate(e, t) * W_e X[t, :]. X [n_tokens, cols] (stride
-/// ldx), Y [n_tokens, rows] (stride ldy). Equal to per-expert apply up to f32 summation order.
+/// ldx), Y [n_tokens, rows] (stride ldy). Equal to per-expert apply up to f32 summation order;
+/// with int8 activations also up to the int8 rounding of left-factor coefficients, which
+/// per-expert calls of 1-2 tokens take (q8_gemv_nn) and cores over 3+ tokens do not.
 inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float* X, std::size_t ldx, float* Y, std::size_t ldy,
                           Arena& arena, Executor* ex = nullptr, Precision tier = {}) {
   detail::check_plan(plan, g.members(), "grouped_apply");
@@ -8033,14 +8056,17 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
   detail::split_workers(arena, ex, apply_scratch_bytes(g, T), w);
   float* xg = arena.take<float>(T * C);
   float* yg = arena.take<float>(T * R);
-  // Cores: once per token of each node's union, weighted by the summed gates.
+  // Cores: once per token of each node's union, weighted by the summed gates (and subtracted
+  // per expert where its residual replaces them: the same left factor path both times).
+  Precision core = tier;
+  core.int8_left = core.int8_left && plan.n_tokens < 3;
   for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
     const std::size_t m2 = arena.mark();
     const auto u = detail::make_union(g.node_members[nd], plan, arena);
     if (u.n && !g.cores[nd].blocks.empty()) {
       detail::gather(X, ldx, u.list, u.n, C, xg);
       std::memset(yg, 0, u.n * R * sizeof(float));
-      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, tier, ex, w);
+      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, core, ex, w);
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
         const float wt = u.weight[i];
@@ -8057,7 +8083,7 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
     if (n == 0) return;
     detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
     apply_matrix(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, 1.0f, tier, w.arena[worker]);
-    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, tier, w.arena[worker]);
+    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, w.arena[worker]);
   });
   for (std::size_t i = 0; i < plan.routed(); ++i) {
     float* y = Y + plan.token[i] * ldy;
@@ -8119,13 +8145,15 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   if (L.w1->cores.size() > kMaxNodes || L.w3->cores.size() > kMaxNodes || L.w2->cores.size() > kMaxNodes)
     throw invalid_argument("swiglu_apply: more than 512 core nodes");
   NodeOut n1s[kMaxNodes], n3s[kMaxNodes];
+  Precision core = tier;  // (see grouped_apply)
+  core.int8_left = core.int8_left && plan.n_tokens < 3;
   auto run_cores = [&](const KGroup& g, NodeOut* outs) {
     for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
       NodeOut o{detail::make_union(g.node_members[nd], plan, arena), nullptr};
       o.out = arena.take_zeroed<float>(o.u.n * f);
       if (o.u.n && !g.cores[nd].blocks.empty()) {
         detail::gather(X, ldx, o.u.list, o.u.n, d, xg);
-        detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, tier, ex, w);
+        detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, core, ex, w);
       }
       outs[nd] = o;
     }
@@ -8155,7 +8183,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
         }
       }
       apply_matrix(g, g.residuals[e], x, d, n, h, f, 1.0f, tier, a);
-      detail::unapply_replaced(g, e, x, d, n, h, f, tier, a);
+      detail::unapply_replaced(g, e, x, d, n, h, f, core, a);
     };
     float* a1 = h1 + off * f;
     float* a3 = h3 + off * f;
@@ -8163,7 +8191,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     hidden(*L.w3, n3s, a3);
     kernels::swiglu(a1, a3, a1, n * f);
     apply_matrix(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, 1.0f, tier, a);
-    detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, tier, a);
+    detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, core, a);
   });
 
   // 3. w2 cores: once per token on the gate-weighted sum of its members' hidden states.
@@ -8182,7 +8210,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
           for (std::size_t j = 0; j < f; ++j) dst[j] += gt * src[j];
         }
       std::memset(yg, 0, u.n * d * sizeof(float));
-      detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, tier, ex, w);
+      detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, core, ex, w);
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
         for (std::size_t j = 0; j < d; ++j) y[j] += yg[i * d + j];

@@ -59,6 +59,19 @@ const cz::Compressed& fixture_compressed() {
   return c;
 }
 
+/// The same experts at ratio 8 in the default 256 x 256 blocks: left factors of 256 columns,
+/// which the int8 left factor kernel (q8_gemv_nn) runs whole on every SIMD target.
+const cz::Compressed& fixture_compressed_256() {
+  static const cz::Compressed c = [] {
+    openblas_set_num_threads(1);
+    cz::Options opt;
+    opt.ratio = 8;
+    opt.threads = 2;
+    return cz::compress(s2lc::test::tinymoe_l1_groups(), opt);
+  }();
+  return c;
+}
+
 /// Synthetic groups covering raw residual blocks (energy 1), shared bases and 4-bit payloads.
 std::vector<cz::Compressed> synthetic_compressed() {
   const auto in = s2lc::test::synthetic_groups();
@@ -153,6 +166,20 @@ void check_apply(const cz::CompressedGroup& g, const mo::KGroup& kg, std::uint32
   for (std::size_t t = 0; t < n; ++t) REQUIRE(Y[t * ldy + R] == 0.25f);  // padding untouched
 }
 
+/// Half the int8 scale of the group each column of x is quantized in (per grid column block,
+/// groups of g.group_size).
+std::vector<double> half_scales(const cz::CompressedGroup& g, const float* x) {
+  const std::size_t C = g.grid.cols, bc = g.grid.block_cols, G = g.group_size;
+  std::vector<double> half_sx(C);
+  for (std::size_t j = 0; j < C; ++j) {
+    const std::size_t b0 = j / bc * bc, be = std::min(C, b0 + bc), g0 = b0 + (j - b0) / G * G, g1 = std::min(be, g0 + G);
+    float amax = 0;
+    for (std::size_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    half_sx[j] = 0.5 * double(amax) / 127.0;
+  }
+  return half_sx;
+}
+
 /// For one or two tokens, apply meets each eligible left factor's coefficients t = alpha right x
 /// as int8 (q8_gemv_nn): per output row, the bound that adds (in units of |alpha|),
 /// sigma_g / 2 sum_k |code_k,i| with sigma_g <= max_k T_k |s_kg| / 127 and |t_k| / |alpha| <= T_k =
@@ -192,7 +219,7 @@ std::vector<double> left_q8_bound(const mo::KGroup& kg, std::uint32_t e, const f
 /// int8 activations: Y = Y0 + alpha W X^T within the activation-rounding bound (each column's
 /// group scale over 2 times the magnitudes |W| the products pass through) plus the f32 bound.
 void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::uint32_t e, std::size_t n, mo::Executor* ex = nullptr) {
-  const std::size_t R = g.grid.rows, C = g.grid.cols, ldx = C + 3, ldy = R + 1, bc = g.grid.block_cols, G = g.group_size;
+  const std::size_t R = g.grid.rows, C = g.grid.cols, ldx = C + 3, ldy = R + 1;
   const auto X = randn(n * ldx, static_cast<std::uint32_t>(e * 1000 + n * 10 + 7), 1.0f);
   std::vector<float> Y(n * ldy, 0.25f);
   std::vector<std::byte> mem(mo::parallel_scratch_bytes(kg, n, 3));
@@ -219,13 +246,7 @@ void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::u
   const double slack = static_cast<double>(C + max_rank(g) + 32);
   for (std::size_t t = 0; t < n; ++t) {
     const float* x = X.data() + t * ldx;
-    std::vector<double> half_sx(C);  // half the scale of the group each column is quantized in
-    for (std::size_t j = 0; j < C; ++j) {
-      const std::size_t b0 = j / bc * bc, be = std::min(C, b0 + bc), g0 = b0 + (j - b0) / G * G, g1 = std::min(be, g0 + G);
-      float amax = 0;
-      for (std::size_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(x[k]));
-      half_sx[j] = 0.5 * double(amax) / 127.0;
-    }
+    const auto half_sx = half_scales(g, x);
     const auto left = n < 3 ? left_q8_bound(kg, e, x, half_sx, R) : std::vector<double>(R, 0.0);
     for (std::size_t i = 0; i < R; ++i) {
       double s = 0, a = 0, q = left[i];
@@ -289,13 +310,37 @@ TEST_CASE("morph: int8-activation apply stays within the activation-rounding bou
         check_apply_int8(g, kg, e, n, n == 3 ? &pool : nullptr);
       }
   }
+  // 256 x 256 blocks: one and two tokens take the int8 left factor path (q8_gemv_nn) on the real
+  // experts' residuals
+  // (every 2-4-bit left factor here: 256 columns in groups of 32; w2's shared bases are 8-bit)
+  std::size_t q8_lefts = 0;
+  for (const auto& g : fixture_compressed_256().groups) {
+    CAPTURE(g.name);
+    const auto kg = mo::KGroup::from(g);
+    for (const auto& m : kg.residuals)
+      for (const auto& b : m.blocks) {
+        if (b.kind != cz::block_kind::lowrank && b.kind != cz::block_kind::shared) continue;
+        const auto left = b.kind == cz::block_kind::lowrank ? b.a.view() : kg.bases[b.basis].view();
+        const bool q8 = mo::detail::q8_left(left, {0, mo::Activations::int8});
+        CHECK(q8 == (left.nibble && left.cols == 256 && left.group == 32));
+        q8_lefts += q8;
+      }
+    for (std::uint32_t e : {0u, 5u})
+      for (std::size_t n : {1u, 2u, 3u}) {
+        CAPTURE(e);
+        CAPTURE(n);
+        check_apply_int8(g, kg, e, n, n == 2 ? &pool : nullptr);
+      }
+  }
+  CHECK(q8_lefts > 0);
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
     for (const auto& cs : synthetic_compressed())
       for (const auto& g : cs.groups) {
         const auto kg = mo::KGroup::from(g);
-        for (std::uint32_t e = 0; e < kg.members(); ++e) check_apply_int8(g, kg, e, 5);
+        for (std::uint32_t e = 0; e < kg.members(); ++e)
+          for (std::size_t n : {1u, 5u}) check_apply_int8(g, kg, e, n);
       }
   }
 }
@@ -430,7 +475,7 @@ TEST_CASE("morph: a KGroup keeps each matrix's arrays in one pool in read order,
 
 TEST_CASE("morph: grouped apply equals per-expert apply, shares cores, and does not depend on threads") {
   auto cs = synthetic_compressed();
-  std::vector<const cz::CompressedGroup*> groups = {&fixture_compressed().groups[0]};
+  std::vector<const cz::CompressedGroup*> groups = {&fixture_compressed().groups[0], &fixture_compressed_256().groups[0]};
   for (const auto& c : cs) groups.push_back(&c.groups[0]);
   mo::ThreadPool pool(3);
   for (const auto* gp : groups) {
@@ -470,6 +515,38 @@ TEST_CASE("morph: grouped apply equals per-expert apply, shares cores, and does 
       }
       const double slack = static_cast<double>(C + max_rank(g) + 64);
       for (std::size_t i = 0; i < T * R; ++i) REQUIRE(std::fabs(Y[i] - Yref[i]) <= 4.0 * slack * kU * mag[i] + 1e-30);
+
+      // int8 activations: each token's activations are quantized the same way in both, so the
+      // difference is summation order plus the int8 rounding of left-factor coefficients that
+      // one side takes and the other may not (one-token calls always; grouped cores only for
+      // batches of 1-2; an expert's residual when it has 1-2 tokens).
+      const mo::Precision p8{0, mo::Activations::int8};
+      std::vector<float> Y8(T * R, 0.0f), Y8p(T * R, 0.0f), Yref8(T * R, 0.0f);
+      mo::grouped_apply(kg, plan, X.data(), C, Y8.data(), R, arena, nullptr, p8);
+      mo::grouped_apply(kg, plan, X.data(), C, Y8p.data(), R, arena, &pool, p8);
+      CHECK(Y8p == Y8);
+      std::vector<double> lq(T * R, 0.0), mag8(T * R, 0.0);
+      for (std::size_t e = 0; e < E; ++e) {
+        const auto A = abs_components(g, static_cast<std::uint32_t>(e), 0);
+        for (std::size_t i = plan.offsets[e]; i < plan.offsets[e + 1]; ++i) {
+          const std::size_t t = plan.token[i];
+          const float* x = X.data() + t * C;
+          std::vector<float> y(R, 0.0f);
+          std::vector<std::byte> m2(mo::apply_scratch_bytes(kg, 1) + mo::parallel_scratch_bytes(kg, 1, 1));
+          mo::Arena a2(m2);
+          mo::apply(kg, e, x, C, 1, y.data(), R, a2, 1.0f, p8);
+          const auto hs = half_scales(g, x);
+          const auto left = left_q8_bound(kg, static_cast<std::uint32_t>(e), x, hs, R);
+          for (std::size_t r = 0; r < R; ++r) {
+            Yref8[t * R + r] += plan.gate[i] * y[r];
+            double s = 0;
+            for (std::size_t j = 0; j < C; ++j) s += A[r * C + j] * (std::fabs(x[j]) + hs[j]);
+            mag8[t * R + r] += std::fabs(plan.gate[i]) * (s + left[r]);
+            lq[t * R + r] += std::fabs(plan.gate[i]) * left[r];
+          }
+        }
+      }
+      for (std::size_t i = 0; i < T * R; ++i) REQUIRE(std::fabs(Y8[i] - Yref8[i]) <= lq[i] + 4.0 * slack * kU * mag8[i] + 1e-30);
     }
   }
 }

@@ -16,6 +16,7 @@
 #endif
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -1051,6 +1052,8 @@ HWY_INLINE bool NNVector(const QView& q) {
   (void)q;
   return false;
 #else
+  // (the coefficient quads are packed with shifts and read as bytes: little-endian lanes)
+  if constexpr (std::endian::native != std::endian::little) return false;
   constexpr std::size_t N8 = hn::MaxLanes(DU8());
   const std::size_t gb = q.group / 2;
   return q.nibble && !q.lanes && q.bits <= 4 && q.group % 32 == 0 && (gb % N8 == 0 || N8 % gb == 0) && hn::MaxLanes(DF()) >= 4 &&
@@ -1320,6 +1323,14 @@ inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr
   Q8GemvNTTiles(q, r0, nr, acts, nullptr, nt, alpha, y, ldy);
 }
 
+/// Whether Q8GemvNN's vector body covers every column of q here: whole groups only, and with
+/// groups narrower than a vector, a whole number of vectors of them.
+inline HWY_NOINLINE bool Q8GemvNNVectorized(const QView& q) {
+  if (!q8k::NNVector(q) || q.cols % q.group != 0) return false;
+  const std::size_t gb = q.group / 2, N8 = hn::Lanes(q8k::DU8());
+  return gb >= N8 || (q.cols / q.group) % (N8 / gb) == 0;
+}
+
 /// y[j] += sum_k c[k] q[k0 + k, j] for k < nk: the coefficients quantized to int8 per group of
 /// columns over the rows (sigma_g = max_k |c[k] s[k0 + k, g]| / 127, see q8k::NNStrip), the codes
 /// at their stored precision; exact integer sums per group and chunk of q8k::kNNRows rows.
@@ -1431,7 +1442,7 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
         constexpr std::size_t TB = hn::MaxLanes(q8k::DU8()) >= 64 ? 2 : 1;  // accumulators: 8 TB
         q8k::NNAt at[TB] = {};
         std::size_t v = 0;
-        auto where = [&](std::size_t v0, std::size_t n) {  // the n vectors from v0 (no divisions but one)
+        auto where = [&](std::size_t v0, std::size_t n) {  // the n vectors from v0 (one division per tile)
           std::size_t g = v0 * N8 / gb, ob = v0 * N8 % gb;
           for (std::size_t t = 0; t < n; ++t, ob += N8) {
             for (; ob >= gb; ob -= gb) ++g;

@@ -37,6 +37,7 @@ namespace s2lc::kernels {
     (q, r0, nr, acts, nt, alpha, y, ldy))                                                                            \
   X(void, q8_gemv_nn, Q8GemvNN, (const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y),         \
     (q, k0, nk, c, y))                                                                                               \
+  X(bool, q8_gemv_nn_vectorized, Q8GemvNNVectorized, (const QView& q), (q))                                         \
   X(std::size_t, q8_tiles_bytes, Q8TilesBytes, (const QView& q, std::size_t nt), (q, nt))                           \
   X(void, q8_tiles, Q8Tiles, (const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out),         \
     (q, acts, nt, out))                                                                                              \
@@ -80,6 +81,8 @@ namespace s2lc::kernels {
 //                sigma_g / 2 sum_k |code[k0 + k, j]| beyond q_gemv_nn's rounding. Codes at their
 //                stored precision; the vector body takes row-major nibble codes whose groups are
 //                a multiple of 32 columns (a low-rank block's left factor), the rest is scalar.
+// q8_gemv_nn_vectorized: whether q8_gemv_nn's vector body covers every column of q on this target
+//                (else some or all of it runs the scalar path: far slower than q_gemv_nn).
 // q8_tiles_bytes, q8_tiles: the activation tiles q8_gemv_nt builds per call for 4+ tokens on
 //                nibble codes (16+ on rows in lanes; tokens in lanes), built once for activations
 //                that several matrices of the same layout (columns, group) meet: their bytes (0:
