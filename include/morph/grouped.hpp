@@ -99,6 +99,14 @@ inline void check_plan(const DispatchPlan& p, std::size_t experts, const char* w
                            std::to_string(experts));
 }
 
+/// The precision a plan's cores run at: with 3+ tokens their left factors stay f32 even where a
+/// node or an expert has 1-2 tokens, so a core block added over a node's tokens and subtracted
+/// per expert (unapply_replaced) takes the same path both times (Precision::int8_left).
+inline Precision core_precision(Precision tier, const DispatchPlan& plan) noexcept {
+  tier.int8_left = tier.int8_left && plan.n_tokens < 3;
+  return tier;
+}
+
 /// Applies the cores of e's path at the blocks its residual replaces, with weight -1.
 inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y,
                              std::size_t ldy, Precision tier, Arena& a) {
@@ -154,10 +162,8 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
   detail::split_workers(arena, ex, apply_scratch_bytes(g, T), w);
   float* xg = arena.take<float>(T * C);
   float* yg = arena.take<float>(T * R);
-  // Cores: once per token of each node's union, weighted by the summed gates (and subtracted
-  // per expert where its residual replaces them: the same left factor path both times).
-  Precision core = tier;
-  core.int8_left = core.int8_left && plan.n_tokens < 3;
+  // Cores: once per token of each node's union, weighted by the summed gates.
+  const Precision core = detail::core_precision(tier, plan);
   for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
     const std::size_t m2 = arena.mark();
     const auto u = detail::make_union(g.node_members[nd], plan, arena);
@@ -243,8 +249,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   if (L.w1->cores.size() > kMaxNodes || L.w3->cores.size() > kMaxNodes || L.w2->cores.size() > kMaxNodes)
     throw invalid_argument("swiglu_apply: more than 512 core nodes");
   NodeOut n1s[kMaxNodes], n3s[kMaxNodes];
-  Precision core = tier;  // (see grouped_apply)
-  core.int8_left = core.int8_left && plan.n_tokens < 3;
+  const Precision core = detail::core_precision(tier, plan);
   auto run_cores = [&](const KGroup& g, NodeOut* outs) {
     for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
       NodeOut o{detail::make_union(g.node_members[nd], plan, arena), nullptr};

@@ -1061,19 +1061,29 @@ HWY_INLINE bool NNVector(const QView& q) {
 #endif
 }
 
+// c times a DC vector of bf16 scales from s.
+HWY_INLINE hn::Vec<DC> NNCoefVec(const std::uint16_t* s, float c) {
+  const DC dc;
+  const hn::Rebind<std::uint16_t, DC> d16;
+  const hn::RebindToUnsigned<DC> du32;
+  return hn::Mul(hn::BitCast(dc, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(d16, s)))), hn::Set(dc, c));
+}
+
+// 1 where |cs| (a) is inf or NaN, else 0.
+HWY_INLINE hn::Vec<DC> NNNonFinite(hn::Vec<DC> a) {
+  const DC dc;
+  return hn::IfThenZeroElse(hn::Le(a, hn::Set(dc, 3.40282347e38f)), hn::Set(dc, 1.0f));
+}
+
 // Row r's coefficients cs[g] = c * s[r, ga + g] for g < ns, lanes [ns, W) zero (W: whole DC vectors).
 HWY_INLINE void NNCoefRow(const QView& q, std::size_t gpr, std::size_t r, std::size_t ga, std::size_t ns, std::size_t W, float c,
                           float* HWY_RESTRICT out) {
   const DC dc;
-  const hn::Rebind<std::uint16_t, DC> d16;
-  const hn::RebindToUnsigned<DC> du32;
   const std::size_t NC = hn::Lanes(dc);
-  const auto vc = hn::Set(dc, c);
   std::size_t g = 0;
   if (!q.lanes) {
     const std::uint16_t* s = q.scales + r * gpr + ga;
-    for (; g + NC <= ns; g += NC)
-      hn::Store(hn::Mul(hn::BitCast(dc, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(d16, s + g)))), vc), dc, out + g);
+    for (; g + NC <= ns; g += NC) hn::Store(NNCoefVec(s + g, c), dc, out + g);
   }
   for (; g < ns; ++g) out[g] = s2lc::bf16_to_f32(q.scale_bits(r, ga + g)) * c;
   for (; g < W; ++g) out[g] = 0.0f;
@@ -1104,7 +1114,7 @@ HWY_INLINE void NNFlush(const QView& q, const NNStrip& st, NNAt at, std::size_t 
   const DI di;
   constexpr std::size_t NB = hn::MaxLanes(DF()) / 4;
   const VI bias = hn::ShiftLeft<3>(hn::BitCast(di, hn::TableLookupBytes(hn::LoadDup128(di, st.sum + at.g), idx)));
-  const VF sig = hn::BitCast(df, hn::TableLookupBytes(hn::LoadDup128(di, reinterpret_cast<const std::int32_t*>(st.sig) + at.g), idx));
+  const VF sig = hn::BitCast(df, hn::TableLookupBytes(hn::BitCast(di, hn::LoadDup128(df, st.sig + at.g)), idx));
   float* y0 = y + (st.ga + at.g) * q.group + at.ob;
   for (std::size_t h = 0; h < 2; ++h, y0 += gb) {
     VF R[4];
@@ -1358,7 +1368,6 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
   }
   const q8k::VU8 idx = hn::Load(q8k::DU8(), ib);
 #endif
-  const auto big = hn::Set(dc, 3.40282347e38f), one = hn::Set(dc, 1.0f);
   for (std::size_t ga = 0; ga < gpr; ga += q8k::kNNStrip) {
     const std::size_t ns = std::min(q8k::kNNStrip, gpr - ga), W = (ns + NC - 1) / NC * NC, Wq = W + 4;
     // sigma per group over every row (the first chunk's coefficients kept; amax in registers)
@@ -1366,27 +1375,25 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
     const bool whole = !q.lanes && ns == W;  // the coefficients straight from whole vectors of scales
     if (!whole)
       for (std::size_t k = 0; k < n0; ++k) q8k::NNCoefRow(q, gpr, k0 + k, ga, ns, W, c[k], cs + k * W);
-    const hn::Rebind<std::uint16_t, q8k::DC> d16;
-    const hn::RebindToUnsigned<q8k::DC> du32;
     for (std::size_t g = 0; g < W; g += NC) {
       // two chains (a max's latency per row had dominated); bd: 1 where inf or NaN
       auto am0 = hn::Zero(dc), am1 = am0, bd0 = am0, bd1 = am0;
       const std::uint16_t* sp = whole ? q.scales + k0 * gpr + ga + g : nullptr;
       auto row_at = [&](std::size_t k) {
         if (!whole) return hn::Load(dc, cs + k * W + g);
-        const auto v = hn::Mul(hn::BitCast(dc, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(d16, sp + k * gpr)))), hn::Set(dc, c[k]));
+        const auto v = q8k::NNCoefVec(sp + k * gpr, c[k]);
         hn::Store(v, dc, cs + k * W + g);
         return v;
       };
       std::size_t k = 0;
       for (; k + 2 <= n0; k += 2) {
         const auto a0 = hn::Abs(row_at(k)), a1 = hn::Abs(row_at(k + 1));
-        am0 = hn::Max(am0, a0), bd0 = hn::Max(bd0, hn::IfThenZeroElse(hn::Le(a0, big), one));
-        am1 = hn::Max(am1, a1), bd1 = hn::Max(bd1, hn::IfThenZeroElse(hn::Le(a1, big), one));
+        am0 = hn::Max(am0, a0), bd0 = hn::Max(bd0, q8k::NNNonFinite(a0));
+        am1 = hn::Max(am1, a1), bd1 = hn::Max(bd1, q8k::NNNonFinite(a1));
       }
       if (k < n0) {
         const auto a0 = hn::Abs(row_at(k));
-        am0 = hn::Max(am0, a0), bd0 = hn::Max(bd0, hn::IfThenZeroElse(hn::Le(a0, big), one));
+        am0 = hn::Max(am0, a0), bd0 = hn::Max(bd0, q8k::NNNonFinite(a0));
       }
       hn::Store(hn::Max(am0, am1), dc, amax + g), hn::Store(hn::Max(bd0, bd1), dc, bad + g);
     }
@@ -1395,7 +1402,7 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
       for (std::size_t g = 0; g < W; g += NC) {
         const auto a = hn::Abs(hn::Load(dc, row + g));
         hn::Store(hn::Max(hn::Load(dc, amax + g), a), dc, amax + g);
-        hn::Store(hn::Max(hn::Load(dc, bad + g), hn::IfThenZeroElse(hn::Le(a, big), one)), dc, bad + g);
+        hn::Store(hn::Max(hn::Load(dc, bad + g), q8k::NNNonFinite(a)), dc, bad + g);
       }
     }
     // as q8_quantize: a non-finite coefficient makes its group NaN, below 1e-30 it is zero
