@@ -10,7 +10,8 @@
 // a vector at a time, reduced together, and the rows left over) and 4 ... 40 tokens (the
 // tokens-in-lanes path of nibble codes: lane groups of 4, 2 or 1 lanes per token, one or two
 // tiles, partial tiles, row panels and leftover rows; with tiles prebuilt and without). Nibble
-// cases with whole groups of a multiple of 8 run on the rows-in-lanes layout too.
+// cases with whole groups of a multiple of 8 run on the rows-in-lanes layout too (below 16
+// tokens in passes of 8, 4 and 1-3 tokens: 13 = 8 + 4 + 1, 15 = 8 + 4 + 3).
 #include <doctest/doctest.h>
 
 #include <bit>
@@ -131,7 +132,7 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
       if (lanes && !km.lanes) continue;  // the shape does not take rows in lanes
       CAPTURE(lanes);
       const auto q = km.view();
-      for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 7u, 8u, 16u, 19u, 33u, 40u}) {
+      for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 7u, 8u, 13u, 15u, 16u, 19u, 33u, 40u}) {
         CAPTURE(nt);
         const std::size_t ldx = c.cols + 1, ldy = c.rows + 3, ab = k::Q8Acts::bytes(q);
         const auto x = randn(nt * ldx, static_cast<std::uint32_t>(nt), 1.0f);

@@ -922,8 +922,9 @@ HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std:
 // scale vector per group serves NL rows, and y takes a vector of rows per token. The i32 partials
 // equal the row-major kernels' (sum (c + 8) x - 8 sum x per group): same result up to f32
 // summation order.
-// Tokens per pass over the codes: their accumulators (2 i32 + 1 f32 each) fit the registers.
-inline constexpr std::size_t kLanesTile = hn::MaxLanes(DI()) >= 16 ? 4 : 2;
+// Tokens per pass over the codes: their accumulators (up to 4 tokens 2 i32 + 1 f32 each, from 5
+// on 1 + 1) fit the registers.
+inline constexpr std::size_t kLanesTile = hn::MaxLanes(DI()) >= 16 ? 8 : 2;
 
 // A tile of T tokens' activations as LanesRows reads them, built once per call: per group g, the
 // 4 activations paired with each quad k of low nibbles, then of high nibbles, for every token
@@ -937,12 +938,15 @@ struct LanesActs {
 };
 
 // ya[t] = rows [h NL, h NL + NL) of panel p times token t of the tile a. kNQ: quads per group as a
-// constant (0: q.group / 8 at run time).
+// constant (0: q.group / 8 at run time). Up to 4 tokens, each token's low and high nibbles
+// accumulate apart (two dependency chains per token keep the dot-product unit busy); from 5 on,
+// one accumulator per token (as many chains as tokens, and the registers for 8).
 template <std::size_t T, std::size_t kNQ>
 HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const LanesActs& a, VF (&ya)[T]) {
 #if HWY_TARGET == HWY_SCALAR  // (never called: kLanesVec)
   (void)q, (void)p, (void)h, (void)a, (void)ya;
 #else
+  constexpr bool kSplit = T <= 4;
   const DF df;
   const DI di;
   const DU8 du8;
@@ -956,19 +960,24 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
   for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += 2 * nq * T) {
     if (h == 0)  // the panel's first pass brings its lines in; the others find them in L1
       for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetch + o);
-    hn::Vec<DI> a0[T], a1[T];
-    for (std::size_t t = 0; t < T; ++t) a0[t] = hn::Set(di, a.nc[g * T + t]), a1[t] = hn::Zero(di);
+    hn::Vec<DI> a0[T], a1[kSplit ? T : 1];
+    for (std::size_t t = 0; t < T; ++t) a0[t] = hn::Set(di, a.nc[g * T + t]);
+    if constexpr (kSplit)
+      for (std::size_t t = 0; t < T; ++t) a1[t] = hn::Zero(di);
     for (std::size_t k = 0; k < nq; ++k) {
       const VU8 v = hn::LoadU(du8, r + 64 * k + 4 * NL * h);
       const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
       for (std::size_t t = 0; t < T; ++t) {
         a0[t] = DotU8I8(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
-        a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+        if constexpr (kSplit) a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+        else a0[t] = DotU8I8(a0[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
       }
     }
     const VF s = BF16ToF32Vec(hn::LoadU(kernels::HWY_NAMESPACE::DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
-    for (std::size_t t = 0; t < T; ++t)
-      ya[t] = hn::MulAdd(hn::ConvertTo(df, hn::Add(a0[t], a1[t])), hn::Mul(s, hn::Set(df, a.sx[g * T + t])), ya[t]);
+    for (std::size_t t = 0; t < T; ++t) {
+      const auto acc = kSplit ? hn::Add(a0[t], a1[kSplit ? t : 0]) : a0[t];
+      ya[t] = hn::MulAdd(hn::ConvertTo(df, acc), hn::Mul(s, hn::Set(df, a.sx[g * T + t])), ya[t]);
+    }
   }
 #endif
 }
@@ -986,9 +995,11 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
   }
 }
 
-// Whether nt tokens on a rows-in-lanes matrix run LanesQ8: from 16 tokens on, the tokens-in-lanes
-// path reading the panels in place ran faster (LanesQ8 reads the codes once per kLanesTile tokens).
-inline constexpr std::size_t kLanesTokensMax = 16;
+// Whether nt tokens on a rows-in-lanes matrix run LanesQ8: from kLanesTokensMax tokens on, the
+// tokens-in-lanes path reading the panels in place ran faster (LanesQ8 reads the codes once per
+// kLanesTile tokens; on AVX-512, with passes of 8, it was 10-15 % faster at 16 and 24 tokens and
+// 5 % slower at 32; with passes of 2, slower from 16 on).
+inline constexpr std::size_t kLanesTokensMax = kLanesTile >= 8 ? 32 : 16;
 HWY_INLINE bool LanesNative(std::size_t nt) { return kLanesVec && nt < kLanesTokensMax; }
 // The row-major layout of the same shape (what activations and tiles are laid out for).
 HWY_INLINE QView RowMajor(QView q) {
@@ -1005,8 +1016,8 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
   std::int32_t xq[kLanesTile * QView::kLanesMaxCols / 4], nc[kLanesTile * kG];
   float sx[kLanesTile * kG];
   const LanesActs la{xq, nc, sx};
-  for (std::size_t t0 = 0; t0 < nt; t0 += kLanesTile) {
-    const std::size_t T = std::min(kLanesTile, nt - t0);
+  for (std::size_t t0 = 0, T = 0; t0 < nt; t0 += T) {
+    T = nt - t0 >= kLanesTile ? kLanesTile : std::min<std::size_t>(nt - t0, 4);
     for (std::size_t t = 0; t < T; ++t) {
       const std::uint8_t* act = acts + (t0 + t) * abytes;
       // Q8Acts' corr: 8 * the sum of each 4 code bytes' activations (both nibbles)
@@ -1022,6 +1033,11 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
       }
     }
     float* yt = y + t0 * ldy;
+    if constexpr (kLanesTile == 8)
+      if (T == 8) {
+        LanesTile<8>(q, r0, nr, la, alpha, yt, ldy);
+        continue;
+      }
     if (T == 4) LanesTile<4>(q, r0, nr, la, alpha, yt, ldy);
     else if (T == 3) LanesTile<3>(q, r0, nr, la, alpha, yt, ldy);
     else if (T == 2) LanesTile<2>(q, r0, nr, la, alpha, yt, ldy);
