@@ -5106,24 +5106,27 @@ HWY_INLINE void QuantizeGroup(const float* x, std::size_t n, bool nibble, std::i
   const DI di;
   const hn::Rebind<std::int8_t, DF> d8;
   const std::size_t N = hn::Lanes(df);
-  auto vmax = hn::Zero(df);
-  auto finite = hn::Set(df, 1.0f);
-  const auto big = hn::Set(df, 3.40282347e38f);
-  for (std::size_t j = 0; j < n; j += N) {
-    const auto a = hn::Abs(hn::LoadU(df, x + j));
-    const auto ok_lane = hn::Le(a, big);  // inf or NaN fail the comparison
-    finite = hn::IfThenElseZero(ok_lane, finite);
-    vmax = hn::Max(vmax, hn::IfThenElseZero(ok_lane, a));
-  }
-  const bool ok = hn::GetLane(hn::MinOfLanes(df, finite)) == 1.0f;
-  const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  // |x| as integers: ordered as the floats, and inf / NaN (exponent all ones) above every finite
+  // value, so one integer max finds the group's amax and whether it is finite
+  auto vmax = hn::Zero(di);
+  for (std::size_t j = 0; j < n; j += N) vmax = hn::Max(vmax, hn::BitCast(di, hn::Abs(hn::LoadU(df, x + j))));
+  const std::int32_t bits = hn::GetLane(hn::MaxOfLanes(di, vmax));
+  const bool ok = bits <= 0x7F7FFFFF;
+  const float amax = ok ? std::bit_cast<float>(bits) : 0.0f;
   const bool tiny = amax < 1e-30f;
   *sx = !ok ? std::nanf("") : tiny ? 0.0f : amax / 127.0f;
   if (!ok || tiny) return;  // codes stay zero (the caller cleared the buffer)
+  // Rounding by adding 1.5 * 2^23: the sum's bits are those of 1.5 * 2^23 plus round_half_even(v),
+  // so one integer subtraction gives the code: the same as rounding and converting, without the
+  // conversion's overflow fix-ups (v is already clamped; the clamp between the product and the
+  // sum also keeps them from fusing into one FMA). (Highway 1.0.3's TruncateTo to bytes is wrong
+  // on AVX3_DL, so the codes go through the saturating DemoteTo, which never saturates here.)
   const auto inv = hn::Set(df, 127.0f / amax), lim = hn::Set(df, 127.0f), nlim = hn::Set(df, -127.0f);
+  const auto magic = hn::Set(df, 12582912.0f);
+  const auto magic_bits = hn::Set(di, 0x4B400000);
   for (std::size_t j = 0; j < n; j += N) {
-    const auto v = hn::Min(hn::Max(hn::Round(hn::Mul(hn::LoadU(df, x + j), inv)), nlim), lim);
-    const auto q = hn::DemoteTo(d8, hn::ConvertTo(di, v));
+    const auto v = hn::Min(hn::Max(hn::Mul(hn::LoadU(df, x + j), inv), nlim), lim);
+    const auto q = hn::DemoteTo(d8, hn::Sub(hn::BitCast(di, hn::Add(v, magic)), magic_bits));
     if (!nibble) hn::StoreU(q, d8, lo + j);
     else if (j < n / 2) hn::StoreU(q, d8, lo + j);
     else hn::StoreU(q, d8, hi + j - n / 2);
@@ -6030,9 +6033,22 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
     }
     // (every whole 4-byte lane of whole groups: the rows-in-lanes kernel sums a group's lanes)
     const std::size_t lanes_end = L.gb % 4 == 0 ? L.full * L.gb : L.vend;
-    for (std::size_t i = 0; 4 * i < lanes_end; ++i) {
-      sxl[i] = sx[4 * i / L.gb];
-      if (q.nibble) {
+    std::size_t i0 = 0;
+    if (q.nibble && L.vend) {  // corr a vector of lanes at a time: 8 times the 4 low plus 4 high bytes
+      const q8k::DU8 du8;
+      const q8k::DI8 di8;
+      const q8k::DI di;
+      const auto eight = hn::Set(du8, 8);
+      const std::size_t N8 = hn::Lanes(du8);
+      for (; 4 * i0 + N8 <= lanes_end; i0 += N8 / 4) {
+        const auto s8 = q8k::DotU8I8(q8k::DotU8I8(hn::Zero(di), eight, hn::LoadU(di8, lo + 4 * i0)), eight, hn::LoadU(di8, hi + 4 * i0));
+        hn::StoreU(s8, di, corr + i0);
+      }
+    }
+    for (std::size_t i = 0, g = 0, gend = L.gb; 4 * i < lanes_end; ++i) {
+      while (4 * i >= gend) ++g, gend += L.gb;  // g = 4 i / gb, without a division per lane
+      sxl[i] = sx[g];
+      if (q.nibble && i >= i0) {
         std::int32_t s = 0;
         for (std::size_t j = 0; j < 4; ++j) s += lo[4 * i + j] + hi[4 * i + j];
         corr[i] = 8 * s;
