@@ -1400,6 +1400,12 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
   }
   const q8k::VU8 idx = hn::Load(q8k::DU8(), ib);
 #endif
+  {  // The coefficient rounding below issues no prefetches (it reads only scales): a cold call
+     // brings the next 4 KB past the rows' prefetch distance in under it (measured: 4 % of a cold
+     // 2048 x 1408 expert; the same burst before q8_gemv_nt's set-up work gained nothing).
+    const std::uint8_t* front = q.codes + k0 * q.row_bytes() + q8k::kPrefetch;
+    for (std::size_t o = 0; o < 4096; o += 64) hwy::Prefetch(front + o);
+  }
   for (std::size_t ga = 0; ga < gpr; ga += q8k::kNNStrip) {
     const std::size_t ns = std::min(q8k::kNNStrip, gpr - ga), W = (ns + NC - 1) / NC * NC, Wq = W + 4;
     // sigma per group over every row (the first chunk's coefficients kept; amax in registers)
