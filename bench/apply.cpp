@@ -44,7 +44,8 @@ struct Setup {
   std::vector<mo::KGroup> copies;          // cold: distinct memory
   std::vector<std::vector<float>> dense;   // reconstructed f32, copies
   std::vector<float> stream;               // for the bound
-  std::map<unsigned, std::vector<mo::KMorph>> morphs;
+  std::map<unsigned, std::vector<mo::KMorph>> morphs;  // by 4 K + tr (trunc_options)
+  std::map<unsigned, double> rel_error;
   double bytes = 0, dense_bytes = 0;
 };
 
@@ -143,20 +144,33 @@ std::vector<mo::KMorph> per_copy(const mo::KMorph& m, const std::vector<mo::KGro
   return v;
 }
 
-void bench_morph(benchmark::State& state, std::size_t si, unsigned K) {
+// The hybrids' options: tr 0 int8 mixes; 1 truncated (own-factor mixes cut to one expert's rank)
+// with int8 factors; 2 truncated with int4 factors (about one expert's bytes).
+mo::MorphOptions trunc_options(unsigned tr) { return {tr == 2 ? 4u : 8u, tr != 0}; }
+const char* trunc_suffix(unsigned tr) { return tr == 0 ? "" : tr == 1 ? "_truncated" : "_truncated4"; }
+
+// One compressed expert (K = 0) or the linear hybrid of the first K (trunc_options(tr)), batch 1,
+// cold, f32 activations. rel_error as in bench_morph_real below.
+void bench_morph(benchmark::State& state, std::size_t si, unsigned K, unsigned tr) {
   Setup& s = setup(si, true);
   const std::size_t R = kShapes[si].rows, C = kShapes[si].cols;
-  if (K && !s.morphs.count(K)) s.morphs[K] = per_copy(equal_mix(s.base, K, {8}), s.copies);
+  const unsigned key = K * 4 + tr;
+  if (K && !s.morphs.count(key)) {
+    const mo::KMorph m0 = equal_mix(s.base, K, trunc_options(tr));
+    s.morphs[key] = per_copy(m0, s.copies);
+    s.rel_error[key] = ab::morph_rel_error(m0, equal_mix(s.base, K, {0}));
+  }
   std::vector<float> X(C, 0.5f), Y(R);
-  std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(s.base, 1), K ? mo::apply_scratch_bytes(s.morphs[K][0], 1) : 0));
+  std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(s.base, 1), K ? mo::apply_scratch_bytes(s.morphs[key][0], 1) : 0));
   mo::Arena arena(mem);
   std::size_t i = 0;
   for (auto _ : state) {
-    if (K) mo::apply(s.morphs[K][i++ % s.copies.size()], X.data(), C, 1, Y.data(), R, arena);
+    if (K) mo::apply(s.morphs[key][i++ % s.copies.size()], X.data(), C, 1, Y.data(), R, arena);
     else mo::apply(s.copies[i++ % s.copies.size()], 0, X.data(), C, 1, Y.data(), R, arena);
     benchmark::ClobberMemory();
   }
-  s2lc::bench::set_bytes(state, K ? static_cast<double>(s.morphs[K][0].bytes()) : s.bytes);
+  s2lc::bench::set_bytes(state, K ? static_cast<double>(s.morphs[key][0].bytes()) : s.bytes);
+  if (K) state.counters["rel_error"] = s.rel_error[key];
   // Resident bytes of the layer's 8 experts: soft-MoE keeps them dense (bf16); morphing keeps the
   // compressed group (cores, bases, coefficients) and builds hybrids from it.
   double group_bytes = 0;
@@ -171,7 +185,7 @@ void bench_morph(benchmark::State& state, std::size_t si, unsigned K) {
 // does by default (ratio 8), whose residuals use shared bases where the compressor found them.
 struct RealMorph {
   std::vector<mo::KGroup> copies;                  // cold: distinct memory
-  std::map<unsigned, std::vector<mo::KMorph>> morphs;  // by 2 K + truncate
+  std::map<unsigned, std::vector<mo::KMorph>> morphs;  // by 4 K + tr (trunc_options)
   std::map<unsigned, double> rel_error;
   double single_bytes = 0;
   std::size_t shared_blocks = 0, rows = 0, cols = 0;
@@ -209,21 +223,15 @@ RealMorph& real_morph(std::size_t role) {
 }
 
 // One compressed expert (K = 0: the members in turn) or a linear hybrid of the first K experts
-// (int8 coefficients; truncated: own-factor mixes cut to one expert's rank), batch 1, cold, f32
-// activations (what the synthetic morph rows run). rel_error: ||hybrid - exact mix|| / ||exact
-// mix|| (both materialized with merge).
-void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K, bool truncate) {
+// (trunc_options(tr)), batch 1, cold, f32 activations (what the synthetic morph rows run).
+// rel_error: ||hybrid - exact mix|| / ||exact mix|| (both materialized with merge).
+void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K, unsigned tr) {
   RealMorph& r = real_morph(role);
-  const unsigned key = K * 2 + (truncate ? 1 : 0);
+  const unsigned key = K * 4 + tr;
   if (K && !r.morphs.count(key)) {
-    const mo::KMorph m0 = equal_mix(r.copies[0], K, {8, truncate});
+    const mo::KMorph m0 = equal_mix(r.copies[0], K, trunc_options(tr));
     r.morphs[key] = per_copy(m0, r.copies);
-    std::vector<float> got(r.rows * r.cols, 0.0f), want(r.rows * r.cols, 0.0f);
-    mo::merge(m0, got.data(), r.cols);
-    mo::merge(equal_mix(r.copies[0], K, {0}), want.data(), r.cols);
-    double num = 0, den = 0;
-    for (std::size_t i = 0; i < got.size(); ++i) num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]), den += double(want[i]) * want[i];
-    r.rel_error[key] = std::sqrt(num / den);
+    r.rel_error[key] = ab::morph_rel_error(m0, equal_mix(r.copies[0], K, {0}));
   }
   std::vector<float> X(r.cols, 0.5f), Y(r.rows);
   std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(r.copies[0], 1), K ? mo::apply_scratch_bytes(r.morphs[key][0], 1) : 0));
@@ -294,9 +302,13 @@ const bool registered = [] {
   s2lc::bench::register_op("apply", {"openblas", "stream_bound"});
   for (std::size_t si = 0; si < std::size(kShapes); ++si) {
     for (unsigned K : {0u, 2u, 4u, 8u})
-      benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) : std::string("single")) + "/" + case_name(si, 1, true)).c_str(),
-                                   [=](benchmark::State& st) { bench_morph(st, si, K); })
-          ->Unit(benchmark::kMicrosecond);
+      for (unsigned tr : {0u, 1u, 2u}) {
+        if (tr && !K) continue;
+        benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) + trunc_suffix(tr) : std::string("single")) + "/" +
+                                      case_name(si, 1, true)).c_str(),
+                                     [=](benchmark::State& st) { bench_morph(st, si, K, tr); })
+            ->Unit(benchmark::kMicrosecond);
+      }
     const char* merge_names[] = {"s2lc", "memcpy", "fma_bound"};
     for (int w = 0; w < 3; ++w)
       benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
@@ -306,9 +318,9 @@ const bool registered = [] {
   }
   for (std::size_t role = 0; role < 3; ++role)
     for (unsigned K : {0u, 2u, 4u, 8u})
-      for (bool tr : {false, true}) {
+      for (unsigned tr : {0u, 1u, 2u}) {
         if (tr && !K) continue;
-        benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) + (tr ? "_truncated" : "") : std::string("single")) +
+        benchmark::RegisterBenchmark(("morph/" + (K ? "morph" + std::to_string(K) + trunc_suffix(tr) : std::string("single")) +
                                       "/tinymoe_" + (role == 0 ? "w1" : role == 1 ? "w2" : "w3") + "_b1_cold").c_str(),
                                      [=](benchmark::State& st) { bench_morph_real(st, role, K, tr); })
             ->Unit(benchmark::kMicrosecond);

@@ -63,7 +63,12 @@ s2lc_cli_test(bench_bad_rows 2 ARGS bench apply --rows x STDERR "^s2lc: --rows n
 s2lc_cli_test(bench_bad_morph 2 ARGS bench apply --morph 1 STDERR "--morph K needs 2 <= K <= 64" STDERR_LINES 1)
 s2lc_cli_test(bench_bad_activations 2 ARGS bench apply --activations int4 STDERR "--activations must be f32 or int8, got 'int4'" STDERR_LINES 1)
 s2lc_cli_test(bench_apply_json 0 ARGS bench apply --rows 300 --cols 257 --ratio 6 --batch 3 --morph 2 --activations int8 --hot --seconds 0.01 --json
-              STDOUT "\"activations\": \"int8\",.*\"us_per_call\": [0-9.e+-]+,\n *\"openblas_us_per_call\": [0-9.e+-]+,.*\"int8_activations_us_per_call\": [0-9.e+-]+,\n *\"speedup_vs_openblas\": [0-9.e+-]+,.*\"fma_bound_us\": [0-9.e+-]+,\n *\"bound_us\": [0-9.e+-]+,\n *\"bound_ratio\": [0-9.e+-]+,.*\"morph_vs_single\": [0-9.e+-]+\n}")
+              STDOUT "\"activations\": \"int8\",.*\"us_per_call\": [0-9.e+-]+,\n *\"openblas_us_per_call\": [0-9.e+-]+,.*\"int8_activations_us_per_call\": [0-9.e+-]+,\n *\"speedup_vs_openblas\": [0-9.e+-]+,.*\"fma_bound_us\": [0-9.e+-]+,\n *\"bound_us\": [0-9.e+-]+,\n *\"bound_ratio\": [0-9.e+-]+,.*\"morph_vs_single\": [0-9.e+-]+,\n *\"morph_bits\": 8,\n *\"morph_truncate\": false,\n *\"morph_rel_error\": [0-9.e+-]+\n}")
+# --truncate: the hybrid's own-factor mixes cut to one expert's rank, with its error against the exact mix
+s2lc_cli_test(bench_apply_truncate 0 ARGS bench apply --rows 300 --cols 257 --ratio 6 --batch 1 --morph 3 --truncate --morph-bits 4 --hot --seconds 0.01 --json
+              STDOUT "\"morph_k\": 3,.*\"morph_vs_single\": [0-9.e+-]+,\n *\"morph_bits\": 4,\n *\"morph_truncate\": true,\n *\"morph_rel_error\": [0-9.e+-]+\n}")
+s2lc_cli_test(bench_bad_morph_bits 2 ARGS bench apply --morph 2 --morph-bits 2 STDERR "--morph-bits must be 8 or 4, got '2'" STDERR_LINES 1)
+s2lc_cli_test(bench_truncate_alone 2 ARGS bench apply --truncate STDERR "--truncate applies to --morph K" STDERR_LINES 1)
 
 # route fit / route / eval (the context router)
 add_test(NAME cli_route_roundtrip COMMAND ${CMAKE_COMMAND} -DS2LC=${S2LC_EXE} -DFIX=${FIX}

@@ -24,12 +24,14 @@
 #include <s2lc/plan.hpp>
 #include <s2lc/tensor.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <random>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -787,7 +789,9 @@ TEST_CASE("morph: truncate cuts own-factor mixes to one expert's rank within the
     const std::vector<float> a{0.4f, 0.3f, 0.2f, 0.1f};
     const auto exact = mo::mix_linear(kg, ex, a, {0});         // dense f32 mixes
     const auto dense8 = mo::mix_linear(kg, ex, a, {8});        // dense int8 mixes
-    const auto cutm = mo::mix_linear(kg, ex, a, {8, true});    // truncated, int8 factors
+    for (unsigned bits : {8u, 4u}) {
+    CAPTURE(bits);
+    const auto cutm = mo::mix_linear(kg, ex, a, {bits, true});  // truncated, int8 / int4 factors
     std::size_t here = 0;
     for (const auto& b : cutm.residual.blocks) {
       if (b.kind != cz::block_kind::lowrank) continue;
@@ -795,6 +799,8 @@ TEST_CASE("morph: truncate cuts own-factor mixes to one expert's rank within the
       REQUIRE(e != nullptr);
       if (e->kind != cz::block_kind::raw || cutm.replaces[b.index]) continue;  // a part's own block, kept as is
       ++here;
+      REQUIRE(b.a.bits == bits);
+      REQUIRE(b.b.bits == bits);
       std::vector<float> d(std::size_t{b.rb} * b.cb, 0.0f);
       mo::detail::add_block(kg, b, 1.0f, 0, d.data());
       s2lc::matrix M = s2lc::matrix::from_shape({b.rb, b.cb});
@@ -804,12 +810,28 @@ TEST_CASE("morph: truncate cuts own-factor mixes to one expert's rank within the
       for (std::size_t k = b.rank; k < f.rank(); ++k) tail += double(f.S(k)) * f.S(k);
       for (std::size_t i = 0; i < d.size(); ++i) norm += double(e->raw[i]) * e->raw[i], err += (double(d[i]) - e->raw[i]) * (double(d[i]) - e->raw[i]);
       CAPTURE(b.index); CAPTURE(b.rank);
+      // The factors are exactly (U S)^T and Vt of the exact mix's top b.rank singular triplets,
+      // quantized at `bits` in the group's column groups: same codes, same scales.
+      const std::size_t r = b.rank;
+      std::vector<float> lt(r * b.rb), rt(r * b.cb);
+      for (std::size_t k = 0; k < r; ++k) {
+        for (std::size_t i = 0; i < b.rb; ++i) lt[k * b.rb + i] = f.U(i, k) * f.S(k);
+        for (std::size_t j = 0; j < b.cb; ++j) rt[k * b.cb + j] = f.Vt(k, j);
+      }
+      auto same = [](const mo::KMat& got, const mo::KMat& want) {
+        return got.ncodes() == want.ncodes() && got.nscales() == want.nscales() &&
+               std::equal(want.codes_data(), want.codes_data() + want.ncodes(), got.codes_data()) &&
+               std::equal(want.scales_data(), want.scales_data() + want.nscales(), got.scales_data());
+      };
+      CHECK(same(b.a, mo::KMat::from(cz::quantize(lt.data(), r, b.rb, {bits, kg.group_size, false}))));
+      CHECK(same(b.b, mo::KMat::from(cz::quantize(rt.data(), r, b.cb, {bits, kg.group_size, false}))));
       // Eckart-Young: the rank-r cut loses exactly the tail; int8 factors add well under 1 %.
-      CHECK(std::sqrt(err) <= std::sqrt(tail) + 0.01 * std::sqrt(norm));
+      if (bits == 8) CHECK(std::sqrt(err) <= std::sqrt(tail) + 0.01 * std::sqrt(norm));
       CHECK(b.rank < std::min(b.rb, b.cb));
     }
     if (here) CHECK(cutm.bytes() < dense8.bytes());
     cut += here;
+    }
   }
   MESSAGE(cut << " own-factor mixes truncated");
   CHECK(cut > 0);

@@ -20,6 +20,7 @@
 extern "C" void openblas_set_num_threads(int);
 
 #include <morph/grouped.hpp>
+#include <morph/merge.hpp>
 #include <morph/morph.hpp>
 #include <morph/parallel.hpp>
 #include <morph/runtime.hpp>
@@ -33,6 +34,8 @@ struct Config {
   std::size_t rows = 2048, cols = 1408, batch = 1, experts = 4;
   double ratio = 8;
   unsigned threads = 1, morph = 0;
+  bool truncate = false;  ///< morph: own-factor mixes cut to one expert's rank (MorphOptions::truncate)
+  unsigned morph_bits = 8;  ///< morph: the hybrid's coefficients requantized to 8 or 4 bits
   bool cold = true;
   morph::Activations act = morph::Activations::f32;  ///< the path `us` measures (both are timed)
   std::size_t cold_bytes = std::size_t{512} << 20;  ///< working set that defeats the caches
@@ -83,8 +86,23 @@ struct Result {
   double bytes = 0, dense_bytes = 0, bandwidth_gbs = 0;
   double macs = 0, fma_gmacs = 0, fma_bound_us = 0, bandwidth_bound_us = 0;  ///< bound_us = max of the two
   double morph_us = 0, morph_bytes = 0, single_serial_us = 0;  ///< morph and one expert, one thread
+  double morph_rel_error = 0;  ///< ||hybrid - exact f32 mix|| / ||exact mix|| (Frobenius)
   std::size_t copies = 0;
 };
+
+/// ||a - b|| / ||b|| over the materialized matrices of two hybrids of one group (Frobenius).
+inline double morph_rel_error(const morph::KMorph& a, const morph::KMorph& b) {
+  const std::size_t rows = a.group->rows(), cols = a.group->cols();
+  std::vector<float> ma(rows * cols, 0.0f), mb(rows * cols, 0.0f);
+  morph::merge(a, ma.data(), cols);
+  morph::merge(b, mb.data(), cols);
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < ma.size(); ++i) {
+    const double d = double(ma[i]) - double(mb[i]);
+    num += d * d, den += double(mb[i]) * double(mb[i]);
+  }
+  return den > 0 ? std::sqrt(num / den) : 0.0;
+}
 
 /// Mean seconds per call of f(i) for i = 0, 1, 2, ... over about `seconds`.
 template <class F>
@@ -189,10 +207,12 @@ inline Result run(const Config& c) {
     std::vector<std::uint32_t> ex_ids(c.morph);
     std::vector<float> alpha(c.morph, 1.0f / static_cast<float>(c.morph));
     for (std::size_t i = 0; i < c.morph; ++i) ex_ids[i] = static_cast<std::uint32_t>(i);
-    std::vector<morph::KMorph> ms;
-    ms.reserve(nq);
-    for (std::size_t i = 0; i < nq; ++i) ms.push_back(morph::mix_linear(qs[i], ex_ids, alpha, {8}));
-    r.morph_bytes = static_cast<double>(ms[0].bytes());
+    // mixed once, then bound to every copy of the group (cold: each copy's cores and bases)
+    const morph::KMorph m0 = morph::mix_linear(qs[0], ex_ids, alpha, {c.morph_bits, c.truncate});
+    std::vector<morph::KMorph> ms(nq, m0);
+    for (std::size_t i = 0; i < nq; ++i) ms[i].group = &qs[i];
+    r.morph_bytes = static_cast<double>(m0.bytes());
+    r.morph_rel_error = morph_rel_error(m0, morph::mix_linear(qs[0], ex_ids, alpha, {0}));
     std::vector<std::byte> mm(std::max(morph::apply_scratch_bytes(ms[0], B), morph::apply_scratch_bytes(base, B)));
     morph::Arena ma(mm);
     const morph::Precision prec{0, c.act};

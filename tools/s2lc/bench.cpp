@@ -13,7 +13,7 @@ namespace s2lc::cli {
 
 int run_bench(const std::vector<std::string>& args) {
   if (args.empty() || args[0] != "apply")
-    throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K] [--activations f32|int8] [--hot] [--json]");
+    throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K [--truncate] [--morph-bits 8|4]] [--activations f32|int8] [--hot] [--json]");
   apply_bench::Config c;
   bool json = false;
   for (std::size_t i = 1; i < args.size(); ++i) {
@@ -27,6 +27,12 @@ int run_bench(const std::vector<std::string>& args) {
     else if (a == "--batch") c.batch = parse_count(a, value());
     else if (a == "--threads") c.threads = static_cast<unsigned>(parse_count(a, value()));
     else if (a == "--morph") c.morph = static_cast<unsigned>(parse_count(a, value()));
+    else if (a == "--truncate") c.truncate = true;
+    else if (a == "--morph-bits") {
+      const std::string& v = value();
+      if (v != "8" && v != "4") throw usage_error("--morph-bits must be 8 or 4, got '" + v + "'");
+      c.morph_bits = v == "8" ? 8 : 4;
+    }
     else if (a == "--experts") c.experts = parse_count(a, value());
     else if (a == "--hot") c.cold = false;
     else if (a == "--activations") {
@@ -45,6 +51,7 @@ int run_bench(const std::vector<std::string>& args) {
   if (c.rows == 0 || c.cols == 0 || c.batch == 0 || c.batch > 4096 || c.threads == 0)
     throw usage_error("bench apply: rows, cols, threads and batch (<= 4096) must be positive");
   if (c.morph == 1 || c.morph > 64) throw usage_error("bench apply: --morph K needs 2 <= K <= 64");
+  if (c.truncate && !c.morph) throw usage_error("bench apply: --truncate applies to --morph K");
   const auto r = apply_bench::run(c);
   nlohmann::ordered_json j;
   j["rows"] = c.rows, j["cols"] = c.cols, j["ratio"] = c.ratio, j["batch"] = c.batch, j["threads"] = c.threads;
@@ -61,6 +68,7 @@ int run_bench(const std::vector<std::string>& args) {
   if (c.morph) {
     j["morph_k"] = c.morph, j["morph_bytes"] = r.morph_bytes, j["morph_us_per_call"] = r.morph_us;
     j["single_us_per_call_1thread"] = r.single_serial_us, j["morph_vs_single"] = r.morph_us / r.single_serial_us;
+    j["morph_bits"] = c.morph_bits, j["morph_truncate"] = c.truncate, j["morph_rel_error"] = r.morph_rel_error;
   }
   if (json) {
     std::printf("%s\n", j.dump(2).c_str());
