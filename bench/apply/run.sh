@@ -4,7 +4,8 @@
 # Pass --big to add 4096 x 14336 at batch 1, 8 and 32 (each compresses for about 2.5 minutes).
 set -euo pipefail
 bin=${BIN:-build-release/bin/s2lc}
-for args in "--batch 1 --morph 2" "--batch 1 --morph 4" "--batch 1 --morph 8" "--batch 8" "--batch 32" \
+for args in "--batch 1 --morph 2" "--batch 1 --morph 4" "--batch 1 --morph 8" "--batch 1 --morph 8 --truncate --morph-bits 4" \
+            "--batch 8" "--batch 32" \
             "--batch 1 --hot" "--batch 8 --hot" "--batch 32 --hot"; do
   $bin bench apply --rows 2048 --cols 1408 --ratio 8 --threads 1 --activations int8 $args --json | tr -d '\n '
   echo
