@@ -69,6 +69,7 @@ s2lc_cli_test(bench_apply_truncate 0 ARGS bench apply --rows 300 --cols 257 --ra
               STDOUT "\"morph_k\": 3,.*\"morph_vs_single\": [0-9.e+-]+,\n *\"morph_bits\": 4,\n *\"morph_truncate\": true,\n *\"morph_rel_error\": [0-9.e+-]+\n}")
 s2lc_cli_test(bench_bad_morph_bits 2 ARGS bench apply --morph 2 --morph-bits 2 STDERR "--morph-bits must be 8 or 4, got '2'" STDERR_LINES 1)
 s2lc_cli_test(bench_truncate_alone 2 ARGS bench apply --truncate STDERR "--truncate applies to --morph K" STDERR_LINES 1)
+s2lc_cli_test(bench_morph_bits_alone 2 ARGS bench apply --morph-bits 4 STDERR "--morph-bits applies to --morph K" STDERR_LINES 1)
 
 # route fit / route / eval (the context router)
 add_test(NAME cli_route_roundtrip COMMAND ${CMAKE_COMMAND} -DS2LC=${S2LC_EXE} -DFIX=${FIX}

@@ -4780,7 +4780,8 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 // Exactness: every integer partial is exact on every target (|lane| < 2^17), so the result is
 //   y[i] += alpha * sum_g sw[i, g] * sx[g] * sum_{j in g} code[i, j] * xq[j]
 // up to f32 summation order, whatever the target. The quantization itself (q8_quantize) is
-// bit-identical on every target: xq = round_half_even(x * (127 / amax_g)), sx = amax_g / 127.
+// bit-identical on every target: xq = round_half_even(x * (127 / amax_g)), sx = amax_g / 127
+// (under the default rounding mode, round to nearest, which the vector and scalar paths both use).
 
 #if defined(S2LC_KERNELS_Q8_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef S2LC_KERNELS_Q8_INL_H_
@@ -5749,7 +5750,8 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
     }
     const VF s = BF16ToF32Vec(hn::LoadU(kernels::HWY_NAMESPACE::DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
     for (std::size_t t = 0; t < T; ++t) {
-      const auto acc = kSplit ? hn::Add(a0[t], a1[kSplit ? t : 0]) : a0[t];
+      auto acc = a0[t];
+      if constexpr (kSplit) acc = hn::Add(acc, a1[t]);
       ya[t] = hn::MulAdd(hn::ConvertTo(df, acc), hn::Mul(s, hn::Set(df, a.sx[g * T + t])), ya[t]);
     }
   }
@@ -7133,9 +7135,10 @@ namespace s2lc::kernels {
 // q8_gemv_nn_vectorized: whether q8_gemv_nn's vector body covers every column of q on this target
 //                (else some or all of it runs the scalar path: far slower than q_gemv_nn).
 // q8_tiles_bytes, q8_tiles: the activation tiles q8_gemv_nt builds per call for 4+ tokens on
-//                nibble codes (16+ on rows in lanes; tokens in lanes), built once for activations
-//                that several matrices of the same layout (columns, group) meet: their bytes (0:
-//                no tiles for this layout and nt on this target), and building them.
+//                nibble codes (on rows in lanes 32+ with AVX-512, 16+ otherwise; tokens in lanes),
+//                built once for activations that several matrices of the same layout (columns,
+//                group) meet: their bytes (0: no tiles for this layout and nt on this target),
+//                and building them.
 // q8_gemv_nt_tiles: q8_gemv_nt with those tiles (null: built per call); the same result.
 // gemm_nt:       y[t, i] += alpha * sum_k w[i, k] x[t, k]  (i < nr, t < nt).
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).

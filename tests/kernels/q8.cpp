@@ -205,7 +205,7 @@ TEST_CASE("kernels: q8 gemv turns a non-finite activation into NaN outputs, neve
     CAPTURE(std::string(hwy::TargetName(target)));
     const auto w = randn(4 * 256, 9, 0.05f);
     for (bool lanes : {false, true})
-    for (float bad : {INFINITY, -INFINITY, NAN}) {
+    for (float bad : {INFINITY, -INFINITY, NAN, std::copysign(NAN, -1.0f)}) {  // (a NaN with its sign bit set too)
       const auto km = s2lc::morph::KMat::from(cz::quantize(w.data(), 4, 256, {4, 32, false}), lanes);
       REQUIRE(km.lanes == lanes);
       auto x = randn(256, 10, 1.0f);
@@ -313,7 +313,7 @@ TEST_CASE("kernels: q8 gemv_nn (int8 coefficients times a left factor's codes) e
         std::vector<float> z(cs.rows, 0.0f), y(cs.cols, 0.5f);
         k::q8_gemv_nn(q, 0, cs.rows, z.data(), y.data());
         for (float v : y) REQUIRE(v == 0.5f);
-        for (float bad : {INFINITY, -INFINITY, NAN}) {
+        for (float bad : {INFINITY, -INFINITY, NAN, std::copysign(NAN, -1.0f)}) {  // (a NaN with its sign bit set too)
           auto cb = c;
           cb[cs.rows / 2] = bad;
           k::q8_gemv_nn(q, 0, cs.rows, cb.data(), y.data());

@@ -15,7 +15,7 @@ int run_bench(const std::vector<std::string>& args) {
   if (args.empty() || args[0] != "apply")
     throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K [--truncate] [--morph-bits 8|4]] [--activations f32|int8] [--hot] [--json]");
   apply_bench::Config c;
-  bool json = false;
+  bool json = false, morph_bits_given = false;
   for (std::size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
     auto value = [&]() -> const std::string& {
@@ -32,6 +32,7 @@ int run_bench(const std::vector<std::string>& args) {
       const std::string& v = value();
       if (v != "8" && v != "4") throw usage_error("--morph-bits must be 8 or 4, got '" + v + "'");
       c.morph_bits = v == "8" ? 8 : 4;
+      morph_bits_given = true;
     }
     else if (a == "--experts") c.experts = parse_count(a, value());
     else if (a == "--hot") c.cold = false;
@@ -52,6 +53,7 @@ int run_bench(const std::vector<std::string>& args) {
     throw usage_error("bench apply: rows, cols, threads and batch (<= 4096) must be positive");
   if (c.morph == 1 || c.morph > 64) throw usage_error("bench apply: --morph K needs 2 <= K <= 64");
   if (c.truncate && !c.morph) throw usage_error("bench apply: --truncate applies to --morph K");
+  if (morph_bits_given && !c.morph) throw usage_error("bench apply: --morph-bits applies to --morph K");
   const auto r = apply_bench::run(c);
   nlohmann::ordered_json j;
   j["rows"] = c.rows, j["cols"] = c.cols, j["ratio"] = c.ratio, j["batch"] = c.batch, j["threads"] = c.threads;

@@ -6,7 +6,8 @@
 // Exactness: every integer partial is exact on every target (|lane| < 2^17), so the result is
 //   y[i] += alpha * sum_g sw[i, g] * sx[g] * sum_{j in g} code[i, j] * xq[j]
 // up to f32 summation order, whatever the target. The quantization itself (q8_quantize) is
-// bit-identical on every target: xq = round_half_even(x * (127 / amax_g)), sx = amax_g / 127.
+// bit-identical on every target: xq = round_half_even(x * (127 / amax_g)), sx = amax_g / 127
+// (under the default rounding mode, round to nearest, which the vector and scalar paths both use).
 
 #if defined(S2LC_KERNELS_Q8_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef S2LC_KERNELS_Q8_INL_H_
@@ -978,7 +979,8 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
     }
     const VF s = BF16ToF32Vec(hn::LoadU(kernels::HWY_NAMESPACE::DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
     for (std::size_t t = 0; t < T; ++t) {
-      const auto acc = kSplit ? hn::Add(a0[t], a1[kSplit ? t : 0]) : a0[t];
+      auto acc = a0[t];
+      if constexpr (kSplit) acc = hn::Add(acc, a1[t]);
       ya[t] = hn::MulAdd(hn::ConvertTo(df, acc), hn::Mul(s, hn::Set(df, a.sx[g * T + t])), ya[t]);
     }
   }

@@ -84,9 +84,10 @@ namespace s2lc::kernels {
 // q8_gemv_nn_vectorized: whether q8_gemv_nn's vector body covers every column of q on this target
 //                (else some or all of it runs the scalar path: far slower than q_gemv_nn).
 // q8_tiles_bytes, q8_tiles: the activation tiles q8_gemv_nt builds per call for 4+ tokens on
-//                nibble codes (16+ on rows in lanes; tokens in lanes), built once for activations
-//                that several matrices of the same layout (columns, group) meet: their bytes (0:
-//                no tiles for this layout and nt on this target), and building them.
+//                nibble codes (on rows in lanes 32+ with AVX-512, 16+ otherwise; tokens in lanes),
+//                built once for activations that several matrices of the same layout (columns,
+//                group) meet: their bytes (0: no tiles for this layout and nt on this target),
+//                and building them.
 // q8_gemv_nt_tiles: q8_gemv_nt with those tiles (null: built per call); the same result.
 // gemm_nt:       y[t, i] += alpha * sum_k w[i, k] x[t, k]  (i < nr, t < nt).
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
