@@ -6,7 +6,7 @@
 //     fma_bound (register-only f32 FMAs, as many as s2lc's multiply-adds: its FMA bound);
 //   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8, on
 //     the synthetic experts and on the real tinymoe layer-1 experts (tinymoe_<w1|w2|w3>);
-//   merge/<impl>/<shape>: JIT merge of one expert into a dense f32 buffer vs memcpy of the buffer
+//   merge/<impl>/<shape>_{hot,cold}: JIT merge of one expert into a dense f32 buffer vs memcpy of the buffer
 //   and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per element).
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
@@ -267,23 +267,30 @@ std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
 
 enum class merge_impl { s2lc, memcpy, fma_bound };
 
-void bench_merge(benchmark::State& state, std::size_t si, merge_impl which) {
-  Setup& s = setup(si, false);
-  std::vector<float> buf = s.dense[0], src = s.dense[0];
+void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool cold) {
+  // Cold: every iteration merges another copy of the module into another dense buffer (memcpy:
+  // copies into it the buffer half the cycle away, which no recent iteration touched), cycling
+  // through more than the last-level cache holds.
+  Setup& s = setup(si, cold);
+  std::vector<float> src = s.dense[0];
   const double bytes = 2.0 * s.dense_bytes;
-  const std::size_t macs = merge_macs(s.base, 0);
+  const std::size_t macs = merge_macs(s.base, 0), nd = s.dense.size();
+  std::size_t i = 0;
   for (auto _ : state) {
-    if (which == merge_impl::memcpy) std::memcpy(buf.data(), src.data(), buf.size() * sizeof(float));
+    float* buf = s.dense[i % nd].data();
+    if (which == merge_impl::memcpy) std::memcpy(buf, cold ? s.dense[(i + nd / 2) % nd].data() : src.data(), static_cast<std::size_t>(s.dense_bytes));
     else if (which == merge_impl::fma_bound) {
       float sink = 0;
       s2lc::kernels::fma_peak(macs / s2lc::kernels::fma_peak(1, &sink), &sink);
       benchmark::DoNotOptimize(sink);
     } else {
-      auto u = mo::merge(s.base, 0, buf.data(), kShapes[si].cols);
+      const mo::KGroup& g = s.copies[i % s.copies.size()];
+      auto u = mo::merge(g, 0, buf, kShapes[si].cols);
       state.PauseTiming();
-      mo::unmerge(s.base, 0, buf.data(), kShapes[si].cols, u);
+      mo::unmerge(g, 0, buf, kShapes[si].cols, u);
       state.ResumeTiming();
     }
+    ++i;
     benchmark::ClobberMemory();
   }
   state.counters["macs"] = static_cast<double>(macs);
@@ -310,11 +317,12 @@ const bool registered = [] {
             ->Unit(benchmark::kMicrosecond);
       }
     const char* merge_names[] = {"s2lc", "memcpy", "fma_bound"};
-    for (int w = 0; w < 3; ++w)
-      benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
-                                    std::to_string(kShapes[si].cols)).c_str(),
-                                   [=](benchmark::State& st) { bench_merge(st, si, static_cast<merge_impl>(w)); })
-          ->Unit(benchmark::kMicrosecond);
+    for (bool cold : {false, true})
+      for (int w = 0; w < 3; ++w)
+        benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
+                                      std::to_string(kShapes[si].cols) + (cold ? "_cold" : "_hot")).c_str(),
+                                     [=](benchmark::State& st) { bench_merge(st, si, static_cast<merge_impl>(w), cold); })
+            ->Unit(benchmark::kMicrosecond);
   }
   for (std::size_t role = 0; role < 3; ++role)
     for (unsigned K : {0u, 2u, 4u, 8u})
