@@ -377,6 +377,10 @@ inline constexpr std::size_t kPanelRows = 16;
 /// plain f32 tiles are faster once the decode is spread over that many tokens (measured: equal
 /// at 32 on AVX-512, fused 2x faster at 8).
 inline constexpr std::size_t kFusedLeftMax = 32;
+/// Below this many tokens a dense rows-in-lanes block with f32 activations runs q_gemm_nt (codes
+/// decoded in registers once per tile of 8 tokens) instead of decoding 16-row panels for gemm_nt:
+/// measured 1.2-1.3x faster at 8 tokens, equal at 32 (bench/RESULTS.md).
+inline constexpr std::size_t kLanesGemmMax = 32;
 
 namespace detail {
 
@@ -494,6 +498,10 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     case compress::block_kind::dense: {
       const auto q = b.a.view();
       if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
+      if (n == 1) return kernels::q_gemv_nt(q, 0, b.rb, tier, x, alpha, y);
+      // rows in lanes, fewer than kLanesGemmMax tokens: each code decoded in registers once per
+      // tile of up to 8 tokens (from 32 on, decoding panels once for gemm_nt was as fast)
+      if (q.lanes && n < kLanesGemmMax) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
       if (n < 3) {
         for (std::size_t t = 0; t < n; ++t) kernels::q_gemv_nt(q, 0, b.rb, tier, x + t * ldx, alpha, y + t * ldy);
         return;

@@ -6533,20 +6533,71 @@ HWY_INLINE VF LanesGemvRows(const QView& q, std::size_t p, std::size_t h, const 
   }
   return ya;
 }
+
+// ya[u] = rows [h NL, h NL + NL) of panel p times token u of x (stride ldx), u < T, scaled (not
+// yet by alpha): LanesGemvRows for a tile of tokens, each code column decoded once for all T.
+// With fewer than 8 tokens each token keeps 8 / T accumulators (one per code column, cycling), so
+// at least 8 FMA chains are in flight.
+template <bool kTier, std::size_t T>
+HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, const TierParams& t, VF table, const float* x,
+                              std::size_t ldx, VF (&ya)[T]) {
+  constexpr std::size_t kA = T >= 8 ? 1 : 8 / T;  // accumulators per token
+  const DF df;
+  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = q.group / 8, hb = q.group / 2;
+  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
+  const VF mul = hn::Set(df, t.mul);
+  for (std::size_t u = 0; u < T; ++u) ya[u] = hn::Zero(df);
+  const std::uint8_t* r = q.lanes_at(p, 0);
+  for (std::size_t g = 0; g < gpr; ++g, r += rec) {
+    if (h == 0)
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchBytes + o);
+    VF acc[T][kA];
+    for (std::size_t u = 0; u < T; ++u)
+      for (std::size_t a = 0; a < kA; ++a) acc[u][a] = hn::Zero(df);
+    const float* xg = x + g * q.group;
+    for (std::size_t k = 0; k < nq; ++k, xg += 4) {
+      const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h)), wx = hn::Xor(w, flip);
+      VF lo[4], hi[4];
+      LanesByte<kTier, 0>(w, wx, table, t, lo[0], hi[0]);
+      LanesByte<kTier, 1>(w, wx, table, t, lo[1], hi[1]);
+      LanesByte<kTier, 2>(w, wx, table, t, lo[2], hi[2]);
+      LanesByte<kTier, 3>(w, wx, table, t, lo[3], hi[3]);
+      for (std::size_t b = 0; b < 4; ++b)
+        for (std::size_t u = 0; u < T; ++u) {
+          VF& ac = acc[u][(2 * b) % kA];
+          ac = hn::MulAdd(lo[b], hn::Set(df, xg[u * ldx + b]), ac);
+          VF& ah = acc[u][(2 * b + 1) % kA];
+          ah = hn::MulAdd(hi[b], hn::Set(df, xg[u * ldx + hb + b]), ah);
+        }
+    }
+    const VF s = hn::Mul(BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc))), mul);
+    for (std::size_t u = 0; u < T; ++u) {
+      VF a = acc[u][0];
+      for (std::size_t i = 1; i < kA; ++i) a = hn::Add(a, acc[u][i]);
+      ya[u] = hn::MulAdd(a, s, ya[u]);
+    }
+  }
+}
 #endif
+
+// LanesByte's lookup table: AVX-512's is indexed by the stored nibble, c + 8 (unused elsewhere).
+HWY_INLINE VF LanesTable(const TierParams& t) {
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  HWY_ALIGN float tab[16];
+  for (std::size_t u = 0; u < 16; ++u) tab[u] = t.nibble[u ^ 8];
+  return hn::Load(DF(), tab);
+#else
+  (void)t;
+  return hn::Zero(DF());
+#endif
+}
 
 template <bool kTier>
 HWY_INLINE void LanesGemvT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* x, float alpha, float* y) {
 #if HWY_TARGET != HWY_SCALAR
   const std::size_t NL = hn::Lanes(DF());
-  // AVX-512's table is indexed by the stored nibble, c + 8
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-  HWY_ALIGN float tab[16];
-  for (std::size_t u = 0; u < 16; ++u) tab[u] = t.nibble[u ^ 8];
-  const VF tbl = hn::Load(DF(), tab);
-#else
-  const VF tbl = hn::Zero(DF());
-#endif
+  const VF tbl = LanesTable(t);
   for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
     const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
     const VF ya[1] = {LanesGemvRows<kTier>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, t, tbl, x)};
@@ -6555,6 +6606,40 @@ HWY_INLINE void LanesGemvT(const QView& q, std::size_t r0, std::size_t nr, const
 #else
   (void)q, (void)r0, (void)nr, (void)t, (void)x, (void)alpha, (void)y;
 #endif
+}
+
+// Tokens per pass of LanesGemmT: 8 where there are 32 vector registers (8 x 1 accumulators, 8
+// results and the decoded columns fit), else 4.
+inline constexpr std::size_t kLanesGemmTile = HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL ? 8 : 4;
+
+template <bool kTier, std::size_t T>
+HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, VF tbl, const float* x,
+                              std::size_t ldx, float alpha, float* y, std::size_t ldy) {
+#if HWY_TARGET != HWY_SCALAR
+  const std::size_t NL = hn::Lanes(DF());
+  for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
+    const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
+    VF ya[T];
+    LanesGemmRows<kTier, T>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, t, tbl, x, ldx, ya);
+    q8k::LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
+  }
+#else
+  (void)q, (void)r0, (void)nr, (void)t, (void)tbl, (void)x, (void)ldx, (void)alpha, (void)y, (void)ldy;
+#endif
+}
+
+// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of up to
+// kLanesGemmTile tokens (then 4, 2, 1), each reading the codes once.
+template <bool kTier>
+HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X, std::size_t ldx,
+                           std::size_t nt, float alpha, float* Y, std::size_t ldy) {
+  const VF tbl = LanesTable(t);
+  std::size_t u = 0;
+  if constexpr (kLanesGemmTile == 8)
+    for (; u + 8 <= nt; u += 8) LanesGemmTile<kTier, 8>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
+  for (; u + 4 <= nt; u += 4) LanesGemmTile<kTier, 4>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
+  if (u + 2 <= nt) LanesGemmTile<kTier, 2>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy), u += 2;
+  if (u < nt) LanesGemmTile<kTier, 1>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
 }
 
 // y[j] += sum_k c[k] W[k, j], k < nk, over the scalar groups [g0, g1) of each row.
@@ -6915,6 +7000,19 @@ inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr,
   else qk::GemvNTT<false>(q, r0, nr, t, x, alpha, y);
 }
 
+inline HWY_NOINLINE void QGemmNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* X, std::size_t ldx,
+                                 std::size_t nt, float alpha, float* Y, std::size_t ldy) {
+  if constexpr (q8k::kLanesVec) {
+    if (q.lanes) {
+      const TierParams t = tier_params(q.bits, tier);
+      if (t.shift) qk::LanesGemmT<true>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
+      else qk::LanesGemmT<false>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
+      return;
+    }
+  }
+  for (std::size_t u = 0; u < nt; ++u) QGemvNT(q, r0, nr, tier, X + u * ldx, alpha, Y + u * ldy);
+}
+
 inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c, float* y) {
   if (q.lanes)
     return q8k::ForPanels(q, k0, nk, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
@@ -7092,6 +7190,9 @@ namespace s2lc::kernels {
                                float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
   X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
                                float* y), (q, k0, nk, tier, c, y))                                                   \
+  X(void, q_gemm_nt, QGemmNT, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x,        \
+                               std::size_t ldx, std::size_t nt, float alpha, float* y, std::size_t ldy),             \
+    (q, r0, nr, tier, x, ldx, nt, alpha, y, ldy))                                                                    \
   X(void, q_gemm_nn, QGemmNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
                                std::size_t ldc, std::size_t nt, float* y, std::size_t ldy),                          \
     (q, k0, nk, tier, c, ldc, nt, y, ldy))                                                                           \
@@ -7131,6 +7232,8 @@ namespace s2lc::kernels {
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_decode_rows_add: out[i, :] += alpha * those decoded rows (one FMA per element).
 // q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
+// q_gemm_nt:     y[t * ldy + i] += alpha * sum_j q[r0 + i, j] x[t * ldx + j], i < nr, t < nt (rows in
+//                lanes: each code decoded once per tile of up to 8 tokens; else q_gemv_nt per token).
 // q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
 // q_gemm_nn:     y[t * ldy + j] += sum_k c[t * ldc + k] q[k0 + k, j], k < nk, t < nt (codes
 //                decoded once per row for up to 4 tokens; what q_gemv_nn is per token).
@@ -7771,6 +7874,10 @@ inline constexpr std::size_t kPanelRows = 16;
 /// plain f32 tiles are faster once the decode is spread over that many tokens (measured: equal
 /// at 32 on AVX-512, fused 2x faster at 8).
 inline constexpr std::size_t kFusedLeftMax = 32;
+/// Below this many tokens a dense rows-in-lanes block with f32 activations runs q_gemm_nt (codes
+/// decoded in registers once per tile of 8 tokens) instead of decoding 16-row panels for gemm_nt:
+/// measured 1.2-1.3x faster at 8 tokens, equal at 32 (bench/RESULTS.md).
+inline constexpr std::size_t kLanesGemmMax = 32;
 
 namespace detail {
 
@@ -7888,6 +7995,10 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     case compress::block_kind::dense: {
       const auto q = b.a.view();
       if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
+      if (n == 1) return kernels::q_gemv_nt(q, 0, b.rb, tier, x, alpha, y);
+      // rows in lanes, fewer than kLanesGemmMax tokens: each code decoded in registers once per
+      // tile of up to 8 tokens (from 32 on, decoding panels once for gemm_nt was as fast)
+      if (q.lanes && n < kLanesGemmMax) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
       if (n < 3) {
         for (std::size_t t = 0; t < n; ++t) kernels::q_gemv_nt(q, 0, b.rb, tier, x + t * ldx, alpha, y + t * ldy);
         return;

@@ -111,7 +111,7 @@ TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit
   }
 }
 
-TEST_CASE("kernels: fused quantized gemv (both orientations) and q_gemm_nn within the f32 summation bound, every tier and target") {
+TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_gemm_nn within the f32 summation bound, every tier and target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
@@ -136,6 +136,32 @@ TEST_CASE("kernels: fused quantized gemv (both orientations) and q_gemm_nn withi
             REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
           }
           REQUIRE(y.back() == -9.0f);
+          // Y[u] = 0.5 + alpha W X[u] for 1..13 tokens (q_gemm_nt; rows in lanes: passes of 8, 4,
+          // 2, 1 tokens), on all rows and on a sub-range (rows in lanes: not on panel bounds);
+          // rows outside the range and the padding of Y untouched
+          for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u}) {
+            for (std::size_t r0 : {std::size_t{0}, std::size_t{1}}) {
+              if (r0 && c.rows < 3) continue;
+              const std::size_t nr = c.rows - 2 * r0, ldx = c.cols + 3, ldy = c.rows + 2;
+              CAPTURE(nt); CAPTURE(r0);
+              const auto X = randn(nt * ldx, static_cast<std::uint32_t>(17 + nt));
+              std::vector<float> Y(nt * ldy, 0.5f);
+              k::q_gemm_nt(km.view(), r0, nr, tier, X.data(), ldx, nt, -1.5f, Y.data(), ldy);
+              for (std::size_t u = 0; u < nt; ++u)
+                for (std::size_t i = 0; i < ldy; ++i) {
+                  if (i >= nr) {
+                    REQUIRE(Y[u * ldy + i] == 0.5f);
+                    continue;
+                  }
+                  double s = 0, a = 0;
+                  for (std::size_t j = 0; j < c.cols; ++j) {
+                    const double p = double(W[(r0 + i) * c.cols + j]) * X[u * ldx + j];
+                    s += p, a += std::fabs(p);
+                  }
+                  REQUIRE(std::fabs(Y[u * ldy + i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
+                }
+            }
+          }
           // z = 0.25 + W^T t
           std::vector<float> z(c.cols + 1, 0.25f);
           z.back() = -9.0f;

@@ -27,6 +27,9 @@ namespace s2lc::kernels {
                                float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
   X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
                                float* y), (q, k0, nk, tier, c, y))                                                   \
+  X(void, q_gemm_nt, QGemmNT, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x,        \
+                               std::size_t ldx, std::size_t nt, float alpha, float* y, std::size_t ldy),             \
+    (q, r0, nr, tier, x, ldx, nt, alpha, y, ldy))                                                                    \
   X(void, q_gemm_nn, QGemmNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
                                std::size_t ldc, std::size_t nt, float* y, std::size_t ldy),                          \
     (q, k0, nk, tier, c, ldc, nt, y, ldy))                                                                           \
@@ -66,6 +69,8 @@ namespace s2lc::kernels {
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_decode_rows_add: out[i, :] += alpha * those decoded rows (one FMA per element).
 // q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
+// q_gemm_nt:     y[t * ldy + i] += alpha * sum_j q[r0 + i, j] x[t * ldx + j], i < nr, t < nt (rows in
+//                lanes: each code decoded once per tile of up to 8 tokens; else q_gemv_nt per token).
 // q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
 // q_gemm_nn:     y[t * ldy + j] += sum_k c[t * ldc + k] q[k0 + k, j], k < nk, t < nt (codes
 //                decoded once per row for up to 4 tokens; what q_gemv_nn is per token).
