@@ -269,8 +269,9 @@ enum class merge_impl { s2lc, memcpy, fma_bound };
 
 void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool cold) {
   // Cold: every iteration merges another copy of the module into another dense buffer (memcpy:
-  // copies into it the buffer half the cycle away, which no recent iteration touched), cycling
-  // through more than the last-level cache holds.
+  // copies into it the buffer half the cycle away, untouched for many iterations; where only two
+  // buffers fit the 512 MiB, each is far larger than the caches), cycling through more than the
+  // last-level cache holds.
   Setup& s = setup(si, cold);
   std::vector<float> src = s.dense[0];
   const double bytes = 2.0 * s.dense_bytes;

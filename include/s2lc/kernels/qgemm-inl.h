@@ -732,13 +732,17 @@ inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr,
 
 inline HWY_NOINLINE void QGemmNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* X, std::size_t ldx,
                                  std::size_t nt, float alpha, float* Y, std::size_t ldy) {
-  if constexpr (q8k::kLanesVec) {
-    if (q.lanes) {
+  if (q.lanes) {
+    if constexpr (q8k::kLanesVec) {
       const TierParams t = tier_params(q.bits, tier);
       if (t.shift) qk::LanesGemmT<true>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
       else qk::LanesGemmT<false>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
-      return;
+    } else {  // panels unpacked to the row-major form once, for all tokens
+      q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+        for (std::size_t u = 0; u < nt; ++u) QGemvNT(v, i0, n, tier, X + u * ldx, alpha, Y + u * ldy + off);
+      });
     }
+    return;
   }
   for (std::size_t u = 0; u < nt; ++u) QGemvNT(q, r0, nr, tier, X + u * ldx, alpha, Y + u * ldy);
 }
