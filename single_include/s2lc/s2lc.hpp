@@ -5033,7 +5033,13 @@ using IdxF = decltype(hn::SetTableIndices(DF(), static_cast<const std::int32_t*>
 // acc[i] += sum_{j < 4} a[4i + j] * b[4i + j] with a unsigned bytes <= 128 and b in [-127, 127]:
 // every pair sum fits int16, so pmaddubsw never saturates and all targets agree exactly.
 HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
-#if HWY_TARGET == HWY_AVX3_DL
+#if HWY_TARGET == HWY_AVX3_DL && HWY_COMPILER_CLANG
+  // clang ignores the region's `#pragma GCC target` (below) and refuses the intrinsic, so the
+  // instruction is written out (AT&T | Intel operand order); tests/CMakeLists.txt checks clang
+  __m512i r = acc.raw;
+  asm("vpdpbusd {%2, %1, %0|%0, %1, %2}" : "+v"(r) : "v"(a.raw), "v"(b.raw));
+  return VI{r};
+#elif HWY_TARGET == HWY_AVX3_DL
   return VI{_mm512_dpbusd_epi32(acc.raw, a.raw, b.raw)};
 #elif HWY_TARGET == HWY_AVX3
   return hn::Add(acc, VI{_mm512_madd_epi16(_mm512_maddubs_epi16(a.raw, b.raw), _mm512_set1_epi16(1))});
