@@ -498,14 +498,9 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     case compress::block_kind::dense: {
       const auto q = b.a.view();
       if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
-      if (n == 1) return kernels::q_gemv_nt(q, 0, b.rb, tier, x, alpha, y);
-      // rows in lanes, fewer than kLanesGemmMax tokens: each code decoded in registers once per
-      // tile of up to 8 tokens (from 32 on, decoding panels once for gemm_nt was as fast)
-      if (q.lanes && n < kLanesGemmMax) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
-      if (n < 3) {
-        for (std::size_t t = 0; t < n; ++t) kernels::q_gemv_nt(q, 0, b.rb, tier, x + t * ldx, alpha, y + t * ldy);
-        return;
-      }
+      // codes decoded in registers: per token below 3 tokens; rows in lanes, below kLanesGemmMax
+      // tokens, once per tile of up to 8 (from 32 on, decoding panels once for gemm_nt was as fast)
+      if (n < 3 || (q.lanes && n < kLanesGemmMax)) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
       float* panel = arena.take<float>(kPanelRows * b.cb);
       for (std::size_t i = 0; i < b.rb; i += kPanelRows) {
         const std::size_t p = std::min<std::size_t>(kPanelRows, b.rb - i);

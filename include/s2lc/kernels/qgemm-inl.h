@@ -231,41 +231,8 @@ HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF
 #endif
 }
 
-// ya = rows [h NL, h NL + NL) of panel p times x, scaled (not yet by alpha).
-template <bool kTier>
-HWY_INLINE VF LanesGemvRows(const QView& q, std::size_t p, std::size_t h, const TierParams& t, VF table, const float* x) {
-  const DF df;
-  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = q.group / 8, hb = q.group / 2;
-  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
-  const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
-  const VF mul = hn::Set(df, t.mul);
-  VF ya = hn::Zero(df);
-  const std::uint8_t* r = q.lanes_at(p, 0);
-  for (std::size_t g = 0; g < gpr; ++g, r += rec) {
-    if (h == 0)
-      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchBytes + o);
-    const float* xg = x + g * q.group;
-    VF acc[4] = {hn::Zero(df), hn::Zero(df), hn::Zero(df), hn::Zero(df)};
-    for (std::size_t k = 0; k < nq; ++k, xg += 4) {
-      const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h)), wx = hn::Xor(w, flip);
-      VF lo, hi;
-      LanesByte<kTier, 0>(w, wx, table, t, lo, hi);
-      acc[0] = hn::MulAdd(lo, hn::Set(df, xg[0]), acc[0]), acc[0] = hn::MulAdd(hi, hn::Set(df, xg[hb]), acc[0]);
-      LanesByte<kTier, 1>(w, wx, table, t, lo, hi);
-      acc[1] = hn::MulAdd(lo, hn::Set(df, xg[1]), acc[1]), acc[1] = hn::MulAdd(hi, hn::Set(df, xg[hb + 1]), acc[1]);
-      LanesByte<kTier, 2>(w, wx, table, t, lo, hi);
-      acc[2] = hn::MulAdd(lo, hn::Set(df, xg[2]), acc[2]), acc[2] = hn::MulAdd(hi, hn::Set(df, xg[hb + 2]), acc[2]);
-      LanesByte<kTier, 3>(w, wx, table, t, lo, hi);
-      acc[3] = hn::MulAdd(lo, hn::Set(df, xg[3]), acc[3]), acc[3] = hn::MulAdd(hi, hn::Set(df, xg[hb + 3]), acc[3]);
-    }
-    const VF s = BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
-    ya = hn::MulAdd(hn::Add(hn::Add(acc[0], acc[1]), hn::Add(acc[2], acc[3])), hn::Mul(s, mul), ya);
-  }
-  return ya;
-}
-
 // ya[u] = rows [h NL, h NL + NL) of panel p times token u of x (stride ldx), u < T, scaled (not
-// yet by alpha): LanesGemvRows for a tile of tokens, each code column decoded once for all T.
+// yet by alpha), each code column decoded once for all T tokens.
 // With fewer than 8 tokens each token keeps 8 / T accumulators (one per code column, cycling), so
 // at least 8 FMA chains are in flight.
 template <bool kTier, std::size_t T>
@@ -320,21 +287,6 @@ HWY_INLINE VF LanesTable(const TierParams& t) {
 #else
   (void)t;
   return hn::Zero(DF());
-#endif
-}
-
-template <bool kTier>
-HWY_INLINE void LanesGemvT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* x, float alpha, float* y) {
-#if HWY_TARGET != HWY_SCALAR
-  const std::size_t NL = hn::Lanes(DF());
-  const VF tbl = LanesTable(t);
-  for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
-    const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
-    const VF ya[1] = {LanesGemvRows<kTier>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, t, tbl, x)};
-    q8k::LanesStore<1>(ya, i0, n, alpha, y + (b + i0 - r0), 0);
-  }
-#else
-  (void)q, (void)r0, (void)nr, (void)t, (void)x, (void)alpha, (void)y;
 #endif
 }
 
@@ -713,19 +665,9 @@ inline HWY_NOINLINE void QDecodeRowsAdd(const QView& q, std::size_t r0, std::siz
   else qk::DecodeRowsT<false, true>(q, r0, nr, t, out, ld, alpha);
 }
 
-inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x, float alpha, float* y) {
+// q_gemv_nt on a row-major q.
+inline void GemvNTRowMajor(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x, float alpha, float* y) {
   const TierParams t = tier_params(q.bits, tier);
-  if (q.lanes) {
-    if constexpr (q8k::kLanesVec) {
-      if (t.shift) qk::LanesGemvT<true>(q, r0, nr, t, x, alpha, y);
-      else qk::LanesGemvT<false>(q, r0, nr, t, x, alpha, y);
-    } else {
-      q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
-        QGemvNT(v, i0, n, tier, x, alpha, y + off);
-      });
-    }
-    return;
-  }
   if (t.shift) qk::GemvNTT<true>(q, r0, nr, t, x, alpha, y);
   else qk::GemvNTT<false>(q, r0, nr, t, x, alpha, y);
 }
@@ -739,12 +681,17 @@ inline HWY_NOINLINE void QGemmNT(const QView& q, std::size_t r0, std::size_t nr,
       else qk::LanesGemmT<false>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
     } else {  // panels unpacked to the row-major form once, for all tokens
       q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
-        for (std::size_t u = 0; u < nt; ++u) QGemvNT(v, i0, n, tier, X + u * ldx, alpha, Y + u * ldy + off);
+        for (std::size_t u = 0; u < nt; ++u) GemvNTRowMajor(v, i0, n, tier, X + u * ldx, alpha, Y + u * ldy + off);
       });
     }
     return;
   }
-  for (std::size_t u = 0; u < nt; ++u) QGemvNT(q, r0, nr, tier, X + u * ldx, alpha, Y + u * ldy);
+  for (std::size_t u = 0; u < nt; ++u) GemvNTRowMajor(q, r0, nr, tier, X + u * ldx, alpha, Y + u * ldy);
+}
+
+inline HWY_NOINLINE void QGemvNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x, float alpha, float* y) {
+  if (q.lanes) return QGemmNT(q, r0, nr, tier, x, 0, 1, alpha, y, 0);  // one token of the rows-in-lanes tiles
+  GemvNTRowMajor(q, r0, nr, tier, x, alpha, y);
 }
 
 inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c, float* y) {
