@@ -108,6 +108,8 @@ inline constexpr bool kRowsVec = false;
 // Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
 // short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
 inline constexpr std::size_t kPrefetch = 8192;
+// Rows up to this many bytes are prefetched whole, in order, rather than chunk by chunk.
+inline constexpr std::size_t kShortRow = 256;
 
 // v, kept in a register: g++ otherwise folds a load that two instructions use into both (one
 // vector of codes read twice, as the low nibbles' and and the high nibbles' shift operand), and
@@ -417,9 +419,16 @@ HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const 
   const std::size_t rb = L.rb, lds = sp.lds;
   // Row i's codes of the chunk at off, prefetched ahead (rows are contiguous: the next rows), as
   // the two byte vectors paired with the activations: nibbles c (two's complement) ^ 8 = c + 8 in
-  // [0, 15]; bytes |c| (<= 128) and c (whose sign goes onto x).
+  // [0, 15]; bytes |c| (<= 128) and c (whose sign goes onto x). Short rows (a block's, <= 256
+  // bytes) are prefetched whole at their first chunk, so the prefetches ascend through memory:
+  // chunk by chunk, R rows at a time, they jump back a row's length every chunk, and a cold
+  // low-rank residual ran 10 % slower (bench/RESULTS.md).
+  const std::size_t off0 = sp.g0 * L.gb, span = (sp.g1 - sp.g0) * L.gb;
+  const bool short_rows = rb <= kShortRow;
   auto decode = [&](std::size_t i, std::size_t off, VU8& a0, VU8& a1) {
-    hwy::Prefetch(base + i * rb + off + kPrefetch);
+    if (!short_rows) hwy::Prefetch(base + i * rb + off + kPrefetch);
+    else if (off == off0)
+      for (std::size_t o = 0; o < span; o += 64) hwy::Prefetch(base + i * rb + off0 + o + kPrefetch);
     const VU8 b = hn::LoadU(du8, base + i * rb + off);
     if constexpr (kNib) {
       const VU8 u = hn::Xor(b, k88);
@@ -440,7 +449,7 @@ HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const 
   auto scale = [&](std::size_t i, std::size_t gl) {  // row i's group scales over the lanes
     return kBcast ? hn::Set(df, sw0[i * lds + gl]) : hn::TableLookupLanes(hn::LoadU(df, sw0 + i * lds + gl), rep);
   };
-  std::size_t off = sp.g0 * L.gb;
+  std::size_t off = off0;
   for (std::size_t gl = 0; gl < sp.g1 - sp.g0; gl += gpc) {
     VF sw[T == 1 ? 1 : R];
     if constexpr (T > 1)
@@ -1196,7 +1205,10 @@ HWY_INLINE void NNTile(const QView& q, const NNStrip& st, const std::uint8_t* p,
   const VU8 m88 = hn::Set(du8, std::uint8_t{0x88}), m0f = hn::Set(du8, std::uint8_t{0x0F}), zero = hn::Zero(du8);
   const std::uint8_t* pr = p + o0;
   for (std::size_t k = 0, s = 0; k < nc; k += 4, ++s, pr += 4 * rb) {
-    for (std::size_t i = 0; i < 4 && k + i < nc; ++i) hwy::Prefetch(pr + i * rb + kPrefetch);
+    // every line of the tile's 4 rows, in order (the tile's first line only left the rest of a
+    // short row to the hardware prefetcher: 10 % slower cold, bench/RESULTS.md)
+    for (std::size_t i = 0; i < 4 && k + i < nc; ++i)
+      for (std::size_t t = 0; t < TB * N8; t += 64) hwy::Prefetch(pr + i * rb + t + kPrefetch);
     for (std::size_t t = 0; t < TB; ++t) {
       const VI8 co = hn::BitCast(DI8(), hn::TableLookupBytes(hn::LoadDup128(di, st.qq + s * st.Wq + at[t].g), idx));
       const std::uint8_t* pc = pr + t * N8;
