@@ -7633,7 +7633,7 @@ struct KBlock {
 
 /// The non-zero blocks of a block matrix, in grid order. pool() moves the blocks' codes and
 /// scales into one allocation, laid out in the order apply reads them (per block: the right
-/// factor's codes and scales, then the left's; each array 64-byte aligned), so a cold apply reads
+/// factor's scales and codes, then the left's; each array 64-byte aligned), so a cold apply reads
 /// one stream instead of hundreds of small heap arrays wherever the allocator put them (measured
 /// in bench/RESULTS.md). KGroup::from pools every matrix; a copy of a pooled matrix is pooled.
 struct KMatrix {
@@ -7676,17 +7676,17 @@ struct KMatrix {
     std::vector<std::uint8_t> mem(total + kAlign);
     const auto base = (reinterpret_cast<std::uintptr_t>(mem.data()) + kAlign - 1) & ~std::uintptr_t{kAlign - 1};
     std::uint8_t* p = mem.data() + (base - reinterpret_cast<std::uintptr_t>(mem.data()));
-    each([&](KMat& m) {
+    each([&](KMat& m) {  // scales first: the kernels read them before the codes
       const std::size_t nc = m.ncodes(), ns = m.nscales();
-      if (nc) std::memcpy(p, m.codes_data(), nc);
-      std::uint8_t* sp = p + up(nc);
-      if (ns) std::memcpy(sp, m.scales_data(), 2 * ns);
-      m.pcodes_ = nc ? p : nullptr;
-      m.pscales_ = nc ? reinterpret_cast<const std::uint16_t*>(sp) : nullptr;
+      std::uint8_t* cp = p + up(2 * ns);
+      if (ns) std::memcpy(p, m.scales_data(), 2 * ns);
+      if (nc) std::memcpy(cp, m.codes_data(), nc);
+      m.pcodes_ = nc ? cp : nullptr;
+      m.pscales_ = nc ? reinterpret_cast<const std::uint16_t*>(p) : nullptr;
       m.ncodes_ = nc, m.nscales_ = ns;
       std::vector<std::uint8_t>().swap(m.codes);
       std::vector<std::uint16_t>().swap(m.scales);
-      p = sp + up(2 * ns);
+      p = cp + up(nc);
     });
     pool_ = std::move(mem);
   }

@@ -386,8 +386,9 @@ std::vector<std::pair<const std::uint8_t*, std::size_t>> read_order(const mo::KM
   std::vector<std::pair<const std::uint8_t*, std::size_t>> v;
   for (const auto& b : m.blocks)
     for (const mo::KMat* k : {&b.b, &b.a}) {
-      if (k->ncodes()) v.emplace_back(k->codes_data(), k->ncodes());
+      // the kernels read a factor's scales before its codes
       if (k->nscales()) v.emplace_back(reinterpret_cast<const std::uint8_t*>(k->scales_data()), 2 * k->nscales());
+      if (k->ncodes()) v.emplace_back(k->codes_data(), k->ncodes());
     }
   return v;
 }
