@@ -5191,9 +5191,9 @@ HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const 
   // Row i's codes of the chunk at off, prefetched ahead (rows are contiguous: the next rows), as
   // the two byte vectors paired with the activations: nibbles c (two's complement) ^ 8 = c + 8 in
   // [0, 15]; bytes |c| (<= 128) and c (whose sign goes onto x). Short rows (a block's, <= 256
-  // bytes) are prefetched whole at their first chunk, so the prefetches ascend through memory:
-  // chunk by chunk, R rows at a time, they jump back a row's length every chunk, and a cold
-  // low-rank residual ran 10 % slower (bench/RESULTS.md).
+  // bytes) are prefetched whole at their first chunk, so the prefetches ascend through memory;
+  // issued chunk by chunk, R rows at a time, they jumped back a row's length every chunk, and a
+  // cold low-rank residual ran 10 % slower (bench/RESULTS.md).
   const std::size_t off0 = sp.g0 * L.gb, span = (sp.g1 - sp.g0) * L.gb;
   const bool short_rows = rb <= kShortRow;
   auto decode = [&](std::size_t i, std::size_t off, VU8& a0, VU8& a1) {
