@@ -45,8 +45,10 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        {4, 96, 64, 2}, {7, 33, 7, 4}, {3, 70, 10, 6}, {13, 256, 32, 5}, {2, 31, 32, 2},
                        {5, 80, 16, 8}, {53, 288, 32, 3}, {300, 600, 32, 4},
                        // rows in lanes: one panel, a padded one, several, quads per group 1 ... 8,
-                       // quads per row not a multiple of the lanes
-                       {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}};
+                       // quads per row not a multiple of the lanes; q_gemm_nt packing the
+                       // activations of 512 columns at a time (528: two chunks), and groups too
+                       // wide to pack (768: panels unpacked instead, from 2 tokens on)
+                       {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}, {17, 1536, 768, 4}};
 
 /// The kernel layouts to run a case on: row-major, and rows in lanes where the shape takes it.
 std::vector<s2lc::morph::KMat> layouts(const cz::QMatrix& q) {

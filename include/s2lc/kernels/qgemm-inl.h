@@ -231,42 +231,59 @@ HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF
 #endif
 }
 
-// ya[u] = rows [h NL, h NL + NL) of panel p times token u of x (stride ldx), u < T, scaled (not
-// yet by alpha), each code column decoded once for all T tokens.
-// With fewer than 8 tokens each token keeps 8 / T accumulators (one per code column, cycling), so
-// at least 8 FMA chains are in flight.
+// The activations of ng groups of T tokens (x: at the first group's column) packed for
+// LanesGemmRows: per group and quad k, for each token its 8 columns (the low-nibble ones
+// 4k ... 4k + 3, then the high-nibble ones hb + 4k ...), so every broadcast of the products is one
+// base pointer plus a constant offset (two 16-byte copies per token and quad).
+template <std::size_t T>
+HWY_INLINE void LanesPack(const QView& q, std::size_t ng, const float* HWY_RESTRICT x, std::size_t ldx, float* HWY_RESTRICT xp) {
+  const std::size_t nq = q.group / 8, hb = q.group / 2;
+  for (std::size_t g = 0; g < ng; ++g, x += q.group)
+    for (std::size_t k = 0; k < nq; ++k)
+      for (std::size_t u = 0; u < T; ++u, xp += 8) {
+        std::memcpy(xp, x + u * ldx + 4 * k, 4 * sizeof(float));
+        std::memcpy(xp + 4, x + u * ldx + hb + 4 * k, 4 * sizeof(float));
+      }
+}
+
+// ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
+// (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
+// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). With fewer
+// than 8 tokens each token keeps 8 / T accumulators (one per code column, cycling), so at least 8
+// FMA chains are in flight.
 template <bool kTier, std::size_t T>
-HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, const TierParams& t, VF table, const float* x,
-                              std::size_t ldx, VF (&ya)[T]) {
+HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
+                              VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
   constexpr std::size_t kA = T >= 8 ? 1 : 8 / T;  // accumulators per token
   const DF df;
-  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = q.group / 8, hb = q.group / 2;
+  const std::size_t NL = hn::Lanes(df), nq = q.group / 8, hb = T == 1 ? q.group / 2 : 4;
   const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
   const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
   const VF mul = hn::Set(df, t.mul);
-  for (std::size_t u = 0; u < T; ++u) ya[u] = hn::Zero(df);
-  const std::uint8_t* r = q.lanes_at(p, 0);
-  for (std::size_t g = 0; g < gpr; ++g, r += rec) {
+  const std::uint8_t* r = q.lanes_at(p, g0);
+  for (std::size_t g = 0; g < ng; ++g, r += rec) {
     if (h == 0)
       for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchBytes + o);
     VF acc[T][kA];
     for (std::size_t u = 0; u < T; ++u)
       for (std::size_t a = 0; a < kA; ++a) acc[u][a] = hn::Zero(df);
-    const float* xg = x + g * q.group;
-    for (std::size_t k = 0; k < nq; ++k, xg += 4) {
+    // token u's value of the code column's low (x[u * 8 + b]) and high (x[u * 8 + hb + b]) nibbles
+    const float* xg = x + g * (T == 1 ? q.group : nq * 8 * T);
+    for (std::size_t k = 0; k < nq; ++k, xg += T == 1 ? 4 : 8 * T) {
       const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h)), wx = hn::Xor(w, flip);
-      VF lo[4], hi[4];
-      LanesByte<kTier, 0>(w, wx, table, t, lo[0], hi[0]);
-      LanesByte<kTier, 1>(w, wx, table, t, lo[1], hi[1]);
-      LanesByte<kTier, 2>(w, wx, table, t, lo[2], hi[2]);
-      LanesByte<kTier, 3>(w, wx, table, t, lo[3], hi[3]);
-      for (std::size_t b = 0; b < 4; ++b)
-        for (std::size_t u = 0; u < T; ++u) {
-          VF& ac = acc[u][(2 * b) % kA];
-          ac = hn::MulAdd(lo[b], hn::Set(df, xg[u * ldx + b]), ac);
-          VF& ah = acc[u][(2 * b + 1) % kA];
-          ah = hn::MulAdd(hi[b], hn::Set(df, xg[u * ldx + hb + b]), ah);
-        }
+      VF lo, hi;
+#define S2LC_LANES_COLUMN(B)                                                \
+      LanesByte<kTier, B>(w, wx, table, t, lo, hi);                         \
+      for (std::size_t u = 0; u < T; ++u) {                                 \
+        VF& ac = acc[u][(2 * B) % kA];                                      \
+        ac = hn::MulAdd(lo, hn::Set(df, xg[u * 8 + B]), ac);                 \
+      }                                                                     \
+      for (std::size_t u = 0; u < T; ++u) {                                 \
+        VF& ah = acc[u][(2 * B + 1) % kA];                                  \
+        ah = hn::MulAdd(hi, hn::Set(df, xg[u * 8 + hb + B]), ah);            \
+      }
+      S2LC_LANES_COLUMN(0) S2LC_LANES_COLUMN(1) S2LC_LANES_COLUMN(2) S2LC_LANES_COLUMN(3)
+#undef S2LC_LANES_COLUMN
     }
     const VF s = hn::Mul(BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc))), mul);
     for (std::size_t u = 0; u < T; ++u) {
@@ -294,16 +311,27 @@ HWY_INLINE VF LanesTable(const TierParams& t) {
 // results and the decoded columns fit), else 4.
 inline constexpr std::size_t kLanesGemmTile = HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL ? 8 : 4;
 
+// Columns of activations packed at a time (a stack buffer of kLanesPackCols * T floats).
+inline constexpr std::size_t kLanesPackCols = 512;
+
 template <bool kTier, std::size_t T>
 HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, VF tbl, const float* x,
                               std::size_t ldx, float alpha, float* y, std::size_t ldy) {
 #if HWY_TARGET != HWY_SCALAR
-  const std::size_t NL = hn::Lanes(DF());
-  for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
-    const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
-    VF ya[T];
-    LanesGemmRows<kTier, T>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, t, tbl, x, ldx, ya);
-    q8k::LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
+  const DF df;
+  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row();
+  const std::size_t chunk = T == 1 ? gpr : std::max<std::size_t>(1, kLanesPackCols / q.group);
+  HWY_ALIGN float xp[T == 1 ? 1 : kLanesPackCols * T];
+  for (std::size_t g0 = 0; g0 < gpr; g0 += chunk) {
+    const std::size_t ng = std::min(chunk, gpr - g0);
+    if (T > 1) LanesPack<T>(q, ng, x + g0 * q.group, ldx, xp);
+    for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
+      const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
+      VF ya[T];
+      for (std::size_t u = 0; u < T; ++u) ya[u] = hn::Zero(df);
+      LanesGemmRows<kTier, T>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, T == 1 ? x + g0 * q.group : xp, ya);
+      q8k::LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
+    }
   }
 #else
   (void)q, (void)r0, (void)nr, (void)t, (void)tbl, (void)x, (void)ldx, (void)alpha, (void)y, (void)ldy;
@@ -676,14 +704,17 @@ inline HWY_NOINLINE void QGemmNT(const QView& q, std::size_t r0, std::size_t nr,
                                  std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   if (q.lanes) {
     if constexpr (q8k::kLanesVec) {
-      const TierParams t = tier_params(q.bits, tier);
-      if (t.shift) qk::LanesGemmT<true>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
-      else qk::LanesGemmT<false>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
-    } else {  // panels unpacked to the row-major form once, for all tokens
-      q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
-        for (std::size_t u = 0; u < nt; ++u) GemvNTRowMajor(v, i0, n, tier, X + u * ldx, alpha, Y + u * ldy + off);
-      });
+      if (nt == 1 || q.group <= qk::kLanesPackCols) {
+        const TierParams t = tier_params(q.bits, tier);
+        if (t.shift) qk::LanesGemmT<true>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
+        else qk::LanesGemmT<false>(q, r0, nr, t, X, ldx, nt, alpha, Y, ldy);
+        return;
+      }
     }
+    // panels unpacked to the row-major form once, for all tokens (also: groups too wide to pack)
+    q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      for (std::size_t u = 0; u < nt; ++u) GemvNTRowMajor(v, i0, n, tier, X + u * ldx, alpha, Y + u * ldy + off);
+    });
     return;
   }
   for (std::size_t u = 0; u < nt; ++u) GemvNTRowMajor(q, r0, nr, tier, X + u * ldx, alpha, Y + u * ldy);
