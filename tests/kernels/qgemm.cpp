@@ -138,7 +138,7 @@ TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_ge
             REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
           }
           REQUIRE(y.back() == -9.0f);
-          // Y[u] = 0.5 + alpha W X[u] for 1..13 tokens (q_gemm_nt; rows in lanes: passes of 8, 4,
+          // Y[u] = 0.5 + alpha W X[u] for 1..13 tokens (q_gemm_nt; rows in lanes: passes of 4,
           // 2, 1 tokens), on all rows and on a sub-range (rows in lanes: not on panel bounds);
           // rows outside the range and the padding of Y untouched
           for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u}) {

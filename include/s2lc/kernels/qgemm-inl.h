@@ -248,13 +248,12 @@ HWY_INLINE void LanesPack(const QView& q, std::size_t ng, const float* HWY_RESTR
 
 // ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
 // (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
-// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). With fewer
-// than 8 tokens each token keeps 8 / T accumulators (one per code column, cycling), so at least 8
-// FMA chains are in flight.
+// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). T <= 4 tokens:
+// each keeps 8 / T accumulators (one per code column, cycling), so 8 FMA chains are in flight.
 template <bool kTier, std::size_t T>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
-  constexpr std::size_t kA = T >= 8 ? 1 : 8 / T;  // accumulators per token
+  constexpr std::size_t kA = 8 / T;  // accumulators per token
   const DF df;
   const std::size_t NL = hn::Lanes(df), nq = q.group / 8, hb = T == 1 ? q.group / 2 : 4;
   const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
@@ -307,10 +306,6 @@ HWY_INLINE VF LanesTable(const TierParams& t) {
 #endif
 }
 
-// Tokens per pass of LanesGemmT: 8 where there are 32 vector registers (8 x 1 accumulators, 8
-// results and the decoded columns fit), else 4.
-inline constexpr std::size_t kLanesGemmTile = HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL ? 8 : 4;
-
 // Columns of activations packed at a time (a stack buffer of kLanesPackCols * T floats).
 inline constexpr std::size_t kLanesPackCols = 512;
 
@@ -338,15 +333,15 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
 #endif
 }
 
-// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of up to
-// kLanesGemmTile tokens (then 4, 2, 1), each reading the codes once.
+// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of 4 tokens
+// (then 2, 1), each reading the codes once. Not 8, even with 32 vector registers: g++ 12 spills
+// accumulators of 8-token passes in the dynamic-dispatch build (one 256 x 256 4-bit block, hot, on
+// AVX-512: 79 GMAC/s against 109 with passes of 4).
 template <bool kTier>
 HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X, std::size_t ldx,
                            std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   const VF tbl = LanesTable(t);
   std::size_t u = 0;
-  if constexpr (kLanesGemmTile == 8)
-    for (; u + 8 <= nt; u += 8) LanesGemmTile<kTier, 8>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   for (; u + 4 <= nt; u += 4) LanesGemmTile<kTier, 4>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   if (u + 2 <= nt) LanesGemmTile<kTier, 2>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy), u += 2;
   if (u < nt) LanesGemmTile<kTier, 1>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
