@@ -10,9 +10,12 @@
 //   where a `raw` residual block replaces the cores in its block (they are skipped there).
 //
 // Per block and batch size n:
-//   dense   n < 3: fused q_gemv_nt per token; else decode 16-row panels to L1 and gemm_nt;
+//   dense   rows in lanes: q_gemm_nt, codes decoded in registers once per pass of up to 4 tokens;
+//           else n < 3: fused q_gemv_nt per token; else decode 16-row panels to L1 and gemm_nt;
 //   lowrank/shared  t = b x (rank values per token), then y += left^T t
 //           (left = the block's own factor, or the first `rank` vectors of a shared basis);
+//           the right factor b is stored rows in lanes where its shape takes it (like dense
+//           blocks, then also run by q_gemm_nt), the left factor row-major;
 //   raw     gemm_nt on the f32 values.
 // Scratch comes from a caller-provided Arena (no allocation on the apply path).
 #pragma once
@@ -310,8 +313,8 @@ struct KGroup {
         b.rank = src.rank, b.basis = src.basis;
         switch (src.kind) {
           case compress::block_kind::dense: b.a = KMat::from(src.a, true); break;
-          case compress::block_kind::lowrank: b.a = KMat::from(src.a), b.b = KMat::from(src.b); break;
-          case compress::block_kind::shared: b.b = KMat::from(src.b); break;
+          case compress::block_kind::lowrank: b.a = KMat::from(src.a), b.b = KMat::from(src.b, true); break;
+          case compress::block_kind::shared: b.b = KMat::from(src.b, true); break;
           case compress::block_kind::raw: b.raw = src.raw; break;
           case compress::block_kind::zero: break;
         }
@@ -377,10 +380,6 @@ inline constexpr std::size_t kPanelRows = 16;
 /// plain f32 tiles are faster once the decode is spread over that many tokens (measured: equal
 /// at 32 on AVX-512, fused 2x faster at 8).
 inline constexpr std::size_t kFusedLeftMax = 32;
-/// Below this many tokens a dense rows-in-lanes block with f32 activations runs q_gemm_nt (codes
-/// decoded in registers once per tile of 8 tokens) instead of decoding 16-row panels for gemm_nt:
-/// measured 1.2-1.3x faster at 8 tokens, equal at 32 (bench/RESULTS.md).
-inline constexpr std::size_t kLanesGemmMax = 32;
 
 namespace detail {
 
@@ -498,9 +497,10 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     case compress::block_kind::dense: {
       const auto q = b.a.view();
       if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
-      // codes decoded in registers: per token below 3 tokens; rows in lanes, below kLanesGemmMax
-      // tokens, once per tile of up to 8 (from 32 on, decoding panels once for gemm_nt was as fast)
-      if (n < 3 || (q.lanes && n < kLanesGemmMax)) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
+      // codes decoded in registers: per token below 3 tokens; rows in lanes, once per pass of up
+      // to 4 tokens at any batch (2.4x faster than decoding panels for gemm_nt at 32 and 64
+      // tokens, bench/RESULTS.md)
+      if (n < 3 || q.lanes) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
       float* panel = arena.take<float>(kPanelRows * b.cb);
       for (std::size_t i = 0; i < b.rb; i += kPanelRows) {
         const std::size_t p = std::min<std::size_t>(kPanelRows, b.rb - i);
@@ -529,8 +529,11 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
         float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
         if (!q8) {
           const float* right = b.raw.data();
-          if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
-          kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+          if (!f32 && b.b.lanes) kernels::q_gemm_nt(b.b.view(), 0, r, tier, x, ldx, n, alpha, t, r);
+          else {
+            if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
+            kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+          }
         }
         if (n < kFusedLeftMax) {
           kernels::q_gemm_nn(left, 0, r, tier, t, r, n, y, ldy);

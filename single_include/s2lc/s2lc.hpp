@@ -6536,13 +6536,12 @@ HWY_INLINE void LanesPack(const QView& q, std::size_t ng, const float* HWY_RESTR
 
 // ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
 // (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
-// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). With fewer
-// than 8 tokens each token keeps 8 / T accumulators (one per code column, cycling), so at least 8
-// FMA chains are in flight.
+// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). T <= 4 tokens:
+// each keeps 8 / T accumulators (one per code column, cycling), so 8 FMA chains are in flight.
 template <bool kTier, std::size_t T>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
-  constexpr std::size_t kA = T >= 8 ? 1 : 8 / T;  // accumulators per token
+  constexpr std::size_t kA = 8 / T;  // accumulators per token
   const DF df;
   const std::size_t NL = hn::Lanes(df), nq = q.group / 8, hb = T == 1 ? q.group / 2 : 4;
   const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
@@ -6595,10 +6594,6 @@ HWY_INLINE VF LanesTable(const TierParams& t) {
 #endif
 }
 
-// Tokens per pass of LanesGemmT: 8 where there are 32 vector registers (8 x 1 accumulators, 8
-// results and the decoded columns fit), else 4.
-inline constexpr std::size_t kLanesGemmTile = HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL ? 8 : 4;
-
 // Columns of activations packed at a time (a stack buffer of kLanesPackCols * T floats).
 inline constexpr std::size_t kLanesPackCols = 512;
 
@@ -6626,15 +6621,15 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
 #endif
 }
 
-// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of up to
-// kLanesGemmTile tokens (then 4, 2, 1), each reading the codes once.
+// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of 4 tokens
+// (then 2, 1), each reading the codes once. Not 8, even with 32 vector registers: g++ 12 spills
+// accumulators of 8-token passes in the dynamic-dispatch build (one 256 x 256 4-bit block, hot, on
+// AVX-512: 79 GMAC/s against 109 with passes of 4).
 template <bool kTier>
 HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X, std::size_t ldx,
                            std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   const VF tbl = LanesTable(t);
   std::size_t u = 0;
-  if constexpr (kLanesGemmTile == 8)
-    for (; u + 8 <= nt; u += 8) LanesGemmTile<kTier, 8>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   for (; u + 4 <= nt; u += 4) LanesGemmTile<kTier, 4>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   if (u + 2 <= nt) LanesGemmTile<kTier, 2>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy), u += 2;
   if (u < nt) LanesGemmTile<kTier, 1>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
@@ -7511,9 +7506,12 @@ void parallel_for(Executor* ex, std::size_t n, F&& f) {
 //   where a `raw` residual block replaces the cores in its block (they are skipped there).
 //
 // Per block and batch size n:
-//   dense   n < 3: fused q_gemv_nt per token; else decode 16-row panels to L1 and gemm_nt;
+//   dense   rows in lanes: q_gemm_nt, codes decoded in registers once per pass of up to 4 tokens;
+//           else n < 3: fused q_gemv_nt per token; else decode 16-row panels to L1 and gemm_nt;
 //   lowrank/shared  t = b x (rank values per token), then y += left^T t
 //           (left = the block's own factor, or the first `rank` vectors of a shared basis);
+//           the right factor b is stored rows in lanes where its shape takes it (like dense
+//           blocks, then also run by q_gemm_nt), the left factor row-major;
 //   raw     gemm_nt on the f32 values.
 // Scratch comes from a caller-provided Arena (no allocation on the apply path).
 
@@ -7807,8 +7805,8 @@ struct KGroup {
         b.rank = src.rank, b.basis = src.basis;
         switch (src.kind) {
           case compress::block_kind::dense: b.a = KMat::from(src.a, true); break;
-          case compress::block_kind::lowrank: b.a = KMat::from(src.a), b.b = KMat::from(src.b); break;
-          case compress::block_kind::shared: b.b = KMat::from(src.b); break;
+          case compress::block_kind::lowrank: b.a = KMat::from(src.a), b.b = KMat::from(src.b, true); break;
+          case compress::block_kind::shared: b.b = KMat::from(src.b, true); break;
           case compress::block_kind::raw: b.raw = src.raw; break;
           case compress::block_kind::zero: break;
         }
@@ -7874,10 +7872,6 @@ inline constexpr std::size_t kPanelRows = 16;
 /// plain f32 tiles are faster once the decode is spread over that many tokens (measured: equal
 /// at 32 on AVX-512, fused 2x faster at 8).
 inline constexpr std::size_t kFusedLeftMax = 32;
-/// Below this many tokens a dense rows-in-lanes block with f32 activations runs q_gemm_nt (codes
-/// decoded in registers once per tile of 8 tokens) instead of decoding 16-row panels for gemm_nt:
-/// measured 1.2-1.3x faster at 8 tokens, equal at 32 (bench/RESULTS.md).
-inline constexpr std::size_t kLanesGemmMax = 32;
 
 namespace detail {
 
@@ -7995,9 +7989,10 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     case compress::block_kind::dense: {
       const auto q = b.a.view();
       if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
-      // codes decoded in registers: per token below 3 tokens; rows in lanes, below kLanesGemmMax
-      // tokens, once per tile of up to 8 (from 32 on, decoding panels once for gemm_nt was as fast)
-      if (n < 3 || (q.lanes && n < kLanesGemmMax)) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
+      // codes decoded in registers: per token below 3 tokens; rows in lanes, once per pass of up
+      // to 4 tokens at any batch (2.4x faster than decoding panels for gemm_nt at 32 and 64
+      // tokens, bench/RESULTS.md)
+      if (n < 3 || q.lanes) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
       float* panel = arena.take<float>(kPanelRows * b.cb);
       for (std::size_t i = 0; i < b.rb; i += kPanelRows) {
         const std::size_t p = std::min<std::size_t>(kPanelRows, b.rb - i);
@@ -8026,8 +8021,11 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
         float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
         if (!q8) {
           const float* right = b.raw.data();
-          if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
-          kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+          if (!f32 && b.b.lanes) kernels::q_gemm_nt(b.b.view(), 0, r, tier, x, ldx, n, alpha, t, r);
+          else {
+            if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
+            kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+          }
         }
         if (n < kFusedLeftMax) {
           kernels::q_gemm_nn(left, 0, r, tier, t, r, n, y, ldy);
