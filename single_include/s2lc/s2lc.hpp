@@ -8551,8 +8551,10 @@ inline KBlock block_shell(const compress::GridShape& grid, std::size_t index) {
   return b;
 }
 
-inline KMat requantize(const std::vector<float>& v, std::size_t rows, std::size_t cols, unsigned bits, std::size_t group) {
-  return KMat::from(compress::quantize(v.data(), rows, cols, {bits, group, false}));
+/// lanes: rows in lanes where the shape takes it, as KGroup stores dense blocks and right factors
+/// (so a hybrid runs the same kernels as a member); left factors stay row-major.
+inline KMat requantize(const std::vector<float>& v, std::size_t rows, std::size_t cols, unsigned bits, std::size_t group, bool lanes) {
+  return KMat::from(compress::quantize(v.data(), rows, cols, {bits, group, false}), lanes);
 }
 
 /// out = the best rank-`rank` approximation of the dense [rb, cb] block, as a low-rank block with
@@ -8569,7 +8571,7 @@ inline void truncate_into(const std::vector<float>& dense, std::size_t rb, std::
     for (std::size_t j = 0; j < cb; ++j) right[k * cb + j] = f.Vt(k, j);
   }
   out.kind = compress::block_kind::lowrank, out.rank = static_cast<std::uint32_t>(r);
-  out.a = requantize(left, r, rb, bits, group), out.b = requantize(right, r, cb, bits, group);
+  out.a = requantize(left, r, rb, bits, group, false), out.b = requantize(right, r, cb, bits, group, true);
 }
 
 }  // namespace detail
@@ -8634,7 +8636,7 @@ inline KMorph morph(const KGroup& g, std::span<const std::uint32_t> experts, std
         if (const KBlock* rbk = detail::find_block(g.residuals[e], b)) detail::add_block(g, *rbk, beta[i], 0, dense.data());
       }
       m.replaces[b] = 1;
-      if (opt.bits) out.kind = compress::block_kind::dense, out.a = detail::requantize(dense, rb, cb, opt.bits, g.group_size);
+      if (opt.bits) out.kind = compress::block_kind::dense, out.a = detail::requantize(dense, rb, cb, opt.bits, g.group_size, true);
       else out.kind = compress::block_kind::raw, out.raw = std::move(dense);
       m.residual.blocks.push_back(std::move(out));
       continue;
@@ -8663,7 +8665,7 @@ inline KMorph morph(const KGroup& g, std::span<const std::uint32_t> experts, std
         for (std::size_t i = 0; i < dec.size(); ++i) coef[i] += bw * dec[i];
       }
       out.kind = compress::block_kind::shared, out.basis = parts[0].first->basis, out.rank = rank;
-      if (opt.bits) out.b = detail::requantize(coef, rank, cb, opt.bits, group);
+      if (opt.bits) out.b = detail::requantize(coef, rank, cb, opt.bits, group, true);
       else out.raw = std::move(coef);
     } else {
       std::vector<float> dense(rb * cb, 0.0f);
@@ -8677,7 +8679,7 @@ inline KMorph morph(const KGroup& g, std::span<const std::uint32_t> experts, std
       if (opt.truncate && lowrank && rank < std::min(rb, cb)) {
         detail::truncate_into(dense, rb, cb, rank, opt.bits, group, out);
       } else if (opt.bits) {
-        out.kind = compress::block_kind::dense, out.a = detail::requantize(dense, rb, cb, opt.bits, group);
+        out.kind = compress::block_kind::dense, out.a = detail::requantize(dense, rb, cb, opt.bits, group, true);
       } else {
         out.kind = compress::block_kind::raw, out.raw = std::move(dense);
       }
