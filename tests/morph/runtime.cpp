@@ -299,6 +299,31 @@ TEST_CASE("morph: apply equals the dense product of the reconstruction (real exp
   check_apply(c.groups[0], mo::KGroup::from(c.groups[0]), 3, 0, 64);
 }
 
+TEST_CASE("morph: with 256 x 256 blocks right factors are rows in lanes, and f32 apply of 3-64 tokens equals the reconstruction") {
+  // (the 100 x 90 blocks above take no rows-in-lanes layout: their columns are not whole groups)
+  for (const auto& g : fixture_compressed_256().groups) {
+    CAPTURE(g.name);
+    const auto kg = mo::KGroup::from(g);
+    std::size_t lanes_right = 0;
+    for (const auto* ms : {&kg.cores, &kg.residuals})
+      for (const auto& m : *ms)
+        for (const auto& b : m.blocks) {
+          const auto& on_x = b.kind == cz::block_kind::dense ? b.a : b.b;  // the codes x meets
+          if (!on_x.ncodes()) continue;
+          CHECK(on_x.lanes == s2lc::kernels::QView::lanes_fit(on_x.cols, on_x.group, on_x.nibble));
+          if (b.kind != cz::block_kind::dense) lanes_right += on_x.lanes;
+          if (b.kind == cz::block_kind::lowrank) CHECK_FALSE(b.a.lanes);  // left factors stay row-major
+        }
+    CHECK(lanes_right > 0);
+    for (unsigned tier : {0u, 2u})
+      for (std::size_t n : {3u, 8u, 33u, 64u}) {
+        CAPTURE(tier);
+        CAPTURE(n);
+        check_apply(g, kg, 1, tier, n);
+      }
+  }
+}
+
 TEST_CASE("morph: int8-activation apply stays within the activation-rounding bound of the reconstruction, threads give the same bits") {
   mo::ThreadPool pool(3);
   const auto& c = fixture_compressed();
