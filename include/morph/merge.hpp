@@ -28,9 +28,17 @@
 
 namespace s2lc::morph {
 
+/// How merge multiplies the two factors of a low-rank block (dense blocks always decode in f32).
+///  * fixed16 (default): int16 fixed point, exact int32 sums (kernels::lowrank_add_fixed):
+///    twice the f32 FMA rate with AVX-512 VNNI; each product term off by about 2^-13 of the
+///    block row's largest term (K = 64), against the factors' own 2-8-bit quantization.
+///  * f32: f32 products, the reconstruction's arithmetic (compress::reconstruct) up to rounding.
+enum class merge_math { fixed16, f32 };
+
 /// What unmerge needs besides the module: the elements whose merge was not exactly invertible.
 struct MergeUndo {
   dtype type = dtype::f32;
+  merge_math math = merge_math::fixed16;  ///< unmerge decodes the delta the same way
   std::size_t rows = 0, cols = 0, ld = 0;
   std::vector<std::uint64_t> index;   ///< element offsets (row * ld + col)
   std::vector<float> f32;             ///< old values (f32 buffers)
@@ -58,17 +66,18 @@ struct DeltaWriter {
   std::size_t n;
   unsigned tier;
   BlockScratch& bs;
+  bool fixed;
   bool first = true;
-  void add(const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first), first = false; }
+  void add(const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first, fixed), first = false; }
   void finish() const {
     if (first) std::fill(out, out + n, 0.0f);
   }
 };
 
 /// Writes block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
-inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs) {
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed) {
   const KGroup& g = *s.g;
-  DeltaWriter dw{g, out, n, tier, bs};
+  DeltaWriter dw{g, out, n, tier, bs, fixed};
   if (!g.replaces[s.e][b])
     for (auto nd : g.path[s.e])
       if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale);
@@ -76,9 +85,9 @@ inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::s
   dw.finish();
 }
 
-inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs) {
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed) {
   const KGroup& g = *s.m->group;
-  DeltaWriter dw{g, out, n, tier, bs};
+  DeltaWriter dw{g, out, n, tier, bs, fixed};
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
       if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale * w);
@@ -89,34 +98,39 @@ inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::si
 /// Calls row_fn(row pointer into buf, the delta's row, length, element offset of the row start)
 /// for every row of every grid block, the block's delta decoded into one reused scratch block.
 template <class T, class Source, class RowFn>
-void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, RowFn&& row_fn) {
+void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math, RowFn&& row_fn) {
   std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
   BlockScratch bs;  // reused by every block: no allocation per block
   for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
     const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
-    decode_delta(src, b, d.data(), rb * cb, tier, bs);
+    decode_delta(src, b, d.data(), rb * cb, tier, bs, math == merge_math::fixed16);
     for (std::size_t i = 0; i < rb; ++i) row_fn(buf + (r0 + i) * ld + c0, d.data() + i * cb, cb, (r0 + i) * ld + c0);
   }
 }
 
 template <class T, class Source>
-MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier) {
+MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math) {
   check_tier(tier);
   if (ld < g.cols()) throw invalid_argument("merge: leading dimension " + std::to_string(ld) + " is less than the " + std::to_string(g.cols()) + " columns");
   MergeUndo u;
   u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
+  u.math = math;
   u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
-  std::vector<std::uint32_t> idx(g.grid.block_cols);
-  std::vector<T> val(g.grid.block_cols);
-  for_each_delta_row(g, src, buf, ld, tier, [&](T* row, const float* d, std::size_t n, std::size_t at) {
+  std::vector<std::uint32_t> idx(g.grid.block_cols + 64);  // (the kernels store whole vectors)
+  std::vector<T> val(g.grid.block_cols + 64);
+  for_each_delta_row(g, src, buf, ld, tier, math, [&](T* row, const float* d, std::size_t n, std::size_t at) {
     std::size_t nb;
     if constexpr (std::is_same_v<T, float>) nb = kernels::merge_f32(row, d, n, idx.data(), val.data());
     else nb = kernels::merge_bf16(row, d, n, idx.data(), val.data());
-    for (std::size_t k = 0; k < nb; ++k) {
-      u.index.push_back(at + idx[k]);
-      if constexpr (std::is_same_v<T, float>) u.f32.push_back(val[k]);
-      else u.bf16.push_back(val[k]);
-    }
+    if (nb == 0) return;
+    const std::size_t old = u.index.size();
+    u.index.resize(old + nb);
+    for (std::size_t k = 0; k < nb; ++k) u.index[old + k] = at + idx[k];
+    auto& vals = [&]() -> std::vector<T>& {
+      if constexpr (std::is_same_v<T, float>) return u.f32;
+      else return u.bf16;
+    }();
+    vals.insert(vals.end(), val.begin(), val.begin() + static_cast<std::ptrdiff_t>(nb));
   });
   return u;
 }
@@ -127,7 +141,7 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
   if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld)
     throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
                            std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ")");
-  for_each_delta_row(g, src, buf, ld, tier, [&](T* row, const float* d, std::size_t n, std::size_t) {
+  for_each_delta_row(g, src, buf, ld, tier, u.math, [&](T* row, const float* d, std::size_t n, std::size_t) {
     if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d, n);
     else kernels::unmerge_bf16(row, d, n);
   });
@@ -140,22 +154,25 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
 }  // namespace detail
 
 /// buf [rows, cols] (row stride ld) += scale * W_e, in place. Keep the returned record for unmerge.
-inline MergeUndo merge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0) {
+inline MergeUndo merge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0,
+                       merge_math math = merge_math::fixed16) {
   if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
-  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier);
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier, math);
 }
-inline MergeUndo merge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0) {
+inline MergeUndo merge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0,
+                       merge_math math = merge_math::fixed16) {
   if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
-  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier);
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier, math);
 }
-inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f) {
-  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, 0);
+inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, 0, math);
 }
-inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f) {
-  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0);
+inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0, math);
 }
 
-/// Restores the buffer merge() changed, bit for bit (same module, scale and tier).
+/// Restores the buffer merge() changed, bit for bit (same module, scale and tier; the record
+/// carries merge's arithmetic).
 inline void unmerge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, unsigned tier = 0) {
   detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, u, tier);
 }

@@ -101,12 +101,14 @@ namespace detail {
 /// Reusable f32 scratch of add_block (the merge path calls it once per block and part).
 struct BlockScratch {
   std::vector<float> a, b;
+  std::vector<std::int32_t> fixed;  ///< kernels::lowrank_add_fixed's
 };
 
 /// out[rb, cb] += w * the decoded block (f32), with scratch reused across calls if given; with
-/// overwrite, out's old contents are ignored (out = w * the block: no zeroing pass first).
+/// overwrite, out's old contents are ignored (out = w * the block: no zeroing pass first). With
+/// fixed, a low-rank block's factors multiply in int16 fixed point (kernels::lowrank_add_fixed).
 inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out, BlockScratch* scratch = nullptr,
-                      bool overwrite = false) {
+                      bool overwrite = false, bool fixed = false) {
   const std::size_t rb = b.rb, cb = b.cb;
   BlockScratch local;
   BlockScratch& s = scratch ? *scratch : local;
@@ -114,7 +116,8 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
     if (v.size() < n) v.resize(n);
     return v.data();
   };
-  if (overwrite && b.kind != compress::block_kind::dense) std::fill(out, out + rb * cb, 0.0f);
+  const bool lr = b.kind == compress::block_kind::lowrank || b.kind == compress::block_kind::shared;
+  if (overwrite && b.kind != compress::block_kind::dense && !(lr && fixed)) std::fill(out, out + rb * cb, 0.0f);
   switch (b.kind) {
     case compress::block_kind::zero: return;
     case compress::block_kind::raw:
@@ -134,6 +137,10 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
       if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right, cb);
       else std::copy(b.raw.begin(), b.raw.end(), right);
       kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
+      if (fixed) {
+        s.fixed.resize(std::max(s.fixed.size(), kernels::lowrank_fixed_scratch(r, rb, cb)));
+        return kernels::lowrank_add_fixed(left, right, r, rb, cb, w, out, cb, overwrite, s.fixed.data());
+      }
       if (w != 1.0f)
         for (std::size_t i = 0; i < r * rb; ++i) left[i] *= w;
       kernels::gemm_tn(left, rb, rb, r, right, cb, cb, out, cb);

@@ -4629,6 +4629,15 @@ struct TierParams {
   alignas(64) float nibble[16] = {};
 };
 
+/// Operand bits of kernels::lowrank_add_fixed at rank k: (2^rbits - 1) (2^abits - 1) k < 2^31, so
+/// no int32 sum of its int16 products overflows.
+inline void fixed_bits(std::size_t k, int& rbits, int& abits) noexcept {
+  int lk = 0;
+  while ((std::size_t{1} << lk) < k) ++lk;
+  const int t = 31 - std::min(lk, 29);
+  rbits = std::min(15, t / 2), abits = std::min(15, t - t / 2);
+}
+
 namespace detail {
 /// Code c read at a tier (see TierParams).
 inline int tiered(int code, const TierParams& t) noexcept {
@@ -6308,6 +6317,169 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
   }
 }
 
+
+// ---- Low-rank block products in int16 fixed point (lowrank_add_fixed, the JIT merge) ----------
+namespace q8k {
+
+// acc[i] += lo16(a[i]) lo16(b[i]) + hi16(a[i]) hi16(b[i]) (signed int16 pairs; the callers'
+// operand bounds keep every sum inside int32, so all targets agree exactly).
+HWY_INLINE VI DotI16(VI acc, VI a, VI b) {
+#if HWY_TARGET == HWY_AVX3_DL
+  // Written out for GCC too: GCC 12's _mm512_dpwssd_epi32 in lowrank_add_fixed's tile copied
+  // every accumulator twice per step (88 against 184 G multiply-adds/s, K = 48, 256 x 256).
+  __m512i r = acc.raw;
+  asm("vpdpwssd {%2, %1, %0|%0, %1, %2}" : "+v"(r) : "v"(a.raw), "v"(b.raw));
+  return VI{r};
+#elif HWY_TARGET == HWY_AVX3
+  return hn::Add(acc, VI{_mm512_madd_epi16(a.raw, b.raw)});
+#elif HWY_TARGET == HWY_AVX2
+  return hn::Add(acc, VI{_mm256_madd_epi16(a.raw, b.raw)});
+#elif HWY_TARGET == HWY_SSE4 || HWY_TARGET == HWY_SSSE3
+  return hn::Add(acc, VI{_mm_madd_epi16(a.raw, b.raw)});
+#else
+  const DI di;
+  HWY_ALIGN std::int32_t av[hn::MaxLanes(di)], bv[hn::MaxLanes(di)], r[hn::MaxLanes(di)];
+  hn::Store(acc, di, r), hn::Store(a, di, av), hn::Store(b, di, bv);
+  for (std::size_t i = 0; i < hn::Lanes(di); ++i) {
+    const auto lo = [](std::int32_t x) { return static_cast<std::int64_t>(static_cast<std::int16_t>(static_cast<std::uint16_t>(x))); };
+    const auto hi = [](std::int32_t x) { return static_cast<std::int64_t>(x >> 16); };
+    r[i] = static_cast<std::int32_t>(r[i] + lo(av[i]) * lo(bv[i]) + hi(av[i]) * hi(bv[i]));
+  }
+  return hn::Load(di, r);
+#endif
+}
+
+// The int16 pair (q0, q1) of two int32 values in [-32767, 32767], as one int32 lane.
+HWY_INLINE VI PairI16(VI q0, VI q1) { return hn::Or(hn::And(q0, hn::Set(DI(), 0xFFFF)), hn::ShiftLeft<16>(q1)); }
+HWY_INLINE std::int32_t PairI16(std::int32_t q0, std::int32_t q1) {
+  return static_cast<std::int32_t>((static_cast<std::uint32_t>(q0) & 0xFFFFu) | (static_cast<std::uint32_t>(q1) << 16));
+}
+
+// Register tiles of lowrank_add_fixed: 4 rows x kFixedV vectors of columns.
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+inline constexpr std::size_t kFixedV = 4;
+#else
+inline constexpr std::size_t kFixedV = 2;
+#endif
+
+}  // namespace q8k
+
+// See lowrank_add_fixed in qgemm.hpp. Scratch (lowrank_fixed_scratch words): rho, 1 / rho [K];
+// lambda [rb4]; the left pairs, per tile of 4 rows [Kp][4]; the right pairs, per slab of
+// kFixedV vectors of columns [Kp][slab width].
+inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, std::size_t K, std::size_t rb, std::size_t cb, float w,
+                                         float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch) {
+  using q8k::DI;
+  using q8k::VI;
+  const q8k::DF df;
+  const DI di;
+  const std::size_t N = hn::Lanes(df), W = q8k::kFixedV * N, Kp = (K + 1) / 2, rb4 = (rb + 3) / 4 * 4;
+  const std::size_t ns = (cb + W - 1) / W;  // slabs of W columns (the last one zero-padded)
+  if (W > 256 || K == 0) return;           // (lowrank_fixed_scratch pads to 256 columns)
+  int rbits, abits;
+  fixed_bits(K, rbits, abits);
+  const float rmax = static_cast<float>((1 << rbits) - 1), amax = static_cast<float>((1 << abits) - 1);
+  float* rho = reinterpret_cast<float*>(scratch);
+  float* rinv = rho + K;
+  float* lam = rinv + K;
+  std::int32_t* P = scratch + (2 * K + rb4 + 15) / 16 * 16;
+  std::int32_t* Rp = P + (Kp * rb4 + 15) / 16 * 16;
+  // The right factor per row k: R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax.
+  for (std::size_t k = 0; k < K; ++k) {
+    const float* r = right + k * cb;
+    float m = 0.0f;
+    std::size_t j = 0;
+    if (cb >= N) {
+      auto mv = hn::Zero(df);
+      for (; j + N <= cb; j += N) mv = hn::Max(mv, hn::Abs(hn::LoadU(df, r + j)));
+      m = hn::GetLane(hn::MaxOfLanes(df, mv));
+    }
+    for (; j < cb; ++j) m = std::max(m, std::fabs(r[j]));
+    rho[k] = m / rmax, rinv[k] = m > 0.0f ? rmax / m : 0.0f;
+  }
+  for (std::size_t kp = 0; kp < Kp; ++kp) {
+    const float* r0 = right + 2 * kp * cb;
+    const float* r1 = 2 * kp + 1 < K ? r0 + cb : nullptr;
+    const float i0 = rinv[2 * kp], i1 = r1 ? rinv[2 * kp + 1] : 0.0f;
+    auto at = [&](std::size_t j) { return Rp + (j / W) * Kp * W + kp * W + j % W; };
+    std::size_t j = 0;
+    for (; j + N <= cb; j += N) {
+      const VI q0 = hn::NearestInt(hn::Mul(hn::LoadU(df, r0 + j), hn::Set(df, i0)));
+      const VI q1 = r1 ? hn::NearestInt(hn::Mul(hn::LoadU(df, r1 + j), hn::Set(df, i1))) : hn::Zero(di);
+      hn::StoreU(q8k::PairI16(q0, q1), di, at(j));
+    }
+    for (; j < cb; ++j)
+      *at(j) = q8k::PairI16(static_cast<std::int32_t>(std::nearbyint(r0[j] * i0)), r1 ? static_cast<std::int32_t>(std::nearbyint(r1[j] * i1)) : 0);
+    for (; j < ns * W; ++j) *at(j) = 0;
+  }
+  // The left factor per column i (a block row): A16 = round(L rho_k / lambda_i), lambda_i =
+  // max_k |L[k, i] rho_k| / amax; stored as pairs per tile of 4 rows.
+  auto put = [&](std::size_t i, std::size_t kp, std::int32_t v) { P[(i / 4) * Kp * 4 + kp * 4 + i % 4] = v; };
+  std::size_t i = 0;
+  for (; i + N <= rb; i += N) {
+    auto mv = hn::Zero(df);
+    for (std::size_t k = 0; k < K; ++k) mv = hn::Max(mv, hn::Abs(hn::Mul(hn::LoadU(df, left + k * rb + i), hn::Set(df, rho[k]))));
+    const auto live = hn::Gt(mv, hn::Zero(df));
+    const auto inv = hn::IfThenElseZero(live, hn::Div(hn::Set(df, amax), mv));
+    hn::StoreU(hn::Mul(hn::Div(mv, hn::Set(df, amax)), hn::Set(df, w)), df, lam + i);
+    HWY_ALIGN std::int32_t pr[hn::MaxLanes(di)];
+    for (std::size_t kp = 0; kp < Kp; ++kp) {
+      const VI q0 = hn::NearestInt(hn::Mul(hn::Mul(hn::LoadU(df, left + 2 * kp * rb + i), hn::Set(df, rho[2 * kp])), inv));
+      const VI q1 = 2 * kp + 1 < K ? hn::NearestInt(hn::Mul(hn::Mul(hn::LoadU(df, left + (2 * kp + 1) * rb + i), hn::Set(df, rho[2 * kp + 1])), inv))
+                                   : hn::Zero(di);
+      hn::Store(q8k::PairI16(q0, q1), di, pr);
+      for (std::size_t l = 0; l < N; ++l) put(i + l, kp, pr[l]);
+    }
+  }
+  for (; i < rb; ++i) {
+    float m = 0.0f;
+    for (std::size_t k = 0; k < K; ++k) m = std::max(m, std::fabs(left[k * rb + i] * rho[k]));
+    const float inv = m > 0.0f ? amax / m : 0.0f;
+    lam[i] = m / amax * w;
+    for (std::size_t kp = 0; kp < Kp; ++kp) {
+      const auto q = [&](std::size_t k) { return k < K ? static_cast<std::int32_t>(std::nearbyint(left[k * rb + i] * rho[k] * inv)) : 0; };
+      put(i, kp, q8k::PairI16(q(2 * kp), q(2 * kp + 1)));
+    }
+  }
+  for (; i < rb4; ++i) {
+    lam[i] = 0.0f;
+    for (std::size_t kp = 0; kp < Kp; ++kp) put(i, kp, 0);
+  }
+  // out[i, j] (+)= lambda_i sum_kp dot(pair_L[kp, i], pair_R[kp, j]) per 4 x kFixedV-vector tile.
+  constexpr std::size_t V = q8k::kFixedV;
+  for (std::size_t s = 0; s < ns; ++s) {
+    const std::int32_t* Rs = Rp + s * Kp * W;
+    for (std::size_t i0 = 0; i0 < rb; i0 += 4) {
+      const std::int32_t* Pt = P + (i0 / 4) * Kp * 4;
+      VI acc[4][V];
+      for (std::size_t t = 0; t < 4; ++t)
+        for (std::size_t v = 0; v < V; ++v) acc[t][v] = hn::Zero(di);
+      for (std::size_t kp = 0; kp < Kp; ++kp) {
+        VI r[V];
+        for (std::size_t v = 0; v < V; ++v) r[v] = hn::LoadU(di, Rs + kp * W + v * N);
+        for (std::size_t t = 0; t < 4; ++t) {
+          const VI a = hn::Set(di, Pt[kp * 4 + t]);
+          for (std::size_t v = 0; v < V; ++v) acc[t][v] = q8k::DotI16(acc[t][v], a, r[v]);
+        }
+      }
+      for (std::size_t t = 0; t < 4 && i0 + t < rb; ++t) {
+        const auto lv = hn::Set(df, lam[i0 + t]);
+        float* o = out + (i0 + t) * ldo + s * W;
+        for (std::size_t v = 0; v < V && s * W + v * N < cb; ++v) {
+          const auto f = hn::Mul(hn::ConvertTo(df, acc[t][v]), lv);
+          if (s * W + (v + 1) * N <= cb) {
+            hn::StoreU(overwrite ? f : hn::Add(hn::LoadU(df, o + v * N), f), df, o + v * N);
+          } else {
+            HWY_ALIGN float tmp[hn::MaxLanes(df)];
+            hn::Store(f, df, tmp);
+            for (std::size_t l = 0; s * W + v * N + l < cb; ++l) o[v * N + l] = overwrite ? tmp[l] : o[v * N + l] + tmp[l];
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace s2lc::kernels::HWY_NAMESPACE
 #if HWY_TARGET == HWY_AVX3_DL
 #pragma GCC pop_options
@@ -7098,17 +7270,22 @@ inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY
   const qk::DU du;
   const std::size_t N = hn::Lanes(df);
   std::size_t nb = 0, i = 0;
-  for (; i + N <= n; i += N) {
+  // Merging into real weights records 3-50 % of the elements. They are compressed in registers
+  // and stored as whole vectors: 4-8 ns per vector of 16 on Zen 5, against 37-54 ns for a scalar
+  // loop over the lanes (CompressStore's vpcompressd to memory is microcoded on AMD Zen). A
+  // branch-free body (always compress) was slower at high rates: 7-8 ns.
+  auto at = hn::Iota(du, 0);
+  const auto step = hn::Set(du, static_cast<std::uint32_t>(N));
+  for (; i + N <= n; i += N, at = hn::Add(at, step)) {
     const auto wv = hn::LoadU(df, w + i), dv = hn::LoadU(df, d + i);
     const auto m = hn::Add(wv, dv);
     const auto back = hn::Sub(m, dv);
     hn::StoreU(m, df, w + i);
-    if (HWY_UNLIKELY(!hn::AllTrue(du, hn::Eq(hn::BitCast(du, back), hn::BitCast(du, wv))))) {
-      HWY_ALIGN float wold[hn::MaxLanes(df)], wb[hn::MaxLanes(df)];
-      hn::Store(wv, df, wold);
-      hn::Store(back, df, wb);
-      for (std::size_t j = 0; j < N; ++j)
-        if (std::memcmp(&wold[j], &wb[j], sizeof(float)) != 0) bad_idx[nb] = static_cast<std::uint32_t>(i + j), bad_val[nb++] = wold[j];
+    const auto bad = hn::Ne(hn::BitCast(du, back), hn::BitCast(du, wv));
+    if (!hn::AllFalse(du, bad)) {
+      hn::StoreU(hn::Compress(hn::BitCast(du, wv), bad), du, reinterpret_cast<std::uint32_t*>(bad_val + nb));
+      hn::StoreU(hn::Compress(at, bad), du, bad_idx + nb);
+      nb += hn::CountTrue(du, bad);
     }
   }
   for (; i < n; ++i) {
@@ -7139,12 +7316,16 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
     const auto m = F32ToBF16Vec(hn::Add(BF16ToF32Vec(wv), dv));
     const auto back = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(m), dv));
     hn::StoreU(m, d16, w + i);
-    if (HWY_UNLIKELY(!hn::AllTrue(d16, hn::Eq(back, wv)))) {
-      HWY_ALIGN std::uint16_t wold[hn::MaxLanes(d16)], wb[hn::MaxLanes(d16)];
-      hn::StoreU(wv, d16, wold);
-      hn::StoreU(back, d16, wb);
-      for (std::size_t j = 0; j < N; ++j)
-        if (wold[j] != wb[j]) bad_idx[nb] = static_cast<std::uint32_t>(i + j), bad_val[nb++] = wold[j];
+    if (!hn::AllTrue(d16, hn::Eq(back, wv))) {
+      const qk::DU du;
+      const auto w32 = hn::PromoteTo(du, wv);
+      const auto bad = hn::Ne(hn::PromoteTo(du, back), w32);
+      HWY_ALIGN std::uint32_t old[hn::MaxLanes(du)];
+      hn::Store(hn::Compress(w32, bad), du, old);
+      const std::size_t c = hn::CountTrue(du, bad);
+      for (std::size_t j = 0; j < c; ++j) bad_val[nb + j] = static_cast<std::uint16_t>(old[j]);
+      hn::StoreU(hn::Compress(hn::Iota(du, static_cast<std::uint32_t>(i)), bad), du, bad_idx + nb);
+      nb += c;
     }
   }
   for (; i < n; ++i) {
@@ -7222,7 +7403,11 @@ namespace s2lc::kernels {
   X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
   X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint32_t* bad_idx,   \
                                          std::uint16_t* bad_val), (w, d, n, bad_idx, bad_val))                       \
-  X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))
+  X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))             \
+  X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
+                                                std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
+                                                std::int32_t* scratch),                                                \
+    (left, right, k, rb, cb, w, out, ldo, overwrite, scratch))
 
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_decode_rows_add: out[i, :] += alpha * those decoded rows (one FMA per element).
@@ -7260,8 +7445,26 @@ namespace s2lc::kernels {
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
-//                subtracting d would not restore w bit for bit, with their indices and old values.
+//                subtracting d would not restore w bit for bit, with their indices and old values
+//                (bad_idx and bad_val take n + 64 entries: whole vectors are stored).
 // unmerge_*:     w -= d (then write back the recorded values).
+// lowrank_add_fixed: out[i * ldo + j] += w * sum_k left[k * rb + i] right[k * cb + j] (i < rb,
+//                j < cb; with overwrite, = instead of +=) in int16 fixed point: each right row k
+//                rounded to R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax, each left
+//                column i with those scales folded in to A16 = round(L rho_k / lambda_i),
+//                lambda_i = max_k |L[k, i] rho_k| / amax, then exact int32 sums of int16 pairs
+//                (vpdpwssd with AVX-512 VNNI: twice the f32 FMA rate) times w lambda_i. rmax and
+//                amax are 2^b - 1 with (rmax amax K) < 2^31 (13 + 12 bits at K = 64, 15 + 15 at
+//                K = 1), so |error| <= sum_k |L[k, i]| rho_k / 2 + lambda_i / 2 sum_k |R16[k, j]|
+//                (before the final f32 rounding): about 2^-13 of the largest |L[k, i] R[k, j']|
+//                per term. The same on every target. scratch: lowrank_fixed_scratch(k, rb, cb)
+//                words. Finite factors only.
+
+/// Scratch words of lowrank_add_fixed.
+inline std::size_t lowrank_fixed_scratch(std::size_t k, std::size_t rb, std::size_t cb) noexcept {
+  const std::size_t kp = (k + 1) / 2, rb4 = (rb + 3) / 4 * 4;
+  return (2 * k + rb4 + 15) / 16 * 16 + (kp * rb4 + 15) / 16 * 16 + kp * ((cb + 255) / 256 * 256);
+}
 
 #if S2LC_DYNAMIC_DISPATCH
 #define S2LC_DECLARE(ret, name, Name, params, args) ret name params;
@@ -8497,12 +8700,14 @@ namespace detail {
 /// Reusable f32 scratch of add_block (the merge path calls it once per block and part).
 struct BlockScratch {
   std::vector<float> a, b;
+  std::vector<std::int32_t> fixed;  ///< kernels::lowrank_add_fixed's
 };
 
 /// out[rb, cb] += w * the decoded block (f32), with scratch reused across calls if given; with
-/// overwrite, out's old contents are ignored (out = w * the block: no zeroing pass first).
+/// overwrite, out's old contents are ignored (out = w * the block: no zeroing pass first). With
+/// fixed, a low-rank block's factors multiply in int16 fixed point (kernels::lowrank_add_fixed).
 inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out, BlockScratch* scratch = nullptr,
-                      bool overwrite = false) {
+                      bool overwrite = false, bool fixed = false) {
   const std::size_t rb = b.rb, cb = b.cb;
   BlockScratch local;
   BlockScratch& s = scratch ? *scratch : local;
@@ -8510,7 +8715,8 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
     if (v.size() < n) v.resize(n);
     return v.data();
   };
-  if (overwrite && b.kind != compress::block_kind::dense) std::fill(out, out + rb * cb, 0.0f);
+  const bool lr = b.kind == compress::block_kind::lowrank || b.kind == compress::block_kind::shared;
+  if (overwrite && b.kind != compress::block_kind::dense && !(lr && fixed)) std::fill(out, out + rb * cb, 0.0f);
   switch (b.kind) {
     case compress::block_kind::zero: return;
     case compress::block_kind::raw:
@@ -8530,6 +8736,10 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
       if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right, cb);
       else std::copy(b.raw.begin(), b.raw.end(), right);
       kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
+      if (fixed) {
+        s.fixed.resize(std::max(s.fixed.size(), kernels::lowrank_fixed_scratch(r, rb, cb)));
+        return kernels::lowrank_add_fixed(left, right, r, rb, cb, w, out, cb, overwrite, s.fixed.data());
+      }
       if (w != 1.0f)
         for (std::size_t i = 0; i < r * rb; ++i) left[i] *= w;
       kernels::gemm_tn(left, rb, rb, r, right, cb, cb, out, cb);
@@ -8810,9 +9020,17 @@ struct BasisBank {
 
 namespace s2lc::morph {
 
+/// How merge multiplies the two factors of a low-rank block (dense blocks always decode in f32).
+///  * fixed16 (default): int16 fixed point, exact int32 sums (kernels::lowrank_add_fixed):
+///    twice the f32 FMA rate with AVX-512 VNNI; each product term off by about 2^-13 of the
+///    block row's largest term (K = 64), against the factors' own 2-8-bit quantization.
+///  * f32: f32 products, the reconstruction's arithmetic (compress::reconstruct) up to rounding.
+enum class merge_math { fixed16, f32 };
+
 /// What unmerge needs besides the module: the elements whose merge was not exactly invertible.
 struct MergeUndo {
   dtype type = dtype::f32;
+  merge_math math = merge_math::fixed16;  ///< unmerge decodes the delta the same way
   std::size_t rows = 0, cols = 0, ld = 0;
   std::vector<std::uint64_t> index;   ///< element offsets (row * ld + col)
   std::vector<float> f32;             ///< old values (f32 buffers)
@@ -8840,17 +9058,18 @@ struct DeltaWriter {
   std::size_t n;
   unsigned tier;
   BlockScratch& bs;
+  bool fixed;
   bool first = true;
-  void add(const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first), first = false; }
+  void add(const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first, fixed), first = false; }
   void finish() const {
     if (first) std::fill(out, out + n, 0.0f);
   }
 };
 
 /// Writes block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
-inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs) {
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed) {
   const KGroup& g = *s.g;
-  DeltaWriter dw{g, out, n, tier, bs};
+  DeltaWriter dw{g, out, n, tier, bs, fixed};
   if (!g.replaces[s.e][b])
     for (auto nd : g.path[s.e])
       if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale);
@@ -8858,9 +9077,9 @@ inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::s
   dw.finish();
 }
 
-inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs) {
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed) {
   const KGroup& g = *s.m->group;
-  DeltaWriter dw{g, out, n, tier, bs};
+  DeltaWriter dw{g, out, n, tier, bs, fixed};
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
       if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale * w);
@@ -8871,34 +9090,39 @@ inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::si
 /// Calls row_fn(row pointer into buf, the delta's row, length, element offset of the row start)
 /// for every row of every grid block, the block's delta decoded into one reused scratch block.
 template <class T, class Source, class RowFn>
-void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, RowFn&& row_fn) {
+void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math, RowFn&& row_fn) {
   std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
   BlockScratch bs;  // reused by every block: no allocation per block
   for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
     const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
-    decode_delta(src, b, d.data(), rb * cb, tier, bs);
+    decode_delta(src, b, d.data(), rb * cb, tier, bs, math == merge_math::fixed16);
     for (std::size_t i = 0; i < rb; ++i) row_fn(buf + (r0 + i) * ld + c0, d.data() + i * cb, cb, (r0 + i) * ld + c0);
   }
 }
 
 template <class T, class Source>
-MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier) {
+MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math) {
   check_tier(tier);
   if (ld < g.cols()) throw invalid_argument("merge: leading dimension " + std::to_string(ld) + " is less than the " + std::to_string(g.cols()) + " columns");
   MergeUndo u;
   u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
+  u.math = math;
   u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
-  std::vector<std::uint32_t> idx(g.grid.block_cols);
-  std::vector<T> val(g.grid.block_cols);
-  for_each_delta_row(g, src, buf, ld, tier, [&](T* row, const float* d, std::size_t n, std::size_t at) {
+  std::vector<std::uint32_t> idx(g.grid.block_cols + 64);  // (the kernels store whole vectors)
+  std::vector<T> val(g.grid.block_cols + 64);
+  for_each_delta_row(g, src, buf, ld, tier, math, [&](T* row, const float* d, std::size_t n, std::size_t at) {
     std::size_t nb;
     if constexpr (std::is_same_v<T, float>) nb = kernels::merge_f32(row, d, n, idx.data(), val.data());
     else nb = kernels::merge_bf16(row, d, n, idx.data(), val.data());
-    for (std::size_t k = 0; k < nb; ++k) {
-      u.index.push_back(at + idx[k]);
-      if constexpr (std::is_same_v<T, float>) u.f32.push_back(val[k]);
-      else u.bf16.push_back(val[k]);
-    }
+    if (nb == 0) return;
+    const std::size_t old = u.index.size();
+    u.index.resize(old + nb);
+    for (std::size_t k = 0; k < nb; ++k) u.index[old + k] = at + idx[k];
+    auto& vals = [&]() -> std::vector<T>& {
+      if constexpr (std::is_same_v<T, float>) return u.f32;
+      else return u.bf16;
+    }();
+    vals.insert(vals.end(), val.begin(), val.begin() + static_cast<std::ptrdiff_t>(nb));
   });
   return u;
 }
@@ -8909,7 +9133,7 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
   if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld)
     throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
                            std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ")");
-  for_each_delta_row(g, src, buf, ld, tier, [&](T* row, const float* d, std::size_t n, std::size_t) {
+  for_each_delta_row(g, src, buf, ld, tier, u.math, [&](T* row, const float* d, std::size_t n, std::size_t) {
     if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d, n);
     else kernels::unmerge_bf16(row, d, n);
   });
@@ -8922,22 +9146,25 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
 }  // namespace detail
 
 /// buf [rows, cols] (row stride ld) += scale * W_e, in place. Keep the returned record for unmerge.
-inline MergeUndo merge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0) {
+inline MergeUndo merge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0,
+                       merge_math math = merge_math::fixed16) {
   if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
-  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier);
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier, math);
 }
-inline MergeUndo merge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0) {
+inline MergeUndo merge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0,
+                       merge_math math = merge_math::fixed16) {
   if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
-  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier);
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier, math);
 }
-inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f) {
-  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, 0);
+inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, 0, math);
 }
-inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f) {
-  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0);
+inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0, math);
 }
 
-/// Restores the buffer merge() changed, bit for bit (same module, scale and tier).
+/// Restores the buffer merge() changed, bit for bit (same module, scale and tier; the record
+/// carries merge's arithmetic).
 inline void unmerge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, unsigned tier = 0) {
   detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, u, tier);
 }

@@ -288,22 +288,93 @@ TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit
       // Values whose sums cross binades or tie: they need the recorded exceptions.
       for (std::size_t i = 0; i < n; i += 7) w[i] = std::ldexp(1.0f, -static_cast<int>(i % 9)) * (i % 2 ? -1.0f : 1.0f);
       const auto base = w;
-      std::vector<std::uint32_t> idx(n);
-      std::vector<float> val(n);
+      std::vector<std::uint32_t> idx(n + 64);  // (whole vectors stored)
+      std::vector<float> val(n + 64);
       const std::size_t nb = k::merge_f32(w.data(), d.data(), n, idx.data(), val.data());
+      for (std::size_t i = 0; i < nb; ++i) {  // ascending, each one an element subtracting d does not restore
+        REQUIRE(idx[i] < n);
+        if (i) REQUIRE(idx[i] > idx[i - 1]);
+        CHECK(std::bit_cast<std::uint32_t>(w[idx[i]] - d[idx[i]]) != std::bit_cast<std::uint32_t>(val[i]));
+        CHECK(std::bit_cast<std::uint32_t>(val[i]) == std::bit_cast<std::uint32_t>(base[idx[i]]));
+      }
       for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(w[i]) == std::bit_cast<std::uint32_t>(base[i] + d[i]));
       k::unmerge_f32(w.data(), d.data(), n);
       for (std::size_t i = 0; i < nb; ++i) w[idx[i]] = val[i];
       for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(w[i]) == std::bit_cast<std::uint32_t>(base[i]));
       CHECK(nb <= n);
 
-      std::vector<std::uint16_t> h(n), hbase(n), hval(n);
+      std::vector<std::uint16_t> h(n), hbase(n), hval(n + 64);
       for (std::size_t i = 0; i < n; ++i) h[i] = hbase[i] = s2lc::f32_to_bf16(base[i]);
       const std::size_t nh = k::merge_bf16(h.data(), d.data(), n, idx.data(), hval.data());
+      for (std::size_t i = 0; i < nh; ++i) {
+        REQUIRE(idx[i] < n);
+        if (i) REQUIRE(idx[i] > idx[i - 1]);
+        CHECK(hval[i] == hbase[idx[i]]);
+      }
       for (std::size_t i = 0; i < n; ++i) REQUIRE(h[i] == s2lc::f32_to_bf16(s2lc::bf16_to_f32(hbase[i]) + d[i]));
       k::unmerge_bf16(h.data(), d.data(), n);
       for (std::size_t i = 0; i < nh; ++i) h[idx[i]] = hval[i];
       CHECK(h == hbase);
+    }
+  }
+}
+
+TEST_CASE("kernels: lowrank_add_fixed within its int16 fixed-point bound of the exact product, every target and odd shape") {
+  // out (+)= w L^T R with L [K, rb], R [K, cb]; the bound documented in qgemm.hpp:
+  // sum_k |L[k, i]| rho_k / 2 + lambda_i / 2 sum_k |R16[k, j]| <= K M_i (1 / rmax + 1 / amax) / 2
+  // with M_i = max_k |L[k, i]| max_j |R[k, j]|, plus the final f32 rounding.
+  struct Shape {
+    std::size_t K, rb, cb;
+  };
+  const Shape shapes[] = {{1, 1, 1}, {1, 5, 3}, {2, 4, 16}, {3, 7, 17}, {7, 13, 37}, {16, 64, 64}, {33, 65, 100}, {48, 256, 256}, {64, 40, 300}, {200, 9, 70}};
+  std::vector<float> first;  // the first target's result for the last shape: every target agrees
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& sh : shapes) {
+      CAPTURE(sh.K);
+      CAPTURE(sh.rb);
+      CAPTURE(sh.cb);
+      auto L = randn(sh.K * sh.rb, 11), R = randn(sh.K * sh.cb, 12);
+      // rows of very different scales, a zero row of R and a zero column of L
+      for (std::size_t k = 0; k < sh.K; ++k)
+        for (std::size_t j = 0; j < sh.cb; ++j) R[k * sh.cb + j] *= std::ldexp(1.0f, static_cast<int>(k % 5) * 3 - 6);
+      if (sh.K > 2) std::fill(R.begin() + static_cast<std::ptrdiff_t>(sh.cb), R.begin() + static_cast<std::ptrdiff_t>(2 * sh.cb), 0.0f);
+      if (sh.rb > 2)
+        for (std::size_t k = 0; k < sh.K; ++k) L[k * sh.rb + 1] = 0.0f;
+      int rbits = 0, abits = 0;
+      s2lc::kernels::fixed_bits(sh.K, rbits, abits);
+      CHECK(double((1 << rbits) - 1) * double((1 << abits) - 1) * double(sh.K) < 2147483648.0);
+      const double per = double(sh.K) * (1.0 / ((1 << rbits) - 1) + 1.0 / ((1 << abits) - 1)) / 2;
+      std::vector<std::int32_t> scratch(s2lc::kernels::lowrank_fixed_scratch(sh.K, sh.rb, sh.cb));
+      const std::size_t ldo = sh.cb + 3;
+      for (bool overwrite : {true, false}) {
+        CAPTURE(overwrite);
+        std::vector<float> out(sh.rb * ldo, 0.25f);
+        const float w = -0.75f;
+        k::lowrank_add_fixed(L.data(), R.data(), sh.K, sh.rb, sh.cb, w, out.data(), ldo, overwrite, scratch.data());
+        for (std::size_t i = 0; i < sh.rb; ++i) {
+          double M = 0;
+          for (std::size_t kk = 0; kk < sh.K; ++kk) {
+            double rm = 0;
+            for (std::size_t j = 0; j < sh.cb; ++j) rm = std::max(rm, std::fabs(double(R[kk * sh.cb + j])));
+            M = std::max(M, std::fabs(double(L[kk * sh.rb + i])) * rm);
+          }
+          for (std::size_t j = 0; j < sh.cb; ++j) {
+            double exact = 0;
+            for (std::size_t kk = 0; kk < sh.K; ++kk) exact += double(L[kk * sh.rb + i]) * R[kk * sh.cb + j];
+            const double want = (overwrite ? 0.0 : 0.25) + double(w) * exact;
+            const double tol = std::fabs(double(w)) * per * M * 1.001 + 4 * kU * (std::fabs(want) + 0.25);
+            REQUIRE(std::fabs(out[i * ldo + j] - want) <= tol);
+            if (i == 1 && sh.rb > 2) REQUIRE(out[i * ldo + j] == (overwrite ? 0.0f : 0.25f));  // zero column of L
+          }
+          for (std::size_t j = sh.cb; j < ldo; ++j) REQUIRE(out[i * ldo + j] == 0.25f);  // past the block: untouched
+        }
+        if (&sh == &shapes[std::size(shapes) - 1] && overwrite) {
+          if (first.empty()) first = out;
+          else CHECK(out == first);
+        }
+      }
     }
   }
 }

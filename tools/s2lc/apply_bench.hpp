@@ -94,8 +94,8 @@ struct Result {
 inline double morph_rel_error(const morph::KMorph& a, const morph::KMorph& b) {
   const std::size_t rows = a.group->rows(), cols = a.group->cols();
   std::vector<float> ma(rows * cols, 0.0f), mb(rows * cols, 0.0f);
-  morph::merge(a, ma.data(), cols);
-  morph::merge(b, mb.data(), cols);
+  morph::merge(a, ma.data(), cols, 1.0f, morph::merge_math::f32);
+  morph::merge(b, mb.data(), cols, 1.0f, morph::merge_math::f32);
   double num = 0, den = 0;
   for (std::size_t i = 0; i < ma.size(); ++i) {
     const double d = double(ma[i]) - double(mb[i]);

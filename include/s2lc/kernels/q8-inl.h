@@ -1537,6 +1537,169 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
   }
 }
 
+
+// ---- Low-rank block products in int16 fixed point (lowrank_add_fixed, the JIT merge) ----------
+namespace q8k {
+
+// acc[i] += lo16(a[i]) lo16(b[i]) + hi16(a[i]) hi16(b[i]) (signed int16 pairs; the callers'
+// operand bounds keep every sum inside int32, so all targets agree exactly).
+HWY_INLINE VI DotI16(VI acc, VI a, VI b) {
+#if HWY_TARGET == HWY_AVX3_DL
+  // Written out for GCC too: GCC 12's _mm512_dpwssd_epi32 in lowrank_add_fixed's tile copied
+  // every accumulator twice per step (88 against 184 G multiply-adds/s, K = 48, 256 x 256).
+  __m512i r = acc.raw;
+  asm("vpdpwssd {%2, %1, %0|%0, %1, %2}" : "+v"(r) : "v"(a.raw), "v"(b.raw));
+  return VI{r};
+#elif HWY_TARGET == HWY_AVX3
+  return hn::Add(acc, VI{_mm512_madd_epi16(a.raw, b.raw)});
+#elif HWY_TARGET == HWY_AVX2
+  return hn::Add(acc, VI{_mm256_madd_epi16(a.raw, b.raw)});
+#elif HWY_TARGET == HWY_SSE4 || HWY_TARGET == HWY_SSSE3
+  return hn::Add(acc, VI{_mm_madd_epi16(a.raw, b.raw)});
+#else
+  const DI di;
+  HWY_ALIGN std::int32_t av[hn::MaxLanes(di)], bv[hn::MaxLanes(di)], r[hn::MaxLanes(di)];
+  hn::Store(acc, di, r), hn::Store(a, di, av), hn::Store(b, di, bv);
+  for (std::size_t i = 0; i < hn::Lanes(di); ++i) {
+    const auto lo = [](std::int32_t x) { return static_cast<std::int64_t>(static_cast<std::int16_t>(static_cast<std::uint16_t>(x))); };
+    const auto hi = [](std::int32_t x) { return static_cast<std::int64_t>(x >> 16); };
+    r[i] = static_cast<std::int32_t>(r[i] + lo(av[i]) * lo(bv[i]) + hi(av[i]) * hi(bv[i]));
+  }
+  return hn::Load(di, r);
+#endif
+}
+
+// The int16 pair (q0, q1) of two int32 values in [-32767, 32767], as one int32 lane.
+HWY_INLINE VI PairI16(VI q0, VI q1) { return hn::Or(hn::And(q0, hn::Set(DI(), 0xFFFF)), hn::ShiftLeft<16>(q1)); }
+HWY_INLINE std::int32_t PairI16(std::int32_t q0, std::int32_t q1) {
+  return static_cast<std::int32_t>((static_cast<std::uint32_t>(q0) & 0xFFFFu) | (static_cast<std::uint32_t>(q1) << 16));
+}
+
+// Register tiles of lowrank_add_fixed: 4 rows x kFixedV vectors of columns.
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+inline constexpr std::size_t kFixedV = 4;
+#else
+inline constexpr std::size_t kFixedV = 2;
+#endif
+
+}  // namespace q8k
+
+// See lowrank_add_fixed in qgemm.hpp. Scratch (lowrank_fixed_scratch words): rho, 1 / rho [K];
+// lambda [rb4]; the left pairs, per tile of 4 rows [Kp][4]; the right pairs, per slab of
+// kFixedV vectors of columns [Kp][slab width].
+inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, std::size_t K, std::size_t rb, std::size_t cb, float w,
+                                         float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch) {
+  using q8k::DI;
+  using q8k::VI;
+  const q8k::DF df;
+  const DI di;
+  const std::size_t N = hn::Lanes(df), W = q8k::kFixedV * N, Kp = (K + 1) / 2, rb4 = (rb + 3) / 4 * 4;
+  const std::size_t ns = (cb + W - 1) / W;  // slabs of W columns (the last one zero-padded)
+  if (W > 256 || K == 0) return;           // (lowrank_fixed_scratch pads to 256 columns)
+  int rbits, abits;
+  fixed_bits(K, rbits, abits);
+  const float rmax = static_cast<float>((1 << rbits) - 1), amax = static_cast<float>((1 << abits) - 1);
+  float* rho = reinterpret_cast<float*>(scratch);
+  float* rinv = rho + K;
+  float* lam = rinv + K;
+  std::int32_t* P = scratch + (2 * K + rb4 + 15) / 16 * 16;
+  std::int32_t* Rp = P + (Kp * rb4 + 15) / 16 * 16;
+  // The right factor per row k: R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax.
+  for (std::size_t k = 0; k < K; ++k) {
+    const float* r = right + k * cb;
+    float m = 0.0f;
+    std::size_t j = 0;
+    if (cb >= N) {
+      auto mv = hn::Zero(df);
+      for (; j + N <= cb; j += N) mv = hn::Max(mv, hn::Abs(hn::LoadU(df, r + j)));
+      m = hn::GetLane(hn::MaxOfLanes(df, mv));
+    }
+    for (; j < cb; ++j) m = std::max(m, std::fabs(r[j]));
+    rho[k] = m / rmax, rinv[k] = m > 0.0f ? rmax / m : 0.0f;
+  }
+  for (std::size_t kp = 0; kp < Kp; ++kp) {
+    const float* r0 = right + 2 * kp * cb;
+    const float* r1 = 2 * kp + 1 < K ? r0 + cb : nullptr;
+    const float i0 = rinv[2 * kp], i1 = r1 ? rinv[2 * kp + 1] : 0.0f;
+    auto at = [&](std::size_t j) { return Rp + (j / W) * Kp * W + kp * W + j % W; };
+    std::size_t j = 0;
+    for (; j + N <= cb; j += N) {
+      const VI q0 = hn::NearestInt(hn::Mul(hn::LoadU(df, r0 + j), hn::Set(df, i0)));
+      const VI q1 = r1 ? hn::NearestInt(hn::Mul(hn::LoadU(df, r1 + j), hn::Set(df, i1))) : hn::Zero(di);
+      hn::StoreU(q8k::PairI16(q0, q1), di, at(j));
+    }
+    for (; j < cb; ++j)
+      *at(j) = q8k::PairI16(static_cast<std::int32_t>(std::nearbyint(r0[j] * i0)), r1 ? static_cast<std::int32_t>(std::nearbyint(r1[j] * i1)) : 0);
+    for (; j < ns * W; ++j) *at(j) = 0;
+  }
+  // The left factor per column i (a block row): A16 = round(L rho_k / lambda_i), lambda_i =
+  // max_k |L[k, i] rho_k| / amax; stored as pairs per tile of 4 rows.
+  auto put = [&](std::size_t i, std::size_t kp, std::int32_t v) { P[(i / 4) * Kp * 4 + kp * 4 + i % 4] = v; };
+  std::size_t i = 0;
+  for (; i + N <= rb; i += N) {
+    auto mv = hn::Zero(df);
+    for (std::size_t k = 0; k < K; ++k) mv = hn::Max(mv, hn::Abs(hn::Mul(hn::LoadU(df, left + k * rb + i), hn::Set(df, rho[k]))));
+    const auto live = hn::Gt(mv, hn::Zero(df));
+    const auto inv = hn::IfThenElseZero(live, hn::Div(hn::Set(df, amax), mv));
+    hn::StoreU(hn::Mul(hn::Div(mv, hn::Set(df, amax)), hn::Set(df, w)), df, lam + i);
+    HWY_ALIGN std::int32_t pr[hn::MaxLanes(di)];
+    for (std::size_t kp = 0; kp < Kp; ++kp) {
+      const VI q0 = hn::NearestInt(hn::Mul(hn::Mul(hn::LoadU(df, left + 2 * kp * rb + i), hn::Set(df, rho[2 * kp])), inv));
+      const VI q1 = 2 * kp + 1 < K ? hn::NearestInt(hn::Mul(hn::Mul(hn::LoadU(df, left + (2 * kp + 1) * rb + i), hn::Set(df, rho[2 * kp + 1])), inv))
+                                   : hn::Zero(di);
+      hn::Store(q8k::PairI16(q0, q1), di, pr);
+      for (std::size_t l = 0; l < N; ++l) put(i + l, kp, pr[l]);
+    }
+  }
+  for (; i < rb; ++i) {
+    float m = 0.0f;
+    for (std::size_t k = 0; k < K; ++k) m = std::max(m, std::fabs(left[k * rb + i] * rho[k]));
+    const float inv = m > 0.0f ? amax / m : 0.0f;
+    lam[i] = m / amax * w;
+    for (std::size_t kp = 0; kp < Kp; ++kp) {
+      const auto q = [&](std::size_t k) { return k < K ? static_cast<std::int32_t>(std::nearbyint(left[k * rb + i] * rho[k] * inv)) : 0; };
+      put(i, kp, q8k::PairI16(q(2 * kp), q(2 * kp + 1)));
+    }
+  }
+  for (; i < rb4; ++i) {
+    lam[i] = 0.0f;
+    for (std::size_t kp = 0; kp < Kp; ++kp) put(i, kp, 0);
+  }
+  // out[i, j] (+)= lambda_i sum_kp dot(pair_L[kp, i], pair_R[kp, j]) per 4 x kFixedV-vector tile.
+  constexpr std::size_t V = q8k::kFixedV;
+  for (std::size_t s = 0; s < ns; ++s) {
+    const std::int32_t* Rs = Rp + s * Kp * W;
+    for (std::size_t i0 = 0; i0 < rb; i0 += 4) {
+      const std::int32_t* Pt = P + (i0 / 4) * Kp * 4;
+      VI acc[4][V];
+      for (std::size_t t = 0; t < 4; ++t)
+        for (std::size_t v = 0; v < V; ++v) acc[t][v] = hn::Zero(di);
+      for (std::size_t kp = 0; kp < Kp; ++kp) {
+        VI r[V];
+        for (std::size_t v = 0; v < V; ++v) r[v] = hn::LoadU(di, Rs + kp * W + v * N);
+        for (std::size_t t = 0; t < 4; ++t) {
+          const VI a = hn::Set(di, Pt[kp * 4 + t]);
+          for (std::size_t v = 0; v < V; ++v) acc[t][v] = q8k::DotI16(acc[t][v], a, r[v]);
+        }
+      }
+      for (std::size_t t = 0; t < 4 && i0 + t < rb; ++t) {
+        const auto lv = hn::Set(df, lam[i0 + t]);
+        float* o = out + (i0 + t) * ldo + s * W;
+        for (std::size_t v = 0; v < V && s * W + v * N < cb; ++v) {
+          const auto f = hn::Mul(hn::ConvertTo(df, acc[t][v]), lv);
+          if (s * W + (v + 1) * N <= cb) {
+            hn::StoreU(overwrite ? f : hn::Add(hn::LoadU(df, o + v * N), f), df, o + v * N);
+          } else {
+            HWY_ALIGN float tmp[hn::MaxLanes(df)];
+            hn::Store(f, df, tmp);
+            for (std::size_t l = 0; s * W + v * N + l < cb; ++l) o[v * N + l] = overwrite ? tmp[l] : o[v * N + l] + tmp[l];
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace s2lc::kernels::HWY_NAMESPACE
 #if HWY_TARGET == HWY_AVX3_DL
 #pragma GCC pop_options

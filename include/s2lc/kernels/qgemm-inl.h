@@ -810,17 +810,22 @@ inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY
   const qk::DU du;
   const std::size_t N = hn::Lanes(df);
   std::size_t nb = 0, i = 0;
-  for (; i + N <= n; i += N) {
+  // Merging into real weights records 3-50 % of the elements. They are compressed in registers
+  // and stored as whole vectors: 4-8 ns per vector of 16 on Zen 5, against 37-54 ns for a scalar
+  // loop over the lanes (CompressStore's vpcompressd to memory is microcoded on AMD Zen). A
+  // branch-free body (always compress) was slower at high rates: 7-8 ns.
+  auto at = hn::Iota(du, 0);
+  const auto step = hn::Set(du, static_cast<std::uint32_t>(N));
+  for (; i + N <= n; i += N, at = hn::Add(at, step)) {
     const auto wv = hn::LoadU(df, w + i), dv = hn::LoadU(df, d + i);
     const auto m = hn::Add(wv, dv);
     const auto back = hn::Sub(m, dv);
     hn::StoreU(m, df, w + i);
-    if (HWY_UNLIKELY(!hn::AllTrue(du, hn::Eq(hn::BitCast(du, back), hn::BitCast(du, wv))))) {
-      HWY_ALIGN float wold[hn::MaxLanes(df)], wb[hn::MaxLanes(df)];
-      hn::Store(wv, df, wold);
-      hn::Store(back, df, wb);
-      for (std::size_t j = 0; j < N; ++j)
-        if (std::memcmp(&wold[j], &wb[j], sizeof(float)) != 0) bad_idx[nb] = static_cast<std::uint32_t>(i + j), bad_val[nb++] = wold[j];
+    const auto bad = hn::Ne(hn::BitCast(du, back), hn::BitCast(du, wv));
+    if (!hn::AllFalse(du, bad)) {
+      hn::StoreU(hn::Compress(hn::BitCast(du, wv), bad), du, reinterpret_cast<std::uint32_t*>(bad_val + nb));
+      hn::StoreU(hn::Compress(at, bad), du, bad_idx + nb);
+      nb += hn::CountTrue(du, bad);
     }
   }
   for (; i < n; ++i) {
@@ -851,12 +856,16 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
     const auto m = F32ToBF16Vec(hn::Add(BF16ToF32Vec(wv), dv));
     const auto back = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(m), dv));
     hn::StoreU(m, d16, w + i);
-    if (HWY_UNLIKELY(!hn::AllTrue(d16, hn::Eq(back, wv)))) {
-      HWY_ALIGN std::uint16_t wold[hn::MaxLanes(d16)], wb[hn::MaxLanes(d16)];
-      hn::StoreU(wv, d16, wold);
-      hn::StoreU(back, d16, wb);
-      for (std::size_t j = 0; j < N; ++j)
-        if (wold[j] != wb[j]) bad_idx[nb] = static_cast<std::uint32_t>(i + j), bad_val[nb++] = wold[j];
+    if (!hn::AllTrue(d16, hn::Eq(back, wv))) {
+      const qk::DU du;
+      const auto w32 = hn::PromoteTo(du, wv);
+      const auto bad = hn::Ne(hn::PromoteTo(du, back), w32);
+      HWY_ALIGN std::uint32_t old[hn::MaxLanes(du)];
+      hn::Store(hn::Compress(w32, bad), du, old);
+      const std::size_t c = hn::CountTrue(du, bad);
+      for (std::size_t j = 0; j < c; ++j) bad_val[nb + j] = static_cast<std::uint16_t>(old[j]);
+      hn::StoreU(hn::Compress(hn::Iota(du, static_cast<std::uint32_t>(i)), bad), du, bad_idx + nb);
+      nb += c;
     }
   }
   for (; i < n; ++i) {

@@ -64,7 +64,11 @@ namespace s2lc::kernels {
   X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
   X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint32_t* bad_idx,   \
                                          std::uint16_t* bad_val), (w, d, n, bad_idx, bad_val))                       \
-  X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))
+  X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))             \
+  X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
+                                                std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
+                                                std::int32_t* scratch),                                                \
+    (left, right, k, rb, cb, w, out, ldo, overwrite, scratch))
 
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_decode_rows_add: out[i, :] += alpha * those decoded rows (one FMA per element).
@@ -102,8 +106,26 @@ namespace s2lc::kernels {
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
-//                subtracting d would not restore w bit for bit, with their indices and old values.
+//                subtracting d would not restore w bit for bit, with their indices and old values
+//                (bad_idx and bad_val take n + 64 entries: whole vectors are stored).
 // unmerge_*:     w -= d (then write back the recorded values).
+// lowrank_add_fixed: out[i * ldo + j] += w * sum_k left[k * rb + i] right[k * cb + j] (i < rb,
+//                j < cb; with overwrite, = instead of +=) in int16 fixed point: each right row k
+//                rounded to R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax, each left
+//                column i with those scales folded in to A16 = round(L rho_k / lambda_i),
+//                lambda_i = max_k |L[k, i] rho_k| / amax, then exact int32 sums of int16 pairs
+//                (vpdpwssd with AVX-512 VNNI: twice the f32 FMA rate) times w lambda_i. rmax and
+//                amax are 2^b - 1 with (rmax amax K) < 2^31 (13 + 12 bits at K = 64, 15 + 15 at
+//                K = 1), so |error| <= sum_k |L[k, i]| rho_k / 2 + lambda_i / 2 sum_k |R16[k, j]|
+//                (before the final f32 rounding): about 2^-13 of the largest |L[k, i] R[k, j']|
+//                per term. The same on every target. scratch: lowrank_fixed_scratch(k, rb, cb)
+//                words. Finite factors only.
+
+/// Scratch words of lowrank_add_fixed.
+inline std::size_t lowrank_fixed_scratch(std::size_t k, std::size_t rb, std::size_t cb) noexcept {
+  const std::size_t kp = (k + 1) / 2, rb4 = (rb + 3) / 4 * 4;
+  return (2 * k + rb4 + 15) / 16 * 16 + (kp * rb4 + 15) / 16 * 16 + kp * ((cb + 255) / 256 * 256);
+}
 
 #if S2LC_DYNAMIC_DISPATCH
 #define S2LC_DECLARE(ret, name, Name, params, args) ret name params;

@@ -103,6 +103,15 @@ struct TierParams {
   alignas(64) float nibble[16] = {};
 };
 
+/// Operand bits of kernels::lowrank_add_fixed at rank k: (2^rbits - 1) (2^abits - 1) k < 2^31, so
+/// no int32 sum of its int16 products overflows.
+inline void fixed_bits(std::size_t k, int& rbits, int& abits) noexcept {
+  int lk = 0;
+  while ((std::size_t{1} << lk) < k) ++lk;
+  const int t = 31 - std::min(lk, 29);
+  rbits = std::min(15, t / 2), abits = std::min(15, t - t / 2);
+}
+
 namespace detail {
 /// Code c read at a tier (see TierParams).
 inline int tiered(int code, const TierParams& t) noexcept {
