@@ -6,8 +6,10 @@
 //     fma_bound (register-only f32 FMAs, as many as s2lc's multiply-adds: its FMA bound);
 //   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8, on
 //     the synthetic experts and on the real tinymoe layer-1 experts (tinymoe_<w1|w2|w3>);
-//   merge/<impl>/<shape>_{hot,cold}: JIT merge of one expert into a dense f32 buffer vs memcpy of the buffer
-//   and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per element).
+//   merge/<impl>/<shape>_{hot,cold}: JIT merge of one expert into a dense f32 base, the
+//   factors multiplied in int16 fixed point (s2lc, the default) or f32 (s2lc_f32), vs memcpy of the
+//   buffer and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per
+//   element).
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
 // Single thread for every contender (OpenBLAS too). See bench/RESULTS.md.
@@ -265,7 +267,7 @@ std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
   return n;
 }
 
-enum class merge_impl { s2lc, memcpy, fma_bound };
+enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound };
 
 void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool cold) {
   // Cold: every iteration merges another copy of the module into another dense buffer (memcpy:
@@ -275,7 +277,11 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   Setup& s = setup(si, cold);
   const std::vector<float> src = cold ? std::vector<float>{} : s.dense[0];  // hot memcpy's source
   const double bytes = 2.0 * s.dense_bytes;
-  const std::size_t macs = merge_macs(s.base, 0), nd = s.dense.size();
+  // The base: member 0's weights; the module: member 1 at a tenth of its size, as a domain
+  // module's delta is small against the weights it merges into. 1-2 % of the elements need an
+  // undo entry (merging a member into its own exact weights, w + w - w is exact and none do;
+  // a delta as large as the base records 10-60 %: tests/morph/runtime.cpp).
+  const std::size_t macs = merge_macs(s.base, 1), nd = s.dense.size();
   std::size_t i = 0;
   for (auto _ : state) {
     float* buf = s.dense[i % nd].data();
@@ -286,9 +292,10 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
       benchmark::DoNotOptimize(sink);
     } else {
       const mo::KGroup& g = s.copies[i % s.copies.size()];
-      auto u = mo::merge(g, 0, buf, kShapes[si].cols);
+      auto u = mo::merge(g, 1, buf, kShapes[si].cols, 0.1f, 0, which == merge_impl::s2lc ? mo::merge_math::fixed16 : mo::merge_math::f32);
       state.PauseTiming();
-      mo::unmerge(g, 0, buf, kShapes[si].cols, u);
+      state.counters["undo"] = static_cast<double>(u.exceptions());
+      mo::unmerge(g, 1, buf, kShapes[si].cols, u, 0.1f);
       state.ResumeTiming();
     }
     ++i;
@@ -317,9 +324,9 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_morph(st, si, K, tr); })
             ->Unit(benchmark::kMicrosecond);
       }
-    const char* merge_names[] = {"s2lc", "memcpy", "fma_bound"};
+    const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound"};
     for (bool cold : {false, true})
-      for (int w = 0; w < 3; ++w)
+      for (int w = 0; w < 4; ++w)
         benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
                                       std::to_string(kShapes[si].cols) + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) { bench_merge(st, si, static_cast<merge_impl>(w), cold); })
