@@ -14,6 +14,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -40,10 +41,12 @@ struct MergeUndo {
   dtype type = dtype::f32;
   merge_math math = merge_math::fixed16;  ///< unmerge decodes the delta the same way
   std::size_t rows = 0, cols = 0, ld = 0;
-  std::vector<std::uint64_t> index;   ///< element offsets (row * ld + col)
-  std::vector<float> f32;             ///< old values (f32 buffers)
-  std::vector<std::uint16_t> bf16;    ///< old values (bf16 buffers)
-  std::size_t exceptions() const noexcept { return index.size(); }
+  /// One bit per element, set where the element was recorded: per grid block in index order, per
+  /// block row ceil(block cols / 8) bytes, bit j = the block row's column j.
+  std::vector<std::uint8_t> mask;
+  std::vector<float> f32;             ///< old values of the recorded elements, in mask order (f32 buffers)
+  std::vector<std::uint16_t> bf16;    ///< ... (bf16 buffers)
+  std::size_t exceptions() const noexcept { return type == dtype::f32 ? f32.size() : bf16.size(); }
 };
 
 namespace detail {
@@ -108,6 +111,31 @@ void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t 
   }
 }
 
+/// Bytes of MergeUndo::mask for g's grid.
+inline std::size_t undo_mask_bytes(const KGroup& g) {
+  std::size_t n = 0;
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) n += g.grid.rb(b) * ((g.grid.cb(b) + 7) / 8);
+  return n;
+}
+
+template <class T, class U>
+auto& undo_values(U& u) {
+  if constexpr (std::is_same_v<T, float>) return u.f32;
+  else return u.bf16;
+}
+
+/// Whether u's mask fits g's grid: its size, and no bit past a block row's last column.
+inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u) {
+  if (u.mask.size() != undo_mask_bytes(g)) return false;
+  std::size_t at = 0;
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
+    const std::size_t cb = g.grid.cb(b), nb = (cb + 7) / 8;
+    for (std::size_t i = 0; i < g.grid.rb(b); ++i, at += nb)
+      if (cb % 8 && (u.mask[at + nb - 1] >> (cb % 8)) != 0) return false;
+  }
+  return true;
+}
+
 template <class T, class Source>
 MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math) {
   check_tier(tier);
@@ -116,39 +144,39 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
   u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
   u.math = math;
   u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
-  std::vector<std::uint32_t> idx(g.grid.block_cols + 64);  // (the kernels store whole vectors)
-  std::vector<T> val(g.grid.block_cols + 64);
-  for_each_delta_row(g, src, buf, ld, tier, math, [&](T* row, const float* d, std::size_t n, std::size_t at) {
-    std::size_t nb;
-    if constexpr (std::is_same_v<T, float>) nb = kernels::merge_f32(row, d, n, idx.data(), val.data());
-    else nb = kernels::merge_bf16(row, d, n, idx.data(), val.data());
-    if (nb == 0) return;
-    const std::size_t old = u.index.size();
-    u.index.resize(old + nb);
-    for (std::size_t k = 0; k < nb; ++k) u.index[old + k] = at + idx[k];
-    auto& vals = [&]() -> std::vector<T>& {
-      if constexpr (std::is_same_v<T, float>) return u.f32;
-      else return u.bf16;
-    }();
-    vals.insert(vals.end(), val.begin(), val.begin() + static_cast<std::ptrdiff_t>(nb));
+  u.mask.assign(undo_mask_bytes(g), 0);
+  auto& vals = undo_values<T>(u);
+  std::size_t at = 0, nv = 0;
+  for_each_delta_row(g, src, buf, ld, tier, math, [&](T* row, const float* d, std::size_t n, std::size_t) {
+    if (vals.size() < nv + n + 64) vals.resize(std::max(2 * vals.size(), nv + n + 64));  // (whole vectors stored)
+    if constexpr (std::is_same_v<T, float>) nv += kernels::merge_f32(row, d, n, u.mask.data() + at, vals.data() + nv);
+    else nv += kernels::merge_bf16(row, d, n, u.mask.data() + at, vals.data() + nv);
+    at += (n + 7) / 8;
   });
+  vals.resize(nv);
+  vals.shrink_to_fit();
   return u;
 }
 
 template <class T, class Source>
 void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, const MergeUndo& u, unsigned tier) {
   const dtype want = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
-  if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld)
+  const auto& vals = undo_values<T>(u);
+  std::size_t marked = 0;
+  for (std::uint8_t m : u.mask) marked += static_cast<std::size_t>(std::popcount(m));
+  if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld || !undo_mask_fits(g, u) || marked != vals.size())
     throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
-                           std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ")");
+                           std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ", " +
+                           std::to_string(marked) + " elements marked, " + std::to_string(vals.size()) + " values)");
+  std::size_t at = 0, k = 0;
   for_each_delta_row(g, src, buf, ld, tier, u.math, [&](T* row, const float* d, std::size_t n, std::size_t) {
     if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d, n);
     else kernels::unmerge_bf16(row, d, n);
+    const std::uint8_t* m = u.mask.data() + at;
+    for (std::size_t b = 0; b < (n + 7) / 8; ++b)
+      for (unsigned bits = m[b]; bits; bits &= bits - 1) row[8 * b + static_cast<std::size_t>(std::countr_zero(bits))] = vals[k++];
+    at += (n + 7) / 8;
   });
-  for (std::size_t k = 0; k < u.index.size(); ++k) {
-    if constexpr (std::is_same_v<T, float>) buf[u.index[k]] = u.f32[k];
-    else buf[u.index[k]] = u.bf16[k];
-  }
 }
 
 }  // namespace detail

@@ -7264,34 +7264,44 @@ inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
 
 // JIT merge: w += d, recording (index, old value) of every element where (w + d) - d does not
 // give w back bit for bit, so unmerge (w -= d, then the recorded values) is exact.
+// Sets bit i + j of mask (zeroed by the caller) for each lane j of m; i is a multiple of Lanes(d).
+template <class D>
+HWY_INLINE void PutMaskBits(D d, hn::Mask<D> m, std::size_t i, std::uint8_t* HWY_RESTRICT mask) {
+  if (hn::Lanes(d) >= 8) {
+    hn::StoreMaskBits(d, m, mask + i / 8);  // whole bytes: Lanes(d) is a multiple of 8
+  } else {
+    std::uint8_t b[8];
+    hn::StoreMaskBits(d, m, b);
+    mask[i / 8] = static_cast<std::uint8_t>(mask[i / 8] | (b[0] << (i % 8)));
+  }
+}
+
+// Merging into real weights records 1-50 % of the elements. The body is branch-free: a bit per
+// element and the recorded old values compressed in registers, stored as whole vectors. A branch
+// on "any lane recorded" mispredicted at a few per cent (1436 against 608 us per 2048 x 1408
+// pass at 4 %, scratch test on Zen 5), and a scalar loop over the lanes cost 37-54 ns per vector
+// (CompressStore's memory form is microcoded on AMD Zen).
 inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
-                                         std::uint32_t* HWY_RESTRICT bad_idx, float* HWY_RESTRICT bad_val) {
+                                         std::uint8_t* HWY_RESTRICT mask, float* HWY_RESTRICT bad_val) {
   const qk::DF df;
   const qk::DU du;
   const std::size_t N = hn::Lanes(df);
+  std::memset(mask, 0, (n + 7) / 8);
   std::size_t nb = 0, i = 0;
-  // Merging into real weights records 3-50 % of the elements. They are compressed in registers
-  // and stored as whole vectors: 4-8 ns per vector of 16 on Zen 5, against 37-54 ns for a scalar
-  // loop over the lanes (CompressStore's vpcompressd to memory is microcoded on AMD Zen). A
-  // branch-free body (always compress) was slower at high rates: 7-8 ns.
-  auto at = hn::Iota(du, 0);
-  const auto step = hn::Set(du, static_cast<std::uint32_t>(N));
-  for (; i + N <= n; i += N, at = hn::Add(at, step)) {
+  for (; i + N <= n; i += N) {
     const auto wv = hn::LoadU(df, w + i), dv = hn::LoadU(df, d + i);
     const auto m = hn::Add(wv, dv);
     const auto back = hn::Sub(m, dv);
     hn::StoreU(m, df, w + i);
     const auto bad = hn::Ne(hn::BitCast(du, back), hn::BitCast(du, wv));
-    if (!hn::AllFalse(du, bad)) {
-      hn::StoreU(hn::Compress(hn::BitCast(du, wv), bad), du, reinterpret_cast<std::uint32_t*>(bad_val + nb));
-      hn::StoreU(hn::Compress(at, bad), du, bad_idx + nb);
-      nb += hn::CountTrue(du, bad);
-    }
+    PutMaskBits(du, bad, i, mask);
+    hn::StoreU(hn::Compress(wv, hn::RebindMask(df, bad)), df, bad_val + nb);
+    nb += hn::CountTrue(du, bad);
   }
   for (; i < n; ++i) {
     const float old = w[i], m = old + d[i], back = m - d[i];
     w[i] = m;
-    if (std::memcmp(&back, &old, sizeof(float)) != 0) bad_idx[nb] = static_cast<std::uint32_t>(i), bad_val[nb++] = old;
+    if (std::memcmp(&back, &old, sizeof(float)) != 0) mask[i / 8] = static_cast<std::uint8_t>(mask[i / 8] | (1u << (i % 8))), bad_val[nb++] = old;
   }
   return nb;
 }
@@ -7305,10 +7315,12 @@ inline HWY_NOINLINE void UnmergeF32(float* HWY_RESTRICT w, const float* HWY_REST
 }
 
 inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
-                                          std::uint32_t* HWY_RESTRICT bad_idx, std::uint16_t* HWY_RESTRICT bad_val) {
+                                          std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
   const qk::DF df;
+  const qk::DU du;
   const std::size_t N = hn::Lanes(df);
   const DU16 d16;
+  std::memset(mask, 0, (n + 7) / 8);
   std::size_t nb = 0, i = 0;
   for (; i + N <= n; i += N) {
     const auto wv = hn::LoadU(d16, w + i);
@@ -7316,23 +7328,20 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
     const auto m = F32ToBF16Vec(hn::Add(BF16ToF32Vec(wv), dv));
     const auto back = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(m), dv));
     hn::StoreU(m, d16, w + i);
-    if (!hn::AllTrue(d16, hn::Eq(back, wv))) {
-      const qk::DU du;
-      const auto w32 = hn::PromoteTo(du, wv);
-      const auto bad = hn::Ne(hn::PromoteTo(du, back), w32);
-      HWY_ALIGN std::uint32_t old[hn::MaxLanes(du)];
-      hn::Store(hn::Compress(w32, bad), du, old);
-      const std::size_t c = hn::CountTrue(du, bad);
-      for (std::size_t j = 0; j < c; ++j) bad_val[nb + j] = static_cast<std::uint16_t>(old[j]);
-      hn::StoreU(hn::Compress(hn::Iota(du, static_cast<std::uint32_t>(i)), bad), du, bad_idx + nb);
-      nb += c;
-    }
+    const auto w32 = hn::PromoteTo(du, wv);
+    const auto bad = hn::Ne(hn::PromoteTo(du, back), w32);
+    PutMaskBits(du, bad, i, mask);
+    HWY_ALIGN std::uint32_t old[hn::MaxLanes(du)];
+    hn::Store(hn::Compress(w32, bad), du, old);
+    const std::size_t c = hn::CountTrue(du, bad);
+    for (std::size_t j = 0; j < c; ++j) bad_val[nb + j] = static_cast<std::uint16_t>(old[j]);
+    nb += c;
   }
   for (; i < n; ++i) {
     const std::uint16_t old = w[i];
     const std::uint16_t m = s2lc::f32_to_bf16(s2lc::bf16_to_f32(old) + d[i]);
     w[i] = m;
-    if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d[i]) != old) bad_idx[nb] = static_cast<std::uint32_t>(i), bad_val[nb++] = old;
+    if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d[i]) != old) mask[i / 8] = static_cast<std::uint8_t>(mask[i / 8] | (1u << (i % 8))), bad_val[nb++] = old;
   }
   return nb;
 }
@@ -7398,11 +7407,11 @@ namespace s2lc::kernels {
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
-  X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint32_t* bad_idx,             \
-                                       float* bad_val), (w, d, n, bad_idx, bad_val))                                 \
+  X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
+                                       float* bad_val), (w, d, n, mask, bad_val))                                    \
   X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
-  X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint32_t* bad_idx,   \
-                                         std::uint16_t* bad_val), (w, d, n, bad_idx, bad_val))                       \
+  X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint8_t* mask,      \
+                                         std::uint16_t* bad_val), (w, d, n, mask, bad_val))                          \
   X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))             \
   X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
                                                 std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
@@ -7445,8 +7454,9 @@ namespace s2lc::kernels {
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
-//                subtracting d would not restore w bit for bit, with their indices and old values
-//                (bad_idx and bad_val take n + 64 entries: whole vectors are stored).
+//                subtracting d would not restore w bit for bit; bit j of mask (ceil(n / 8) bytes,
+//                all written) is set for each, and their old values go to bad_val in order
+//                (n + 64 entries: whole vectors are stored).
 // unmerge_*:     w -= d (then write back the recorded values).
 // lowrank_add_fixed: out[i * ldo + j] += w * sum_k left[k * rb + i] right[k * cb + j] (i < rb,
 //                j < cb; with overwrite, = instead of +=) in int16 fixed point: each right row k
@@ -9011,6 +9021,7 @@ struct BasisBank {
 // Decoding is per grid block into scratch, so the block's delta is never a full matrix.
 
 #include <algorithm>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -9032,10 +9043,12 @@ struct MergeUndo {
   dtype type = dtype::f32;
   merge_math math = merge_math::fixed16;  ///< unmerge decodes the delta the same way
   std::size_t rows = 0, cols = 0, ld = 0;
-  std::vector<std::uint64_t> index;   ///< element offsets (row * ld + col)
-  std::vector<float> f32;             ///< old values (f32 buffers)
-  std::vector<std::uint16_t> bf16;    ///< old values (bf16 buffers)
-  std::size_t exceptions() const noexcept { return index.size(); }
+  /// One bit per element, set where the element was recorded: per grid block in index order, per
+  /// block row ceil(block cols / 8) bytes, bit j = the block row's column j.
+  std::vector<std::uint8_t> mask;
+  std::vector<float> f32;             ///< old values of the recorded elements, in mask order (f32 buffers)
+  std::vector<std::uint16_t> bf16;    ///< ... (bf16 buffers)
+  std::size_t exceptions() const noexcept { return type == dtype::f32 ? f32.size() : bf16.size(); }
 };
 
 namespace detail {
@@ -9100,6 +9113,31 @@ void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t 
   }
 }
 
+/// Bytes of MergeUndo::mask for g's grid.
+inline std::size_t undo_mask_bytes(const KGroup& g) {
+  std::size_t n = 0;
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) n += g.grid.rb(b) * ((g.grid.cb(b) + 7) / 8);
+  return n;
+}
+
+template <class T, class U>
+auto& undo_values(U& u) {
+  if constexpr (std::is_same_v<T, float>) return u.f32;
+  else return u.bf16;
+}
+
+/// Whether u's mask fits g's grid: its size, and no bit past a block row's last column.
+inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u) {
+  if (u.mask.size() != undo_mask_bytes(g)) return false;
+  std::size_t at = 0;
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
+    const std::size_t cb = g.grid.cb(b), nb = (cb + 7) / 8;
+    for (std::size_t i = 0; i < g.grid.rb(b); ++i, at += nb)
+      if (cb % 8 && (u.mask[at + nb - 1] >> (cb % 8)) != 0) return false;
+  }
+  return true;
+}
+
 template <class T, class Source>
 MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math) {
   check_tier(tier);
@@ -9108,39 +9146,39 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
   u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
   u.math = math;
   u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
-  std::vector<std::uint32_t> idx(g.grid.block_cols + 64);  // (the kernels store whole vectors)
-  std::vector<T> val(g.grid.block_cols + 64);
-  for_each_delta_row(g, src, buf, ld, tier, math, [&](T* row, const float* d, std::size_t n, std::size_t at) {
-    std::size_t nb;
-    if constexpr (std::is_same_v<T, float>) nb = kernels::merge_f32(row, d, n, idx.data(), val.data());
-    else nb = kernels::merge_bf16(row, d, n, idx.data(), val.data());
-    if (nb == 0) return;
-    const std::size_t old = u.index.size();
-    u.index.resize(old + nb);
-    for (std::size_t k = 0; k < nb; ++k) u.index[old + k] = at + idx[k];
-    auto& vals = [&]() -> std::vector<T>& {
-      if constexpr (std::is_same_v<T, float>) return u.f32;
-      else return u.bf16;
-    }();
-    vals.insert(vals.end(), val.begin(), val.begin() + static_cast<std::ptrdiff_t>(nb));
+  u.mask.assign(undo_mask_bytes(g), 0);
+  auto& vals = undo_values<T>(u);
+  std::size_t at = 0, nv = 0;
+  for_each_delta_row(g, src, buf, ld, tier, math, [&](T* row, const float* d, std::size_t n, std::size_t) {
+    if (vals.size() < nv + n + 64) vals.resize(std::max(2 * vals.size(), nv + n + 64));  // (whole vectors stored)
+    if constexpr (std::is_same_v<T, float>) nv += kernels::merge_f32(row, d, n, u.mask.data() + at, vals.data() + nv);
+    else nv += kernels::merge_bf16(row, d, n, u.mask.data() + at, vals.data() + nv);
+    at += (n + 7) / 8;
   });
+  vals.resize(nv);
+  vals.shrink_to_fit();
   return u;
 }
 
 template <class T, class Source>
 void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, const MergeUndo& u, unsigned tier) {
   const dtype want = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
-  if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld)
+  const auto& vals = undo_values<T>(u);
+  std::size_t marked = 0;
+  for (std::uint8_t m : u.mask) marked += static_cast<std::size_t>(std::popcount(m));
+  if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld || !undo_mask_fits(g, u) || marked != vals.size())
     throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
-                           std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ")");
+                           std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ", " +
+                           std::to_string(marked) + " elements marked, " + std::to_string(vals.size()) + " values)");
+  std::size_t at = 0, k = 0;
   for_each_delta_row(g, src, buf, ld, tier, u.math, [&](T* row, const float* d, std::size_t n, std::size_t) {
     if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d, n);
     else kernels::unmerge_bf16(row, d, n);
+    const std::uint8_t* m = u.mask.data() + at;
+    for (std::size_t b = 0; b < (n + 7) / 8; ++b)
+      for (unsigned bits = m[b]; bits; bits &= bits - 1) row[8 * b + static_cast<std::size_t>(std::countr_zero(bits))] = vals[k++];
+    at += (n + 7) / 8;
   });
-  for (std::size_t k = 0; k < u.index.size(); ++k) {
-    if constexpr (std::is_same_v<T, float>) buf[u.index[k]] = u.f32[k];
-    else buf[u.index[k]] = u.bf16[k];
-  }
 }
 
 }  // namespace detail

@@ -5,6 +5,7 @@
 // so that vector bodies, partial groups, odd group sizes and scalar tails are all exercised.
 // Every quantized kernel runs on both kernel layouts where the shape takes the rows-in-lanes one
 // (nibble codes, whole groups of a multiple of 8): the same bounds, the same bits for decode.
+#include <algorithm>
 #include <doctest/doctest.h>
 
 #include <bit>
@@ -288,15 +289,24 @@ TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit
       // Values whose sums cross binades or tie: they need the recorded exceptions.
       for (std::size_t i = 0; i < n; i += 7) w[i] = std::ldexp(1.0f, -static_cast<int>(i % 9)) * (i % 2 ? -1.0f : 1.0f);
       const auto base = w;
-      std::vector<std::uint32_t> idx(n + 64);  // (whole vectors stored)
-      std::vector<float> val(n + 64);
-      const std::size_t nb = k::merge_f32(w.data(), d.data(), n, idx.data(), val.data());
-      for (std::size_t i = 0; i < nb; ++i) {  // ascending, each one an element subtracting d does not restore
-        REQUIRE(idx[i] < n);
-        if (i) REQUIRE(idx[i] > idx[i - 1]);
-        CHECK(std::bit_cast<std::uint32_t>(w[idx[i]] - d[idx[i]]) != std::bit_cast<std::uint32_t>(val[i]));
-        CHECK(std::bit_cast<std::uint32_t>(val[i]) == std::bit_cast<std::uint32_t>(base[idx[i]]));
+      // The recorded elements: their mask bits (every byte written, bits past n clear).
+      auto marked = [n](const std::vector<std::uint8_t>& mask) {
+        std::vector<std::uint32_t> at;
+        for (std::size_t i = 0; i < 8 * mask.size(); ++i)
+          if (mask[i / 8] >> (i % 8) & 1) at.push_back(static_cast<std::uint32_t>(i));
+        if (!at.empty()) REQUIRE(at.back() < n);
+        return at;
+      };
+      std::vector<std::uint8_t> mask((n + 7) / 8, 0xA5);
+      std::vector<float> val(n + 64);  // (whole vectors stored)
+      const std::size_t nb = k::merge_f32(w.data(), d.data(), n, mask.data(), val.data());
+      const auto idx = marked(mask);
+      REQUIRE(idx.size() == nb);
+      for (std::size_t i = 0; i < n; ++i) {  // recorded exactly where subtracting d does not restore
+        const bool rec = std::binary_search(idx.begin(), idx.end(), static_cast<std::uint32_t>(i));
+        CHECK(rec == (std::bit_cast<std::uint32_t>(w[i] - d[i]) != std::bit_cast<std::uint32_t>(base[i])));
       }
+      for (std::size_t i = 0; i < nb; ++i) CHECK(std::bit_cast<std::uint32_t>(val[i]) == std::bit_cast<std::uint32_t>(base[idx[i]]));
       for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(w[i]) == std::bit_cast<std::uint32_t>(base[i] + d[i]));
       k::unmerge_f32(w.data(), d.data(), n);
       for (std::size_t i = 0; i < nb; ++i) w[idx[i]] = val[i];
@@ -305,15 +315,14 @@ TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit
 
       std::vector<std::uint16_t> h(n), hbase(n), hval(n + 64);
       for (std::size_t i = 0; i < n; ++i) h[i] = hbase[i] = s2lc::f32_to_bf16(base[i]);
-      const std::size_t nh = k::merge_bf16(h.data(), d.data(), n, idx.data(), hval.data());
-      for (std::size_t i = 0; i < nh; ++i) {
-        REQUIRE(idx[i] < n);
-        if (i) REQUIRE(idx[i] > idx[i - 1]);
-        CHECK(hval[i] == hbase[idx[i]]);
-      }
+      std::fill(mask.begin(), mask.end(), 0x5A);
+      const std::size_t nh = k::merge_bf16(h.data(), d.data(), n, mask.data(), hval.data());
+      const auto hidx = marked(mask);
+      REQUIRE(hidx.size() == nh);
+      for (std::size_t i = 0; i < nh; ++i) CHECK(hval[i] == hbase[hidx[i]]);
       for (std::size_t i = 0; i < n; ++i) REQUIRE(h[i] == s2lc::f32_to_bf16(s2lc::bf16_to_f32(hbase[i]) + d[i]));
       k::unmerge_bf16(h.data(), d.data(), n);
-      for (std::size_t i = 0; i < nh; ++i) h[idx[i]] = hval[i];
+      for (std::size_t i = 0; i < nh; ++i) h[hidx[i]] = hval[i];
       CHECK(h == hbase);
     }
   }

@@ -971,6 +971,16 @@ TEST_CASE("morph: JIT merge into f32 and bf16 buffers, then unmerge restores the
       // The record stays small when the delta is not larger than the base (real weights); a
       // delta that dwarfs the base (the synthetic case) needs most elements recorded.
       if (real) CHECK(undo.exceptions() < R * C / 4);
+      {  // a record whose mask does not match its values (or the grid) is refused, the buffer untouched
+        const auto merged = buf;
+        auto bad = undo;
+        bad.mask[bad.mask.size() / 2] ^= 1;
+        CHECK_THROWS_WITH_AS(mo::unmerge(kg, e, buf.data(), ld, bad, 0.5f), doctest::Contains("belongs to another buffer"), s2lc::invalid_argument);
+        bad = undo;
+        bad.mask.pop_back();
+        CHECK_THROWS_WITH_AS(mo::unmerge(kg, e, buf.data(), ld, bad, 0.5f), doctest::Contains("belongs to another buffer"), s2lc::invalid_argument);
+        CHECK(std::memcmp(buf.data(), merged.data(), buf.size() * sizeof(float)) == 0);
+      }
       mo::unmerge(kg, e, buf.data(), ld, undo, 0.5f);
       CHECK(std::memcmp(buf.data(), base.data(), base.size() * sizeof(float)) == 0);
       if (!fixed) continue;

@@ -59,11 +59,11 @@ namespace s2lc::kernels {
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
-  X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint32_t* bad_idx,             \
-                                       float* bad_val), (w, d, n, bad_idx, bad_val))                                 \
+  X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
+                                       float* bad_val), (w, d, n, mask, bad_val))                                    \
   X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
-  X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint32_t* bad_idx,   \
-                                         std::uint16_t* bad_val), (w, d, n, bad_idx, bad_val))                       \
+  X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint8_t* mask,      \
+                                         std::uint16_t* bad_val), (w, d, n, mask, bad_val))                          \
   X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))             \
   X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
                                                 std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
@@ -106,8 +106,9 @@ namespace s2lc::kernels {
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
-//                subtracting d would not restore w bit for bit, with their indices and old values
-//                (bad_idx and bad_val take n + 64 entries: whole vectors are stored).
+//                subtracting d would not restore w bit for bit; bit j of mask (ceil(n / 8) bytes,
+//                all written) is set for each, and their old values go to bad_val in order
+//                (n + 64 entries: whole vectors are stored).
 // unmerge_*:     w -= d (then write back the recorded values).
 // lowrank_add_fixed: out[i * ldo + j] += w * sum_k left[k * rb + i] right[k * cb + j] (i < rb,
 //                j < cb; with overwrite, = instead of +=) in int16 fixed point: each right row k
