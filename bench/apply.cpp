@@ -9,7 +9,7 @@
 //   merge/<impl>/<shape>_{hot,cold}: JIT merge of one expert into a dense f32 base, the
 //   factors multiplied in int16 fixed point (s2lc, the default) or f32 (s2lc_f32), vs memcpy of the
 //   buffer and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per
-//   element).
+//   element); s2lc_unmerge times the unmerge of the fixed16 merge.
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
 // Single thread for every contender (OpenBLAS too). See bench/RESULTS.md.
@@ -267,7 +267,7 @@ std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
   return n;
 }
 
-enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound };
+enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge };
 
 void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool cold) {
   // Cold: every iteration merges another copy of the module into another dense buffer (memcpy:
@@ -292,11 +292,15 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
       benchmark::DoNotOptimize(sink);
     } else {
       const mo::KGroup& g = s.copies[i % s.copies.size()];
-      auto u = mo::merge(g, 1, buf, kShapes[si].cols, 0.1f, 0, which == merge_impl::s2lc ? mo::merge_math::fixed16 : mo::merge_math::f32);
-      state.PauseTiming();
+      // s2lc_unmerge: the fixed16 merge untimed, its unmerge timed
+      const bool un = which == merge_impl::s2lc_unmerge;
+      if (un) state.PauseTiming();
+      auto u = mo::merge(g, 1, buf, kShapes[si].cols, 0.1f, 0, which == merge_impl::s2lc_f32 ? mo::merge_math::f32 : mo::merge_math::fixed16);
+      if (!un) state.PauseTiming();
       state.counters["undo"] = static_cast<double>(u.exceptions());
+      if (un) state.ResumeTiming();
       mo::unmerge(g, 1, buf, kShapes[si].cols, u, 0.1f);
-      state.ResumeTiming();
+      if (!un) state.ResumeTiming();
     }
     ++i;
     benchmark::ClobberMemory();
@@ -324,9 +328,9 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_morph(st, si, K, tr); })
             ->Unit(benchmark::kMicrosecond);
       }
-    const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound"};
+    const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge"};
     for (bool cold : {false, true})
-      for (int w = 0; w < 4; ++w)
+      for (int w = 0; w < 5; ++w)
         benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
                                       std::to_string(kShapes[si].cols) + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) { bench_merge(st, si, static_cast<merge_impl>(w), cold); })

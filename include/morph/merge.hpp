@@ -198,11 +198,8 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
                            std::to_string(marked) + " elements marked, " + std::to_string(vals.size()) + " values)");
   std::size_t at = 0, k = 0;
   for_each_delta_row(g, src, buf, ld, tier, u.math, [&](T* row, const float* d, std::size_t n, std::size_t) {
-    if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d, n);
-    else kernels::unmerge_bf16(row, d, n);
-    const std::uint8_t* m = u.mask.data() + at;
-    for (std::size_t b = 0; b < (n + 7) / 8; ++b)
-      for (unsigned bits = m[b]; bits; bits &= bits - 1) row[8 * b + static_cast<std::size_t>(std::countr_zero(bits))] = vals[k++];
+    if constexpr (std::is_same_v<T, float>) k += kernels::unmerge_f32(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
+    else k += kernels::unmerge_bf16(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
     at += (n + 7) / 8;
   });
 }

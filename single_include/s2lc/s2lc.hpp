@@ -4771,6 +4771,7 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 #define S2LC_KERNELS_QGEMM_INL_H_
 #endif
 
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -7306,12 +7307,43 @@ inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY
   return nb;
 }
 
-inline HWY_NOINLINE void UnmergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n) {
+// Bit j of mask (j < n).
+HWY_INLINE bool MaskBit(const std::uint8_t* HWY_RESTRICT mask, std::size_t j) { return (mask[j / 8] >> (j % 8)) & 1; }
+
+// w -= d, then the recorded old values (vals, nvals of them from here on) written back where mask
+// has a bit; returns how many were consumed. AVX-512 expands them into each vector in registers
+// (a branch per vector on "any recorded" mispredicts at a few per cent, as merge's did).
+inline HWY_NOINLINE std::size_t UnmergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                           const std::uint8_t* HWY_RESTRICT mask, const float* HWY_RESTRICT vals, std::size_t nvals) {
   const qk::DF df;
   const std::size_t N = hn::Lanes(df);
-  std::size_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(hn::Sub(hn::LoadU(df, w + i), hn::LoadU(df, d + i)), df, w + i);
-  for (; i < n; ++i) w[i] -= d[i];
+  std::size_t i = 0, k = 0;
+  for (; i + N <= n; i += N) {
+    const auto v = hn::Sub(hn::LoadU(df, w + i), hn::LoadU(df, d + i));
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+    const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
+    __m512 src;
+    if (k + 16 <= nvals) {
+      src = _mm512_loadu_ps(vals + k);
+    } else {  // (the record's last values: no read past them)
+      HWY_ALIGN float t[16] = {};
+      std::memcpy(t, vals + k, (nvals > k ? nvals - k : 0) * sizeof(float));
+      src = _mm512_load_ps(t);
+    }
+    hn::StoreU(qk::VF{_mm512_mask_expand_ps(v.raw, static_cast<__mmask16>(bits), src)}, df, w + i);
+    k += static_cast<std::size_t>(std::popcount(bits));
+#else
+    hn::StoreU(v, df, w + i);
+    for (std::size_t j = 0; j < N; ++j)
+      if (MaskBit(mask, i + j)) w[i + j] = vals[k++];
+    (void)nvals;
+#endif
+  }
+  for (; i < n; ++i) {
+    w[i] -= d[i];
+    if (MaskBit(mask, i)) w[i] = vals[k++];
+  }
+  return k;
 }
 
 inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
@@ -7346,14 +7378,18 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
   return nb;
 }
 
-inline HWY_NOINLINE void UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n) {
+inline HWY_NOINLINE std::size_t UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                            const std::uint8_t* HWY_RESTRICT mask, const std::uint16_t* HWY_RESTRICT vals, std::size_t) {
   const qk::DF df;
   const std::size_t N = hn::Lanes(df);
   const DU16 d16;
-  std::size_t i = 0;
+  std::size_t i = 0, k = 0;
   for (; i + N <= n; i += N)
     hn::StoreU(F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i))), d16, w + i);
   for (; i < n; ++i) w[i] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(w[i]) - d[i]);
+  for (std::size_t b = 0; b < (n + 7) / 8; ++b)
+    for (unsigned bits = mask[b]; bits; bits &= bits - 1) w[8 * b + static_cast<std::size_t>(std::countr_zero(bits))] = vals[k++];
+  return k;
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE
@@ -7409,10 +7445,12 @@ namespace s2lc::kernels {
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
                                        float* bad_val), (w, d, n, mask, bad_val))                                    \
-  X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
+  X(std::size_t, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n, const std::uint8_t* mask,        \
+                                           const float* vals, std::size_t nvals), (w, d, n, mask, vals, nvals))     \
   X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint8_t* mask,      \
                                          std::uint16_t* bad_val), (w, d, n, mask, bad_val))                          \
-  X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))             \
+  X(std::size_t, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n, const std::uint8_t* mask, \
+                                             const std::uint16_t* vals, std::size_t nvals), (w, d, n, mask, vals, nvals)) \
   X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
                                                 std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
                                                 std::int32_t* scratch),                                                \
@@ -7457,7 +7495,8 @@ namespace s2lc::kernels {
 //                subtracting d would not restore w bit for bit; bit j of mask (ceil(n / 8) bytes,
 //                all written) is set for each, and their old values go to bad_val in order
 //                (n + 64 entries: whole vectors are stored).
-// unmerge_*:     w -= d (then write back the recorded values).
+// unmerge_*:     w -= d, then the recorded old values (vals: nvals left in the record, in order)
+//                written back where merge set mask bits; returns how many it consumed.
 // lowrank_add_fixed: out[i * ldo + j] += w * sum_k left[k * rb + i] right[k * cb + j] (i < rb,
 //                j < cb; with overwrite, = instead of +=) in int16 fixed point: each right row k
 //                rounded to R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax, each left
@@ -9200,11 +9239,8 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
                            std::to_string(marked) + " elements marked, " + std::to_string(vals.size()) + " values)");
   std::size_t at = 0, k = 0;
   for_each_delta_row(g, src, buf, ld, tier, u.math, [&](T* row, const float* d, std::size_t n, std::size_t) {
-    if constexpr (std::is_same_v<T, float>) kernels::unmerge_f32(row, d, n);
-    else kernels::unmerge_bf16(row, d, n);
-    const std::uint8_t* m = u.mask.data() + at;
-    for (std::size_t b = 0; b < (n + 7) / 8; ++b)
-      for (unsigned bits = m[b]; bits; bits &= bits - 1) row[8 * b + static_cast<std::size_t>(std::countr_zero(bits))] = vals[k++];
+    if constexpr (std::is_same_v<T, float>) k += kernels::unmerge_f32(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
+    else k += kernels::unmerge_bf16(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
     at += (n + 7) / 8;
   });
 }

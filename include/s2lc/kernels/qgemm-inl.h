@@ -16,6 +16,7 @@
 #define S2LC_KERNELS_QGEMM_INL_H_
 #endif
 
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -846,12 +847,43 @@ inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY
   return nb;
 }
 
-inline HWY_NOINLINE void UnmergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n) {
+// Bit j of mask (j < n).
+HWY_INLINE bool MaskBit(const std::uint8_t* HWY_RESTRICT mask, std::size_t j) { return (mask[j / 8] >> (j % 8)) & 1; }
+
+// w -= d, then the recorded old values (vals, nvals of them from here on) written back where mask
+// has a bit; returns how many were consumed. AVX-512 expands them into each vector in registers
+// (a branch per vector on "any recorded" mispredicts at a few per cent, as merge's did).
+inline HWY_NOINLINE std::size_t UnmergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                           const std::uint8_t* HWY_RESTRICT mask, const float* HWY_RESTRICT vals, std::size_t nvals) {
   const qk::DF df;
   const std::size_t N = hn::Lanes(df);
-  std::size_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(hn::Sub(hn::LoadU(df, w + i), hn::LoadU(df, d + i)), df, w + i);
-  for (; i < n; ++i) w[i] -= d[i];
+  std::size_t i = 0, k = 0;
+  for (; i + N <= n; i += N) {
+    const auto v = hn::Sub(hn::LoadU(df, w + i), hn::LoadU(df, d + i));
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+    const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
+    __m512 src;
+    if (k + 16 <= nvals) {
+      src = _mm512_loadu_ps(vals + k);
+    } else {  // (the record's last values: no read past them)
+      HWY_ALIGN float t[16] = {};
+      std::memcpy(t, vals + k, (nvals > k ? nvals - k : 0) * sizeof(float));
+      src = _mm512_load_ps(t);
+    }
+    hn::StoreU(qk::VF{_mm512_mask_expand_ps(v.raw, static_cast<__mmask16>(bits), src)}, df, w + i);
+    k += static_cast<std::size_t>(std::popcount(bits));
+#else
+    hn::StoreU(v, df, w + i);
+    for (std::size_t j = 0; j < N; ++j)
+      if (MaskBit(mask, i + j)) w[i + j] = vals[k++];
+    (void)nvals;
+#endif
+  }
+  for (; i < n; ++i) {
+    w[i] -= d[i];
+    if (MaskBit(mask, i)) w[i] = vals[k++];
+  }
+  return k;
 }
 
 inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
@@ -886,14 +918,18 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
   return nb;
 }
 
-inline HWY_NOINLINE void UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n) {
+inline HWY_NOINLINE std::size_t UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                            const std::uint8_t* HWY_RESTRICT mask, const std::uint16_t* HWY_RESTRICT vals, std::size_t) {
   const qk::DF df;
   const std::size_t N = hn::Lanes(df);
   const DU16 d16;
-  std::size_t i = 0;
+  std::size_t i = 0, k = 0;
   for (; i + N <= n; i += N)
     hn::StoreU(F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i))), d16, w + i);
   for (; i < n; ++i) w[i] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(w[i]) - d[i]);
+  for (std::size_t b = 0; b < (n + 7) / 8; ++b)
+    for (unsigned bits = mask[b]; bits; bits &= bits - 1) w[8 * b + static_cast<std::size_t>(std::countr_zero(bits))] = vals[k++];
+  return k;
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE

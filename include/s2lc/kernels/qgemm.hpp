@@ -61,10 +61,12 @@ namespace s2lc::kernels {
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
                                        float* bad_val), (w, d, n, mask, bad_val))                                    \
-  X(void, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n), (w, d, n))                            \
+  X(std::size_t, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n, const std::uint8_t* mask,        \
+                                           const float* vals, std::size_t nvals), (w, d, n, mask, vals, nvals))     \
   X(std::size_t, merge_bf16, MergeBF16, (std::uint16_t* w, const float* d, std::size_t n, std::uint8_t* mask,      \
                                          std::uint16_t* bad_val), (w, d, n, mask, bad_val))                          \
-  X(void, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n), (w, d, n))             \
+  X(std::size_t, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n, const std::uint8_t* mask, \
+                                             const std::uint16_t* vals, std::size_t nvals), (w, d, n, mask, vals, nvals)) \
   X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
                                                 std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
                                                 std::int32_t* scratch),                                                \
@@ -109,7 +111,8 @@ namespace s2lc::kernels {
 //                subtracting d would not restore w bit for bit; bit j of mask (ceil(n / 8) bytes,
 //                all written) is set for each, and their old values go to bad_val in order
 //                (n + 64 entries: whole vectors are stored).
-// unmerge_*:     w -= d (then write back the recorded values).
+// unmerge_*:     w -= d, then the recorded old values (vals: nvals left in the record, in order)
+//                written back where merge set mask bits; returns how many it consumed.
 // lowrank_add_fixed: out[i * ldo + j] += w * sum_k left[k * rb + i] right[k * cb + j] (i < rb,
 //                j < cb; with overwrite, = instead of +=) in int16 fixed point: each right row k
 //                rounded to R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax, each left
