@@ -9,10 +9,12 @@
 //   merge/<impl>/<shape>_{hot,cold}: JIT merge of one expert into a dense f32 base, the
 //   factors multiplied in int16 fixed point (s2lc, the default) or f32 (s2lc_f32), vs memcpy of the
 //   buffer and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per
-//   element); s2lc_unmerge times the unmerge of the fixed16 merge.
+//   element); s2lc_unmerge times the unmerge of the fixed16 merge; s2lc_t2 and memcpy_t2 run on
+//   two threads (grid blocks on a ThreadPool; the copy in 16 chunks).
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
-// Single thread for every contender (OpenBLAS too). See bench/RESULTS.md.
+// Single thread for every contender (OpenBLAS too) except the merge's _t2 pair. See bench/RESULTS.md.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -267,7 +269,7 @@ std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
   return n;
 }
 
-enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge };
+enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge, s2lc_t2, memcpy_t2 };
 
 void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool cold) {
   // Cold: every iteration merges another copy of the module into another dense buffer (memcpy:
@@ -277,6 +279,7 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   Setup& s = setup(si, cold);
   const std::vector<float> src = cold ? std::vector<float>{} : s.dense[0];  // hot memcpy's source
   const double bytes = 2.0 * s.dense_bytes;
+  static mo::ThreadPool pool(2);  // the _t2 rows
   // The base: member 0's weights; the module: member 1 at a tenth of its size, as a domain
   // module's delta is small against the weights it merges into. 1-2 % of the elements need an
   // undo entry (merging a member into its own exact weights, w + w - w is exact and none do;
@@ -286,6 +289,13 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   for (auto _ : state) {
     float* buf = s.dense[i % nd].data();
     if (which == merge_impl::memcpy) std::memcpy(buf, cold ? s.dense[(i + nd / 2) % nd].data() : src.data(), static_cast<std::size_t>(s.dense_bytes));
+    else if (which == merge_impl::memcpy_t2) {  // two threads, 16 chunks
+      const float* from = cold ? s.dense[(i + nd / 2) % nd].data() : src.data();
+      const std::size_t n = s.dense[0].size(), c = (n + 15) / 16;
+      mo::parallel_for(&pool, 16, [&](std::size_t t, unsigned) {
+        if (t * c < n) std::memcpy(buf + t * c, from + t * c, std::min(c, n - t * c) * sizeof(float));
+      });
+    }
     else if (which == merge_impl::fma_bound) {
       float sink = 0;
       s2lc::kernels::fma_peak(macs / s2lc::kernels::fma_peak(1, &sink), &sink);
@@ -295,7 +305,8 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
       // s2lc_unmerge: the fixed16 merge untimed, its unmerge timed
       const bool un = which == merge_impl::s2lc_unmerge;
       if (un) state.PauseTiming();
-      auto u = mo::merge(g, 1, buf, kShapes[si].cols, 0.1f, 0, which == merge_impl::s2lc_f32 ? mo::merge_math::f32 : mo::merge_math::fixed16);
+      auto u = mo::merge(g, 1, buf, kShapes[si].cols, 0.1f, 0, which == merge_impl::s2lc_f32 ? mo::merge_math::f32 : mo::merge_math::fixed16,
+                         which == merge_impl::s2lc_t2 ? &pool : nullptr);
       if (!un) state.PauseTiming();
       state.counters["undo"] = static_cast<double>(u.exceptions());
       if (un) state.ResumeTiming();
@@ -328,9 +339,9 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_morph(st, si, K, tr); })
             ->Unit(benchmark::kMicrosecond);
       }
-    const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge"};
+    const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge", "s2lc_t2", "memcpy_t2"};
     for (bool cold : {false, true})
-      for (int w = 0; w < 5; ++w)
+      for (int w = 0; w < 7; ++w)
         benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
                                       std::to_string(kShapes[si].cols) + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) { bench_merge(st, si, static_cast<merge_impl>(w), cold); })

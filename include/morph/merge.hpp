@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "morph/morph.hpp"
+#include "morph/parallel.hpp"
 #include "morph/runtime.hpp"
 #include "s2lc/dtype.hpp"
 #include "s2lc/error.hpp"
@@ -102,43 +103,55 @@ inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::si
   dw.finish();
 }
 
-/// Rows ahead the merge prefetches the buffer (for_each_delta_row).
+/// Rows ahead the merge prefetches the buffer (delta_block_rows).
 inline constexpr std::size_t kMergePrefetchRows = 8;
 
-/// Calls row_fn(row pointer into buf, the delta's row, length, element offset of the row start)
-/// for every row of every grid block, the block's delta decoded into one reused scratch block.
+/// One worker's scratch: a block's delta and the decode scratch (reused block after block).
+struct MergeScratch {
+  std::vector<float> d;
+  BlockScratch bs;
+};
+
+/// Decodes block b's delta into s.d, then calls row_fn(row pointer into buf, the delta's row,
+/// length) for each of the block's rows.
 template <class T, class Source, class RowFn>
-void for_each_delta_row(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math, RowFn&& row_fn) {
-  std::vector<float> d(g.grid.block_rows * g.grid.block_cols);
-  BlockScratch bs;  // reused by every block: no allocation per block
-  for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
-    const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
-    decode_delta(src, b, d.data(), rb * cb, tier, bs, math == merge_math::fixed16);
-    for (std::size_t i = 0; i < rb; ++i) {
-      // The buffer row kMergePrefetchRows ahead (into the next block past the last rows): each
-      // block row is a 1 KB piece of a longer buffer row, too short for the hardware prefetchers
-      // to pick up. 2048 x 1408 fixed16 merge: cold 2962-3056 -> 2337-2415 us, hot 2492-2553 ->
-      // 2131-2205 (distances 2 / 4 / 16 / 32 rows: 2524 / 2388 / 2292-2408 / 2375-2506 cold).
-      std::size_t pb = b, pi = i + kMergePrefetchRows;
-      if (pi >= rb) pb = b + 1, pi -= rb;
-      if (pb < g.grid.blocks() && pi < g.grid.rb(pb)) {
-        const char* p = reinterpret_cast<const char*>(buf + (g.grid.r0(pb) + pi) * ld + g.grid.c0(pb));
+void delta_block_rows(const KGroup& g, const Source& src, std::size_t b, T* buf, std::size_t ld, unsigned tier, merge_math math,
+                      MergeScratch& s, RowFn&& row_fn) {
+  const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
+  decode_delta(src, b, s.d.data(), rb * cb, tier, s.bs, math == merge_math::fixed16);
+  for (std::size_t i = 0; i < rb; ++i) {
+    // The buffer row kMergePrefetchRows ahead (into the next block past the last rows): each
+    // block row is a 1 KB piece of a longer buffer row, too short for the hardware prefetchers
+    // to pick up. 2048 x 1408 fixed16 merge: cold 2962-3056 -> 2337-2415 us, hot 2492-2553 ->
+    // 2131-2205 (distances 2 / 4 / 16 / 32 rows: 2524 / 2388 / 2292-2408 / 2375-2506 cold).
+    std::size_t pb = b, pi = i + kMergePrefetchRows;
+    if (pi >= rb) pb = b + 1, pi -= rb;
+    if (pb < g.grid.blocks() && pi < g.grid.rb(pb)) {
+      const char* p = reinterpret_cast<const char*>(buf + (g.grid.r0(pb) + pi) * ld + g.grid.c0(pb));
 #if defined(__GNUC__) || defined(__clang__)
-        for (std::size_t o = 0; o < g.grid.cb(pb) * sizeof(T); o += 64) __builtin_prefetch(p + o, 1, 3);
+      for (std::size_t o = 0; o < g.grid.cb(pb) * sizeof(T); o += 64) __builtin_prefetch(p + o, 1, 3);
 #else
-        (void)p;
+      (void)p;
 #endif
-      }
-      row_fn(buf + (r0 + i) * ld + c0, d.data() + i * cb, cb, (r0 + i) * ld + c0);
     }
+    row_fn(buf + (r0 + i) * ld + c0, s.d.data() + i * cb, cb);
   }
 }
 
-/// Bytes of MergeUndo::mask for g's grid.
-inline std::size_t undo_mask_bytes(const KGroup& g) {
-  std::size_t n = 0;
-  for (std::size_t b = 0; b < g.grid.blocks(); ++b) n += g.grid.rb(b) * ((g.grid.cb(b) + 7) / 8);
-  return n;
+/// Runs f(block, scratch) for every grid block of g: on ex's workers (each with its own
+/// scratch), or in order without one.
+template <class F>
+void for_each_block(const KGroup& g, Executor* ex, F&& f) {
+  std::vector<MergeScratch> s(ex ? ex->workers() : 1u);
+  for (auto& x : s) x.d.resize(g.grid.block_rows * g.grid.block_cols);
+  parallel_for(ex, g.grid.blocks(), [&](std::size_t b, unsigned w) { f(b, s[w]); });
+}
+
+/// MergeUndo::mask's byte offset of each grid block, and its size last (blocks + 1 entries).
+inline std::vector<std::size_t> undo_mask_offsets(const KGroup& g) {
+  std::vector<std::size_t> off(g.grid.blocks() + 1, 0);
+  for (std::size_t b = 0; b < g.grid.blocks(); ++b) off[b + 1] = off[b] + g.grid.rb(b) * ((g.grid.cb(b) + 7) / 8);
+  return off;
 }
 
 template <class T, class U>
@@ -149,7 +162,7 @@ auto& undo_values(U& u) {
 
 /// Whether u's mask fits g's grid: its size, and no bit past a block row's last column.
 inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u) {
-  if (u.mask.size() != undo_mask_bytes(g)) return false;
+  if (u.mask.size() != undo_mask_offsets(g).back()) return false;
   std::size_t at = 0;
   for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
     const std::size_t cb = g.grid.cb(b), nb = (cb + 7) / 8;
@@ -159,85 +172,137 @@ inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u) {
   return true;
 }
 
+/// Appends a block row's recorded old values (the kernels store whole vectors: 64 spare).
+template <class T>
+struct UndoSink {
+  std::vector<T>* v;
+  std::size_t n = 0;
+  T* room(std::size_t row) {
+    if (v->size() < n + row + 64) v->resize(std::max(2 * v->size(), n + row + 64));
+    return v->data() + n;
+  }
+};
+
 template <class T, class Source>
-MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math) {
+MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, unsigned tier, merge_math math, Executor* ex) {
   check_tier(tier);
   if (ld < g.cols()) throw invalid_argument("merge: leading dimension " + std::to_string(ld) + " is less than the " + std::to_string(g.cols()) + " columns");
   MergeUndo u;
   u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
   u.math = math;
   u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
-  u.mask.assign(undo_mask_bytes(g), 0);
+  const auto off = undo_mask_offsets(g);
+  u.mask.assign(off.back(), 0);
   auto& vals = undo_values<T>(u);
-  std::size_t at = 0, nv = 0;
-  for_each_delta_row(g, src, buf, ld, tier, math, [&](T* row, const float* d, std::size_t n, std::size_t) {
-    if (vals.size() < nv + n + 64) vals.resize(std::max(2 * vals.size(), nv + n + 64));  // (whole vectors stored)
-    if constexpr (std::is_same_v<T, float>) nv += kernels::merge_f32(row, d, n, u.mask.data() + at, vals.data() + nv);
-    else nv += kernels::merge_bf16(row, d, n, u.mask.data() + at, vals.data() + nv);
-    at += (n + 7) / 8;
+  // In order, blocks append to the record directly; on workers, each block to its own list, the
+  // lists joined in block order afterwards (the same record either way).
+  const bool par = ex != nullptr && ex->workers() > 1 && g.grid.blocks() > 1;
+  std::vector<std::vector<T>> per(par ? g.grid.blocks() : 0);
+  UndoSink<T> serial{&vals};
+  for_each_block(g, par ? ex : nullptr, [&](std::size_t b, MergeScratch& s) {
+    UndoSink<T> own{par ? &per[b] : nullptr};
+    UndoSink<T>& sink = par ? own : serial;
+    std::size_t at = off[b];
+    delta_block_rows(g, src, b, buf, ld, tier, math, s, [&](T* row, const float* d, std::size_t n) {
+      T* v = sink.room(n);
+      if constexpr (std::is_same_v<T, float>) sink.n += kernels::merge_f32(row, d, n, u.mask.data() + at, v);
+      else sink.n += kernels::merge_bf16(row, d, n, u.mask.data() + at, v);
+      at += (n + 7) / 8;
+    });
+    if (par) per[b].resize(own.n);
   });
-  vals.resize(nv);
-  vals.shrink_to_fit();
+  if (par) {
+    std::size_t total = 0;
+    for (const auto& p : per) total += p.size();
+    vals.clear();
+    vals.reserve(total);
+    for (const auto& p : per) vals.insert(vals.end(), p.begin(), p.end());
+  } else {
+    vals.resize(serial.n);
+    vals.shrink_to_fit();
+  }
   return u;
 }
 
+/// Recorded elements per block of u's mask (mask bits set in the block's bytes).
+inline std::vector<std::size_t> undo_marked(const MergeUndo& u, const std::vector<std::size_t>& off) {
+  std::vector<std::size_t> n(off.size() - 1, 0);
+  for (std::size_t b = 0; b + 1 < off.size(); ++b) {
+    std::size_t i = off[b];
+    for (; i + 8 <= off[b + 1]; i += 8) {  // (8 bytes per popcount: without -mpopcnt each is a call)
+      std::uint64_t w;
+      std::memcpy(&w, u.mask.data() + i, 8);
+      n[b] += static_cast<std::size_t>(std::popcount(w));
+    }
+    for (; i < off[b + 1]; ++i) n[b] += static_cast<std::size_t>(std::popcount(u.mask[i]));
+  }
+  return n;
+}
+
 template <class T, class Source>
-void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, const MergeUndo& u, unsigned tier) {
+void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, const MergeUndo& u, unsigned tier, Executor* ex) {
   const dtype want = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
   const auto& vals = undo_values<T>(u);
-  std::size_t marked = 0, i = 0;
-  for (; i + 8 <= u.mask.size(); i += 8) {  // (8 bytes per popcount: without -mpopcnt each is a call)
-    std::uint64_t w;
-    std::memcpy(&w, u.mask.data() + i, 8);
-    marked += static_cast<std::size_t>(std::popcount(w));
+  const auto off = undo_mask_offsets(g);
+  const bool fits = undo_mask_fits(g, u);
+  // Each block's first value in the record (the marks of the blocks before it).
+  std::vector<std::size_t> first(g.grid.blocks() + 1, 0);
+  if (fits) {
+    const auto marked = undo_marked(u, off);
+    for (std::size_t b = 0; b < marked.size(); ++b) first[b + 1] = first[b] + marked[b];
   }
-  for (; i < u.mask.size(); ++i) marked += static_cast<std::size_t>(std::popcount(u.mask[i]));
-  if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld || !undo_mask_fits(g, u) || marked != vals.size())
+  if (u.type != want || u.rows != g.rows() || u.cols != g.cols() || u.ld != ld || !fits || first.back() != vals.size())
     throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
                            std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ", " +
-                           std::to_string(marked) + " elements marked, " + std::to_string(vals.size()) + " values)");
-  std::size_t at = 0, k = 0;
-  for_each_delta_row(g, src, buf, ld, tier, u.math, [&](T* row, const float* d, std::size_t n, std::size_t) {
-    if constexpr (std::is_same_v<T, float>) k += kernels::unmerge_f32(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
-    else k += kernels::unmerge_bf16(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
-    at += (n + 7) / 8;
+                           std::to_string(first.back()) + " elements marked, " + std::to_string(vals.size()) + " values)");
+  for_each_block(g, ex, [&](std::size_t b, MergeScratch& s) {
+    std::size_t at = off[b], k = first[b];
+    delta_block_rows(g, src, b, buf, ld, tier, u.math, s, [&](T* row, const float* d, std::size_t n) {
+      if constexpr (std::is_same_v<T, float>) k += kernels::unmerge_f32(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
+      else k += kernels::unmerge_bf16(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
+      at += (n + 7) / 8;
+    });
   });
 }
 
 }  // namespace detail
 
 /// buf [rows, cols] (row stride ld) += scale * W_e, in place. Keep the returned record for unmerge.
+/// With an executor, grid blocks run on its workers; buffer and record come out the same.
 inline MergeUndo merge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0,
-                       merge_math math = merge_math::fixed16) {
+                       merge_math math = merge_math::fixed16, Executor* ex = nullptr) {
   if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
-  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier, math);
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier, math, ex);
 }
 inline MergeUndo merge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0,
-                       merge_math math = merge_math::fixed16) {
+                       merge_math math = merge_math::fixed16, Executor* ex = nullptr) {
   if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
-  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier, math);
+  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier, math, ex);
 }
-inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16) {
-  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, 0, math);
+inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16,
+                       Executor* ex = nullptr) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, 0, math, ex);
 }
-inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16) {
-  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0, math);
+inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16,
+                       Executor* ex = nullptr) {
+  return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0, math, ex);
 }
 
 /// Restores the buffer merge() changed, bit for bit (same module, scale and tier; the record
-/// carries merge's arithmetic).
-inline void unmerge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, unsigned tier = 0) {
-  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, u, tier);
+/// carries merge's arithmetic). The record is checked against the buffer's shape first.
+inline void unmerge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, unsigned tier = 0,
+                    Executor* ex = nullptr) {
+  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, u, tier, ex);
 }
 inline void unmerge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f,
-                    unsigned tier = 0) {
-  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, u, tier);
+                    unsigned tier = 0, Executor* ex = nullptr) {
+  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, u, tier, ex);
 }
-inline void unmerge(const KMorph& m, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f) {
-  detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, u, 0);
+inline void unmerge(const KMorph& m, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, Executor* ex = nullptr) {
+  detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, u, 0, ex);
 }
-inline void unmerge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f) {
-  detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, u, 0);
+inline void unmerge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, Executor* ex = nullptr) {
+  detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, u, 0, ex);
 }
 
 }  // namespace s2lc::morph

@@ -971,6 +971,17 @@ TEST_CASE("morph: JIT merge into f32 and bf16 buffers, then unmerge restores the
       // The record stays small when the delta is not larger than the base (real weights); a
       // delta that dwarfs the base (the synthetic case) needs most elements recorded.
       if (real) CHECK(undo.exceptions() < R * C / 4);
+      {  // on 3 workers (grid blocks in parallel): the same buffer bits and the same record
+        mo::ThreadPool pool(3);
+        auto pbuf = base;
+        const auto pu = mo::merge(kg, e, pbuf.data(), ld, 0.5f, 0, math, &pool);
+        CHECK(std::memcmp(pbuf.data(), buf.data(), buf.size() * sizeof(float)) == 0);
+        CHECK(pu.mask == undo.mask);
+        REQUIRE(pu.f32.size() == undo.f32.size());
+        CHECK(std::memcmp(pu.f32.data(), undo.f32.data(), pu.f32.size() * sizeof(float)) == 0);
+        mo::unmerge(kg, e, pbuf.data(), ld, pu, 0.5f, 0, &pool);
+        CHECK(std::memcmp(pbuf.data(), base.data(), base.size() * sizeof(float)) == 0);
+      }
       {  // a record whose mask does not match its values (or the grid) is refused, the buffer untouched
         const auto merged = buf;
         auto bad = undo;
