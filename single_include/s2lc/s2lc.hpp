@@ -6376,7 +6376,12 @@ inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, 
   const DI di;
   const std::size_t N = hn::Lanes(df), W = q8k::kFixedV * N, Kp = (K + 1) / 2, rb4 = (rb + 3) / 4 * 4;
   const std::size_t ns = (cb + W - 1) / W;  // slabs of W columns (the last one zero-padded)
-  if (W > 256 || K == 0) return;           // (lowrank_fixed_scratch pads to 256 columns)
+  if (K == 0) {  // an empty product: nothing to add, zeros to write
+    if (overwrite)
+      for (std::size_t i = 0; i < rb; ++i) std::fill(out + i * ldo, out + i * ldo + cb, 0.0f);
+    return;
+  }
+  static_assert(q8k::kFixedV * hn::MaxLanes(q8k::DF()) <= 256, "lowrank_fixed_scratch pads columns to 256");
   int rbits, abits;
   fixed_bits(K, rbits, abits);
   const float rmax = static_cast<float>((1 << rbits) - 1), amax = static_cast<float>((1 << abits) - 1);

@@ -377,6 +377,12 @@ TEST_CASE("kernels: lowrank_add_fixed within its int16 fixed-point bound of the 
           }
           for (std::size_t j = sh.cb; j < ldo; ++j) REQUIRE(out[i * ldo + j] == 0.25f);  // past the block: untouched
         }
+        if (sh.K == 1 && sh.rb == 5) {  // rank 0: adds nothing, overwrites with zeros
+          std::vector<float> z(sh.rb * ldo, 0.25f);
+          k::lowrank_add_fixed(L.data(), R.data(), 0, sh.rb, sh.cb, w, z.data(), ldo, overwrite, scratch.data());
+          for (std::size_t i = 0; i < sh.rb; ++i)
+            for (std::size_t j = 0; j < ldo; ++j) REQUIRE(z[i * ldo + j] == (overwrite && j < sh.cb ? 0.0f : 0.25f));
+        }
         if (&sh == &shapes[std::size(shapes) - 1] && overwrite) {
           if (first.empty()) first = out;
           else CHECK(out == first);
