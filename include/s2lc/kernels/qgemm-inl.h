@@ -903,11 +903,10 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
     const auto w32 = hn::PromoteTo(du, wv);
     const auto bad = hn::Ne(hn::PromoteTo(du, back), w32);
     PutMaskBits(du, bad, i, mask);
-    HWY_ALIGN std::uint32_t old[hn::MaxLanes(du)];
-    hn::Store(hn::Compress(w32, bad), du, old);
-    const std::size_t c = hn::CountTrue(du, bad);
-    for (std::size_t j = 0; j < c; ++j) bad_val[nb + j] = static_cast<std::uint16_t>(old[j]);
-    nb += c;
+    // old values compressed as 32-bit lanes, narrowed (exact: they are below 2^16) and stored whole
+    const hn::RebindToSigned<qk::DU> di;
+    hn::StoreU(hn::DemoteTo(d16, hn::BitCast(di, hn::Compress(w32, bad))), d16, bad_val + nb);
+    nb += hn::CountTrue(du, bad);
   }
   for (; i < n; ++i) {
     const std::uint16_t old = w[i];
@@ -919,16 +918,41 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
 }
 
 inline HWY_NOINLINE std::size_t UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
-                                            const std::uint8_t* HWY_RESTRICT mask, const std::uint16_t* HWY_RESTRICT vals, std::size_t) {
+                                            const std::uint8_t* HWY_RESTRICT mask, const std::uint16_t* HWY_RESTRICT vals, std::size_t nvals) {
   const qk::DF df;
   const std::size_t N = hn::Lanes(df);
   const DU16 d16;
   std::size_t i = 0, k = 0;
-  for (; i + N <= n; i += N)
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  // As unmerge_f32: the recorded values expanded into each vector in registers (as 32-bit lanes).
+  const qk::DU du;
+  for (; i + N <= n; i += N) {
+    const auto v = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i)));
+    const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
+    hn::Vec<DU16> src;
+    if (k + 16 <= nvals) {
+      src = hn::LoadU(d16, vals + k);
+    } else {  // (the record's last values: no read past them)
+      HWY_ALIGN std::uint16_t t[16] = {};
+      std::memcpy(t, vals + k, (nvals > k ? nvals - k : 0) * sizeof(std::uint16_t));
+      src = hn::Load(d16, t);
+    }
+    const auto e = hn::Vec<qk::DU>{_mm512_mask_expand_epi32(hn::PromoteTo(du, v).raw, static_cast<__mmask16>(bits), hn::PromoteTo(du, src).raw)};
+    hn::StoreU(hn::DemoteTo(d16, hn::BitCast(hn::RebindToSigned<qk::DU>(), e)), d16, w + i);
+    k += static_cast<std::size_t>(std::popcount(bits));
+  }
+#else
+  (void)nvals;
+  for (; i + N <= n; i += N) {
     hn::StoreU(F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i))), d16, w + i);
-  for (; i < n; ++i) w[i] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(w[i]) - d[i]);
-  for (std::size_t b = 0; b < (n + 7) / 8; ++b)
-    for (unsigned bits = mask[b]; bits; bits &= bits - 1) w[8 * b + static_cast<std::size_t>(std::countr_zero(bits))] = vals[k++];
+    for (std::size_t j = 0; j < N; ++j)
+      if (MaskBit(mask, i + j)) w[i + j] = vals[k++];
+  }
+#endif
+  for (; i < n; ++i) {
+    w[i] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(w[i]) - d[i]);
+    if (MaskBit(mask, i)) w[i] = vals[k++];
+  }
   return k;
 }
 
