@@ -160,9 +160,10 @@ auto& undo_values(U& u) {
   else return u.bf16;
 }
 
-/// Whether u's mask fits g's grid: its size, and no bit past a block row's last column.
-inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u) {
-  if (u.mask.size() != undo_mask_offsets(g).back()) return false;
+/// Whether u's mask fits g's grid (off: undo_mask_offsets(g)): its size, and no bit past a block
+/// row's last column.
+inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u, const std::vector<std::size_t>& off) {
+  if (u.mask.size() != off.back()) return false;
   std::size_t at = 0;
   for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
     const std::size_t cb = g.grid.cb(b), nb = (cb + 7) / 8;
@@ -244,7 +245,7 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
   const dtype want = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
   const auto& vals = undo_values<T>(u);
   const auto off = undo_mask_offsets(g);
-  const bool fits = undo_mask_fits(g, u);
+  const bool fits = undo_mask_fits(g, u, off);
   // Each block's first value in the record (the marks of the blocks before it).
   std::vector<std::size_t> first(g.grid.blocks() + 1, 0);
   if (fits) {

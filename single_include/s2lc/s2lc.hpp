@@ -4771,6 +4771,7 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 #define S2LC_KERNELS_QGEMM_INL_H_
 #endif
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -7268,8 +7269,25 @@ inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
   return iters * 8 * hn::Lanes(df);
 }
 
-// JIT merge: w += d, recording (index, old value) of every element where (w + d) - d does not
-// give w back bit for bit, so unmerge (w -= d, then the recorded values) is exact.
+// JIT merge: w += d, recording (a mask bit, the old value) for every element where (w + d) - d
+// does not give w back bit for bit, so unmerge (w -= d, then the recorded values) is exact.
+
+// Bit j of mask: read, and set (the mask zeroed first).
+HWY_INLINE bool MaskBit(const std::uint8_t* HWY_RESTRICT mask, std::size_t j) { return (mask[j / 8] >> (j % 8)) & 1; }
+HWY_INLINE void SetMaskBit(std::uint8_t* HWY_RESTRICT mask, std::size_t j) {
+  mask[j / 8] = static_cast<std::uint8_t>(mask[j / 8] | (1u << (j % 8)));
+}
+
+// The next 16 recorded values from vals[k] (nvals in the record): in place, or the record's last
+// ones copied into t after zeros, so no read goes past the record.
+template <class T>
+HWY_INLINE const T* Next16(const T* HWY_RESTRICT vals, std::size_t k, std::size_t nvals, T (&t)[16]) {
+  if (k + 16 <= nvals) return vals + k;
+  std::fill(t, t + 16, T{});
+  std::memcpy(t, vals + k, (nvals > k ? nvals - k : 0) * sizeof(T));
+  return t;
+}
+
 // Sets bit i + j of mask (zeroed by the caller) for each lane j of m; i is a multiple of Lanes(d).
 template <class D>
 HWY_INLINE void PutMaskBits(D d, hn::Mask<D> m, std::size_t i, std::uint8_t* HWY_RESTRICT mask) {
@@ -7307,13 +7325,10 @@ inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY
   for (; i < n; ++i) {
     const float old = w[i], m = old + d[i], back = m - d[i];
     w[i] = m;
-    if (std::memcmp(&back, &old, sizeof(float)) != 0) mask[i / 8] = static_cast<std::uint8_t>(mask[i / 8] | (1u << (i % 8))), bad_val[nb++] = old;
+    if (std::memcmp(&back, &old, sizeof(float)) != 0) SetMaskBit(mask, i), bad_val[nb++] = old;
   }
   return nb;
 }
-
-// Bit j of mask (j < n).
-HWY_INLINE bool MaskBit(const std::uint8_t* HWY_RESTRICT mask, std::size_t j) { return (mask[j / 8] >> (j % 8)) & 1; }
 
 // w -= d, then the recorded old values (vals, nvals of them from here on) written back where mask
 // has a bit; returns how many were consumed. AVX-512 expands them into each vector in registers
@@ -7327,14 +7342,8 @@ inline HWY_NOINLINE std::size_t UnmergeF32(float* HWY_RESTRICT w, const float* H
     const auto v = hn::Sub(hn::LoadU(df, w + i), hn::LoadU(df, d + i));
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
     const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
-    __m512 src;
-    if (k + 16 <= nvals) {
-      src = _mm512_loadu_ps(vals + k);
-    } else {  // (the record's last values: no read past them)
-      HWY_ALIGN float t[16] = {};
-      std::memcpy(t, vals + k, (nvals > k ? nvals - k : 0) * sizeof(float));
-      src = _mm512_load_ps(t);
-    }
+    float t[16];
+    const __m512 src = _mm512_loadu_ps(Next16(vals, k, nvals, t));
     hn::StoreU(qk::VF{_mm512_mask_expand_ps(v.raw, static_cast<__mmask16>(bits), src)}, df, w + i);
     k += static_cast<std::size_t>(std::popcount(bits));
 #else
@@ -7377,7 +7386,7 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
     const std::uint16_t old = w[i];
     const std::uint16_t m = s2lc::f32_to_bf16(s2lc::bf16_to_f32(old) + d[i]);
     w[i] = m;
-    if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d[i]) != old) mask[i / 8] = static_cast<std::uint8_t>(mask[i / 8] | (1u << (i % 8))), bad_val[nb++] = old;
+    if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d[i]) != old) SetMaskBit(mask, i), bad_val[nb++] = old;
   }
   return nb;
 }
@@ -7394,14 +7403,8 @@ inline HWY_NOINLINE std::size_t UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const
   for (; i + N <= n; i += N) {
     const auto v = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i)));
     const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
-    hn::Vec<DU16> src;
-    if (k + 16 <= nvals) {
-      src = hn::LoadU(d16, vals + k);
-    } else {  // (the record's last values: no read past them)
-      HWY_ALIGN std::uint16_t t[16] = {};
-      std::memcpy(t, vals + k, (nvals > k ? nvals - k : 0) * sizeof(std::uint16_t));
-      src = hn::Load(d16, t);
-    }
+    std::uint16_t t[16];
+    const auto src = hn::LoadU(d16, Next16(vals, k, nvals, t));
     const auto e = hn::Vec<qk::DU>{_mm512_mask_expand_epi32(hn::PromoteTo(du, v).raw, static_cast<__mmask16>(bits), hn::PromoteTo(du, src).raw)};
     hn::StoreU(hn::DemoteTo(d16, hn::BitCast(hn::RebindToSigned<qk::DU>(), e)), d16, w + i);
     k += static_cast<std::size_t>(std::popcount(bits));
@@ -9229,9 +9232,10 @@ auto& undo_values(U& u) {
   else return u.bf16;
 }
 
-/// Whether u's mask fits g's grid: its size, and no bit past a block row's last column.
-inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u) {
-  if (u.mask.size() != undo_mask_offsets(g).back()) return false;
+/// Whether u's mask fits g's grid (off: undo_mask_offsets(g)): its size, and no bit past a block
+/// row's last column.
+inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u, const std::vector<std::size_t>& off) {
+  if (u.mask.size() != off.back()) return false;
   std::size_t at = 0;
   for (std::size_t b = 0; b < g.grid.blocks(); ++b) {
     const std::size_t cb = g.grid.cb(b), nb = (cb + 7) / 8;
@@ -9313,7 +9317,7 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
   const dtype want = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
   const auto& vals = undo_values<T>(u);
   const auto off = undo_mask_offsets(g);
-  const bool fits = undo_mask_fits(g, u);
+  const bool fits = undo_mask_fits(g, u, off);
   // Each block's first value in the record (the marks of the blocks before it).
   std::vector<std::size_t> first(g.grid.blocks() + 1, 0);
   if (fits) {
