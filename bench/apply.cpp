@@ -2,8 +2,10 @@
 //   apply/<impl>/<shape>_b<batch>_<hot|cold>: s2lc (from coefficients, f32 activations), s2lc_int8
 //     (int8 activations, integer dot products), openblas (sgemv / sgemm on
 //     the reconstructed f32 matrix, the baseline), highway_dense (our f32 kernel on it),
-//     stream_bound (a read-only streaming kernel: the bandwidth bound of each impl's own bytes) and
-//     fma_bound (register-only f32 FMAs, as many as s2lc's multiply-adds: its FMA bound);
+//     stream_bound (a read-only streaming kernel: the bandwidth bound of each impl's own bytes),
+//     read_bound (that kernel over exactly the bytes s2lc reads, where they are, in the copy it
+//     would read: the same short cold streams; column x_read) and fma_bound (register-only f32
+//     FMAs, as many as s2lc's multiply-adds: its FMA bound);
 //   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8, on
 //     the synthetic experts and on the real tinymoe layer-1 experts (tinymoe_<w1|w2|w3>);
 //   merge/<impl>/<shape>_{hot,cold}: JIT merge of one expert into a dense f32 base, the
@@ -48,6 +50,7 @@ struct Setup {
   std::vector<mo::KGroup> copies;          // cold: distinct memory
   std::vector<std::vector<float>> dense;   // reconstructed f32, copies
   std::vector<float> stream;               // for the bound
+  std::vector<std::vector<ab::ByteRange>> ranges;  // per copy: the bytes apply(0) reads
   std::map<unsigned, std::vector<mo::KMorph>> morphs;  // by 4 K + tr (trunc_options)
   std::map<unsigned, double> rel_error;
   double bytes = 0, dense_bytes = 0;
@@ -77,6 +80,7 @@ Setup& setup(std::size_t si, bool cold) {
   const std::size_t nq = cold ? std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(kColdBytes) / s.bytes)) : 1;
   const std::size_t nd = cold ? std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / s.dense_bytes)) : 1;
   s.copies.assign(nq, s.base);
+  for (const auto& q : s.copies) s.ranges.push_back(ab::member_ranges(q, 0));
   s.dense.assign(nd, groups[si].second);
   s.stream.assign(cold ? kColdBytes / sizeof(float) : static_cast<std::size_t>(s.dense_bytes) / sizeof(float), 1.0f);
   return s;
@@ -86,7 +90,7 @@ std::string case_name(std::size_t si, std::size_t batch, bool cold) {
   return std::to_string(kShapes[si].rows) + "x" + std::to_string(kShapes[si].cols) + "_b" + std::to_string(batch) + (cold ? "_cold" : "_hot");
 }
 
-enum class impl { s2lc, s2lc_int8, openblas, highway_dense, stream_bound, fma_bound };
+enum class impl { s2lc, s2lc_int8, openblas, highway_dense, stream_bound, fma_bound, read_bound };
 
 void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool cold, impl which) {
   openblas_set_num_threads(1);
@@ -127,6 +131,10 @@ void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool co
       case impl::stream_bound:
         benchmark::DoNotOptimize(s2lc::kernels::stream_read(s.stream.data(), s.stream.size()));
         bytes = static_cast<double>(s.stream.size() * sizeof(float));
+        break;
+      case impl::read_bound:
+        benchmark::DoNotOptimize(ab::read_ranges(s.ranges[i++ % s.ranges.size()]));
+        bytes = s.bytes;
         break;
     }
     benchmark::ClobberMemory();
@@ -321,15 +329,15 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
 }
 
 const bool registered = [] {
-  const char* names[] = {"s2lc", "s2lc_int8", "openblas", "highway_dense", "stream_bound", "fma_bound"};
+  const char* names[] = {"s2lc", "s2lc_int8", "openblas", "highway_dense", "stream_bound", "fma_bound", "read_bound"};
   for (std::size_t si = 0; si < std::size(kShapes); ++si)
     for (bool cold : {false, true})
       for (std::size_t B : {1u, 8u, 32u})
-        for (int w = 0; w < 6; ++w)
+        for (int w = 0; w < 7; ++w)
           benchmark::RegisterBenchmark(("apply/" + std::string(names[w]) + "/" + case_name(si, B, cold)).c_str(),
                                        [=](benchmark::State& st) { bench_apply(st, si, B, cold, static_cast<impl>(w)); })
               ->Unit(benchmark::kMicrosecond);
-  s2lc::bench::register_op("apply", {"openblas", "stream_bound"});
+  s2lc::bench::register_op("apply", {"openblas", "stream_bound", "read_bound"});
   for (std::size_t si = 0; si < std::size(kShapes); ++si) {
     for (unsigned K : {0u, 2u, 4u, 8u})
       for (unsigned tr : {0u, 1u, 2u}) {

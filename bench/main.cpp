@@ -45,10 +45,13 @@ class RatioReporter : public benchmark::ConsoleReporter {
       const OpSpec& spec = spec_it->second;
       std::printf("\n%s: time ratios (lower is better), baseline '%s', bound from '%s' in this run\n", op.c_str(),
                   spec.baseline.c_str(), spec.bound_impl.c_str());
-      std::printf("  %-14s %-16s %12s %10s %10s %12s\n", "case", "impl", "us/iter", "GB/s", "x_baseline", "x_bound");
+      const bool with_read = !spec.read_impl.empty();
+      std::printf("  %-14s %-16s %12s %10s %10s %12s%s\n", "case", "impl", "us/iter", "GB/s", "x_baseline", "x_bound",
+                  with_read ? "       x_read" : "");
       for (const auto& [c, impls] : cases) {
         const auto base = impls.find(spec.baseline);
         const auto bound = impls.find(spec.bound_impl);
+        const auto read = with_read ? impls.find(spec.read_impl) : impls.end();
         for (const auto& [impl, res] : impls) {
           if (impl == spec.bound_impl) continue;
           const double gbs = res.bytes / res.seconds * 1e-9;
@@ -61,8 +64,14 @@ class RatioReporter : public benchmark::ConsoleReporter {
           }
           char bound_text[32] = "n/a";
           if (vs_bound > 0) std::snprintf(bound_text, sizeof bound_text, "%.3f", vs_bound);
-          std::printf("  %-14s %-16s %12.2f %10.2f %10.3f %12s\n", c.c_str(), impl.c_str(), res.seconds * 1e6, gbs, vs_base,
-                      bound_text);
+          char read_text[32] = "";
+          if (with_read) {
+            std::snprintf(read_text, sizeof read_text, " %12s", "n/a");
+            if (read != impls.end() && impl != spec.read_impl && res.bytes > 0 && res.bytes == read->second.bytes)
+              std::snprintf(read_text, sizeof read_text, " %12.3f", res.seconds / read->second.seconds);
+          }
+          std::printf("  %-14s %-16s %12.2f %10.2f %10.3f %12s%s\n", c.c_str(), impl.c_str(), res.seconds * 1e6, gbs, vs_base,
+                      bound_text, read_text);
         }
         if (bound != impls.end())
           std::printf("  %-14s %-16s %12.2f %10.2f %10s %12s\n", c.c_str(), spec.bound_impl.c_str(), bound->second.seconds * 1e6,

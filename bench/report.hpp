@@ -16,6 +16,9 @@ namespace s2lc::bench {
 struct OpSpec {
   std::string baseline;
   std::string bound_impl = "copy_bound";
+  /// Optional: an impl that reads exactly the bytes of the measured op where they are (column
+  /// x_read: time over its time, for impls moving the same bytes; n/a for the others).
+  std::string read_impl = "";
 };
 
 /// Registers an op's comparison spec (call before RunSpecifiedBenchmarks).

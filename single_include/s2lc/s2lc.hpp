@@ -7256,6 +7256,35 @@ inline HWY_NOINLINE float StreamRead(const float* HWY_RESTRICT p, std::size_t n)
   return s;
 }
 
+/// The xor of p's 8-byte words (the last one zero-padded), read once with whole vectors.
+inline HWY_NOINLINE std::uint64_t StreamReadBytes(const std::uint8_t* HWY_RESTRICT p, std::size_t n) {
+  std::size_t i = 0;
+  std::uint64_t s = 0;
+#if HWY_TARGET == HWY_SCALAR
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    s ^= w;
+  }
+#else
+  const hn::ScalableTag<std::uint64_t> du;
+  const hn::Repartition<std::uint8_t, decltype(du)> d8;
+  const std::size_t N = hn::Lanes(d8);
+  auto a0 = hn::Zero(du), a1 = hn::Zero(du), a2 = hn::Zero(du), a3 = hn::Zero(du);
+  for (; i + 4 * N <= n; i += 4 * N) {
+    a0 = hn::Xor(a0, hn::BitCast(du, hn::LoadU(d8, p + i)));
+    a1 = hn::Xor(a1, hn::BitCast(du, hn::LoadU(d8, p + i + N)));
+    a2 = hn::Xor(a2, hn::BitCast(du, hn::LoadU(d8, p + i + 2 * N)));
+    a3 = hn::Xor(a3, hn::BitCast(du, hn::LoadU(d8, p + i + 3 * N)));
+  }
+  HWY_ALIGN std::uint64_t lanes[hn::MaxLanes(du)];
+  hn::Store(hn::Xor(hn::Xor(a0, a1), hn::Xor(a2, a3)), du, lanes);
+  for (std::size_t l = 0; l < hn::Lanes(du); ++l) s ^= lanes[l];
+#endif
+  for (; i < n; ++i) s ^= std::uint64_t{p[i]} << (8 * (i % 8));  // the loop stops at a multiple of 8
+  return s;
+}
+
 /// iters rounds of 8 independent vector FMAs on registers: the FMA throughput bound.
 inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
   const qk::DF df;
@@ -7474,6 +7503,7 @@ namespace s2lc::kernels {
     (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
+  X(std::uint64_t, stream_read_bytes, StreamReadBytes, (const std::uint8_t* p, std::size_t n), (p, n))               \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
                                        float* bad_val), (w, d, n, mask, bad_val))                                    \
@@ -7521,6 +7551,8 @@ namespace s2lc::kernels {
 // gemm_tn:       y[t, j] += sum_k c[k, t] a[k, j]          (c stored k-major: [k, ldc]).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
+// stream_read_bytes: the xor of the 8-byte words of p[0, n) (zero-padded), read once: the bound
+//                of reading any bytes (codes, scales) without floating point on them.
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where

@@ -275,6 +275,19 @@ TEST_CASE("kernels: SwiGLU and the streaming read, every target") {
       for (float v : p) s += v, a += std::fabs(v);
       CHECK(std::fabs(k::stream_read(p.data(), n) - s) <= bound(n, a));
     }
+    // The byte read: the xor of the little-endian 8-byte words, the last one zero-padded, from
+    // any start (unaligned) and any length.
+    std::vector<std::uint8_t> bytes(1200);
+    for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<std::uint8_t>(i * 37 + i / 5);
+    for (std::size_t off : {0u, 3u}) {
+      for (std::size_t n : {0u, 1u, 9u, 63u, 64u, 257u, 1100u}) {
+        CAPTURE(off);
+        CAPTURE(n);
+        std::uint64_t ref = 0;
+        for (std::size_t i = 0; i < n; ++i) ref ^= std::uint64_t{bytes[off + i]} << (8 * (i % 8));
+        CHECK(k::stream_read_bytes(bytes.data() + off, n) == ref);
+      }
+    }
   }
 }
 

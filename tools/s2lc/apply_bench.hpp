@@ -81,7 +81,8 @@ struct Result {
   double f32_us = 0, int8_us = 0;  ///< the same with f32 / int8 activations
   double openblas_us = 0;   ///< OpenBLAS on the reconstructed f32 matrix
   double dense_us = 0;      ///< our Highway f32 kernel on it
-  double bound_us = 0;      ///< streaming read of the compressed bytes
+  double bound_us = 0;      ///< max(bandwidth_bound_us, fma_bound_us)
+  double read_us = 0;       ///< streaming read of exactly the bytes apply reads, where they are
   double dense_bound_us = 0;///< streaming read of the f32 matrix
   double bytes = 0, dense_bytes = 0, bandwidth_gbs = 0;
   double macs = 0, fma_gmacs = 0, fma_bound_us = 0, bandwidth_bound_us = 0;  ///< bound_us = max of the two
@@ -102,6 +103,48 @@ inline double morph_rel_error(const morph::KMorph& a, const morph::KMorph& b) {
     num += d * d, den += double(mb[i]) * double(mb[i]);
   }
   return den > 0 ? std::sqrt(num / den) : 0.0;
+}
+
+/// The bytes apply(e) reads, where they are: each pooled matrix (member e's residual, the cores
+/// on its path) as one range (its pool, in read order), unpooled codes and scales array by array,
+/// raw blocks, and each basis its shared blocks use, once. Reading exactly these with a streaming
+/// kernel is the bound of this call's bytes in their own layout: a short cold read does not reach
+/// the bandwidth of a long stream (bench/RESULTS.md).
+using ByteRange = std::pair<const std::uint8_t*, std::size_t>;
+inline std::vector<ByteRange> member_ranges(const morph::KGroup& g, std::size_t e) {
+  std::vector<ByteRange> out;
+  std::vector<std::uint8_t> used(g.bases.size(), 0);
+  auto mat = [&](const morph::KMat& m, std::vector<ByteRange>& to) {
+    if (m.nscales()) to.emplace_back(reinterpret_cast<const std::uint8_t*>(m.scales_data()), 2 * m.nscales());
+    if (m.ncodes()) to.emplace_back(m.codes_data(), m.ncodes());
+  };
+  auto matrix_ranges = [&](const morph::KMatrix& km) {
+    std::vector<ByteRange> parts;
+    for (const auto& b : km.blocks) {
+      mat(b.b, parts), mat(b.a, parts);
+      if (!b.raw.empty()) out.emplace_back(reinterpret_cast<const std::uint8_t*>(b.raw.data()), b.raw.size() * sizeof(float));
+      if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
+    }
+    if (km.pooled() && !parts.empty()) {  // one range: the pool from its first array to its last
+      const std::uint8_t *lo = parts[0].first, *hi = lo;
+      for (const auto& [p, n] : parts) lo = std::min(lo, p), hi = std::max(hi, p + n);
+      out.emplace_back(lo, static_cast<std::size_t>(hi - lo));
+    } else {
+      out.insert(out.end(), parts.begin(), parts.end());
+    }
+  };
+  matrix_ranges(g.residuals[e]);
+  for (auto nd : g.path[e]) matrix_ranges(g.cores[nd]);
+  for (std::size_t i = 0; i < used.size(); ++i)
+    if (used[i]) mat(g.bases[i], out);
+  return out;
+}
+
+/// Streams ranges [p, p + parts) step `step` (one thread's share), returns their xor.
+inline std::uint64_t read_ranges(const std::vector<ByteRange>& r, std::size_t p = 0, std::size_t step = 1) {
+  std::uint64_t s = 0;
+  for (std::size_t i = p; i < r.size(); i += step) s ^= kernels::stream_read_bytes(r[i].first, r[i].second);
+  return s;
 }
 
 /// Mean seconds per call of f(i) for i = 0, 1, 2, ... over about `seconds`.
@@ -187,6 +230,19 @@ inline Result run(const Config& c) {
     r.bandwidth_gbs = static_cast<double>(n * sizeof(float)) / s * 1e-9;
     r.bandwidth_bound_us = r.bytes / (r.bandwidth_gbs * 1e9) * 1e6;
     r.dense_bound_us = r.dense_bytes / (r.bandwidth_gbs * 1e9) * 1e6;
+  }
+  // The same bytes apply reads, in their own ranges, over the same copies and threads (cold: each
+  // call a copy not read for 512 MiB). A short read starts cold streams and does not reach the
+  // long stream's bandwidth, so for small experts this takes longer than bandwidth_bound_us.
+  {
+    std::vector<std::vector<ByteRange>> ranges(nq);
+    for (std::size_t i = 0; i < nq; ++i) ranges[i] = member_ranges(qs[i], 0);
+    std::vector<std::uint64_t> sink(c.threads, 0);
+    r.read_us = 1e6 * time_calls([&](std::size_t i) {
+      morph::parallel_for(ex, c.threads, [&](std::size_t p, unsigned) { sink[p] ^= read_ranges(ranges[i % nq], p, c.threads); });
+    }, c.seconds);
+    volatile std::uint64_t keep = sink[0];
+    (void)keep;
   }
   // FMA bound: register-only f32 FMAs on the same threads, for the multiply-adds apply does.
   {

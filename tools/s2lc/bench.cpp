@@ -66,6 +66,7 @@ int run_bench(const std::vector<std::string>& args) {
   j["macs"] = r.macs, j["fma_gmacs"] = r.fma_gmacs;
   j["bandwidth_bound_us"] = r.bandwidth_bound_us, j["fma_bound_us"] = r.fma_bound_us;
   j["bound_us"] = r.bound_us, j["bound_ratio"] = r.us / r.bound_us;
+  j["read_us"] = r.read_us, j["read_ratio"] = r.us / r.read_us;
   j["openblas_bound_ratio"] = r.openblas_us / r.dense_bound_us;
   if (c.morph) {
     j["morph_k"] = c.morph, j["morph_bytes"] = r.morph_bytes, j["morph_us_per_call"] = r.morph_us;

@@ -58,6 +58,7 @@ namespace s2lc::kernels {
     (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
+  X(std::uint64_t, stream_read_bytes, StreamReadBytes, (const std::uint8_t* p, std::size_t n), (p, n))               \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
                                        float* bad_val), (w, d, n, mask, bad_val))                                    \
@@ -105,6 +106,8 @@ namespace s2lc::kernels {
 // gemm_tn:       y[t, j] += sum_k c[k, t] a[k, j]          (c stored k-major: [k, ldc]).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
+// stream_read_bytes: the xor of the 8-byte words of p[0, n) (zero-padded), read once: the bound
+//                of reading any bytes (codes, scales) without floating point on them.
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
