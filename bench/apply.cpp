@@ -8,7 +8,7 @@
 //     FMAs, as many as s2lc's multiply-adds: its FMA bound);
 //   morph/<impl>/<shape>_b1_cold: one compressed expert (baseline) vs hybrids of K = 2, 4, 8, on
 //     the synthetic experts and on the real tinymoe layer-1 experts (tinymoe_<w1|w2|w3>);
-//   merge/<impl>/<shape>_{hot,cold}: JIT merge of one expert into a dense f32 base, the
+//   merge/<impl>/<shape>[_bf16]_{hot,cold}: JIT merge of one expert into a dense f32 (bf16) base, the
 //   factors multiplied in int16 fixed point (s2lc, the default) or f32 (s2lc_f32), vs memcpy of the
 //   buffer and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per
 //   element); s2lc_unmerge times the unmerge of the fixed16 merge; s2lc_t2 and memcpy_t2 run on
@@ -49,6 +49,7 @@ struct Setup {
   mo::KGroup base;
   std::vector<mo::KGroup> copies;          // cold: distinct memory
   std::vector<std::vector<float>> dense;   // reconstructed f32, copies
+  std::vector<std::vector<std::uint16_t>> dense_bf16;  // the same in bf16 (merge rows, made on first use)
   std::vector<float> stream;               // for the bound
   std::vector<std::vector<ab::ByteRange>> ranges;  // per copy: the bytes apply(0) reads
   std::map<unsigned, std::vector<mo::KMorph>> morphs;  // by 4 K + tr (trunc_options)
@@ -279,29 +280,45 @@ std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
 
 enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge, s2lc_t2, memcpy_t2 };
 
+template <class T>
+std::vector<std::vector<T>>& dense_copies(Setup& s) {
+  if constexpr (std::is_same_v<T, float>) {
+    return s.dense;
+  } else {
+    if (s.dense_bf16.empty())
+      for (const auto& d : s.dense) {
+        auto& b = s.dense_bf16.emplace_back(d.size());
+        std::transform(d.begin(), d.end(), b.begin(), [](float v) { return s2lc::f32_to_bf16(v); });
+      }
+    return s.dense_bf16;
+  }
+}
+
+template <class T>
 void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool cold) {
   // Cold: every iteration merges another copy of the module into another dense buffer (memcpy:
   // copies into it the buffer half the cycle away, untouched for many iterations; where only two
   // buffers fit the 512 MiB, each is far larger than the caches), cycling through more than the
-  // last-level cache holds.
+  // last-level cache holds. T: the buffer's type (float or bf16 bits).
   Setup& s = setup(si, cold);
-  const std::vector<float> src = cold ? std::vector<float>{} : s.dense[0];  // hot memcpy's source
-  const double bytes = 2.0 * s.dense_bytes;
+  auto& dense = dense_copies<T>(s);
+  const std::vector<T> src = cold ? std::vector<T>{} : dense[0];  // hot memcpy's source
+  const double buf_bytes = static_cast<double>(dense[0].size() * sizeof(T)), bytes = 2.0 * buf_bytes;
   static mo::ThreadPool pool(2);  // the _t2 rows
   // The base: member 0's weights; the module: member 1 at a tenth of its size, as a domain
-  // module's delta is small against the weights it merges into. 1-2 % of the elements need an
-  // undo entry (merging a member into its own exact weights, w + w - w is exact and none do;
-  // a delta as large as the base records 10-60 %: tests/morph/runtime.cpp).
-  const std::size_t macs = merge_macs(s.base, 1), nd = s.dense.size();
+  // module's delta is small against the weights it merges into. About 6 % of the elements (f32)
+  // need an undo entry (counter undo; merging a member into its own exact weights, w + w - w is
+  // exact and none do; a delta as large as the base records 10-60 %: tests/morph/runtime.cpp).
+  const std::size_t macs = merge_macs(s.base, 1), nd = dense.size();
   std::size_t i = 0;
   for (auto _ : state) {
-    float* buf = s.dense[i % nd].data();
-    if (which == merge_impl::memcpy) std::memcpy(buf, cold ? s.dense[(i + nd / 2) % nd].data() : src.data(), static_cast<std::size_t>(s.dense_bytes));
+    T* buf = dense[i % nd].data();
+    if (which == merge_impl::memcpy) std::memcpy(buf, cold ? dense[(i + nd / 2) % nd].data() : src.data(), static_cast<std::size_t>(buf_bytes));
     else if (which == merge_impl::memcpy_t2) {  // two threads, 16 chunks
-      const float* from = cold ? s.dense[(i + nd / 2) % nd].data() : src.data();
-      const std::size_t n = s.dense[0].size(), c = (n + 15) / 16;
+      const T* from = cold ? dense[(i + nd / 2) % nd].data() : src.data();
+      const std::size_t n = dense[0].size(), c = (n + 15) / 16;
       mo::parallel_for(&pool, 16, [&](std::size_t t, unsigned) {
-        if (t * c < n) std::memcpy(buf + t * c, from + t * c, std::min(c, n - t * c) * sizeof(float));
+        if (t * c < n) std::memcpy(buf + t * c, from + t * c, std::min(c, n - t * c) * sizeof(T));
       });
     }
     else if (which == merge_impl::fma_bound) {
@@ -325,7 +342,8 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
     benchmark::ClobberMemory();
   }
   state.counters["macs"] = static_cast<double>(macs);
-  s2lc::bench::set_bytes(state, which == merge_impl::fma_bound ? 0.0 : bytes + (which == merge_impl::memcpy ? 0.0 : s.bytes));
+  const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
+  s2lc::bench::set_bytes(state, which == merge_impl::fma_bound ? 0.0 : bytes + (copy ? 0.0 : s.bytes));
 }
 
 const bool registered = [] {
@@ -348,12 +366,18 @@ const bool registered = [] {
             ->Unit(benchmark::kMicrosecond);
       }
     const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge", "s2lc_t2", "memcpy_t2"};
-    for (bool cold : {false, true})
-      for (int w = 0; w < 7; ++w)
-        benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
-                                      std::to_string(kShapes[si].cols) + (cold ? "_cold" : "_hot")).c_str(),
-                                     [=](benchmark::State& st) { bench_merge(st, si, static_cast<merge_impl>(w), cold); })
-            ->Unit(benchmark::kMicrosecond);
+    for (bool bf16 : {false, true})
+      for (bool cold : {false, true})
+        for (int w = 0; w < 7; ++w) {
+          if (bf16 && static_cast<merge_impl>(w) == merge_impl::s2lc_f32) continue;
+          benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
+                                        std::to_string(kShapes[si].cols) + (bf16 ? "_bf16" : "") + (cold ? "_cold" : "_hot")).c_str(),
+                                       [=](benchmark::State& st) {
+                                         if (bf16) bench_merge<std::uint16_t>(st, si, static_cast<merge_impl>(w), cold);
+                                         else bench_merge<float>(st, si, static_cast<merge_impl>(w), cold);
+                                       })
+              ->Unit(benchmark::kMicrosecond);
+        }
   }
   for (std::size_t role = 0; role < 3; ++role)
     for (unsigned K : {0u, 2u, 4u, 8u})
