@@ -125,10 +125,9 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
       return;
     case compress::block_kind::dense:
       if (!overwrite) return kernels::q_decode_rows_add(b.a.view(), 0, rb, tier, w, out, cb);
-      kernels::q_decode_rows(b.a.view(), 0, rb, tier, out, cb);
-      if (w != 1.0f)
-        for (std::size_t i = 0; i < rb * cb; ++i) out[i] *= w;
-      return;
+      // (a separate pass of out *= w, in the baseline ISA, took about 7 % of a merge)
+      if (w != 1.0f) return kernels::q_decode_rows_scaled(b.a.view(), 0, rb, tier, w, out, cb);
+      return kernels::q_decode_rows(b.a.view(), 0, rb, tier, out, cb);
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
       const std::size_t r = b.rank;

@@ -73,7 +73,7 @@ double bound(std::size_t K, double abs_sum) { return static_cast<double>(K + 4) 
 
 }  // namespace
 
-TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit (and decode-add within one rounding), every tier and target") {
+TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit (decode-add within one rounding, decode-scaled bit for bit), every tier and target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
@@ -108,6 +108,12 @@ TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit
             REQUIRE(std::fabs(acc[i] - want) <= kU * (std::fabs(want) + std::fabs(double(alpha) * got[i])) + 1e-37);
           }
           REQUIRE(acc.back() == acc0.back());
+          // q_decode_rows_scaled: out = alpha * decoded, the decoded value rounded first.
+          std::vector<float> scaled(c.rows * c.cols + 1, -9.0f);
+          k::q_decode_rows_scaled(km.view(), 0, c.rows, tier == c.bits ? 0 : tier, alpha, scaled.data(), c.cols);
+          for (std::size_t i = 0; i < c.rows * c.cols; ++i)
+            REQUIRE(std::bit_cast<std::uint32_t>(scaled[i]) == std::bit_cast<std::uint32_t>(alpha * got[i]));
+          REQUIRE(scaled.back() == -9.0f);
         }
       }
     }

@@ -109,7 +109,7 @@ HWY_INLINE float Scale(const QView& q, const Layout& l, std::size_t r, std::size
 
 // Decoded row r, columns [c0, c0 + n) of one group, into out (vector or scalar); with kAdd,
 // out += alpha * decoded instead (one FMA per element, the decoded value rounded first).
-template <bool kTier, bool kAdd = false>
+template <bool kTier, bool kAdd = false, bool kScale = false>
 HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std::size_t g, const TierParams& t, float* out,
                             float alpha = 1.0f) {
   const DF df;
@@ -121,6 +121,7 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
     for (std::size_t j = 0; j < n; ++j) {
       const float v = static_cast<float>(detail::tiered(detail::stored_code(q, r, c0 + j), t)) * s;
       if constexpr (kAdd) out[j] = std::fma(alpha, v, out[j]);
+      else if constexpr (kScale) out[j] = alpha * v;
       else out[j] = v;
     }
     return;
@@ -128,6 +129,7 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
   const auto vs = hn::Set(df, s), va = hn::Set(df, alpha);
   auto put = [&](VF v, float* o) {
     if constexpr (kAdd) hn::StoreU(hn::MulAdd(va, v, hn::LoadU(df, o)), df, o);
+    else if constexpr (kScale) hn::StoreU(hn::Mul(va, v), df, o);
     else hn::StoreU(v, df, o);
   };
   const std::uint8_t* row = q.codes + r * L.rb;
@@ -147,12 +149,12 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
   }
 }
 
-template <bool kTier, bool kAdd = false>
+template <bool kTier, bool kAdd = false, bool kScale = false>
 HWY_INLINE void DecodeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float* out, std::size_t ld,
                             float alpha = 1.0f) {
   const Layout L = MakeLayout(q, hn::Lanes(DF()));
   for (std::size_t i = 0; i < nr; ++i)
-    for (std::size_t g = 0; g < L.gpr; ++g) DecodeGroup<kTier, kAdd>(q, L, r0 + i, g, t, out + i * ld + g * q.group, alpha);
+    for (std::size_t g = 0; g < L.gpr; ++g) DecodeGroup<kTier, kAdd, kScale>(q, L, r0 + i, g, t, out + i * ld + g * q.group, alpha);
 }
 
 // y[i] += alpha * sum_j W[r0 + i, j] x[j] for R rows: codes decoded in registers, one x load
@@ -669,25 +671,32 @@ HWY_INLINE void GemmNNT(const float* C, std::size_t ldc, std::size_t nt, std::si
 
 // ---- entry points (inline: header-only static dispatch from many TUs links) -------------------
 
-inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out, std::size_t ld) {
+namespace qk {
+// out = decoded rows (neither), out += alpha * decoded (kAdd), out = alpha * decoded (kScale).
+template <bool kAdd, bool kScale>
+inline void DecodeRowsEntry(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* out, std::size_t ld) {
   if (q.lanes)
     return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
-      QDecodeRows(v, i0, n, tier, out + off * ld, ld);
+      DecodeRowsEntry<kAdd, kScale>(v, i0, n, tier, alpha, out + off * ld, ld);
     });
   const TierParams t = tier_params(q.bits, tier);
-  if (t.shift) qk::DecodeRowsT<true>(q, r0, nr, t, out, ld);
-  else qk::DecodeRowsT<false>(q, r0, nr, t, out, ld);
+  if (t.shift) DecodeRowsT<true, kAdd, kScale>(q, r0, nr, t, out, ld, alpha);
+  else DecodeRowsT<false, kAdd, kScale>(q, r0, nr, t, out, ld, alpha);
+}
+}  // namespace qk
+
+inline HWY_NOINLINE void QDecodeRows(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float* out, std::size_t ld) {
+  qk::DecodeRowsEntry<false, false>(q, r0, nr, tier, 1.0f, out, ld);
 }
 
 inline HWY_NOINLINE void QDecodeRowsAdd(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* out,
                                         std::size_t ld) {
-  if (q.lanes)
-    return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
-      QDecodeRowsAdd(v, i0, n, tier, alpha, out + off * ld, ld);
-    });
-  const TierParams t = tier_params(q.bits, tier);
-  if (t.shift) qk::DecodeRowsT<true, true>(q, r0, nr, t, out, ld, alpha);
-  else qk::DecodeRowsT<false, true>(q, r0, nr, t, out, ld, alpha);
+  qk::DecodeRowsEntry<true, false>(q, r0, nr, tier, alpha, out, ld);
+}
+
+inline HWY_NOINLINE void QDecodeRowsScaled(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* out,
+                                           std::size_t ld) {
+  qk::DecodeRowsEntry<false, true>(q, r0, nr, tier, alpha, out, ld);
 }
 
 // q_gemv_nt on a row-major q.

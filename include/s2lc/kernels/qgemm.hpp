@@ -23,6 +23,9 @@ namespace s2lc::kernels {
   X(void, q_decode_rows_add, QDecodeRowsAdd, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier,         \
                                               float alpha, float* out, std::size_t ld),                              \
     (q, r0, nr, tier, alpha, out, ld))                                                                               \
+  X(void, q_decode_rows_scaled, QDecodeRowsScaled, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier,   \
+                                                    float alpha, float* out, std::size_t ld),                        \
+    (q, r0, nr, tier, alpha, out, ld))                                                                               \
   X(void, q_gemv_nt, QGemvNT, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* x,        \
                                float alpha, float* y), (q, r0, nr, tier, x, alpha, y))                               \
   X(void, q_gemv_nn, QGemvNN, (const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* c,        \
@@ -75,6 +78,8 @@ namespace s2lc::kernels {
 
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_decode_rows_add: out[i, :] += alpha * those decoded rows (one FMA per element).
+// q_decode_rows_scaled: out[i, :] = alpha * those decoded rows (each decoded value rounded, then
+//                the product: the bits of q_decode_rows followed by a multiply).
 // q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
 // q_gemm_nt:     y[t * ldy + i] += alpha * sum_j q[r0 + i, j] x[t * ldx + j], i < nr, t < nt (rows in
 //                lanes: each code decoded once per tile of up to 8 tokens; else q_gemv_nt per token).
