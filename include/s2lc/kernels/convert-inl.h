@@ -37,7 +37,8 @@ HWY_INLINE hn::Vec<DU16> NarrowU32(V v32) {
   return hn::DemoteTo(DU16(), hn::BitCast(DI32(), v32));
 }
 
-HWY_INLINE hn::Vec<DU16> F32ToBF16Vec(hn::Vec<DF32> f) {
+// f32 -> bf16 bits (round to nearest even, NaN quieted), in 32-bit lanes.
+HWY_INLINE hn::Vec<DU32> F32ToBF16Bits32(hn::Vec<DF32> f) {
   const DU32 du;
   const auto bits = hn::BitCast(du, f);
   const auto lsb = hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u));
@@ -48,8 +49,10 @@ HWY_INLINE hn::Vec<DU16> F32ToBF16Vec(hn::Vec<DF32> f) {
   const DI32 di;
   const auto abs_i = hn::BitCast(di, hn::And(bits, hn::Set(du, 0x7FFFFFFFu)));
   const auto is_nan = hn::RebindMask(du, hn::Gt(abs_i, hn::Set(di, 0x7F800000)));
-  return NarrowU32(hn::IfThenElse(is_nan, quiet_nan, rounded));
+  return hn::IfThenElse(is_nan, quiet_nan, rounded);
 }
+
+HWY_INLINE hn::Vec<DU16> F32ToBF16Vec(hn::Vec<DF32> f) { return NarrowU32(F32ToBF16Bits32(f)); }
 
 HWY_INLINE hn::Vec<DF32> BF16ToF32Vec(hn::Vec<DU16> h) {
   return hn::BitCast(DF32(), hn::ShiftLeft<16>(hn::PromoteTo(DU32(), h)));

@@ -941,18 +941,24 @@ inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const f
   const DU16 d16;
   std::memset(mask, 0, (n + 7) / 8);
   std::size_t nb = 0, i = 0;
+  // Rounded and compared in 32-bit lanes: only the stored result is narrowed (a narrowing of
+  // the check too made the kernel a third slower: 1000 against 750 us per 2048 x 1408 pass).
   for (; i + N <= n; i += N) {
     const auto wv = hn::LoadU(d16, w + i);
     const auto dv = hn::LoadU(df, d + i);
-    const auto m = F32ToBF16Vec(hn::Add(BF16ToF32Vec(wv), dv));
-    const auto back = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(m), dv));
-    hn::StoreU(m, d16, w + i);
     const auto w32 = hn::PromoteTo(du, wv);
-    const auto bad = hn::Ne(hn::PromoteTo(du, back), w32);
+    const auto m32 = F32ToBF16Bits32(hn::Add(hn::BitCast(df, hn::ShiftLeft<16>(w32)), dv));
+    const auto back = F32ToBF16Bits32(hn::Sub(hn::BitCast(df, hn::ShiftLeft<16>(m32)), dv));
+    hn::StoreU(NarrowU32(m32), d16, w + i);
+    const auto bad = hn::Ne(back, w32);
     PutMaskBits(du, bad, i, mask);
-    // old values compressed as 32-bit lanes, narrowed (exact: they are below 2^16) and stored whole
-    const hn::RebindToSigned<qk::DU> di;
-    hn::StoreU(hn::DemoteTo(d16, hn::BitCast(di, hn::Compress(w32, bad))), d16, bad_val + nb);
+#if HWY_TARGET == HWY_AVX3_DL
+    // old values compressed as 16-bit lanes (VBMI2): 750 -> 700 us per pass
+    hn::StoreU(hn::Compress(wv, hn::Mask256<std::uint16_t>{static_cast<__mmask16>(bad.raw)}), d16, bad_val + nb);
+#else
+    // old values compressed as 32-bit lanes, narrowed (exact: they are below 2^16), stored whole
+    hn::StoreU(NarrowU32(hn::Compress(w32, bad)), d16, bad_val + nb);
+#endif
     nb += hn::CountTrue(du, bad);
   }
   for (; i < n; ++i) {
@@ -974,12 +980,12 @@ inline HWY_NOINLINE std::size_t UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const
   // As unmerge_f32: the recorded values expanded into each vector in registers (as 32-bit lanes).
   const qk::DU du;
   for (; i + N <= n; i += N) {
-    const auto v = F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i)));
+    const auto v = F32ToBF16Bits32(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i)));
     const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
     std::uint16_t t[16];
     const auto src = hn::LoadU(d16, Next16(vals, k, nvals, t));
-    const auto e = hn::Vec<qk::DU>{_mm512_mask_expand_epi32(hn::PromoteTo(du, v).raw, static_cast<__mmask16>(bits), hn::PromoteTo(du, src).raw)};
-    hn::StoreU(hn::DemoteTo(d16, hn::BitCast(hn::RebindToSigned<qk::DU>(), e)), d16, w + i);
+    const auto e = hn::Vec<qk::DU>{_mm512_mask_expand_epi32(v.raw, static_cast<__mmask16>(bits), hn::PromoteTo(du, src).raw)};
+    hn::StoreU(NarrowU32(e), d16, w + i);
     k += static_cast<std::size_t>(std::popcount(bits));
   }
 #else
