@@ -129,6 +129,7 @@ inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::
                            Arena& arena, Executor* ex, float alpha = 1.0f, Precision tier = {}) {
   if (e >= g.members()) throw invalid_argument("morph::apply_parallel: member " + std::to_string(e) + " out of range");
   check_tier(tier);
+  detail::prefetch_meta(g, e);  // as apply
   const std::size_t mark = arena.mark();
   std::optional<detail::Q8Cache> q8c;
   if (tier.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);
