@@ -1653,11 +1653,13 @@ inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, 
       const VI q1 = 2 * kp + 1 < K ? hn::NearestInt(hn::Mul(hn::Mul(hn::LoadU(df, left + (2 * kp + 1) * rb + i), hn::Set(df, rho[2 * kp + 1])), inv))
                                    : hn::Zero(di);
       hn::Store(q8k::PairI16(q0, q1), di, pr);
-      if (N % 4 == 0) {  // i is a multiple of 4: each 4 lanes are one tile's 4 rows, contiguous in P
-        for (std::size_t l = 0; l < N; l += 4) std::memcpy(P + ((i + l) / 4) * Kp * 4 + kp * 4, pr + l, 4 * sizeof(std::int32_t));
-      } else {
-        for (std::size_t l = 0; l < N; ++l) put(i + l, kp, pr[l]);
+      std::size_t l = 0;
+      if constexpr (hn::MaxLanes(DI()) % 4 == 0) {
+        // i is a multiple of 4 then: each 4 lanes are one tile's 4 rows, contiguous in P
+        if (N % 4 == 0)
+          for (; l < N; l += 4) std::memcpy(P + ((i + l) / 4) * Kp * 4 + kp * 4, pr + l, 4 * sizeof(std::int32_t));
       }
+      for (; l < N; ++l) put(i + l, kp, pr[l]);
     }
   }
   for (; i < rb; ++i) {
