@@ -9187,6 +9187,7 @@ struct BasisBank {
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -9333,14 +9334,24 @@ inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u, const std::vecto
   return true;
 }
 
-/// Appends a block row's recorded old values (the kernels store whole vectors: 64 spare).
+/// Collects recorded old values block row by block row (the kernels store whole vectors: 64
+/// spare) in storage that is not zero-filled, grown by doubling (a std::vector's resize zeroed
+/// twice the record and shrink_to_fit copied it again: memset + memmove were 2 % of a merge).
 template <class T>
 struct UndoSink {
-  std::vector<T>* v;
-  std::size_t n = 0;
+  std::unique_ptr<T[]> buf;
+  std::size_t cap = 0, n = 0;
   T* room(std::size_t row) {
-    if (v->size() < n + row + 64) v->resize(std::max(2 * v->size(), n + row + 64));
-    return v->data() + n;
+    if (cap < n + row + 64) {
+      const std::size_t want = std::max({2 * cap, n + row + 64, std::size_t{4096}});
+      auto grown = std::make_unique_for_overwrite<T[]>(want);
+      if (n) std::memcpy(grown.get(), buf.get(), n * sizeof(T));
+      buf = std::move(grown), cap = want;
+    }
+    return buf.get() + n;
+  }
+  void append_to(std::vector<T>& v) const {
+    if (n) v.insert(v.end(), buf.get(), buf.get() + n);
   }
 };
 
@@ -9355,14 +9366,13 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
   const auto off = undo_mask_offsets(g);
   u.mask.assign(off.back(), 0);
   auto& vals = undo_values<T>(u);
-  // In order, blocks append to the record directly; on workers, each block to its own list, the
-  // lists joined in block order afterwards (the same record either way).
+  // In order, blocks append to one sink; on workers, each block to its own, the sinks joined in
+  // block order afterwards (the same record either way).
   const bool par = ex != nullptr && ex->workers() > 1 && g.grid.blocks() > 1;
-  std::vector<std::vector<T>> per(par ? g.grid.blocks() : 0);
-  UndoSink<T> serial{&vals};
+  std::vector<UndoSink<T>> per(par ? g.grid.blocks() : 0);
+  UndoSink<T> serial;
   for_each_block(g, par ? ex : nullptr, [&](std::size_t b, MergeScratch& s) {
-    UndoSink<T> own{par ? &per[b] : nullptr};
-    UndoSink<T>& sink = par ? own : serial;
+    UndoSink<T>& sink = par ? per[b] : serial;
     std::size_t at = off[b];
     delta_block_rows(g, src, b, buf, ld, tier, math, s, [&](T* row, const float* d, std::size_t n) {
       T* v = sink.room(n);
@@ -9370,18 +9380,12 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
       else sink.n += kernels::merge_bf16(row, d, n, u.mask.data() + at, v);
       at += (n + 7) / 8;
     });
-    if (par) per[b].resize(own.n);
   });
-  if (par) {
-    std::size_t total = 0;
-    for (const auto& p : per) total += p.size();
-    vals.clear();
-    vals.reserve(total);
-    for (const auto& p : per) vals.insert(vals.end(), p.begin(), p.end());
-  } else {
-    vals.resize(serial.n);
-    vals.shrink_to_fit();
-  }
+  std::size_t total = serial.n;
+  for (const auto& p : per) total += p.n;
+  vals.reserve(total);
+  serial.append_to(vals);
+  for (const auto& p : per) p.append_to(vals);
   return u;
 }
 

@@ -140,7 +140,7 @@ inline std::vector<ByteRange> member_ranges(const morph::KGroup& g, std::size_t 
   return out;
 }
 
-/// Streams ranges [p, p + parts) step `step` (one thread's share), returns their xor.
+/// Streams ranges p, p + step, p + 2 step, ... (one thread's share), returns their xor.
 inline std::uint64_t read_ranges(const std::vector<ByteRange>& r, std::size_t p = 0, std::size_t step = 1) {
   std::uint64_t s = 0;
   for (std::size_t i = p; i < r.size(); i += step) s ^= kernels::stream_read_bytes(r[i].first, r[i].second);
