@@ -76,17 +76,23 @@ struct DeltaWriter {
   unsigned tier;
   BlockScratch& bs;
   bool fixed;
+  const kernels::PrefetchRows* pf;  ///< given to the first fixed-point low-rank part (then null)
   bool first = true;
-  void add(const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first, fixed), first = false; }
+  void add(const KBlock& k, float w) {
+    const bool lr = k.kind == compress::block_kind::lowrank || k.kind == compress::block_kind::shared;
+    add_block(g, k, w, tier, out, &bs, first, fixed, lr && fixed ? pf : nullptr), first = false;
+    if (lr && fixed) pf = nullptr;
+  }
   void finish() const {
     if (first) std::fill(out, out + n, 0.0f);
   }
 };
 
 /// Writes block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
-inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed) {
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed,
+                         const kernels::PrefetchRows* pf = nullptr) {
   const KGroup& g = *s.g;
-  DeltaWriter dw{g, out, n, tier, bs, fixed};
+  DeltaWriter dw{g, out, n, tier, bs, fixed, pf};
   if (!g.replaces[s.e][b])
     for (auto nd : g.path[s.e])
       if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale);
@@ -94,9 +100,10 @@ inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::s
   dw.finish();
 }
 
-inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed) {
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed,
+                         const kernels::PrefetchRows* pf = nullptr) {
   const KGroup& g = *s.m->group;
-  DeltaWriter dw{g, out, n, tier, bs, fixed};
+  DeltaWriter dw{g, out, n, tier, bs, fixed, pf};
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
       if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale * w);
@@ -119,7 +126,10 @@ template <class T, class Source, class RowFn>
 void delta_block_rows(const KGroup& g, const Source& src, std::size_t b, T* buf, std::size_t ld, unsigned tier, merge_math math,
                       MergeScratch& s, RowFn&& row_fn) {
   const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
-  decode_delta(src, b, s.d.data(), rb * cb, tier, s.bs, math == merge_math::fixed16);
+  // The block's buffer rows stream in under the products (prefetched a few per register tile):
+  // the pass below is memory-bound, the products are not.
+  const kernels::PrefetchRows pf{buf + r0 * ld + c0, rb, ld * sizeof(T), cb * sizeof(T)};
+  decode_delta(src, b, s.d.data(), rb * cb, tier, s.bs, math == merge_math::fixed16, &pf);
   for (std::size_t i = 0; i < rb; ++i) {
     // The buffer row kMergePrefetchRows ahead (into the next block past the last rows): each
     // block row is a 1 KB piece of a longer buffer row, too short for the hardware prefetchers

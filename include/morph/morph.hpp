@@ -108,7 +108,7 @@ struct BlockScratch {
 /// overwrite, out's old contents are ignored (out = w * the block: no zeroing pass first). With
 /// fixed, a low-rank block's factors multiply in int16 fixed point (kernels::lowrank_add_fixed).
 inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out, BlockScratch* scratch = nullptr,
-                      bool overwrite = false, bool fixed = false) {
+                      bool overwrite = false, bool fixed = false, const kernels::PrefetchRows* pf = nullptr) {
   const std::size_t rb = b.rb, cb = b.cb;
   BlockScratch local;
   BlockScratch& s = scratch ? *scratch : local;
@@ -138,7 +138,7 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
       kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
       if (fixed) {
         s.fixed.resize(std::max(s.fixed.size(), kernels::lowrank_fixed_scratch(r, rb, cb)));
-        return kernels::lowrank_add_fixed(left, right, r, rb, cb, w, out, cb, overwrite, s.fixed.data());
+        return kernels::lowrank_add_fixed(left, right, r, rb, cb, w, out, cb, overwrite, s.fixed.data(), pf);
       }
       if (w != 1.0f)
         for (std::size_t i = 0; i < r * rb; ++i) left[i] *= w;

@@ -4565,6 +4565,14 @@ inline matrix svd_baseline(const matrix& W, std::size_t r) {
 
 namespace s2lc::kernels {
 
+/// Rows a caller is about to read and write (rows of row_bytes bytes, ld_bytes apart, from p),
+/// which a compute-bound kernel prefetches a few at a time spread over its work, so they stream
+/// in from memory under its arithmetic instead of after it.
+struct PrefetchRows {
+  const void* p = nullptr;
+  std::size_t rows = 0, ld_bytes = 0, row_bytes = 0;
+};
+
 struct QView {
   const std::uint8_t* codes = nullptr;
   const std::uint16_t* scales = nullptr;  ///< bf16 bits, [rows, groups_per_row()]
@@ -6354,6 +6362,15 @@ HWY_INLINE VI DotI16(VI acc, VI a, VI b) {
 #endif
 }
 
+// Prefetch of a line about to be written.
+HWY_INLINE void PrefetchW(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 1, 3);
+#else
+  hwy::Prefetch(p);
+#endif
+}
+
 // The int16 pair (q0, q1) of two int32 values in [-32767, 32767], as one int32 lane.
 HWY_INLINE VI PairI16(VI q0, VI q1) { return hn::Or(hn::And(q0, hn::Set(DI(), 0xFFFF)), hn::ShiftLeft<16>(q1)); }
 HWY_INLINE std::int32_t PairI16(std::int32_t q0, std::int32_t q1) {
@@ -6373,7 +6390,8 @@ inline constexpr std::size_t kFixedV = 2;
 // lambda [rb4]; the left pairs, per tile of 4 rows [Kp][4]; the right pairs, per slab of
 // kFixedV vectors of columns [Kp][slab width].
 inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, std::size_t K, std::size_t rb, std::size_t cb, float w,
-                                         float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch) {
+                                         float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch,
+                                         const PrefetchRows* pf) {
   using q8k::DI;
   using q8k::VI;
   const q8k::DF df;
@@ -6461,11 +6479,22 @@ inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, 
     lam[i] = 0.0f;
     for (std::size_t kp = 0; kp < Kp; ++kp) put(i, kp, 0);
   }
-  // out[i, j] (+)= lambda_i sum_kp dot(pair_L[kp, i], pair_R[kp, j]) per 4 x kFixedV-vector tile.
+  // out[i, j] (+)= lambda_i sum_kp dot(pair_L[kp, i], pair_R[kp, j]) per 4 x kFixedV-vector tile;
+  // before each tile, its share of pf's rows is prefetched for writing.
   constexpr std::size_t V = q8k::kFixedV;
+  const std::size_t tiles = ns * ((rb + 3) / 4);
+  std::size_t tile = 0;
   for (std::size_t s = 0; s < ns; ++s) {
     const std::int32_t* Rs = Rp + s * Kp * W;
-    for (std::size_t i0 = 0; i0 < rb; i0 += 4) {
+    for (std::size_t i0 = 0; i0 < rb; i0 += 4, ++tile) {
+      if (pf && pf->p) {
+        const char* base = static_cast<const char*>(pf->p);
+        for (std::size_t r = pf->rows * tile / tiles; r < pf->rows * (tile + 1) / tiles; ++r) {
+          const char* row = base + r * pf->ld_bytes;
+          for (std::size_t o = 0; o < pf->row_bytes; o += 64) q8k::PrefetchW(row + o);
+          if (pf->row_bytes) q8k::PrefetchW(row + pf->row_bytes - 1);  // an unaligned row's last line
+        }
+      }
       const std::int32_t* Pt = P + (i0 / 4) * Kp * 4;
       VI acc[4][V];
       for (std::size_t t = 0; t < 4; ++t)
@@ -7542,8 +7571,8 @@ namespace s2lc::kernels {
                                              const std::uint16_t* vals, std::size_t nvals), (w, d, n, mask, vals, nvals)) \
   X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
                                                 std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
-                                                std::int32_t* scratch),                                                \
-    (left, right, k, rb, cb, w, out, ldo, overwrite, scratch))
+                                                std::int32_t* scratch, const PrefetchRows* pf),                        \
+    (left, right, k, rb, cb, w, out, ldo, overwrite, scratch, pf))
 
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_decode_rows_add: out[i, :] += alpha * those decoded rows (one FMA per element).
@@ -7600,7 +7629,8 @@ namespace s2lc::kernels {
 //                K = 1), so |error| <= sum_k |L[k, i]| rho_k / 2 + lambda_i / 2 sum_k |R16[k, j]|
 //                (before the final f32 rounding): about 2^-13 of the largest |L[k, i] R[k, j']|
 //                per term. The same on every target. scratch: lowrank_fixed_scratch(k, rb, cb)
-//                words. Finite factors only.
+//                words. Finite factors only. pf (may be null): rows prefetched (for writing)
+//                spread over the register tiles (the merge passes the buffer rows it updates next).
 
 /// Scratch words of lowrank_add_fixed.
 inline std::size_t lowrank_fixed_scratch(std::size_t k, std::size_t rb, std::size_t cb) noexcept {
@@ -8875,7 +8905,7 @@ struct BlockScratch {
 /// overwrite, out's old contents are ignored (out = w * the block: no zeroing pass first). With
 /// fixed, a low-rank block's factors multiply in int16 fixed point (kernels::lowrank_add_fixed).
 inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, float* out, BlockScratch* scratch = nullptr,
-                      bool overwrite = false, bool fixed = false) {
+                      bool overwrite = false, bool fixed = false, const kernels::PrefetchRows* pf = nullptr) {
   const std::size_t rb = b.rb, cb = b.cb;
   BlockScratch local;
   BlockScratch& s = scratch ? *scratch : local;
@@ -8905,7 +8935,7 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
       kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
       if (fixed) {
         s.fixed.resize(std::max(s.fixed.size(), kernels::lowrank_fixed_scratch(r, rb, cb)));
-        return kernels::lowrank_add_fixed(left, right, r, rb, cb, w, out, cb, overwrite, s.fixed.data());
+        return kernels::lowrank_add_fixed(left, right, r, rb, cb, w, out, cb, overwrite, s.fixed.data(), pf);
       }
       if (w != 1.0f)
         for (std::size_t i = 0; i < r * rb; ++i) left[i] *= w;
@@ -9236,17 +9266,23 @@ struct DeltaWriter {
   unsigned tier;
   BlockScratch& bs;
   bool fixed;
+  const kernels::PrefetchRows* pf;  ///< given to the first fixed-point low-rank part (then null)
   bool first = true;
-  void add(const KBlock& k, float w) { add_block(g, k, w, tier, out, &bs, first, fixed), first = false; }
+  void add(const KBlock& k, float w) {
+    const bool lr = k.kind == compress::block_kind::lowrank || k.kind == compress::block_kind::shared;
+    add_block(g, k, w, tier, out, &bs, first, fixed, lr && fixed ? pf : nullptr), first = false;
+    if (lr && fixed) pf = nullptr;
+  }
   void finish() const {
     if (first) std::fill(out, out + n, 0.0f);
   }
 };
 
 /// Writes block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
-inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed) {
+inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed,
+                         const kernels::PrefetchRows* pf = nullptr) {
   const KGroup& g = *s.g;
-  DeltaWriter dw{g, out, n, tier, bs, fixed};
+  DeltaWriter dw{g, out, n, tier, bs, fixed, pf};
   if (!g.replaces[s.e][b])
     for (auto nd : g.path[s.e])
       if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale);
@@ -9254,9 +9290,10 @@ inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::s
   dw.finish();
 }
 
-inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed) {
+inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed,
+                         const kernels::PrefetchRows* pf = nullptr) {
   const KGroup& g = *s.m->group;
-  DeltaWriter dw{g, out, n, tier, bs, fixed};
+  DeltaWriter dw{g, out, n, tier, bs, fixed, pf};
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
       if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale * w);
@@ -9279,7 +9316,10 @@ template <class T, class Source, class RowFn>
 void delta_block_rows(const KGroup& g, const Source& src, std::size_t b, T* buf, std::size_t ld, unsigned tier, merge_math math,
                       MergeScratch& s, RowFn&& row_fn) {
   const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
-  decode_delta(src, b, s.d.data(), rb * cb, tier, s.bs, math == merge_math::fixed16);
+  // The block's buffer rows stream in under the products (prefetched a few per register tile):
+  // the pass below is memory-bound, the products are not.
+  const kernels::PrefetchRows pf{buf + r0 * ld + c0, rb, ld * sizeof(T), cb * sizeof(T)};
+  decode_delta(src, b, s.d.data(), rb * cb, tier, s.bs, math == merge_math::fixed16, &pf);
   for (std::size_t i = 0; i < rb; ++i) {
     // The buffer row kMergePrefetchRows ahead (into the next block past the last rows): each
     // block row is a 1 KB piece of a longer buffer row, too short for the hardware prefetchers

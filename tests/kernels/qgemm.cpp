@@ -378,7 +378,7 @@ TEST_CASE("kernels: lowrank_add_fixed within its int16 fixed-point bound of the 
         CAPTURE(overwrite);
         std::vector<float> out(sh.rb * ldo, 0.25f);
         const float w = -0.75f;
-        k::lowrank_add_fixed(L.data(), R.data(), sh.K, sh.rb, sh.cb, w, out.data(), ldo, overwrite, scratch.data());
+        k::lowrank_add_fixed(L.data(), R.data(), sh.K, sh.rb, sh.cb, w, out.data(), ldo, overwrite, scratch.data(), nullptr);
         for (std::size_t i = 0; i < sh.rb; ++i) {
           double M = 0;
           for (std::size_t kk = 0; kk < sh.K; ++kk) {
@@ -396,9 +396,16 @@ TEST_CASE("kernels: lowrank_add_fixed within its int16 fixed-point bound of the 
           }
           for (std::size_t j = sh.cb; j < ldo; ++j) REQUIRE(out[i * ldo + j] == 0.25f);  // past the block: untouched
         }
+        {  // prefetching rows of another buffer (odd stride and width) changes nothing in out or there
+          std::vector<float> again(sh.rb * ldo, 0.25f), other(3 * sh.rb * 37 + 64, 1.5f);
+          const s2lc::kernels::PrefetchRows pf{other.data() + 1, 3 * sh.rb, 37 * sizeof(float), 33 * sizeof(float)};
+          k::lowrank_add_fixed(L.data(), R.data(), sh.K, sh.rb, sh.cb, w, again.data(), ldo, overwrite, scratch.data(), &pf);
+          REQUIRE(again == out);
+          CHECK(std::all_of(other.begin(), other.end(), [](float v) { return v == 1.5f; }));
+        }
         if (sh.K == 1 && sh.rb == 5) {  // rank 0: adds nothing, overwrites with zeros
           std::vector<float> z(sh.rb * ldo, 0.25f);
-          k::lowrank_add_fixed(L.data(), R.data(), 0, sh.rb, sh.cb, w, z.data(), ldo, overwrite, scratch.data());
+          k::lowrank_add_fixed(L.data(), R.data(), 0, sh.rb, sh.cb, w, z.data(), ldo, overwrite, scratch.data(), nullptr);
           for (std::size_t i = 0; i < sh.rb; ++i)
             for (std::size_t j = 0; j < ldo; ++j) REQUIRE(z[i * ldo + j] == (overwrite && j < sh.cb ? 0.0f : 0.25f));
         }

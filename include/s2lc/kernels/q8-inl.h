@@ -1569,6 +1569,15 @@ HWY_INLINE VI DotI16(VI acc, VI a, VI b) {
 #endif
 }
 
+// Prefetch of a line about to be written.
+HWY_INLINE void PrefetchW(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 1, 3);
+#else
+  hwy::Prefetch(p);
+#endif
+}
+
 // The int16 pair (q0, q1) of two int32 values in [-32767, 32767], as one int32 lane.
 HWY_INLINE VI PairI16(VI q0, VI q1) { return hn::Or(hn::And(q0, hn::Set(DI(), 0xFFFF)), hn::ShiftLeft<16>(q1)); }
 HWY_INLINE std::int32_t PairI16(std::int32_t q0, std::int32_t q1) {
@@ -1588,7 +1597,8 @@ inline constexpr std::size_t kFixedV = 2;
 // lambda [rb4]; the left pairs, per tile of 4 rows [Kp][4]; the right pairs, per slab of
 // kFixedV vectors of columns [Kp][slab width].
 inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, std::size_t K, std::size_t rb, std::size_t cb, float w,
-                                         float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch) {
+                                         float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch,
+                                         const PrefetchRows* pf) {
   using q8k::DI;
   using q8k::VI;
   const q8k::DF df;
@@ -1676,11 +1686,22 @@ inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, 
     lam[i] = 0.0f;
     for (std::size_t kp = 0; kp < Kp; ++kp) put(i, kp, 0);
   }
-  // out[i, j] (+)= lambda_i sum_kp dot(pair_L[kp, i], pair_R[kp, j]) per 4 x kFixedV-vector tile.
+  // out[i, j] (+)= lambda_i sum_kp dot(pair_L[kp, i], pair_R[kp, j]) per 4 x kFixedV-vector tile;
+  // before each tile, its share of pf's rows is prefetched for writing.
   constexpr std::size_t V = q8k::kFixedV;
+  const std::size_t tiles = ns * ((rb + 3) / 4);
+  std::size_t tile = 0;
   for (std::size_t s = 0; s < ns; ++s) {
     const std::int32_t* Rs = Rp + s * Kp * W;
-    for (std::size_t i0 = 0; i0 < rb; i0 += 4) {
+    for (std::size_t i0 = 0; i0 < rb; i0 += 4, ++tile) {
+      if (pf && pf->p) {
+        const char* base = static_cast<const char*>(pf->p);
+        for (std::size_t r = pf->rows * tile / tiles; r < pf->rows * (tile + 1) / tiles; ++r) {
+          const char* row = base + r * pf->ld_bytes;
+          for (std::size_t o = 0; o < pf->row_bytes; o += 64) q8k::PrefetchW(row + o);
+          if (pf->row_bytes) q8k::PrefetchW(row + pf->row_bytes - 1);  // an unaligned row's last line
+        }
+      }
       const std::int32_t* Pt = P + (i0 / 4) * Kp * 4;
       VI acc[4][V];
       for (std::size_t t = 0; t < 4; ++t)

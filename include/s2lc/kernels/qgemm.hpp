@@ -73,8 +73,8 @@ namespace s2lc::kernels {
                                              const std::uint16_t* vals, std::size_t nvals), (w, d, n, mask, vals, nvals)) \
   X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
                                                 std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
-                                                std::int32_t* scratch),                                                \
-    (left, right, k, rb, cb, w, out, ldo, overwrite, scratch))
+                                                std::int32_t* scratch, const PrefetchRows* pf),                        \
+    (left, right, k, rb, cb, w, out, ldo, overwrite, scratch, pf))
 
 // q_decode_rows: out[i, :] (stride ld) = rows [r0, r0 + nr) of q decoded at `tier` (0: stored bits).
 // q_decode_rows_add: out[i, :] += alpha * those decoded rows (one FMA per element).
@@ -131,7 +131,8 @@ namespace s2lc::kernels {
 //                K = 1), so |error| <= sum_k |L[k, i]| rho_k / 2 + lambda_i / 2 sum_k |R16[k, j]|
 //                (before the final f32 rounding): about 2^-13 of the largest |L[k, i] R[k, j']|
 //                per term. The same on every target. scratch: lowrank_fixed_scratch(k, rb, cb)
-//                words. Finite factors only.
+//                words. Finite factors only. pf (may be null): rows prefetched (for writing)
+//                spread over the register tiles (the merge passes the buffer rows it updates next).
 
 /// Scratch words of lowrank_add_fixed.
 inline std::size_t lowrank_fixed_scratch(std::size_t k, std::size_t rb, std::size_t cb) noexcept {

@@ -36,6 +36,14 @@
 
 namespace s2lc::kernels {
 
+/// Rows a caller is about to read and write (rows of row_bytes bytes, ld_bytes apart, from p),
+/// which a compute-bound kernel prefetches a few at a time spread over its work, so they stream
+/// in from memory under its arithmetic instead of after it.
+struct PrefetchRows {
+  const void* p = nullptr;
+  std::size_t rows = 0, ld_bytes = 0, row_bytes = 0;
+};
+
 struct QView {
   const std::uint8_t* codes = nullptr;
   const std::uint16_t* scales = nullptr;  ///< bf16 bits, [rows, groups_per_row()]
