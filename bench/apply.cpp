@@ -58,6 +58,9 @@ struct Setup {
 };
 
 Setup& setup(std::size_t si, bool cold) {
+  static const bool announced = (std::printf("s2lc kernels run the %s target; OpenBLAS runs its %s kernels\n",
+                                              s2lc::kernels::kernel_target(), openblas_get_corename()), true);
+  (void)announced;
   static std::map<std::pair<std::size_t, bool>, std::unique_ptr<Setup>> cache;
   auto& slot = cache[{si, cold}];
   if (slot) return *slot;

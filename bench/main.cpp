@@ -7,6 +7,7 @@
 #include <benchmark/benchmark.h>
 
 #include "report.hpp"
+#include "targets.hpp"
 
 namespace s2lc::bench {
 namespace {
@@ -91,6 +92,21 @@ void register_op(const std::string& op, OpSpec spec) { specs()[op] = std::move(s
 }  // namespace s2lc::bench
 
 int main(int argc, char** argv) {
+  // --s2lc_target=NAME: the kernels run that SIMD target of the dispatch build (see targets.hpp).
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i], flag = "--s2lc_target=";
+    if (a.rfind(flag, 0) != 0) continue;
+    try {
+      s2lc::cli::limit_dispatch_target(a.substr(flag.size()));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      return 2;
+    }
+    for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+    --argc, --i;
+  }
+  std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s\n",
+              s2lc::cli::dispatch_targets().c_str());
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   s2lc::bench::RatioReporter reporter;

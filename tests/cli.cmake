@@ -67,6 +67,14 @@ s2lc_cli_test(bench_apply_json 0 ARGS bench apply --rows 300 --cols 257 --ratio 
 # --truncate: the hybrid's own-factor mixes cut to one expert's rank, with its error against the exact mix
 s2lc_cli_test(bench_apply_truncate 0 ARGS bench apply --rows 300 --cols 257 --ratio 6 --batch 1 --morph 3 --truncate --morph-bits 4 --hot --seconds 0.01 --json
               STDOUT "\"morph_k\": 3,.*\"morph_vs_single\": [0-9.e+-]+,\n *\"morph_bits\": 4,\n *\"morph_truncate\": true,\n *\"morph_rel_error\": [0-9.e+-]+\n}")
+# --target: the kernels run the named SIMD target (SSE4: x86-64 CPUs this old are not supported
+# by the tests anyway), reported as "target"; an unknown name lists the targets there are.
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64")
+  s2lc_cli_test(bench_apply_target 0 ARGS bench apply --rows 70 --cols 40 --batch 2 --target sse4 --hot --seconds 0.01 --json
+                STDOUT "\"target\": \"SSE4\",\n *\"openblas_core\": \"[^\"]+\",")
+endif()
+s2lc_cli_test(bench_bad_target 2 ARGS bench apply --target foo
+              STDERR "^s2lc: --target foo: not a target of this build on this CPU \\(available: [A-Z0-9_ ]+\\)\n$" STDERR_LINES 1)
 s2lc_cli_test(bench_bad_morph_bits 2 ARGS bench apply --morph 2 --morph-bits 2 STDERR "--morph-bits must be 8 or 4, got '2'" STDERR_LINES 1)
 s2lc_cli_test(bench_truncate_alone 2 ARGS bench apply --truncate STDERR "--truncate applies to --morph K" STDERR_LINES 1)
 s2lc_cli_test(bench_morph_bits_alone 2 ARGS bench apply --morph-bits 4 STDERR "--morph-bits applies to --morph K" STDERR_LINES 1)

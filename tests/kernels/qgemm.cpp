@@ -73,6 +73,16 @@ double bound(std::size_t K, double abs_sum) { return static_cast<double>(K + 4) 
 
 }  // namespace
 
+TEST_CASE("kernels: kernel_target names the target a kernel call runs, on every target") {
+  const auto targets = s2lc::test::compiled_targets();
+  REQUIRE(!targets.empty());
+  for (std::int64_t target : targets) {
+    s2lc::test::TargetScope scope(target);
+    CHECK(std::string(k::kernel_target()) == hwy::TargetName(target));
+  }
+  CHECK(std::string(k::kernel_target()) == hwy::TargetName(targets.front()));  // the scopes ended: the best again
+}
+
 TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit (decode-add within one rounding, decode-scaled bit for bit), every tier and target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);

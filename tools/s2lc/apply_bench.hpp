@@ -18,6 +18,7 @@
 #include <xtensor-blas/xlinalg.hpp>  // declares the CBLAS functions (xflens cblas.h)
 
 extern "C" void openblas_set_num_threads(int);
+extern "C" char* openblas_get_corename(void);
 
 #include <morph/grouped.hpp>
 #include <morph/merge.hpp>

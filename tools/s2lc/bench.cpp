@@ -8,12 +8,13 @@
 
 #include "apply_bench.hpp"
 #include "cli.hpp"
+#include "targets.hpp"
 
 namespace s2lc::cli {
 
 int run_bench(const std::vector<std::string>& args) {
   if (args.empty() || args[0] != "apply")
-    throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K [--truncate] [--morph-bits 8|4]] [--activations f32|int8] [--hot] [--json]");
+    throw usage_error("bench: usage: s2lc bench apply --rows M --cols N --ratio R --batch B [--threads T] [--morph K [--truncate] [--morph-bits 8|4]] [--activations f32|int8] [--target NAME] [--hot] [--json]");
   apply_bench::Config c;
   bool json = false, morph_bits_given = false;
   for (std::size_t i = 1; i < args.size(); ++i) {
@@ -42,6 +43,14 @@ int run_bench(const std::vector<std::string>& args) {
       else if (v == "int8") c.act = morph::Activations::int8;
       else throw usage_error("--activations must be f32 or int8, got '" + v + "'");
     }
+    else if (a == "--target") {
+      const std::string& v = value();
+      try {
+        limit_dispatch_target(v);
+      } catch (const std::invalid_argument& e) {
+        throw usage_error(e.what());
+      }
+    }
     else if (a == "--json") json = true;
     else if (a == "--seconds") c.seconds = parse_number(a, value());
     else if (a == "--ratio") {
@@ -57,7 +66,8 @@ int run_bench(const std::vector<std::string>& args) {
   const auto r = apply_bench::run(c);
   nlohmann::ordered_json j;
   j["rows"] = c.rows, j["cols"] = c.cols, j["ratio"] = c.ratio, j["batch"] = c.batch, j["threads"] = c.threads;
-  j["cold"] = c.cold, j["copies"] = r.copies;
+  j["cold"] = c.cold, j["copies"] = r.copies, j["target"] = kernels::kernel_target();
+  j["openblas_core"] = openblas_get_corename();
   j["activations"] = c.act == morph::Activations::int8 ? "int8" : "f32";
   j["bytes"] = r.bytes, j["dense_f32_bytes"] = r.dense_bytes, j["bandwidth_gbs"] = r.bandwidth_gbs;
   j["us_per_call"] = r.us, j["openblas_us_per_call"] = r.openblas_us, j["dense_highway_us_per_call"] = r.dense_us;

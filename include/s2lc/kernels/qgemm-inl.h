@@ -829,6 +829,8 @@ inline HWY_NOINLINE std::uint64_t StreamReadBytes(const std::uint8_t* HWY_RESTRI
   return s;
 }
 
+inline HWY_NOINLINE std::int64_t KernelTargetBit() { return HWY_TARGET; }
+
 /// iters rounds of 8 independent vector FMAs on registers: the FMA throughput bound.
 inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
   const qk::DF df;

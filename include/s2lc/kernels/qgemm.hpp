@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <hwy/targets.h>
+
 #include "s2lc/config.hpp"
 #include "s2lc/kernels/qview.hpp"
 
@@ -63,6 +65,7 @@ namespace s2lc::kernels {
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
   X(std::uint64_t, stream_read_bytes, StreamReadBytes, (const std::uint8_t* p, std::size_t n), (p, n))               \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
+  X(std::int64_t, kernel_target_bit, KernelTargetBit, (), ())                                                        \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
                                        float* bad_val), (w, d, n, mask, bad_val))                                    \
   X(std::size_t, unmerge_f32, UnmergeF32, (float* w, const float* d, std::size_t n, const std::uint8_t* mask,        \
@@ -111,6 +114,7 @@ namespace s2lc::kernels {
 // gemm_tn:       y[t, j] += sum_k c[k, t] a[k, j]          (c stored k-major: [k, ldc]).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
+// kernel_target_bit: HWY_TARGET of the code that runs (Highway's target bit; see kernel_target).
 // stream_read_bytes: the xor of the 8-byte words of p[0, n) (zero-padded), read once: the bound
 //                of reading any bytes (codes, scales) without floating point on them.
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
@@ -152,5 +156,10 @@ S2LC_QGEMM_FUNCTIONS(S2LC_DEFINE)
 #undef S2LC_DEFINE
 }  // namespace static_<target>
 #endif
+
+/// Highway's name of the SIMD target the kernels run on ("AVX3_DL", "AVX3", "AVX2", "SSE4",
+/// "NEON", "SCALAR", ...), e.g. to log next to timings: the one a kernel call made now runs
+/// (asked of a dispatched function, so it is what runtime dispatch really picks).
+inline const char* kernel_target() { return hwy::TargetName(kernel_target_bit()); }
 
 }  // namespace s2lc::kernels
