@@ -7336,12 +7336,38 @@ inline HWY_NOINLINE std::uint64_t StreamReadBytes(const std::uint8_t* HWY_RESTRI
 
 inline HWY_NOINLINE std::int64_t KernelTargetBit() { return HWY_TARGET; }
 
-/// iters rounds of 8 independent vector FMAs on registers: the FMA throughput bound.
+/// iters rounds of 8 vector FMAs on registers (16 independent chains on 32-register targets, 12
+/// on 16-register ones, so FMA latency times pipes does not limit them): the FMA throughput
+/// bound. The chains start from distinct values: from equal ones the compiler folds them into one
+/// (GCC 12 did: a single dependent FMA counted as 8).
 inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
   const qk::DF df;
   const auto m = hn::Set(df, 0.999999f), c = hn::Set(df, 1e-7f);
-  auto a0 = hn::Set(df, 1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (std::size_t i = 0; i < iters; ++i) {
+  auto a0 = hn::Set(df, 1.0f), a1 = hn::Set(df, 1.25f), a2 = hn::Set(df, 1.5f), a3 = hn::Set(df, 1.75f);
+  auto a4 = hn::Set(df, 2.0f), a5 = hn::Set(df, 2.25f), a6 = hn::Set(df, 2.5f), a7 = hn::Set(df, 2.75f);
+  std::size_t i = 0;
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  auto b0 = hn::Set(df, 3.0f), b1 = hn::Set(df, 3.25f), b2 = hn::Set(df, 3.5f), b3 = hn::Set(df, 3.75f);
+  auto b4 = hn::Set(df, 4.0f), b5 = hn::Set(df, 4.25f), b6 = hn::Set(df, 4.5f), b7 = hn::Set(df, 4.75f);
+  for (; i + 2 <= iters; i += 2) {
+    a0 = hn::MulAdd(a0, m, c), a1 = hn::MulAdd(a1, m, c), a2 = hn::MulAdd(a2, m, c), a3 = hn::MulAdd(a3, m, c);
+    a4 = hn::MulAdd(a4, m, c), a5 = hn::MulAdd(a5, m, c), a6 = hn::MulAdd(a6, m, c), a7 = hn::MulAdd(a7, m, c);
+    b0 = hn::MulAdd(b0, m, c), b1 = hn::MulAdd(b1, m, c), b2 = hn::MulAdd(b2, m, c), b3 = hn::MulAdd(b3, m, c);
+    b4 = hn::MulAdd(b4, m, c), b5 = hn::MulAdd(b5, m, c), b6 = hn::MulAdd(b6, m, c), b7 = hn::MulAdd(b7, m, c);
+  }
+  a0 = hn::Add(a0, b0), a1 = hn::Add(a1, b1), a2 = hn::Add(a2, b2), a3 = hn::Add(a3, b3);
+  a4 = hn::Add(a4, b4), a5 = hn::Add(a5, b5), a6 = hn::Add(a6, b6), a7 = hn::Add(a7, b7);
+#elif HWY_TARGET != HWY_SCALAR
+  auto b0 = hn::Set(df, 3.0f), b1 = hn::Set(df, 3.25f), b2 = hn::Set(df, 3.5f), b3 = hn::Set(df, 3.75f);
+  for (; i + 2 <= iters; i += 2) {  // 12 chains in 16 registers: 12 FMAs per step of 2 rounds
+    a0 = hn::MulAdd(a0, m, c), a1 = hn::MulAdd(a1, m, c), a2 = hn::MulAdd(a2, m, c), a3 = hn::MulAdd(a3, m, c);
+    a4 = hn::MulAdd(a4, m, c), a5 = hn::MulAdd(a5, m, c), a6 = hn::MulAdd(a6, m, c), a7 = hn::MulAdd(a7, m, c);
+    b0 = hn::MulAdd(b0, m, c), b1 = hn::MulAdd(b1, m, c), b2 = hn::MulAdd(b2, m, c), b3 = hn::MulAdd(b3, m, c);
+    a0 = hn::MulAdd(a0, m, c), a1 = hn::MulAdd(a1, m, c), a2 = hn::MulAdd(a2, m, c), a3 = hn::MulAdd(a3, m, c);
+  }
+  a4 = hn::Add(a4, b0), a5 = hn::Add(a5, b1), a6 = hn::Add(a6, b2), a7 = hn::Add(a7, b3);
+#endif
+  for (; i < iters; ++i) {
     a0 = hn::MulAdd(a0, m, c), a1 = hn::MulAdd(a1, m, c), a2 = hn::MulAdd(a2, m, c), a3 = hn::MulAdd(a3, m, c);
     a4 = hn::MulAdd(a4, m, c), a5 = hn::MulAdd(a5, m, c), a6 = hn::MulAdd(a6, m, c), a7 = hn::MulAdd(a7, m, c);
   }
