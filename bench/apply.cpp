@@ -13,6 +13,9 @@
 //   buffer and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per
 //   element); s2lc_unmerge times the unmerge of the fixed16 merge; s2lc_t2 and memcpy_t2 run on
 //   two threads (grid blocks on a ThreadPool; the copy in 16 chunks).
+//   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
+//     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
+//     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
 // Single thread for every contender (OpenBLAS too) except the merge's _t2 pair. See bench/RESULTS.md.
@@ -22,11 +25,13 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
 #include <benchmark/benchmark.h>
 
+#include <morph/grouped.hpp>
 #include <morph/merge.hpp>
 #include <s2lc/io/safetensors.hpp>
 #include <s2lc/tensor.hpp>
@@ -349,6 +354,142 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   s2lc::bench::set_bytes(state, which == merge_impl::fma_bound ? 0.0 : bytes + (copy ? 0.0 : s.bytes));
 }
 
+// A whole SwiGLU MoE layer on real weights: tinymoe layer 1 (8 experts, d 256, ffn 768; w1 / w3 /
+// w2 as real_morph compresses them), T tokens routed top-2. s2lc: swiglu_apply from the
+// coefficients (cores once per node, f32 or int8 activations, s2lc_t2 on a two-thread ThreadPool);
+// openblas: per expert on the reconstructed f32 weights (gather its tokens, two sgemm / sgemv,
+// SiLU, one more, the gate-weighted scatter), one thread. Cold: copies over 512 MiB each.
+struct RealLayer {
+  std::vector<mo::SwiGLUExperts> layers;        // per compressed copy
+  std::vector<std::vector<float>> dense;        // per dense copy: w1, w3 of each expert [f, d], then w2 [d, f]
+  std::size_t d = 0, f = 0, experts = 0, dense_copies = 0;
+};
+
+RealLayer& real_layer() {
+  static std::unique_ptr<RealLayer> slot;
+  if (slot) return *slot;
+  slot = std::make_unique<RealLayer>();
+  RealLayer& L = *slot;
+  RealMorph &r1 = real_morph(0), &r2 = real_morph(1), &r3 = real_morph(2);
+  const std::size_t n = std::min({r1.copies.size(), r2.copies.size(), r3.copies.size()});
+  for (std::size_t c = 0; c < n; ++c) L.layers.push_back({&r1.copies[c], &r3.copies[c], &r2.copies[c]});
+  L.d = r1.cols, L.f = r1.rows, L.experts = r1.copies[0].members();
+  const std::size_t m = L.d * L.f;
+  std::vector<float> w(3 * L.experts * m, 0.0f);  // the f32 reconstruction (merge into zeros, f32 math)
+  for (std::size_t e = 0; e < L.experts; ++e) {
+    mo::merge(r1.copies[0], e, w.data() + e * m, L.d, 1.0f, 0, mo::merge_math::f32);
+    mo::merge(r3.copies[0], e, w.data() + (L.experts + e) * m, L.d, 1.0f, 0, mo::merge_math::f32);
+    mo::merge(r2.copies[0], e, w.data() + (2 * L.experts + e) * m, L.f, 1.0f, 0, mo::merge_math::f32);
+  }
+  L.dense_copies = std::max<std::size_t>(2, kColdBytes / (w.size() * sizeof(float)));
+  L.dense.assign(L.dense_copies, w);
+  return L;
+}
+
+// Top-2 routing of T tokens (two distinct experts per token, gates 0.6 / 0.4), fixed per T.
+s2lc::DispatchPlan layer_plan(std::size_t experts, std::size_t T) {
+  std::mt19937 rng(static_cast<std::uint32_t>(7 + T));
+  std::vector<std::int32_t> ids(2 * T);
+  std::vector<float> gates(2 * T);
+  for (std::size_t t = 0; t < T; ++t) {
+    const auto e1 = static_cast<std::int32_t>(rng() % experts);
+    const auto e2 = static_cast<std::int32_t>((static_cast<std::size_t>(e1) + 1 + rng() % (experts - 1)) % experts);
+    ids[2 * t] = e1, ids[2 * t + 1] = e2, gates[2 * t] = 0.6f, gates[2 * t + 1] = 0.4f;
+  }
+  return s2lc::DispatchPlan::from_topk(experts, T, 2, ids.data(), gates.data());
+}
+
+// The layer on dense f32 weights w (real_layer's packing) with OpenBLAS, one expert at a time:
+// Y[t] += gate * W2 (silu(W1 x_t) * (W3 x_t)) for each routed (expert, token).
+void dense_layer(const RealLayer& L, const float* w, const s2lc::DispatchPlan& plan, const std::vector<std::uint32_t>& routed,
+                 const float* X, float* Y, std::vector<float>& xe, std::vector<float>& h1, std::vector<float>& h3,
+                 std::vector<float>& ye) {
+  const std::size_t d = L.d, f = L.f, E = L.experts, m = d * f;
+  for (auto e : routed) {
+    const std::size_t o = plan.offsets[e], ne = plan.offsets[e + 1] - o;
+    for (std::size_t t = 0; t < ne; ++t) std::memcpy(xe.data() + t * d, X + plan.token[o + t] * d, d * sizeof(float));
+    const float *w1 = w + e * m, *w3 = w + (E + e) * m, *w2 = w + (2 * E + e) * m;
+    if (ne == 1) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, int(f), int(d), 1.0f, w1, int(d), xe.data(), 1, 0.0f, h1.data(), 1);
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, int(f), int(d), 1.0f, w3, int(d), xe.data(), 1, 0.0f, h3.data(), 1);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(ne), int(f), int(d), 1.0f, xe.data(), int(d), w1, int(d), 0.0f, h1.data(), int(f));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(ne), int(f), int(d), 1.0f, xe.data(), int(d), w3, int(d), 0.0f, h3.data(), int(f));
+    }
+    for (std::size_t k = 0; k < ne * f; ++k) h1[k] = h1[k] / (1.0f + std::exp(-h1[k])) * h3[k];
+    if (ne == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, int(d), int(f), 1.0f, w2, int(f), h1.data(), 1, 0.0f, ye.data(), 1);
+    else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(ne), int(d), int(f), 1.0f, h1.data(), int(f), w2, int(f), 0.0f, ye.data(), int(d));
+    for (std::size_t t = 0; t < ne; ++t) {
+      float* y = Y + plan.token[o + t] * d;
+      const float gt = plan.gate[o + t];
+      for (std::size_t j = 0; j < d; ++j) y[j] += gt * ye[t * d + j];
+    }
+  }
+}
+
+enum class layer_impl { s2lc, s2lc_int8, s2lc_t2, openblas, stream_bound };
+
+void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl which) {
+  openblas_set_num_threads(1);
+  RealLayer& L = real_layer();
+  const std::size_t d = L.d, f = L.f, E = L.experts, m = d * f;
+  const auto plan = layer_plan(E, T);
+  static mo::ThreadPool pool(2);
+  std::vector<float> X(T * d), Y(T * d, 0.0f);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  for (auto& v : X) v = nd(rng);
+  const unsigned workers = which == layer_impl::s2lc_t2 ? 2u : 1u;
+  std::vector<std::byte> mem(mo::swiglu_scratch_bytes(L.layers[0], T, plan.routed(), workers));
+  mo::Arena arena(mem);
+  std::vector<float> xe(T * d), h1(T * f), h3(T * f), ye(T * d);
+  static std::vector<float> stream;
+  if (which == layer_impl::stream_bound && stream.empty()) stream.assign(kColdBytes / sizeof(float), 1.0f);
+  // Bytes: s2lc reads the routed members' residuals and their cores once (bases once); OpenBLAS
+  // the routed experts' three f32 matrices.
+  std::vector<std::uint32_t> routed;
+  for (std::size_t e = 0; e < E; ++e)
+    if (plan.offsets[e + 1] > plan.offsets[e]) routed.push_back(static_cast<std::uint32_t>(e));
+  double s2lc_bytes = 0;
+  for (const mo::KGroup* g : {L.layers[0].w1, L.layers[0].w3, L.layers[0].w2}) {
+    std::vector<const mo::KMatrix*> ms;
+    std::vector<std::uint8_t> node(g->cores.size(), 0);
+    for (auto e : routed) {
+      ms.push_back(&g->residuals[e]);
+      for (auto nd2 : g->path[e]) node[nd2] = 1;
+    }
+    for (std::size_t k = 0; k < node.size(); ++k)
+      if (node[k]) ms.push_back(&g->cores[k]);
+    s2lc_bytes += static_cast<double>(g->bytes_with_bases(ms));
+  }
+  const double dense_bytes = static_cast<double>(routed.size() * 3 * m * sizeof(float));
+  std::size_t i = 0;
+  for (auto _ : state) {
+    switch (which) {
+      case layer_impl::s2lc:
+      case layer_impl::s2lc_int8:
+      case layer_impl::s2lc_t2:
+        mo::swiglu_apply(L.layers[cold ? i % L.layers.size() : 0], plan, X.data(), d, Y.data(), d, arena,
+                         which == layer_impl::s2lc_t2 ? &pool : nullptr,
+                         {0, which == layer_impl::s2lc_int8 ? mo::Activations::int8 : mo::Activations::f32});
+        break;
+      case layer_impl::openblas:
+        dense_layer(L, L.dense[cold ? i % L.dense_copies : 0].data(), plan, routed, X.data(), Y.data(), xe, h1, h3, ye);
+        break;
+      case layer_impl::stream_bound:
+        benchmark::DoNotOptimize(s2lc::kernels::stream_read(stream.data(), cold ? stream.size() : m * 3));
+        break;
+    }
+    ++i;
+    benchmark::ClobberMemory();
+  }
+  state.counters["experts"] = static_cast<double>(routed.size());
+  const double bytes = which == layer_impl::openblas ? dense_bytes
+                       : which == layer_impl::stream_bound ? static_cast<double>((cold ? stream.size() : m * 3) * sizeof(float))
+                                                           : s2lc_bytes;
+  s2lc::bench::set_bytes(state, bytes);
+}
+
 const bool registered = [] {
   const char* names[] = {"s2lc", "s2lc_int8", "openblas", "highway_dense", "stream_bound", "fma_bound", "read_bound"};
   for (std::size_t si = 0; si < std::size(kShapes); ++si)
@@ -391,6 +532,14 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_morph_real(st, role, K, tr); })
             ->Unit(benchmark::kMicrosecond);
       }
+  const char* layer_names[] = {"s2lc", "s2lc_int8", "s2lc_t2", "openblas", "stream_bound"};
+  for (bool cold : {false, true})
+    for (std::size_t T : {1u, 8u, 32u})
+      for (int w = 0; w < 5; ++w)
+        benchmark::RegisterBenchmark(("layer/" + std::string(layer_names[w]) + "/tinymoe_t" + std::to_string(T) + (cold ? "_cold" : "_hot")).c_str(),
+                                     [=](benchmark::State& st) { bench_layer(st, T, cold, static_cast<layer_impl>(w)); })
+            ->Unit(benchmark::kMicrosecond);
+  s2lc::bench::register_op("layer", {"openblas", "stream_bound"});
   s2lc::bench::register_op("morph", {"single", "none"});
   s2lc::bench::register_op("merge", {"memcpy", "memcpy"});
   return true;
