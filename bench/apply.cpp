@@ -18,7 +18,7 @@
 //     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
-// Single thread for every contender (OpenBLAS too) except the merge's _t2 pair. See bench/RESULTS.md.
+// Single thread for every contender (OpenBLAS too) except the _t2 rows (merge, layer). See bench/RESULTS.md.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
