@@ -219,9 +219,12 @@ inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t toke
   L.check();
   const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(tokens, 1);
   const std::size_t nodes = L.w1->cores.size() + L.w3->cores.size();
-  std::size_t per_worker = 0;
-  for (const KGroup* g : {L.w1, L.w3, L.w2}) per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
-  return nodes * (detail::union_bytes(T) + Arena::bytes_for<float>(T * f)) + detail::union_bytes(T) +
+  std::size_t per_worker = 0, q8 = 0;  // q8: swiglu_apply's int8 cache of a node's tokens
+  for (const KGroup* g : {L.w1, L.w3, L.w2}) {
+    per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
+    q8 = std::max(q8, detail::Q8Cache::bytes(g->grid, g->group_size, T));
+  }
+  return q8 + nodes * (detail::union_bytes(T) + Arena::bytes_for<float>(T * f)) + detail::union_bytes(T) +
          Arena::bytes_for<float>(T * d) + Arena::bytes_for<float>(T * f) + Arena::bytes_for<float>(T * d) +
          Arena::bytes_for<float>(routed * d) * 2 + Arena::bytes_for<float>(routed * f) * 2 + std::max(workers, 1u) * (per_worker + 64);
 }
@@ -257,7 +260,12 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
       o.out = arena.take_zeroed<float>(o.u.n * f);
       if (o.u.n && !g.cores[nd].blocks.empty()) {
         detail::gather(X, ldx, o.u.list, o.u.n, d, xg);
-        detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, core, ex, w);
+        // int8: each grid column of the node's tokens quantized once for all its block rows
+        const std::size_t m1 = arena.mark();
+        std::optional<detail::Q8Cache> q8c;
+        if (core.act == Activations::int8) q8c.emplace(g, xg, d, o.u.n, arena);
+        detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, core, ex, w, 1.0f, nullptr, q8c ? &*q8c : nullptr);
+        arena.reset(m1);
       }
       outs[nd] = o;
     }
@@ -277,7 +285,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     Arena& a = w.arena[worker];
     const float* x = xe + off * d;
     detail::gather(X, ldx, plan.token.data() + off, n, d, xe + off * d);
-    auto hidden = [&](const KGroup& g, const NodeOut* outs, float* h) {
+    auto hidden = [&](const KGroup& g, const NodeOut* outs, float* h, const detail::Q8Cache* q8c) {
       for (auto nd : g.path[e]) {
         const NodeOut& o = outs[nd];
         for (std::size_t i = 0; i < n; ++i) {
@@ -286,13 +294,20 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
           for (std::size_t j = 0; j < f; ++j) dst[j] += src[j];
         }
       }
-      apply_matrix(g, g.residuals[e], x, d, n, h, f, 1.0f, tier, a);
+      apply_matrix(g, g.residuals[e], x, d, n, h, f, 1.0f, tier, a, nullptr, q8c);
       detail::unapply_replaced(g, e, x, d, n, h, f, core, a);
     };
     float* a1 = h1 + off * f;
     float* a3 = h3 + off * f;
-    hidden(*L.w1, n1s, a1);
-    hidden(*L.w3, n3s, a3);
+    // int8: the expert's tokens quantized once per grid column for every block row of w1's and
+    // (same grid) w3's residuals, not once per block (q8_quantize was 10 % of a 32-token layer)
+    const std::size_t am = a.mark();
+    std::optional<detail::Q8Cache> q8x;
+    if (tier.act == Activations::int8) q8x.emplace(*L.w1, x, d, n, a);
+    const bool share = L.w3->grid.block_cols == L.w1->grid.block_cols && L.w3->group_size == L.w1->group_size;
+    hidden(*L.w1, n1s, a1, q8x ? &*q8x : nullptr);
+    hidden(*L.w3, n3s, a3, q8x && share ? &*q8x : nullptr);
+    a.reset(am);
     kernels::swiglu(a1, a3, a1, n * f);
     apply_matrix(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, 1.0f, tier, a);
     detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, core, a);
