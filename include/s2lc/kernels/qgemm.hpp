@@ -114,11 +114,11 @@ namespace s2lc::kernels {
 // gemm_tn:       y[t, j] += sum_k c[k, t] a[k, j]          (c stored k-major: [k, ldc]).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
-// kernel_target_bit: HWY_TARGET of the code that runs (Highway's target bit; see kernel_target).
 // stream_read_bytes: the xor of the 8-byte words of p[0, n) (zero-padded), read once: the bound
 //                of reading any bytes (codes, scales) without floating point on them.
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
+// kernel_target_bit: HWY_TARGET of the code that runs (Highway's target bit; see kernel_target).
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
 //                subtracting d would not restore w bit for bit; bit j of mask (ceil(n / 8) bytes,
 //                all written) is set for each, and their old values go to bad_val in order
