@@ -12,7 +12,9 @@
 //   factors multiplied in int16 fixed point (s2lc, the default) or f32 (s2lc_f32), vs memcpy of the
 //   buffer and vs register FMAs as many as the merge's multiply-adds (low-rank blocks: rank per
 //   element); s2lc_unmerge times the unmerge of the fixed16 merge; s2lc_t2 and memcpy_t2 run on
-//   two threads (grid blocks on a ThreadPool; the copy in 16 chunks).
+//   two threads (grid blocks on a ThreadPool; the copy in 16 chunks); s2lc_module (_t2: on two
+//   threads) merges only the expert's module (its residual: MemberPart module) over a buffer that
+//   holds the base.
 //   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
 //     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
 //     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
@@ -270,12 +272,14 @@ void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K, uns
 }
 
 // Multiply-adds of merging member e: a low-rank block costs rank per element, dense and raw
-// blocks one (the FMA bound of the merge; cores a raw residual replaces are skipped).
-std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
-  auto macs = [](const mo::KMatrix& m, const std::uint8_t* skip) {
+// blocks one (the FMA bound of the merge; cores a raw residual replaces are skipped). module:
+// of merging its module over all its cores (the residual, and the cores a raw residual replaces,
+// subtracted).
+std::size_t merge_macs(const mo::KGroup& g, std::size_t e, bool module = false) {
+  auto macs = [&](const mo::KMatrix& m, const std::uint8_t* skip) {
     std::size_t n = 0;
     for (const auto& b : m.blocks) {
-      if (skip && skip[b.index]) continue;
+      if (skip && (skip[b.index] != 0) != module) continue;
       const bool lr = b.kind == s2lc::compress::block_kind::lowrank || b.kind == s2lc::compress::block_kind::shared;
       n += std::size_t{b.rb} * b.cb * (lr ? b.rank : 1u);
     }
@@ -286,7 +290,7 @@ std::size_t merge_macs(const mo::KGroup& g, std::size_t e) {
   return n;
 }
 
-enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge, s2lc_t2, memcpy_t2 };
+enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge, s2lc_t2, memcpy_t2, s2lc_module, s2lc_module_t2 };
 
 template <class T>
 std::vector<std::vector<T>>& dense_copies(Setup& s) {
@@ -317,7 +321,12 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   // module's delta is small against the weights it merges into. About 6 % of the elements (f32)
   // need an undo entry (counter undo; merging a member into its own exact weights, w + w - w is
   // exact and none do; a delta as large as the base records 10-60 %: tests/morph/runtime.cpp).
-  const std::size_t macs = merge_macs(s.base, 1), nd = dense.size();
+  // s2lc_module: member 1's module (its residual: the cores are the base the buffer holds) at its
+  // real size, scale 1.
+  const bool module = which == merge_impl::s2lc_module || which == merge_impl::s2lc_module_t2;
+  const mo::MemberPart part{module ? mo::member_part::module : mo::member_part::whole};
+  const float scale = module ? 1.0f : 0.1f;
+  const std::size_t macs = module ? merge_macs(s.base, 1, true) : merge_macs(s.base, 1), nd = dense.size();
   std::size_t i = 0;
   for (auto _ : state) {
     T* buf = dense[i % nd].data();
@@ -338,12 +347,13 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
       // s2lc_unmerge: the fixed16 merge untimed, its unmerge timed
       const bool un = which == merge_impl::s2lc_unmerge;
       if (un) state.PauseTiming();
-      auto u = mo::merge(g, 1, buf, kShapes[si].cols, 0.1f, 0, which == merge_impl::s2lc_f32 ? mo::merge_math::f32 : mo::merge_math::fixed16,
-                         which == merge_impl::s2lc_t2 ? &pool : nullptr);
+      const bool t2 = which == merge_impl::s2lc_t2 || which == merge_impl::s2lc_module_t2;
+      auto u = mo::merge(g, 1, buf, kShapes[si].cols, scale, 0, which == merge_impl::s2lc_f32 ? mo::merge_math::f32 : mo::merge_math::fixed16,
+                         t2 ? &pool : nullptr, part);
       if (!un) state.PauseTiming();
       state.counters["undo"] = static_cast<double>(u.exceptions());
       if (un) state.ResumeTiming();
-      mo::unmerge(g, 1, buf, kShapes[si].cols, u, 0.1f);
+      mo::unmerge(g, 1, buf, kShapes[si].cols, u, scale, 0, t2 ? &pool : nullptr, part);  // t2: keeps the worker busy between calls
       if (!un) state.ResumeTiming();
     }
     ++i;
@@ -351,7 +361,8 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   }
   state.counters["macs"] = static_cast<double>(macs);
   const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
-  s2lc::bench::set_bytes(state, which == merge_impl::fma_bound ? 0.0 : bytes + (copy ? 0.0 : s.bytes));
+  const double coef = module ? static_cast<double>(s.base.residuals[1].bytes()) : s.bytes;
+  s2lc::bench::set_bytes(state, which == merge_impl::fma_bound ? 0.0 : bytes + (copy ? 0.0 : coef));
 }
 
 // A whole SwiGLU MoE layer on real weights: tinymoe layer 1 (8 experts, d 256, ffn 768; w1 / w3 /
@@ -509,10 +520,10 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_morph(st, si, K, tr); })
             ->Unit(benchmark::kMicrosecond);
       }
-    const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge", "s2lc_t2", "memcpy_t2"};
+    const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge", "s2lc_t2", "memcpy_t2", "s2lc_module", "s2lc_module_t2"};
     for (bool bf16 : {false, true})
       for (bool cold : {false, true})
-        for (int w = 0; w < 7; ++w) {
+        for (int w = 0; w < 9; ++w) {
           if (bf16 && static_cast<merge_impl>(w) == merge_impl::s2lc_f32) continue;
           benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[w]) + "/" + std::to_string(kShapes[si].rows) + "x" +
                                         std::to_string(kShapes[si].cols) + (bf16 ? "_bf16" : "") + (cold ? "_cold" : "_hot")).c_str(),

@@ -1,6 +1,7 @@
-// s2lc::morph — JIT merge: add a compressed member (or a morphed hybrid) into a caller-provided
-// dense f32 or bf16 weight buffer in place, for engines that want dense weights, and unmerge it
-// again restoring the base bit for bit.
+// s2lc::morph — JIT merge: add a compressed member (or a morphed hybrid, or a member's module over
+// a buffer that holds its base cores: MemberPart) into a caller-provided dense f32 or bf16 weight
+// buffer in place, for engines that want dense weights, and unmerge it again restoring the base
+// bit for bit.
 //
 // Exactness without a copy of the base: merge computes w' = w + d per element (bf16: rounded to
 // nearest even) and checks that w' - d gives w back; where it does not (a binade crossed, a
@@ -42,10 +43,31 @@ namespace s2lc::morph {
 ///  * f32: f32 products, the reconstruction's arithmetic (compress::reconstruct) up to rounding.
 enum class merge_math { fixed16, f32 };
 
+/// Which part of member e a merge adds. e's cores are the nodes of its path, root first; the
+/// first `held` of them (all by default) are the base an engine keeps as its dense weights:
+///  * whole: all of W_e (its cores and its residual);
+///  * base: those `held` cores, on every block (materialize the base once, e.g. into zeros);
+///  * module: W_e minus that base: e's residual and the cores below the base; on a block where a
+///    raw residual replaces the cores, the residual minus the base. base + module = W_e, so a
+///    buffer holding the base swaps modules without touching the base, and a module's blocks
+///    with nothing in them (block-sparse residuals) are not read or written at all.
+enum class member_part { whole, base, module };
+struct MemberPart {
+  member_part what = member_part::whole;
+  std::size_t held = static_cast<std::size_t>(-1);  ///< cores in the base, root first (more than the path: all)
+};
+
+/// Name of a member part, for messages.
+inline const char* member_part_name(member_part p) noexcept {
+  return p == member_part::whole ? "whole" : p == member_part::base ? "base" : "module";
+}
+
 /// What unmerge needs besides the module: the elements whose merge was not exactly invertible.
 struct MergeUndo {
   dtype type = dtype::f32;
   merge_math math = merge_math::fixed16;  ///< unmerge decodes the delta the same way
+  member_part part = member_part::whole;  ///< what merge added (KMorph: whole)
+  std::size_t held = 0;                   ///< cores in the base (part base or module; min(held, path length))
   std::size_t rows = 0, cols = 0, ld = 0;
   /// One bit per element, set where the element was recorded: per grid block in index order, per
   /// block row ceil(block cols / 8) bytes, bit j = the block row's column j.
@@ -61,6 +83,8 @@ struct MemberDelta {
   const KGroup* g;
   std::size_t e;
   float scale;
+  member_part part = member_part::whole;
+  std::size_t held = 0;  ///< <= g->path[e].size()
 };
 struct MorphDelta {
   const KMorph* m;
@@ -88,26 +112,51 @@ struct DeltaWriter {
   }
 };
 
-/// Writes block b of the delta (a member's effective block, or a hybrid's) to out [rb, cb].
-inline void decode_delta(const MemberDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed,
-                         const kernels::PrefetchRows* pf = nullptr) {
+/// Calls f(block, weight) for each part of block b of the delta, in the order they are summed: a
+/// member's (or a hybrid's) cores root first, then its residual; a module's cores below the base,
+/// its residual, then (where the residual replaces the cores) the base's cores negated.
+template <class F>
+void for_parts(const MemberDelta& s, std::size_t b, F&& f) {
   const KGroup& g = *s.g;
-  DeltaWriter dw{g, out, n, tier, bs, fixed, pf};
-  if (!g.replaces[s.e][b])
-    for (auto nd : g.path[s.e])
-      if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale);
-  if (const KBlock* r = find_block(g.residuals[s.e], b)) dw.add(*r, s.scale);
-  dw.finish();
+  const auto& path = g.path[s.e];
+  const bool rep = g.replaces[s.e][b] != 0;
+  const std::size_t from = s.part == member_part::module ? s.held : 0, to = s.part == member_part::base ? s.held : path.size();
+  if (!rep || s.part == member_part::base)
+    for (std::size_t i = from; i < to; ++i)
+      if (const KBlock* c = find_block(g.cores[path[i]], b)) f(*c, s.scale);
+  if (s.part == member_part::base) return;
+  if (const KBlock* r = find_block(g.residuals[s.e], b)) f(*r, s.scale);
+  if (rep && s.part == member_part::module)
+    for (std::size_t i = 0; i < s.held; ++i)
+      if (const KBlock* c = find_block(g.cores[path[i]], b)) f(*c, -s.scale);
 }
 
-inline void decode_delta(const MorphDelta& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed,
-                         const kernels::PrefetchRows* pf = nullptr) {
+template <class F>
+void for_parts(const MorphDelta& s, std::size_t b, F&& f) {
   const KGroup& g = *s.m->group;
-  DeltaWriter dw{g, out, n, tier, bs, fixed, pf};
   if (!s.m->replaces[b])
     for (const auto& [nd, w] : s.m->cores)
-      if (const KBlock* c = find_block(g.cores[nd], b)) dw.add(*c, s.scale * w);
-  if (const KBlock* r = find_block(s.m->residual, b)) dw.add(*r, s.scale);
+      if (const KBlock* c = find_block(g.cores[nd], b)) f(*c, s.scale * w);
+  if (const KBlock* r = find_block(s.m->residual, b)) f(*r, s.scale);
+}
+
+inline const KGroup& group_of(const MemberDelta& s) noexcept { return *s.g; }
+inline const KGroup& group_of(const MorphDelta& s) noexcept { return *s.m->group; }
+
+/// Whether block b of the delta has any part (else it is zero and the merge skips the block).
+template <class Source>
+bool has_parts(const Source& s, std::size_t b) {
+  bool any = false;
+  for_parts(s, b, [&](const KBlock&, float) { any = true; });
+  return any;
+}
+
+/// Writes block b of the delta (a member's effective block or part, or a hybrid's) to out [rb, cb].
+template <class Source>
+void decode_delta(const Source& s, std::size_t b, float* out, std::size_t n, unsigned tier, BlockScratch& bs, bool fixed,
+                  const kernels::PrefetchRows* pf = nullptr) {
+  DeltaWriter dw{group_of(s), out, n, tier, bs, fixed, pf};
+  for_parts(s, b, [&](const KBlock& k, float w) { dw.add(k, w); });
   dw.finish();
 }
 
@@ -121,10 +170,12 @@ struct MergeScratch {
 };
 
 /// Decodes block b's delta into s.d, then calls row_fn(row pointer into buf, the delta's row,
-/// length) for each of the block's rows.
+/// length) for each of the block's rows; nothing for a block without parts (its delta is zero:
+/// the buffer is neither read nor written there, and its mask bits stay clear).
 template <class T, class Source, class RowFn>
 void delta_block_rows(const KGroup& g, const Source& src, std::size_t b, T* buf, std::size_t ld, unsigned tier, merge_math math,
                       MergeScratch& s, RowFn&& row_fn) {
+  if (!has_parts(src, b)) return;
   const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b), cb = g.grid.cb(b);
   // The block's buffer rows stream in under the products (prefetched a few per register tile):
   // the pass below is memory-bound, the products are not.
@@ -212,6 +263,7 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
   MergeUndo u;
   u.type = std::is_same_v<T, float> ? dtype::f32 : dtype::bf16;
   u.math = math;
+  if constexpr (std::is_same_v<Source, MemberDelta>) u.part = src.part, u.held = src.part == member_part::whole ? 0 : src.held;
   u.rows = g.rows(), u.cols = g.cols(), u.ld = ld;
   const auto off = undo_mask_offsets(g);
   u.mask.assign(off.back(), 0);
@@ -270,6 +322,12 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
     throw invalid_argument("unmerge: the undo record belongs to another buffer (" + std::string(dtype_name(u.type)) + " [" +
                            std::to_string(u.rows) + ", " + std::to_string(u.cols) + "], ld " + std::to_string(u.ld) + ", " +
                            std::to_string(first.back()) + " elements marked, " + std::to_string(vals.size()) + " values)");
+  member_part part = member_part::whole;
+  std::size_t held = 0;
+  if constexpr (std::is_same_v<Source, MemberDelta>) part = src.part, held = src.part == member_part::whole ? 0 : src.held;
+  if (u.part != part || u.held != held)
+    throw invalid_argument(std::string("unmerge: the undo record is of another part (") + member_part_name(u.part) + ", " + std::to_string(u.held) +
+                           " cores held), not " + member_part_name(part) + ", " + std::to_string(held) + " cores held");
   for_each_block(g, ex, [&](std::size_t b, MergeScratch& s) {
     std::size_t at = off[b], k = first[b];
     delta_block_rows(g, src, b, buf, ld, tier, u.math, s, [&](T* row, const float* d, std::size_t n) {
@@ -282,17 +340,23 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
 
 }  // namespace detail
 
-/// buf [rows, cols] (row stride ld) += scale * W_e, in place. Keep the returned record for unmerge.
-/// With an executor, grid blocks run on its workers; buffer and record come out the same.
+namespace detail {
+inline MemberDelta member_delta(const char* what, const KGroup& g, std::size_t e, float scale, MemberPart part) {
+  if (e >= g.members()) throw invalid_argument(std::string(what) + ": member " + std::to_string(e) + " out of range");
+  return MemberDelta{&g, e, scale, part.what, std::min(part.held, g.path[e].size())};
+}
+}  // namespace detail
+
+/// buf [rows, cols] (row stride ld) += scale * W_e (or the part of it `part` names: its module
+/// over a buffer that holds its base, or that base), in place. Keep the returned record for
+/// unmerge. With an executor, grid blocks run on its workers; buffer and record come out the same.
 inline MergeUndo merge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0,
-                       merge_math math = merge_math::fixed16, Executor* ex = nullptr) {
-  if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
-  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, tier, math, ex);
+                       merge_math math = merge_math::fixed16, Executor* ex = nullptr, MemberPart part = {}) {
+  return detail::merge_impl(g, detail::member_delta("merge", g, e, scale, part), buf, ld, tier, math, ex);
 }
 inline MergeUndo merge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, float scale = 1.0f, unsigned tier = 0,
-                       merge_math math = merge_math::fixed16, Executor* ex = nullptr) {
-  if (e >= g.members()) throw invalid_argument("merge: member " + std::to_string(e) + " out of range");
-  return detail::merge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, tier, math, ex);
+                       merge_math math = merge_math::fixed16, Executor* ex = nullptr, MemberPart part = {}) {
+  return detail::merge_impl(g, detail::member_delta("merge", g, e, scale, part), bf16_buf, ld, tier, math, ex);
 }
 inline MergeUndo merge(const KMorph& m, float* buf, std::size_t ld, float scale = 1.0f, merge_math math = merge_math::fixed16,
                        Executor* ex = nullptr) {
@@ -303,15 +367,15 @@ inline MergeUndo merge(const KMorph& m, std::uint16_t* bf16_buf, std::size_t ld,
   return detail::merge_impl(*m.group, detail::MorphDelta{&m, scale}, bf16_buf, ld, 0, math, ex);
 }
 
-/// Restores the buffer merge() changed, bit for bit (same module, scale and tier; the record
-/// carries merge's arithmetic). The record is checked against the buffer's shape first.
+/// Restores the buffer merge() changed, bit for bit (same member, scale, tier and part; the record
+/// carries merge's arithmetic). The record is checked against the buffer's shape and the part first.
 inline void unmerge(const KGroup& g, std::size_t e, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, unsigned tier = 0,
-                    Executor* ex = nullptr) {
-  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, buf, ld, u, tier, ex);
+                    Executor* ex = nullptr, MemberPart part = {}) {
+  detail::unmerge_impl(g, detail::member_delta("unmerge", g, e, scale, part), buf, ld, u, tier, ex);
 }
 inline void unmerge(const KGroup& g, std::size_t e, std::uint16_t* bf16_buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f,
-                    unsigned tier = 0, Executor* ex = nullptr) {
-  detail::unmerge_impl(g, detail::MemberDelta{&g, e, scale}, bf16_buf, ld, u, tier, ex);
+                    unsigned tier = 0, Executor* ex = nullptr, MemberPart part = {}) {
+  detail::unmerge_impl(g, detail::member_delta("unmerge", g, e, scale, part), bf16_buf, ld, u, tier, ex);
 }
 inline void unmerge(const KMorph& m, float* buf, std::size_t ld, const MergeUndo& u, float scale = 1.0f, Executor* ex = nullptr) {
   detail::unmerge_impl(*m.group, detail::MorphDelta{&m, scale}, buf, ld, u, 0, ex);

@@ -97,7 +97,9 @@ std::vector<cz::Compressed> synthetic_compressed() {
 /// reconstruction adds (fixed = false), or (fixed = true) the error bound of multiplying the
 /// low-rank blocks' factors in int16 fixed point (kernels::lowrank_add_fixed: per block row i,
 /// k (1 / rmax + 1 / amax) / 2 max_k |L[k, i]| max_j |R[k, j]|).
-std::vector<double> abs_components(const cz::CompressedGroup& g, std::uint32_t e, unsigned tier, bool fixed = false) {
+/// keep_cores: where a raw residual replaces the cores, keep their terms too (a path that adds and
+/// subtracts them, as base + module does).
+std::vector<double> abs_components(const cz::CompressedGroup& g, std::uint32_t e, unsigned tier, bool fixed = false, bool keep_cores = false) {
   const auto& grid = g.grid;
   std::vector<double> out(grid.rows * grid.cols, 0.0);
   auto add = [&](const cz::BlockMatrix& m, bool residual) {
@@ -105,7 +107,7 @@ std::vector<double> abs_components(const cz::CompressedGroup& g, std::uint32_t e
       const auto& blk = m.blocks[b];
       const std::size_t r0 = grid.r0(b), c0 = grid.c0(b), rb = grid.rb(b), cb = grid.cb(b);
       auto at = [&](std::size_t i, std::size_t j) -> double& { return out[(r0 + i) * grid.cols + c0 + j]; };
-      if (residual && blk.kind == cz::block_kind::raw)
+      if (residual && blk.kind == cz::block_kind::raw && !keep_cores)
         for (std::size_t i = 0; i < rb; ++i)
           for (std::size_t j = 0; j < cb; ++j) at(i, j) = 0;
       auto tq = [&](const cz::QMatrix& q) { return tier == 0 ? 0u : std::min<unsigned>(tier, q.bits); };
@@ -1066,4 +1068,115 @@ TEST_CASE("morph: JIT merge into f32 and bf16 buffers, then unmerge restores the
     mo::unmerge(m, buf.data(), ld, undo);
     CHECK(std::memcmp(buf.data(), base.data(), base.size() * sizeof(float)) == 0);
   }
+}
+
+TEST_CASE("morph: merge of a member's base then its module gives the member, and each unmerges bit for bit") {
+  auto cs = synthetic_compressed();
+  // A block-sparse module: the real w2 group with every third residual block of members 0 and 2 dropped.
+  cz::CompressedGroup sparse = fixture_compressed().groups[1];
+  sparse.name += " (block-sparse residuals)";
+  for (std::uint32_t e : {0u, 2u})
+    for (std::size_t b = 0; b < sparse.grid.blocks(); b += 3) sparse.residuals[e].blocks[b] = cz::Block{};
+  std::vector<const cz::CompressedGroup*> groups = {&fixture_compressed().groups[1], &sparse, &fixture_compressed_256().groups[0]};
+  for (const auto& c : cs) groups.push_back(&c.groups[0]);
+  for (const auto* gp : groups) {
+    const auto& g = *gp;
+    CAPTURE(g.name);
+    const auto kg = mo::KGroup::from(g);
+    const std::size_t R = kg.rows(), C = kg.cols(), ld = C + 3;
+    const bool is_sparse = gp == &sparse;
+    for (std::uint32_t e : {0u, 2u}) {
+      CAPTURE(e);
+      std::vector<int> path;  // root first
+      for (int n = g.leaf[e]; n >= 0; n = g.nodes[static_cast<std::size_t>(n)].parent) path.insert(path.begin(), n);
+      REQUIRE(kg.path[e].size() == path.size());
+      const auto W = cz::reconstruct(g, e);
+      const auto A = abs_components(g, e, 0, false, true), F = abs_components(g, e, 0, true, true);
+      const double slack = double(max_rank(g) + 8) * kU;
+      // 1 core, and all (99: more than any path, clamped)
+      for (std::size_t held : path.size() > 1 ? std::vector<std::size_t>{1, 99} : std::vector<std::size_t>{99}) {
+        CAPTURE(held);
+        const std::size_t h = std::min(held, path.size());
+        // The base's reference: the first h cores, on every block.
+        std::vector<float> B(R * C, 0.0f);
+        for (std::size_t i = 0; i < h; ++i) cz::detail::accumulate(g, g.nodes[static_cast<std::size_t>(path[i])].core, B.data(), 0, false);
+        std::vector<float> buf(R * ld, -3.0f);  // padding: -3
+        for (std::size_t i = 0; i < R; ++i) std::fill(buf.begin() + static_cast<std::ptrdiff_t>(i * ld), buf.begin() + static_cast<std::ptrdiff_t>(i * ld + C), 0.0f);
+        const auto zeros = buf;
+        const mo::MemberPart bp{mo::member_part::base, held}, mp{mo::member_part::module, held};
+        const auto ub = mo::merge(kg, e, buf.data(), ld, 1.0f, 0, mo::merge_math::fixed16, nullptr, bp);
+        CHECK(ub.part == mo::member_part::base);
+        CHECK(ub.held == h);
+        for (std::size_t i = 0; i < R; ++i)
+          for (std::size_t j = 0; j < C; ++j)
+            REQUIRE(std::fabs(buf[i * ld + j] - B[i * C + j]) <= slack * (std::fabs(B[i * C + j]) + A[i * C + j]) + 0.5 * F[i * C + j]);
+        const auto based = buf;
+        const auto um = mo::merge(kg, e, buf.data(), ld, 1.0f, 0, mo::merge_math::fixed16, nullptr, mp);
+        CHECK(um.part == mo::member_part::module);
+        for (std::size_t i = 0; i < R; ++i) {
+          for (std::size_t j = 0; j < C; ++j) {
+            // base and module each round their parts; where a raw residual replaces the cores, the
+            // base's cores are added by the base and subtracted by the module
+            const double want = W(i, j);
+            REQUIRE(std::fabs(buf[i * ld + j] - want) <= 2 * slack * (std::fabs(want) + A[i * C + j] + 2 * std::fabs(B[i * C + j])) + F[i * C + j]);
+          }
+          for (std::size_t j = C; j < ld; ++j) REQUIRE(buf[i * ld + j] == -3.0f);
+        }
+        std::size_t untouched = 0;  // elements of blocks the module has nothing in: not written
+        for (std::size_t b = 0; b < kg.grid.blocks(); ++b) {
+          bool empty = !kg.replaces[e][b] && !mo::detail::find_block(kg.residuals[e], b);
+          for (std::size_t i = h; i < path.size(); ++i) empty = empty && !mo::detail::find_block(kg.cores[kg.path[e][i]], b);
+          if (!empty) continue;
+          for (std::size_t i = 0; i < kg.grid.rb(b); ++i) {
+            const std::size_t at = (kg.grid.r0(b) + i) * ld + kg.grid.c0(b);
+            CHECK(std::memcmp(buf.data() + at, based.data() + at, kg.grid.cb(b) * sizeof(float)) == 0);
+            untouched += kg.grid.cb(b);
+          }
+        }
+        if (is_sparse) CHECK(untouched > 0);
+        MESSAGE(g.name << " member " << e << ", " << h << " of " << path.size() << " cores held: the module recorded " << um.exceptions()
+                       << " elements; " << untouched << " of " << R * C << " are in blocks it has nothing in");
+        // The part must match on unmerge; the buffer stays as it was.
+        const auto merged = buf;
+        CHECK_THROWS_WITH_AS(mo::unmerge(kg, e, buf.data(), ld, um, 1.0f), doctest::Contains("another part"), s2lc::invalid_argument);
+        CHECK_THROWS_WITH_AS(mo::unmerge(kg, e, buf.data(), ld, um, 1.0f, 0, nullptr, bp), doctest::Contains("another part"), s2lc::invalid_argument);
+        CHECK(std::memcmp(buf.data(), merged.data(), buf.size() * sizeof(float)) == 0);
+        {  // on 3 workers: the same bits and record
+          mo::ThreadPool pool(3);
+          auto pbuf = based;
+          const auto pu = mo::merge(kg, e, pbuf.data(), ld, 1.0f, 0, mo::merge_math::fixed16, &pool, mp);
+          CHECK(std::memcmp(pbuf.data(), buf.data(), buf.size() * sizeof(float)) == 0);
+          CHECK(pu.mask == um.mask);
+          CHECK(pu.f32 == um.f32);
+        }
+        mo::unmerge(kg, e, buf.data(), ld, um, 1.0f, 0, nullptr, mp);
+        CHECK(std::memcmp(buf.data(), based.data(), buf.size() * sizeof(float)) == 0);
+        mo::unmerge(kg, e, buf.data(), ld, ub, 1.0f, 0, nullptr, bp);
+        CHECK(std::memcmp(buf.data(), zeros.data(), buf.size() * sizeof(float)) == 0);
+        // bf16: base, then module, unmerged in reverse order, restores the bits
+        std::vector<std::uint16_t> hb(R * ld, 0);
+        const auto hz = hb;
+        const auto hub = mo::merge(kg, e, hb.data(), ld, 1.0f, 0, mo::merge_math::fixed16, nullptr, bp);
+        const auto hbased = hb;
+        const auto hum = mo::merge(kg, e, hb.data(), ld, 1.0f, 0, mo::merge_math::fixed16, nullptr, mp);
+        mo::unmerge(kg, e, hb.data(), ld, hum, 1.0f, 0, nullptr, mp);
+        CHECK(hb == hbased);
+        mo::unmerge(kg, e, hb.data(), ld, hub, 1.0f, 0, nullptr, bp);
+        CHECK(hb == hz);
+      }
+      {  // a module over no base is the whole member: the same bits and record as merge of the member
+        const auto noise = randn(R * ld, 11 + e, 0.05f);
+        auto w1 = noise, w2 = noise;
+        const auto uw = mo::merge(kg, e, w1.data(), ld, 0.5f);
+        const auto u0 = mo::merge(kg, e, w2.data(), ld, 0.5f, 0, mo::merge_math::fixed16, nullptr, {mo::member_part::module, 0});
+        CHECK(std::memcmp(w1.data(), w2.data(), w1.size() * sizeof(float)) == 0);
+        CHECK(uw.mask == u0.mask);
+        CHECK(uw.f32 == u0.f32);
+      }
+    }
+  }
+  const auto kg = mo::KGroup::from(fixture_compressed().groups[1]);
+  std::vector<float> buf(kg.rows() * kg.cols());
+  CHECK_THROWS_WITH_AS(mo::merge(kg, 99, buf.data(), kg.cols()), doctest::Contains("member 99 out of range"), s2lc::invalid_argument);
+  CHECK_THROWS_WITH_AS(mo::unmerge(kg, 99, buf.data(), kg.cols(), mo::MergeUndo{}), doctest::Contains("member 99 out of range"), s2lc::invalid_argument);
 }

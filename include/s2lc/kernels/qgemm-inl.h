@@ -885,7 +885,7 @@ template <class T>
 HWY_INLINE const T* Next16(const T* HWY_RESTRICT vals, std::size_t k, std::size_t nvals, T (&t)[16]) {
   if (k + 16 <= nvals) return vals + k;
   std::fill(t, t + 16, T{});
-  std::memcpy(t, vals + k, (nvals > k ? nvals - k : 0) * sizeof(T));
+  if (nvals > k) std::memcpy(t, vals + k, (nvals - k) * sizeof(T));  // (vals is null for an empty record)
   return t;
 }
 
