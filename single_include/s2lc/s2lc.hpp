@@ -9490,8 +9490,15 @@ void delta_block_rows(const KGroup& g, const Source& src, std::size_t b, T* buf,
 /// scratch), or in order without one.
 template <class F>
 void for_each_block(const KGroup& g, Executor* ex, F&& f) {
+  // Sized here for the largest block, so that workers allocate nothing (allocations and first
+  // touches on two threads cost a two-thread merge 10-15 %).
   std::vector<MergeScratch> s(ex ? ex->workers() : 1u);
-  for (auto& x : s) x.d.resize(g.grid.block_rows * g.grid.block_cols);
+  const std::size_t br = g.grid.block_rows, bc = g.grid.block_cols, r = g.max_rank;
+  for (auto& x : s) {
+    x.d.resize(br * bc);
+    x.bs.a.resize(r * bc), x.bs.b.resize(r * br);
+    x.bs.fixed.resize(kernels::lowrank_fixed_scratch(r, br, bc));
+  }
   parallel_for(ex, g.grid.blocks(), [&](std::size_t b, unsigned w) { f(b, s[w]); });
 }
 
@@ -9525,7 +9532,7 @@ inline bool undo_mask_fits(const KGroup& g, const MergeUndo& u, const std::vecto
 /// spare) in storage that is not zero-filled, grown by doubling (a std::vector's resize zeroed
 /// twice the record and shrink_to_fit copied it again: memset + memmove were 2 % of a merge).
 template <class T>
-struct UndoSink {
+struct alignas(64) UndoSink {  // a cache line each: workers fill adjacent sinks
   std::unique_ptr<T[]> buf;
   std::size_t cap = 0, n = 0;
   T* room(std::size_t row) {
