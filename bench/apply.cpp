@@ -15,6 +15,9 @@
 //   two threads (grid blocks on a ThreadPool; the copy in 16 chunks); s2lc_module (_t2: on two
 //   threads) merges only the expert's module (its residual: MemberPart module) over a buffer that
 //   holds the base.
+//   merge/<s2lc|s2lc_unmerge|memcpy>/tinymoe_domain_{hot,cold}: a real domain module (tinymoe's
+//     domain-c FFN delta, compressed as the CLI does with the py and en deltas) merged into the
+//     real base model's 12 FFN weights (dense-base, ../shared/data; skipped where it is missing).
 //   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
 //     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
 //     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
@@ -25,6 +28,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <random>
@@ -35,6 +39,7 @@
 
 #include <morph/grouped.hpp>
 #include <morph/merge.hpp>
+#include <s2lc/compress/pipeline.hpp>
 #include <s2lc/io/safetensors.hpp>
 #include <s2lc/tensor.hpp>
 
@@ -327,7 +332,17 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   const mo::MemberPart part{module ? mo::member_part::module : mo::member_part::whole};
   const float scale = module ? 1.0f : 0.1f;
   const std::size_t macs = module ? merge_macs(s.base, 1, true) : merge_macs(s.base, 1), nd = dense.size();
-  std::size_t i = 0;
+  // s2lc_unmerge, cold: the buffer merged (untimed) half a cycle earlier is the one unmerged
+  // (timed), so its rows come from DRAM as a cold merge's do (the buffer just merged would be in
+  // cache). D buffers are merged ahead before the loop and the last D unmerged after it.
+  const bool ring = which == merge_impl::s2lc_unmerge && cold;
+  const std::size_t D = nd / 2;
+  std::vector<mo::MergeUndo> pending(ring ? nd : 0);
+  auto math_of = [&] { return which == merge_impl::s2lc_f32 ? mo::merge_math::f32 : mo::merge_math::fixed16; };
+  const std::size_t ncopies = s.copies.size();
+  if (ring)
+    for (std::size_t q = 0; q < D; ++q) pending[q] = mo::merge(s.copies[q % ncopies], 1, dense[q].data(), kShapes[si].cols, scale, 0, math_of(), nullptr, part);
+  std::size_t i = ring ? D : 0;
   for (auto _ : state) {
     T* buf = dense[i % nd].data();
     if (which == merge_impl::memcpy) std::memcpy(buf, cold ? dense[(i + nd / 2) % nd].data() : src.data(), static_cast<std::size_t>(buf_bytes));
@@ -342,14 +357,20 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
       float sink = 0;
       s2lc::kernels::fma_peak(macs / s2lc::kernels::fma_peak(1, &sink), &sink);
       benchmark::DoNotOptimize(sink);
+    } else if (ring) {
+      state.PauseTiming();
+      pending[i % nd] = mo::merge(s.copies[i % ncopies], 1, buf, kShapes[si].cols, scale, 0, math_of(), nullptr, part);
+      state.counters["undo"] = static_cast<double>(pending[i % nd].exceptions());
+      state.ResumeTiming();
+      const std::size_t j = (i - D) % nd;
+      mo::unmerge(s.copies[(i - D) % ncopies], 1, dense[j].data(), kShapes[si].cols, pending[j], scale, 0, nullptr, part);
     } else {
       const mo::KGroup& g = s.copies[i % s.copies.size()];
-      // s2lc_unmerge: the fixed16 merge untimed, its unmerge timed
+      // s2lc_unmerge (hot): the fixed16 merge untimed, its unmerge timed
       const bool un = which == merge_impl::s2lc_unmerge;
       if (un) state.PauseTiming();
       const bool t2 = which == merge_impl::s2lc_t2 || which == merge_impl::s2lc_module_t2;
-      auto u = mo::merge(g, 1, buf, kShapes[si].cols, scale, 0, which == merge_impl::s2lc_f32 ? mo::merge_math::f32 : mo::merge_math::fixed16,
-                         t2 ? &pool : nullptr, part);
+      auto u = mo::merge(g, 1, buf, kShapes[si].cols, scale, 0, math_of(), t2 ? &pool : nullptr, part);
       if (!un) state.PauseTiming();
       state.counters["undo"] = static_cast<double>(u.exceptions());
       if (un) state.ResumeTiming();
@@ -359,10 +380,114 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
     ++i;
     benchmark::ClobberMemory();
   }
+  for (std::size_t k = i - D; ring && k < i; ++k)  // the buffers still merged
+    mo::unmerge(s.copies[k % ncopies], 1, dense[k % nd].data(), kShapes[si].cols, pending[k % nd], scale, 0, nullptr, part);
   state.counters["macs"] = static_cast<double>(macs);
   const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
   const double coef = module ? static_cast<double>(s.base.residuals[1].bytes()) : s.bytes;
   s2lc::bench::set_bytes(state, which == merge_impl::fma_bound ? 0.0 : bytes + (copy ? 0.0 : coef));
+}
+
+// A real domain module merged into the real base: tinymoe's domain-c FFN delta (fine-tuned minus
+// base), compressed with the py and en deltas as `s2lc compress domain-c domain-py domain-en` does
+// (same-named tensors across files, ratio 8: they come out as dense 4-bit blocks, full-rank
+// deltas), merged (member 0) into dense-base's 12 FFN weights packed in one f32 buffer (9.4 MB),
+// against a copy of that buffer. Cold: copies of both over 512 MiB.
+struct RealDomain {
+  std::vector<std::vector<mo::KGroup>> copies;  // per copy: the 12 groups
+  std::vector<std::size_t> offset;              // each group's matrix in the buffer
+  std::vector<std::vector<float>> dense;        // copies of the base weights
+  double module_bytes = 0;
+};
+
+RealDomain* real_domain() {
+  static std::unique_ptr<RealDomain> slot;
+  static bool tried = false;
+  if (tried) return slot.get();
+  tried = true;
+  const std::string dir = std::string(S2LC_SHARED_DATA_DIR) + "/tinymoe/";
+  const std::vector<std::filesystem::path> files{dir + "domain-c.safetensors", dir + "domain-py.safetensors", dir + "domain-en.safetensors"};
+  for (const auto& f : files)
+    if (!std::filesystem::exists(f) || !std::filesystem::exists(dir + "dense-base.safetensors")) return nullptr;
+  slot = std::make_unique<RealDomain>();
+  RealDomain& r = *slot;
+  s2lc::compress::Options opt;
+  opt.ratio = 8;
+  opt.threads = 2;
+  const auto comp = s2lc::compress::compress(s2lc::compress::group_inputs(s2lc::compress::open_inputs(files), nullptr), opt);
+  s2lc::io::SafetensorsFile base(dir + "dense-base.safetensors");
+  std::vector<mo::KGroup> groups;
+  std::vector<float> w;
+  double all_bytes = 0;
+  for (const auto& cg : comp.groups) {
+    groups.push_back(mo::KGroup::from(cg));
+    const auto m = s2lc::load_matrix_f32(base, cg.name);  // the base weight under the delta's name
+    r.offset.push_back(w.size());
+    w.insert(w.end(), m.begin(), m.end());
+    r.module_bytes += static_cast<double>(groups.back().member_bytes(0));
+    for (std::size_t e = 0; e < groups.back().members(); ++e) all_bytes += static_cast<double>(groups.back().member_bytes(e));
+  }
+  r.copies.assign(std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / all_bytes)), groups);
+  r.dense.assign(std::max<std::size_t>(2, kColdBytes / (w.size() * sizeof(float))), w);
+  return &r;
+}
+
+void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
+  RealDomain* r = real_domain();
+  if (!r) {
+    state.SkipWithError("../shared/data/tinymoe (domain-*.safetensors, dense-base.safetensors) not found");
+    return;
+  }
+  const std::size_t nd = r->dense.size(), n = r->dense[0].size();
+  const std::vector<float> src = cold ? std::vector<float>{} : r->dense[1];
+  std::vector<mo::MergeUndo> undo(r->offset.size());
+  double recorded = 0;
+  // s2lc_unmerge, cold: as bench_merge, the buffer merged half a cycle earlier is unmerged.
+  const bool ring = which == merge_impl::s2lc_unmerge && cold;
+  const std::size_t D = nd / 2, nc = r->copies.size();
+  std::vector<std::vector<mo::MergeUndo>> pending(ring ? nd : 0);
+  auto merge_all = [&](std::size_t k) {
+    auto& u = pending[k % nd];
+    u.clear();
+    const auto& gs = r->copies[k % nc];
+    for (std::size_t m = 0; m < gs.size(); ++m) u.push_back(mo::merge(gs[m], 0, r->dense[k % nd].data() + r->offset[m], gs[m].cols()));
+  };
+  auto unmerge_all = [&](std::size_t k) {
+    const auto& gs = r->copies[k % nc];
+    for (std::size_t m = 0; m < gs.size(); ++m) mo::unmerge(gs[m], 0, r->dense[k % nd].data() + r->offset[m], gs[m].cols(), pending[k % nd][m]);
+  };
+  if (ring)
+    for (std::size_t q = 0; q < D; ++q) merge_all(q);
+  std::size_t i = ring ? D : 0;
+  for (auto _ : state) {
+    float* buf = r->dense[cold ? i % nd : 0].data();
+    if (which == merge_impl::memcpy) {
+      std::memcpy(buf, cold ? r->dense[(i + nd / 2) % nd].data() : src.data(), n * sizeof(float));
+    } else if (ring) {
+      state.PauseTiming();
+      merge_all(i);
+      recorded = 0;
+      for (const auto& u : pending[i % nd]) recorded += static_cast<double>(u.exceptions());
+      state.ResumeTiming();
+      unmerge_all(i - D);
+    } else {
+      const auto& gs = r->copies[cold ? i % r->copies.size() : 0];
+      const bool un = which == merge_impl::s2lc_unmerge;
+      if (un) state.PauseTiming();
+      for (std::size_t k = 0; k < gs.size(); ++k) undo[k] = mo::merge(gs[k], 0, buf + r->offset[k], gs[k].cols());
+      if (!un) state.PauseTiming();
+      recorded = 0;
+      for (const auto& u : undo) recorded += static_cast<double>(u.exceptions());
+      if (un) state.ResumeTiming();
+      for (std::size_t k = 0; k < gs.size(); ++k) mo::unmerge(gs[k], 0, buf + r->offset[k], gs[k].cols(), undo[k]);
+      if (!un) state.ResumeTiming();
+    }
+    ++i;
+    benchmark::ClobberMemory();
+  }
+  for (std::size_t k = i - D; ring && k < i; ++k) unmerge_all(k);  // the buffers still merged
+  if (which != merge_impl::memcpy) state.counters["undo"] = recorded;
+  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(float)) + (which == merge_impl::memcpy ? 0.0 : r->module_bytes));
 }
 
 // A whole SwiGLU MoE layer on real weights: tinymoe layer 1 (8 experts, d 256, ffn 768; w1 / w3 /
@@ -550,6 +675,12 @@ const bool registered = [] {
         benchmark::RegisterBenchmark(("layer/" + std::string(layer_names[w]) + "/tinymoe_t" + std::to_string(T) + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) { bench_layer(st, T, cold, static_cast<layer_impl>(w)); })
             ->Unit(benchmark::kMicrosecond);
+  for (bool cold : {false, true})
+    for (merge_impl w : {merge_impl::s2lc, merge_impl::s2lc_unmerge, merge_impl::memcpy})
+      benchmark::RegisterBenchmark(("merge/" + std::string(w == merge_impl::s2lc ? "s2lc" : w == merge_impl::memcpy ? "memcpy" : "s2lc_unmerge") +
+                                    "/tinymoe_domain" + (cold ? "_cold" : "_hot")).c_str(),
+                                   [=](benchmark::State& st) { bench_merge_domain(st, w, cold); })
+          ->Unit(benchmark::kMicrosecond);
   s2lc::bench::register_op("layer", {"openblas", "stream_bound"});
   s2lc::bench::register_op("morph", {"single", "none"});
   s2lc::bench::register_op("merge", {"memcpy", "memcpy"});
