@@ -345,13 +345,12 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
   });
 }
 
-}  // namespace detail
-
-namespace detail {
+/// The delta of member e's part, e checked (what: the caller's name, for the message).
 inline MemberDelta member_delta(const char* what, const KGroup& g, std::size_t e, float scale, MemberPart part) {
   if (e >= g.members()) throw invalid_argument(std::string(what) + ": member " + std::to_string(e) + " out of range");
   return MemberDelta{&g, e, scale, part.what, std::min(part.held, g.path[e].size())};
 }
+
 }  // namespace detail
 
 /// buf [rows, cols] (row stride ld) += scale * W_e (or the part of it `part` names: its module
