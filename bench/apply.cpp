@@ -438,54 +438,55 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
     state.SkipWithError("../shared/data/tinymoe (domain-*.safetensors, dense-base.safetensors) not found");
     return;
   }
-  const std::size_t nd = r->dense.size(), n = r->dense[0].size();
-  const std::vector<float> src = cold ? std::vector<float>{} : r->dense[1];
-  std::vector<mo::MergeUndo> undo(r->offset.size());
-  double recorded = 0;
+  const std::size_t nd = r->dense.size(), n = r->dense[0].size(), nc = r->copies.size();
+  // Copy c of the module's groups into / out of buffer b (each matrix at its offset).
+  auto merge_all = [&](std::size_t c, std::size_t b, std::vector<mo::MergeUndo>& u) {
+    const auto& gs = r->copies[c % nc];
+    u.resize(gs.size());
+    for (std::size_t m = 0; m < gs.size(); ++m) u[m] = mo::merge(gs[m], 0, r->dense[b % nd].data() + r->offset[m], gs[m].cols());
+  };
+  auto unmerge_all = [&](std::size_t c, std::size_t b, const std::vector<mo::MergeUndo>& u) {
+    const auto& gs = r->copies[c % nc];
+    for (std::size_t m = 0; m < gs.size(); ++m) mo::unmerge(gs[m], 0, r->dense[b % nd].data() + r->offset[m], gs[m].cols(), u[m]);
+  };
+  auto recorded_in = [](const std::vector<mo::MergeUndo>& u) {
+    double k = 0;
+    for (const auto& x : u) k += static_cast<double>(x.exceptions());
+    return k;
+  };
   // s2lc_unmerge, cold: as bench_merge, the buffer merged half a cycle earlier is unmerged.
   const bool ring = which == merge_impl::s2lc_unmerge && cold;
-  const std::size_t D = nd / 2, nc = r->copies.size();
-  std::vector<std::vector<mo::MergeUndo>> pending(ring ? nd : 0);
-  auto merge_all = [&](std::size_t k) {
-    auto& u = pending[k % nd];
-    u.clear();
-    const auto& gs = r->copies[k % nc];
-    for (std::size_t m = 0; m < gs.size(); ++m) u.push_back(mo::merge(gs[m], 0, r->dense[k % nd].data() + r->offset[m], gs[m].cols()));
-  };
-  auto unmerge_all = [&](std::size_t k) {
-    const auto& gs = r->copies[k % nc];
-    for (std::size_t m = 0; m < gs.size(); ++m) mo::unmerge(gs[m], 0, r->dense[k % nd].data() + r->offset[m], gs[m].cols(), pending[k % nd][m]);
-  };
+  const std::size_t D = nd / 2;
+  std::vector<std::vector<mo::MergeUndo>> pending(ring ? nd : 1);
   if (ring)
-    for (std::size_t q = 0; q < D; ++q) merge_all(q);
+    for (std::size_t q = 0; q < D; ++q) merge_all(q, q, pending[q]);
+  double recorded = 0;
   std::size_t i = ring ? D : 0;
   for (auto _ : state) {
-    float* buf = r->dense[cold ? i % nd : 0].data();
+    const std::size_t b = cold ? i % nd : 0, c = cold ? i : 0;
     if (which == merge_impl::memcpy) {
-      std::memcpy(buf, cold ? r->dense[(i + nd / 2) % nd].data() : src.data(), n * sizeof(float));
+      // hot: buffer 0 from copy 1 (there are at least two)
+      std::memcpy(r->dense[b].data(), r->dense[cold ? (i + nd / 2) % nd : 1].data(), n * sizeof(float));
     } else if (ring) {
       state.PauseTiming();
-      merge_all(i);
-      recorded = 0;
-      for (const auto& u : pending[i % nd]) recorded += static_cast<double>(u.exceptions());
+      merge_all(c, b, pending[b]);
+      recorded = recorded_in(pending[b]);
       state.ResumeTiming();
-      unmerge_all(i - D);
+      unmerge_all(i - D, i - D, pending[(i - D) % nd]);
     } else {
-      const auto& gs = r->copies[cold ? i % r->copies.size() : 0];
       const bool un = which == merge_impl::s2lc_unmerge;
       if (un) state.PauseTiming();
-      for (std::size_t k = 0; k < gs.size(); ++k) undo[k] = mo::merge(gs[k], 0, buf + r->offset[k], gs[k].cols());
+      merge_all(c, b, pending[0]);
       if (!un) state.PauseTiming();
-      recorded = 0;
-      for (const auto& u : undo) recorded += static_cast<double>(u.exceptions());
+      recorded = recorded_in(pending[0]);
       if (un) state.ResumeTiming();
-      for (std::size_t k = 0; k < gs.size(); ++k) mo::unmerge(gs[k], 0, buf + r->offset[k], gs[k].cols(), undo[k]);
+      unmerge_all(c, b, pending[0]);
       if (!un) state.ResumeTiming();
     }
     ++i;
     benchmark::ClobberMemory();
   }
-  for (std::size_t k = i - D; ring && k < i; ++k) unmerge_all(k);  // the buffers still merged
+  for (std::size_t k = i - D; ring && k < i; ++k) unmerge_all(k, k, pending[k % nd]);  // the buffers still merged
   if (which != merge_impl::memcpy) state.counters["undo"] = recorded;
   s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(float)) + (which == merge_impl::memcpy ? 0.0 : r->module_bytes));
 }
