@@ -14,7 +14,10 @@
 // values back.
 //
 // Decoding is per grid block into scratch, so the block's delta is never a full matrix; a
-// low-rank block's factors multiply in int16 fixed point unless merge_math::f32 is asked for.
+// low-rank block's factors multiply in int16 fixed point unless merge_math::f32 is asked for. A
+// block whose only part is dense (a domain module's full-rank delta) is not decoded into scratch
+// at all: its codes decode in registers straight into the merge (kernels::q_merge_rows_*, the
+// same bits and record), a panel of 16 rows at a time.
 #pragma once
 
 #include <algorithm>
@@ -160,6 +163,33 @@ void decode_delta(const Source& s, std::size_t b, float* out, std::size_t n, uns
   dw.finish();
 }
 
+/// Block b's part and its weight when that is all the block has and it is dense (its rows then
+/// decode in registers straight into the merge: kernels::q_merge_rows_*), else null.
+template <class Source>
+const KBlock* lone_dense_part(const Source& s, std::size_t b, float& weight) {
+  const KBlock* one = nullptr;
+  std::size_t parts = 0;
+  for_parts(s, b, [&](const KBlock& k, float w) { ++parts, one = &k, weight = w; });
+  return parts == 1 && one->kind == compress::block_kind::dense ? one : nullptr;
+}
+
+/// Calls f(first row, rows, the buffer at the first row, the rows to prefetch) for block b's rows
+/// in runs of a rows-in-lanes panel (16): each run's prefetch is the next run (past the block's
+/// last: the next block's first), streamed in for writing a row at a time under the run.
+template <class T, class F>
+void dense_block_runs(const KGroup& g, std::size_t b, T* buf, std::size_t ld, F&& f) {
+  constexpr std::size_t R = kernels::QView::kLaneRows;
+  const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b);
+  for (std::size_t i = 0; i < rb; i += R) {
+    std::size_t pb = b, pi = i + R;
+    if (pi >= rb) pb = b + 1, pi = 0;
+    kernels::PrefetchRows pf;
+    if (pb < g.grid.blocks())
+      pf = {buf + (g.grid.r0(pb) + pi) * ld + g.grid.c0(pb), std::min(R, g.grid.rb(pb) - pi), ld * sizeof(T), g.grid.cb(pb) * sizeof(T)};
+    f(i, std::min(R, rb - i), buf + (r0 + i) * ld + c0, pf);
+  }
+}
+
 /// Rows ahead the merge prefetches the buffer (delta_block_rows).
 inline constexpr std::size_t kMergePrefetchRows = 8;
 
@@ -283,6 +313,17 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
   for_each_block(g, par ? ex : nullptr, [&](std::size_t b, MergeScratch& s) {
     UndoSink<T>& sink = par ? per[b] : serial;
     std::size_t at = off[b];
+    float w = 0;
+    if (const KBlock* k = lone_dense_part(src, b, w)) {
+      const auto q = k->a.view();
+      const std::size_t cb = g.grid.cb(b), mb = (cb + 7) / 8;
+      dense_block_runs(g, b, buf, ld, [&](std::size_t i, std::size_t n, T* rows, const kernels::PrefetchRows& pf) {
+        T* v = sink.room(n * cb);
+        if constexpr (std::is_same_v<T, float>) sink.n += kernels::q_merge_rows_f32(q, i, n, tier, w, rows, ld, u.mask.data() + at + i * mb, mb, v, &pf);
+        else sink.n += kernels::q_merge_rows_bf16(q, i, n, tier, w, rows, ld, u.mask.data() + at + i * mb, mb, v, &pf);
+      });
+      return;
+    }
     delta_block_rows(g, src, b, buf, ld, tier, math, s, [&](T* row, const float* d, std::size_t n) {
       T* v = sink.room(n);
       if constexpr (std::is_same_v<T, float>) sink.n += kernels::merge_f32(row, d, n, u.mask.data() + at, v);
@@ -337,6 +378,17 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
                            " cores held), not " + member_part_name(part) + ", " + std::to_string(held) + " cores held");
   for_each_block(g, ex, [&](std::size_t b, MergeScratch& s) {
     std::size_t at = off[b], k = first[b];
+    float w = 0;
+    if (const KBlock* kb = lone_dense_part(src, b, w)) {
+      const auto q = kb->a.view();
+      const std::size_t mb = (g.grid.cb(b) + 7) / 8;
+      dense_block_runs(g, b, buf, ld, [&](std::size_t i, std::size_t n, T* rows, const kernels::PrefetchRows& pf) {
+        const std::uint8_t* m = u.mask.data() + at + i * mb;
+        if constexpr (std::is_same_v<T, float>) k += kernels::q_unmerge_rows_f32(q, i, n, tier, w, rows, ld, m, mb, vals.data() + k, vals.size() - k, &pf);
+        else k += kernels::q_unmerge_rows_bf16(q, i, n, tier, w, rows, ld, m, mb, vals.data() + k, vals.size() - k, &pf);
+      });
+      return;
+    }
     delta_block_rows(g, src, b, buf, ld, tier, u.math, s, [&](T* row, const float* d, std::size_t n) {
       if constexpr (std::is_same_v<T, float>) k += kernels::unmerge_f32(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
       else k += kernels::unmerge_bf16(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);

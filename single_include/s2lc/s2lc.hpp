@@ -4790,6 +4790,7 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <hwy/cache_control.h>
 #include <hwy/highway.h>
@@ -7411,129 +7412,416 @@ HWY_INLINE void PutMaskBits(D d, hn::Mask<D> m, std::size_t i, std::uint8_t* HWY
 // on "any lane recorded" mispredicted at a few per cent (1436 against 608 us per 2048 x 1408
 // pass at 4 %, scratch test on Zen 5), and a scalar loop over the lanes cost 37-54 ns per vector
 // (CompressStore's memory form is microcoded on AMD Zen).
-inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
-                                         std::uint8_t* HWY_RESTRICT mask, float* HWY_RESTRICT bad_val) {
-  const qk::DF df;
-  const qk::DU du;
-  const std::size_t N = hn::Lanes(df);
-  std::memset(mask, 0, (n + 7) / 8);
-  std::size_t nb = 0, i = 0;
-  for (; i + N <= n; i += N) {
-    const auto wv = hn::LoadU(df, w + i), dv = hn::LoadU(df, d + i);
-    const auto m = hn::Add(wv, dv);
-    const auto back = hn::Sub(m, dv);
-    hn::StoreU(m, df, w + i);
-    const auto bad = hn::Ne(hn::BitCast(du, back), hn::BitCast(du, wv));
-    PutMaskBits(du, bad, i, mask);
-    hn::StoreU(hn::Compress(wv, hn::RebindMask(df, bad)), df, bad_val + nb);
-    nb += hn::CountTrue(du, bad);
+//
+// Per vector and per element, for f32 and bf16 buffers: w (a row) at element i (a multiple of
+// Lanes for a vector) += dv, recording into mask (bits set, never cleared) and at bad_val;
+// returns how many were recorded. Unmerge: w -= dv, then the recorded values from vals[k]
+// (nvals in all) where mask has a bit; returns the new k.
+//
+// VecU: U vectors from element i, every load before the first store of a recorded value. Such a
+// store's address waits for the counts before it, and on Zen 5 it holds back the loads after it
+// (scratch test, w and d in L2: 8.3 cycles a vector one at a time, 5.5 at U = 8, 3.0 with no
+// record).
+inline constexpr std::size_t kMergeU = 8;
+struct MergeF32Op {
+  using T = float;
+  template <std::size_t U>
+  static HWY_INLINE std::size_t VecU(float* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i, std::uint8_t* HWY_RESTRICT mask,
+                                     float* HWY_RESTRICT bad_val) {
+    const qk::DF df;
+    const qk::DU du;
+    const std::size_t N = hn::Lanes(df);
+    qk::VF wv[U], m[U];
+    hn::Mask<qk::DU> bad[U];
+    for (std::size_t u = 0; u < U; ++u) wv[u] = hn::LoadU(df, w + i + u * N);
+    for (std::size_t u = 0; u < U; ++u) {
+      m[u] = hn::Add(wv[u], dv[u]);
+      bad[u] = hn::Ne(hn::BitCast(du, hn::Sub(m[u], dv[u])), hn::BitCast(du, wv[u]));
+    }
+    std::size_t nb = 0;
+    for (std::size_t u = 0; u < U; ++u) {
+      hn::StoreU(m[u], df, w + i + u * N);
+      PutMaskBits(du, bad[u], i + u * N, mask);
+      hn::StoreU(hn::Compress(wv[u], hn::RebindMask(df, bad[u])), df, bad_val + nb);
+      nb += hn::CountTrue(du, bad[u]);
+    }
+    return nb;
   }
-  for (; i < n; ++i) {
-    const float old = w[i], m = old + d[i], back = m - d[i];
+  static HWY_INLINE std::size_t Vec(float* HWY_RESTRICT w, qk::VF dv, std::size_t i, std::uint8_t* HWY_RESTRICT mask,
+                                    float* HWY_RESTRICT bad_val) {
+    const qk::VF d1[1] = {dv};
+    return VecU<1>(w, d1, i, mask, bad_val);
+  }
+  static HWY_INLINE std::size_t One(float* HWY_RESTRICT w, float d, std::size_t i, std::uint8_t* HWY_RESTRICT mask,
+                                    float* HWY_RESTRICT bad_val) {
+    const float old = w[i], m = old + d, back = m - d;
     w[i] = m;
-    if (std::memcmp(&back, &old, sizeof(float)) != 0) SetMaskBit(mask, i), bad_val[nb++] = old;
+    if (std::memcmp(&back, &old, sizeof(float)) == 0) return 0;
+    SetMaskBit(mask, i), *bad_val = old;
+    return 1;
   }
-  return nb;
-}
-
-// w -= d, then the recorded old values (vals, nvals of them from here on) written back where mask
-// has a bit; returns how many were consumed. AVX-512 expands them into each vector in registers
-// (a branch per vector on "any recorded" mispredicts at a few per cent, as merge's did).
-inline HWY_NOINLINE std::size_t UnmergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
-                                           const std::uint8_t* HWY_RESTRICT mask, const float* HWY_RESTRICT vals, std::size_t nvals) {
-  const qk::DF df;
-  const std::size_t N = hn::Lanes(df);
-  std::size_t i = 0, k = 0;
-  for (; i + N <= n; i += N) {
-    const auto v = hn::Sub(hn::LoadU(df, w + i), hn::LoadU(df, d + i));
+  // AVX-512 expands the recorded values into each vector in registers (a branch per vector on
+  // "any recorded" mispredicts at a few per cent, as merge's did).
+  static HWY_INLINE std::size_t Undo(float* HWY_RESTRICT w, qk::VF dv, std::size_t i, const std::uint8_t* HWY_RESTRICT mask,
+                                     const float* HWY_RESTRICT vals, std::size_t k, std::size_t nvals) {
+    const qk::DF df;
+    const auto v = hn::Sub(hn::LoadU(df, w + i), dv);
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
     const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
     float t[16];
     const __m512 src = _mm512_loadu_ps(Next16(vals, k, nvals, t));
     hn::StoreU(qk::VF{_mm512_mask_expand_ps(v.raw, static_cast<__mmask16>(bits), src)}, df, w + i);
-    k += static_cast<std::size_t>(std::popcount(bits));
+    return k + static_cast<std::size_t>(std::popcount(bits));
 #else
-    hn::StoreU(v, df, w + i);
-    for (std::size_t j = 0; j < N; ++j)
-      if (MaskBit(mask, i + j)) w[i + j] = vals[k++];
     (void)nvals;
+    hn::StoreU(v, df, w + i);
+    for (std::size_t j = 0; j < hn::Lanes(df); ++j)
+      if (MaskBit(mask, i + j)) w[i + j] = vals[k++];
+    return k;
 #endif
   }
-  for (; i < n; ++i) {
-    w[i] -= d[i];
-    if (MaskBit(mask, i)) w[i] = vals[k++];
+  // U vectors from element i, their loads first (AVX-512, the record's next U vectors in place).
+  template <std::size_t U>
+  static HWY_INLINE std::size_t UndoU(float* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i, const std::uint8_t* HWY_RESTRICT mask,
+                                      const float* HWY_RESTRICT vals, std::size_t k, std::size_t nvals) {
+    const qk::DF df;
+    const std::size_t N = hn::Lanes(df);
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+    if (k + 16 * U <= nvals) {
+      qk::VF v[U];
+      for (std::size_t u = 0; u < U; ++u) v[u] = hn::Sub(hn::LoadU(df, w + i + u * N), dv[u]);
+      for (std::size_t u = 0; u < U; ++u) {
+        const unsigned bits = mask[(i + u * N) / 8] | (unsigned{mask[(i + u * N) / 8 + 1]} << 8);
+        hn::StoreU(qk::VF{_mm512_mask_expand_ps(v[u].raw, static_cast<__mmask16>(bits), _mm512_loadu_ps(vals + k))}, df, w + i + u * N);
+        k += static_cast<std::size_t>(std::popcount(bits));
+      }
+      return k;
+    }
+#endif
+    for (std::size_t u = 0; u < U; ++u) k = Undo(w, dv[u], i + u * N, mask, vals, k, nvals);
+    return k;
   }
-  return k;
-}
+  static HWY_INLINE std::size_t UndoOne(float* HWY_RESTRICT w, float d, std::size_t i, const std::uint8_t* HWY_RESTRICT mask,
+                                        const float* HWY_RESTRICT vals, std::size_t k) {
+    w[i] -= d;
+    if (MaskBit(mask, i)) w[i] = vals[k++];
+    return k;
+  }
+};
 
-inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
-                                          std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
-  const qk::DF df;
-  const qk::DU du;
-  const std::size_t N = hn::Lanes(df);
-  const DU16 d16;
-  std::memset(mask, 0, (n + 7) / 8);
-  std::size_t nb = 0, i = 0;
+struct MergeBF16Op {
+  using T = std::uint16_t;
   // Rounded and compared in 32-bit lanes: only the stored result is narrowed (a narrowing of
   // the check too made the kernel a third slower: 1000 against 750 us per 2048 x 1408 pass).
-  for (; i + N <= n; i += N) {
-    const auto wv = hn::LoadU(d16, w + i);
-    const auto dv = hn::LoadU(df, d + i);
-    const auto w32 = hn::PromoteTo(du, wv);
-    const auto m32 = F32ToBF16Bits32(hn::Add(hn::BitCast(df, hn::ShiftLeft<16>(w32)), dv));
-    const auto back = F32ToBF16Bits32(hn::Sub(hn::BitCast(df, hn::ShiftLeft<16>(m32)), dv));
-    hn::StoreU(NarrowU32(m32), d16, w + i);
-    const auto bad = hn::Ne(back, w32);
-    PutMaskBits(du, bad, i, mask);
+  template <std::size_t U>
+  static HWY_INLINE std::size_t VecU(std::uint16_t* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i,
+                                     std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
+    const qk::DF df;
+    const qk::DU du;
+    const DU16 d16;
+    const std::size_t N = hn::Lanes(df);
+    hn::Vec<DU16> wv[U];
+    hn::Vec<qk::DU> w32[U], m32[U];
+    hn::Mask<qk::DU> bad[U];
+    for (std::size_t u = 0; u < U; ++u) wv[u] = hn::LoadU(d16, w + i + u * N);
+    for (std::size_t u = 0; u < U; ++u) {
+      w32[u] = hn::PromoteTo(du, wv[u]);
+      m32[u] = F32ToBF16Bits32(hn::Add(hn::BitCast(df, hn::ShiftLeft<16>(w32[u])), dv[u]));
+      bad[u] = hn::Ne(F32ToBF16Bits32(hn::Sub(hn::BitCast(df, hn::ShiftLeft<16>(m32[u])), dv[u])), w32[u]);
+    }
+    std::size_t nb = 0;
+    for (std::size_t u = 0; u < U; ++u) {
+      hn::StoreU(NarrowU32(m32[u]), d16, w + i + u * N);
+      PutMaskBits(du, bad[u], i + u * N, mask);
 #if HWY_TARGET == HWY_AVX3_DL
-    // old values compressed as 16-bit lanes (VBMI2): 750 -> 700 us per pass
-    hn::StoreU(hn::Compress(wv, hn::Mask256<std::uint16_t>{static_cast<__mmask16>(bad.raw)}), d16, bad_val + nb);
+      // old values compressed as 16-bit lanes (VBMI2): 750 -> 700 us per pass
+      hn::StoreU(hn::Compress(wv[u], hn::Mask256<std::uint16_t>{static_cast<__mmask16>(bad[u].raw)}), d16, bad_val + nb);
 #else
-    // old values compressed as 32-bit lanes, narrowed (exact: they are below 2^16), stored whole
-    hn::StoreU(NarrowU32(hn::Compress(w32, bad)), d16, bad_val + nb);
+      // old values compressed as 32-bit lanes, narrowed (exact: they are below 2^16), stored whole
+      hn::StoreU(NarrowU32(hn::Compress(w32[u], bad[u])), d16, bad_val + nb);
 #endif
-    nb += hn::CountTrue(du, bad);
+      nb += hn::CountTrue(du, bad[u]);
+    }
+    return nb;
   }
-  for (; i < n; ++i) {
+  static HWY_INLINE std::size_t Vec(std::uint16_t* HWY_RESTRICT w, qk::VF dv, std::size_t i, std::uint8_t* HWY_RESTRICT mask,
+                                    std::uint16_t* HWY_RESTRICT bad_val) {
+    const qk::VF d1[1] = {dv};
+    return VecU<1>(w, d1, i, mask, bad_val);
+  }
+  static HWY_INLINE std::size_t One(std::uint16_t* HWY_RESTRICT w, float d, std::size_t i, std::uint8_t* HWY_RESTRICT mask,
+                                    std::uint16_t* HWY_RESTRICT bad_val) {
     const std::uint16_t old = w[i];
-    const std::uint16_t m = s2lc::f32_to_bf16(s2lc::bf16_to_f32(old) + d[i]);
+    const std::uint16_t m = s2lc::f32_to_bf16(s2lc::bf16_to_f32(old) + d);
     w[i] = m;
-    if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d[i]) != old) SetMaskBit(mask, i), bad_val[nb++] = old;
+    if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d) == old) return 0;
+    SetMaskBit(mask, i), *bad_val = old;
+    return 1;
   }
-  return nb;
-}
-
-inline HWY_NOINLINE std::size_t UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
-                                            const std::uint8_t* HWY_RESTRICT mask, const std::uint16_t* HWY_RESTRICT vals, std::size_t nvals) {
-  const qk::DF df;
-  const std::size_t N = hn::Lanes(df);
-  const DU16 d16;
-  std::size_t i = 0, k = 0;
+  // As MergeF32Op::Undo: the recorded values expanded into each vector in registers (as 32-bit lanes).
+  static HWY_INLINE std::size_t Undo(std::uint16_t* HWY_RESTRICT w, qk::VF dv, std::size_t i, const std::uint8_t* HWY_RESTRICT mask,
+                                     const std::uint16_t* HWY_RESTRICT vals, std::size_t k, std::size_t nvals) {
+    const DU16 d16;
+    const auto v = F32ToBF16Bits32(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), dv));
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-  // As unmerge_f32: the recorded values expanded into each vector in registers (as 32-bit lanes).
-  const qk::DU du;
-  for (; i + N <= n; i += N) {
-    const auto v = F32ToBF16Bits32(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i)));
+    const qk::DU du;
     const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
     std::uint16_t t[16];
     const auto src = hn::LoadU(d16, Next16(vals, k, nvals, t));
     const auto e = hn::Vec<qk::DU>{_mm512_mask_expand_epi32(v.raw, static_cast<__mmask16>(bits), hn::PromoteTo(du, src).raw)};
     hn::StoreU(NarrowU32(e), d16, w + i);
-    k += static_cast<std::size_t>(std::popcount(bits));
-  }
+    return k + static_cast<std::size_t>(std::popcount(bits));
 #else
-  (void)nvals;
-  for (; i + N <= n; i += N) {
-    hn::StoreU(F32ToBF16Vec(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), hn::LoadU(df, d + i))), d16, w + i);
-    for (std::size_t j = 0; j < N; ++j)
+    (void)nvals;
+    hn::StoreU(NarrowU32(v), d16, w + i);
+    for (std::size_t j = 0; j < hn::Lanes(qk::DF()); ++j)
       if (MaskBit(mask, i + j)) w[i + j] = vals[k++];
-  }
+    return k;
 #endif
-  for (; i < n; ++i) {
-    w[i] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(w[i]) - d[i]);
+  }
+  template <std::size_t U>
+  static HWY_INLINE std::size_t UndoU(std::uint16_t* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i,
+                                      const std::uint8_t* HWY_RESTRICT mask, const std::uint16_t* HWY_RESTRICT vals, std::size_t k,
+                                      std::size_t nvals) {
+    for (std::size_t u = 0; u < U; ++u) k = Undo(w, dv[u], i + u * hn::Lanes(qk::DF()), mask, vals, k, nvals);
+    return k;
+  }
+  static HWY_INLINE std::size_t UndoOne(std::uint16_t* HWY_RESTRICT w, float d, std::size_t i, const std::uint8_t* HWY_RESTRICT mask,
+                                        const std::uint16_t* HWY_RESTRICT vals, std::size_t k) {
+    w[i] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(w[i]) - d);
     if (MaskBit(mask, i)) w[i] = vals[k++];
+    return k;
+  }
+};
+
+template <class Op>
+HWY_INLINE std::size_t MergeT(typename Op::T* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n, std::uint8_t* HWY_RESTRICT mask,
+                              typename Op::T* HWY_RESTRICT bad_val) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  std::memset(mask, 0, (n + 7) / 8);
+  std::size_t nb = 0, i = 0;
+  for (; i + kMergeU * N <= n; i += kMergeU * N) {
+    qk::VF dv[kMergeU];
+    for (std::size_t u = 0; u < kMergeU; ++u) dv[u] = hn::LoadU(df, d + i + u * N);
+    nb += Op::VecU(w, dv, i, mask, bad_val + nb);
+  }
+  for (; i + N <= n; i += N) nb += Op::Vec(w, hn::LoadU(df, d + i), i, mask, bad_val + nb);
+  for (; i < n; ++i) nb += Op::One(w, d[i], i, mask, bad_val + nb);
+  return nb;
+}
+
+template <class Op>
+HWY_INLINE std::size_t UnmergeT(typename Op::T* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n, const std::uint8_t* HWY_RESTRICT mask,
+                                const typename Op::T* HWY_RESTRICT vals, std::size_t nvals) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  std::size_t i = 0, k = 0;
+  for (; i + kMergeU * N <= n; i += kMergeU * N) {
+    qk::VF dv[kMergeU];
+    for (std::size_t u = 0; u < kMergeU; ++u) dv[u] = hn::LoadU(df, d + i + u * N);
+    k = Op::UndoU(w, dv, i, mask, vals, k, nvals);
+  }
+  for (; i + N <= n; i += N) k = Op::Undo(w, hn::LoadU(df, d + i), i, mask, vals, k, nvals);
+  for (; i < n; ++i) k = Op::UndoOne(w, d[i], i, mask, vals, k);
+  return k;
+}
+
+inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                         std::uint8_t* HWY_RESTRICT mask, float* HWY_RESTRICT bad_val) {
+  return MergeT<MergeF32Op>(w, d, n, mask, bad_val);
+}
+inline HWY_NOINLINE std::size_t UnmergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                           const std::uint8_t* HWY_RESTRICT mask, const float* HWY_RESTRICT vals, std::size_t nvals) {
+  return UnmergeT<MergeF32Op>(w, d, n, mask, vals, nvals);
+}
+inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                          std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
+  return MergeT<MergeBF16Op>(w, d, n, mask, bad_val);
+}
+inline HWY_NOINLINE std::size_t UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
+                                            const std::uint8_t* HWY_RESTRICT mask, const std::uint16_t* HWY_RESTRICT vals, std::size_t nvals) {
+  return UnmergeT<MergeBF16Op>(w, d, n, mask, vals, nvals);
+}
+
+// ---- merge / unmerge of a dense quantized delta straight from its codes ----
+// v itself, but opaque to the optimizer: a decoded delta is rounded before the merge adds it.
+// (GCC, as -std=gnu++ builds do by default, contracts the decode's multiply and the merge's add
+// into one FMA, rounding once: the bits would then differ from decoding first, and a merge and
+// an unmerge compiled differently could disagree.)
+template <class V>
+HWY_INLINE V Opaque(V v) {
+#if HWY_ARCH_X86 && (defined(__GNUC__) || defined(__clang__)) && HWY_TARGET != HWY_EMU128
+  if constexpr (std::is_same_v<V, float>) asm("" : "+v"(v));
+  else asm("" : "+v"(v.raw));  // an x86 target's vector (HWY_SCALAR's: a float) is one register
+  return v;
+#elif defined(__GNUC__) || defined(__clang__)
+  asm volatile("" : : "r"(&v) : "memory");  // v stored and reloaded
+  return v;
+#else
+  return v;  // MSVC contracts only under /fp:contract
+#endif
+}
+
+// A decoded vector v of codes times its scale vs (kScale: then times va), rounded.
+template <bool kScale>
+HWY_INLINE qk::VF Finish(qk::VF v, qk::VF vs, qk::VF va) {
+  if constexpr (kScale) return Opaque(hn::Mul(va, hn::Mul(v, vs)));
+  else return Opaque(hn::Mul(v, vs));
+}
+
+// Row r of q decoded (alpha == 1: q_decode_rows's bits; else alpha times them, as
+// q_decode_rows_scaled) goes to sink.Vec(vector, column) in registers, column runs of Lanes in
+// increasing order, and the tails to sink.One(value, column): the f32 delta is never stored.
+template <bool kTier, bool kScale, class Sink>
+HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, const TierParams& t, qk::VF table, float alpha,
+                           Sink& sink) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const auto va = hn::Set(df, alpha);
+  const std::uint8_t* row = q.codes + r * L.rb;
+  constexpr std::size_t kB = kMergeU / 2;  // groups of two vectors (nibbles, h == N) at a time
+  for (std::size_t g = 0; g < L.gpr; ++g) {
+    const std::size_t c0 = g * q.group;
+    if (q.nibble && q.group / 2 == N && g + kB <= L.nfast) {
+      qk::VF dv[2 * kB];
+      for (std::size_t u = 0; u < kB; ++u) {
+        qk::VF lo, hi;
+        qk::Nibbles<kTier>(qk::LoadBytes(row + (g + u) * N), table, t, lo, hi);
+        const auto vs = hn::Set(df, qk::Scale(q, L, r, g + u, t));
+        dv[2 * u] = Finish<kScale>(lo, vs, va), dv[2 * u + 1] = Finish<kScale>(hi, vs, va);
+      }
+      sink.Vecs(dv, c0);
+      g += kB - 1;
+      continue;
+    }
+    const float s = qk::Scale(q, L, r, g, t);
+    if (g >= L.nfast) {
+      const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
+      for (std::size_t j = 0; j < n; ++j) {
+        const float v = static_cast<float>(detail::tiered(detail::stored_code(q, r, c0 + j), t)) * s;
+        sink.One(Opaque(kScale ? alpha * v : v), c0 + j);
+      }
+      continue;
+    }
+    const auto vs = hn::Set(df, s);
+    if (q.nibble) {
+      const std::size_t h = q.group / 2;
+      const std::uint8_t* p = row + g * h;
+      if (h == N) {  // one vector of each: the low nibbles' columns, then the high ones'
+        qk::VF lo, hi;
+        qk::Nibbles<kTier>(qk::LoadBytes(p), table, t, lo, hi);
+        sink.Vec(Finish<kScale>(lo, vs, va), c0), sink.Vec(Finish<kScale>(hi, vs, va), c0 + h);
+        continue;
+      }
+      for (std::size_t j = 0; j < h; j += N) {
+        qk::VF lo, hi;
+        qk::Nibbles<kTier>(qk::LoadBytes(p + j), table, t, lo, hi);
+        sink.Vec(Finish<kScale>(lo, vs, va), c0 + j);
+      }
+      for (std::size_t j = 0; j < h; j += N) {
+        qk::VF lo, hi;
+        qk::Nibbles<kTier>(qk::LoadBytes(p + j), table, t, lo, hi);
+        sink.Vec(Finish<kScale>(hi, vs, va), c0 + h + j);
+      }
+    } else {
+      for (std::size_t j = 0; j < q.group; j += N) sink.Vec(Finish<kScale>(qk::Codes<kTier>(qk::LoadBytes(row + c0 + j), t), vs, va), c0 + j);
+    }
+  }
+}
+
+// Where DecodedRow's vectors go: merged into (or unmerged from) a buffer row, values from vals[k].
+template <class Op, bool kUndo, class M, class V>
+struct RowSink {
+  typename Op::T* row;
+  M* mask;
+  V* vals;
+  std::size_t k, nvals;
+  HWY_INLINE void Vec(qk::VF dv, std::size_t c) {
+    if constexpr (kUndo) k = Op::Undo(row, dv, c, mask, vals, k, nvals);
+    else k += Op::Vec(row, dv, c, mask, vals + k);
+  }
+  template <std::size_t U>  // U vectors from column c
+  HWY_INLINE void Vecs(const qk::VF (&dv)[U], std::size_t c) {
+    if constexpr (kUndo) k = Op::UndoU(row, dv, c, mask, vals, k, nvals);
+    else k += Op::VecU(row, dv, c, mask, vals + k);
+  }
+  HWY_INLINE void One(float d, std::size_t c) {
+    if constexpr (kUndo) k = Op::UndoOne(row, d, c, mask, vals, k);
+    else k += Op::One(row, d, c, mask, vals + k);
+  }
+};
+
+// merge_rows (kUndo false) or unmerge_rows of a row-major q (q_merge_rows_*): rows [r0, r0 + nr)
+// into w (rows ldw apart; mask rows ldm bytes apart), the recorded values from vals[k]; returns
+// the new k.
+template <class Op, bool kUndo, bool kTier, bool kScale, class M, class V>
+HWY_INLINE std::size_t MergeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float alpha, typename Op::T* w,
+                                  std::size_t ldw, M* mask, std::size_t ldm, V* vals, std::size_t k, std::size_t nvals,
+                                  const PrefetchRows* pf) {
+  const qk::Layout L = qk::MakeLayout(q, hn::Lanes(qk::DF()));
+  const qk::VF table = qk::NibbleTable(t);
+  for (std::size_t i = 0; i < nr; ++i) {
+    if (pf && pf->p && i < pf->rows) {
+      const char* p = static_cast<const char*>(pf->p) + i * pf->ld_bytes;
+      for (std::size_t o = 0; o < pf->row_bytes; o += 64) {  // (q8k::PrefetchW fails to inline here on GCC 12)
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch(p + o, 1, 3);
+#else
+        hwy::Prefetch(p + o);
+#endif
+      }
+    }
+    RowSink<Op, kUndo, M, V> sink{w + i * ldw, mask + i * ldm, vals, k, nvals};
+    DecodedRow<kTier, kScale>(q, L, r0 + i, t, table, alpha, sink);
+    k = sink.k;
   }
   return k;
+}
+
+// q_merge_rows_* (kUndo false) and q_unmerge_rows_*: rows in lanes are unpacked a panel at a
+// time to the row-major form first. Returns how many values were recorded / consumed.
+template <class Op, bool kUndo, class M, class V>
+inline std::size_t MergeRowsEntry(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, typename Op::T* w,
+                                  std::size_t ldw, M* mask, std::size_t ldm, V* vals, std::size_t nvals, const PrefetchRows* pf) {
+  std::size_t k = 0;
+  if (q.lanes) {
+    q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
+      PrefetchRows sub;
+      if (pf && pf->p && off < pf->rows) sub = {static_cast<const char*>(pf->p) + off * pf->ld_bytes, pf->rows - off, pf->ld_bytes, pf->row_bytes};
+      k += MergeRowsEntry<Op, kUndo>(v, i0, n, tier, alpha, w + off * ldw, ldw, mask + off * ldm, ldm, vals + k, kUndo ? nvals - k : 0, &sub);
+    });
+    return k;
+  }
+  const TierParams t = tier_params(q.bits, tier);
+  const bool scaled = alpha != 1.0f;
+  if (t.shift) {
+    if (scaled) return MergeRowsT<Op, kUndo, true, true>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf);
+    return MergeRowsT<Op, kUndo, true, false>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf);
+  }
+  if (scaled) return MergeRowsT<Op, kUndo, false, true>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf);
+  return MergeRowsT<Op, kUndo, false, false>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf);
+}
+
+inline HWY_NOINLINE std::size_t QMergeRowsF32(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* w,
+                                              std::size_t ldw, std::uint8_t* mask, std::size_t ldm, float* bad_val,
+                                              const PrefetchRows* pf) {
+  return MergeRowsEntry<MergeF32Op, false>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, 0, pf);
+}
+inline HWY_NOINLINE std::size_t QUnmergeRowsF32(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* w,
+                                                std::size_t ldw, const std::uint8_t* mask, std::size_t ldm, const float* vals,
+                                                std::size_t nvals, const PrefetchRows* pf) {
+  return MergeRowsEntry<MergeF32Op, true>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf);
+}
+inline HWY_NOINLINE std::size_t QMergeRowsBF16(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha,
+                                               std::uint16_t* w, std::size_t ldw, std::uint8_t* mask, std::size_t ldm,
+                                               std::uint16_t* bad_val, const PrefetchRows* pf) {
+  return MergeRowsEntry<MergeBF16Op, false>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, 0, pf);
+}
+inline HWY_NOINLINE std::size_t QUnmergeRowsBF16(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha,
+                                                 std::uint16_t* w, std::size_t ldw, const std::uint8_t* mask, std::size_t ldm,
+                                                 const std::uint16_t* vals, std::size_t nvals, const PrefetchRows* pf) {
+  return MergeRowsEntry<MergeBF16Op, true>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf);
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE
@@ -7600,6 +7888,25 @@ namespace s2lc::kernels {
                                          std::uint16_t* bad_val), (w, d, n, mask, bad_val))                          \
   X(std::size_t, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n, const std::uint8_t* mask, \
                                              const std::uint16_t* vals, std::size_t nvals), (w, d, n, mask, vals, nvals)) \
+  X(std::size_t, q_merge_rows_f32, QMergeRowsF32, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier,    \
+                                                  float alpha, float* w, std::size_t ldw, std::uint8_t* mask,       \
+                                                  std::size_t ldm, float* bad_val, const PrefetchRows* pf),         \
+    (q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, pf))                                                        \
+  X(std::size_t, q_unmerge_rows_f32, QUnmergeRowsF32, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, \
+                                                      float alpha, float* w, std::size_t ldw, const std::uint8_t* mask, \
+                                                      std::size_t ldm, const float* vals, std::size_t nvals,        \
+                                                      const PrefetchRows* pf),                                       \
+    (q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf))                                                    \
+  X(std::size_t, q_merge_rows_bf16, QMergeRowsBF16, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier,  \
+                                                    float alpha, std::uint16_t* w, std::size_t ldw, std::uint8_t* mask, \
+                                                    std::size_t ldm, std::uint16_t* bad_val, const PrefetchRows* pf), \
+    (q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, pf))                                                        \
+  X(std::size_t, q_unmerge_rows_bf16, QUnmergeRowsBF16, (const QView& q, std::size_t r0, std::size_t nr,             \
+                                                        unsigned tier, float alpha, std::uint16_t* w, std::size_t ldw, \
+                                                        const std::uint8_t* mask, std::size_t ldm,                   \
+                                                        const std::uint16_t* vals, std::size_t nvals,                \
+                                                        const PrefetchRows* pf),                                     \
+    (q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf))                                                    \
   X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
                                                 std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
                                                 std::int32_t* scratch, const PrefetchRows* pf),                        \
@@ -7651,6 +7958,13 @@ namespace s2lc::kernels {
 //                (n + 64 entries: whole vectors are stored).
 // unmerge_*:     w -= d, then the recorded old values (vals: nvals left in the record, in order)
 //                written back where merge set mask bits; returns how many it consumed.
+// q_merge_rows_*, q_unmerge_rows_*: merge_* / unmerge_* of d = rows [r0, r0 + nr) of q decoded
+//                (alpha == 1: q_decode_rows's bits; else q_decode_rows_scaled's, alpha times them)
+//                into w's rows (ldw apart), decoded in registers: the f32 delta is never stored.
+//                Mask rows ldm bytes apart (bit j: column j), zeroed by the caller for a merge;
+//                the values in row order (merge: room for nr * q.cols + 64). The same bits,
+//                mask and values as decoding the rows then merge_* / unmerge_* row by row. pf
+//                (may be null): rows prefetched for writing, pf's row i just before w's row i.
 // lowrank_add_fixed: out[i * ldo + j] += w * sum_k left[k * rb + i] right[k * cb + j] (i < rb,
 //                j < cb; with overwrite, = instead of +=) in int16 fixed point: each right row k
 //                rounded to R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax, each left
@@ -9307,7 +9621,10 @@ struct BasisBank {
 // values back.
 //
 // Decoding is per grid block into scratch, so the block's delta is never a full matrix; a
-// low-rank block's factors multiply in int16 fixed point unless merge_math::f32 is asked for.
+// low-rank block's factors multiply in int16 fixed point unless merge_math::f32 is asked for. A
+// block whose only part is dense (a domain module's full-rank delta) is not decoded into scratch
+// at all: its codes decode in registers straight into the merge (kernels::q_merge_rows_*, the
+// same bits and record), a panel of 16 rows at a time.
 
 #include <algorithm>
 #include <bit>
@@ -9446,6 +9763,33 @@ void decode_delta(const Source& s, std::size_t b, float* out, std::size_t n, uns
   dw.finish();
 }
 
+/// Block b's part and its weight when that is all the block has and it is dense (its rows then
+/// decode in registers straight into the merge: kernels::q_merge_rows_*), else null.
+template <class Source>
+const KBlock* lone_dense_part(const Source& s, std::size_t b, float& weight) {
+  const KBlock* one = nullptr;
+  std::size_t parts = 0;
+  for_parts(s, b, [&](const KBlock& k, float w) { ++parts, one = &k, weight = w; });
+  return parts == 1 && one->kind == compress::block_kind::dense ? one : nullptr;
+}
+
+/// Calls f(first row, rows, the buffer at the first row, the rows to prefetch) for block b's rows
+/// in runs of a rows-in-lanes panel (16): each run's prefetch is the next run (past the block's
+/// last: the next block's first), streamed in for writing a row at a time under the run.
+template <class T, class F>
+void dense_block_runs(const KGroup& g, std::size_t b, T* buf, std::size_t ld, F&& f) {
+  constexpr std::size_t R = kernels::QView::kLaneRows;
+  const std::size_t r0 = g.grid.r0(b), c0 = g.grid.c0(b), rb = g.grid.rb(b);
+  for (std::size_t i = 0; i < rb; i += R) {
+    std::size_t pb = b, pi = i + R;
+    if (pi >= rb) pb = b + 1, pi = 0;
+    kernels::PrefetchRows pf;
+    if (pb < g.grid.blocks())
+      pf = {buf + (g.grid.r0(pb) + pi) * ld + g.grid.c0(pb), std::min(R, g.grid.rb(pb) - pi), ld * sizeof(T), g.grid.cb(pb) * sizeof(T)};
+    f(i, std::min(R, rb - i), buf + (r0 + i) * ld + c0, pf);
+  }
+}
+
 /// Rows ahead the merge prefetches the buffer (delta_block_rows).
 inline constexpr std::size_t kMergePrefetchRows = 8;
 
@@ -9569,6 +9913,17 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
   for_each_block(g, par ? ex : nullptr, [&](std::size_t b, MergeScratch& s) {
     UndoSink<T>& sink = par ? per[b] : serial;
     std::size_t at = off[b];
+    float w = 0;
+    if (const KBlock* k = lone_dense_part(src, b, w)) {
+      const auto q = k->a.view();
+      const std::size_t cb = g.grid.cb(b), mb = (cb + 7) / 8;
+      dense_block_runs(g, b, buf, ld, [&](std::size_t i, std::size_t n, T* rows, const kernels::PrefetchRows& pf) {
+        T* v = sink.room(n * cb);
+        if constexpr (std::is_same_v<T, float>) sink.n += kernels::q_merge_rows_f32(q, i, n, tier, w, rows, ld, u.mask.data() + at + i * mb, mb, v, &pf);
+        else sink.n += kernels::q_merge_rows_bf16(q, i, n, tier, w, rows, ld, u.mask.data() + at + i * mb, mb, v, &pf);
+      });
+      return;
+    }
     delta_block_rows(g, src, b, buf, ld, tier, math, s, [&](T* row, const float* d, std::size_t n) {
       T* v = sink.room(n);
       if constexpr (std::is_same_v<T, float>) sink.n += kernels::merge_f32(row, d, n, u.mask.data() + at, v);
@@ -9623,6 +9978,17 @@ void unmerge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld, co
                            " cores held), not " + member_part_name(part) + ", " + std::to_string(held) + " cores held");
   for_each_block(g, ex, [&](std::size_t b, MergeScratch& s) {
     std::size_t at = off[b], k = first[b];
+    float w = 0;
+    if (const KBlock* kb = lone_dense_part(src, b, w)) {
+      const auto q = kb->a.view();
+      const std::size_t mb = (g.grid.cb(b) + 7) / 8;
+      dense_block_runs(g, b, buf, ld, [&](std::size_t i, std::size_t n, T* rows, const kernels::PrefetchRows& pf) {
+        const std::uint8_t* m = u.mask.data() + at + i * mb;
+        if constexpr (std::is_same_v<T, float>) k += kernels::q_unmerge_rows_f32(q, i, n, tier, w, rows, ld, m, mb, vals.data() + k, vals.size() - k, &pf);
+        else k += kernels::q_unmerge_rows_bf16(q, i, n, tier, w, rows, ld, m, mb, vals.data() + k, vals.size() - k, &pf);
+      });
+      return;
+    }
     delta_block_rows(g, src, b, buf, ld, tier, u.math, s, [&](T* row, const float* d, std::size_t n) {
       if constexpr (std::is_same_v<T, float>) k += kernels::unmerge_f32(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);
       else k += kernels::unmerge_bf16(row, d, n, u.mask.data() + at, vals.data() + k, vals.size() - k);

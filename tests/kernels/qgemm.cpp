@@ -11,8 +11,10 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <hwy/targets.h>
@@ -351,6 +353,72 @@ TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit
       for (std::size_t i = 0; i < n; ++i) REQUIRE(h[i] == s2lc::f32_to_bf16(s2lc::bf16_to_f32(hbase[i]) + d[i]));
       REQUIRE(k::unmerge_bf16(h.data(), d.data(), n, mask.data(), hval.data(), nh) == nh);
       CHECK(h == hbase);
+    }
+  }
+}
+
+TEST_CASE("kernels: q_merge_rows and q_unmerge_rows give the bits, mask and record of decoding first then merge / unmerge, every layout, tier and target") {
+  // Merge: rows [r0, r0 + nr) of q (rows in lanes: not on panel bounds) decoded in registers into
+  // w (ld = cols + 3, padding untouched); the reference decodes them (q_decode_rows, or
+  // q_decode_rows_scaled for alpha != 1) and runs merge_f32 / merge_bf16 row by row. The deltas
+  // are as large as the base, so many elements are recorded; mask rows have a spare byte.
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& c : kCases) {
+      CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
+      const auto src = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 17 + c.cols), 0.05f);
+      const auto q = cz::quantize(src.data(), c.rows, c.cols, {c.bits, c.group, false});
+      const std::size_t r0 = c.rows >= 3 ? 1 : 0, nr = c.rows - r0, ld = c.cols + 3, ldm = (c.cols + 7) / 8 + 1;
+      auto base = randn(nr * ld, static_cast<std::uint32_t>(c.cols * 5 + 3), 0.05f);
+      for (std::size_t i = 0; i < base.size(); i += 5) base[i] = std::ldexp(1.0f, -static_cast<int>(i % 7) - 4);  // binade edges
+      std::vector<float> other(2 * ld * 16, 0.0f);  // rows the kernel prefetches (their contents stay)
+      const k::PrefetchRows pf{other.data(), 16, 2 * ld * sizeof(float), ld * sizeof(float)};
+      for (const auto& km : layouts(q)) {
+        CAPTURE(km.lanes);
+        for (unsigned tier : {0u, 2u}) {
+          for (float alpha : {1.0f, -0.3f}) {  // (0.3: its products round, so a fused multiply-add would show)
+            CAPTURE(tier); CAPTURE(alpha);
+            std::vector<float> d(nr * c.cols);
+            if (alpha == 1.0f) k::q_decode_rows(km.view(), r0, nr, tier, d.data(), c.cols);
+            else k::q_decode_rows_scaled(km.view(), r0, nr, tier, alpha, d.data(), c.cols);
+            auto run = [&](auto zero) {
+              using T = decltype(zero);
+              constexpr bool f32 = std::is_same_v<T, float>;
+              std::vector<T> b0(base.size());
+              for (std::size_t i = 0; i < base.size(); ++i) {
+                if constexpr (f32) b0[i] = base[i];
+                else b0[i] = s2lc::f32_to_bf16(base[i]);
+              }
+              auto want = b0, got = b0;
+              std::vector<std::uint8_t> wmask(nr * ldm, 0), gmask(nr * ldm, 0);
+              std::vector<T> wvals(nr * c.cols + 64), gvals(nr * c.cols + 64);
+              std::size_t nw = 0;
+              for (std::size_t i = 0; i < nr; ++i) {
+                if constexpr (f32) nw += k::merge_f32(want.data() + i * ld, d.data() + i * c.cols, c.cols, wmask.data() + i * ldm, wvals.data() + nw);
+                else nw += k::merge_bf16(want.data() + i * ld, d.data() + i * c.cols, c.cols, wmask.data() + i * ldm, wvals.data() + nw);
+              }
+              std::size_t ng;
+              if constexpr (f32) ng = k::q_merge_rows_f32(km.view(), r0, nr, tier, alpha, got.data(), ld, gmask.data(), ldm, gvals.data(), &pf);
+              else ng = k::q_merge_rows_bf16(km.view(), r0, nr, tier, alpha, got.data(), ld, gmask.data(), ldm, gvals.data(), &pf);
+              REQUIRE(ng == nw);
+              REQUIRE(std::memcmp(got.data(), want.data(), got.size() * sizeof(T)) == 0);  // padding too
+              REQUIRE(gmask == wmask);
+              REQUIRE(std::memcmp(gvals.data(), wvals.data(), nw * sizeof(T)) == 0);
+              if (c.rows * c.cols >= 256) CHECK(nw > 0);  // the record is exercised
+              // unmerge from the codes restores the base, consuming the whole record
+              std::size_t used;
+              if constexpr (f32) used = k::q_unmerge_rows_f32(km.view(), r0, nr, tier, alpha, got.data(), ld, gmask.data(), ldm, gvals.data(), ng, &pf);
+              else used = k::q_unmerge_rows_bf16(km.view(), r0, nr, tier, alpha, got.data(), ld, gmask.data(), ldm, gvals.data(), ng, &pf);
+              CHECK(used == ng);
+              REQUIRE(std::memcmp(got.data(), b0.data(), got.size() * sizeof(T)) == 0);
+            };
+            run(0.0f);
+            run(std::uint16_t{0});
+            REQUIRE(std::all_of(other.begin(), other.end(), [](float x) { return x == 0.0f; }));
+          }
+        }
+      }
     }
   }
 }

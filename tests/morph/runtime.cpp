@@ -1180,3 +1180,101 @@ TEST_CASE("morph: merge of a member's base then its module gives the member, and
   CHECK_THROWS_WITH_AS(mo::merge(kg, 99, buf.data(), kg.cols()), doctest::Contains("member 99 out of range"), s2lc::invalid_argument);
   CHECK_THROWS_WITH_AS(mo::unmerge(kg, 99, buf.data(), kg.cols(), mo::MergeUndo{}), doctest::Contains("member 99 out of range"), s2lc::invalid_argument);
 }
+
+TEST_CASE("morph: a module of dense blocks merges straight from its codes, with the bits and record of decoding each block first") {
+  // Member 0 of the real w2 group (100 x 90 blocks: partial quantization groups, row-major codes;
+  // 256 x 256: rows in lanes) made a residual-only module: its reconstruction's blocks as dense
+  // 3-bit blocks, every third block dropped, every fifth its low-rank block (decoded first: the
+  // other path, in the same merge). The reference decodes every block (detail::decode_delta) and
+  // merges element by element with the documented rule and record layout.
+  s2lc::io::SafetensorsFile f(s2lc::test::data_dir() / "tinymoe-upcycled-L1.safetensors");
+  const auto real_w = s2lc::load_matrix_f32(f, "layers.1.moe.experts.6.w2.weight");
+  for (const auto* c : {&fixture_compressed(), &fixture_compressed_256()}) {
+    const auto& g = c->groups[1];
+    auto kg = mo::KGroup::from(g);
+    const std::size_t R = kg.rows(), C = kg.cols(), ld = C + 3;
+    REQUIRE(R == real_w.shape(0));
+    REQUIRE(C == real_w.shape(1));
+    CAPTURE(kg.grid.block_rows);
+    const auto W = cz::reconstruct(g, 0);
+    mo::KMatrix res;
+    std::size_t lone = 0;
+    for (std::size_t b = 0; b < kg.grid.blocks(); ++b) {
+      if (b % 3 == 2) continue;
+      if (b % 5 == 0) {
+        if (const auto* o = mo::detail::find_block(kg.residuals[0], b)) res.blocks.push_back(*o);
+        continue;
+      }
+      auto blk = mo::detail::block_shell(kg.grid, b);
+      std::vector<float> v(std::size_t{blk.rb} * blk.cb);
+      for (std::size_t i = 0; i < blk.rb; ++i)
+        for (std::size_t j = 0; j < blk.cb; ++j) v[i * blk.cb + j] = W(blk.r0 + i, blk.c0 + j);
+      blk.kind = cz::block_kind::dense;
+      blk.a = mo::KMat::from(cz::quantize(v.data(), blk.rb, blk.cb, {3, 32, false}), true);
+      res.blocks.push_back(std::move(blk));
+      ++lone;
+    }
+    kg.residuals[0] = std::move(res);
+    kg.path[0].clear();
+    std::fill(kg.replaces[0].begin(), kg.replaces[0].end(), std::uint8_t{0});
+    REQUIRE(lone > 0);
+    std::vector<float> base(R * ld, 3.0f);
+    for (std::size_t i = 0; i < R; ++i)
+      for (std::size_t j = 0; j < C; ++j) base[i * ld + j] = real_w(i, j);
+    for (float scale : {1.0f, 0.3f}) {
+      CAPTURE(scale);
+      const mo::detail::MemberDelta src{&kg, 0, scale};
+      // The reference: f32 and bf16 buffers, masks and records.
+      std::vector<float> want = base;
+      std::vector<std::uint16_t> hbase(base.size()), hwant;
+      for (std::size_t i = 0; i < base.size(); ++i) hbase[i] = s2lc::f32_to_bf16(base[i]);
+      hwant = hbase;
+      const auto off = mo::detail::undo_mask_offsets(kg);
+      std::vector<std::uint8_t> mask(off.back(), 0), hmask(off.back(), 0);
+      std::vector<float> vals;
+      std::vector<std::uint16_t> hvals;
+      mo::detail::BlockScratch bs;
+      for (std::size_t b = 0; b < kg.grid.blocks(); ++b) {
+        if (!mo::detail::has_parts(src, b)) continue;
+        const std::size_t r0 = kg.grid.r0(b), c0 = kg.grid.c0(b), rb = kg.grid.rb(b), cb = kg.grid.cb(b), nb = (cb + 7) / 8;
+        std::vector<float> d(rb * cb);
+        mo::detail::decode_delta(src, b, d.data(), d.size(), 0, bs, true);
+        for (std::size_t i = 0; i < rb; ++i)
+          for (std::size_t j = 0; j < cb; ++j) {
+            const float dv = d[i * cb + j];
+            const std::size_t at = (r0 + i) * ld + c0 + j, bit = off[b] + i * nb + j / 8;
+            const float old = want[at];
+            want[at] = old + dv;
+            if (std::bit_cast<std::uint32_t>(want[at] - dv) != std::bit_cast<std::uint32_t>(old))
+              mask[bit] = static_cast<std::uint8_t>(mask[bit] | 1u << (j % 8)), vals.push_back(old);
+            const std::uint16_t hold = hwant[at];
+            hwant[at] = s2lc::f32_to_bf16(s2lc::bf16_to_f32(hold) + dv);
+            if (s2lc::f32_to_bf16(s2lc::bf16_to_f32(hwant[at]) - dv) != hold)
+              hmask[bit] = static_cast<std::uint8_t>(hmask[bit] | 1u << (j % 8)), hvals.push_back(hold);
+          }
+      }
+      REQUIRE(!vals.empty());
+      auto check = [&](auto& buf, const auto& wantbuf, const mo::MergeUndo& u, const std::vector<std::uint8_t>& wmask, const auto& wvals,
+                       const auto& got_vals) {
+        REQUIRE(std::memcmp(buf.data(), wantbuf.data(), buf.size() * sizeof(buf[0])) == 0);
+        CHECK(u.mask == wmask);
+        REQUIRE(got_vals.size() == wvals.size());
+        CHECK(std::memcmp(got_vals.data(), wvals.data(), wvals.size() * sizeof(wvals[0])) == 0);
+      };
+      for (int workers : {1, 3}) {
+        CAPTURE(workers);
+        mo::ThreadPool pool(static_cast<unsigned>(workers));
+        auto buf = base;
+        const auto u = mo::merge(kg, 0, buf.data(), ld, scale, 0, mo::merge_math::fixed16, workers > 1 ? &pool : nullptr);
+        check(buf, want, u, mask, vals, u.f32);
+        mo::unmerge(kg, 0, buf.data(), ld, u, scale, 0, workers > 1 ? &pool : nullptr);
+        CHECK(std::memcmp(buf.data(), base.data(), base.size() * sizeof(float)) == 0);
+        auto h = hbase;
+        const auto hu = mo::merge(kg, 0, h.data(), ld, scale, 0, mo::merge_math::fixed16, workers > 1 ? &pool : nullptr);
+        check(h, hwant, hu, hmask, hvals, hu.bf16);
+        mo::unmerge(kg, 0, h.data(), ld, hu, scale, 0, workers > 1 ? &pool : nullptr);
+        CHECK(h == hbase);
+      }
+    }
+  }
+}

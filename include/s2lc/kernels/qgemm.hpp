@@ -74,6 +74,25 @@ namespace s2lc::kernels {
                                          std::uint16_t* bad_val), (w, d, n, mask, bad_val))                          \
   X(std::size_t, unmerge_bf16, UnmergeBF16, (std::uint16_t* w, const float* d, std::size_t n, const std::uint8_t* mask, \
                                              const std::uint16_t* vals, std::size_t nvals), (w, d, n, mask, vals, nvals)) \
+  X(std::size_t, q_merge_rows_f32, QMergeRowsF32, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier,    \
+                                                  float alpha, float* w, std::size_t ldw, std::uint8_t* mask,       \
+                                                  std::size_t ldm, float* bad_val, const PrefetchRows* pf),         \
+    (q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, pf))                                                        \
+  X(std::size_t, q_unmerge_rows_f32, QUnmergeRowsF32, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier, \
+                                                      float alpha, float* w, std::size_t ldw, const std::uint8_t* mask, \
+                                                      std::size_t ldm, const float* vals, std::size_t nvals,        \
+                                                      const PrefetchRows* pf),                                       \
+    (q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf))                                                    \
+  X(std::size_t, q_merge_rows_bf16, QMergeRowsBF16, (const QView& q, std::size_t r0, std::size_t nr, unsigned tier,  \
+                                                    float alpha, std::uint16_t* w, std::size_t ldw, std::uint8_t* mask, \
+                                                    std::size_t ldm, std::uint16_t* bad_val, const PrefetchRows* pf), \
+    (q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, pf))                                                        \
+  X(std::size_t, q_unmerge_rows_bf16, QUnmergeRowsBF16, (const QView& q, std::size_t r0, std::size_t nr,             \
+                                                        unsigned tier, float alpha, std::uint16_t* w, std::size_t ldw, \
+                                                        const std::uint8_t* mask, std::size_t ldm,                   \
+                                                        const std::uint16_t* vals, std::size_t nvals,                \
+                                                        const PrefetchRows* pf),                                     \
+    (q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf))                                                    \
   X(void, lowrank_add_fixed, LowRankAddFixed, (const float* left, const float* right, std::size_t k, std::size_t rb,  \
                                                 std::size_t cb, float w, float* out, std::size_t ldo, bool overwrite,   \
                                                 std::int32_t* scratch, const PrefetchRows* pf),                        \
@@ -125,6 +144,13 @@ namespace s2lc::kernels {
 //                (n + 64 entries: whole vectors are stored).
 // unmerge_*:     w -= d, then the recorded old values (vals: nvals left in the record, in order)
 //                written back where merge set mask bits; returns how many it consumed.
+// q_merge_rows_*, q_unmerge_rows_*: merge_* / unmerge_* of d = rows [r0, r0 + nr) of q decoded
+//                (alpha == 1: q_decode_rows's bits; else q_decode_rows_scaled's, alpha times them)
+//                into w's rows (ldw apart), decoded in registers: the f32 delta is never stored.
+//                Mask rows ldm bytes apart (bit j: column j), zeroed by the caller for a merge;
+//                the values in row order (merge: room for nr * q.cols + 64). The same bits,
+//                mask and values as decoding the rows then merge_* / unmerge_* row by row. pf
+//                (may be null): rows prefetched for writing, pf's row i just before w's row i.
 // lowrank_add_fixed: out[i * ldo + j] += w * sum_k left[k * rb + i] right[k * cb + j] (i < rb,
 //                j < cb; with overwrite, = instead of +=) in int16 fixed point: each right row k
 //                rounded to R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax, each left
