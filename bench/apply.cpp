@@ -15,9 +15,10 @@
 //   two threads (grid blocks on a ThreadPool; the copy in 16 chunks); s2lc_module (_t2: on two
 //   threads) merges only the expert's module (its residual: MemberPart module) over a buffer that
 //   holds the base.
-//   merge/<s2lc|s2lc_unmerge|memcpy>/tinymoe_domain_{hot,cold}: a real domain module (tinymoe's
+//   merge/<s2lc|s2lc_unmerge|memcpy>/tinymoe_domain[_bf16]_{hot,cold}: a real domain module (tinymoe's
 //     domain-c FFN delta, compressed as the CLI does with the py and en deltas) merged into the
-//     real base model's 12 FFN weights (dense-base, ../shared/data; skipped where it is missing).
+//     real base model's 12 FFN weights (dense-base, ../shared/data; skipped where it is missing);
+//     _bf16: the base weights held in bf16, against a copy of those bytes.
 //   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
 //     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
 //     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
@@ -33,6 +34,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <benchmark/benchmark.h>
@@ -397,7 +399,13 @@ struct RealDomain {
   std::vector<std::vector<mo::KGroup>> copies;  // per copy: the 12 groups
   std::vector<std::size_t> offset;              // each group's matrix in the buffer
   std::vector<std::vector<float>> dense;        // copies of the base weights
+  std::vector<std::vector<std::uint16_t>> dense16;  // ... as bf16 (the _bf16 rows)
   double module_bytes = 0;
+  template <class T>
+  std::vector<std::vector<T>>& buffers() {
+    if constexpr (std::is_same_v<T, float>) return dense;
+    else return dense16;
+  }
 };
 
 RealDomain* real_domain() {
@@ -429,25 +437,31 @@ RealDomain* real_domain() {
   }
   r.copies.assign(std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / all_bytes)), groups);
   r.dense.assign(std::max<std::size_t>(2, kColdBytes / (w.size() * sizeof(float))), w);
+  std::vector<std::uint16_t> h(w.size());
+  for (std::size_t i = 0; i < w.size(); ++i) h[i] = s2lc::f32_to_bf16(w[i]);
+  r.dense16.assign(std::max<std::size_t>(2, kColdBytes / (h.size() * sizeof(std::uint16_t))), h);
   return &r;
 }
 
+// T = std::uint16_t: the base weights in bf16 (the _bf16 rows), against a copy of those bytes.
+template <class T>
 void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
   RealDomain* r = real_domain();
   if (!r) {
     state.SkipWithError("../shared/data/tinymoe (domain-*.safetensors, dense-base.safetensors) not found");
     return;
   }
-  const std::size_t nd = r->dense.size(), n = r->dense[0].size(), nc = r->copies.size();
+  auto& dense = r->buffers<T>();
+  const std::size_t nd = dense.size(), n = dense[0].size(), nc = r->copies.size();
   // Copy c of the module's groups into / out of buffer b (each matrix at its offset).
   auto merge_all = [&](std::size_t c, std::size_t b, std::vector<mo::MergeUndo>& u) {
     const auto& gs = r->copies[c % nc];
     u.resize(gs.size());
-    for (std::size_t m = 0; m < gs.size(); ++m) u[m] = mo::merge(gs[m], 0, r->dense[b % nd].data() + r->offset[m], gs[m].cols());
+    for (std::size_t m = 0; m < gs.size(); ++m) u[m] = mo::merge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols());
   };
   auto unmerge_all = [&](std::size_t c, std::size_t b, const std::vector<mo::MergeUndo>& u) {
     const auto& gs = r->copies[c % nc];
-    for (std::size_t m = 0; m < gs.size(); ++m) mo::unmerge(gs[m], 0, r->dense[b % nd].data() + r->offset[m], gs[m].cols(), u[m]);
+    for (std::size_t m = 0; m < gs.size(); ++m) mo::unmerge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols(), u[m]);
   };
   auto recorded_in = [](const std::vector<mo::MergeUndo>& u) {
     double k = 0;
@@ -466,7 +480,7 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
     const std::size_t b = cold ? i % nd : 0, c = cold ? i : 0;
     if (which == merge_impl::memcpy) {
       // hot: buffer 0 from copy 1 (there are at least two)
-      std::memcpy(r->dense[b].data(), r->dense[cold ? (i + nd / 2) % nd : 1].data(), n * sizeof(float));
+      std::memcpy(dense[b].data(), dense[cold ? (i + nd / 2) % nd : 1].data(), n * sizeof(T));
     } else if (ring) {
       state.PauseTiming();
       merge_all(c, b, pending[b]);
@@ -488,7 +502,7 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
   }
   for (std::size_t k = i - D; ring && k < i; ++k) unmerge_all(k, k, pending[k % nd]);  // the buffers still merged
   if (which != merge_impl::memcpy) state.counters["undo"] = recorded;
-  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(float)) + (which == merge_impl::memcpy ? 0.0 : r->module_bytes));
+  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(T)) + (which == merge_impl::memcpy ? 0.0 : r->module_bytes));
 }
 
 // A whole SwiGLU MoE layer on real weights: tinymoe layer 1 (8 experts, d 256, ffn 768; w1 / w3 /
@@ -676,12 +690,16 @@ const bool registered = [] {
         benchmark::RegisterBenchmark(("layer/" + std::string(layer_names[w]) + "/tinymoe_t" + std::to_string(T) + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) { bench_layer(st, T, cold, static_cast<layer_impl>(w)); })
             ->Unit(benchmark::kMicrosecond);
-  for (bool cold : {false, true})
-    for (merge_impl w : {merge_impl::s2lc, merge_impl::s2lc_unmerge, merge_impl::memcpy})
-      benchmark::RegisterBenchmark(("merge/" + std::string(w == merge_impl::s2lc ? "s2lc" : w == merge_impl::memcpy ? "memcpy" : "s2lc_unmerge") +
-                                    "/tinymoe_domain" + (cold ? "_cold" : "_hot")).c_str(),
-                                   [=](benchmark::State& st) { bench_merge_domain(st, w, cold); })
-          ->Unit(benchmark::kMicrosecond);
+  for (bool bf16 : {false, true})
+    for (bool cold : {false, true})
+      for (merge_impl w : {merge_impl::s2lc, merge_impl::s2lc_unmerge, merge_impl::memcpy})
+        benchmark::RegisterBenchmark(("merge/" + std::string(w == merge_impl::s2lc ? "s2lc" : w == merge_impl::memcpy ? "memcpy" : "s2lc_unmerge") +
+                                      "/tinymoe_domain" + (bf16 ? "_bf16" : "") + (cold ? "_cold" : "_hot")).c_str(),
+                                     [=](benchmark::State& st) {
+                                       if (bf16) bench_merge_domain<std::uint16_t>(st, w, cold);
+                                       else bench_merge_domain<float>(st, w, cold);
+                                     })
+            ->Unit(benchmark::kMicrosecond);
   s2lc::bench::register_op("layer", {"openblas", "stream_bound"});
   s2lc::bench::register_op("morph", {"single", "none"});
   s2lc::bench::register_op("merge", {"memcpy", "memcpy"});
