@@ -7341,6 +7341,21 @@ inline HWY_NOINLINE std::int64_t KernelTargetBit() { return HWY_TARGET; }
 /// on 16-register ones, so FMA latency times pipes does not limit them): the FMA throughput
 /// bound. The chains start from distinct values: from equal ones the compiler folds them into one
 /// (GCC 12 did: a single dependent FMA counted as 8).
+inline HWY_NOINLINE std::size_t CountBits(const std::uint8_t* HWY_RESTRICT p, std::size_t n) {
+  std::size_t i = 0, total = 0;
+#if HWY_TARGET != HWY_SCALAR
+  const hn::ScalableTag<std::uint64_t> d64;
+  const hn::Repartition<std::uint8_t, decltype(d64)> d8;
+  const std::size_t N8 = hn::Lanes(d8);
+  auto acc = hn::Zero(d64);
+  for (; i + N8 <= n; i += N8) acc = hn::Add(acc, hn::PopulationCount(hn::BitCast(d64, hn::LoadU(d8, p + i))));
+  total = static_cast<std::size_t>(hn::GetLane(hn::SumOfLanes(d64, acc)));
+#endif
+  for (; i < n; ++i)
+    for (unsigned b = p[i]; b; b &= b - 1) ++total;  // (no popcount call: baseline targets have no instruction)
+  return total;
+}
+
 inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
   const qk::DF df;
   const auto m = hn::Set(df, 0.999999f), c = hn::Set(df, 1e-7f);
@@ -7959,6 +7974,7 @@ namespace s2lc::kernels {
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
   X(std::uint64_t, stream_read_bytes, StreamReadBytes, (const std::uint8_t* p, std::size_t n), (p, n))               \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
+  X(std::size_t, count_bits, CountBits, (const std::uint8_t* p, std::size_t n), (p, n))                             \
   X(std::int64_t, kernel_target_bit, KernelTargetBit, (), ())                                                        \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
                                        float* bad_val), (w, d, n, mask, bad_val))                                    \
@@ -8031,6 +8047,7 @@ namespace s2lc::kernels {
 //                of reading any bytes (codes, scales) without floating point on them.
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
+// count_bits:    the set bits of p[0, n) (the mask bits of a merge's undo record).
 // kernel_target_bit: HWY_TARGET of the code that runs (Highway's target bit; see kernel_target).
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
 //                subtracting d would not restore w bit for bit; bit j of mask (ceil(n / 8) bytes,
@@ -10022,15 +10039,9 @@ MergeUndo merge_impl(const KGroup& g, const Source& src, T* buf, std::size_t ld,
 /// Recorded elements per block of u's mask (mask bits set in the block's bytes).
 inline std::vector<std::size_t> undo_marked(const MergeUndo& u, const std::vector<std::size_t>& off) {
   std::vector<std::size_t> n(off.size() - 1, 0);
-  for (std::size_t b = 0; b + 1 < off.size(); ++b) {
-    std::size_t i = off[b];
-    for (; i + 8 <= off[b + 1]; i += 8) {  // (8 bytes per popcount: without -mpopcnt each is a call)
-      std::uint64_t w;
-      std::memcpy(&w, u.mask.data() + i, 8);
-      n[b] += static_cast<std::size_t>(std::popcount(w));
-    }
-    for (; i < off[b + 1]; ++i) n[b] += static_cast<std::size_t>(std::popcount(u.mask[i]));
-  }
+  // (a vector kernel: std::popcount in this baseline-ISA code is a libgcc call per word, 11 % of
+  // a real domain module's unmerge)
+  for (std::size_t b = 0; b + 1 < off.size(); ++b) n[b] = kernels::count_bits(u.mask.data() + off[b], off[b + 1] - off[b]);
   return n;
 }
 

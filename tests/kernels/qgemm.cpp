@@ -357,6 +357,23 @@ TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit
   }
 }
 
+TEST_CASE("kernels: count_bits counts the set bits of any byte range, every target") {
+  std::vector<std::uint8_t> bytes(700);
+  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<std::uint8_t>(i * 73 + i / 3);
+  std::fill(bytes.begin() + 300, bytes.begin() + 400, std::uint8_t{0xFF});
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (std::size_t off : {0u, 1u, 5u})
+      for (std::size_t n : {0u, 1u, 7u, 63u, 64u, 65u, 128u, 200u, 691u}) {
+        CAPTURE(off); CAPTURE(n);
+        std::size_t ref = 0;
+        for (std::size_t i = 0; i < n; ++i) ref += static_cast<std::size_t>(std::popcount(bytes[off + i]));
+        CHECK(k::count_bits(bytes.data() + off, n) == ref);
+      }
+  }
+}
+
 TEST_CASE("kernels: q_merge_rows and q_unmerge_rows give the bits, mask and record of decoding first then merge / unmerge, every layout, tier and target") {
   // Merge: rows [r0, r0 + nr) of q (rows in lanes: not on panel bounds) decoded in registers into
   // w (ld = cols + 3, padding untouched); the reference decodes them (q_decode_rows, or

@@ -836,6 +836,21 @@ inline HWY_NOINLINE std::int64_t KernelTargetBit() { return HWY_TARGET; }
 /// on 16-register ones, so FMA latency times pipes does not limit them): the FMA throughput
 /// bound. The chains start from distinct values: from equal ones the compiler folds them into one
 /// (GCC 12 did: a single dependent FMA counted as 8).
+inline HWY_NOINLINE std::size_t CountBits(const std::uint8_t* HWY_RESTRICT p, std::size_t n) {
+  std::size_t i = 0, total = 0;
+#if HWY_TARGET != HWY_SCALAR
+  const hn::ScalableTag<std::uint64_t> d64;
+  const hn::Repartition<std::uint8_t, decltype(d64)> d8;
+  const std::size_t N8 = hn::Lanes(d8);
+  auto acc = hn::Zero(d64);
+  for (; i + N8 <= n; i += N8) acc = hn::Add(acc, hn::PopulationCount(hn::BitCast(d64, hn::LoadU(d8, p + i))));
+  total = static_cast<std::size_t>(hn::GetLane(hn::SumOfLanes(d64, acc)));
+#endif
+  for (; i < n; ++i)
+    for (unsigned b = p[i]; b; b &= b - 1) ++total;  // (no popcount call: baseline targets have no instruction)
+  return total;
+}
+
 inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
   const qk::DF df;
   const auto m = hn::Set(df, 0.999999f), c = hn::Set(df, 1e-7f);

@@ -65,6 +65,7 @@ namespace s2lc::kernels {
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
   X(std::uint64_t, stream_read_bytes, StreamReadBytes, (const std::uint8_t* p, std::size_t n), (p, n))               \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
+  X(std::size_t, count_bits, CountBits, (const std::uint8_t* p, std::size_t n), (p, n))                             \
   X(std::int64_t, kernel_target_bit, KernelTargetBit, (), ())                                                        \
   X(std::size_t, merge_f32, MergeF32, (float* w, const float* d, std::size_t n, std::uint8_t* mask,                \
                                        float* bad_val), (w, d, n, mask, bad_val))                                    \
@@ -137,6 +138,7 @@ namespace s2lc::kernels {
 //                of reading any bytes (codes, scales) without floating point on them.
 // fma_peak:      iters rounds of independent register FMAs (the FMA bound); returns the f32
 //                multiply-adds done (iters * 8 * lanes), their sum goes to *sink.
+// count_bits:    the set bits of p[0, n) (the mask bits of a merge's undo record).
 // kernel_target_bit: HWY_TARGET of the code that runs (Highway's target bit; see kernel_target).
 // merge_*:       w += d (bf16: rounded to nearest even), returns the count of elements where
 //                subtracting d would not restore w bit for bit; bit j of mask (ceil(n / 8) bytes,
