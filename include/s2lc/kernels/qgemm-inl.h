@@ -832,10 +832,7 @@ inline HWY_NOINLINE std::uint64_t StreamReadBytes(const std::uint8_t* HWY_RESTRI
 
 inline HWY_NOINLINE std::int64_t KernelTargetBit() { return HWY_TARGET; }
 
-/// iters rounds of 8 vector FMAs on registers (16 independent chains on 32-register targets, 12
-/// on 16-register ones, so FMA latency times pipes does not limit them): the FMA throughput
-/// bound. The chains start from distinct values: from equal ones the compiler folds them into one
-/// (GCC 12 did: a single dependent FMA counted as 8).
+// The set bits of p[0, n): PopulationCount per vector, then the tail bytes.
 inline HWY_NOINLINE std::size_t CountBits(const std::uint8_t* HWY_RESTRICT p, std::size_t n) {
   std::size_t i = 0, total = 0;
 #if HWY_TARGET != HWY_SCALAR
@@ -851,6 +848,10 @@ inline HWY_NOINLINE std::size_t CountBits(const std::uint8_t* HWY_RESTRICT p, st
   return total;
 }
 
+/// iters rounds of 8 vector FMAs on registers (16 independent chains on 32-register targets, 12
+/// on 16-register ones, so FMA latency times pipes does not limit them): the FMA throughput
+/// bound. The chains start from distinct values: from equal ones the compiler folds them into one
+/// (GCC 12 did: a single dependent FMA counted as 8).
 inline HWY_NOINLINE std::size_t FmaPeak(std::size_t iters, float* sink) {
   const qk::DF df;
   const auto m = hn::Set(df, 0.999999f), c = hn::Set(df, 1e-7f);
@@ -1173,21 +1174,42 @@ struct MergeBF16Op {
   }
 };
 
-template <class Op>
-HWY_INLINE std::size_t MergeT(typename Op::T* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n, std::uint8_t* HWY_RESTRICT mask,
-                              typename Op::T* HWY_RESTRICT bad_val) {
+// Where a delta row's vectors go (decoded in registers, or loaded): merged into (or unmerged
+// from) a buffer row, the recorded values from vals[k].
+template <class Op, bool kUndo, class M, class V>
+struct RowSink {
+  typename Op::T* row;
+  M* mask;
+  V* vals;
+  std::size_t k, nvals;
+  HWY_INLINE void Vec(qk::VF dv, std::size_t c) {
+    if constexpr (kUndo) k = Op::Undo(row, dv, c, mask, vals, k, nvals);
+    else k += Op::Vec(row, dv, c, mask, vals + k);
+  }
+  template <std::size_t U>  // U vectors from column c
+  HWY_INLINE void Vecs(const qk::VF (&dv)[U], std::size_t c) {
+    if constexpr (kUndo) k = Op::UndoU(row, dv, c, mask, vals, k, nvals);
+    else k += Op::VecU(row, dv, c, mask, vals + k);
+  }
+  HWY_INLINE void One(float d, std::size_t c) {
+    if constexpr (kUndo) k = Op::UndoOne(row, d, c, mask, vals, k);
+    else k += Op::One(row, d, c, mask, vals + k);
+  }
+};
+
+// The delta row d[0, n) into sink: kMergeU vectors at a time, then single vectors, then the tail.
+template <class Sink>
+HWY_INLINE void LoadedRow(const float* HWY_RESTRICT d, std::size_t n, Sink& sink) {
   const qk::DF df;
   const std::size_t N = hn::Lanes(df);
-  std::memset(mask, 0, (n + 7) / 8);
-  std::size_t nb = 0, i = 0;
+  std::size_t i = 0;
   for (; i + kMergeU * N <= n; i += kMergeU * N) {
     qk::VF dv[kMergeU];
     for (std::size_t u = 0; u < kMergeU; ++u) dv[u] = hn::LoadU(df, d + i + u * N);
-    nb += Op::VecU(w, dv, i, mask, bad_val + nb);
+    sink.Vecs(dv, i);
   }
-  for (; i + N <= n; i += N) nb += Op::Vec(w, hn::LoadU(df, d + i), i, mask, bad_val + nb);
-  for (; i < n; ++i) nb += Op::One(w, d[i], i, mask, bad_val + nb);
-  return nb;
+  for (; i + N <= n; i += N) sink.Vec(hn::LoadU(df, d + i), i);
+  for (; i < n; ++i) sink.One(d[i], i);
 }
 
 // The record's values a few KB ahead of an unmerge, once per buffer row: the values are read
@@ -1200,20 +1222,21 @@ HWY_INLINE void PrefetchRecord(const V* vals, std::size_t nvals) {
 }
 
 template <class Op>
+HWY_INLINE std::size_t MergeT(typename Op::T* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n, std::uint8_t* HWY_RESTRICT mask,
+                              typename Op::T* HWY_RESTRICT bad_val) {
+  std::memset(mask, 0, (n + 7) / 8);
+  RowSink<Op, false, std::uint8_t, typename Op::T> sink{w, mask, bad_val, 0, 0};
+  LoadedRow(d, n, sink);
+  return sink.k;
+}
+
+template <class Op>
 HWY_INLINE std::size_t UnmergeT(typename Op::T* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n, const std::uint8_t* HWY_RESTRICT mask,
                                 const typename Op::T* HWY_RESTRICT vals, std::size_t nvals) {
-  const qk::DF df;
-  const std::size_t N = hn::Lanes(df);
-  std::size_t i = 0, k = 0;
   PrefetchRecord(vals, nvals);
-  for (; i + kMergeU * N <= n; i += kMergeU * N) {
-    qk::VF dv[kMergeU];
-    for (std::size_t u = 0; u < kMergeU; ++u) dv[u] = hn::LoadU(df, d + i + u * N);
-    k = Op::UndoU(w, dv, i, mask, vals, k, nvals);
-  }
-  for (; i + N <= n; i += N) k = Op::Undo(w, hn::LoadU(df, d + i), i, mask, vals, k, nvals);
-  for (; i < n; ++i) k = Op::UndoOne(w, d[i], i, mask, vals, k);
-  return k;
+  RowSink<Op, true, const std::uint8_t, const typename Op::T> sink{w, mask, vals, 0, nvals};
+  LoadedRow(d, n, sink);
+  return sink.k;
 }
 
 inline HWY_NOINLINE std::size_t MergeF32(float* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
@@ -1297,13 +1320,8 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
     if (q.nibble) {
       const std::size_t h = q.group / 2;
       const std::uint8_t* p = row + g * h;
-      if (h == N) {  // one vector of each: the low nibbles' columns, then the high ones'
-        qk::VF lo, hi;
-        qk::Nibbles<kTier>(qk::LoadBytes(p), table, t, lo, hi);
-        sink.Vec(Finish<kScale>(lo, vs, va), c0), sink.Vec(Finish<kScale>(hi, vs, va), c0 + h);
-        continue;
-      }
-      for (std::size_t j = 0; j < h; j += N) {
+      for (std::size_t j = 0; j < h; j += N) {  // the low nibbles' columns, then the high ones'
+
         qk::VF lo, hi;
         qk::Nibbles<kTier>(qk::LoadBytes(p + j), table, t, lo, hi);
         sink.Vec(Finish<kScale>(lo, vs, va), c0 + j);
@@ -1318,28 +1336,6 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
     }
   }
 }
-
-// Where DecodedRow's vectors go: merged into (or unmerged from) a buffer row, values from vals[k].
-template <class Op, bool kUndo, class M, class V>
-struct RowSink {
-  typename Op::T* row;
-  M* mask;
-  V* vals;
-  std::size_t k, nvals;
-  HWY_INLINE void Vec(qk::VF dv, std::size_t c) {
-    if constexpr (kUndo) k = Op::Undo(row, dv, c, mask, vals, k, nvals);
-    else k += Op::Vec(row, dv, c, mask, vals + k);
-  }
-  template <std::size_t U>  // U vectors from column c
-  HWY_INLINE void Vecs(const qk::VF (&dv)[U], std::size_t c) {
-    if constexpr (kUndo) k = Op::UndoU(row, dv, c, mask, vals, k, nvals);
-    else k += Op::VecU(row, dv, c, mask, vals + k);
-  }
-  HWY_INLINE void One(float d, std::size_t c) {
-    if constexpr (kUndo) k = Op::UndoOne(row, d, c, mask, vals, k);
-    else k += Op::One(row, d, c, mask, vals + k);
-  }
-};
 
 // merge_rows (kUndo false) or unmerge_rows of a row-major q (q_merge_rows_*): rows [r0, r0 + nr)
 // into w (rows ldw apart; mask rows ldm bytes apart), the recorded values from vals[k]; returns
