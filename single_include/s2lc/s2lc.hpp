@@ -9720,7 +9720,6 @@ struct BasisBank {
 // same bits and record), a panel of 16 rows at a time.
 
 #include <algorithm>
-#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
