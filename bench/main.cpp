@@ -1,5 +1,6 @@
 // Shared main for s2lc benches: runs the benchmarks, then prints ratio tables (see report.hpp).
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
@@ -8,6 +9,8 @@
 
 #include "report.hpp"
 #include "targets.hpp"
+
+#include <s2lc/kernels/cpu.hpp>
 
 namespace s2lc::bench {
 namespace {
@@ -105,8 +108,16 @@ int main(int argc, char** argv) {
     for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
     --argc, --i;
   }
-  std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s\n",
-              s2lc::cli::dispatch_targets().c_str());
+  // --s2lc_no_avx512_bf16: the AVX3_DL kernels round to bf16 in integer arithmetic even where the
+  // CPU has AVX512_BF16 (kernels::allow_avx512_bf16), to time both paths with one binary.
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--s2lc_no_avx512_bf16") != 0) continue;
+    s2lc::kernels::allow_avx512_bf16(false);
+    for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+    --argc, --i;
+  }
+  std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s; AVX512_BF16 instructions: %s\n",
+              s2lc::cli::dispatch_targets().c_str(), s2lc::kernels::use_avx512_bf16() ? "used" : "not used");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   s2lc::bench::RatioReporter reporter;

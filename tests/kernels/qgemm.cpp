@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -343,16 +344,81 @@ TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit
       for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(w[i]) == std::bit_cast<std::uint32_t>(base[i]));
       CHECK(nb <= n);
 
-      std::vector<std::uint16_t> h(n), hbase(n), hval(n + 64);
-      for (std::size_t i = 0; i < n; ++i) h[i] = hbase[i] = s2lc::f32_to_bf16(base[i]);
-      std::fill(mask.begin(), mask.end(), 0x5A);
-      const std::size_t nh = k::merge_bf16(h.data(), d.data(), n, mask.data(), hval.data());
-      const auto hidx = marked(mask);
-      REQUIRE(hidx.size() == nh);
-      for (std::size_t i = 0; i < nh; ++i) CHECK(hval[i] == hbase[hidx[i]]);
-      for (std::size_t i = 0; i < n; ++i) REQUIRE(h[i] == s2lc::f32_to_bf16(s2lc::bf16_to_f32(hbase[i]) + d[i]));
-      REQUIRE(k::unmerge_bf16(h.data(), d.data(), n, mask.data(), hval.data(), nh) == nh);
-      CHECK(h == hbase);
+      for (bool insn : s2lc::test::bf16_insn_modes(target)) {
+        s2lc::test::Bf16InsnScope bf16_scope(insn);
+        CAPTURE(insn);
+        std::vector<std::uint16_t> h(n), hbase(n), hval(n + 64);
+        for (std::size_t i = 0; i < n; ++i) h[i] = hbase[i] = s2lc::f32_to_bf16(base[i]);
+        std::fill(mask.begin(), mask.end(), 0x5A);
+        const std::size_t nh = k::merge_bf16(h.data(), d.data(), n, mask.data(), hval.data());
+        const auto hidx = marked(mask);
+        REQUIRE(hidx.size() == nh);
+        for (std::size_t i = 0; i < nh; ++i) CHECK(hval[i] == hbase[hidx[i]]);
+        for (std::size_t i = 0; i < n; ++i) REQUIRE(h[i] == s2lc::f32_to_bf16(s2lc::bf16_to_f32(hbase[i]) + d[i]));
+        REQUIRE(k::unmerge_bf16(h.data(), d.data(), n, mask.data(), hval.data(), nh) == nh);
+        CHECK(h == hbase);
+      }
+    }
+  }
+}
+
+TEST_CASE("kernels: merge_bf16 and unmerge_bf16 follow the scalar rule on zeros, subnormals, infinities and NaN, every target and bf16 path") {
+  // Lanes whose sum or check is subnormal (the AVX512_BF16 instruction flushes those to +-0,
+  // the scalar rule rounds them), exact zeros, cancellations, infinities and NaNs, spread among
+  // ordinary values so that some vectors of 16 hold none of them and others one or several.
+  const float tiny = std::ldexp(1.0f, -126);  // the smallest normal f32 (and bf16)
+  struct Pair {
+    std::uint16_t w;
+    float d;
+  };
+  const Pair special[] = {
+      {s2lc::f32_to_bf16(1.5f * tiny), -tiny},                   // sum 0.5 tiny: subnormal
+      {0x0000, tiny + std::ldexp(1.0f, -140)},                   // sum normal, check (m - d) subnormal
+      {0x0001, 0.0f},                                            // a subnormal bf16 weight, unchanged
+      {0x8040, std::ldexp(1.0f, -135)},                          // subnormal weight and delta
+      {0x0000, 0.0f}, {0x8000, 0.0f}, {0x8000, -0.0f},           // exact zeros
+      {s2lc::f32_to_bf16(0.25f), -0.25f},                        // cancels to +0
+      {0x0000, std::ldexp(1.0f, -149)},                          // the smallest subnormal delta
+      {0x7F80, 1.0f}, {0xFF80, -1.0f}, {0x7F80, -std::numeric_limits<float>::infinity()},  // inf, inf - inf
+      {0x7FC1, 0.5f}, {0xFF81, 0.0f},                            // quiet and signalling NaN weights
+      {s2lc::f32_to_bf16(1.0f), std::numeric_limits<float>::quiet_NaN()},
+      {0x7F7F, 3e38f},                                           // overflows to inf
+  };
+  constexpr std::size_t kSpecial = sizeof(special) / sizeof(special[0]);
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (bool insn : s2lc::test::bf16_insn_modes(target)) {
+      s2lc::test::Bf16InsnScope bf16_scope(insn);
+      CAPTURE(insn);
+      for (std::size_t n : {16u, 333u, 1024u}) {
+        CAPTURE(n);
+        const auto wf = randn(n, 31, 0.05f);
+        auto d = randn(n, 32, 0.01f);
+        std::vector<std::uint16_t> h(n);
+        for (std::size_t i = 0; i < n; ++i) h[i] = s2lc::f32_to_bf16(wf[i]);
+        // specials in the first vector, then one every 37 elements, then a run of them past 512
+        for (std::size_t i = 0, j = 0; i < n; i += (i < 16 ? 3 : i < 512 ? 37 : 1), ++j) {
+          if (i >= 600) break;
+          h[i] = special[j % kSpecial].w, d[i] = special[j % kSpecial].d;
+        }
+        const auto hbase = h;
+        std::vector<std::uint8_t> mask((n + 7) / 8, 0x33);
+        std::vector<std::uint16_t> vals(n + 64);
+        const std::size_t nb = k::merge_bf16(h.data(), d.data(), n, mask.data(), vals.data());
+        std::size_t at = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+          CAPTURE(i); CAPTURE(hbase[i]); CAPTURE(d[i]);
+          const std::uint16_t m = s2lc::f32_to_bf16(s2lc::bf16_to_f32(hbase[i]) + d[i]);
+          REQUIRE(h[i] == m);
+          const bool rec = s2lc::f32_to_bf16(s2lc::bf16_to_f32(m) - d[i]) != hbase[i];
+          REQUIRE(((mask[i / 8] >> (i % 8)) & 1) == (rec ? 1 : 0));
+          if (rec) REQUIRE(vals[at++] == hbase[i]);
+        }
+        REQUIRE(at == nb);
+        REQUIRE(k::unmerge_bf16(h.data(), d.data(), n, mask.data(), vals.data(), nb) == nb);
+        CHECK(h == hbase);
+      }
     }
   }
 }
@@ -431,7 +497,11 @@ TEST_CASE("kernels: q_merge_rows and q_unmerge_rows give the bits, mask and reco
               REQUIRE(std::memcmp(got.data(), b0.data(), got.size() * sizeof(T)) == 0);
             };
             run(0.0f);
-            run(std::uint16_t{0});
+            for (bool insn : s2lc::test::bf16_insn_modes(target)) {
+              s2lc::test::Bf16InsnScope bf16_scope(insn);
+              CAPTURE(insn);
+              run(std::uint16_t{0});
+            }
             REQUIRE(std::all_of(other.begin(), other.end(), [](float x) { return x == 0.0f; }));
           }
         }

@@ -17,7 +17,10 @@ namespace s2lc::cli {
 /// this CPU), best first, space-separated.
 inline std::string dispatch_targets() {
   std::string names;
-  for (const std::int64_t t : hwy::SupportedAndGeneratedTargets()) names += (names.empty() ? "" : " ") + std::string(hwy::TargetName(t));
+  for (const std::int64_t t : hwy::SupportedAndGeneratedTargets()) {
+    if (!names.empty()) names += ' ';
+    names += hwy::TargetName(t);  // (appending, not operator+: GCC 12's -Wrestrict false positive at -O3)
+  }
   return names;
 }
 

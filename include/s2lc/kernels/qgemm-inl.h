@@ -29,6 +29,7 @@
 #include <hwy/contrib/math/math-inl.h>
 
 #include "s2lc/kernels/convert-inl.h"
+#include "s2lc/kernels/cpu.hpp"
 #include "s2lc/kernels/q8-inl.h"
 #include "s2lc/kernels/qview.hpp"
 
@@ -1082,12 +1083,64 @@ struct MergeF32Op {
   }
 };
 
-struct MergeBF16Op {
+// AVX3_DL on a CPU with AVX512_BF16 (use_avx512_bf16(), cpu.hpp): vcvtneps2bf16 rounds 16 f32
+// to bf16 as f32_to_bf16 does (to nearest even, NaN quieted), except that a subnormal input
+// becomes +-0 where f32_to_bf16 rounds it. Any +-0 result therefore sends its vectors to the
+// integer path (exact zeros too: rare in trained weights). Through asm: the target's attributes
+// do not enable AVX512_BF16. Real domain module into bf16 weights, hot: merge 576-587 -> ~510 us.
+#undef S2LC_BF16_NE  // (defined per target)
+#if HWY_TARGET == HWY_AVX3_DL && S2LC_CPU_X86
+#define S2LC_BF16_NE 1
+HWY_INLINE __m256i CvtNeBF16(__m512 f) {
+  __m256i r;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(f));
+  return r;
+}
+HWY_INLINE __m512 WidenBF16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+// acc (unsigned 16-bit min) with h's lanes shifted left by one (x + x: the sign bit dropped), so
+// a lane of acc is 0 once any h held +-0 there.
+HWY_INLINE __m256i ZeroProbe(__m256i acc, __m256i h) { return _mm256_min_epu16(acc, _mm256_add_epi16(h, h)); }
+HWY_INLINE bool AnyZero(__m256i acc) { return _mm256_cmpeq_epi16_mask(acc, _mm256_setzero_si256()) != 0; }
+#else
+#define S2LC_BF16_NE 0
+#endif
+
+// kNe: the AVX512_BF16 path above (only instantiated where S2LC_BF16_NE and the CPU has it).
+template <bool kNe>
+struct MergeBF16OpT {
   using T = std::uint16_t;
+  template <std::size_t U>
+  static HWY_INLINE std::size_t VecU(std::uint16_t* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i,
+                                     std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
+#if S2LC_BF16_NE
+    if constexpr (kNe) {
+      __m256i wv[U], m16[U];
+      __mmask16 bad[U];
+      __m256i probe = _mm256_set1_epi16(-1);
+      for (std::size_t u = 0; u < U; ++u) wv[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i + 16 * u));
+      for (std::size_t u = 0; u < U; ++u) {
+        m16[u] = CvtNeBF16(_mm512_add_ps(WidenBF16(wv[u]), dv[u].raw));
+        const __m256i back = CvtNeBF16(_mm512_sub_ps(WidenBF16(m16[u]), dv[u].raw));
+        bad[u] = _mm256_cmpneq_epi16_mask(back, wv[u]);
+        probe = ZeroProbe(ZeroProbe(probe, m16[u]), back);
+      }
+      if (HWY_UNLIKELY(AnyZero(probe))) return VecUInt<U>(w, dv, i, mask, bad_val);  // nothing stored yet
+      std::size_t nb = 0;
+      for (std::size_t u = 0; u < U; ++u) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i + 16 * u), m16[u]);
+        PutMaskBits(qk::DU(), hn::Mask<qk::DU>{bad[u]}, i + 16 * u, mask);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bad_val + nb), _mm256_maskz_compress_epi16(bad[u], wv[u]));
+        nb += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(bad[u])));
+      }
+      return nb;
+    }
+#endif
+    return VecUInt<U>(w, dv, i, mask, bad_val);
+  }
   // Rounded and compared in 32-bit lanes: only the stored result is narrowed (a narrowing of
   // the check too made the kernel a third slower: 1000 against 750 us per 2048 x 1408 pass).
   template <std::size_t U>
-  static HWY_INLINE std::size_t VecU(std::uint16_t* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i,
+  static HWY_INLINE std::size_t VecUInt(std::uint16_t* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i,
                                      std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
     const qk::DF df;
     const qk::DU du;
@@ -1131,9 +1184,25 @@ struct MergeBF16Op {
     SetMaskBit(mask, i), *bad_val = old;
     return 1;
   }
-  // As MergeF32Op::Undo: the recorded values expanded into each vector in registers (as 32-bit lanes).
   static HWY_INLINE std::size_t Undo(std::uint16_t* HWY_RESTRICT w, qk::VF dv, std::size_t i, const std::uint8_t* HWY_RESTRICT mask,
                                      const std::uint16_t* HWY_RESTRICT vals, std::size_t k, std::size_t nvals) {
+#if S2LC_BF16_NE
+    if constexpr (kNe) {  // the recorded values expanded as 16-bit lanes (VBMI2)
+      const __m256i v = CvtNeBF16(_mm512_sub_ps(WidenBF16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i))), dv.raw));
+      if (HWY_LIKELY(!AnyZero(ZeroProbe(_mm256_set1_epi16(-1), v)))) {
+        const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
+        std::uint16_t t[16];
+        const __m256i src = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Next16(vals, k, nvals, t)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_mask_expand_epi16(v, static_cast<__mmask16>(bits), src));
+        return k + static_cast<std::size_t>(std::popcount(bits));
+      }
+    }
+#endif
+    return UndoInt(w, dv, i, mask, vals, k, nvals);
+  }
+  // As MergeF32Op::Undo: the recorded values expanded into each vector in registers (as 32-bit lanes).
+  static HWY_INLINE std::size_t UndoInt(std::uint16_t* HWY_RESTRICT w, qk::VF dv, std::size_t i, const std::uint8_t* HWY_RESTRICT mask,
+                                        const std::uint16_t* HWY_RESTRICT vals, std::size_t k, std::size_t nvals) {
     const DU16 d16;
     const auto v = F32ToBF16Bits32(hn::Sub(BF16ToF32Vec(hn::LoadU(d16, w + i)), dv));
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
@@ -1249,11 +1318,17 @@ inline HWY_NOINLINE std::size_t UnmergeF32(float* HWY_RESTRICT w, const float* H
 }
 inline HWY_NOINLINE std::size_t MergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
                                           std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
-  return MergeT<MergeBF16Op>(w, d, n, mask, bad_val);
+#if S2LC_BF16_NE
+  if (use_avx512_bf16()) return MergeT<MergeBF16OpT<true>>(w, d, n, mask, bad_val);
+#endif
+  return MergeT<MergeBF16OpT<false>>(w, d, n, mask, bad_val);
 }
 inline HWY_NOINLINE std::size_t UnmergeBF16(std::uint16_t* HWY_RESTRICT w, const float* HWY_RESTRICT d, std::size_t n,
                                             const std::uint8_t* HWY_RESTRICT mask, const std::uint16_t* HWY_RESTRICT vals, std::size_t nvals) {
-  return UnmergeT<MergeBF16Op>(w, d, n, mask, vals, nvals);
+#if S2LC_BF16_NE
+  if (use_avx512_bf16()) return UnmergeT<MergeBF16OpT<true>>(w, d, n, mask, vals, nvals);
+#endif
+  return UnmergeT<MergeBF16OpT<false>>(w, d, n, mask, vals, nvals);
 }
 
 // ---- merge / unmerge of a dense quantized delta straight from its codes ----
@@ -1402,12 +1477,18 @@ inline HWY_NOINLINE std::size_t QUnmergeRowsF32(const QView& q, std::size_t r0, 
 inline HWY_NOINLINE std::size_t QMergeRowsBF16(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha,
                                                std::uint16_t* w, std::size_t ldw, std::uint8_t* mask, std::size_t ldm,
                                                std::uint16_t* bad_val, const PrefetchRows* pf) {
-  return MergeRowsEntry<MergeBF16Op, false>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, 0, pf);
+#if S2LC_BF16_NE
+  if (use_avx512_bf16()) return MergeRowsEntry<MergeBF16OpT<true>, false>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, 0, pf);
+#endif
+  return MergeRowsEntry<MergeBF16OpT<false>, false>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, bad_val, 0, pf);
 }
 inline HWY_NOINLINE std::size_t QUnmergeRowsBF16(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha,
                                                  std::uint16_t* w, std::size_t ldw, const std::uint8_t* mask, std::size_t ldm,
                                                  const std::uint16_t* vals, std::size_t nvals, const PrefetchRows* pf) {
-  return MergeRowsEntry<MergeBF16Op, true>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf);
+#if S2LC_BF16_NE
+  if (use_avx512_bf16()) return MergeRowsEntry<MergeBF16OpT<true>, true>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf);
+#endif
+  return MergeRowsEntry<MergeBF16OpT<false>, true>(q, r0, nr, tier, alpha, w, ldw, mask, ldm, vals, nvals, pf);
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE

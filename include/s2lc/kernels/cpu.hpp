@@ -1,0 +1,53 @@
+// s2lc::kernels — CPU features the kernels use beyond what their Highway target implies.
+//
+// Highway 1.0.3's best x86 target (AVX3_DL: AVX-512 with VNNI, VBMI2, BITALG) has no
+// AVX512_BF16, which Zen 4/5 and Sapphire Rapids and later have. Its `vcvtneps2bf16` rounds f32 to
+// bf16 in one instruction, where the portable kernels spend nine integer operations. The AVX3_DL
+// merge kernels check for it once at run time and take it when present (see MergeBF16OpT in
+// qgemm-inl.h); the results are bit-identical either way.
+#pragma once
+
+#include <atomic>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define S2LC_CPU_X86 1
+#else
+#define S2LC_CPU_X86 0
+#endif
+
+namespace s2lc::kernels {
+
+/// Whether this CPU executes AVX512_BF16 (CPUID leaf 7, subleaf 1, EAX bit 5). The OS support of
+/// the AVX-512 state is Highway's check: the kernels ask only inside its AVX3_DL target.
+inline bool cpu_has_avx512_bf16() noexcept {
+#if S2LC_CPU_X86
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1) return false;  // a: the highest subleaf of leaf 7
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    return (a >> 5 & 1u) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace detail {
+inline std::atomic<bool>& avx512_bf16_allowed() noexcept {
+  static std::atomic<bool> allowed{true};
+  return allowed;
+}
+}  // namespace detail
+
+/// For tests and benches, like hwy::SetSupportedTargetsForTest: false makes the AVX3_DL kernels
+/// round to bf16 in integer arithmetic on this CPU too, so both paths can be checked and timed
+/// in one process. Process-wide; results do not change, only speed.
+inline void allow_avx512_bf16(bool allow) noexcept { detail::avx512_bf16_allowed().store(allow, std::memory_order_relaxed); }
+
+/// Whether the AVX3_DL kernels use AVX512_BF16 instructions: the CPU has them and
+/// allow_avx512_bf16(false) is not in effect.
+inline bool use_avx512_bf16() noexcept { return cpu_has_avx512_bf16() && detail::avx512_bf16_allowed().load(std::memory_order_relaxed); }
+
+}  // namespace s2lc::kernels
