@@ -1087,7 +1087,8 @@ struct MergeF32Op {
 // to bf16 as f32_to_bf16 does (to nearest even, NaN quieted), except that a subnormal input
 // becomes +-0 where f32_to_bf16 rounds it. Any +-0 result therefore sends its vectors to the
 // integer path (exact zeros too: rare in trained weights). Through asm: the target's attributes
-// do not enable AVX512_BF16. Real domain module into bf16 weights, hot: merge 576-587 -> ~510 us.
+// do not enable AVX512_BF16. Real domain module into bf16 weights (bench, alternating runs):
+// merge cold 692-709 -> 603-617 us, hot 568-571 -> 488-505; unmerge cold 559-566 -> 505-512.
 #undef S2LC_BF16_NE  // (defined per target)
 #if HWY_TARGET == HWY_AVX3_DL && S2LC_CPU_X86
 #define S2LC_BF16_NE 1
@@ -1141,7 +1142,7 @@ struct MergeBF16OpT {
   // the check too made the kernel a third slower: 1000 against 750 us per 2048 x 1408 pass).
   template <std::size_t U>
   static HWY_INLINE std::size_t VecUInt(std::uint16_t* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i,
-                                     std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
+                                        std::uint8_t* HWY_RESTRICT mask, std::uint16_t* HWY_RESTRICT bad_val) {
     const qk::DF df;
     const qk::DU du;
     const DU16 d16;
