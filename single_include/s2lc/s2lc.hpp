@@ -7655,9 +7655,9 @@ HWY_INLINE __m256i CvtNeBF16(__m512 f) {
   asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(f));
   return r;
 }
-HWY_INLINE __m512 WidenBF16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+HWY_INLINE __m512 WidenBF16(__m256i h) { return BF16ToF32Vec(hn::Vec<DU16>{h}).raw; }
 // acc (unsigned 16-bit min) with h's lanes shifted left by one (x + x: the sign bit dropped), so
-// a lane of acc is 0 once any h held +-0 there.
+// a lane of acc is 0 once any h held +-0 there. AnyZero: whether a lane of a probe (or of h + h) is 0.
 HWY_INLINE __m256i ZeroProbe(__m256i acc, __m256i h) { return _mm256_min_epu16(acc, _mm256_add_epi16(h, h)); }
 HWY_INLINE bool AnyZero(__m256i acc) { return _mm256_cmpeq_epi16_mask(acc, _mm256_setzero_si256()) != 0; }
 #else
@@ -7688,7 +7688,7 @@ struct MergeBF16OpT {
       for (std::size_t u = 0; u < U; ++u) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i + 16 * u), m16[u]);
         PutMaskBits(qk::DU(), hn::Mask<qk::DU>{bad[u]}, i + 16 * u, mask);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bad_val + nb), _mm256_maskz_compress_epi16(bad[u], wv[u]));
+        hn::StoreU(hn::Compress(hn::Vec<DU16>{wv[u]}, hn::Mask<DU16>{bad[u]}), DU16(), bad_val + nb);  // as VecUInt's
         nb += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(bad[u])));
       }
       return nb;
@@ -7748,7 +7748,7 @@ struct MergeBF16OpT {
 #if S2LC_BF16_NE
     if constexpr (kNe) {  // the recorded values expanded as 16-bit lanes (VBMI2)
       const __m256i v = CvtNeBF16(_mm512_sub_ps(WidenBF16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i))), dv.raw));
-      if (HWY_LIKELY(!AnyZero(ZeroProbe(_mm256_set1_epi16(-1), v)))) {
+      if (HWY_LIKELY(!AnyZero(_mm256_add_epi16(v, v)))) {
         const unsigned bits = mask[i / 8] | (unsigned{mask[i / 8 + 1]} << 8);
         std::uint16_t t[16];
         const __m256i src = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Next16(vals, k, nvals, t)));
