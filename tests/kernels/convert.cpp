@@ -2,8 +2,10 @@
 // for every length (vector bodies and scalar tails), with specials mixed into the data.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -24,7 +26,8 @@ std::vector<float> test_floats(std::size_t n, std::uint32_t seed) {
                             std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
                             std::bit_cast<float>(0x7FC00000u), std::bit_cast<float>(0xFF800001u),
                             std::bit_cast<float>(0x3F808000u), std::bit_cast<float>(0x3F818000u),
-                            std::bit_cast<float>(0x33000000u), std::bit_cast<float>(0x00000001u)};
+                            std::bit_cast<float>(0x33000000u), std::bit_cast<float>(0x00000001u),
+                            std::bit_cast<float>(0x00428000u), std::bit_cast<float>(0x80012345u)};  // subnormals, bf16-representable
   std::vector<float> v(n);
   for (std::size_t i = 0; i < n; ++i) {
     switch (rng() % 4) {
@@ -50,9 +53,14 @@ TEST_CASE("kernels: bulk conversions equal the scalar reference on every target 
       std::vector<std::uint16_t> out(n + 1, 0xABCD), ref(n + 1, 0xABCD);  // +1 sentinel: no overrun
       std::vector<float> back(n + 1, -7.0f);
 
-      s2lc::kernels::f32_to_bf16(in.data(), out.data(), n);
       for (std::size_t i = 0; i < n; ++i) ref[i] = s2lc::f32_to_bf16(in[i]);
-      REQUIRE(out == ref);
+      for (bool insn : s2lc::test::bf16_insn_modes(target)) {  // AVX3_DL: vcvtneps2bf16 and the integer rounding
+        CAPTURE(insn);
+        s2lc::test::Bf16InsnScope bf16(insn);
+        std::fill(out.begin(), out.end() - 1, std::uint16_t{0xABCD});
+        s2lc::kernels::f32_to_bf16(in.data(), out.data(), n);
+        REQUIRE(out == ref);
+      }
       s2lc::kernels::bf16_to_f32(out.data(), back.data(), n);
       for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(back[i]) == std::bit_cast<std::uint32_t>(s2lc::bf16_to_f32(out[i])));
       REQUIRE(back[n] == -7.0f);
@@ -63,6 +71,52 @@ TEST_CASE("kernels: bulk conversions equal the scalar reference on every target 
       s2lc::kernels::f16_to_f32(out.data(), back.data(), n);
       for (std::size_t i = 0; i < n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(back[i]) == std::bit_cast<std::uint32_t>(s2lc::f16_to_f32(out[i])));
       REQUIRE(back[n] == -7.0f);
+    }
+  }
+}
+
+TEST_CASE("kernels: outputs past kStreamStoreBytes (non-temporal stores) equal the scalar reference at any alignment") {
+  // Enough elements that every conversion's output reaches the streaming size: f32_to_bf16 runs
+  // its scalar head up to out's first 64-byte boundary, the streamed body and the tail.
+  const std::size_t n = s2lc::kernels::kStreamStoreBytes / sizeof(std::uint16_t) + 37;
+  const auto src = test_floats(n + 3, 20261201);
+  std::vector<std::uint16_t> bf(n + 3), hf(n + 3);
+  std::vector<float> bf32(n + 3), hf32(n + 3);  // the scalar widening of bf and hf
+  for (std::size_t i = 0; i < n + 3; ++i) {
+    bf[i] = s2lc::f32_to_bf16(src[i]), hf[i] = s2lc::f32_to_f16(src[i]);
+    bf32[i] = s2lc::bf16_to_f32(bf[i]), hf32[i] = s2lc::f16_to_f32(hf[i]);
+  }
+  std::vector<std::uint16_t> out16(n + 8);
+  std::vector<float> out32(n + 8);
+  const auto same_bits = [](const float* a, const float* b, std::size_t m) { return std::memcmp(a, b, m * sizeof(float)) == 0; };
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (std::size_t off : {0u, 1u, 3u}) {  // out (and in) off elements past the allocation's start
+      CAPTURE(off);
+      const std::size_t s = off % 2;  // the input's offset
+      for (bool insn : s2lc::test::bf16_insn_modes(target)) {
+        CAPTURE(insn);
+        s2lc::test::Bf16InsnScope bf16(insn);
+        std::fill(out16.begin(), out16.end(), std::uint16_t{0xABCD});
+        s2lc::kernels::f32_to_bf16(src.data() + s, out16.data() + off, n);
+        REQUIRE(std::equal(bf.begin() + static_cast<std::ptrdiff_t>(s), bf.begin() + static_cast<std::ptrdiff_t>(s + n), out16.begin() + static_cast<std::ptrdiff_t>(off)));
+        REQUIRE(out16[off + n] == 0xABCD);
+        if (off > 0) REQUIRE(out16[off - 1] == 0xABCD);
+      }
+      std::fill(out16.begin(), out16.end(), std::uint16_t{0xABCD});
+      s2lc::kernels::f32_to_f16(src.data() + s, out16.data() + off, n);
+      REQUIRE(std::equal(hf.begin() + static_cast<std::ptrdiff_t>(s), hf.begin() + static_cast<std::ptrdiff_t>(s + n), out16.begin() + static_cast<std::ptrdiff_t>(off)));
+      REQUIRE(out16[off + n] == 0xABCD);
+
+      std::fill(out32.begin(), out32.end(), -7.0f);
+      s2lc::kernels::bf16_to_f32(bf.data() + s, out32.data() + off, n);
+      REQUIRE(same_bits(out32.data() + off, bf32.data() + s, n));
+      REQUIRE(out32[off + n] == -7.0f);
+      std::fill(out32.begin(), out32.end(), -7.0f);
+      s2lc::kernels::f16_to_f32(hf.data() + s, out32.data() + off, n);
+      REQUIRE(same_bits(out32.data() + off, hf32.data() + s, n));
+      REQUIRE(out32[off + n] == -7.0f);
     }
   }
 }

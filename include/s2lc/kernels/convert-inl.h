@@ -4,7 +4,8 @@
 //
 // Highway 1.0.3's DemoteTo(bf16/f16) truncates instead of rounding (and maps Inf/NaN wrongly on
 // targets without F16C), so both directions are written here with integer ops, bit-identical to
-// the scalar reference in <s2lc/dtype.hpp> on every target.
+// the scalar reference in <s2lc/dtype.hpp> on every target; f32 -> bf16 uses vcvtneps2bf16
+// where the CPU has it (S2LC_BF16_NE below), with the same bits.
 
 // Per-target include guard (Highway idiom).
 #if defined(S2LC_KERNELS_CONVERT_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -17,9 +18,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 
 #include "s2lc/dtype.hpp"
+#include "s2lc/kernels/cpu.hpp"
 
 HWY_BEFORE_NAMESPACE();
 namespace s2lc::kernels::HWY_NAMESPACE {
@@ -30,6 +33,20 @@ using DF32 = hn::ScalableTag<float>;
 using DU32 = hn::RebindToUnsigned<DF32>;
 using DI32 = hn::RebindToSigned<DF32>;
 using DU16 = hn::Rebind<std::uint16_t, DF32>;
+
+// v, kept in a register: g++ otherwise folds a load that several instructions use into each of
+// them, so one vector is read two or three times. Hot that costs load slots (a cache-resident
+// 256 x 256 4-bit core block at one token: 10 % slower, q8-inl.h); cold and not 64-byte aligned,
+// every folded load splits a cache line again (f32_to_bf16's three reads per vector: 32 Mi
+// elements from DRAM at a 16-byte offset, as std::vector gives, 10.4 against 5.1 ms). No
+// instruction is emitted.
+template <class V>
+HWY_INLINE V InRegister(V v) {
+#if HWY_ARCH_X86 && HWY_TARGET != HWY_SCALAR && HWY_TARGET != HWY_EMU128 && (HWY_COMPILER_GCC || HWY_COMPILER_CLANG)
+  asm("" : "+v"(v.raw));
+#endif
+  return v;
+}
 
 template <class V>
 HWY_INLINE hn::Vec<DU16> NarrowU32(V v32) {
@@ -57,6 +74,28 @@ HWY_INLINE hn::Vec<DU16> F32ToBF16Vec(hn::Vec<DF32> f) { return NarrowU32(F32ToB
 HWY_INLINE hn::Vec<DF32> BF16ToF32Vec(hn::Vec<DU16> h) {
   return hn::BitCast(DF32(), hn::ShiftLeft<16>(hn::PromoteTo(DU32(), h)));
 }
+
+// AVX3_DL on a CPU with AVX512_BF16 (use_avx512_bf16(), cpu.hpp): vcvtneps2bf16 rounds 16 f32
+// to bf16 as f32_to_bf16 does (to nearest even, NaN quieted), except that a subnormal input
+// becomes +-0 where f32_to_bf16 rounds it. Any +-0 result therefore sends its vector (the
+// merge: its batch of vectors) to the integer rounding (exact zeros too: rare in trained
+// weights). Through asm: the target's attributes do not enable AVX512_BF16.
+#undef S2LC_BF16_NE  // (defined per target)
+#if HWY_TARGET == HWY_AVX3_DL && S2LC_CPU_X86
+#define S2LC_BF16_NE 1
+HWY_INLINE __m256i CvtNeBF16(__m512 f) {
+  __m256i r;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(f));
+  return r;
+}
+HWY_INLINE __m512 WidenBF16(__m256i h) { return BF16ToF32Vec(hn::Vec<DU16>{h}).raw; }
+// acc (unsigned 16-bit min) with h's lanes shifted left by one (x + x: the sign bit dropped), so
+// a lane of acc is 0 once any h held +-0 there. AnyZero: whether a lane of a probe (or of h + h) is 0.
+HWY_INLINE __m256i ZeroProbe(__m256i acc, __m256i h) { return _mm256_min_epu16(acc, _mm256_add_epi16(h, h)); }
+HWY_INLINE bool AnyZero(__m256i acc) { return _mm256_cmpeq_epi16_mask(acc, _mm256_setzero_si256()) != 0; }
+#else
+#define S2LC_BF16_NE 0
+#endif
 
 HWY_INLINE hn::Vec<DU16> F32ToF16Vec(hn::Vec<DF32> f) {
   const DU32 du;
@@ -105,38 +144,94 @@ HWY_INLINE hn::Vec<DF32> F16ToF32Vec(hn::Vec<DU16> h16) {
   return hn::BitCast(df, hn::Or(r, sign));
 }
 
+// One conversion: Vec(p) converts the N elements at p, One(x) is the scalar rule; kStream:
+// whether a large output is written with non-temporal stores (Convert).
+struct ToBF16 {
+  using In = float;
+  using Out = std::uint16_t;
+  using DOut = DU16;
+  static constexpr bool kStream = true;
+  static HWY_INLINE hn::Vec<DU16> Vec(const float* p) { return F32ToBF16Vec(InRegister(hn::LoadU(DF32(), p))); }
+  static HWY_INLINE std::uint16_t One(float x) { return s2lc::f32_to_bf16(x); }
+};
+#if S2LC_BF16_NE
+struct ToBF16Ne : ToBF16 {
+  static HWY_INLINE hn::Vec<DU16> Vec(const float* p) {
+    const auto f = InRegister(hn::LoadU(DF32(), p));
+    const __m256i h = CvtNeBF16(f.raw);
+    if (HWY_UNLIKELY(AnyZero(_mm256_add_epi16(h, h)))) return F32ToBF16Vec(f);
+    return hn::Vec<DU16>{h};
+  }
+};
+#endif
+struct FromBF16 {
+  using In = std::uint16_t;
+  using Out = float;
+  using DOut = DF32;
+  static constexpr bool kStream = false;
+  static HWY_INLINE hn::Vec<DF32> Vec(const std::uint16_t* p) { return BF16ToF32Vec(hn::LoadU(DU16(), p)); }
+  static HWY_INLINE float One(std::uint16_t x) { return s2lc::bf16_to_f32(x); }
+};
+struct ToF16 {
+  using In = float;
+  using Out = std::uint16_t;
+  using DOut = DU16;
+  static constexpr bool kStream = false;
+  static HWY_INLINE hn::Vec<DU16> Vec(const float* p) { return F32ToF16Vec(InRegister(hn::LoadU(DF32(), p))); }
+  static HWY_INLINE std::uint16_t One(float x) { return s2lc::f32_to_f16(x); }
+};
+struct FromF16 {
+  using In = std::uint16_t;
+  using Out = float;
+  using DOut = DF32;
+  static constexpr bool kStream = false;
+  static HWY_INLINE hn::Vec<DF32> Vec(const std::uint16_t* p) { return F16ToF32Vec(hn::LoadU(DU16(), p)); }
+  static HWY_INLINE float One(std::uint16_t x) { return s2lc::f16_to_f32(x); }
+};
+
+// in[0, n) converted into out. An f32 -> bf16 output of kStreamStoreBytes or more goes past the
+// caches anyway: it is written with non-temporal stores, whole 64-byte lines from out's first line
+// boundary, so no line is read before it is written (32 Mi elements from DRAM, one thread, the
+// two ways alternating in one process: 4.5-7.7 against 5.7-10.2 ms, faster in 11 rounds of 11;
+// the read of the input alone takes 3.8-4.0 ms in a fast phase of this VM). The other
+// conversions, which compute more per element, store normally: streaming their output was as
+// often slower as faster (f32 -> f16 slower in 8 rounds of 11, f16 -> f32 4.8-10.3 against
+// 5.6-8.0 ms). Targets whose output vector is under 16 bytes (SSE4's four bf16) store normally
+// too: Highway streams at least 16 bytes. Tails go through the scalar reference (MaskedLoad
+// tails fault on SSE4 in Highway 1.0.3).
+template <class Op>
+HWY_INLINE void Convert(const typename Op::In* HWY_RESTRICT in, typename Op::Out* HWY_RESTRICT out, std::size_t n) {
+  using Out = typename Op::Out;
+  const typename Op::DOut d;
+  const std::size_t N = hn::Lanes(d);
+  std::size_t i = 0;
+  if constexpr (Op::kStream && hn::MaxLanes(d) * sizeof(Out) >= 16) {
+    const auto addr = reinterpret_cast<std::uintptr_t>(out);
+    if (n * sizeof(Out) >= kStreamStoreBytes && addr % sizeof(Out) == 0) {
+      for (const std::size_t head = (64 - addr % 64) % 64 / sizeof(Out); i < head; ++i) out[i] = Op::One(in[i]);
+      for (; i + N <= n; i += N) hn::Stream(Op::Vec(in + i), d, out + i);
+      hwy::FlushStream();
+    }
+  }
+  for (; i + N <= n; i += N) hn::StoreU(Op::Vec(in + i), d, out + i);
+  for (; i < n; ++i) out[i] = Op::One(in[i]);
+}
+
 // Entry points are `inline` so that header-only (static dispatch) use from many TUs links.
-// Tails go through the scalar reference (MaskedLoad tails fault on SSE4 in Highway 1.0.3).
 inline HWY_NOINLINE void F32ToBF16(const float* HWY_RESTRICT in, std::uint16_t* HWY_RESTRICT out, std::size_t n) {
-  const DF32 df;
-  const std::size_t N = hn::Lanes(df);
-  std::size_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(F32ToBF16Vec(hn::LoadU(df, in + i)), DU16(), out + i);
-  for (; i < n; ++i) out[i] = s2lc::f32_to_bf16(in[i]);
+#if S2LC_BF16_NE
+  if (use_avx512_bf16()) return Convert<ToBF16Ne>(in, out, n);
+#endif
+  Convert<ToBF16>(in, out, n);
 }
-
 inline HWY_NOINLINE void BF16ToF32(const std::uint16_t* HWY_RESTRICT in, float* HWY_RESTRICT out, std::size_t n) {
-  const DF32 df;
-  const std::size_t N = hn::Lanes(df);
-  std::size_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(BF16ToF32Vec(hn::LoadU(DU16(), in + i)), df, out + i);
-  for (; i < n; ++i) out[i] = s2lc::bf16_to_f32(in[i]);
+  Convert<FromBF16>(in, out, n);
 }
-
 inline HWY_NOINLINE void F32ToF16(const float* HWY_RESTRICT in, std::uint16_t* HWY_RESTRICT out, std::size_t n) {
-  const DF32 df;
-  const std::size_t N = hn::Lanes(df);
-  std::size_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(F32ToF16Vec(hn::LoadU(df, in + i)), DU16(), out + i);
-  for (; i < n; ++i) out[i] = s2lc::f32_to_f16(in[i]);
+  Convert<ToF16>(in, out, n);
 }
-
 inline HWY_NOINLINE void F16ToF32(const std::uint16_t* HWY_RESTRICT in, float* HWY_RESTRICT out, std::size_t n) {
-  const DF32 df;
-  const std::size_t N = hn::Lanes(df);
-  std::size_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(F16ToF32Vec(hn::LoadU(DU16(), in + i)), df, out + i);
-  for (; i < n; ++i) out[i] = s2lc::f16_to_f32(in[i]);
+  Convert<FromF16>(in, out, n);
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE

@@ -1,13 +1,15 @@
-// s2lc::kernels — CPU features the kernels use beyond what their Highway target implies.
+// s2lc::kernels — CPU features the kernels use beyond what their Highway target implies, and the
+// output size from which bulk conversions bypass the caches.
 //
 // Highway 1.0.3's best x86 target (AVX3_DL: AVX-512 with VNNI, VBMI2, BITALG) has no
 // AVX512_BF16, which Zen 4/5 and Sapphire Rapids and later have. Its `vcvtneps2bf16` rounds f32 to
 // bf16 in one instruction, where the portable kernels spend nine integer operations. The AVX3_DL
-// merge kernels check for it once at run time and take it when present (see MergeBF16OpT in
-// qgemm-inl.h); the results are bit-identical either way.
+// merge kernels and the bulk f32 -> bf16 conversion check for it once at run time and take it
+// when present (see S2LC_BF16_NE in convert-inl.h); the results are bit-identical either way.
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -33,6 +35,12 @@ inline bool cpu_has_avx512_bf16() noexcept {
   return false;
 #endif
 }
+
+/// Bytes of output from which kernels::f32_to_bf16 (convert.hpp) stores with non-temporal hints,
+/// as memcpy does for large copies: such an output would not stay in a core's share of the last
+/// level cache anyway, and streaming it saves reading every line before writing it. (The OS's
+/// cache sizes are no guide in a VM: this one reports the host's 512 MB of L3, a core sees 32.)
+inline constexpr std::size_t kStreamStoreBytes = std::size_t{8} << 20;
 
 namespace detail {
 inline std::atomic<bool>& avx512_bf16_allowed() noexcept {

@@ -111,18 +111,6 @@ inline constexpr std::size_t kPrefetch = 8192;
 // Rows up to this many bytes are prefetched whole, in order, rather than chunk by chunk.
 inline constexpr std::size_t kShortRow = 256;
 
-// v, kept in a register: g++ otherwise folds a load that two instructions use into both (one
-// vector of codes read twice, as the low nibbles' and and the high nibbles' shift operand), and
-// the rows-in-lanes loop's loads, not its arithmetic, bound it hot (measured: one load instead of
-// two made a cache-resident 256 x 256 4-bit core block 10 % faster at one token). No instruction
-// is emitted.
-template <class V>
-HWY_INLINE V InRegister(V v) {
-#if HWY_ARCH_X86 && HWY_TARGET != HWY_SCALAR && HWY_TARGET != HWY_EMU128 && (HWY_COMPILER_GCC || HWY_COMPILER_CLANG)
-  asm("" : "+v"(v.raw));
-#endif
-  return v;
-}
 
 #if HWY_TARGET != HWY_SCALAR
 // The kN x kN transpose of v (kN = 4, 8 or 16 lanes) in registers: unpacks inside 128-bit blocks,

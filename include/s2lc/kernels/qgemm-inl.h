@@ -1083,28 +1083,9 @@ struct MergeF32Op {
   }
 };
 
-// AVX3_DL on a CPU with AVX512_BF16 (use_avx512_bf16(), cpu.hpp): vcvtneps2bf16 rounds 16 f32
-// to bf16 as f32_to_bf16 does (to nearest even, NaN quieted), except that a subnormal input
-// becomes +-0 where f32_to_bf16 rounds it. Any +-0 result therefore sends its vectors to the
-// integer path (exact zeros too: rare in trained weights). Through asm: the target's attributes
-// do not enable AVX512_BF16. Real domain module into bf16 weights (bench, alternating runs):
-// merge cold 692-709 -> 603-617 us, hot 568-571 -> 488-505; unmerge cold 559-566 -> 505-512.
-#undef S2LC_BF16_NE  // (defined per target)
-#if HWY_TARGET == HWY_AVX3_DL && S2LC_CPU_X86
-#define S2LC_BF16_NE 1
-HWY_INLINE __m256i CvtNeBF16(__m512 f) {
-  __m256i r;
-  asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(f));
-  return r;
-}
-HWY_INLINE __m512 WidenBF16(__m256i h) { return BF16ToF32Vec(hn::Vec<DU16>{h}).raw; }
-// acc (unsigned 16-bit min) with h's lanes shifted left by one (x + x: the sign bit dropped), so
-// a lane of acc is 0 once any h held +-0 there. AnyZero: whether a lane of a probe (or of h + h) is 0.
-HWY_INLINE __m256i ZeroProbe(__m256i acc, __m256i h) { return _mm256_min_epu16(acc, _mm256_add_epi16(h, h)); }
-HWY_INLINE bool AnyZero(__m256i acc) { return _mm256_cmpeq_epi16_mask(acc, _mm256_setzero_si256()) != 0; }
-#else
-#define S2LC_BF16_NE 0
-#endif
+// The merge rounds with vcvtneps2bf16 where S2LC_BF16_NE (convert-inl.h) and the CPU has
+// AVX512_BF16. Real domain module into bf16 weights (bench, alternating runs): merge cold 692-709
+// -> 603-617 us, hot 568-571 -> 488-505; unmerge cold 559-566 -> 505-512.
 
 // kNe: the AVX512_BF16 path above (only instantiated where S2LC_BF16_NE and the CPU has it).
 template <bool kNe>
