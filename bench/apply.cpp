@@ -62,8 +62,8 @@ constexpr std::size_t kColdBytes = std::size_t{512} << 20;
 struct Setup {
   mo::KGroup base;
   std::vector<mo::KGroup> copies;          // cold: distinct memory
-  std::vector<std::vector<float>> dense;   // reconstructed f32, copies
-  std::vector<std::vector<std::uint16_t>> dense_bf16;  // the same in bf16 (merge rows, made on first use)
+  std::vector<s2lc::bench::Buffer<float>> dense;   // reconstructed f32, copies
+  std::vector<s2lc::bench::Buffer<std::uint16_t>> dense_bf16;  // the same in bf16 (merge rows, made on first use)
   std::vector<float> stream;               // for the bound
   std::vector<std::vector<ab::ByteRange>> ranges;  // per copy: the bytes apply(0) reads
   std::map<unsigned, std::vector<mo::KMorph>> morphs;  // by 4 K + tr (trunc_options)
@@ -99,7 +99,7 @@ Setup& setup(std::size_t si, bool cold) {
   const std::size_t nd = cold ? std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / s.dense_bytes)) : 1;
   s.copies.assign(nq, s.base);
   for (const auto& q : s.copies) s.ranges.push_back(ab::member_ranges(q, 0));
-  s.dense.assign(nd, groups[si].second);
+  s.dense.assign(nd, s2lc::bench::Buffer<float>(groups[si].second.begin(), groups[si].second.end()));
   s.stream.assign(cold ? kColdBytes / sizeof(float) : static_cast<std::size_t>(s.dense_bytes) / sizeof(float), 1.0f);
   return s;
 }
@@ -300,7 +300,7 @@ std::size_t merge_macs(const mo::KGroup& g, std::size_t e, bool module = false) 
 enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge, s2lc_t2, memcpy_t2, s2lc_module, s2lc_module_t2 };
 
 template <class T>
-std::vector<std::vector<T>>& dense_copies(Setup& s) {
+std::vector<s2lc::bench::Buffer<T>>& dense_copies(Setup& s) {
   if constexpr (std::is_same_v<T, float>) {
     return s.dense;
   } else {
@@ -321,7 +321,7 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   // last-level cache holds. T: the buffer's type (float or bf16 bits).
   Setup& s = setup(si, cold);
   auto& dense = dense_copies<T>(s);
-  const std::vector<T> src = cold ? std::vector<T>{} : dense[0];  // hot memcpy's source
+  const s2lc::bench::Buffer<T> src = cold ? s2lc::bench::Buffer<T>{} : dense[0];  // hot memcpy's source
   const double buf_bytes = static_cast<double>(dense[0].size() * sizeof(T)), bytes = 2.0 * buf_bytes;
   static mo::ThreadPool pool(2);  // the _t2 rows
   // The base: member 0's weights; the module: member 1 at a tenth of its size, as a domain
@@ -398,11 +398,11 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
 struct RealDomain {
   std::vector<std::vector<mo::KGroup>> copies;  // per copy: the 12 groups
   std::vector<std::size_t> offset;              // each group's matrix in the buffer
-  std::vector<std::vector<float>> dense;        // copies of the base weights
-  std::vector<std::vector<std::uint16_t>> dense16;  // ... as bf16 (the _bf16 rows)
+  std::vector<s2lc::bench::Buffer<float>> dense;        // copies of the base weights
+  std::vector<s2lc::bench::Buffer<std::uint16_t>> dense16;  // ... as bf16 (the _bf16 rows)
   double module_bytes = 0;
   template <class T>
-  std::vector<std::vector<T>>& buffers() {
+  std::vector<s2lc::bench::Buffer<T>>& buffers() {
     if constexpr (std::is_same_v<T, float>) return dense;
     else return dense16;
   }
@@ -436,8 +436,8 @@ RealDomain* real_domain() {
     for (std::size_t e = 0; e < groups.back().members(); ++e) all_bytes += static_cast<double>(groups.back().member_bytes(e));
   }
   r.copies.assign(std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / all_bytes)), groups);
-  r.dense.assign(std::max<std::size_t>(2, kColdBytes / (w.size() * sizeof(float))), w);
-  std::vector<std::uint16_t> h(w.size());
+  r.dense.assign(std::max<std::size_t>(2, kColdBytes / (w.size() * sizeof(float))), s2lc::bench::Buffer<float>(w.begin(), w.end()));
+  s2lc::bench::Buffer<std::uint16_t> h(w.size());
   for (std::size_t i = 0; i < w.size(); ++i) h[i] = s2lc::f32_to_bf16(w[i]);
   r.dense16.assign(std::max<std::size_t>(2, kColdBytes / (h.size() * sizeof(std::uint16_t))), h);
   return &r;
@@ -512,7 +512,7 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
 // SiLU, one more, the gate-weighted scatter), one thread. Cold: copies over 512 MiB each.
 struct RealLayer {
   std::vector<mo::SwiGLUExperts> layers;        // per compressed copy
-  std::vector<std::vector<float>> dense;        // per dense copy: w1, w3 of each expert [f, d], then w2 [d, f]
+  std::vector<s2lc::bench::Buffer<float>> dense;        // per dense copy: w1, w3 of each expert [f, d], then w2 [d, f]
   std::size_t d = 0, f = 0, experts = 0, dense_copies = 0;
 };
 
@@ -533,7 +533,7 @@ RealLayer& real_layer() {
     mo::merge(r2.copies[0], e, w.data() + (2 * L.experts + e) * m, L.f, 1.0f, 0, mo::merge_math::f32);
   }
   L.dense_copies = std::max<std::size_t>(2, kColdBytes / (w.size() * sizeof(float)));
-  L.dense.assign(L.dense_copies, w);
+  L.dense.assign(L.dense_copies, s2lc::bench::Buffer<float>(w.begin(), w.end()));
   return L;
 }
 

@@ -116,6 +116,20 @@ int main(int argc, char** argv) {
     for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
     --argc, --i;
   }
+  // --s2lc_buffer_offset=B: weight buffers start B bytes past a 64-byte boundary (report.hpp).
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i], flag = "--s2lc_buffer_offset=";
+    if (a.rfind(flag, 0) != 0) continue;
+    const std::string v = a.substr(flag.size());
+    if (v.empty() || v.size() > 2 || v.find_first_not_of("0123456789") != std::string::npos || std::stoul(v) >= 64 || std::stoul(v) % 4) {
+      std::fprintf(stderr, "--s2lc_buffer_offset: want a multiple of 4 below 64, got '%s'\n", v.c_str());
+      return 2;
+    }
+    s2lc::bench::buffer_offset() = std::stoul(v);
+    for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+    --argc, --i;
+  }
+  std::printf("weight buffers start %zu bytes past a 64-byte boundary\n", s2lc::bench::buffer_offset());
   std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s; AVX512_BF16 instructions: %s\n",
               s2lc::cli::dispatch_targets().c_str(), s2lc::kernels::use_avx512_bf16() ? "used" : "not used");
   benchmark::Initialize(&argc, argv);
