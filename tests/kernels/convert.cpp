@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -75,48 +74,29 @@ TEST_CASE("kernels: bulk conversions equal the scalar reference on every target 
   }
 }
 
-TEST_CASE("kernels: outputs past kStreamStoreBytes (non-temporal stores) equal the scalar reference at any alignment") {
-  // Enough elements that every conversion's output reaches the streaming size: f32_to_bf16 runs
-  // its scalar head up to out's first 64-byte boundary, the streamed body and the tail.
+TEST_CASE("kernels: f32_to_bf16 past kStreamStoreBytes (non-temporal stores) equals the scalar reference at any alignment") {
+  // An output of the streaming size: the scalar head up to out's first 64-byte boundary, the
+  // streamed body and the tail all run. (The other conversions store as for small n, above.)
   const std::size_t n = s2lc::kernels::kStreamStoreBytes / sizeof(std::uint16_t) + 37;
-  const auto src = test_floats(n + 3, 20261201);
-  std::vector<std::uint16_t> bf(n + 3), hf(n + 3);
-  std::vector<float> bf32(n + 3), hf32(n + 3);  // the scalar widening of bf and hf
-  for (std::size_t i = 0; i < n + 3; ++i) {
-    bf[i] = s2lc::f32_to_bf16(src[i]), hf[i] = s2lc::f32_to_f16(src[i]);
-    bf32[i] = s2lc::bf16_to_f32(bf[i]), hf32[i] = s2lc::f16_to_f32(hf[i]);
-  }
-  std::vector<std::uint16_t> out16(n + 8);
-  std::vector<float> out32(n + 8);
-  const auto same_bits = [](const float* a, const float* b, std::size_t m) { return std::memcmp(a, b, m * sizeof(float)) == 0; };
+  const auto src = test_floats(n + 1, 20261201);
+  std::vector<std::uint16_t> ref(n + 1), out(n + 8);
+  for (std::size_t i = 0; i < n + 1; ++i) ref[i] = s2lc::f32_to_bf16(src[i]);
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
-    for (std::size_t off : {0u, 1u, 3u}) {  // out (and in) off elements past the allocation's start
+    for (std::size_t off : {0u, 3u}) {  // out (and in: off % 2) elements past the allocation's start
       CAPTURE(off);
-      const std::size_t s = off % 2;  // the input's offset
+      const std::size_t s = off % 2;
       for (bool insn : s2lc::test::bf16_insn_modes(target)) {
         CAPTURE(insn);
         s2lc::test::Bf16InsnScope bf16(insn);
-        std::fill(out16.begin(), out16.end(), std::uint16_t{0xABCD});
-        s2lc::kernels::f32_to_bf16(src.data() + s, out16.data() + off, n);
-        REQUIRE(std::equal(bf.begin() + static_cast<std::ptrdiff_t>(s), bf.begin() + static_cast<std::ptrdiff_t>(s + n), out16.begin() + static_cast<std::ptrdiff_t>(off)));
-        REQUIRE(out16[off + n] == 0xABCD);
-        if (off > 0) REQUIRE(out16[off - 1] == 0xABCD);
+        std::fill(out.begin(), out.end(), std::uint16_t{0xABCD});
+        s2lc::kernels::f32_to_bf16(src.data() + s, out.data() + off, n);
+        REQUIRE(std::equal(ref.begin() + static_cast<std::ptrdiff_t>(s), ref.begin() + static_cast<std::ptrdiff_t>(s + n),
+                           out.begin() + static_cast<std::ptrdiff_t>(off)));
+        REQUIRE(out[off + n] == 0xABCD);
+        if (off > 0) REQUIRE(out[off - 1] == 0xABCD);
       }
-      std::fill(out16.begin(), out16.end(), std::uint16_t{0xABCD});
-      s2lc::kernels::f32_to_f16(src.data() + s, out16.data() + off, n);
-      REQUIRE(std::equal(hf.begin() + static_cast<std::ptrdiff_t>(s), hf.begin() + static_cast<std::ptrdiff_t>(s + n), out16.begin() + static_cast<std::ptrdiff_t>(off)));
-      REQUIRE(out16[off + n] == 0xABCD);
-
-      std::fill(out32.begin(), out32.end(), -7.0f);
-      s2lc::kernels::bf16_to_f32(bf.data() + s, out32.data() + off, n);
-      REQUIRE(same_bits(out32.data() + off, bf32.data() + s, n));
-      REQUIRE(out32[off + n] == -7.0f);
-      std::fill(out32.begin(), out32.end(), -7.0f);
-      s2lc::kernels::f16_to_f32(hf.data() + s, out32.data() + off, n);
-      REQUIRE(same_bits(out32.data() + off, hf32.data() + s, n));
-      REQUIRE(out32[off + n] == -7.0f);
     }
   }
 }
