@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <ios>
 #include <limits>
 #include <random>
 #include <string>
@@ -74,13 +75,13 @@ TEST_CASE("kernels: bulk conversions equal the scalar reference on every target 
   }
 }
 
-TEST_CASE("kernels: f32_to_bf16 past kStreamStoreBytes (non-temporal stores) equals the scalar reference at any alignment") {
+TEST_CASE("kernels: f32_to_bf16 and f32_to_f16 past kStreamStoreBytes (non-temporal stores) equal the scalar reference at any alignment") {
   // An output of the streaming size: the scalar head up to out's first 64-byte boundary, the
-  // streamed body and the tail all run. (The other conversions store as for small n, above.)
+  // streamed body and the tail all run. (The widenings store as for small n, above.)
   const std::size_t n = s2lc::kernels::kStreamStoreBytes / sizeof(std::uint16_t) + 37;
   const auto src = test_floats(n + 1, 20261201);
-  std::vector<std::uint16_t> ref(n + 1), out(n + 8);
-  for (std::size_t i = 0; i < n + 1; ++i) ref[i] = s2lc::f32_to_bf16(src[i]);
+  std::vector<std::uint16_t> ref(n + 1), ref16(n + 1), out(n + 8);
+  for (std::size_t i = 0; i < n + 1; ++i) ref[i] = s2lc::f32_to_bf16(src[i]), ref16[i] = s2lc::f32_to_f16(src[i]);
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
@@ -97,6 +98,40 @@ TEST_CASE("kernels: f32_to_bf16 past kStreamStoreBytes (non-temporal stores) equ
         REQUIRE(out[off + n] == 0xABCD);
         if (off > 0) REQUIRE(out[off - 1] == 0xABCD);
       }
+      std::fill(out.begin(), out.end(), std::uint16_t{0xABCD});
+      s2lc::kernels::f32_to_f16(src.data() + s, out.data() + off, n);
+      REQUIRE(std::equal(ref16.begin() + static_cast<std::ptrdiff_t>(s), ref16.begin() + static_cast<std::ptrdiff_t>(s + n),
+                         out.begin() + static_cast<std::ptrdiff_t>(off)));
+      REQUIRE(out[off + n] == 0xABCD);
+      if (off > 0) REQUIRE(out[off - 1] == 0xABCD);
+    }
+  }
+}
+
+TEST_CASE("kernels: f32 -> f16 and bf16 equal the scalar rule on a sweep of 2^32 patterns, every target") {
+  // Every 1009th f32 bit pattern (all exponents, both signs, subnormals, inf, NaN payloads): the
+  // vector bodies on each target (F16C's vcvtps2ph, AVX512_BF16's vcvtneps2bf16 and its
+  // fallback, the integer roundings) against the scalar reference.
+  std::vector<float> in;
+  in.reserve((std::uint64_t{1} << 32) / 1009 + 1);
+  for (std::uint64_t b = 0; b <= 0xFFFFFFFFull; b += 1009) in.push_back(std::bit_cast<float>(static_cast<std::uint32_t>(b)));
+  std::vector<std::uint16_t> ref16(in.size()), refb(in.size()), out(in.size());
+  for (std::size_t i = 0; i < in.size(); ++i) ref16[i] = s2lc::f32_to_f16(in[i]), refb[i] = s2lc::f32_to_bf16(in[i]);
+  const auto first_diff = [&](const std::vector<std::uint16_t>& ref) {
+    return static_cast<std::size_t>(std::mismatch(out.begin(), out.end(), ref.begin()).first - out.begin());
+  };
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    s2lc::kernels::f32_to_f16(in, out);
+    std::size_t i = first_diff(ref16);
+    REQUIRE_MESSAGE(i == in.size(), "f16 differs at f32 bits 0x" << std::hex << std::bit_cast<std::uint32_t>(in[i < in.size() ? i : 0]));
+    for (bool insn : s2lc::test::bf16_insn_modes(target)) {
+      CAPTURE(insn);
+      s2lc::test::Bf16InsnScope bf16(insn);
+      s2lc::kernels::f32_to_bf16(in, out);
+      i = first_diff(refb);
+      REQUIRE_MESSAGE(i == in.size(), "bf16 differs at f32 bits 0x" << std::hex << std::bit_cast<std::uint32_t>(in[i < in.size() ? i : 0]));
     }
   }
 }

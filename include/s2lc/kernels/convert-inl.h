@@ -2,10 +2,11 @@
 // hwy/foreach_target.h (dynamic dispatch) or once for the static target (static dispatch); never
 // include it directly: use <s2lc/kernels/convert.hpp>.
 //
-// Highway 1.0.3's DemoteTo(bf16/f16) truncates instead of rounding (and maps Inf/NaN wrongly on
-// targets without F16C), so both directions are written here with integer ops, bit-identical to
-// the scalar reference in <s2lc/dtype.hpp> on every target; f32 -> bf16 uses vcvtneps2bf16
-// where the CPU has it (S2LC_BF16_NE below), with the same bits.
+// Highway 1.0.3's DemoteTo(bf16) truncates instead of rounding, and its DemoteTo(f16) maps
+// Inf/NaN wrongly on targets without F16C, so the conversions are written here with integer ops,
+// bit-identical to the scalar reference in <s2lc/dtype.hpp> on every target. Instructions with
+// the same bits replace them where there are any: F16C's vcvtps2ph (AVX2 and up) for f32 -> f16,
+// vcvtneps2bf16 for f32 -> bf16 where the CPU has AVX512_BF16 (S2LC_BF16_NE below).
 
 // Per-target include guard (Highway idiom).
 #if defined(S2LC_KERNELS_CONVERT_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -98,6 +99,11 @@ HWY_INLINE bool AnyZero(__m256i acc) { return _mm256_cmpeq_epi16_mask(acc, _mm25
 #endif
 
 HWY_INLINE hn::Vec<DU16> F32ToF16Vec(hn::Vec<DF32> f) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2 && !defined(HWY_DISABLE_F16C)
+  // F16C's vcvtps2ph (imm 8: to nearest even, no exceptions) is the scalar rule, NaN included:
+  // a quiet NaN of the top 10 payload bits, sign kept. (Highway's DemoteTo emits it here.)
+  return hn::BitCast(DU16(), hn::DemoteTo(hn::Rebind<hwy::float16_t, DF32>(), f));
+#else
   const DU32 du;
   const DI32 di;
   const DF32 df;
@@ -122,6 +128,7 @@ HWY_INLINE hn::Vec<DU16> F32ToF16Vec(hn::Vec<DF32> f) {
   r = hn::IfThenElse(is_inf, hn::Set(du, 0x7C00u), r);
   r = hn::IfThenElse(is_nan, nan, r);
   return NarrowU32(hn::Or(r, sign));
+#endif
 }
 
 HWY_INLINE hn::Vec<DF32> F16ToF32Vec(hn::Vec<DU16> h16) {
@@ -176,7 +183,7 @@ struct ToF16 {
   using In = float;
   using Out = std::uint16_t;
   using DOut = DU16;
-  static constexpr bool kStream = false;
+  static constexpr bool kStream = true;
   static HWY_INLINE hn::Vec<DU16> Vec(const float* p) { return F32ToF16Vec(InRegister(hn::LoadU(DF32(), p))); }
   static HWY_INLINE std::uint16_t One(float x) { return s2lc::f32_to_f16(x); }
 };
@@ -189,16 +196,17 @@ struct FromF16 {
   static HWY_INLINE float One(std::uint16_t x) { return s2lc::f16_to_f32(x); }
 };
 
-// in[0, n) converted into out. An f32 -> bf16 output of kStreamStoreBytes or more goes past the
-// caches anyway: it is written with non-temporal stores, whole 64-byte lines from out's first line
-// boundary, so no line is read before it is written (32 Mi elements from DRAM, one thread, the
-// two ways alternating in one process: 4.5-7.7 against 5.7-10.2 ms, faster in 11 rounds of 11;
-// the read of the input alone takes 3.8-4.0 ms in a fast phase of this VM). The other
-// conversions, which compute more per element, store normally: streaming their output was as
-// often slower as faster (f32 -> f16 slower in 8 rounds of 11, f16 -> f32 4.8-10.3 against
-// 5.6-8.0 ms). Targets whose output vector is under 16 bytes (SSE4's four bf16) store normally
-// too: Highway streams at least 16 bytes. Tails go through the scalar reference (MaskedLoad
-// tails fault on SSE4 in Highway 1.0.3).
+// in[0, n) converted into out. A narrowing's output (f32 -> bf16 or f16) of kStreamStoreBytes or
+// more goes past the caches anyway: it is written with non-temporal stores, whole 64-byte lines
+// from out's first line boundary, so no line is read before it is written. 32 Mi elements from
+// DRAM, one thread, the two ways alternating in one process: f32 -> bf16 4.3-7.7 against
+// 5.6-10.2 ms, faster in 19 rounds of 19; f32 -> f16 (vcvtps2ph) 4.0-6.9 against 5.8-7.5, 8 of 8
+// (with the integer rounding it had been slower in 8 of 11). The read of the input alone takes
+// 3.8-4.0 ms in a fast phase of this VM. The widenings store normally: streaming their output
+// was as often slower as faster (bf16 -> f32 slower in 6 rounds of 8, f16 -> f32 4.8-10.3
+// against 5.6-8.0 ms). Targets whose output vector is under 16 bytes (SSE4's four bf16) store
+// normally too: Highway streams at least 16 bytes. Tails go through the scalar reference
+// (MaskedLoad tails fault on SSE4 in Highway 1.0.3).
 template <class Op>
 HWY_INLINE void Convert(const typename Op::In* HWY_RESTRICT in, typename Op::Out* HWY_RESTRICT out, std::size_t n) {
   using Out = typename Op::Out;

@@ -36,7 +36,7 @@ inline bool cpu_has_avx512_bf16() noexcept {
 #endif
 }
 
-/// Bytes of output from which kernels::f32_to_bf16 (convert.hpp) stores with non-temporal hints,
+/// Bytes of output from which kernels::f32_to_bf16 and f32_to_f16 (convert.hpp) store with non-temporal hints,
 /// as memcpy does for large copies: such an output would not stay in a core's share of the last
 /// level cache anyway, and streaming it saves reading every line before writing it. (The OS's
 /// cache sizes are no guide in a VM: this one reports the host's 512 MB of L3, a core sees 32.)
