@@ -94,6 +94,12 @@ void register_op(const std::string& op, OpSpec spec) { specs()[op] = std::move(s
 
 }  // namespace s2lc::bench
 
+// Removes argv[i] (a flag of ours, before Google Benchmark sees the rest); i then names the next.
+static void drop_arg(int& argc, char** argv, int& i) {
+  for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+  --argc, --i;
+}
+
 int main(int argc, char** argv) {
   // --s2lc_target=NAME: the kernels run that SIMD target of the dispatch build (see targets.hpp).
   for (int i = 1; i < argc; ++i) {
@@ -105,16 +111,14 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "%s\n", e.what());
       return 2;
     }
-    for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-    --argc, --i;
+    drop_arg(argc, argv, i);
   }
   // --s2lc_no_avx512_bf16: the AVX3_DL kernels round to bf16 in integer arithmetic even where the
   // CPU has AVX512_BF16 (kernels::allow_avx512_bf16), to time both paths with one binary.
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--s2lc_no_avx512_bf16") != 0) continue;
     s2lc::kernels::allow_avx512_bf16(false);
-    for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-    --argc, --i;
+    drop_arg(argc, argv, i);
   }
   // --s2lc_buffer_offset=B: weight buffers start B bytes past a 64-byte boundary (report.hpp).
   for (int i = 1; i < argc; ++i) {
@@ -126,8 +130,7 @@ int main(int argc, char** argv) {
       return 2;
     }
     s2lc::bench::buffer_offset() = std::stoul(v);
-    for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-    --argc, --i;
+    drop_arg(argc, argv, i);
   }
   std::printf("weight buffers start %zu bytes past a 64-byte boundary\n", s2lc::bench::buffer_offset());
   std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s; AVX512_BF16 instructions: %s\n",

@@ -7739,11 +7739,10 @@ struct MergeF32Op {
   }
 };
 
-// The merge rounds with vcvtneps2bf16 where S2LC_BF16_NE (convert-inl.h) and the CPU has
-// AVX512_BF16. Real domain module into bf16 weights (bench, alternating runs): merge cold 692-709
-// -> 603-617 us, hot 568-571 -> 488-505; unmerge cold 559-566 -> 505-512.
-
-// kNe: the AVX512_BF16 path above (only instantiated where S2LC_BF16_NE and the CPU has it).
+// kNe: rounds with vcvtneps2bf16 (S2LC_BF16_NE, convert-inl.h; chosen per call where the CPU
+// has AVX512_BF16), +-0 results through the integer path (VecUInt, UndoInt). Real domain module
+// into bf16 weights (bench, alternating runs): merge cold 692-709 -> 603-617 us, hot 568-571 ->
+// 488-505; unmerge cold 559-566 -> 505-512.
 template <bool kNe>
 struct MergeBF16OpT {
   using T = std::uint16_t;
