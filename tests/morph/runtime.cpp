@@ -11,6 +11,7 @@
 
 #include "compress/synthetic.hpp"
 #include "kernels/targets.hpp"
+#include "morph/plans.hpp"
 #include "support.hpp"
 
 #include <morph/grouped.hpp>
@@ -44,6 +45,7 @@ namespace mo = s2lc::morph;
 constexpr double kU = 1.0 / 16777216.0;
 
 using s2lc::test::randn;
+using s2lc::test::top2_plan;
 
 /// The tinymoe fixture's layer-1 experts (w1, w2, w3) compressed at ratio 8 with 100 x 90 blocks
 /// (edge blocks of 68 rows / 76 and 48 columns; partial quantization groups), once per process.
@@ -283,21 +285,6 @@ void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::u
     }
     REQUIRE(Y[t * ldy + R] == 0.25f);
   }
-}
-
-/// A top-2 plan over `experts` with deterministic pseudo-random choices and gates.
-s2lc::DispatchPlan top2_plan(std::size_t experts, std::size_t tokens, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<std::int32_t> ids(tokens * 2);
-  std::vector<float> gates(tokens * 2);
-  for (std::size_t t = 0; t < tokens; ++t) {
-    const auto a = static_cast<std::int32_t>(rng() % experts);
-    auto b = static_cast<std::int32_t>(rng() % experts);
-    if (b == a) b = (a + 1) % static_cast<std::int32_t>(experts);
-    const float g = 0.3f + 0.4f * static_cast<float>(rng() % 1000) / 1000.0f;
-    ids[2 * t] = a, ids[2 * t + 1] = b, gates[2 * t] = g, gates[2 * t + 1] = 1.0f - g;
-  }
-  return s2lc::DispatchPlan::from_topk(experts, tokens, 2, ids.data(), gates.data());
 }
 
 }  // namespace
