@@ -5,6 +5,9 @@
 #include <s2lc/config.hpp>
 #include <s2lc/error.hpp>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_config {
+
 TEST_CASE("config: version macros and value agree") {
   CHECK(s2lc::version.major == S2LC_VERSION_MAJOR);
   CHECK(s2lc::version.minor == S2LC_VERSION_MINOR);
@@ -27,3 +30,5 @@ TEST_CASE("error: message names file, tensor and byte offset") {
   const s2lc::error only_offset("x", {{}, {}, 0});
   CHECK(std::string(only_offset.what()) == "byte offset 0: x");
 }
+
+}  // namespace suite_config

@@ -9,6 +9,9 @@
 
 #include <s2lc/dtype.hpp>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_dtype {
+
 using s2lc::bf16_to_f32;
 using s2lc::f16_to_f32;
 using s2lc::f32_to_bf16;
@@ -159,3 +162,5 @@ TEST_CASE("f16: f32 -> f16 equals the compiler's _Float16 conversion on a sweep 
   }
 }
 #endif
+
+}  // namespace suite_dtype

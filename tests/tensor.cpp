@@ -8,6 +8,9 @@
 
 #include "support.hpp"
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_tensor {
+
 TEST_CASE("tensor: bf16 fixture loads to f32 exactly and views share the mapping") {
   s2lc::io::SafetensorsFile f(s2lc::test::data_dir() / "tinymoe-upcycled-L1.safetensors");
   const std::string name = "layers.1.moe.experts.3.w2.weight";
@@ -54,3 +57,5 @@ TEST_CASE("tensor: f32 views and loading errors name the tensor") {
     CHECK(e.file().find("tinymoe-upcycled-L1-calib.safetensors") != std::string::npos);
   }
 }
+
+}  // namespace suite_tensor

@@ -37,6 +37,9 @@
 
 #include <nlohmann/json.hpp>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_compress_artifact {
+
 extern "C" void openblas_set_num_threads(int);  // the tests link OpenBLAS (BLA_VENDOR=OpenBLAS)
 
 // Under ASan + UBSan (the asan preset) the compressor runs about 10x slower: the fixture round trip
@@ -783,3 +786,8 @@ TEST_CASE("compress: artifact rejects corrupt and inconsistent artifacts: a form
     CHECK_REJECTS(s.bytes(), "g0.blocks", "records, the group needs", s.offset_of("g0.blocks"));
   }
 }
+
+}  // namespace suite_compress_artifact
+
+#undef CHECK_CONTAINS
+#undef CHECK_REJECTS

@@ -27,6 +27,9 @@
 #include <string>
 #include <vector>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_compress_compressor {
+
 extern "C" void openblas_set_num_threads(int);  // the tests link OpenBLAS (BLA_VENDOR=OpenBLAS)
 
 // Under ASan + UBSan (the asan preset) the compressor runs about 10x slower: the heaviest cases
@@ -379,3 +382,5 @@ TEST_CASE("compress: the documented fixture result: ratio 8") {
   CHECK(std::fabs(ratio / 8.0 - 1.0) < 0.03);
   CHECK(err < 0.105);
 }
+
+}  // namespace suite_compress_compressor

@@ -18,6 +18,9 @@
 #include <string>
 #include <vector>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_compress_hed {
+
 namespace {
 
 namespace cz = s2lc::compress;
@@ -247,3 +250,5 @@ TEST_CASE("compress: HED of a single member, and invalid groups") {
   const std::vector<matrix> mixed = {random_matrix(4, 5, rng, 1.0f), random_matrix(5, 4, rng, 1.0f)};
   CHECK_THROWS_AS(cz::decompose(mixed), s2lc::invalid_argument);
 }
+
+}  // namespace suite_compress_hed

@@ -20,6 +20,9 @@
 #include <string>
 #include <vector>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_compress_quant {
+
 namespace {
 
 namespace cz = s2lc::compress;
@@ -317,3 +320,5 @@ TEST_CASE("compress: invalid bits, groups and tiers are rejected with invalid_ar
   CHECK(cz::dequantize(q, 0) == cz::dequantize(q));
   for (unsigned tier = 2; tier <= 6; ++tier) CHECK_NOTHROW(cz::dequantize(q, tier));
 }
+
+}  // namespace suite_compress_quant

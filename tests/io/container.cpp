@@ -24,6 +24,9 @@
 
 #include <sys/resource.h>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_io_container {
+
 namespace {
 
 namespace io = s2lc::io;
@@ -1122,3 +1125,8 @@ TEST_CASE("container: a failed write leaves no file, an existing target untouche
     CHECK(listing(dir.path()) == std::vector<std::string>{"taken"});
   }
 }
+
+}  // namespace suite_io_container
+
+#undef CHECK_CONTAINS
+#undef CHECK_REJECTS

@@ -10,6 +10,9 @@
 
 #include "support.hpp"
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_io_names {
+
 using s2lc::dtype;
 using s2lc::io::TensorRef;
 
@@ -140,3 +143,5 @@ TEST_CASE("names: real PEFT adapters pair every lora_A with its lora_B") {
     CHECK((p.out_features == 2304 || p.out_features == 768));
   }
 }
+
+}  // namespace suite_io_names

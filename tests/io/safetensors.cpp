@@ -23,6 +23,9 @@
 
 #include <sys/mman.h>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_io_safetensors {
+
 namespace {
 
 namespace io = s2lc::io;
@@ -851,3 +854,8 @@ TEST_CASE("safetensors: an empty tensor list writes a valid, empty file") {
   CHECK(f.file_size() == f.header().data_offset());
   CHECK(f.file_size() % 8 == 0);
 }
+
+}  // namespace suite_io_safetensors
+
+#undef CHECK_CONTAINS
+#undef CHECK_REJECTS

@@ -18,6 +18,9 @@
 
 #include "kernels/targets.hpp"
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_kernels_convert {
+
 namespace {
 
 std::vector<float> test_floats(std::size_t n, std::uint32_t seed) {
@@ -170,3 +173,5 @@ TEST_CASE("kernels: runtime dispatch really compiled several targets") {
   CHECK(targets.size() >= 1);
 #endif
 }
+
+}  // namespace suite_kernels_convert

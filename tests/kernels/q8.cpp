@@ -29,6 +29,9 @@
 #include "kernels/targets.hpp"
 #include "support.hpp"
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_kernels_q8 {
+
 namespace {
 
 namespace cz = s2lc::compress;
@@ -324,3 +327,5 @@ TEST_CASE("kernels: q8 gemv_nn (int8 coefficients times a left factor's codes) e
     }
   }
 }
+
+}  // namespace suite_kernels_q8

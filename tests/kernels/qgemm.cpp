@@ -28,6 +28,9 @@
 #include "kernels/targets.hpp"
 #include "support.hpp"
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_kernels_qgemm {
+
 namespace {
 
 namespace cz = s2lc::compress;
@@ -582,3 +585,5 @@ TEST_CASE("kernels: lowrank_add_fixed within its int16 fixed-point bound of the 
     }
   }
 }
+
+}  // namespace suite_kernels_qgemm

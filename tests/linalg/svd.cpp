@@ -16,6 +16,9 @@
 
 #include "support.hpp"
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_linalg_svd {
+
 namespace {
 
 double fro2(const s2lc::matrix& A) {
@@ -154,3 +157,5 @@ TEST_CASE("linalg: k-means on the 8 real upcycled experts of a layer yields a va
   for (auto l : four.labels) used[l] = 1;
   CHECK(used == std::vector<int>{1, 1, 1, 1});
 }
+
+}  // namespace suite_linalg_svd

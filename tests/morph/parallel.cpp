@@ -13,6 +13,9 @@
 
 #include <morph/parallel.hpp>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_morph_parallel {
+
 namespace mo = s2lc::morph;
 
 namespace {
@@ -70,3 +73,5 @@ TEST_CASE("morph: a ThreadPool task's exception reaches the caller and the pool 
     CHECK(after.load() == 20);
   }
 }
+
+}  // namespace suite_morph_parallel

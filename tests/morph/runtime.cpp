@@ -36,6 +36,9 @@
 #include <string>
 #include <vector>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_morph_runtime {
+
 extern "C" void openblas_set_num_threads(int);
 
 namespace {
@@ -1265,3 +1268,5 @@ TEST_CASE("morph: a module of dense blocks merges straight from its codes, with 
     }
   }
 }
+
+}  // namespace suite_morph_runtime

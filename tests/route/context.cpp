@@ -18,6 +18,9 @@
 #include <string>
 #include <vector>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_route_context {
+
 namespace {
 
 namespace rt = s2lc::route;
@@ -195,3 +198,5 @@ TEST_CASE("route: malformed router files are rejected naming the key, and a fail
   for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++files;
   CHECK(files == 1);  // only the file written above; no temporary left over
 }
+
+}  // namespace suite_route_context

@@ -16,6 +16,9 @@
 #include <string>
 #include <vector>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_route_safe_add {
+
 extern "C" void openblas_set_num_threads(int);
 
 namespace {
@@ -109,3 +112,5 @@ TEST_CASE("route: adding the real en domain module beside c and py (tinymoe): in
     CHECK(after[i].subspace_rank == 32);
   }
 }
+
+}  // namespace suite_route_safe_add

@@ -17,6 +17,9 @@
 #include <route/token.hpp>
 #include <s2lc/error.hpp>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_route_schedule {
+
 namespace {
 
 namespace rt = s2lc::route;
@@ -231,3 +234,5 @@ TEST_CASE("route: parse_shape round-trips every shape name and rejects unknown o
   CHECK_THROWS_WITH_AS(rt::parse_shape("Uniform"), doctest::Contains("unknown schedule shape 'Uniform'"), s2lc::invalid_argument);
   CHECK_THROWS_WITH_AS(rt::parse_shape(""), doctest::Contains("unknown schedule shape ''"), s2lc::invalid_argument);
 }
+
+}  // namespace suite_route_schedule

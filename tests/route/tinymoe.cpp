@@ -25,6 +25,9 @@
 #include <string>
 #include <vector>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_route_tinymoe {
+
 namespace {
 
 namespace rt = s2lc::route;
@@ -186,3 +189,5 @@ TEST_CASE("route: the context router picks c / py / en for >= 95 % of held-out 3
   // Calibrated: the mean confidence is close to the accuracy (temperature scaling).
   CHECK(std::fabs(conf / double(held.size()) - acc) < 0.05);
 }
+
+}  // namespace suite_route_tinymoe

@@ -32,6 +32,9 @@
 #include <s2lc/error.hpp>
 #include <s2lc/plan.hpp>
 
+// The suite's own scope: the suites compile in unity groups (tests/CMakeLists.txt).
+namespace suite_route_token {
+
 namespace {
 
 namespace rt = s2lc::route;
@@ -1135,3 +1138,5 @@ TEST_CASE("route: invalid inputs are rejected with clear messages") {
                        s2lc::invalid_argument);
   CHECK_THROWS_WITH_AS((rt::router_logits(x.data(), 8, 4, g.data(), 6, 3, 8, out.data())), doctest::Contains("row stride smaller"), s2lc::invalid_argument);
 }
+
+}  // namespace suite_route_token
