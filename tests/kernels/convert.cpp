@@ -111,10 +111,11 @@ TEST_CASE("kernels: f32_to_bf16 and f32_to_f16 past kStreamStoreBytes (non-tempo
   }
 }
 
-TEST_CASE("kernels: f32 -> f16 and bf16 equal the scalar rule on a sweep of 2^32 patterns, every target") {
+TEST_CASE("kernels: f32 -> f16 and bf16 equal the scalar rule on a sweep of 2^32 patterns, every target, denormals flushed or not") {
   // Every 1009th f32 bit pattern (all exponents, both signs, subnormals, inf, NaN payloads): the
   // vector bodies on each target (F16C's vcvtps2ph, AVX512_BF16's vcvtneps2bf16 and its
-  // fallback, the integer roundings) against the scalar reference.
+  // fallback, the integer roundings) against the scalar reference, also with MXCSR's FTZ and DAZ
+  // set (the bits must not depend on the caller's floating-point mode).
   std::vector<float> in;
   in.reserve((std::uint64_t{1} << 32) / 1009 + 1);
   for (std::uint64_t b = 0; b <= 0xFFFFFFFFull; b += 1009) in.push_back(std::bit_cast<float>(static_cast<std::uint32_t>(b)));
@@ -123,8 +124,11 @@ TEST_CASE("kernels: f32 -> f16 and bf16 equal the scalar rule on a sweep of 2^32
   const auto first_diff = [&](const std::vector<std::uint16_t>& ref) {
     return static_cast<std::size_t>(std::mismatch(out.begin(), out.end(), ref.begin()).first - out.begin());
   };
+  for (const bool flush : s2lc::test::flush_modes())
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
+    const s2lc::test::FlushScope fp(flush);
+    CAPTURE(flush);
     CAPTURE(std::string(hwy::TargetName(target)));
     s2lc::kernels::f32_to_f16(in, out);
     std::size_t i = first_diff(ref16);
@@ -139,18 +143,24 @@ TEST_CASE("kernels: f32 -> f16 and bf16 equal the scalar rule on a sweep of 2^32
   }
 }
 
-TEST_CASE("kernels: every f16 and bf16 bit pattern widens exactly on every target") {
+TEST_CASE("kernels: every f16 and bf16 bit pattern widens exactly on every target, denormals flushed or not") {
   std::vector<std::uint16_t> all(65536);
   for (std::size_t i = 0; i < all.size(); ++i) all[i] = static_cast<std::uint16_t>(i);
-  std::vector<float> out(all.size());
+  std::vector<float> out(all.size() - 3), ref(all.size());  // (3 short: the scalar tail too)
+  for (std::size_t i = 0; i < all.size(); ++i) ref[i] = s2lc::f16_to_f32(all[i]);
+  for (const bool flush : s2lc::test::flush_modes())
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
+    CAPTURE(flush);
     CAPTURE(std::string(hwy::TargetName(target)));
-    s2lc::kernels::f16_to_f32(all, out);
-    for (std::size_t i = 0; i < all.size(); ++i)
-      REQUIRE(std::bit_cast<std::uint32_t>(out[i]) == std::bit_cast<std::uint32_t>(s2lc::f16_to_f32(all[i])));
-    s2lc::kernels::bf16_to_f32(all, out);
-    for (std::size_t i = 0; i < all.size(); ++i) REQUIRE(std::bit_cast<std::uint32_t>(out[i]) == (static_cast<std::uint32_t>(i) << 16));
+    const s2lc::test::FlushScope fp(flush);
+    for (std::size_t off : {0u, 3u}) {  // the last 3 patterns (NaNs) through the tail, then the body
+      s2lc::kernels::f16_to_f32(std::span(all).subspan(off, out.size()), out);
+      for (std::size_t i = 0; i < out.size(); ++i)
+        REQUIRE(std::bit_cast<std::uint32_t>(out[i]) == std::bit_cast<std::uint32_t>(ref[i + off]));
+      s2lc::kernels::bf16_to_f32(std::span(all).subspan(off, out.size()), out);
+      for (std::size_t i = 0; i < out.size(); ++i) REQUIRE(std::bit_cast<std::uint32_t>(out[i]) == (static_cast<std::uint32_t>(i + off) << 16));
+    }
   }
 }
 

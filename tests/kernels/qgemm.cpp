@@ -313,16 +313,25 @@ TEST_CASE("kernels: SwiGLU and the streaming read, every target") {
   }
 }
 
-TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit, every target") {
+TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit, every target, denormals flushed or not") {
+  for (const bool flush : s2lc::test::flush_modes())
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
+    CAPTURE(flush);
     CAPTURE(std::string(hwy::TargetName(target)));
+    const s2lc::test::FlushScope fp(flush);  // the expected values below are computed in this mode too
+    volatile float half_tiny = std::ldexp(1.0f, -127);
+    REQUIRE((half_tiny * 1.0f == 0.0f) == flush);  // DAZ really on (and off)
     for (std::size_t n : {1u, 15u, 64u, 1001u}) {
       CAPTURE(n);
       auto w = randn(n, 8, 0.05f);
-      const auto d = randn(n, 9, 0.01f);
+      auto d = randn(n, 9, 0.01f);
       // Values whose sums cross binades or tie: they need the recorded exceptions.
       for (std::size_t i = 0; i < n; i += 7) w[i] = std::ldexp(1.0f, -static_cast<int>(i % 9)) * (i % 2 ? -1.0f : 1.0f);
+      // Subnormal weights, and sums that are subnormal (flushed to zero under FTZ / DAZ).
+      const float tiny = std::ldexp(1.0f, -126);
+      for (std::size_t i = 3; i < n; i += 11) w[i] = std::ldexp(1.0f, -127 - static_cast<int>(i % 20)) * (i % 2 ? -1.0f : 1.0f);
+      for (std::size_t i = 5; i < n; i += 13) w[i] = 1.5f * tiny, d[i] = -tiny;
       const auto base = w;
       // The recorded elements: their mask bits (every byte written, bits past n clear).
       auto marked = [n](const std::vector<std::uint8_t>& mask) {
@@ -365,7 +374,7 @@ TEST_CASE("kernels: merge then unmerge restores f32 and bf16 buffers bit for bit
   }
 }
 
-TEST_CASE("kernels: merge_bf16 and unmerge_bf16 follow the scalar rule on zeros, subnormals, infinities and NaN, every target and bf16 path") {
+TEST_CASE("kernels: merge_bf16 and unmerge_bf16 follow the scalar rule on zeros, subnormals, infinities and NaN, every target and bf16 path, denormals flushed or not") {
   // Lanes whose sum or check is subnormal (the AVX512_BF16 instruction flushes those to +-0,
   // the scalar rule rounds them), exact zeros, cancellations, infinities and NaNs, spread among
   // ordinary values so that some vectors of 16 hold none of them and others one or several.
@@ -388,9 +397,14 @@ TEST_CASE("kernels: merge_bf16 and unmerge_bf16 follow the scalar rule on zeros,
       {0x7F7F, 3e38f},                                           // overflows to inf
   };
   constexpr std::size_t kSpecial = sizeof(special) / sizeof(special[0]);
+  // With MXCSR's FTZ and DAZ set (engines that flush denormals) the scalar rule flushes too, and
+  // the kernels must follow it in that mode: unmerge then still restores the base.
+  for (const bool flush : s2lc::test::flush_modes())
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
+    CAPTURE(flush);
     CAPTURE(std::string(hwy::TargetName(target)));
+    const s2lc::test::FlushScope fp(flush);
     for (bool insn : s2lc::test::bf16_insn_modes(target)) {
       s2lc::test::Bf16InsnScope bf16_scope(insn);
       CAPTURE(insn);

@@ -7,6 +7,13 @@
 
 #include <hwy/targets.h>
 
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define S2LC_TEST_MXCSR 1
+#else
+#define S2LC_TEST_MXCSR 0
+#endif
+
 #include "s2lc/kernels/cpu.hpp"
 
 namespace s2lc::test {
@@ -38,6 +45,36 @@ class Bf16InsnScope {
   ~Bf16InsnScope() { s2lc::kernels::allow_avx512_bf16(true); }
   Bf16InsnScope(const Bf16InsnScope&) = delete;
   Bf16InsnScope& operator=(const Bf16InsnScope&) = delete;
+};
+
+/// The settings of FlushScope to test: flushing too where the CPU has MXCSR (x86).
+inline std::vector<bool> flush_modes() {
+  if (S2LC_TEST_MXCSR) return {false, true};
+  return {false};
+}
+
+/// With `on`, MXCSR's flush-to-zero and denormals-are-zero bits set for its lifetime, as engines
+/// run that flush denormals (PyTorch's set_flush_denormal, oneDNN); this thread only.
+class FlushScope {
+ public:
+  explicit FlushScope(bool on) {
+#if S2LC_TEST_MXCSR
+    old_ = _mm_getcsr();
+    if (on) _mm_setcsr(old_ | 0x8040u);
+#else
+    (void)on;
+#endif
+  }
+  ~FlushScope() {
+#if S2LC_TEST_MXCSR
+    _mm_setcsr(old_);
+#endif
+  }
+  FlushScope(const FlushScope&) = delete;
+  FlushScope& operator=(const FlushScope&) = delete;
+
+ private:
+  unsigned old_ = 0;
 };
 
 }  // namespace s2lc::test
