@@ -29,6 +29,8 @@ extern "C" char* openblas_get_corename(void);
 #include <s2lc/kernels/qgemm.hpp>
 #include <s2lc/tensor.hpp>
 
+#include "buffer.hpp"
+
 namespace s2lc::apply_bench {
 
 struct Config {
@@ -181,7 +183,8 @@ inline Result run(const Config& c) {
   const std::size_t nq = c.cold ? std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(c.cold_bytes) / r.bytes)) : 1;
   const std::size_t nd = c.cold ? std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(c.cold_bytes) / r.dense_bytes)) : 1;
   std::vector<morph::KGroup> qs(nq, base);
-  std::vector<std::vector<float>> ds(nd, std::vector<float>(W0.begin(), W0.end()));
+  // 64-byte aligned, as engines allocate weights (std::vector's start 16 bytes past a line).
+  std::vector<bench::Buffer<float>> ds(nd, bench::Buffer<float>(W0.begin(), W0.end()));
   r.copies = nq;
   const std::size_t B = c.batch;
   std::vector<float> X(B * c.cols), Y(B * c.rows);
