@@ -33,5 +33,4 @@ inline void set_bytes(benchmark::State& state, double bytes_per_iter) {
   state.counters["GB/s"] = benchmark::Counter(bytes_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-
 }  // namespace s2lc::bench

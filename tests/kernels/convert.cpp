@@ -91,22 +91,21 @@ TEST_CASE("kernels: f32_to_bf16 and f32_to_f16 past kStreamStoreBytes (non-tempo
     for (std::size_t off : {0u, 3u}) {  // out (and in: off % 2) elements past the allocation's start
       CAPTURE(off);
       const std::size_t s = off % 2;
-      for (bool insn : s2lc::test::bf16_insn_modes(target)) {
-        CAPTURE(insn);
-        s2lc::test::Bf16InsnScope bf16(insn);
+      // conv(src + s -> out + off) equals expect[s, s + n), the sentinels around it untouched
+      const auto check = [&](auto conv, const std::vector<std::uint16_t>& expect) {
         std::fill(out.begin(), out.end(), std::uint16_t{0xABCD});
-        s2lc::kernels::f32_to_bf16(src.data() + s, out.data() + off, n);
-        REQUIRE(std::equal(ref.begin() + static_cast<std::ptrdiff_t>(s), ref.begin() + static_cast<std::ptrdiff_t>(s + n),
+        conv(src.data() + s, out.data() + off, n);
+        REQUIRE(std::equal(expect.begin() + static_cast<std::ptrdiff_t>(s), expect.begin() + static_cast<std::ptrdiff_t>(s + n),
                            out.begin() + static_cast<std::ptrdiff_t>(off)));
         REQUIRE(out[off + n] == 0xABCD);
         if (off > 0) REQUIRE(out[off - 1] == 0xABCD);
+      };
+      for (bool insn : s2lc::test::bf16_insn_modes(target)) {
+        CAPTURE(insn);
+        s2lc::test::Bf16InsnScope bf16(insn);
+        check([](const float* i, std::uint16_t* o, std::size_t m) { s2lc::kernels::f32_to_bf16(i, o, m); }, ref);
       }
-      std::fill(out.begin(), out.end(), std::uint16_t{0xABCD});
-      s2lc::kernels::f32_to_f16(src.data() + s, out.data() + off, n);
-      REQUIRE(std::equal(ref16.begin() + static_cast<std::ptrdiff_t>(s), ref16.begin() + static_cast<std::ptrdiff_t>(s + n),
-                         out.begin() + static_cast<std::ptrdiff_t>(off)));
-      REQUIRE(out[off + n] == 0xABCD);
-      if (off > 0) REQUIRE(out[off - 1] == 0xABCD);
+      check([](const float* i, std::uint16_t* o, std::size_t m) { s2lc::kernels::f32_to_f16(i, o, m); }, ref16);
     }
   }
 }

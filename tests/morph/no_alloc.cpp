@@ -89,17 +89,22 @@ namespace mo = s2lc::morph;
 
 /// The tinymoe fixture's layer-1 experts (w1, w2, w3) at ratio 8: default 256 x 256 blocks, and
 /// 100 x 90 blocks (edge blocks, partial quantization groups, the row-major code layout).
-const cz::Compressed& fixture(bool odd_blocks) {
-  static const auto make = [](bool odd) {
-    openblas_set_num_threads(1);
-    cz::Options opt;
-    opt.ratio = 8;
-    opt.threads = 2;
-    if (odd) opt.block_rows = 100, opt.block_cols = 90;
-    return cz::compress(s2lc::test::tinymoe_l1_groups(), opt);
-  };
-  static const cz::Compressed even = make(false), odd = make(true);
-  return odd_blocks ? odd : even;
+cz::Compressed compress_fixture(bool odd_blocks) {
+  openblas_set_num_threads(1);
+  cz::Options opt;
+  opt.ratio = 8;
+  opt.threads = 2;
+  if (odd_blocks) opt.block_rows = 100, opt.block_cols = 90;
+  return cz::compress(s2lc::test::tinymoe_l1_groups(), opt);
+}
+
+const cz::Compressed& fixture(bool odd_blocks) {  // each compressed on its first use only
+  if (odd_blocks) {
+    static const cz::Compressed odd = compress_fixture(true);
+    return odd;
+  }
+  static const cz::Compressed even = compress_fixture(false);
+  return even;
 }
 
 
