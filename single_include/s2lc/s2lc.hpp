@@ -4711,17 +4711,18 @@ inline matrix svd_baseline(const matrix& W, std::size_t r) {
 // top t bits of each code at scale 2^(bits - t) s, computed in registers, so every tier of a
 // module runs from the same bytes.
 //
-//  * rows in lanes (`lanes`, a nibble container whose groups are whole and a multiple of 8
-//    codes): the rows are cut into panels of 16 (the last one padded with zero codes and zero
-//    scales) and stored panel by panel, group by group, one record per (panel, group): for each
-//    4 code bytes of the group (quad k < group / 8), 64 bytes holding quad k of the panel's 16
-//    rows (row i at 4 i), each byte stored ^ 0x88 (two nibbles c + 8 in [0, 15]); then the 16
-//    rows' bf16 scales of the group (32 bytes). A vector load is then the same 4 bytes of 16
-//    rows: `vpdpbusd` with each token's 4 activations broadcast accumulates every row in its own
-//    lane, with no horizontal sums and one scale vector per group, and the codes, scales and
-//    everything a panel needs arrive as one stream. `scales` is null (the scales are in the
-//    records, in host byte order). Kernels without a rows-in-lanes body unpack panels (up to
-//    32 KB of codes at a time) into the row-major form (unpack_lanes) and run that.
+//  * rows in lanes (`lanes`; whole groups, a multiple of 8 codes): the rows are cut into panels
+//    of 16 (the last one padded with zero codes and zero scales) and stored panel by panel, group
+//    by group, one record per (panel, group): for each 4 code bytes of the group (quad k), 64
+//    bytes holding quad k of the panel's 16 rows (row i at 4 i); then the 16 rows' bf16 scales of
+//    the group (32 bytes). A vector load is then the same 4 bytes of 16 rows: with each token's 4
+//    activations broadcast, every row accumulates in its own lane (`vpdpbusd`, or 4 FMAs of the
+//    4 columns), with no horizontal sums and one scale vector per group, and the codes, scales
+//    and everything a panel needs arrive as one stream. Nibble container: a quad is 4 code bytes
+//    of the nibble row (group / 8 quads), each byte stored ^ 0x88 (two nibbles c + 8 in [0, 15]);
+//    byte container: a quad is 4 codes, as they are (group / 4 quads). `scales` is null (the
+//    scales are in the records, in host byte order). Kernels without a rows-in-lanes body unpack
+//    panels (up to 32 KB of codes at a time) into the row-major form (unpack_lanes) and run that.
 
 #include <algorithm>
 #include <cstddef>
@@ -4745,19 +4746,25 @@ struct QView {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;     ///< stored code width, 2..8
   bool nibble = false;       ///< nibble container (see above)
-  bool lanes = false;        ///< rows in lanes (see above; implies nibble)
+  bool lanes = false;        ///< rows in lanes (see above)
 
   static constexpr std::size_t kLaneRows = 16;
-  /// Widest rows the rows-in-lanes layout takes (a panel unpacked fits a 16 KB stack buffer).
+  /// Widest rows the rows-in-lanes layout takes (a panel unpacked fits a 32 KB stack buffer).
   static constexpr std::size_t kLanesMaxCols = 2048;
 
   std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
   /// Whether a matrix of this shape can take the rows-in-lanes layout.
   static bool lanes_fit(std::size_t cols, std::size_t group, bool nibble) noexcept {
-    return nibble && group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
+    (void)nibble;  // (both containers)
+    return group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
   }
-  /// Rows in lanes: bytes of one (panel, group) record, of one panel, and the record itself.
-  std::size_t lanes_record() const noexcept { return 8 * std::size_t{group} + 32; }
+  /// Rows in lanes: quads per group, bytes of codes of a record (where its scales start), the
+  /// byte each code byte is stored xor'ed with, bytes of one (panel, group) record, of one panel,
+  /// and the record itself.
+  std::size_t lanes_quads() const noexcept { return nibble ? group / 8 : group / 4; }
+  std::size_t lanes_codes() const noexcept { return 64 * lanes_quads(); }
+  std::uint8_t lanes_flip() const noexcept { return nibble ? 0x88 : 0x00; }
+  std::size_t lanes_record() const noexcept { return lanes_codes() + 32; }
   std::size_t lanes_panel() const noexcept { return lanes_record() * groups_per_row(); }
   const std::uint8_t* lanes_at(std::size_t panel, std::size_t g) const noexcept {
     return codes + panel * lanes_panel() + g * lanes_record();
@@ -4776,7 +4783,7 @@ struct QView {
   std::uint16_t scale_bits(std::size_t r, std::size_t g) const noexcept {
     if (!lanes) return scales[r * groups_per_row() + g];
     std::uint16_t s;
-    std::memcpy(&s, lanes_at(r / kLaneRows, g) + 8 * std::size_t{group} + 2 * (r % kLaneRows), 2);  // host order
+    std::memcpy(&s, lanes_at(r / kLaneRows, g) + lanes_codes() + 2 * (r % kLaneRows), 2);  // host order
     return s;
   }
 };
@@ -4841,9 +4848,10 @@ namespace detail {
 /// The stored code of element (r, c) of q (scalar path: tails, odd groups, references).
 inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
   if (q.lanes) {
-    const std::size_t g = c / q.group, j = c % q.group, h = q.group / 2, b = j < h ? j : j - h;
-    const int byte = q.lanes_at(r / QView::kLaneRows, g)[(b / 4) * 64 + (r % QView::kLaneRows) * 4 + b % 4];  // c + 8
-    return (j < h ? byte & 0xF : byte >> 4) - 8;
+    const std::size_t g = c / q.group, j = c % q.group, h = q.group / 2, b = !q.nibble ? j : j < h ? j : j - h;
+    const int byte = q.lanes_at(r / QView::kLaneRows, g)[(b / 4) * 64 + (r % QView::kLaneRows) * 4 + b % 4];
+    if (!q.nibble) return static_cast<std::int8_t>(byte);
+    return (j < h ? byte & 0xF : byte >> 4) - 8;  // c + 8
   }
   const std::uint8_t* row = q.codes + r * q.row_bytes();
   if (!q.nibble) return static_cast<std::int8_t>(row[c]);
@@ -4865,22 +4873,24 @@ inline float decode(const QView& q, std::size_t r, std::size_t c, const TierPara
 
 }  // namespace detail
 
-/// The rows-in-lanes form of a row-major nibble q that fits it (QView::lanes_fit) into out
+/// The rows-in-lanes form of a row-major q that fits it (QView::lanes_fit) into out
 /// (q.bytes() of the result, which is returned): every record written, padded rows as zero codes
 /// and zero scales. The inverse of unpack_lanes.
 inline QView pack_lanes(const QView& q, std::uint8_t* out) noexcept {
   QView lv = q;
   lv.lanes = true, lv.codes = out, lv.scales = nullptr;
-  const std::size_t R = QView::kLaneRows, gpr = q.groups_per_row(), rb = q.row_bytes(), gb = q.group / 2;
+  const std::size_t R = QView::kLaneRows, gpr = q.groups_per_row(), rb = q.row_bytes(), gb = 4 * lv.lanes_quads();
+  const std::size_t at = lv.lanes_codes();
+  const std::uint8_t flip = lv.lanes_flip();
   for (std::size_t p = 0; p < lv.panels(); ++p)
     for (std::size_t g = 0; g < gpr; ++g) {
       std::uint8_t* rec = out + p * lv.lanes_panel() + g * lv.lanes_record();
-      std::memset(rec, 0x88, 8 * std::size_t{q.group});                // padded rows: codes 0 (stored ^ 0x88)
-      std::memset(rec + 8 * std::size_t{q.group}, 0, 2 * QView::kLaneRows);  // ... and scales 0
+      std::memset(rec, flip, at);                          // padded rows: codes 0 (stored ^ flip)
+      std::memset(rec + at, 0, 2 * QView::kLaneRows);  // ... and scales 0
       for (std::size_t i = 0; i < R && p * R + i < q.rows; ++i) {
         const std::size_t r = p * R + i;
-        for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = q.codes[r * rb + g * gb + b] ^ 0x88;
-        std::memcpy(rec + 8 * std::size_t{q.group} + 2 * i, &q.scales[r * gpr + g], 2);  // host order
+        for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = q.codes[r * rb + g * gb + b] ^ flip;
+        std::memcpy(rec + at + 2 * i, &q.scales[r * gpr + g], 2);  // host order
       }
     }
   return lv;
@@ -4893,7 +4903,7 @@ inline QView unpack_lanes_view(const QView& q, std::size_t p, std::uint8_t* code
   v.lanes = false;
   v.codes = codes, v.scales = scales;
   v.rows = static_cast<std::uint32_t>(std::min(QView::kLaneRows, q.rows - p * QView::kLaneRows));
-  const std::size_t gpr = q.groups_per_row(), rec = q.lanes_record(), at = 8 * std::size_t{q.group};
+  const std::size_t gpr = q.groups_per_row(), rec = q.lanes_record(), at = q.lanes_codes();
   const std::uint8_t* r = q.lanes_at(p, 0);
   for (std::size_t g = 0; g < gpr; ++g, r += rec) {
     std::uint16_t s[QView::kLaneRows];
@@ -4905,14 +4915,15 @@ inline QView unpack_lanes_view(const QView& q, std::size_t p, std::uint8_t* code
 /// Code bytes [4 m0, row bytes) of rows [i0, i1) of panel p, row-major, into codes (row stride
 /// q.row_bytes()); m0 on a group's first quad or not.
 inline void unpack_lanes_quads(const QView& q, std::size_t p, std::size_t m0, std::size_t i0, std::size_t i1, std::uint8_t* codes) noexcept {
-  const std::size_t nq = q.group / 8, rb = q.row_bytes(), rec = q.lanes_record(), gpr = q.groups_per_row();
+  const std::size_t nq = q.lanes_quads(), rb = q.row_bytes(), rec = q.lanes_record(), gpr = q.groups_per_row();
+  const std::uint32_t flip = 0x01010101u * q.lanes_flip();
   const std::uint8_t* r = q.lanes_at(p, m0 / nq);
   for (std::size_t g = m0 / nq, k = m0 % nq, m = m0; g < gpr; ++g, r += rec, k = 0)
     for (; k < nq; ++k, ++m)
       for (std::size_t i = i0; i < i1; ++i) {
         std::uint32_t w;
         std::memcpy(&w, r + 64 * k + 4 * i, 4);
-        w ^= 0x88888888u;
+        w ^= flip;
         std::memcpy(codes + i * rb + 4 * m, &w, 4);
       }
 }
@@ -5122,8 +5133,8 @@ HWY_INLINE QView UnpackPanel(const QView& q, std::size_t p, std::uint8_t* codes,
     const hn::RebindToSigned<DF> di;
     constexpr std::size_t kN = hn::MaxLanes(DF());
     const QView v = unpack_lanes_view(q, p, codes, scales);
-    const std::size_t rb = q.row_bytes(), nq = q.group / 8, nqr = q.groups_per_row() * nq;
-    const auto flip = hn::Set(di, static_cast<std::int32_t>(0x88888888u));
+    const std::size_t rb = q.row_bytes(), nq = q.lanes_quads(), nqr = q.groups_per_row() * nq;
+    const auto flip = hn::Set(di, static_cast<std::int32_t>(0x01010101u * q.lanes_flip()));
     const std::size_t full = nqr / kN * kN, rec = q.lanes_record();
     for (std::size_t o = 0; o < q.lanes_panel(); o += 64) hwy::Prefetch(q.lanes_at(p, 0) + kPrefetch + o);  // panels ahead
     for (std::size_t h = 0; h * kN < v.rows; ++h) {
@@ -5156,9 +5167,9 @@ inline constexpr std::size_t kUnpackBytes = 32768;
 template <class F>
 inline void ForPanels(const QView& q, std::size_t r0, std::size_t nr, F&& f) {
   constexpr std::size_t R = QView::kLaneRows;
-  static_assert(kUnpackBytes >= R * QView::kLanesMaxCols / 2);
+  static_assert(kUnpackBytes >= R * QView::kLanesMaxCols);  // a panel of the byte container
   HWY_ALIGN std::uint8_t codes[kUnpackBytes];
-  // scales: 2 bytes per group of >= 8 codes, <= half the codes' bytes
+  // scales: one per group of >= 8 codes (>= 4 code bytes)
   std::uint16_t scales[kUnpackBytes / 4];
   const std::size_t rb = q.row_bytes(), gpr = q.groups_per_row(), per = kUnpackBytes / (R * rb);
   for (std::size_t r = r0; r < r0 + nr;) {
@@ -5687,7 +5698,7 @@ HWY_INLINE void DecodeLanes(const QView& q, const TokGeom& G, std::size_t p, std
   for (std::size_t ob = 0, k = s0 / 4 % nq, dlo = 0, c = 0; ob < G.seg; ob += 4) {
     const std::uint8_t* src = r + 64 * k;
     hwy::Prefetch(src + kPrefetch);  // every line of the records (cold panels come from DRAM)
-    if (k == 0) hwy::Prefetch(r + 8 * std::size_t{q.group} + kPrefetch);
+    if (k == 0) hwy::Prefetch(r + q.lanes_codes() + kPrefetch);
     std::uint8_t* lo = dec + 16 * dlo;
     std::uint8_t* hi = dec + 16 * (dlo + G.N8);
     if (++k == nq) k = 0, r += rec;
@@ -5819,7 +5830,7 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
           if ((r0 + r) / QView::kLaneRows != panel) DecodeLanes(q, G, panel = (r0 + r) / QView::kLaneRows, s0, dec);
           const std::size_t i0 = (r0 + r) % QView::kLaneRows;
           rows = dec + 4 * i0;
-          const std::uint8_t* rec = q.lanes_at(panel, g0) + 8 * std::size_t{q.group} + 2 * i0;  // the rows' scales
+          const std::uint8_t* rec = q.lanes_at(panel, g0) + q.lanes_codes() + 2 * i0;  // the rows' scales
           for (std::size_t g = 0; g < G.gseg; ++g, rec += q.lanes_record()) {
             std::uint16_t b[QView::kLaneRows];
             std::memcpy(b, rec, 2 * R);
@@ -5917,41 +5928,67 @@ struct LanesActs {
   const float* sx;
 };
 
+// Passes of 8 tokens on byte codes with vpdpbusd read them as c + 128 (see LanesRows).
+inline constexpr bool kVnni = HWY_TARGET == HWY_AVX3_DL;
+
 // ya[t] = rows [h NL, h NL + NL) of panel p times token t of the tile a. kNQ: quads per group as a
-// constant (0: q.group / 8 at run time). Up to 4 tokens, each token's low and high nibbles
-// accumulate apart (two dependency chains per token keep the dot-product unit busy); from 5 on,
-// one accumulator per token (as many chains as tokens, and the registers for 8).
-template <std::size_t T, std::size_t kNQ>
+// constant (0: q.lanes_quads() at run time). Up to 4 tokens, each token's low and high nibbles
+// (byte codes: even and odd quads) accumulate apart (two dependency chains per token keep the
+// dot-product unit busy); from 5 on, one accumulator per token (as many chains as tokens, and the
+// registers for 8).
+// The byte container (kNib false): each vector is quad k of NL rows, 4 codes per lane, met by
+// each token's 4 activations of those columns (xq[(g nq + k) T + t]), as the row-major byte
+// kernels do: |code| times the activation with the code's sign (every pmaddubsw pair sum fits
+// int16). Passes of 8 tokens with vpdpbusd (exact int32 sums of u8 x s8 products) read the codes
+// as c + 128 instead, each group starting from -128 times the token's sum of activations
+// (nc[g T + t]): one xor per quad for all tokens instead of a sign select per token (one 256 x 256
+// 5-bit block, hot, 8 tokens: 127-155 -> 180 GMAC/s; with 4 tokens it was slower, 125 -> 100).
+template <std::size_t T, std::size_t kNQ, bool kNib>
 HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const LanesActs& a, VF (&ya)[T]) {
 #if HWY_TARGET == HWY_SCALAR  // (never called: kLanesVec)
   (void)q, (void)p, (void)h, (void)a, (void)ya;
 #else
-  constexpr bool kSplit = T <= 4;
+  constexpr bool kSplit = T <= 4, kOffset = kNib || (kVnni && !kSplit);  // a group starts from nc
   const DF df;
   const DI di;
   const DU8 du8;
   const DI8 di8;
-  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = kNQ ? kNQ : q.group / 8;
-  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = kNQ ? kNQ : q.lanes_quads();
+  const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
   const auto k0f = hn::Set(du8, 0x0F);
   for (std::size_t t = 0; t < T; ++t) ya[t] = hn::Zero(df);
   const std::uint8_t* r = q.lanes_at(p, 0);
   const std::int32_t* xq = a.xq;
-  for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += 2 * nq * T) {
+  for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += (kNib ? 2 : 1) * nq * T) {
     if (h == 0)  // the panel's first pass brings its lines in; the others find them in L1
       for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetch + o);
     hn::Vec<DI> a0[T], a1[kSplit ? T : 1];
-    for (std::size_t t = 0; t < T; ++t) a0[t] = hn::Set(di, a.nc[g * T + t]);
+    for (std::size_t t = 0; t < T; ++t) a0[t] = kOffset ? hn::Set(di, a.nc[g * T + t]) : hn::Zero(di);
     if constexpr (kSplit)
       for (std::size_t t = 0; t < T; ++t) a1[t] = hn::Zero(di);
     for (std::size_t k = 0; k < nq; ++k) {
       VU8 v = hn::LoadU(du8, r + 64 * k + 4 * NL * h);
-      if constexpr (kSplit) v = InRegister(v);  // (passes of 8 tokens ran 4 % slower cold with it)
-      const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
-      for (std::size_t t = 0; t < T; ++t) {
-        a0[t] = DotU8I8(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
-        if constexpr (kSplit) a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
-        else a0[t] = DotU8I8(a0[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+      if constexpr (kNib) {
+        if constexpr (kSplit) v = InRegister(v);  // (passes of 8 tokens ran 4 % slower cold with it)
+        const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
+        for (std::size_t t = 0; t < T; ++t) {
+          a0[t] = DotU8I8(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
+          if constexpr (kSplit) a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+          else a0[t] = DotU8I8(a0[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+        }
+      } else if constexpr (kOffset) {  // c + 128 (the offset in a.nc): vpdpbusd has no int16 pair sums
+        const VU8 u = hn::Xor(v, hn::Set(du8, 0x80));
+        for (std::size_t t = 0; t < T; ++t) a0[t] = DotU8I8(a0[t], u, hn::BitCast(di8, hn::Set(di, xq[k * T + t])));
+      } else {
+        const VI8 c = hn::BitCast(di8, v);
+        const VU8 ac = hn::BitCast(du8, hn::Abs(c));
+        const auto neg = hn::Lt(c, hn::Zero(di8));
+        for (std::size_t t = 0; t < T; ++t) {
+          const VI8 x = hn::BitCast(di8, hn::Set(di, xq[k * T + t]));
+          const VI8 xs = hn::IfThenElse(neg, hn::Neg(x), x);
+          if (kSplit && (k & 1)) a1[t] = DotU8I8(a1[t], ac, xs);
+          else a0[t] = DotU8I8(a0[t], ac, xs);
+        }
       }
     }
     const VF s = BF16ToF32Vec(hn::LoadU(kernels::HWY_NAMESPACE::DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
@@ -5971,8 +6008,10 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
   for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
     const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
     VF ya[T];
-    if (q.group == 32) LanesRows<T, 4>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, a, ya);
-    else LanesRows<T, 0>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, a, ya);
+    const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
+    if (!q.nibble) LanesRows<T, 0, false>(q, p, h, a, ya);
+    else if (q.group == 32) LanesRows<T, 4, true>(q, p, h, a, ya);
+    else LanesRows<T, 0, true>(q, p, h, a, ya);
     LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
   }
 }
@@ -5982,7 +6021,9 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
 // kLanesTile tokens; on AVX-512, with passes of 8, it was 10-15 % faster at 16 and 24 tokens and
 // 5 % slower at 32; with passes of 2, slower from 16 on).
 inline constexpr std::size_t kLanesTokensMax = kLanesTile >= 8 ? 32 : 16;
-HWY_INLINE bool LanesNative(std::size_t nt) { return kLanesVec && nt < kLanesTokensMax; }
+// Byte codes have no tokens-in-lanes path: LanesQ8 for any batch (32 tokens on tinymoe's 5-bit
+// w1 core, hot: 187 -> 72 us against the row-major kernel on unpacked panels).
+HWY_INLINE bool LanesNative(const QView& q, std::size_t nt) { return kLanesVec && (nt < kLanesTokensMax || !q.nibble); }
 // The row-major layout of the same shape (what activations and tiles are laid out for).
 HWY_INLINE QView RowMajor(QView q) {
   q.lanes = false;
@@ -5993,7 +6034,7 @@ HWY_INLINE QView RowMajor(QView q) {
 HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt, float alpha,
                         float* y, std::size_t ldy) {
   const Layout L = MakeLayout(q);
-  const std::size_t abytes = Q8Acts::bytes(q), gpr = L.gpr, nq = q.group / 8, gb = q.group / 2;
+  const std::size_t abytes = Q8Acts::bytes(q), gpr = L.gpr, nq = q.lanes_quads(), gb = L.gb;
   constexpr std::size_t kG = QView::kLanesMaxCols / 8;  // groups at most
   std::int32_t xq[kLanesTile * QView::kLanesMaxCols / 4], nc[kLanesTile * kG];
   float sx[kLanesTile * kG];
@@ -6004,7 +6045,14 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
       const std::uint8_t* act = acts + (t0 + t) * abytes;
       // Q8Acts' corr: 8 * the sum of each 4 code bytes' activations (both nibbles)
       const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
-      for (std::size_t g = 0; g < gpr; ++g) {
+      for (std::size_t g = 0; g < gpr && !q.nibble; ++g) {  // byte container: the quads' activations
+        for (std::size_t k = 0; k < nq; ++k) std::memcpy(&xq[(g * nq + k) * T + t], act + g * gb + 4 * k, 4);
+        std::int32_t sum = 0;
+        for (std::size_t j = 0; j < gb; ++j) sum += static_cast<std::int8_t>(act[g * gb + j]);
+        nc[g * T + t] = -128 * sum;
+        sx[g * T + t] = reinterpret_cast<const float*>(act + 4 * L.rbp)[g];
+      }
+      for (std::size_t g = 0; g < gpr && q.nibble; ++g) {
         std::int32_t sum = 0;
         for (std::size_t k = 0; k < nq; ++k) {
           sum += corr[g * nq + k];
@@ -6270,7 +6318,7 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
 
 /// Bytes of the tokens-in-lanes tiles of nt tokens for q's layout (0: that path does not apply).
 inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
-  if (q.lanes) return q8k::LanesNative(nt) ? 0 : Q8TilesBytes(q8k::RowMajor(q), nt);  // (the tiles of that many tokens)
+  if (q.lanes) return q8k::LanesNative(q, nt) ? 0 : Q8TilesBytes(q8k::RowMajor(q), nt);  // (the tiles of that many tokens)
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t S = q8k::TokensLanes(q, L, nt);
   return S == 4 ? q8k::TilesBytes<4>(L, nt) : S == 2 ? q8k::TilesBytes<2>(L, nt) : S == 1 ? q8k::TilesBytes<1>(L, nt) : 0;
@@ -6279,7 +6327,7 @@ inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
 /// Builds the tiles of nt tokens' activations (q8_quantize's, for q's layout) into out.
 inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out) {
   if (q.lanes) {
-    if (!q8k::LanesNative(nt)) Q8Tiles(q8k::RowMajor(q), acts, nt, out);
+    if (!q8k::LanesNative(q, nt)) Q8Tiles(q8k::RowMajor(q), acts, nt, out);
     return;
   }
   const q8k::Layout L = q8k::MakeLayout(q);
@@ -6293,7 +6341,7 @@ inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::
 inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                                        const std::uint8_t* tiles, std::size_t nt, float alpha, float* y, std::size_t ldy) {
   if (q.lanes) {
-    if (q8k::LanesNative(nt)) return q8k::LanesQ8(q, r0, nr, acts, nt, alpha, y, ldy);
+    if (q8k::LanesNative(q, nt)) return q8k::LanesQ8(q, r0, nr, acts, nt, alpha, y, ldy);
     // larger batches: tokens in lanes, reading the panels in place (the tiles are the row-major
     // form's); else (a range not on a panel, or too few lanes) on each panel unpacked
     if (q8k::TokensPath(q, q8k::MakeLayout(q), r0, nr, acts, tiles, nt, Q8Acts::bytes(q), alpha, y, ldy)) return;
@@ -6898,31 +6946,38 @@ HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF
 }
 
 // The activations of ng groups of T tokens (x: at the first group's column) packed for
-// LanesGemmRows: per group and quad k, for each token its 8 columns (the low-nibble ones
-// 4k ... 4k + 3, then the high-nibble ones hb + 4k ...), so every broadcast of the products is one
-// base pointer plus a constant offset (two 16-byte copies per token and quad).
+// LanesGemmRows: per group and quad k, for each token the columns of the quad's codes (nibbles:
+// the low-nibble ones 4k ... 4k + 3, then the high-nibble ones hb + 4k ...; bytes: 4k ... 4k + 3),
+// so every broadcast of the products is one base pointer plus a constant offset.
 template <std::size_t T>
 HWY_INLINE void LanesPack(const QView& q, std::size_t ng, const float* HWY_RESTRICT x, std::size_t ldx, float* HWY_RESTRICT xp) {
-  const std::size_t nq = q.group / 8, hb = q.group / 2;
+  const std::size_t nq = q.lanes_quads(), hb = q.group / 2;
   for (std::size_t g = 0; g < ng; ++g, x += q.group)
     for (std::size_t k = 0; k < nq; ++k)
-      for (std::size_t u = 0; u < T; ++u, xp += 8) {
+      for (std::size_t u = 0; u < T; ++u) {
         std::memcpy(xp, x + u * ldx + 4 * k, 4 * sizeof(float));
-        std::memcpy(xp + 4, x + u * ldx + hb + 4 * k, 4 * sizeof(float));
+        xp += 4;
+        if (!q.nibble) continue;
+        std::memcpy(xp, x + u * ldx + hb + 4 * k, 4 * sizeof(float));
+        xp += 4;
       }
 }
 
 // ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
 // (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
-// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). T <= 4 tokens:
-// each keeps 8 / T accumulators (one per code column, cycling), so 8 FMA chains are in flight.
-template <bool kTier, std::size_t T>
+// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). Each token
+// keeps one accumulator per code column of a quad (cycling) up to 8 / T, so 4-8 FMA chains are in
+// flight. The byte container (kNib false): a quad is 4 code columns, each a shift pair and a
+// conversion (a table would need 256 entries; a 32-entry vpermt2ps for 5-bit codes measured no
+// faster), and one FMA per token. Against the row-major kernel (GemvNTRows), hot, one 256 x 256
+// 5-bit block on AVX-512: one token 18.6 -> 38 GMAC/s, four 19 -> 70 (scratch).
+template <bool kTier, std::size_t T, bool kNib>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
-  constexpr std::size_t kA = 8 / T;  // accumulators per token
+  constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
   const DF df;
-  const std::size_t NL = hn::Lanes(df), nq = q.group / 8, hb = T == 1 ? q.group / 2 : 4;
-  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const std::size_t NL = hn::Lanes(df), nq = q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;
+  const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
   const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
   const VF mul = hn::Set(df, t.mul);
   const std::uint8_t* r = q.lanes_at(p, g0);
@@ -6933,22 +6988,36 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
     for (std::size_t u = 0; u < T; ++u)
       for (std::size_t a = 0; a < kA; ++a) acc[u][a] = hn::Zero(df);
     // token u's value of the code column's low (x[u * 8 + b]) and high (x[u * 8 + hb + b]) nibbles
-    const float* xg = x + g * (T == 1 ? q.group : nq * 8 * T);
-    for (std::size_t k = 0; k < nq; ++k, xg += T == 1 ? 4 : 8 * T) {
-      const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h)), wx = hn::Xor(w, flip);
-      VF lo, hi;
+    const float* xg = x + g * (T == 1 ? q.group : nq * kC * T);
+    for (std::size_t k = 0; k < nq; ++k, xg += T == 1 ? 4 : kC * T) {
+      const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h));
+      if constexpr (kNib) {
+        const VI wx = hn::Xor(w, flip);
+        VF lo, hi;
 #define S2LC_LANES_COLUMN(B)                                                \
-      LanesByte<kTier, B>(w, wx, table, t, lo, hi);                         \
-      for (std::size_t u = 0; u < T; ++u) {                                 \
-        VF& ac = acc[u][(2 * B) % kA];                                      \
-        ac = hn::MulAdd(lo, hn::Set(df, xg[u * 8 + B]), ac);                 \
-      }                                                                     \
-      for (std::size_t u = 0; u < T; ++u) {                                 \
-        VF& ah = acc[u][(2 * B + 1) % kA];                                  \
-        ah = hn::MulAdd(hi, hn::Set(df, xg[u * 8 + hb + B]), ah);            \
-      }
-      S2LC_LANES_COLUMN(0) S2LC_LANES_COLUMN(1) S2LC_LANES_COLUMN(2) S2LC_LANES_COLUMN(3)
+        LanesByte<kTier, B>(w, wx, table, t, lo, hi);                       \
+        for (std::size_t u = 0; u < T; ++u) {                               \
+          VF& ac = acc[u][(2 * B) % kA];                                    \
+          ac = hn::MulAdd(lo, hn::Set(df, xg[u * 8 + B]), ac);               \
+        }                                                                   \
+        for (std::size_t u = 0; u < T; ++u) {                               \
+          VF& ah = acc[u][(2 * B + 1) % kA];                                \
+          ah = hn::MulAdd(hi, hn::Set(df, xg[u * 8 + hb + B]), ah);          \
+        }
+        S2LC_LANES_COLUMN(0) S2LC_LANES_COLUMN(1) S2LC_LANES_COLUMN(2) S2LC_LANES_COLUMN(3)
 #undef S2LC_LANES_COLUMN
+      } else {
+#define S2LC_LANES_COLUMN(B)                                                                 \
+        {                                                                                    \
+          const VF c = Codes<kTier>(hn::ShiftRight<24>(hn::ShiftLeft<24 - 8 * B>(w)), t);     \
+          for (std::size_t u = 0; u < T; ++u) {                                              \
+            VF& ac = acc[u][B % kA];                                                         \
+            ac = hn::MulAdd(c, hn::Set(df, xg[u * 4 + B]), ac);                              \
+          }                                                                                  \
+        }
+        S2LC_LANES_COLUMN(0) S2LC_LANES_COLUMN(1) S2LC_LANES_COLUMN(2) S2LC_LANES_COLUMN(3)
+#undef S2LC_LANES_COLUMN
+      }
     }
     const VF s = hn::Mul(BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc))), mul);
     for (std::size_t u = 0; u < T; ++u) {
@@ -6990,7 +7059,9 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
       const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
       VF ya[T];
       for (std::size_t u = 0; u < T; ++u) ya[u] = hn::Zero(df);
-      LanesGemmRows<kTier, T>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, T == 1 ? x + g0 * q.group : xp, ya);
+      const float* xa = T == 1 ? x + g0 * q.group : xp;
+      if (q.nibble) LanesGemmRows<kTier, T, true>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, xa, ya);
+      else LanesGemmRows<kTier, T, false>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, xa, ya);
       q8k::LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
     }
   }

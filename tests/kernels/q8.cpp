@@ -52,8 +52,10 @@ const Case kCases[] = {{1, 1, 32, 8},     {5, 37, 32, 4},   {9, 1408, 32, 4}, {3
                        // column segments; groups spanning chunks; byte containers with a vector
                        // body and a scalar tail
                        {37, 600, 32, 4},  {20, 1408, 64, 3}, {17, 512, 256, 4}, {18, 300, 32, 8}, {35, 96, 16, 6},
-                       // rows in lanes: panels padded or not, group bytes 4 ... 128
-                       {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {50, 2048, 32, 4}};
+                       // rows in lanes: panels padded or not, group bytes 4 ... 128; the byte
+                       // container (two quads per group, a panel of the widest rows: 32 KB)
+                       {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {50, 2048, 32, 4},
+                       {40, 256, 8, 8}, {33, 528, 16, 6}, {20, 2048, 64, 7}};
 
 /// The reference quantizer: per group, amax; scale amax / 127; xq = round_half_even(x * 127 / amax).
 struct RefQ {
@@ -208,8 +210,9 @@ TEST_CASE("kernels: q8 gemv turns a non-finite activation into NaN outputs, neve
     CAPTURE(std::string(hwy::TargetName(target)));
     const auto w = randn(4 * 256, 9, 0.05f);
     for (bool lanes : {false, true})
+    for (unsigned bits : {4u, 8u})  // both containers
     for (float bad : {INFINITY, -INFINITY, NAN, std::copysign(NAN, -1.0f)}) {  // (a NaN with its sign bit set too)
-      const auto km = s2lc::morph::KMat::from(cz::quantize(w.data(), 4, 256, {4, 32, false}), lanes);
+      const auto km = s2lc::morph::KMat::from(cz::quantize(w.data(), 4, 256, {bits, 32, false}), lanes);
       REQUIRE(km.lanes == lanes);
       auto x = randn(256, 10, 1.0f);
       x[77] = bad;

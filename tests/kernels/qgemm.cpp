@@ -55,7 +55,10 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // quads per row not a multiple of the lanes; q_gemm_nt packing the
                        // activations of 512 columns at a time (528: two chunks), and groups too
                        // wide to pack (768: panels unpacked instead, from 2 tokens on)
-                       {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}, {17, 1536, 768, 4}};
+                       {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}, {17, 1536, 768, 4},
+                       // ... the byte container: two quads per group, 528 columns, groups too wide
+                       // to pack, a panel of the widest rows (32 KB)
+                       {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8}};
 
 /// The kernel layouts to run a case on: row-major, and rows in lanes where the shape takes it.
 std::vector<s2lc::morph::KMat> layouts(const cz::QMatrix& q) {

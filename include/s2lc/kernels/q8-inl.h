@@ -162,8 +162,8 @@ HWY_INLINE QView UnpackPanel(const QView& q, std::size_t p, std::uint8_t* codes,
     const hn::RebindToSigned<DF> di;
     constexpr std::size_t kN = hn::MaxLanes(DF());
     const QView v = unpack_lanes_view(q, p, codes, scales);
-    const std::size_t rb = q.row_bytes(), nq = q.group / 8, nqr = q.groups_per_row() * nq;
-    const auto flip = hn::Set(di, static_cast<std::int32_t>(0x88888888u));
+    const std::size_t rb = q.row_bytes(), nq = q.lanes_quads(), nqr = q.groups_per_row() * nq;
+    const auto flip = hn::Set(di, static_cast<std::int32_t>(0x01010101u * q.lanes_flip()));
     const std::size_t full = nqr / kN * kN, rec = q.lanes_record();
     for (std::size_t o = 0; o < q.lanes_panel(); o += 64) hwy::Prefetch(q.lanes_at(p, 0) + kPrefetch + o);  // panels ahead
     for (std::size_t h = 0; h * kN < v.rows; ++h) {
@@ -196,9 +196,9 @@ inline constexpr std::size_t kUnpackBytes = 32768;
 template <class F>
 inline void ForPanels(const QView& q, std::size_t r0, std::size_t nr, F&& f) {
   constexpr std::size_t R = QView::kLaneRows;
-  static_assert(kUnpackBytes >= R * QView::kLanesMaxCols / 2);
+  static_assert(kUnpackBytes >= R * QView::kLanesMaxCols);  // a panel of the byte container
   HWY_ALIGN std::uint8_t codes[kUnpackBytes];
-  // scales: 2 bytes per group of >= 8 codes, <= half the codes' bytes
+  // scales: one per group of >= 8 codes (>= 4 code bytes)
   std::uint16_t scales[kUnpackBytes / 4];
   const std::size_t rb = q.row_bytes(), gpr = q.groups_per_row(), per = kUnpackBytes / (R * rb);
   for (std::size_t r = r0; r < r0 + nr;) {
@@ -727,7 +727,7 @@ HWY_INLINE void DecodeLanes(const QView& q, const TokGeom& G, std::size_t p, std
   for (std::size_t ob = 0, k = s0 / 4 % nq, dlo = 0, c = 0; ob < G.seg; ob += 4) {
     const std::uint8_t* src = r + 64 * k;
     hwy::Prefetch(src + kPrefetch);  // every line of the records (cold panels come from DRAM)
-    if (k == 0) hwy::Prefetch(r + 8 * std::size_t{q.group} + kPrefetch);
+    if (k == 0) hwy::Prefetch(r + q.lanes_codes() + kPrefetch);
     std::uint8_t* lo = dec + 16 * dlo;
     std::uint8_t* hi = dec + 16 * (dlo + G.N8);
     if (++k == nq) k = 0, r += rec;
@@ -859,7 +859,7 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
           if ((r0 + r) / QView::kLaneRows != panel) DecodeLanes(q, G, panel = (r0 + r) / QView::kLaneRows, s0, dec);
           const std::size_t i0 = (r0 + r) % QView::kLaneRows;
           rows = dec + 4 * i0;
-          const std::uint8_t* rec = q.lanes_at(panel, g0) + 8 * std::size_t{q.group} + 2 * i0;  // the rows' scales
+          const std::uint8_t* rec = q.lanes_at(panel, g0) + q.lanes_codes() + 2 * i0;  // the rows' scales
           for (std::size_t g = 0; g < G.gseg; ++g, rec += q.lanes_record()) {
             std::uint16_t b[QView::kLaneRows];
             std::memcpy(b, rec, 2 * R);
@@ -957,41 +957,67 @@ struct LanesActs {
   const float* sx;
 };
 
+// Passes of 8 tokens on byte codes with vpdpbusd read them as c + 128 (see LanesRows).
+inline constexpr bool kVnni = HWY_TARGET == HWY_AVX3_DL;
+
 // ya[t] = rows [h NL, h NL + NL) of panel p times token t of the tile a. kNQ: quads per group as a
-// constant (0: q.group / 8 at run time). Up to 4 tokens, each token's low and high nibbles
-// accumulate apart (two dependency chains per token keep the dot-product unit busy); from 5 on,
-// one accumulator per token (as many chains as tokens, and the registers for 8).
-template <std::size_t T, std::size_t kNQ>
+// constant (0: q.lanes_quads() at run time). Up to 4 tokens, each token's low and high nibbles
+// (byte codes: even and odd quads) accumulate apart (two dependency chains per token keep the
+// dot-product unit busy); from 5 on, one accumulator per token (as many chains as tokens, and the
+// registers for 8).
+// The byte container (kNib false): each vector is quad k of NL rows, 4 codes per lane, met by
+// each token's 4 activations of those columns (xq[(g nq + k) T + t]), as the row-major byte
+// kernels do: |code| times the activation with the code's sign (every pmaddubsw pair sum fits
+// int16). Passes of 8 tokens with vpdpbusd (exact int32 sums of u8 x s8 products) read the codes
+// as c + 128 instead, each group starting from -128 times the token's sum of activations
+// (nc[g T + t]): one xor per quad for all tokens instead of a sign select per token (one 256 x 256
+// 5-bit block, hot, 8 tokens: 127-155 -> 180 GMAC/s; with 4 tokens it was slower, 125 -> 100).
+template <std::size_t T, std::size_t kNQ, bool kNib>
 HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const LanesActs& a, VF (&ya)[T]) {
 #if HWY_TARGET == HWY_SCALAR  // (never called: kLanesVec)
   (void)q, (void)p, (void)h, (void)a, (void)ya;
 #else
-  constexpr bool kSplit = T <= 4;
+  constexpr bool kSplit = T <= 4, kOffset = kNib || (kVnni && !kSplit);  // a group starts from nc
   const DF df;
   const DI di;
   const DU8 du8;
   const DI8 di8;
-  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = kNQ ? kNQ : q.group / 8;
-  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row(), nq = kNQ ? kNQ : q.lanes_quads();
+  const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
   const auto k0f = hn::Set(du8, 0x0F);
   for (std::size_t t = 0; t < T; ++t) ya[t] = hn::Zero(df);
   const std::uint8_t* r = q.lanes_at(p, 0);
   const std::int32_t* xq = a.xq;
-  for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += 2 * nq * T) {
+  for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += (kNib ? 2 : 1) * nq * T) {
     if (h == 0)  // the panel's first pass brings its lines in; the others find them in L1
       for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetch + o);
     hn::Vec<DI> a0[T], a1[kSplit ? T : 1];
-    for (std::size_t t = 0; t < T; ++t) a0[t] = hn::Set(di, a.nc[g * T + t]);
+    for (std::size_t t = 0; t < T; ++t) a0[t] = kOffset ? hn::Set(di, a.nc[g * T + t]) : hn::Zero(di);
     if constexpr (kSplit)
       for (std::size_t t = 0; t < T; ++t) a1[t] = hn::Zero(di);
     for (std::size_t k = 0; k < nq; ++k) {
       VU8 v = hn::LoadU(du8, r + 64 * k + 4 * NL * h);
-      if constexpr (kSplit) v = InRegister(v);  // (passes of 8 tokens ran 4 % slower cold with it)
-      const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
-      for (std::size_t t = 0; t < T; ++t) {
-        a0[t] = DotU8I8(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
-        if constexpr (kSplit) a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
-        else a0[t] = DotU8I8(a0[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+      if constexpr (kNib) {
+        if constexpr (kSplit) v = InRegister(v);  // (passes of 8 tokens ran 4 % slower cold with it)
+        const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
+        for (std::size_t t = 0; t < T; ++t) {
+          a0[t] = DotU8I8(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
+          if constexpr (kSplit) a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+          else a0[t] = DotU8I8(a0[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+        }
+      } else if constexpr (kOffset) {  // c + 128 (the offset in a.nc): vpdpbusd has no int16 pair sums
+        const VU8 u = hn::Xor(v, hn::Set(du8, 0x80));
+        for (std::size_t t = 0; t < T; ++t) a0[t] = DotU8I8(a0[t], u, hn::BitCast(di8, hn::Set(di, xq[k * T + t])));
+      } else {
+        const VI8 c = hn::BitCast(di8, v);
+        const VU8 ac = hn::BitCast(du8, hn::Abs(c));
+        const auto neg = hn::Lt(c, hn::Zero(di8));
+        for (std::size_t t = 0; t < T; ++t) {
+          const VI8 x = hn::BitCast(di8, hn::Set(di, xq[k * T + t]));
+          const VI8 xs = hn::IfThenElse(neg, hn::Neg(x), x);
+          if (kSplit && (k & 1)) a1[t] = DotU8I8(a1[t], ac, xs);
+          else a0[t] = DotU8I8(a0[t], ac, xs);
+        }
       }
     }
     const VF s = BF16ToF32Vec(hn::LoadU(kernels::HWY_NAMESPACE::DU16(), reinterpret_cast<const std::uint16_t*>(r + sc)));
@@ -1011,8 +1037,10 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
   for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
     const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
     VF ya[T];
-    if (q.group == 32) LanesRows<T, 4>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, a, ya);
-    else LanesRows<T, 0>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, a, ya);
+    const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
+    if (!q.nibble) LanesRows<T, 0, false>(q, p, h, a, ya);
+    else if (q.group == 32) LanesRows<T, 4, true>(q, p, h, a, ya);
+    else LanesRows<T, 0, true>(q, p, h, a, ya);
     LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
   }
 }
@@ -1022,7 +1050,9 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
 // kLanesTile tokens; on AVX-512, with passes of 8, it was 10-15 % faster at 16 and 24 tokens and
 // 5 % slower at 32; with passes of 2, slower from 16 on).
 inline constexpr std::size_t kLanesTokensMax = kLanesTile >= 8 ? 32 : 16;
-HWY_INLINE bool LanesNative(std::size_t nt) { return kLanesVec && nt < kLanesTokensMax; }
+// Byte codes have no tokens-in-lanes path: LanesQ8 for any batch (32 tokens on tinymoe's 5-bit
+// w1 core, hot: 187 -> 72 us against the row-major kernel on unpacked panels).
+HWY_INLINE bool LanesNative(const QView& q, std::size_t nt) { return kLanesVec && (nt < kLanesTokensMax || !q.nibble); }
 // The row-major layout of the same shape (what activations and tiles are laid out for).
 HWY_INLINE QView RowMajor(QView q) {
   q.lanes = false;
@@ -1033,7 +1063,7 @@ HWY_INLINE QView RowMajor(QView q) {
 HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt, float alpha,
                         float* y, std::size_t ldy) {
   const Layout L = MakeLayout(q);
-  const std::size_t abytes = Q8Acts::bytes(q), gpr = L.gpr, nq = q.group / 8, gb = q.group / 2;
+  const std::size_t abytes = Q8Acts::bytes(q), gpr = L.gpr, nq = q.lanes_quads(), gb = L.gb;
   constexpr std::size_t kG = QView::kLanesMaxCols / 8;  // groups at most
   std::int32_t xq[kLanesTile * QView::kLanesMaxCols / 4], nc[kLanesTile * kG];
   float sx[kLanesTile * kG];
@@ -1044,7 +1074,14 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
       const std::uint8_t* act = acts + (t0 + t) * abytes;
       // Q8Acts' corr: 8 * the sum of each 4 code bytes' activations (both nibbles)
       const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
-      for (std::size_t g = 0; g < gpr; ++g) {
+      for (std::size_t g = 0; g < gpr && !q.nibble; ++g) {  // byte container: the quads' activations
+        for (std::size_t k = 0; k < nq; ++k) std::memcpy(&xq[(g * nq + k) * T + t], act + g * gb + 4 * k, 4);
+        std::int32_t sum = 0;
+        for (std::size_t j = 0; j < gb; ++j) sum += static_cast<std::int8_t>(act[g * gb + j]);
+        nc[g * T + t] = -128 * sum;
+        sx[g * T + t] = reinterpret_cast<const float*>(act + 4 * L.rbp)[g];
+      }
+      for (std::size_t g = 0; g < gpr && q.nibble; ++g) {
         std::int32_t sum = 0;
         for (std::size_t k = 0; k < nq; ++k) {
           sum += corr[g * nq + k];
@@ -1310,7 +1347,7 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
 
 /// Bytes of the tokens-in-lanes tiles of nt tokens for q's layout (0: that path does not apply).
 inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
-  if (q.lanes) return q8k::LanesNative(nt) ? 0 : Q8TilesBytes(q8k::RowMajor(q), nt);  // (the tiles of that many tokens)
+  if (q.lanes) return q8k::LanesNative(q, nt) ? 0 : Q8TilesBytes(q8k::RowMajor(q), nt);  // (the tiles of that many tokens)
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t S = q8k::TokensLanes(q, L, nt);
   return S == 4 ? q8k::TilesBytes<4>(L, nt) : S == 2 ? q8k::TilesBytes<2>(L, nt) : S == 1 ? q8k::TilesBytes<1>(L, nt) : 0;
@@ -1319,7 +1356,7 @@ inline HWY_NOINLINE std::size_t Q8TilesBytes(const QView& q, std::size_t nt) {
 /// Builds the tiles of nt tokens' activations (q8_quantize's, for q's layout) into out.
 inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out) {
   if (q.lanes) {
-    if (!q8k::LanesNative(nt)) Q8Tiles(q8k::RowMajor(q), acts, nt, out);
+    if (!q8k::LanesNative(q, nt)) Q8Tiles(q8k::RowMajor(q), acts, nt, out);
     return;
   }
   const q8k::Layout L = q8k::MakeLayout(q);
@@ -1333,7 +1370,7 @@ inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::
 inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                                        const std::uint8_t* tiles, std::size_t nt, float alpha, float* y, std::size_t ldy) {
   if (q.lanes) {
-    if (q8k::LanesNative(nt)) return q8k::LanesQ8(q, r0, nr, acts, nt, alpha, y, ldy);
+    if (q8k::LanesNative(q, nt)) return q8k::LanesQ8(q, r0, nr, acts, nt, alpha, y, ldy);
     // larger batches: tokens in lanes, reading the panels in place (the tiles are the row-major
     // form's); else (a range not on a panel, or too few lanes) on each panel unpacked
     if (q8k::TokensPath(q, q8k::MakeLayout(q), r0, nr, acts, tiles, nt, Q8Acts::bytes(q), alpha, y, ldy)) return;

@@ -242,31 +242,38 @@ HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF
 }
 
 // The activations of ng groups of T tokens (x: at the first group's column) packed for
-// LanesGemmRows: per group and quad k, for each token its 8 columns (the low-nibble ones
-// 4k ... 4k + 3, then the high-nibble ones hb + 4k ...), so every broadcast of the products is one
-// base pointer plus a constant offset (two 16-byte copies per token and quad).
+// LanesGemmRows: per group and quad k, for each token the columns of the quad's codes (nibbles:
+// the low-nibble ones 4k ... 4k + 3, then the high-nibble ones hb + 4k ...; bytes: 4k ... 4k + 3),
+// so every broadcast of the products is one base pointer plus a constant offset.
 template <std::size_t T>
 HWY_INLINE void LanesPack(const QView& q, std::size_t ng, const float* HWY_RESTRICT x, std::size_t ldx, float* HWY_RESTRICT xp) {
-  const std::size_t nq = q.group / 8, hb = q.group / 2;
+  const std::size_t nq = q.lanes_quads(), hb = q.group / 2;
   for (std::size_t g = 0; g < ng; ++g, x += q.group)
     for (std::size_t k = 0; k < nq; ++k)
-      for (std::size_t u = 0; u < T; ++u, xp += 8) {
+      for (std::size_t u = 0; u < T; ++u) {
         std::memcpy(xp, x + u * ldx + 4 * k, 4 * sizeof(float));
-        std::memcpy(xp + 4, x + u * ldx + hb + 4 * k, 4 * sizeof(float));
+        xp += 4;
+        if (!q.nibble) continue;
+        std::memcpy(xp, x + u * ldx + hb + 4 * k, 4 * sizeof(float));
+        xp += 4;
       }
 }
 
 // ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
 // (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
-// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). T <= 4 tokens:
-// each keeps 8 / T accumulators (one per code column, cycling), so 8 FMA chains are in flight.
-template <bool kTier, std::size_t T>
+// token x itself (at group g0's column), else packed by LanesPack (x = its buffer). Each token
+// keeps one accumulator per code column of a quad (cycling) up to 8 / T, so 4-8 FMA chains are in
+// flight. The byte container (kNib false): a quad is 4 code columns, each a shift pair and a
+// conversion (a table would need 256 entries; a 32-entry vpermt2ps for 5-bit codes measured no
+// faster), and one FMA per token. Against the row-major kernel (GemvNTRows), hot, one 256 x 256
+// 5-bit block on AVX-512: one token 18.6 -> 38 GMAC/s, four 19 -> 70 (scratch).
+template <bool kTier, std::size_t T, bool kNib>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
-  constexpr std::size_t kA = 8 / T;  // accumulators per token
+  constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
   const DF df;
-  const std::size_t NL = hn::Lanes(df), nq = q.group / 8, hb = T == 1 ? q.group / 2 : 4;
-  const std::size_t rec = q.lanes_record(), sc = 8 * std::size_t{q.group} + 2 * NL * h;
+  const std::size_t NL = hn::Lanes(df), nq = q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;
+  const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
   const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
   const VF mul = hn::Set(df, t.mul);
   const std::uint8_t* r = q.lanes_at(p, g0);
@@ -277,22 +284,36 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
     for (std::size_t u = 0; u < T; ++u)
       for (std::size_t a = 0; a < kA; ++a) acc[u][a] = hn::Zero(df);
     // token u's value of the code column's low (x[u * 8 + b]) and high (x[u * 8 + hb + b]) nibbles
-    const float* xg = x + g * (T == 1 ? q.group : nq * 8 * T);
-    for (std::size_t k = 0; k < nq; ++k, xg += T == 1 ? 4 : 8 * T) {
-      const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h)), wx = hn::Xor(w, flip);
-      VF lo, hi;
+    const float* xg = x + g * (T == 1 ? q.group : nq * kC * T);
+    for (std::size_t k = 0; k < nq; ++k, xg += T == 1 ? 4 : kC * T) {
+      const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h));
+      if constexpr (kNib) {
+        const VI wx = hn::Xor(w, flip);
+        VF lo, hi;
 #define S2LC_LANES_COLUMN(B)                                                \
-      LanesByte<kTier, B>(w, wx, table, t, lo, hi);                         \
-      for (std::size_t u = 0; u < T; ++u) {                                 \
-        VF& ac = acc[u][(2 * B) % kA];                                      \
-        ac = hn::MulAdd(lo, hn::Set(df, xg[u * 8 + B]), ac);                 \
-      }                                                                     \
-      for (std::size_t u = 0; u < T; ++u) {                                 \
-        VF& ah = acc[u][(2 * B + 1) % kA];                                  \
-        ah = hn::MulAdd(hi, hn::Set(df, xg[u * 8 + hb + B]), ah);            \
-      }
-      S2LC_LANES_COLUMN(0) S2LC_LANES_COLUMN(1) S2LC_LANES_COLUMN(2) S2LC_LANES_COLUMN(3)
+        LanesByte<kTier, B>(w, wx, table, t, lo, hi);                       \
+        for (std::size_t u = 0; u < T; ++u) {                               \
+          VF& ac = acc[u][(2 * B) % kA];                                    \
+          ac = hn::MulAdd(lo, hn::Set(df, xg[u * 8 + B]), ac);               \
+        }                                                                   \
+        for (std::size_t u = 0; u < T; ++u) {                               \
+          VF& ah = acc[u][(2 * B + 1) % kA];                                \
+          ah = hn::MulAdd(hi, hn::Set(df, xg[u * 8 + hb + B]), ah);          \
+        }
+        S2LC_LANES_COLUMN(0) S2LC_LANES_COLUMN(1) S2LC_LANES_COLUMN(2) S2LC_LANES_COLUMN(3)
 #undef S2LC_LANES_COLUMN
+      } else {
+#define S2LC_LANES_COLUMN(B)                                                                 \
+        {                                                                                    \
+          const VF c = Codes<kTier>(hn::ShiftRight<24>(hn::ShiftLeft<24 - 8 * B>(w)), t);     \
+          for (std::size_t u = 0; u < T; ++u) {                                              \
+            VF& ac = acc[u][B % kA];                                                         \
+            ac = hn::MulAdd(c, hn::Set(df, xg[u * 4 + B]), ac);                              \
+          }                                                                                  \
+        }
+        S2LC_LANES_COLUMN(0) S2LC_LANES_COLUMN(1) S2LC_LANES_COLUMN(2) S2LC_LANES_COLUMN(3)
+#undef S2LC_LANES_COLUMN
+      }
     }
     const VF s = hn::Mul(BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc))), mul);
     for (std::size_t u = 0; u < T; ++u) {
@@ -334,7 +355,9 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
       const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
       VF ya[T];
       for (std::size_t u = 0; u < T; ++u) ya[u] = hn::Zero(df);
-      LanesGemmRows<kTier, T>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, T == 1 ? x + g0 * q.group : xp, ya);
+      const float* xa = T == 1 ? x + g0 * q.group : xp;
+      if (q.nibble) LanesGemmRows<kTier, T, true>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, xa, ya);
+      else LanesGemmRows<kTier, T, false>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, xa, ya);
       q8k::LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
     }
   }

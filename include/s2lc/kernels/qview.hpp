@@ -14,17 +14,18 @@
 // top t bits of each code at scale 2^(bits - t) s, computed in registers, so every tier of a
 // module runs from the same bytes.
 //
-//  * rows in lanes (`lanes`, a nibble container whose groups are whole and a multiple of 8
-//    codes): the rows are cut into panels of 16 (the last one padded with zero codes and zero
-//    scales) and stored panel by panel, group by group, one record per (panel, group): for each
-//    4 code bytes of the group (quad k < group / 8), 64 bytes holding quad k of the panel's 16
-//    rows (row i at 4 i), each byte stored ^ 0x88 (two nibbles c + 8 in [0, 15]); then the 16
-//    rows' bf16 scales of the group (32 bytes). A vector load is then the same 4 bytes of 16
-//    rows: `vpdpbusd` with each token's 4 activations broadcast accumulates every row in its own
-//    lane, with no horizontal sums and one scale vector per group, and the codes, scales and
-//    everything a panel needs arrive as one stream. `scales` is null (the scales are in the
-//    records, in host byte order). Kernels without a rows-in-lanes body unpack panels (up to
-//    32 KB of codes at a time) into the row-major form (unpack_lanes) and run that.
+//  * rows in lanes (`lanes`; whole groups, a multiple of 8 codes): the rows are cut into panels
+//    of 16 (the last one padded with zero codes and zero scales) and stored panel by panel, group
+//    by group, one record per (panel, group): for each 4 code bytes of the group (quad k), 64
+//    bytes holding quad k of the panel's 16 rows (row i at 4 i); then the 16 rows' bf16 scales of
+//    the group (32 bytes). A vector load is then the same 4 bytes of 16 rows: with each token's 4
+//    activations broadcast, every row accumulates in its own lane (`vpdpbusd`, or 4 FMAs of the
+//    4 columns), with no horizontal sums and one scale vector per group, and the codes, scales
+//    and everything a panel needs arrive as one stream. Nibble container: a quad is 4 code bytes
+//    of the nibble row (group / 8 quads), each byte stored ^ 0x88 (two nibbles c + 8 in [0, 15]);
+//    byte container: a quad is 4 codes, as they are (group / 4 quads). `scales` is null (the
+//    scales are in the records, in host byte order). Kernels without a rows-in-lanes body unpack
+//    panels (up to 32 KB of codes at a time) into the row-major form (unpack_lanes) and run that.
 #pragma once
 
 #include <algorithm>
@@ -50,19 +51,25 @@ struct QView {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;     ///< stored code width, 2..8
   bool nibble = false;       ///< nibble container (see above)
-  bool lanes = false;        ///< rows in lanes (see above; implies nibble)
+  bool lanes = false;        ///< rows in lanes (see above)
 
   static constexpr std::size_t kLaneRows = 16;
-  /// Widest rows the rows-in-lanes layout takes (a panel unpacked fits a 16 KB stack buffer).
+  /// Widest rows the rows-in-lanes layout takes (a panel unpacked fits a 32 KB stack buffer).
   static constexpr std::size_t kLanesMaxCols = 2048;
 
   std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
   /// Whether a matrix of this shape can take the rows-in-lanes layout.
   static bool lanes_fit(std::size_t cols, std::size_t group, bool nibble) noexcept {
-    return nibble && group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
+    (void)nibble;  // (both containers)
+    return group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
   }
-  /// Rows in lanes: bytes of one (panel, group) record, of one panel, and the record itself.
-  std::size_t lanes_record() const noexcept { return 8 * std::size_t{group} + 32; }
+  /// Rows in lanes: quads per group, bytes of codes of a record (where its scales start), the
+  /// byte each code byte is stored xor'ed with, bytes of one (panel, group) record, of one panel,
+  /// and the record itself.
+  std::size_t lanes_quads() const noexcept { return nibble ? group / 8 : group / 4; }
+  std::size_t lanes_codes() const noexcept { return 64 * lanes_quads(); }
+  std::uint8_t lanes_flip() const noexcept { return nibble ? 0x88 : 0x00; }
+  std::size_t lanes_record() const noexcept { return lanes_codes() + 32; }
   std::size_t lanes_panel() const noexcept { return lanes_record() * groups_per_row(); }
   const std::uint8_t* lanes_at(std::size_t panel, std::size_t g) const noexcept {
     return codes + panel * lanes_panel() + g * lanes_record();
@@ -81,7 +88,7 @@ struct QView {
   std::uint16_t scale_bits(std::size_t r, std::size_t g) const noexcept {
     if (!lanes) return scales[r * groups_per_row() + g];
     std::uint16_t s;
-    std::memcpy(&s, lanes_at(r / kLaneRows, g) + 8 * std::size_t{group} + 2 * (r % kLaneRows), 2);  // host order
+    std::memcpy(&s, lanes_at(r / kLaneRows, g) + lanes_codes() + 2 * (r % kLaneRows), 2);  // host order
     return s;
   }
 };
@@ -146,9 +153,10 @@ namespace detail {
 /// The stored code of element (r, c) of q (scalar path: tails, odd groups, references).
 inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
   if (q.lanes) {
-    const std::size_t g = c / q.group, j = c % q.group, h = q.group / 2, b = j < h ? j : j - h;
-    const int byte = q.lanes_at(r / QView::kLaneRows, g)[(b / 4) * 64 + (r % QView::kLaneRows) * 4 + b % 4];  // c + 8
-    return (j < h ? byte & 0xF : byte >> 4) - 8;
+    const std::size_t g = c / q.group, j = c % q.group, h = q.group / 2, b = !q.nibble ? j : j < h ? j : j - h;
+    const int byte = q.lanes_at(r / QView::kLaneRows, g)[(b / 4) * 64 + (r % QView::kLaneRows) * 4 + b % 4];
+    if (!q.nibble) return static_cast<std::int8_t>(byte);
+    return (j < h ? byte & 0xF : byte >> 4) - 8;  // c + 8
   }
   const std::uint8_t* row = q.codes + r * q.row_bytes();
   if (!q.nibble) return static_cast<std::int8_t>(row[c]);
@@ -170,22 +178,24 @@ inline float decode(const QView& q, std::size_t r, std::size_t c, const TierPara
 
 }  // namespace detail
 
-/// The rows-in-lanes form of a row-major nibble q that fits it (QView::lanes_fit) into out
+/// The rows-in-lanes form of a row-major q that fits it (QView::lanes_fit) into out
 /// (q.bytes() of the result, which is returned): every record written, padded rows as zero codes
 /// and zero scales. The inverse of unpack_lanes.
 inline QView pack_lanes(const QView& q, std::uint8_t* out) noexcept {
   QView lv = q;
   lv.lanes = true, lv.codes = out, lv.scales = nullptr;
-  const std::size_t R = QView::kLaneRows, gpr = q.groups_per_row(), rb = q.row_bytes(), gb = q.group / 2;
+  const std::size_t R = QView::kLaneRows, gpr = q.groups_per_row(), rb = q.row_bytes(), gb = 4 * lv.lanes_quads();
+  const std::size_t at = lv.lanes_codes();
+  const std::uint8_t flip = lv.lanes_flip();
   for (std::size_t p = 0; p < lv.panels(); ++p)
     for (std::size_t g = 0; g < gpr; ++g) {
       std::uint8_t* rec = out + p * lv.lanes_panel() + g * lv.lanes_record();
-      std::memset(rec, 0x88, 8 * std::size_t{q.group});                // padded rows: codes 0 (stored ^ 0x88)
-      std::memset(rec + 8 * std::size_t{q.group}, 0, 2 * QView::kLaneRows);  // ... and scales 0
+      std::memset(rec, flip, at);                          // padded rows: codes 0 (stored ^ flip)
+      std::memset(rec + at, 0, 2 * QView::kLaneRows);  // ... and scales 0
       for (std::size_t i = 0; i < R && p * R + i < q.rows; ++i) {
         const std::size_t r = p * R + i;
-        for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = q.codes[r * rb + g * gb + b] ^ 0x88;
-        std::memcpy(rec + 8 * std::size_t{q.group} + 2 * i, &q.scales[r * gpr + g], 2);  // host order
+        for (std::size_t b = 0; b < gb; ++b) rec[(b / 4) * 64 + i * 4 + b % 4] = q.codes[r * rb + g * gb + b] ^ flip;
+        std::memcpy(rec + at + 2 * i, &q.scales[r * gpr + g], 2);  // host order
       }
     }
   return lv;
@@ -198,7 +208,7 @@ inline QView unpack_lanes_view(const QView& q, std::size_t p, std::uint8_t* code
   v.lanes = false;
   v.codes = codes, v.scales = scales;
   v.rows = static_cast<std::uint32_t>(std::min(QView::kLaneRows, q.rows - p * QView::kLaneRows));
-  const std::size_t gpr = q.groups_per_row(), rec = q.lanes_record(), at = 8 * std::size_t{q.group};
+  const std::size_t gpr = q.groups_per_row(), rec = q.lanes_record(), at = q.lanes_codes();
   const std::uint8_t* r = q.lanes_at(p, 0);
   for (std::size_t g = 0; g < gpr; ++g, r += rec) {
     std::uint16_t s[QView::kLaneRows];
@@ -210,14 +220,15 @@ inline QView unpack_lanes_view(const QView& q, std::size_t p, std::uint8_t* code
 /// Code bytes [4 m0, row bytes) of rows [i0, i1) of panel p, row-major, into codes (row stride
 /// q.row_bytes()); m0 on a group's first quad or not.
 inline void unpack_lanes_quads(const QView& q, std::size_t p, std::size_t m0, std::size_t i0, std::size_t i1, std::uint8_t* codes) noexcept {
-  const std::size_t nq = q.group / 8, rb = q.row_bytes(), rec = q.lanes_record(), gpr = q.groups_per_row();
+  const std::size_t nq = q.lanes_quads(), rb = q.row_bytes(), rec = q.lanes_record(), gpr = q.groups_per_row();
+  const std::uint32_t flip = 0x01010101u * q.lanes_flip();
   const std::uint8_t* r = q.lanes_at(p, m0 / nq);
   for (std::size_t g = m0 / nq, k = m0 % nq, m = m0; g < gpr; ++g, r += rec, k = 0)
     for (; k < nq; ++k, ++m)
       for (std::size_t i = i0; i < i1; ++i) {
         std::uint32_t w;
         std::memcpy(&w, r + 64 * k + 4 * i, 4);
-        w ^= 0x88888888u;
+        w ^= flip;
         std::memcpy(codes + i * rb + 4 * m, &w, 4);
       }
 }
