@@ -113,7 +113,7 @@ struct KMat {
   /// the rows-in-lanes layout where the shape takes it (QView::lanes_fit), else row-major.
   static KMat from(const compress::QMatrix& q, bool rows_in_lanes) {
     KMat k = from(q);
-    if (!rows_in_lanes || !kernels::QView::lanes_fit(k.cols, k.group, k.nibble)) return k;
+    if (!rows_in_lanes || !kernels::QView::lanes_fit(k.cols, k.group)) return k;
     kernels::QView lv = k.view();
     lv.lanes = true;
     std::vector<std::uint8_t> out(lv.bytes());

@@ -4753,9 +4753,8 @@ struct QView {
   static constexpr std::size_t kLanesMaxCols = 2048;
 
   std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
-  /// Whether a matrix of this shape can take the rows-in-lanes layout.
-  static bool lanes_fit(std::size_t cols, std::size_t group, bool nibble) noexcept {
-    (void)nibble;  // (both containers)
+  /// Whether a matrix of this shape can take the rows-in-lanes layout (either container).
+  static bool lanes_fit(std::size_t cols, std::size_t group) noexcept {
     return group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
   }
   /// Rows in lanes: quads per group, bytes of codes of a record (where its scales start), the
@@ -6906,8 +6905,8 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
       for (std::size_t j = 0; j < q.group; j += N) {
         const VF xv = hn::LoadU(df, x + c0 + j);
         for (std::size_t i = 0; i < R; ++i) {
-          // 8 KB ahead, a line per row at a time, as the nibble path does (tinymoe's real
-          // experts have 8-bit cores: one cold w1 apply 27-37 -> 20-26 us, scratch, alternating)
+          // 8 KB ahead, a line per row at a time, as the nibble path does (tinymoe's 5-bit
+          // cores, before they took rows in lanes: one cold w1 apply 27-37 -> 20-26 us)
           if (j % 64 == 0) hwy::Prefetch(q.codes + (r0 + i) * rb + c0 + j + kPrefetchBytes);
           part[i] = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (r0 + i) * rb + c0 + j), t), xv, part[i]);
         }
@@ -6976,9 +6975,8 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
   constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
   const DF df;
-  const std::size_t NL = hn::Lanes(df), nq = q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;
+  const std::size_t NL = hn::Lanes(df), nq = q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;  // hb: nibbles
   const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
-  const auto flip = hn::Set(DI(), static_cast<std::int32_t>(0x88888888u));
   const VF mul = hn::Set(df, t.mul);
   const std::uint8_t* r = q.lanes_at(p, g0);
   for (std::size_t g = 0; g < ng; ++g, r += rec) {
@@ -6992,7 +6990,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
     for (std::size_t k = 0; k < nq; ++k, xg += T == 1 ? 4 : kC * T) {
       const VI w = hn::LoadU(DI(), reinterpret_cast<const std::int32_t*>(r + 64 * k + 4 * NL * h));
       if constexpr (kNib) {
-        const VI wx = hn::Xor(w, flip);
+        const VI wx = hn::Xor(w, hn::Set(DI(), static_cast<std::int32_t>(0x88888888u)));
         VF lo, hi;
 #define S2LC_LANES_COLUMN(B)                                                \
         LanesByte<kTier, B>(w, wx, table, t, lo, hi);                       \
@@ -8779,7 +8777,7 @@ struct KMat {
   /// the rows-in-lanes layout where the shape takes it (QView::lanes_fit), else row-major.
   static KMat from(const compress::QMatrix& q, bool rows_in_lanes) {
     KMat k = from(q);
-    if (!rows_in_lanes || !kernels::QView::lanes_fit(k.cols, k.group, k.nibble)) return k;
+    if (!rows_in_lanes || !kernels::QView::lanes_fit(k.cols, k.group)) return k;
     kernels::QView lv = k.view();
     lv.lanes = true;
     std::vector<std::uint8_t> out(lv.bytes());

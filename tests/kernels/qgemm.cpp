@@ -64,7 +64,7 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
 std::vector<s2lc::morph::KMat> layouts(const cz::QMatrix& q) {
   std::vector<s2lc::morph::KMat> v{s2lc::morph::KMat::from(q)};
   auto l = s2lc::morph::KMat::from(q, true);
-  REQUIRE(l.lanes == k::QView::lanes_fit(q.cols, q.group, v[0].nibble));
+  REQUIRE(l.lanes == k::QView::lanes_fit(q.cols, q.group));
   if (l.lanes) {
     REQUIRE(l.view().bytes() == l.codes.size());
     for (std::size_t r = 0; r < q.rows; ++r)

@@ -322,7 +322,7 @@ TEST_CASE("morph: with 256 x 256 blocks right factors are rows in lanes, and f32
         for (const auto& b : m.blocks) {
           const auto& on_x = b.kind == cz::block_kind::dense ? b.a : b.b;  // the codes x meets
           if (!on_x.ncodes()) continue;
-          CHECK(on_x.lanes == s2lc::kernels::QView::lanes_fit(on_x.cols, on_x.group, on_x.nibble));
+          CHECK(on_x.lanes == s2lc::kernels::QView::lanes_fit(on_x.cols, on_x.group));
           if (b.kind != cz::block_kind::dense) lanes_right += on_x.lanes;
           if (b.kind == cz::block_kind::lowrank) CHECK_FALSE(b.a.lanes);  // left factors stay row-major
         }

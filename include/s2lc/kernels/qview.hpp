@@ -58,9 +58,8 @@ struct QView {
   static constexpr std::size_t kLanesMaxCols = 2048;
 
   std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
-  /// Whether a matrix of this shape can take the rows-in-lanes layout.
-  static bool lanes_fit(std::size_t cols, std::size_t group, bool nibble) noexcept {
-    (void)nibble;  // (both containers)
+  /// Whether a matrix of this shape can take the rows-in-lanes layout (either container).
+  static bool lanes_fit(std::size_t cols, std::size_t group) noexcept {
     return group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
   }
   /// Rows in lanes: quads per group, bytes of codes of a record (where its scales start), the
