@@ -5927,7 +5927,7 @@ struct LanesActs {
   const float* sx;
 };
 
-// Passes of 8 tokens on byte codes with vpdpbusd read them as c + 128 (see LanesRows).
+// Byte codes meet vpdpbusd as c + 128 (see LanesRows).
 inline constexpr bool kVnni = HWY_TARGET == HWY_AVX3_DL;
 
 // ya[t] = rows [h NL, h NL + NL) of panel p times token t of the tile a. kNQ: quads per group as a
@@ -5938,16 +5938,18 @@ inline constexpr bool kVnni = HWY_TARGET == HWY_AVX3_DL;
 // The byte container (kNib false): each vector is quad k of NL rows, 4 codes per lane, met by
 // each token's 4 activations of those columns (xq[(g nq + k) T + t]), as the row-major byte
 // kernels do: |code| times the activation with the code's sign (every pmaddubsw pair sum fits
-// int16). Passes of 8 tokens with vpdpbusd (exact int32 sums of u8 x s8 products) read the codes
-// as c + 128 instead, each group starting from -128 times the token's sum of activations
-// (nc[g T + t]): one xor per quad for all tokens instead of a sign select per token (one 256 x 256
-// 5-bit block, hot, 8 tokens: 127-155 -> 180 GMAC/s; with 4 tokens it was slower, 125 -> 100).
+// int16). With vpdpbusd (exact int32 sums of u8 x s8 products) the codes are read as c + 128
+// instead, each group starting from -128 times the token's sum of activations (nc[g T + t]): one
+// xor per quad for all tokens instead of a sign select per token. Groups of 32 (8 quads) run with
+// the quad count a constant, so the loop unrolls and the alternation of a0 / a1 costs nothing
+// (one 256 x 256 5-bit block, hot, 1 / 2 / 4 / 8 tokens: 47 / 73 / 121 / 170 -> 90 / 140 / 182 /
+// 212 GMAC/s; the xor at up to 4 tokens had been slower while the loop ran with k % 2 branches).
 template <std::size_t T, std::size_t kNQ, bool kNib>
 HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const LanesActs& a, VF (&ya)[T]) {
 #if HWY_TARGET == HWY_SCALAR  // (never called: kLanesVec)
   (void)q, (void)p, (void)h, (void)a, (void)ya;
 #else
-  constexpr bool kSplit = T <= 4, kOffset = kNib || (kVnni && !kSplit);  // a group starts from nc
+  constexpr bool kSplit = T <= 4, kOffset = kNib || kVnni;  // a group starts from nc
   const DF df;
   const DI di;
   const DU8 du8;
@@ -5977,7 +5979,11 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
         }
       } else if constexpr (kOffset) {  // c + 128 (the offset in a.nc): vpdpbusd has no int16 pair sums
         const VU8 u = hn::Xor(v, hn::Set(du8, 0x80));
-        for (std::size_t t = 0; t < T; ++t) a0[t] = DotU8I8(a0[t], u, hn::BitCast(di8, hn::Set(di, xq[k * T + t])));
+        for (std::size_t t = 0; t < T; ++t) {
+          const VI8 x = hn::BitCast(di8, hn::Set(di, xq[k * T + t]));
+          if (kSplit && (k & 1)) a1[t] = DotU8I8(a1[t], u, x);
+          else a0[t] = DotU8I8(a0[t], u, x);
+        }
       } else {
         const VI8 c = hn::BitCast(di8, v);
         const VU8 ac = hn::BitCast(du8, hn::Abs(c));
@@ -6008,7 +6014,8 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
     const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
     VF ya[T];
     const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
-    if (!q.nibble) LanesRows<T, 0, false>(q, p, h, a, ya);
+    if (!q.nibble && q.group == 32) LanesRows<T, 8, false>(q, p, h, a, ya);
+    else if (!q.nibble) LanesRows<T, 0, false>(q, p, h, a, ya);
     else if (q.group == 32) LanesRows<T, 4, true>(q, p, h, a, ya);
     else LanesRows<T, 0, true>(q, p, h, a, ya);
     LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
@@ -6962,22 +6969,55 @@ HWY_INLINE void LanesPack(const QView& q, std::size_t ng, const float* HWY_RESTR
       }
 }
 
+// Byte shuffles moving code column B < 3 of every lane into the lane's top byte, zeros below.
+struct TopIndex {
+  hn::Vec<hn::Repartition<std::uint8_t, DF>> v[3];
+};
+HWY_INLINE TopIndex MakeTopIndex() {
+  const hn::Repartition<std::uint8_t, DF> du8;
+  HWY_ALIGN static constexpr std::uint8_t kIndex[3][16] = {
+      {0x80, 0x80, 0x80, 0, 0x80, 0x80, 0x80, 4, 0x80, 0x80, 0x80, 8, 0x80, 0x80, 0x80, 12},
+      {0x80, 0x80, 0x80, 1, 0x80, 0x80, 0x80, 5, 0x80, 0x80, 0x80, 9, 0x80, 0x80, 0x80, 13},
+      {0x80, 0x80, 0x80, 2, 0x80, 0x80, 0x80, 6, 0x80, 0x80, 0x80, 10, 0x80, 0x80, 0x80, 14}};
+  return {{hn::LoadDup128(du8, kIndex[0]), hn::LoadDup128(du8, kIndex[1]), hn::LoadDup128(du8, kIndex[2])}};
+}
+
+// Code column B of a byte quad w (4 codes per lane) as f32: with kTop, c 2^24 (the code moved
+// into the top byte, one shuffle or mask); else c at the tier (a shift pair sign-extends it).
+template <bool kTier, bool kTop, int B>
+HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
+  if constexpr (kTop) {
+    if constexpr (B == 3) return hn::ConvertTo(DF(), hn::And(w, hn::Set(DI(), static_cast<std::int32_t>(0xFF000000u))));
+    else return hn::ConvertTo(DF(), hn::BitCast(DI(), hn::TableLookupBytesOr0(hn::BitCast(hn::Repartition<std::uint8_t, DF>(), w), ix.v[B])));
+  } else {
+    (void)ix;
+    return Codes<kTier>(hn::ShiftRight<24>(hn::ShiftLeft<24 - 8 * B>(w)), t);
+  }
+}
+
 // ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
 // (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
 // token x itself (at group g0's column), else packed by LanesPack (x = its buffer). Each token
 // keeps one accumulator per code column of a quad (cycling) up to 8 / T, so 4-8 FMA chains are in
-// flight. The byte container (kNib false): a quad is 4 code columns, each a shift pair and a
-// conversion (a table would need 256 entries; a 32-entry vpermt2ps for 5-bit codes measured no
-// faster), and one FMA per token. Against the row-major kernel (GemvNTRows), hot, one 256 x 256
-// 5-bit block on AVX-512: one token 18.6 -> 38 GMAC/s, four 19 -> 70 (scratch).
+// flight. The byte container (kNib false): a quad is 4 code columns, each a conversion and one
+// FMA per token after moving the column's code into the top byte of its lane (a byte shuffle, or
+// a mask for the top column: the lane holds c 2^24, undone exactly with the group's sum) for one
+// or two tokens, or sign-extending it with a shift pair for more (and for tiers) where the
+// shuffle measured slower (a table would need 256 entries; a 32-entry vpermt2ps for 5-bit codes
+// measured no faster). Against the row-major kernel (GemvNTRows), hot, one 256 x 256 5-bit block
+// on AVX-512: one token 18.6 -> 38 GMAC/s with the shift pair -> 49 with the shuffle, two 58 -> 63,
+// four 19 -> 70 (scratch).
 template <bool kTier, std::size_t T, bool kNib>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
   constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
+  constexpr bool kTop = !kNib && !kTier && T <= 2;
   const DF df;
   const std::size_t NL = hn::Lanes(df), nq = q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;  // hb: nibbles
   const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
   const VF mul = hn::Set(df, t.mul);
+  const TopIndex ix = MakeTopIndex();
+  const VF unit = hn::Set(df, kTop ? 1.0f / 16777216.0f : 1.0f);  // undoes kTop's 2^24
   const std::uint8_t* r = q.lanes_at(p, g0);
   for (std::size_t g = 0; g < ng; ++g, r += rec) {
     if (h == 0)
@@ -7007,7 +7047,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
       } else {
 #define S2LC_LANES_COLUMN(B)                                                                 \
         {                                                                                    \
-          const VF c = Codes<kTier>(hn::ShiftRight<24>(hn::ShiftLeft<24 - 8 * B>(w)), t);     \
+          const VF c = ByteColumn<kTier, kTop, B>(w, ix, t);                                 \
           for (std::size_t u = 0; u < T; ++u) {                                              \
             VF& ac = acc[u][B % kA];                                                         \
             ac = hn::MulAdd(c, hn::Set(df, xg[u * 4 + B]), ac);                              \
@@ -7021,6 +7061,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
     for (std::size_t u = 0; u < T; ++u) {
       VF a = acc[u][0];
       for (std::size_t i = 1; i < kA; ++i) a = hn::Add(a, acc[u][i]);
+      if constexpr (kTop) a = hn::Mul(a, unit);
       ya[u] = hn::MulAdd(a, s, ya[u]);
     }
   }

@@ -957,7 +957,7 @@ struct LanesActs {
   const float* sx;
 };
 
-// Passes of 8 tokens on byte codes with vpdpbusd read them as c + 128 (see LanesRows).
+// Byte codes meet vpdpbusd as c + 128 (see LanesRows).
 inline constexpr bool kVnni = HWY_TARGET == HWY_AVX3_DL;
 
 // ya[t] = rows [h NL, h NL + NL) of panel p times token t of the tile a. kNQ: quads per group as a
@@ -968,16 +968,18 @@ inline constexpr bool kVnni = HWY_TARGET == HWY_AVX3_DL;
 // The byte container (kNib false): each vector is quad k of NL rows, 4 codes per lane, met by
 // each token's 4 activations of those columns (xq[(g nq + k) T + t]), as the row-major byte
 // kernels do: |code| times the activation with the code's sign (every pmaddubsw pair sum fits
-// int16). Passes of 8 tokens with vpdpbusd (exact int32 sums of u8 x s8 products) read the codes
-// as c + 128 instead, each group starting from -128 times the token's sum of activations
-// (nc[g T + t]): one xor per quad for all tokens instead of a sign select per token (one 256 x 256
-// 5-bit block, hot, 8 tokens: 127-155 -> 180 GMAC/s; with 4 tokens it was slower, 125 -> 100).
+// int16). With vpdpbusd (exact int32 sums of u8 x s8 products) the codes are read as c + 128
+// instead, each group starting from -128 times the token's sum of activations (nc[g T + t]): one
+// xor per quad for all tokens instead of a sign select per token. Groups of 32 (8 quads) run with
+// the quad count a constant, so the loop unrolls and the alternation of a0 / a1 costs nothing
+// (one 256 x 256 5-bit block, hot, 1 / 2 / 4 / 8 tokens: 47 / 73 / 121 / 170 -> 90 / 140 / 182 /
+// 212 GMAC/s; the xor at up to 4 tokens had been slower while the loop ran with k % 2 branches).
 template <std::size_t T, std::size_t kNQ, bool kNib>
 HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const LanesActs& a, VF (&ya)[T]) {
 #if HWY_TARGET == HWY_SCALAR  // (never called: kLanesVec)
   (void)q, (void)p, (void)h, (void)a, (void)ya;
 #else
-  constexpr bool kSplit = T <= 4, kOffset = kNib || (kVnni && !kSplit);  // a group starts from nc
+  constexpr bool kSplit = T <= 4, kOffset = kNib || kVnni;  // a group starts from nc
   const DF df;
   const DI di;
   const DU8 du8;
@@ -1007,7 +1009,11 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
         }
       } else if constexpr (kOffset) {  // c + 128 (the offset in a.nc): vpdpbusd has no int16 pair sums
         const VU8 u = hn::Xor(v, hn::Set(du8, 0x80));
-        for (std::size_t t = 0; t < T; ++t) a0[t] = DotU8I8(a0[t], u, hn::BitCast(di8, hn::Set(di, xq[k * T + t])));
+        for (std::size_t t = 0; t < T; ++t) {
+          const VI8 x = hn::BitCast(di8, hn::Set(di, xq[k * T + t]));
+          if (kSplit && (k & 1)) a1[t] = DotU8I8(a1[t], u, x);
+          else a0[t] = DotU8I8(a0[t], u, x);
+        }
       } else {
         const VI8 c = hn::BitCast(di8, v);
         const VU8 ac = hn::BitCast(du8, hn::Abs(c));
@@ -1038,7 +1044,8 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
     const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
     VF ya[T];
     const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
-    if (!q.nibble) LanesRows<T, 0, false>(q, p, h, a, ya);
+    if (!q.nibble && q.group == 32) LanesRows<T, 8, false>(q, p, h, a, ya);
+    else if (!q.nibble) LanesRows<T, 0, false>(q, p, h, a, ya);
     else if (q.group == 32) LanesRows<T, 4, true>(q, p, h, a, ya);
     else LanesRows<T, 0, true>(q, p, h, a, ya);
     LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);

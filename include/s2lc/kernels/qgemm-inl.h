@@ -259,22 +259,55 @@ HWY_INLINE void LanesPack(const QView& q, std::size_t ng, const float* HWY_RESTR
       }
 }
 
+// Byte shuffles moving code column B < 3 of every lane into the lane's top byte, zeros below.
+struct TopIndex {
+  hn::Vec<hn::Repartition<std::uint8_t, DF>> v[3];
+};
+HWY_INLINE TopIndex MakeTopIndex() {
+  const hn::Repartition<std::uint8_t, DF> du8;
+  HWY_ALIGN static constexpr std::uint8_t kIndex[3][16] = {
+      {0x80, 0x80, 0x80, 0, 0x80, 0x80, 0x80, 4, 0x80, 0x80, 0x80, 8, 0x80, 0x80, 0x80, 12},
+      {0x80, 0x80, 0x80, 1, 0x80, 0x80, 0x80, 5, 0x80, 0x80, 0x80, 9, 0x80, 0x80, 0x80, 13},
+      {0x80, 0x80, 0x80, 2, 0x80, 0x80, 0x80, 6, 0x80, 0x80, 0x80, 10, 0x80, 0x80, 0x80, 14}};
+  return {{hn::LoadDup128(du8, kIndex[0]), hn::LoadDup128(du8, kIndex[1]), hn::LoadDup128(du8, kIndex[2])}};
+}
+
+// Code column B of a byte quad w (4 codes per lane) as f32: with kTop, c 2^24 (the code moved
+// into the top byte, one shuffle or mask); else c at the tier (a shift pair sign-extends it).
+template <bool kTier, bool kTop, int B>
+HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
+  if constexpr (kTop) {
+    if constexpr (B == 3) return hn::ConvertTo(DF(), hn::And(w, hn::Set(DI(), static_cast<std::int32_t>(0xFF000000u))));
+    else return hn::ConvertTo(DF(), hn::BitCast(DI(), hn::TableLookupBytesOr0(hn::BitCast(hn::Repartition<std::uint8_t, DF>(), w), ix.v[B])));
+  } else {
+    (void)ix;
+    return Codes<kTier>(hn::ShiftRight<24>(hn::ShiftLeft<24 - 8 * B>(w)), t);
+  }
+}
+
 // ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
 // (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
 // token x itself (at group g0's column), else packed by LanesPack (x = its buffer). Each token
 // keeps one accumulator per code column of a quad (cycling) up to 8 / T, so 4-8 FMA chains are in
-// flight. The byte container (kNib false): a quad is 4 code columns, each a shift pair and a
-// conversion (a table would need 256 entries; a 32-entry vpermt2ps for 5-bit codes measured no
-// faster), and one FMA per token. Against the row-major kernel (GemvNTRows), hot, one 256 x 256
-// 5-bit block on AVX-512: one token 18.6 -> 38 GMAC/s, four 19 -> 70 (scratch).
+// flight. The byte container (kNib false): a quad is 4 code columns, each a conversion and one
+// FMA per token after moving the column's code into the top byte of its lane (a byte shuffle, or
+// a mask for the top column: the lane holds c 2^24, undone exactly with the group's sum) for one
+// or two tokens, or sign-extending it with a shift pair for more (and for tiers) where the
+// shuffle measured slower (a table would need 256 entries; a 32-entry vpermt2ps for 5-bit codes
+// measured no faster). Against the row-major kernel (GemvNTRows), hot, one 256 x 256 5-bit block
+// on AVX-512: one token 18.6 -> 38 GMAC/s with the shift pair -> 49 with the shuffle, two 58 -> 63,
+// four 19 -> 70 (scratch).
 template <bool kTier, std::size_t T, bool kNib>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
   constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
+  constexpr bool kTop = !kNib && !kTier && T <= 2;
   const DF df;
   const std::size_t NL = hn::Lanes(df), nq = q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;  // hb: nibbles
   const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
   const VF mul = hn::Set(df, t.mul);
+  const TopIndex ix = MakeTopIndex();
+  const VF unit = hn::Set(df, kTop ? 1.0f / 16777216.0f : 1.0f);  // undoes kTop's 2^24
   const std::uint8_t* r = q.lanes_at(p, g0);
   for (std::size_t g = 0; g < ng; ++g, r += rec) {
     if (h == 0)
@@ -304,7 +337,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
       } else {
 #define S2LC_LANES_COLUMN(B)                                                                 \
         {                                                                                    \
-          const VF c = Codes<kTier>(hn::ShiftRight<24>(hn::ShiftLeft<24 - 8 * B>(w)), t);     \
+          const VF c = ByteColumn<kTier, kTop, B>(w, ix, t);                                 \
           for (std::size_t u = 0; u < T; ++u) {                                              \
             VF& ac = acc[u][B % kA];                                                         \
             ac = hn::MulAdd(c, hn::Set(df, xg[u * 4 + B]), ac);                              \
@@ -318,6 +351,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
     for (std::size_t u = 0; u < T; ++u) {
       VF a = acc[u][0];
       for (std::size_t i = 1; i < kA; ++i) a = hn::Add(a, acc[u][i]);
+      if constexpr (kTop) a = hn::Mul(a, unit);
       ya[u] = hn::MulAdd(a, s, ya[u]);
     }
   }
