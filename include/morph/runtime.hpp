@@ -479,13 +479,7 @@ inline constexpr std::size_t kMetaBlocks = 8;
 /// 7.7-8.2 us without, 6.6-7.2 with (scratch driver; prefetching the first 0.5-8 KB of each
 /// pool as well made it slower again, bench/RESULTS.md).
 inline void prefetch_meta(const KMatrix& m) noexcept {
-#if defined(__GNUC__) || defined(__clang__)
-  const char* p = reinterpret_cast<const char*>(m.blocks.data());
-  const std::size_t n = std::min(m.blocks.size(), kMetaBlocks) * sizeof(KBlock);
-  for (std::size_t o = 0; o < n; o += 64) __builtin_prefetch(p + o);
-#else
-  (void)m;
-#endif
+  kernels::prefetch_lines(m.blocks.data(), std::min(m.blocks.size(), kMetaBlocks) * sizeof(KBlock));
 }
 
 /// prefetch_meta for member e's residual and the cores on its path (where apply starts).

@@ -4740,6 +4740,20 @@ struct PrefetchRows {
   std::size_t rows = 0, ld_bytes = 0, row_bytes = 0;
 };
 
+/// Prefetches the 64-byte lines of [p, p + bytes) into L1 (GCC / Clang; nothing elsewhere). GCC
+/// 12 treats __builtin_prefetch as free of side effects, so it marks a function that only
+/// prefetches as const and deletes calls to it at -O1 and up (morph's metadata prefetch was
+/// compiled away so until 2026-12-02); the empty volatile asm is a side effect it must keep.
+inline void prefetch_lines(const void* p, std::size_t bytes) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = static_cast<const char*>(p);
+  for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+  asm volatile("");
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
 struct QView {
   const std::uint8_t* codes = nullptr;
   const std::uint16_t* scales = nullptr;  ///< bf16 bits, [rows, groups_per_row()]
@@ -9184,13 +9198,7 @@ inline constexpr std::size_t kMetaBlocks = 8;
 /// 7.7-8.2 us without, 6.6-7.2 with (scratch driver; prefetching the first 0.5-8 KB of each
 /// pool as well made it slower again, bench/RESULTS.md).
 inline void prefetch_meta(const KMatrix& m) noexcept {
-#if defined(__GNUC__) || defined(__clang__)
-  const char* p = reinterpret_cast<const char*>(m.blocks.data());
-  const std::size_t n = std::min(m.blocks.size(), kMetaBlocks) * sizeof(KBlock);
-  for (std::size_t o = 0; o < n; o += 64) __builtin_prefetch(p + o);
-#else
-  (void)m;
-#endif
+  kernels::prefetch_lines(m.blocks.data(), std::min(m.blocks.size(), kMetaBlocks) * sizeof(KBlock));
 }
 
 /// prefetch_meta for member e's residual and the cores on its path (where apply starts).

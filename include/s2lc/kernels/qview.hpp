@@ -45,6 +45,20 @@ struct PrefetchRows {
   std::size_t rows = 0, ld_bytes = 0, row_bytes = 0;
 };
 
+/// Prefetches the 64-byte lines of [p, p + bytes) into L1 (GCC / Clang; nothing elsewhere). GCC
+/// 12 treats __builtin_prefetch as free of side effects, so it marks a function that only
+/// prefetches as const and deletes calls to it at -O1 and up (morph's metadata prefetch was
+/// compiled away so until 2026-12-02); the empty volatile asm is a side effect it must keep.
+inline void prefetch_lines(const void* p, std::size_t bytes) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = static_cast<const char*>(p);
+  for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+  asm volatile("");
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
 struct QView {
   const std::uint8_t* codes = nullptr;
   const std::uint16_t* scales = nullptr;  ///< bf16 bits, [rows, groups_per_row()]
