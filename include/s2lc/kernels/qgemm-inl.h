@@ -296,14 +296,17 @@ HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
 // shuffle measured slower (a table would need 256 entries; a 32-entry vpermt2ps for 5-bit codes
 // measured no faster). Against the row-major kernel (GemvNTRows), hot, one 256 x 256 5-bit block
 // on AVX-512: one token 18.6 -> 38 GMAC/s with the shift pair -> 49 with the shuffle, two 58 -> 63,
-// four 19 -> 70 (scratch).
-template <bool kTier, std::size_t T, bool kNib>
+// four 19 -> 70 (scratch). kNQ: quads per group as a constant (0: q.lanes_quads()); nibble groups
+// of 32 (4 quads) take it, so their quad loop unrolls: a 3-bit 256 x 256 block, one token 45-47 ->
+// 55-57 GMAC/s, two 61-65 -> 75-78, four the same; byte groups measured slower with it (5-bit:
+// one token 48-49 -> 45) and keep the loop.
+template <bool kTier, std::size_t T, bool kNib, std::size_t kNQ = 0>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
   constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
   constexpr bool kTop = !kNib && !kTier && T <= 2;
   const DF df;
-  const std::size_t NL = hn::Lanes(df), nq = q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;  // hb: nibbles
+  const std::size_t NL = hn::Lanes(df), nq = kNQ ? kNQ : q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;  // hb: nibbles
   const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
   const VF mul = hn::Set(df, t.mul);
   const TopIndex ix = MakeTopIndex();
@@ -389,8 +392,10 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
       VF ya[T];
       for (std::size_t u = 0; u < T; ++u) ya[u] = hn::Zero(df);
       const float* xa = T == 1 ? x + g0 * q.group : xp;
-      if (q.nibble) LanesGemmRows<kTier, T, true>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, xa, ya);
-      else LanesGemmRows<kTier, T, false>(q, b / QView::kLaneRows, b % QView::kLaneRows / NL, g0, ng, t, tbl, xa, ya);
+      const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
+      if (q.nibble && q.group == 32) LanesGemmRows<kTier, T, true, 4>(q, p, h, g0, ng, t, tbl, xa, ya);
+      else if (q.nibble) LanesGemmRows<kTier, T, true>(q, p, h, g0, ng, t, tbl, xa, ya);
+      else LanesGemmRows<kTier, T, false>(q, p, h, g0, ng, t, tbl, xa, ya);
       q8k::LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
     }
   }
