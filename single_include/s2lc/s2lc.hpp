@@ -7015,7 +7015,8 @@ HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
 // keeps one accumulator per code column of a quad (cycling) up to 8 / T, so 4-8 FMA chains are in
 // flight. The byte container (kNib false): a quad is 4 code columns, each a conversion and one
 // FMA per token after moving the column's code into the top byte of its lane (a byte shuffle, or
-// a mask for the top column: the lane holds c 2^24, undone exactly with the group's sum) for one
+// a mask for the top column: the lane holds c 2^24, undone with the group's sum, exactly while
+// the scaled partial sums stay finite, i.e. for activations below 2^92 in magnitude) for one
 // or two tokens, or sign-extending it with a shift pair for more (and for tiers) where the
 // shuffle measured slower (a table would need 256 entries; a 32-entry vpermt2ps for 5-bit codes
 // measured no faster). Against the row-major kernel (GemvNTRows), hot, one 256 x 256 5-bit block
@@ -9074,6 +9075,8 @@ struct KGroup {
 /// How activations meet the codes.
 enum class Activations : std::uint8_t {
   f32,   ///< codes dequantized to f32 in registers, f32 products: W_e x up to f32 summation order
+         ///< (byte codes at one or two tokens scale their partial sums by 2^24: activations below
+         ///< 2^92 in magnitude, where no such sum overflows)
   int8,  ///< x quantized per group of columns to int8 (Q8Acts), integer dot products of codes and
          ///< x (VNNI where present), one f32 scale per group: faster; error also includes the
          ///< activation rounding, |dy_i| <= sum_j |w_ij| sx_g(j) / 2 (q8_gemv_nt). For one or two
