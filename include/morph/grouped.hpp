@@ -235,6 +235,11 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   L.check();
   detail::check_plan(plan, L.w1->members(), "swiglu_apply");
   check_tier(tier);
+  // the routed experts' residual metadata (as apply), met after the w1 / w3 cores: its misses
+  // overlap each other and the cores' work instead of stalling each expert in turn
+  for (std::size_t e = 0; e < plan.n_experts(); ++e)
+    if (plan.count(e))
+      for (const KGroup* g : {L.w1, L.w3, L.w2}) detail::prefetch_meta(g->residuals[e]);
   const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();
   std::size_t per_worker = 0;

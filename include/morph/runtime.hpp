@@ -478,8 +478,10 @@ inline constexpr std::size_t kMetaBlocks = 8;
 /// Prefetches the metadata of m's first blocks (kinds, shapes, pointers into the pool). A cold
 /// call otherwise meets it as a chain of dependent misses (the group's matrices, a matrix's
 /// blocks, a block's codes), one matrix after another: a 768 x 256 expert at batch 1 cold took
-/// 7.7-8.2 us without, 6.6-7.2 with (scratch driver; prefetching the first 0.5-8 KB of each
-/// pool as well made it slower again, bench/RESULTS.md).
+/// 7.7-8.2 us without, 6.6-7.2 with, in a scratch driver (prefetching the first 0.5-8 KB of each
+/// pool as well made it slower again). GCC deleted the library's calls until 2026-12-02 (see
+/// kernels::prefetch_lines); since, a real tinymoe w1 apply cold: f32 15.3-16.3 -> 14.3-15.9 us,
+/// int8 14.0-15.2 -> 12.9-14.4 (bench/RESULTS.md).
 inline void prefetch_meta(const KMatrix& m) noexcept {
   kernels::prefetch_lines(m.blocks.data(), std::min(m.blocks.size(), kMetaBlocks) * sizeof(KBlock));
 }
