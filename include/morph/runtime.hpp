@@ -10,7 +10,8 @@
 //   where a `raw` residual block replaces the cores in its block (they are skipped there).
 //
 // Per block and batch size n:
-//   dense   rows in lanes: q_gemm_nt, codes decoded in registers once per pass of up to 4 tokens;
+//   dense   rows in lanes: q_gemm_nt, codes decoded in registers once per pass of up to 8 tokens
+//           (AVX-512; 4 elsewhere);
 //           else n < 3: fused q_gemv_nt per token; else decode 16-row panels to L1 and gemm_nt;
 //   lowrank/shared  t = b x (rank values per token), then y += left^T t
 //           (left = the block's own factor, or the first `rank` vectors of a shared basis);
@@ -520,7 +521,7 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
       const auto q = b.a.view();
       if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
       // codes decoded in registers: per token below 3 tokens; rows in lanes, once per pass of up
-      // to 4 tokens at any batch (2.4x faster than decoding panels for gemm_nt at 32 and 64
+      // to 8 tokens at any batch (2.4x faster than decoding panels for gemm_nt at 32 and 64
       // tokens, bench/RESULTS.md)
       if (n < 3 || q.lanes) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
       float* panel = arena.take<float>(kPanelRows * b.cb);

@@ -6067,9 +6067,11 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
       const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
       for (std::size_t g = 0; g < gpr && !q.nibble; ++g) {  // byte container: the quads' activations
         for (std::size_t k = 0; k < nq; ++k) std::memcpy(&xq[(g * nq + k) * T + t], act + g * gb + 4 * k, 4);
-        std::int32_t sum = 0;
-        for (std::size_t j = 0; j < gb; ++j) sum += static_cast<std::int8_t>(act[g * gb + j]);
-        nc[g * T + t] = -128 * sum;
+        if constexpr (kVnni) {  // the offset of codes read as c + 128 (only vpdpbusd reads them so)
+          std::int32_t sum = 0;
+          for (std::size_t j = 0; j < gb; ++j) sum += static_cast<std::int8_t>(act[g * gb + j]);
+          nc[g * T + t] = -128 * sum;
+        }
         sx[g * T + t] = reinterpret_cast<const float*>(act + 4 * L.rbp)[g];
       }
       for (std::size_t g = 0; g < gpr && q.nibble; ++g) {
@@ -7129,15 +7131,22 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
 #endif
 }
 
-// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of 4 tokens
-// (then 2, 1), each reading the codes once. Not 8, even with 32 vector registers: g++ 12 spills
-// accumulators of 8-token passes in the dynamic-dispatch build (one 256 x 256 4-bit block, hot, on
-// AVX-512: 79 GMAC/s against 109 with passes of 4).
+// Tokens per pass of LanesGemmT: 8 where there are 32 vector registers (8 accumulators and 8
+// group sums), else 4.
+inline constexpr std::size_t kLanesGemmPass = hn::MaxLanes(DF()) >= 16 ? 8 : 4;
+
+// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of 8 tokens
+// on AVX-512 (4 elsewhere; then 4, 2, 1), each reading the codes once. One 256 x 256 block, hot,
+// 8 tokens, dynamic-dispatch build on AVX-512: 5-bit (bytes) 67 -> 87 GMAC/s against passes of 4,
+// 4-bit 84-85 -> 86-87, 3-bit 78-86 -> 83-86. (When the kernel last had them, 2026-11, g++ 12
+// spilled the accumulators of 8-token passes in that build: 79 against 109 GMAC/s for 4-bit.)
 template <bool kTier>
 HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X, std::size_t ldx,
                            std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   const VF tbl = LanesTable(t);
   std::size_t u = 0;
+  if constexpr (kLanesGemmPass == 8)
+    for (; u + 8 <= nt; u += 8) LanesGemmTile<kTier, 8>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   for (; u + 4 <= nt; u += 4) LanesGemmTile<kTier, 4>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   if (u + 2 <= nt) LanesGemmTile<kTier, 2>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy), u += 2;
   if (u < nt) LanesGemmTile<kTier, 1>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
@@ -8739,7 +8748,8 @@ void parallel_for(Executor* ex, std::size_t n, F&& f) {
 //   where a `raw` residual block replaces the cores in its block (they are skipped there).
 //
 // Per block and batch size n:
-//   dense   rows in lanes: q_gemm_nt, codes decoded in registers once per pass of up to 4 tokens;
+//   dense   rows in lanes: q_gemm_nt, codes decoded in registers once per pass of up to 8 tokens
+//           (AVX-512; 4 elsewhere);
 //           else n < 3: fused q_gemv_nt per token; else decode 16-row panels to L1 and gemm_nt;
 //   lowrank/shared  t = b x (rank values per token), then y += left^T t
 //           (left = the block's own factor, or the first `rank` vectors of a shared basis);
@@ -9245,7 +9255,7 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
       const auto q = b.a.view();
       if (detail::apply_q8(q, b.rb, x, ldx, n, y, ldy, alpha, prec, arena, q8c, b.c0)) return;
       // codes decoded in registers: per token below 3 tokens; rows in lanes, once per pass of up
-      // to 4 tokens at any batch (2.4x faster than decoding panels for gemm_nt at 32 and 64
+      // to 8 tokens at any batch (2.4x faster than decoding panels for gemm_nt at 32 and 64
       // tokens, bench/RESULTS.md)
       if (n < 3 || q.lanes) return kernels::q_gemm_nt(q, 0, b.rb, tier, x, ldx, n, alpha, y, ldy);
       float* panel = arena.take<float>(kPanelRows * b.cb);

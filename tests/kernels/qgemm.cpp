@@ -164,8 +164,8 @@ TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_ge
             REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
           }
           REQUIRE(y.back() == -9.0f);
-          // Y[u] = 0.5 + alpha W X[u] for 1..13 tokens (q_gemm_nt; rows in lanes: passes of 4,
-          // 2, 1 tokens), on all rows and on a sub-range (rows in lanes: not on panel bounds);
+          // Y[u] = 0.5 + alpha W X[u] for 1..13 tokens (q_gemm_nt; rows in lanes: passes of 8
+          // (AVX-512), 4, 2, 1 tokens), on all rows and on a sub-range (rows in lanes: not on panel bounds);
           // rows outside the range and the padding of Y untouched
           for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u}) {
             for (std::size_t r0 : {std::size_t{0}, std::size_t{1}}) {
@@ -312,6 +312,31 @@ TEST_CASE("kernels: SwiGLU and the streaming read, every target") {
         for (std::size_t i = 0; i < n; ++i) ref ^= std::uint64_t{bytes[off + i]} << (8 * (i % 8));
         CHECK(k::stream_read_bytes(bytes.data() + off, n) == ref);
       }
+    }
+  }
+}
+
+// fma_peak is the bench's FMA bound (the fma_bound rows): it must count the multiply-adds it does
+// (8 vector FMAs per round, at the target's width) and do them on distinct chains (GCC once
+// folded chains that started equal into one, counted as 8: the sum then falls below the bound).
+TEST_CASE("kernels: fma_peak counts its multiply-adds at the target's vector width, every target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    std::size_t lanes = 4;  // SSE2 to SSE4, EMU128
+    if (target == HWY_SCALAR) lanes = 1;
+    if (target == HWY_AVX2) lanes = 8;
+    if (target == HWY_AVX3 || target == HWY_AVX3_DL) lanes = 16;
+    for (std::size_t iters : {0u, 1u, 2u, 3u, 1001u}) {
+      CAPTURE(iters);
+      float sink = -1.0f;
+      CHECK(k::fma_peak(iters, &sink) == iters * 8 * lanes);
+      // Every chain a <- 0.999999 a + 1e-7 from a distinct start in [1, 4.75]: they sum to 15 (8
+      // chains), 28.5 (12) or 46 (16) times the lanes at the start and stay within 0.1 % of that.
+      const double lo = 15.0 * static_cast<double>(lanes) * std::pow(0.999999, double(iters)) * 0.999;
+      const double hi = 46.0 * static_cast<double>(lanes) * 1.001;
+      CHECK(sink >= lo);
+      CHECK(sink <= hi);
     }
   }
 }

@@ -1083,9 +1083,11 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
       const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
       for (std::size_t g = 0; g < gpr && !q.nibble; ++g) {  // byte container: the quads' activations
         for (std::size_t k = 0; k < nq; ++k) std::memcpy(&xq[(g * nq + k) * T + t], act + g * gb + 4 * k, 4);
-        std::int32_t sum = 0;
-        for (std::size_t j = 0; j < gb; ++j) sum += static_cast<std::int8_t>(act[g * gb + j]);
-        nc[g * T + t] = -128 * sum;
+        if constexpr (kVnni) {  // the offset of codes read as c + 128 (only vpdpbusd reads them so)
+          std::int32_t sum = 0;
+          for (std::size_t j = 0; j < gb; ++j) sum += static_cast<std::int8_t>(act[g * gb + j]);
+          nc[g * T + t] = -128 * sum;
+        }
         sx[g * T + t] = reinterpret_cast<const float*>(act + 4 * L.rbp)[g];
       }
       for (std::size_t g = 0; g < gpr && q.nibble; ++g) {

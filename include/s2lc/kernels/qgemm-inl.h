@@ -405,15 +405,22 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
 #endif
 }
 
-// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of 4 tokens
-// (then 2, 1), each reading the codes once. Not 8, even with 32 vector registers: g++ 12 spills
-// accumulators of 8-token passes in the dynamic-dispatch build (one 256 x 256 4-bit block, hot, on
-// AVX-512: 79 GMAC/s against 109 with passes of 4).
+// Tokens per pass of LanesGemmT: 8 where there are 32 vector registers (8 accumulators and 8
+// group sums), else 4.
+inline constexpr std::size_t kLanesGemmPass = hn::MaxLanes(DF()) >= 16 ? 8 : 4;
+
+// Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of 8 tokens
+// on AVX-512 (4 elsewhere; then 4, 2, 1), each reading the codes once. One 256 x 256 block, hot,
+// 8 tokens, dynamic-dispatch build on AVX-512: 5-bit (bytes) 67 -> 87 GMAC/s against passes of 4,
+// 4-bit 84-85 -> 86-87, 3-bit 78-86 -> 83-86. (When the kernel last had them, 2026-11, g++ 12
+// spilled the accumulators of 8-token passes in that build: 79 against 109 GMAC/s for 4-bit.)
 template <bool kTier>
 HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X, std::size_t ldx,
                            std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   const VF tbl = LanesTable(t);
   std::size_t u = 0;
+  if constexpr (kLanesGemmPass == 8)
+    for (; u + 8 <= nt; u += 8) LanesGemmTile<kTier, 8>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   for (; u + 4 <= nt; u += 4) LanesGemmTile<kTier, 4>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   if (u + 2 <= nt) LanesGemmTile<kTier, 2>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy), u += 2;
   if (u < nt) LanesGemmTile<kTier, 1>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
