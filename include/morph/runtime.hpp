@@ -351,8 +351,9 @@ struct KGroup {
 /// How activations meet the codes.
 enum class Activations : std::uint8_t {
   f32,   ///< codes dequantized to f32 in registers, f32 products: W_e x up to f32 summation order
-         ///< (byte codes at one or two tokens scale their partial sums by 2^24: activations below
-         ///< 2^92 in magnitude, where no such sum overflows)
+         ///< (at one or two tokens, byte codes scale their partial sums by 2^24, and nibble codes
+         ///< by 2^28 on targets without AVX-512: activations below 2^92 in magnitude, where no
+         ///< such sum of a group of 32 overflows)
   int8,  ///< x quantized per group of columns to int8 (Q8Acts), integer dot products of codes and
          ///< x (VNNI where present), one f32 scale per group: faster; error also includes the
          ///< activation rounding, |dy_i| <= sum_j |w_ij| sx_g(j) / 2 (q8_gemv_nt). For one or two

@@ -6950,23 +6950,11 @@ HWY_INLINE void GemvNTT(const QView& q, std::size_t r0, std::size_t nr, const Ti
 
 // ---- Rows in lanes (QView::lanes), f32 activations ----
 // One vector is the same 4 code bytes (8 codes) of NL rows of a panel: each code column is one
-// shift plus a lookup (AVX-512: vpermps in the tier's table, indexed by c + 8) or a shift pair and
-// a conversion (elsewhere), and one FMA with x[column] broadcast, every row in its own lane.
+// shift plus a lookup (AVX-512: vpermps in the tier's table, indexed by c + 8) or a conversion
+// after a byte shuffle and a mask or shift (elsewhere; a shift pair at a tier), and one FMA with
+// x[column] broadcast, every row in its own lane.
 // The same products as GemvNTRows, summed in another order.
 #if HWY_TARGET != HWY_SCALAR
-template <bool kTier, int B>
-HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TierParams& t, VF& lo, VF& hi) {
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-  (void)wx, (void)t;
-  lo = VF{_mm512_permutexvar_ps(hn::ShiftRight<8 * B>(w).raw, table.raw)};
-  hi = VF{_mm512_permutexvar_ps(hn::ShiftRight<8 * B + 4>(w).raw, table.raw)};
-#else
-  (void)w, (void)table;  // wx: the codes in two's complement (stored ^ 0x88)
-  lo = Codes<kTier>(hn::ShiftRight<28>(hn::ShiftLeft<28 - 8 * B>(wx)), t);
-  hi = Codes<kTier>(hn::ShiftRight<28>(hn::ShiftLeft<24 - 8 * B>(wx)), t);
-#endif
-}
-
 // The activations of ng groups of T tokens (x: at the first group's column) packed for
 // LanesGemmRows: per group and quad k, for each token the columns of the quad's codes (nibbles:
 // the low-nibble ones 4k ... 4k + 3, then the high-nibble ones hb + 4k ...; bytes: 4k ... 4k + 3),
@@ -6996,6 +6984,33 @@ HWY_INLINE TopIndex MakeTopIndex() {
       {0x80, 0x80, 0x80, 1, 0x80, 0x80, 0x80, 5, 0x80, 0x80, 0x80, 9, 0x80, 0x80, 0x80, 13},
       {0x80, 0x80, 0x80, 2, 0x80, 0x80, 0x80, 6, 0x80, 0x80, 0x80, 10, 0x80, 0x80, 0x80, 14}};
   return {{hn::LoadDup128(du8, kIndex[0]), hn::LoadDup128(du8, kIndex[1]), hn::LoadDup128(du8, kIndex[2])}};
+}
+
+// The two code columns of byte B of a nibble quad (lo: the low nibbles). AVX-512: a vpermps each
+// from the tier's table, indexed by the stored nibble c + 8 (w). Elsewhere from wx (the codes in
+// two's complement, stored ^ 0x88): with kTop, c 2^28 (the byte moved into the lane's top byte by
+// one byte shuffle, zeros below, then a mask for the high nibble and a shift for the low one: 3
+// operations per byte instead of 4 shifts); else c at the tier (a shift pair sign-extends each).
+template <bool kTier, bool kTop, int B>
+HWY_INLINE void LanesByte(VI w, VI wx, VF table, const TopIndex& ix, const TierParams& t, VF& lo, VF& hi) {
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  (void)wx, (void)ix, (void)t;
+  lo = VF{_mm512_permutexvar_ps(hn::ShiftRight<8 * B>(w).raw, table.raw)};
+  hi = VF{_mm512_permutexvar_ps(hn::ShiftRight<8 * B + 4>(w).raw, table.raw)};
+#else
+  (void)w, (void)table;
+  if constexpr (kTop) {
+    const VI top = hn::Set(DI(), static_cast<std::int32_t>(0xF0000000u));
+    VI s = wx;
+    if constexpr (B < 3) s = hn::BitCast(DI(), hn::TableLookupBytesOr0(hn::BitCast(hn::Repartition<std::uint8_t, DF>(), wx), ix.v[B]));
+    hi = hn::ConvertTo(DF(), hn::And(s, top));
+    lo = hn::ConvertTo(DF(), B < 3 ? hn::ShiftLeft<4>(s) : hn::And(hn::ShiftLeft<4>(s), top));
+  } else {
+    (void)ix;
+    lo = Codes<kTier>(hn::ShiftRight<28>(hn::ShiftLeft<28 - 8 * B>(wx)), t);
+    hi = Codes<kTier>(hn::ShiftRight<28>(hn::ShiftLeft<24 - 8 * B>(wx)), t);
+  }
+#endif
 }
 
 // Code column B of a byte quad w (4 codes per lane) as f32: with kTop, c 2^24 (the code moved
@@ -7032,12 +7047,13 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
   constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
   constexpr bool kTop = !kNib && !kTier && T <= 2;
+  constexpr bool kNibTop = kNib && !kTier && T <= 2 && !(HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL);
   const DF df;
   const std::size_t NL = hn::Lanes(df), nq = kNQ ? kNQ : q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;  // hb: nibbles
   const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
   const VF mul = hn::Set(df, t.mul);
   const TopIndex ix = MakeTopIndex();
-  const VF unit = hn::Set(df, kTop ? 1.0f / 16777216.0f : 1.0f);  // undoes kTop's 2^24
+  const VF unit = hn::Set(df, kTop ? 0x1p-24f : kNibTop ? 0x1p-28f : 1.0f);  // undoes kTop's 2^24, kNibTop's 2^28
   const std::uint8_t* r = q.lanes_at(p, g0);
   for (std::size_t g = 0; g < ng; ++g, r += rec) {
     if (h == 0)
@@ -7053,7 +7069,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
         const VI wx = hn::Xor(w, hn::Set(DI(), static_cast<std::int32_t>(0x88888888u)));
         VF lo, hi;
 #define S2LC_LANES_COLUMN(B)                                                \
-        LanesByte<kTier, B>(w, wx, table, t, lo, hi);                       \
+        LanesByte<kTier, kNibTop, B>(w, wx, table, ix, t, lo, hi);          \
         for (std::size_t u = 0; u < T; ++u) {                               \
           VF& ac = acc[u][(2 * B) % kA];                                    \
           ac = hn::MulAdd(lo, hn::Set(df, xg[u * 8 + B]), ac);               \
@@ -7081,7 +7097,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
     for (std::size_t u = 0; u < T; ++u) {
       VF a = acc[u][0];
       for (std::size_t i = 1; i < kA; ++i) a = hn::Add(a, acc[u][i]);
-      if constexpr (kTop) a = hn::Mul(a, unit);
+      if constexpr (kTop || kNibTop) a = hn::Mul(a, unit);
       ya[u] = hn::MulAdd(a, s, ya[u]);
     }
   }
@@ -9085,8 +9101,9 @@ struct KGroup {
 /// How activations meet the codes.
 enum class Activations : std::uint8_t {
   f32,   ///< codes dequantized to f32 in registers, f32 products: W_e x up to f32 summation order
-         ///< (byte codes at one or two tokens scale their partial sums by 2^24: activations below
-         ///< 2^92 in magnitude, where no such sum overflows)
+         ///< (at one or two tokens, byte codes scale their partial sums by 2^24, and nibble codes
+         ///< by 2^28 on targets without AVX-512: activations below 2^92 in magnitude, where no
+         ///< such sum of a group of 32 overflows)
   int8,  ///< x quantized per group of columns to int8 (Q8Acts), integer dot products of codes and
          ///< x (VNNI where present), one f32 scale per group: faster; error also includes the
          ///< activation rounding, |dy_i| <= sum_j |w_ij| sx_g(j) / 2 (q8_gemv_nt). For one or two

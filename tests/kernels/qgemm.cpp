@@ -281,6 +281,44 @@ TEST_CASE("kernels: f32 GEMM micro-kernels (gemm_nt, gemm_nn, gemm_tn) for every
   }
 }
 
+// Rows in lanes at one and two tokens scale their codes by a power of 2 before the products (byte
+// codes by 2^24, nibbles by 2^28 where there is no AVX-512 lookup) and the group's sum back:
+// documented exact while activations stay below 2^92 in magnitude (morph::Activations::f32). At
+// 2^90 every product is near f32's top and still within the bound; a missing or doubled 2^-k
+// scaling, or an overflow, fails it.
+TEST_CASE("kernels: q_gemm_nt rows in lanes at one and two tokens, activations near 2^90, every target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (unsigned bits : {3u, 4u, 5u, 8u}) {
+      CAPTURE(bits);
+      const std::size_t R = 20, C = 64;
+      const auto w = randn(R * C, 31 + bits, 0.05f);
+      const auto q = cz::quantize(w.data(), R, C, {bits, 32, false});
+      const auto km = s2lc::morph::KMat::from(q, true);
+      REQUIRE(km.lanes);
+      const auto W = cz::dequantize(q, 0);
+      for (std::size_t nt : {1u, 2u}) {
+        CAPTURE(nt);
+        auto X = randn(nt * C, 41);
+        for (auto& v : X) v = std::ldexp(std::max(-1.0f, std::min(1.0f, v)), 90);
+        std::vector<float> Y(nt * R, 0.0f);
+        k::q_gemm_nt(km.view(), 0, R, 0, X.data(), C, nt, 1.0f, Y.data(), R);
+        for (std::size_t u = 0; u < nt; ++u)
+          for (std::size_t i = 0; i < R; ++i) {
+            double s = 0, a = 0;
+            for (std::size_t j = 0; j < C; ++j) {
+              const double p = double(W[i * C + j]) * X[u * C + j];
+              s += p, a += std::fabs(p);
+            }
+            REQUIRE(std::isfinite(Y[u * R + i]));
+            REQUIRE(std::fabs(Y[u * R + i] - s) <= bound(C, a));
+          }
+      }
+    }
+  }
+}
+
 TEST_CASE("kernels: SwiGLU and the streaming read, every target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
