@@ -108,6 +108,13 @@ std::string case_name(std::size_t si, std::size_t batch, bool cold) {
   return std::to_string(kShapes[si].rows) + "x" + std::to_string(kShapes[si].cols) + "_b" + std::to_string(batch) + (cold ? "_cold" : "_hot");
 }
 
+// Cold runs page in the memory of their whole cycle before timing it (ab::touch_pages: this
+// VM's host takes back guest memory left idle for a few seconds): every copy's coefficients
+// (morphs: each copy's hybrid residual too).
+void warm_copies(const std::vector<mo::KGroup>& copies, const std::vector<mo::KMorph>* morphs = nullptr) {
+  for (std::size_t c = 0; c < copies.size(); ++c) ab::touch_pages(ab::group_ranges(copies[c], morphs ? &(*morphs)[c].residual : nullptr));
+}
+
 enum class impl { s2lc, s2lc_int8, openblas, highway_dense, stream_bound, fma_bound, read_bound };
 
 void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool cold, impl which) {
@@ -117,6 +124,12 @@ void bench_apply(benchmark::State& state, std::size_t si, std::size_t B, bool co
   std::vector<float> X(B * C, 0.5f), Y(B * R);
   std::vector<std::byte> mem(mo::apply_scratch_bytes(s.base, B));
   mo::Arena arena(mem);
+  if (cold) {
+    if (which == impl::openblas || which == impl::highway_dense) ab::touch_buffers(s.dense);
+    else if (which == impl::stream_bound) ab::touch_pages(s.stream.data(), s.stream.size() * sizeof(float));
+    else if (which != impl::fma_bound)
+      for (const auto& r : s.ranges) ab::touch_pages(r);
+  }
   std::size_t i = 0;
   double bytes = 0;
   for (auto _ : state) {
@@ -193,6 +206,7 @@ void bench_morph(benchmark::State& state, std::size_t si, unsigned K, unsigned t
   std::vector<float> X(C, 0.5f), Y(R);
   std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(s.base, 1), K ? mo::apply_scratch_bytes(s.morphs[key][0], 1) : 0));
   mo::Arena arena(mem);
+  warm_copies(s.copies, K ? &s.morphs[key] : nullptr);
   std::size_t i = 0;
   for (auto _ : state) {
     if (K) mo::apply(s.morphs[key][i++ % s.copies.size()], X.data(), C, 1, Y.data(), R, arena);
@@ -266,6 +280,7 @@ void bench_morph_real(benchmark::State& state, std::size_t role, unsigned K, uns
   std::vector<float> X(r.cols, 0.5f), Y(r.rows);
   std::vector<std::byte> mem(std::max(mo::apply_scratch_bytes(r.copies[0], 1), K ? mo::apply_scratch_bytes(r.morphs[key][0], 1) : 0));
   mo::Arena arena(mem);
+  warm_copies(r.copies, K ? &r.morphs[key] : nullptr);
   std::size_t i = 0;
   for (auto _ : state) {
     if (K) mo::apply(r.morphs[key][i % r.copies.size()], X.data(), r.cols, 1, Y.data(), r.rows, arena);
@@ -344,6 +359,10 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   const std::size_t ncopies = s.copies.size();
   if (ring)
     for (std::size_t q = 0; q < D; ++q) pending[q] = mo::merge(s.copies[q % ncopies], 1, dense[q].data(), kShapes[si].cols, scale, 0, math_of(), nullptr, part);
+  if (cold) {
+    if (which != merge_impl::fma_bound) ab::touch_buffers(dense);
+    if (which != merge_impl::fma_bound && which != merge_impl::memcpy && which != merge_impl::memcpy_t2) warm_copies(s.copies);
+  }
   std::size_t i = ring ? D : 0;
   for (auto _ : state) {
     T* buf = dense[i % nd].data();
@@ -474,6 +493,11 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
   std::vector<std::vector<mo::MergeUndo>> pending(ring ? nd : 1);
   if (ring)
     for (std::size_t q = 0; q < D; ++q) merge_all(q, q, pending[q]);
+  if (cold) {
+    ab::touch_buffers(dense);
+    if (which != merge_impl::memcpy)
+      for (const auto& gs : r->copies) warm_copies(gs);
+  }
   double recorded = 0;
   std::size_t i = ring ? D : 0;
   for (auto _ : state) {
@@ -614,6 +638,13 @@ void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl w
     s2lc_bytes += static_cast<double>(g->bytes_with_bases(ms));
   }
   const double dense_bytes = static_cast<double>(routed.size() * 3 * m * sizeof(float));
+  if (cold) {
+    if (which == layer_impl::openblas) ab::touch_buffers(L.dense);
+    else if (which == layer_impl::stream_bound) ab::touch_pages(stream.data(), stream.size() * sizeof(float));
+    else
+      for (const auto& l : L.layers)
+        for (const mo::KGroup* g : {l.w1, l.w3, l.w2}) ab::touch_pages(ab::group_ranges(*g));
+  }
   std::size_t i = 0;
   for (auto _ : state) {
     switch (which) {

@@ -108,39 +108,90 @@ inline double morph_rel_error(const morph::KMorph& a, const morph::KMorph& b) {
   return den > 0 ? std::sqrt(num / den) : 0.0;
 }
 
+/// A run of bytes in memory.
+using ByteRange = std::pair<const std::uint8_t*, std::size_t>;
+namespace detail {
+inline void kmat_ranges(const morph::KMat& m, std::vector<ByteRange>& out) {
+  if (m.nscales()) out.emplace_back(reinterpret_cast<const std::uint8_t*>(m.scales_data()), 2 * m.nscales());
+  if (m.ncodes()) out.emplace_back(m.codes_data(), m.ncodes());
+}
+
+// km's arrays: one range for a pooled matrix (its pool, from its first array to its last), else
+// array by array; raw blocks each; marks the bases its shared blocks use.
+inline void matrix_ranges(const morph::KMatrix& km, std::vector<ByteRange>& out, std::vector<std::uint8_t>& used) {
+  std::vector<ByteRange> parts;
+  for (const auto& b : km.blocks) {
+    kmat_ranges(b.b, parts), kmat_ranges(b.a, parts);
+    if (!b.raw.empty()) out.emplace_back(reinterpret_cast<const std::uint8_t*>(b.raw.data()), b.raw.size() * sizeof(float));
+    if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
+  }
+  if (km.pooled() && !parts.empty()) {
+    const std::uint8_t *lo = parts[0].first, *hi = lo;
+    for (const auto& [p, n] : parts) lo = std::min(lo, p), hi = std::max(hi, p + n);
+    out.emplace_back(lo, static_cast<std::size_t>(hi - lo));
+  } else {
+    out.insert(out.end(), parts.begin(), parts.end());
+  }
+}
+
+inline void basis_ranges(const morph::KGroup& g, const std::vector<std::uint8_t>& used, std::vector<ByteRange>& out) {
+  for (std::size_t i = 0; i < used.size(); ++i)
+    if (used[i]) kmat_ranges(g.bases[i], out);
+}
+}  // namespace detail
+
 /// The bytes apply(e) reads, where they are: each pooled matrix (member e's residual, the cores
 /// on its path) as one range (its pool, in read order), unpooled codes and scales array by array,
 /// raw blocks, and each basis its shared blocks use, once. Reading exactly these with a streaming
 /// kernel is the bound of this call's bytes in their own layout: a short cold read does not reach
 /// the bandwidth of a long stream (bench/RESULTS.md).
-using ByteRange = std::pair<const std::uint8_t*, std::size_t>;
 inline std::vector<ByteRange> member_ranges(const morph::KGroup& g, std::size_t e) {
   std::vector<ByteRange> out;
   std::vector<std::uint8_t> used(g.bases.size(), 0);
-  auto mat = [&](const morph::KMat& m, std::vector<ByteRange>& to) {
-    if (m.nscales()) to.emplace_back(reinterpret_cast<const std::uint8_t*>(m.scales_data()), 2 * m.nscales());
-    if (m.ncodes()) to.emplace_back(m.codes_data(), m.ncodes());
-  };
-  auto matrix_ranges = [&](const morph::KMatrix& km) {
-    std::vector<ByteRange> parts;
-    for (const auto& b : km.blocks) {
-      mat(b.b, parts), mat(b.a, parts);
-      if (!b.raw.empty()) out.emplace_back(reinterpret_cast<const std::uint8_t*>(b.raw.data()), b.raw.size() * sizeof(float));
-      if (b.kind == compress::block_kind::shared) used[b.basis] = 1;
-    }
-    if (km.pooled() && !parts.empty()) {  // one range: the pool from its first array to its last
-      const std::uint8_t *lo = parts[0].first, *hi = lo;
-      for (const auto& [p, n] : parts) lo = std::min(lo, p), hi = std::max(hi, p + n);
-      out.emplace_back(lo, static_cast<std::size_t>(hi - lo));
-    } else {
-      out.insert(out.end(), parts.begin(), parts.end());
-    }
-  };
-  matrix_ranges(g.residuals[e]);
-  for (auto nd : g.path[e]) matrix_ranges(g.cores[nd]);
-  for (std::size_t i = 0; i < used.size(); ++i)
-    if (used[i]) mat(g.bases[i], out);
+  detail::matrix_ranges(g.residuals[e], out, used);
+  for (auto nd : g.path[e]) detail::matrix_ranges(g.cores[nd], out, used);
+  detail::basis_ranges(g, used, out);
   return out;
+}
+
+/// Every coefficient array of g (all members' residuals, all cores, all bases) and, if given, of
+/// a hybrid's own residual.
+inline std::vector<ByteRange> group_ranges(const morph::KGroup& g, const morph::KMatrix* hybrid = nullptr) {
+  std::vector<ByteRange> out;
+  std::vector<std::uint8_t> used(g.bases.size(), 1);  // all of them, whichever blocks use them
+  for (const auto& m : g.residuals) detail::matrix_ranges(m, out, used);
+  for (const auto& m : g.cores) detail::matrix_ranges(m, out, used);
+  if (hybrid) detail::matrix_ranges(*hybrid, out, used);
+  detail::basis_ranges(g, used, out);
+  return out;
+}
+
+/// Reads one byte of every 4 KB page of [p, p + n) (and its last byte), so that the pages are
+/// mapped before a timed loop. On a VM whose host reclaims guest memory left idle for a few
+/// seconds (this project's bench machine), the first read of such a page costs several times a
+/// DRAM read (a 1 GB pass after 40 s idle: 216 ms against 34 ms): a cold benchmark that starts
+/// on memory it set up earlier would time the host's faults for part of its cycle, and a run
+/// whose few first iterations land on them can come out 10x slow (bench/RESULTS.md).
+inline std::uint64_t touch_pages(const void* p, std::size_t n) {
+  if (!n) return 0;
+  const auto* b = static_cast<const volatile std::uint8_t*>(p);
+  std::uint64_t s = 0;
+  for (std::size_t i = 0; i < n; i += 4096) s += b[i];
+  return s + b[n - 1];
+}
+
+inline std::uint64_t touch_pages(const std::vector<ByteRange>& r) {
+  std::uint64_t s = 0;
+  for (const auto& [p, n] : r) s += touch_pages(p, n);
+  return s;
+}
+
+/// touch_pages over every element's storage of a vector of buffers.
+template <class Buffers>
+std::uint64_t touch_buffers(const Buffers& v) {
+  std::uint64_t s = 0;
+  for (const auto& b : v) s += touch_pages(b.data(), b.size() * sizeof(b[0]));
+  return s;
 }
 
 /// Streams ranges p, p + step, p + 2 step, ... (one thread's share), returns their xor.
@@ -196,13 +247,22 @@ inline Result run(const Config& c) {
   std::vector<std::byte> mem(morph::parallel_scratch_bytes(base, B, c.threads) + morph::apply_scratch_bytes(base, B) * 2 + (1 << 20));
   morph::Arena arena(mem);
 
+  // Cold: each contender's cycle is paged in just before its timing (touch_pages).
+  auto warm_copies = [&](const std::vector<morph::KMorph>* ms = nullptr) {
+    for (std::size_t i = 0; c.cold && i < nq; ++i) touch_pages(group_ranges(qs[i], ms ? &(*ms)[i].residual : nullptr));
+  };
+  auto warm_dense = [&] {
+    if (c.cold) touch_buffers(ds);
+  };
   for (auto act : {morph::Activations::f32, morph::Activations::int8}) {
+    warm_copies();
     const double us = 1e6 * time_calls([&](std::size_t i) {
       morph::apply_parallel(qs[i % nq], 0, X.data(), c.cols, B, Y.data(), c.rows, arena, ex, 1.0f, {0, act});
     }, c.seconds);
     (act == morph::Activations::f32 ? r.f32_us : r.int8_us) = us;
   }
   r.us = c.act == morph::Activations::f32 ? r.f32_us : r.int8_us;
+  warm_dense();
   r.openblas_us = 1e6 * time_calls([&](std::size_t i) {
     const float* w = ds[i % nd].data();
     const auto M = static_cast<int>(c.rows), K = static_cast<int>(c.cols), N = static_cast<int>(B);
@@ -210,6 +270,7 @@ inline Result run(const Config& c) {
     else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, M, K, 1.0f, X.data(), K, w, K, 0.0f, Y.data(), M);
   }, c.seconds);
   // Our f32 kernel, split over block rows of 256 like the compressed path.
+  warm_dense();
   r.dense_us = 1e6 * time_calls([&](std::size_t i) {
     const float* w = ds[i % nd].data();
     const std::size_t tasks = (c.rows + 255) / 256;
@@ -242,6 +303,7 @@ inline Result run(const Config& c) {
     std::vector<std::vector<ByteRange>> ranges(nq);
     for (std::size_t i = 0; i < nq; ++i) ranges[i] = member_ranges(qs[i], 0);
     std::vector<std::uint64_t> sink(c.threads, 0);
+    warm_copies();
     r.read_us = 1e6 * time_calls([&](std::size_t i) {
       morph::parallel_for(ex, c.threads, [&](std::size_t p, unsigned) { sink[p] ^= read_ranges(ranges[i % nq], p, c.threads); });
     }, c.seconds);
@@ -276,6 +338,7 @@ inline Result run(const Config& c) {
     std::vector<std::byte> mm(std::max(morph::apply_scratch_bytes(ms[0], B), morph::apply_scratch_bytes(base, B)));
     morph::Arena ma(mm);
     const morph::Precision prec{0, c.act};
+    warm_copies(&ms);
     r.single_serial_us = 1e6 * time_calls([&](std::size_t i) { morph::apply(qs[i % nq], 0, X.data(), c.cols, B, Y.data(), c.rows, ma, 1.0f, prec); }, c.seconds);
     r.morph_us = 1e6 * time_calls([&](std::size_t i) { morph::apply(ms[i % nq], X.data(), c.cols, B, Y.data(), c.rows, ma, 1.0f, prec); }, c.seconds);
   }
