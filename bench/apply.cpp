@@ -15,10 +15,11 @@
 //   two threads (grid blocks on a ThreadPool; the copy in 16 chunks); s2lc_module (_t2: on two
 //   threads) merges only the expert's module (its residual: MemberPart module) over a buffer that
 //   holds the base.
-//   merge/<s2lc|s2lc_unmerge|memcpy>/tinymoe_domain[_bf16]_{hot,cold}: a real domain module (tinymoe's
-//     domain-c FFN delta, compressed as the CLI does with the py and en deltas) merged into the
-//     real base model's 12 FFN weights (dense-base, ../shared/data; skipped where it is missing);
-//     _bf16: the base weights held in bf16, against a copy of those bytes.
+//   merge/<s2lc|s2lc_unmerge|memcpy|s2lc_t2|memcpy_t2>/tinymoe_domain[_bf16]_{hot,cold}: a real domain
+//     module (tinymoe's domain-c FFN delta, compressed as the CLI does with the py and en deltas)
+//     merged into the real base model's 12 FFN weights (dense-base, ../shared/data; skipped where
+//     it is missing); _bf16: the base weights held in bf16, against a copy of those bytes; _t2:
+//     the 12 matrices shared out over two workers, against a two-thread copy.
 //   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
 //     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
 //     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
@@ -312,7 +313,23 @@ std::size_t merge_macs(const mo::KGroup& g, std::size_t e, bool module = false) 
   return n;
 }
 
+// The _t2 rows' two workers (merge, its copies, the layer).
+mo::ThreadPool& pool2() {
+  static mo::ThreadPool pool(2);
+  return pool;
+}
+
+// memcpy of n elements on pool2() in 16 chunks (the memcpy_t2 rows).
+template <class T>
+void copy_t2(T* to, const T* from, std::size_t n) {
+  const std::size_t c = (n + 15) / 16;
+  mo::parallel_for(&pool2(), 16, [&](std::size_t t, unsigned) {
+    if (t * c < n) std::memcpy(to + t * c, from + t * c, std::min(c, n - t * c) * sizeof(T));
+  });
+}
+
 enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge, s2lc_t2, memcpy_t2, s2lc_module, s2lc_module_t2 };
+const char* const merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge", "s2lc_t2", "memcpy_t2", "s2lc_module", "s2lc_module_t2"};
 
 template <class T>
 std::vector<s2lc::bench::Buffer<T>>& dense_copies(Setup& s) {
@@ -338,7 +355,7 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   auto& dense = dense_copies<T>(s);
   const s2lc::bench::Buffer<T> src = cold ? s2lc::bench::Buffer<T>{} : dense[0];  // hot memcpy's source
   const double buf_bytes = static_cast<double>(dense[0].size() * sizeof(T)), bytes = 2.0 * buf_bytes;
-  static mo::ThreadPool pool(2);  // the _t2 rows
+  mo::ThreadPool& pool = pool2();  // the _t2 rows
   // The base: member 0's weights; the module: member 1 at a tenth of its size, as a domain
   // module's delta is small against the weights it merges into. About 6 % of the elements (f32)
   // need an undo entry (counter undo; merging a member into its own exact weights, w + w - w is
@@ -367,13 +384,7 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   for (auto _ : state) {
     T* buf = dense[i % nd].data();
     if (which == merge_impl::memcpy) std::memcpy(buf, cold ? dense[(i + nd / 2) % nd].data() : src.data(), static_cast<std::size_t>(buf_bytes));
-    else if (which == merge_impl::memcpy_t2) {  // two threads, 16 chunks
-      const T* from = cold ? dense[(i + nd / 2) % nd].data() : src.data();
-      const std::size_t n = dense[0].size(), c = (n + 15) / 16;
-      mo::parallel_for(&pool, 16, [&](std::size_t t, unsigned) {
-        if (t * c < n) std::memcpy(buf + t * c, from + t * c, std::min(c, n - t * c) * sizeof(T));
-      });
-    }
+    else if (which == merge_impl::memcpy_t2) copy_t2(buf, cold ? dense[(i + nd / 2) % nd].data() : src.data(), dense[0].size());
     else if (which == merge_impl::fma_bound) {
       float sink = 0;
       s2lc::kernels::fma_peak(macs / s2lc::kernels::fma_peak(1, &sink), &sink);
@@ -472,15 +483,18 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
   }
   auto& dense = r->buffers<T>();
   const std::size_t nd = dense.size(), n = dense[0].size(), nc = r->copies.size();
-  // Copy c of the module's groups into / out of buffer b (each matrix at its offset).
+  // Copy c of the module's groups into / out of buffer b (each matrix at its offset). s2lc_t2:
+  // the matrices shared out over pool2()'s two workers, one merge call each (each of these small
+  // matrices has only 3 grid blocks to split).
+  mo::Executor* ex = which == merge_impl::s2lc_t2 ? &pool2() : nullptr;
   auto merge_all = [&](std::size_t c, std::size_t b, std::vector<mo::MergeUndo>& u) {
     const auto& gs = r->copies[c % nc];
     u.resize(gs.size());
-    for (std::size_t m = 0; m < gs.size(); ++m) u[m] = mo::merge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols());
+    mo::parallel_for(ex, gs.size(), [&](std::size_t m, unsigned) { u[m] = mo::merge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols()); });
   };
   auto unmerge_all = [&](std::size_t c, std::size_t b, const std::vector<mo::MergeUndo>& u) {
     const auto& gs = r->copies[c % nc];
-    for (std::size_t m = 0; m < gs.size(); ++m) mo::unmerge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols(), u[m]);
+    mo::parallel_for(ex, gs.size(), [&](std::size_t m, unsigned) { mo::unmerge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols(), u[m]); });
   };
   auto recorded_in = [](const std::vector<mo::MergeUndo>& u) {
     double k = 0;
@@ -495,16 +509,18 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
     for (std::size_t q = 0; q < D; ++q) merge_all(q, q, pending[q]);
   if (cold) {
     ab::touch_buffers(dense);
-    if (which != merge_impl::memcpy)
+    if (which != merge_impl::memcpy && which != merge_impl::memcpy_t2)
       for (const auto& gs : r->copies) warm_copies(gs);
   }
   double recorded = 0;
   std::size_t i = ring ? D : 0;
   for (auto _ : state) {
     const std::size_t b = cold ? i % nd : 0, c = cold ? i : 0;
-    if (which == merge_impl::memcpy) {
+    if (which == merge_impl::memcpy || which == merge_impl::memcpy_t2) {
       // hot: buffer 0 from copy 1 (there are at least two)
-      std::memcpy(dense[b].data(), dense[cold ? (i + nd / 2) % nd : 1].data(), n * sizeof(T));
+      const T* from = dense[cold ? (i + nd / 2) % nd : 1].data();
+      if (which == merge_impl::memcpy) std::memcpy(dense[b].data(), from, n * sizeof(T));
+      else copy_t2(dense[b].data(), from, n);
     } else if (ring) {
       state.PauseTiming();
       merge_all(c, b, pending[b]);
@@ -525,8 +541,9 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
     benchmark::ClobberMemory();
   }
   for (std::size_t k = i - D; ring && k < i; ++k) unmerge_all(k, k, pending[k % nd]);  // the buffers still merged
-  if (which != merge_impl::memcpy) state.counters["undo"] = recorded;
-  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(T)) + (which == merge_impl::memcpy ? 0.0 : r->module_bytes));
+  const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
+  if (!copy) state.counters["undo"] = recorded;
+  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(T)) + (copy ? 0.0 : r->module_bytes));
 }
 
 // A whole SwiGLU MoE layer on real weights: tinymoe layer 1 (8 experts, d 256, ffn 768; w1 / w3 /
@@ -609,7 +626,7 @@ void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl w
   RealLayer& L = real_layer();
   const std::size_t d = L.d, f = L.f, E = L.experts, m = d * f;
   const auto plan = layer_plan(E, T);
-  static mo::ThreadPool pool(2);
+  mo::ThreadPool& pool = pool2();
   std::vector<float> X(T * d), Y(T * d, 0.0f);
   std::mt19937 rng(3);
   std::normal_distribution<float> nd;
@@ -691,7 +708,6 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_morph(st, si, K, tr); })
             ->Unit(benchmark::kMicrosecond);
       }
-    const char* merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge", "s2lc_t2", "memcpy_t2", "s2lc_module", "s2lc_module_t2"};
     for (bool bf16 : {false, true})
       for (bool cold : {false, true})
         for (int w = 0; w < 9; ++w) {
@@ -723,8 +739,8 @@ const bool registered = [] {
             ->Unit(benchmark::kMicrosecond);
   for (bool bf16 : {false, true})
     for (bool cold : {false, true})
-      for (merge_impl w : {merge_impl::s2lc, merge_impl::s2lc_unmerge, merge_impl::memcpy})
-        benchmark::RegisterBenchmark(("merge/" + std::string(w == merge_impl::s2lc ? "s2lc" : w == merge_impl::memcpy ? "memcpy" : "s2lc_unmerge") +
+      for (merge_impl w : {merge_impl::s2lc, merge_impl::s2lc_unmerge, merge_impl::memcpy, merge_impl::s2lc_t2, merge_impl::memcpy_t2})
+        benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[static_cast<int>(w)]) +
                                       "/tinymoe_domain" + (bf16 ? "_bf16" : "") + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) {
                                        if (bf16) bench_merge_domain<std::uint16_t>(st, w, cold);
