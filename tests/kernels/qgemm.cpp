@@ -237,6 +237,41 @@ TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_ge
   }
 }
 
+// q_gemm_nn converts the scales of up to 4096 / groups-per-row rows at a time: 1500 rows of 3
+// groups take two such chunks, and k0 > 0 starts inside the matrix.
+TEST_CASE("kernels: q_gemm_nn over a row range deeper than one chunk of converted scales, from k0 > 0, every tier and target") {
+  const std::size_t rows = 1500, cols = 96, k0 = 7, nk = rows - 9;
+  const auto w = randn(rows * cols, 5, 0.05f);
+  const auto q = cz::quantize(w.data(), rows, cols, {4, 32, false});
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (const auto& km : layouts(q))
+      for (unsigned tier : {0u, 2u}) {
+        CAPTURE(km.lanes); CAPTURE(tier);
+        const auto W = cz::dequantize(q, tier);
+        for (std::size_t nt : {1u, 8u, 9u}) {
+          CAPTURE(nt);
+          const std::size_t ldc = nk + 1, ldz = cols + 1;
+          const auto T = randn(nt * ldc, static_cast<std::uint32_t>(29 + nt));
+          std::vector<float> Z(nt * ldz, 0.25f);
+          k::q_gemm_nn(km.view(), k0, nk, tier, T.data(), ldc, nt, Z.data(), ldz);
+          for (std::size_t i = 0; i < nt; ++i) {
+            for (std::size_t j = 0; j < cols; ++j) {
+              double s = 0.25, a = 0.25;
+              for (std::size_t r = 0; r < nk; ++r) {
+                const double p = double(W[(k0 + r) * cols + j]) * T[i * ldc + r];
+                s += p, a += std::fabs(p);
+              }
+              REQUIRE(std::fabs(Z[i * ldz + j] - s) <= bound(nk, a));
+            }
+            REQUIRE(Z[i * ldz + cols] == 0.25f);
+          }
+        }
+      }
+  }
+}
+
 TEST_CASE("kernels: f32 GEMM micro-kernels (gemm_nt, gemm_nn, gemm_tn) for every batch 1..9 and odd K, every target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);

@@ -545,10 +545,11 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
 // Y[t, j] += sum_k C[t, k] W[k, j] for T tokens over the G groups from g0 (kV vectors each,
 // T * kV * G <= kNNQAcc accumulators): each row's codes are decoded once for the T tokens and scaled
 // once (code * scale * 2^shift is exact in f32: a small integer times a bf16), then one FMA per
-// token.
+// token. ss: rows k0.. of the scales as f32 times 2^shift (row stride L.gpr), converted once per
+// call by GemmNNQT instead of once per row and tile here.
 template <std::size_t T, std::size_t kV, std::size_t G, bool kTier>
-HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
-                            std::size_t ldc, std::size_t g0, float* HWY_RESTRICT Y, std::size_t ldy) {
+HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
+                            const float* C, std::size_t ldc, std::size_t g0, float* HWY_RESTRICT Y, std::size_t ldy) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
   const VF table = NibbleTable(t);
@@ -557,13 +558,13 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
     for (std::size_t v = 0; v < kV * G; ++v) acc[i][v] = hn::Zero(df);
   const std::size_t gb = q.nibble ? q.group / 2 : q.group;
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
-  const std::uint16_t* sc = q.scales + k0 * L.gpr + g0;
+  const float* sc = ss + g0;
   for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
     hwy::Prefetch(p + kPrefetchBytes);
     VF ck[T];
     for (std::size_t i = 0; i < T; ++i) ck[i] = hn::Set(df, C[i * ldc + k]);
     for (std::size_t gi = 0; gi < G; ++gi) {
-      const VF s = hn::Set(df, s2lc::bf16_to_f32(sc[gi]) * t.mul);  // exact: t.mul is a power of 2
+      const VF s = hn::Set(df, sc[gi]);
       for (std::size_t j = 0; j < (q.nibble ? kV / 2 : kV); ++j) {
         VF a, b;
         if (q.nibble) {
@@ -590,13 +591,13 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
 inline constexpr std::size_t kNNQAcc = hn::MaxLanes(DF()) >= 16 ? 16 : 8;
 
 template <std::size_t T, std::size_t kV, bool kTier>
-HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
-                              std::size_t ldc, float* Y, std::size_t ldy) {
+HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
+                              const float* C, std::size_t ldc, float* Y, std::size_t ldy) {
   constexpr std::size_t G = kNNQAcc / (T * kV);
   static_assert(G >= 1);
   std::size_t g = 0;
-  for (; g + G <= L.nfast; g += G) GemmNNQTile<T, kV, G, kTier>(q, L, k0, nk, t, C, ldc, g, Y, ldy);
-  for (; g < L.nfast; ++g) GemmNNQTile<T, kV, 1, kTier>(q, L, k0, nk, t, C, ldc, g, Y, ldy);
+  for (; g + G <= L.nfast; g += G) GemmNNQTile<T, kV, G, kTier>(q, L, k0, nk, t, ss, C, ldc, g, Y, ldy);
+  for (; g < L.nfast; ++g) GemmNNQTile<T, kV, 1, kTier>(q, L, k0, nk, t, ss, C, ldc, g, Y, ldy);
 }
 
 // Y[t, j] += sum_k C[t, k] W[k, j] for nt tokens: token tiles of 8, 4, 2, 1 (as many as the
@@ -608,30 +609,39 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
   const std::size_t N = hn::Lanes(DF());
   const Layout L = MakeLayout(q, N);
   const std::size_t kv = q.group / N;
-  const bool vec = L.nfast && q.group % N == 0 && (kv == 2 || kv == 4);
+  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && (kv == 2 || kv == 4);
   if (!vec) {
     for (std::size_t i = 0; i < nt; ++i) GemvNNT<kTier>(q, k0, nk, t, C + i * ldc, Y + i * ldy);
     return;
   }
-  std::size_t i = 0;
-  auto run = [&](auto tt, auto vv) {
-    constexpr std::size_t T = decltype(tt)::value, kV = decltype(vv)::value;
-    if constexpr (T * kV <= kNNQAcc) {
-      while (i + T <= nt) {
-        GemmNNQGroups<T, kV, kTier>(q, L, k0, nk, t, C + i * ldc, ldc, Y + i * ldy, ldy);
-        for (std::size_t j = 0; j < T; ++j) GemvNNScalar<kTier>(q, L, k0, nk, t, C + (i + j) * ldc, L.nfast, L.gpr, Y + (i + j) * ldy);
-        i += T;
+  // The scales as f32 times 2^shift (exact: a power of 2), kNNCoefs at a time.
+  HWY_ALIGN float ss[kNNCoefs];
+  const std::size_t kc = kNNCoefs / L.gpr;
+  for (std::size_t kb = 0; kb < nk; kb += kc) {
+    const std::size_t n = std::min(kc, nk - kb);
+    BF16ToF32(q.scales + (k0 + kb) * L.gpr, ss, n * L.gpr);
+    if (t.mul != 1.0f)
+      for (std::size_t j = 0; j < n * L.gpr; ++j) ss[j] *= t.mul;
+    std::size_t i = 0;
+    auto run = [&](auto tt, auto vv) {
+      constexpr std::size_t T = decltype(tt)::value, kV = decltype(vv)::value;
+      if constexpr (T * kV <= kNNQAcc) {
+        while (i + T <= nt) {
+          GemmNNQGroups<T, kV, kTier>(q, L, k0 + kb, n, t, ss, C + i * ldc + kb, ldc, Y + i * ldy, ldy);
+          i += T;
+        }
       }
-    }
-  };
-  auto all = [&](auto vv) {
-    run(std::integral_constant<std::size_t, 8>(), vv);
-    run(std::integral_constant<std::size_t, 4>(), vv);
-    run(std::integral_constant<std::size_t, 2>(), vv);
-    run(std::integral_constant<std::size_t, 1>(), vv);
-  };
-  if (kv == 2) all(std::integral_constant<std::size_t, 2>());
-  else all(std::integral_constant<std::size_t, 4>());
+    };
+    auto all = [&](auto vv) {
+      run(std::integral_constant<std::size_t, 8>(), vv);
+      run(std::integral_constant<std::size_t, 4>(), vv);
+      run(std::integral_constant<std::size_t, 2>(), vv);
+      run(std::integral_constant<std::size_t, 1>(), vv);
+    };
+    if (kv == 2) all(std::integral_constant<std::size_t, 2>());
+    else all(std::integral_constant<std::size_t, 4>());
+  }
+  for (std::size_t i = 0; i < nt; ++i) GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nfast, L.gpr, Y + i * ldy);
 }
 
 // Y[t, i] += alpha sum_k W[i, k] X[t, k] on an R x T register tile.
