@@ -54,8 +54,11 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // rows in lanes: one panel, a padded one, several, quads per group 1 ... 8,
                        // quads per row not a multiple of the lanes; q_gemm_nt packing the
                        // activations of 512 columns at a time (528: two chunks), and groups too
-                       // wide to pack (768: panels unpacked instead, from 2 tokens on)
+                       // wide to pack (768: panels unpacked instead, from 2 tokens on); 33, 20
+                       // and 3 rows end in a block of at most kLanesAloneRows rows, which
+                       // q_gemm_nt computes row by row at 4 and 8 tokens (3 rows from row 1 too)
                        {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}, {17, 1536, 768, 4},
+                       {3, 256, 32, 3},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
                        // to pack, a panel of the widest rows (32 KB)
                        {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8}};

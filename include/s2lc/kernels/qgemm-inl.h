@@ -393,6 +393,58 @@ HWY_INLINE VF LanesTable(const TierParams& t) {
 // Columns of activations packed at a time (a stack buffer of kLanesPackCols * T floats).
 inline constexpr std::size_t kLanesPackCols = 512;
 
+// Real rows in a 16-row block up to which LanesGemmTile computes them one by one (LanesRowsAlone)
+// instead of the whole block: a low-rank right factor of rank 33 stores and would compute 48 rows.
+inline constexpr std::size_t kLanesAloneRows = 4;
+
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+// y[u * ldy + i - i0] += alpha * row i of panel p (AVX-512: 16 rows, h = 0) times token u over
+// groups [g0, g0 + ng), for rows [i0, i0 + n) one at a time, T = 4 or 8 tokens, nibble codes,
+// activations packed by LanesPack (xp). Each quad of the row is one 32-bit word of 8 codes:
+// broadcast to 16 lanes, shifted per lane to the nibble each lane takes (the low nibbles of bytes
+// 0-3, then the high ones: LanesPack's order), looked up in the tier's table (vpermps reads the
+// low 4 bits), and multiplied into two tokens' 8 packed activations per vector; per group the
+// row's scale, at the end a sum over each token's 8 lanes. Per quad and row: 3 operations and T / 2
+// FMAs, against LanesGemmRows' 8 lookups and 8 T FMAs for the whole block.
+template <std::size_t T>
+HWY_INLINE void LanesRowsAlone(const QView& q, std::size_t p, std::size_t g0, std::size_t ng, const TierParams& t, VF table,
+                               const float* HWY_RESTRICT xp, std::size_t i0, std::size_t n, float alpha, float* y, std::size_t ldy) {
+  static_assert(T == 4 || T == 8);
+  constexpr std::size_t kP = T / 2;  // vectors: two tokens each
+  const DF df;
+  const hn::Half<DF> dh;
+  const std::size_t nq = q.lanes_quads(), rec = q.lanes_record(), sc = q.lanes_codes();
+  HWY_ALIGN static constexpr std::int32_t kShift[16] = {0, 8, 16, 24, 4, 12, 20, 28, 0, 8, 16, 24, 4, 12, 20, 28};
+  const VI shift = hn::Load(DI(), kShift);
+  const std::uint8_t* r0 = q.lanes_at(p, g0);
+  for (std::size_t o = 0; o < ng * rec; o += 64) hwy::Prefetch(r0 + kPrefetchBytes + o);
+  for (std::size_t i = i0; i < i0 + n; ++i) {
+    VF ya[kP];
+    for (std::size_t j = 0; j < kP; ++j) ya[j] = hn::Zero(df);
+    const std::uint8_t* r = r0;
+    const float* xg = xp;
+    for (std::size_t g = 0; g < ng; ++g, r += rec) {
+      VF acc[kP];
+      for (std::size_t j = 0; j < kP; ++j) acc[j] = hn::Zero(df);
+      for (std::size_t k = 0; k < nq; ++k, xg += 8 * T) {
+        std::int32_t word;
+        std::memcpy(&word, r + 64 * k + 4 * i, 4);
+        const VF c{_mm512_permutexvar_ps(_mm512_srlv_epi32(hn::Set(DI(), word).raw, shift.raw), table.raw)};
+        for (std::size_t j = 0; j < kP; ++j) acc[j] = hn::MulAdd(c, hn::LoadU(df, xg + 16 * j), acc[j]);
+      }
+      std::uint16_t sb;
+      std::memcpy(&sb, r + sc + 2 * i, 2);
+      const VF s = hn::Set(df, s2lc::bf16_to_f32(sb) * t.mul);
+      for (std::size_t j = 0; j < kP; ++j) ya[j] = hn::MulAdd(acc[j], s, ya[j]);
+    }
+    for (std::size_t j = 0; j < kP; ++j) {
+      y[2 * j * ldy + i - i0] += alpha * hn::GetLane(hn::SumOfLanes(dh, hn::LowerHalf(dh, ya[j])));
+      y[(2 * j + 1) * ldy + i - i0] += alpha * hn::GetLane(hn::SumOfLanes(dh, hn::UpperHalf(dh, ya[j])));
+    }
+  }
+}
+#endif
+
 template <bool kTier, std::size_t T>
 HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, VF tbl, const float* x,
                               std::size_t ldx, float alpha, float* y, std::size_t ldy) {
@@ -406,10 +458,17 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
     if (T > 1) LanesPack<T>(q, ng, x + g0 * q.group, ldx, xp);
     for (std::size_t b = r0 / NL * NL; b < r0 + nr; b += NL) {
       const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
-      VF ya[T];
-      for (std::size_t u = 0; u < T; ++u) ya[u] = hn::Zero(df);
       const float* xa = T == 1 ? x + g0 * q.group : xp;
       const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+      if constexpr (T == 4 || T == 8)
+        if (q.nibble && n <= kLanesAloneRows) {
+          LanesRowsAlone<T>(q, p, g0, ng, t, tbl, xp, i0, n, alpha, y + (b + i0 - r0), ldy);
+          continue;
+        }
+#endif
+      VF ya[T];
+      for (std::size_t u = 0; u < T; ++u) ya[u] = hn::Zero(df);
       if (q.nibble && q.group == 32) LanesGemmRows<kTier, T, true, 4>(q, p, h, g0, ng, t, tbl, xa, ya);
       else if (q.nibble) LanesGemmRows<kTier, T, true>(q, p, h, g0, ng, t, tbl, xa, ya);
       else LanesGemmRows<kTier, T, false>(q, p, h, g0, ng, t, tbl, xa, ya);
