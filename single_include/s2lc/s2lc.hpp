@@ -7125,7 +7125,7 @@ inline constexpr std::size_t kLanesAloneRows = 4;
 
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 // y[u * ldy + i - i0] += alpha * row i of panel p (AVX-512: 16 rows, h = 0) times token u over
-// groups [g0, g0 + ng), for rows [i0, i0 + n) one at a time, T = 4 or 8 tokens, nibble codes,
+// groups [g0, g0 + ng), for rows [i0, i0 + n) one at a time, T = 2, 4 or 8 tokens, nibble codes,
 // activations packed by LanesPack (xp). Each quad of the row is one 32-bit word of 8 codes:
 // broadcast to 16 lanes, shifted per lane to the nibble each lane takes (the low nibbles of bytes
 // 0-3, then the high ones: LanesPack's order), looked up in the tier's table (vpermps reads the
@@ -7135,7 +7135,7 @@ inline constexpr std::size_t kLanesAloneRows = 4;
 template <std::size_t T>
 HWY_INLINE void LanesRowsAlone(const QView& q, std::size_t p, std::size_t g0, std::size_t ng, const TierParams& t, VF table,
                                const float* HWY_RESTRICT xp, std::size_t i0, std::size_t n, float alpha, float* y, std::size_t ldy) {
-  static_assert(T == 4 || T == 8);
+  static_assert(T == 2 || T == 4 || T == 8);
   constexpr std::size_t kP = T / 2;  // vectors: two tokens each
   const DF df;
   const hn::Half<DF> dh;
@@ -7187,7 +7187,7 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
       const float* xa = T == 1 ? x + g0 * q.group : xp;
       const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-      if constexpr (T == 4 || T == 8)
+      if constexpr (T == 2 || T == 4 || T == 8)
         if (q.nibble && n <= kLanesAloneRows) {
           LanesRowsAlone<T>(q, p, g0, ng, t, tbl, xp, i0, n, alpha, y + (b + i0 - r0), ldy);
           continue;

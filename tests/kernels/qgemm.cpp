@@ -56,7 +56,7 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // activations of 512 columns at a time (528: two chunks), and groups too
                        // wide to pack (768: panels unpacked instead, from 2 tokens on); 33, 20
                        // and 3 rows end in a block of at most kLanesAloneRows rows, which
-                       // q_gemm_nt computes row by row at 4 and 8 tokens (3 rows from row 1 too)
+                       // q_gemm_nt computes row by row in passes of 2, 4, 8 tokens (3 rows from row 1 too)
                        {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}, {17, 1536, 768, 4},
                        {3, 256, 32, 3},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
