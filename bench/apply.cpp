@@ -376,9 +376,10 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   const std::size_t ncopies = s.copies.size();
   if (ring)
     for (std::size_t q = 0; q < D; ++q) pending[q] = mo::merge(s.copies[q % ncopies], 1, dense[q].data(), kShapes[si].cols, scale, 0, math_of(), nullptr, part);
-  if (cold) {
-    if (which != merge_impl::fma_bound) ab::touch_buffers(dense);
-    if (which != merge_impl::fma_bound && which != merge_impl::memcpy && which != merge_impl::memcpy_t2) warm_copies(s.copies);
+  const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
+  if (cold && which != merge_impl::fma_bound) {
+    ab::touch_buffers(dense);
+    if (!copy) warm_copies(s.copies);
   }
   std::size_t i = ring ? D : 0;
   for (auto _ : state) {
@@ -415,7 +416,6 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
   for (std::size_t k = i - D; ring && k < i; ++k)  // the buffers still merged
     mo::unmerge(s.copies[k % ncopies], 1, dense[k % nd].data(), kShapes[si].cols, pending[k % nd], scale, 0, nullptr, part);
   state.counters["macs"] = static_cast<double>(macs);
-  const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
   const double coef = module ? static_cast<double>(s.base.residuals[1].bytes()) : s.bytes;
   s2lc::bench::set_bytes(state, which == merge_impl::fma_bound ? 0.0 : bytes + (copy ? 0.0 : coef));
 }
@@ -507,16 +507,17 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
   std::vector<std::vector<mo::MergeUndo>> pending(ring ? nd : 1);
   if (ring)
     for (std::size_t q = 0; q < D; ++q) merge_all(q, q, pending[q]);
+  const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
   if (cold) {
     ab::touch_buffers(dense);
-    if (which != merge_impl::memcpy && which != merge_impl::memcpy_t2)
+    if (!copy)
       for (const auto& gs : r->copies) warm_copies(gs);
   }
   double recorded = 0;
   std::size_t i = ring ? D : 0;
   for (auto _ : state) {
     const std::size_t b = cold ? i % nd : 0, c = cold ? i : 0;
-    if (which == merge_impl::memcpy || which == merge_impl::memcpy_t2) {
+    if (copy) {
       // hot: buffer 0 from copy 1 (there are at least two)
       const T* from = dense[cold ? (i + nd / 2) % nd : 1].data();
       if (which == merge_impl::memcpy) std::memcpy(dense[b].data(), from, n * sizeof(T));
@@ -541,7 +542,6 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
     benchmark::ClobberMemory();
   }
   for (std::size_t k = i - D; ring && k < i; ++k) unmerge_all(k, k, pending[k % nd]);  // the buffers still merged
-  const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
   if (!copy) state.counters["undo"] = recorded;
   s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(T)) + (copy ? 0.0 : r->module_bytes));
 }
