@@ -15,10 +15,11 @@
 //   two threads (grid blocks on a ThreadPool; the copy in 16 chunks); s2lc_module (_t2: on two
 //   threads) merges only the expert's module (its residual: MemberPart module) over a buffer that
 //   holds the base.
-//   merge/<s2lc|s2lc_unmerge|memcpy|s2lc_t2|memcpy_t2>/tinymoe_domain[_bf16]_{hot,cold}: a real domain
-//     module (tinymoe's domain-c FFN delta, compressed as the CLI does with the py and en deltas)
-//     merged into the real base model's 12 FFN weights (dense-base, ../shared/data; skipped where
-//     it is missing); _bf16: the base weights held in bf16, against a copy of those bytes; _t2:
+//   merge/<s2lc|s2lc_unmerge|memcpy|rmw|s2lc_t2|memcpy_t2>/tinymoe_domain[_bf16]_{hot,cold}: a real
+//     domain module (tinymoe's domain-c FFN delta, compressed as the CLI does with the py and en
+//     deltas) merged into the real base model's 12 FFN weights (dense-base, ../shared/data; skipped
+//     where it is missing); _bf16: the base weights held in bf16, against a copy of those bytes;
+//     rmw: one in-place pass reading and writing each element (no arithmetic, no record); _t2:
 //     the 12 matrices shared out over two workers, against a two-thread copy.
 //   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
 //     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
@@ -328,8 +329,20 @@ void copy_t2(T* to, const T* from, std::size_t n) {
   });
 }
 
-enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge, s2lc_t2, memcpy_t2, s2lc_module, s2lc_module_t2 };
-const char* const merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge", "s2lc_t2", "memcpy_t2", "s2lc_module", "s2lc_module_t2"};
+enum class merge_impl { s2lc, s2lc_f32, memcpy, fma_bound, s2lc_unmerge, s2lc_t2, memcpy_t2, s2lc_module, s2lc_module_t2, rmw };
+const char* const merge_names[] = {"s2lc", "s2lc_f32", "memcpy", "fma_bound", "s2lc_unmerge", "s2lc_t2", "memcpy_t2", "s2lc_module", "s2lc_module_t2", "rmw"};
+
+// The rmw rows: one in-place pass reading and writing every element of the buffer once (its sign
+// flipped: exact, and undone by a second pass), what the memory system gives an in-place merge
+// with no arithmetic and no record.
+template <class T>
+void flip_signs(T* p, std::size_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (std::size_t j = 0; j < n; ++j) p[j] = -p[j];
+  } else {
+    for (std::size_t j = 0; j < n; ++j) p[j] = static_cast<T>(p[j] ^ 0x8000u);
+  }
+}
 
 template <class T>
 std::vector<s2lc::bench::Buffer<T>>& dense_copies(Setup& s) {
@@ -508,16 +521,21 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
   if (ring)
     for (std::size_t q = 0; q < D; ++q) merge_all(q, q, pending[q]);
   const bool copy = which == merge_impl::memcpy || which == merge_impl::memcpy_t2;
+  const bool rmw = which == merge_impl::rmw;
   if (cold) {
     ab::touch_buffers(dense);
-    if (!copy)
+    if (!copy && !rmw)
       for (const auto& gs : r->copies) warm_copies(gs);
   }
   double recorded = 0;
   std::size_t i = ring ? D : 0;
+  std::vector<std::uint8_t> flipped(rmw ? nd : 0);  // buffers left with their signs flipped
   for (auto _ : state) {
     const std::size_t b = cold ? i % nd : 0, c = cold ? i : 0;
-    if (copy) {
+    if (rmw) {
+      flip_signs(dense[b].data(), n);
+      flipped[b] ^= 1;
+    } else if (copy) {
       // hot: buffer 0 from copy 1 (there are at least two)
       const T* from = dense[cold ? (i + nd / 2) % nd : 1].data();
       if (which == merge_impl::memcpy) std::memcpy(dense[b].data(), from, n * sizeof(T));
@@ -542,8 +560,10 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
     benchmark::ClobberMemory();
   }
   for (std::size_t k = i - D; ring && k < i; ++k) unmerge_all(k, k, pending[k % nd]);  // the buffers still merged
-  if (!copy) state.counters["undo"] = recorded;
-  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(T)) + (copy ? 0.0 : r->module_bytes));
+  for (std::size_t k = 0; k < flipped.size(); ++k)
+    if (flipped[k]) flip_signs(dense[k].data(), n);  // the other rows merge into the base as loaded
+  if (!copy && !rmw) state.counters["undo"] = recorded;
+  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(T)) + (copy || rmw ? 0.0 : r->module_bytes));
 }
 
 // A whole SwiGLU MoE layer on real weights: tinymoe layer 1 (8 experts, d 256, ffn 768; w1 / w3 /
@@ -739,7 +759,7 @@ const bool registered = [] {
             ->Unit(benchmark::kMicrosecond);
   for (bool bf16 : {false, true})
     for (bool cold : {false, true})
-      for (merge_impl w : {merge_impl::s2lc, merge_impl::s2lc_unmerge, merge_impl::memcpy, merge_impl::s2lc_t2, merge_impl::memcpy_t2})
+      for (merge_impl w : {merge_impl::s2lc, merge_impl::s2lc_unmerge, merge_impl::memcpy, merge_impl::rmw, merge_impl::s2lc_t2, merge_impl::memcpy_t2})
         benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[static_cast<int>(w)]) +
                                       "/tinymoe_domain" + (bf16 ? "_bf16" : "") + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) {
