@@ -6,6 +6,7 @@ add_executable(s2lc_fuzz_replay
   ${CMAKE_CURRENT_LIST_DIR}/safetensors_fuzz.cpp
   ${CMAKE_CURRENT_LIST_DIR}/replay_main.cpp)
 target_link_libraries(s2lc_fuzz_replay PRIVATE s2lc::s2lc s2lc_dev_flags)
+s2lc_sanitize_o0(s2lc_fuzz_replay)
 add_test(NAME fuzz_replay_safetensors
   COMMAND s2lc_fuzz_replay ${CMAKE_CURRENT_LIST_DIR}/corpus/safetensors)
 
@@ -13,6 +14,7 @@ add_executable(s2lc_fuzz_replay_container
   ${CMAKE_CURRENT_LIST_DIR}/container_fuzz.cpp
   ${CMAKE_CURRENT_LIST_DIR}/replay_main.cpp)
 target_link_libraries(s2lc_fuzz_replay_container PRIVATE s2lc::s2lc s2lc_dev_flags)
+s2lc_sanitize_o0(s2lc_fuzz_replay_container)
 add_test(NAME fuzz_replay_container
   COMMAND s2lc_fuzz_replay_container ${CMAKE_CURRENT_LIST_DIR}/corpus/container)
 
@@ -21,6 +23,7 @@ add_test(NAME fuzz_replay_container
 #   <build>/bin/s2lc_fuzz_container_seeds tests/fuzz/corpus/container
 add_executable(s2lc_fuzz_container_seeds ${CMAKE_CURRENT_LIST_DIR}/make_container_seeds.cpp)
 target_link_libraries(s2lc_fuzz_container_seeds PRIVATE s2lc::s2lc s2lc_dev_flags)
+s2lc_sanitize_o0(s2lc_fuzz_container_seeds)
 add_test(NAME fuzz_container_seeds_current
   COMMAND s2lc_fuzz_container_seeds --check ${CMAKE_CURRENT_LIST_DIR}/corpus/container)
 
@@ -28,6 +31,7 @@ add_executable(s2lc_fuzz_replay_artifact
   ${CMAKE_CURRENT_LIST_DIR}/artifact_fuzz.cpp
   ${CMAKE_CURRENT_LIST_DIR}/replay_main.cpp)
 target_link_libraries(s2lc_fuzz_replay_artifact PRIVATE s2lc::s2lc s2lc_dev_flags)
+s2lc_sanitize_o0(s2lc_fuzz_replay_artifact)
 add_test(NAME fuzz_replay_artifact
   COMMAND s2lc_fuzz_replay_artifact ${CMAKE_CURRENT_LIST_DIR}/corpus/artifact)
 
@@ -36,5 +40,6 @@ add_test(NAME fuzz_replay_artifact
 #   <build>/bin/s2lc_fuzz_artifact_seeds tests/fuzz/corpus/artifact
 add_executable(s2lc_fuzz_artifact_seeds ${CMAKE_CURRENT_LIST_DIR}/make_artifact_seeds.cpp)
 target_link_libraries(s2lc_fuzz_artifact_seeds PRIVATE s2lc::s2lc s2lc_dev_flags)
+s2lc_sanitize_o0(s2lc_fuzz_artifact_seeds)
 add_test(NAME fuzz_artifact_seeds_current
   COMMAND s2lc_fuzz_artifact_seeds --check ${CMAKE_CURRENT_LIST_DIR}/corpus/artifact)
