@@ -21,6 +21,8 @@
 //     where it is missing); _bf16: the base weights held in bf16, against a copy of those bytes;
 //     rmw: one in-place pass reading and writing each element (no arithmetic, no record); _t2:
 //     the 12 matrices shared out over two workers, against a two-thread copy.
+//   merge/<s2lc|memcpy|rmw>/tinymoe_domain_m0_{hot,cold}: the same with its first matrix only
+//     (768 x 256, three 256 x 256 dense blocks), the other 11 left alone.
 //   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
 //     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
 //     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
@@ -443,7 +445,7 @@ struct RealDomain {
   std::vector<std::size_t> offset;              // each group's matrix in the buffer
   std::vector<s2lc::bench::Buffer<float>> dense;        // copies of the base weights
   std::vector<s2lc::bench::Buffer<std::uint16_t>> dense16;  // ... as bf16 (the _bf16 rows)
-  double module_bytes = 0;
+  double module_bytes = 0, module_bytes0 = 0;  // all 12 matrices' deltas, the first's
   template <class T>
   std::vector<s2lc::bench::Buffer<T>>& buffers() {
     if constexpr (std::is_same_v<T, float>) return dense;
@@ -476,6 +478,7 @@ RealDomain* real_domain() {
     r.offset.push_back(w.size());
     w.insert(w.end(), m.begin(), m.end());
     r.module_bytes += static_cast<double>(groups.back().member_bytes(0));
+    if (groups.size() == 1) r.module_bytes0 = r.module_bytes;
     for (std::size_t e = 0; e < groups.back().members(); ++e) all_bytes += static_cast<double>(groups.back().member_bytes(e));
   }
   r.copies.assign(std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / all_bytes)), groups);
@@ -488,26 +491,28 @@ RealDomain* real_domain() {
 
 // T = std::uint16_t: the base weights in bf16 (the _bf16 rows), against a copy of those bytes.
 template <class T>
-void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
+void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold, bool one = false) {
   RealDomain* r = real_domain();
   if (!r) {
     state.SkipWithError("../shared/data/tinymoe (domain-*.safetensors, dense-base.safetensors) not found");
     return;
   }
   auto& dense = r->buffers<T>();
-  const std::size_t nd = dense.size(), n = dense[0].size(), nc = r->copies.size();
+  const std::size_t nd = dense.size(), nc = r->copies.size();
+  // one: matrix 0 only (its elements from offset 0), else the buffer's 12
+  const std::size_t ng = one ? 1 : r->copies[0].size(), n = one ? r->offset[1] : dense[0].size();
   // Copy c of the module's groups into / out of buffer b (each matrix at its offset). s2lc_t2:
   // the matrices shared out over pool2()'s two workers, one merge call each (each of these small
   // matrices has only 3 grid blocks to split).
   mo::Executor* ex = which == merge_impl::s2lc_t2 ? &pool2() : nullptr;
   auto merge_all = [&](std::size_t c, std::size_t b, std::vector<mo::MergeUndo>& u) {
     const auto& gs = r->copies[c % nc];
-    u.resize(gs.size());
-    mo::parallel_for(ex, gs.size(), [&](std::size_t m, unsigned) { u[m] = mo::merge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols()); });
+    u.resize(ng);
+    mo::parallel_for(ex, ng, [&](std::size_t m, unsigned) { u[m] = mo::merge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols()); });
   };
   auto unmerge_all = [&](std::size_t c, std::size_t b, const std::vector<mo::MergeUndo>& u) {
     const auto& gs = r->copies[c % nc];
-    mo::parallel_for(ex, gs.size(), [&](std::size_t m, unsigned) { mo::unmerge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols(), u[m]); });
+    mo::parallel_for(ex, ng, [&](std::size_t m, unsigned) { mo::unmerge(gs[m], 0, dense[b % nd].data() + r->offset[m], gs[m].cols(), u[m]); });
   };
   auto recorded_in = [](const std::vector<mo::MergeUndo>& u) {
     double k = 0;
@@ -563,7 +568,7 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold) {
   for (std::size_t k = 0; k < flipped.size(); ++k)
     if (flipped[k]) flip_signs(dense[k].data(), n);  // the other rows merge into the base as loaded
   if (!copy && !rmw) state.counters["undo"] = recorded;
-  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(T)) + (copy || rmw ? 0.0 : r->module_bytes));
+  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(n * sizeof(T)) + (copy || rmw ? 0.0 : one ? r->module_bytes0 : r->module_bytes));
 }
 
 // A whole SwiGLU MoE layer on real weights: tinymoe layer 1 (8 experts, d 256, ffn 768; w1 / w3 /
@@ -767,6 +772,11 @@ const bool registered = [] {
                                        else bench_merge_domain<float>(st, w, cold);
                                      })
             ->Unit(benchmark::kMicrosecond);
+  for (bool cold : {false, true})
+    for (merge_impl w : {merge_impl::s2lc, merge_impl::memcpy, merge_impl::rmw})
+      benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[static_cast<int>(w)]) + "/tinymoe_domain_m0" + (cold ? "_cold" : "_hot")).c_str(),
+                                   [=](benchmark::State& st) { bench_merge_domain<float>(st, w, cold, true); })
+          ->Unit(benchmark::kMicrosecond);
   s2lc::bench::register_op("layer", {"openblas", "stream_bound"});
   s2lc::bench::register_op("morph", {"single", "none"});
   s2lc::bench::register_op("merge", {"memcpy", "memcpy"});
