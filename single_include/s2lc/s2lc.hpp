@@ -349,6 +349,33 @@ inline bool cpu_has_avx512_bf16() noexcept {
 inline constexpr std::size_t kStreamStoreBytes = std::size_t{8} << 20;
 
 namespace detail {
+/// 2 KB on Intel CPUs, else 8 KB (kPrefetchAhead).
+inline std::size_t detect_prefetch_ahead() noexcept {
+#if S2LC_CPU_X86
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu) return 2048;  // "GenuineIntel"
+#endif
+  return 8192;
+}
+}  // namespace detail
+
+/// Bytes ahead of what they read that the kernels prefetch a cold expert's codes, scales and
+/// factors (its arrays lie one after another in its pool, so this reaches into the next block's).
+/// The best distance depends on the memory system: on a Zen 5 host 8 KB (4 KB was 10-15 % slower
+/// at one token cold, 16-32 KB the same, no prefetch 1.6x); on an Intel Xeon with AMX (a Sapphire
+/// Rapids class VM, one core streaming ~15 GB/s) 2 KB, where 8 KB made a 2048 x 1408 one-token
+/// apply 6-10 % slower cold and 24 KB 15 % (bench/RESULTS.md, "The prefetch distance per CPU").
+/// So it is read once from CPUID at start-up: 2 KB on Intel, 8 KB on every other CPU. Define
+/// S2LC_PREFETCH_AHEAD (bytes) to fix it at compile time for another host. Results never depend
+/// on it. (A kernel called from another TU's static initializer, before this one's, sees 0:
+/// prefetches of what it reads anyway.)
+#ifdef S2LC_PREFETCH_AHEAD
+inline constexpr std::size_t kPrefetchAhead = S2LC_PREFETCH_AHEAD;
+#else
+inline const std::size_t kPrefetchAhead = detail::detect_prefetch_ahead();
+#endif
+
+namespace detail {
 inline std::atomic<bool>& avx512_bf16_allowed() noexcept {
   static std::atomic<bool> allowed{true};
   return allowed;
@@ -5089,9 +5116,9 @@ HWY_INLINE VF SumBlocks(const VF* s) {
 inline constexpr bool kRowsVec = false;
 #endif
 
-// Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
-// short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
-inline constexpr std::size_t kPrefetch = 8192;
+// The kernels prefetch kPrefetchAhead (cpu.hpp) bytes ahead of the current chunk: a cold block
+// is read from DRAM, and its rows are short (a 256-column 4-bit row is 128 bytes), so the
+// hardware prefetcher alone lags behind.
 // Rows up to this many bytes are prefetched whole, in order, rather than chunk by chunk.
 inline constexpr std::size_t kShortRow = 256;
 
@@ -5149,7 +5176,7 @@ HWY_INLINE QView UnpackPanel(const QView& q, std::size_t p, std::uint8_t* codes,
     const std::size_t rb = q.row_bytes(), nq = q.lanes_quads(), nqr = q.groups_per_row() * nq;
     const auto flip = hn::Set(di, static_cast<std::int32_t>(0x01010101u * q.lanes_flip()));
     const std::size_t full = nqr / kN * kN, rec = q.lanes_record();
-    for (std::size_t o = 0; o < q.lanes_panel(); o += 64) hwy::Prefetch(q.lanes_at(p, 0) + kPrefetch + o);  // panels ahead
+    for (std::size_t o = 0; o < q.lanes_panel(); o += 64) hwy::Prefetch(q.lanes_at(p, 0) + kPrefetchAhead + o);  // panels ahead
     for (std::size_t h = 0; h * kN < v.rows; ++h) {
       const std::size_t rows = std::min(kN, v.rows - h * kN);
       const std::uint8_t* r = q.lanes_at(p, 0) + 4 * kN * h;
@@ -5398,9 +5425,9 @@ HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const 
   const std::size_t off0 = sp.g0 * L.gb, span = (sp.g1 - sp.g0) * L.gb;
   const bool short_rows = rb <= kShortRow;
   auto decode = [&](std::size_t i, std::size_t off, VU8& a0, VU8& a1) {
-    if (!short_rows) hwy::Prefetch(base + i * rb + off + kPrefetch);
+    if (!short_rows) hwy::Prefetch(base + i * rb + off + kPrefetchAhead);
     else if (off == off0)
-      for (std::size_t o = 0; o < span; o += 64) hwy::Prefetch(base + i * rb + off0 + o + kPrefetch);
+      for (std::size_t o = 0; o < span; o += 64) hwy::Prefetch(base + i * rb + off0 + o + kPrefetchAhead);
     const VU8 b = hn::LoadU(du8, base + i * rb + off);
     if constexpr (kNib) {
       const VU8 u = hn::Xor(b, k88);
@@ -5686,7 +5713,7 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
     for (std::size_t c = 0; c < G.seg; c += G.N8, dst += 2 * G.N8) {
       // The rows are read a few at a time between long compute stretches: without this the
       // hardware prefetcher lets each prepare wait on DRAM (cold batch 32 ran 1.5x hot).
-      hwy::Prefetch(src + c + kPrefetch);
+      hwy::Prefetch(src + c + kPrefetchAhead);
       const VU8 u = hn::Xor(hn::LoadU(du8, src + c), k88);
       hn::Store(hn::And(u, k0f), du8, dst);
       hn::Store(hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), u))), k0f), du8, dst + G.N8);
@@ -5710,8 +5737,8 @@ HWY_INLINE void DecodeLanes(const QView& q, const TokGeom& G, std::size_t p, std
   // offset dlo (chunk c of N8 code bytes: its low nibbles, then its high ones)
   for (std::size_t ob = 0, k = s0 / 4 % nq, dlo = 0, c = 0; ob < G.seg; ob += 4) {
     const std::uint8_t* src = r + 64 * k;
-    hwy::Prefetch(src + kPrefetch);  // every line of the records (cold panels come from DRAM)
-    if (k == 0) hwy::Prefetch(r + q.lanes_codes() + kPrefetch);
+    hwy::Prefetch(src + kPrefetchAhead);  // every line of the records (cold panels come from DRAM)
+    if (k == 0) hwy::Prefetch(r + q.lanes_codes() + kPrefetchAhead);
     std::uint8_t* lo = dec + 16 * dlo;
     std::uint8_t* hi = dec + 16 * (dlo + G.N8);
     if (++k == nq) k = 0, r += rec;
@@ -5976,7 +6003,7 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
   const std::int32_t* xq = a.xq;
   for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += (kNib ? 2 : 1) * nq * T) {
     if (h == 0)  // the panel's first pass brings its lines in; the others find them in L1
-      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetch + o);
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchAhead + o);
     hn::Vec<DI> a0[T], a1[kSplit ? T : 1];
     for (std::size_t t = 0; t < T; ++t) a0[t] = kOffset ? hn::Set(di, a.nc[g * T + t]) : hn::Zero(di);
     if constexpr (kSplit)
@@ -6226,7 +6253,7 @@ HWY_INLINE void NNTile(const QView& q, const NNStrip& st, const std::uint8_t* p,
     // every line of the tile's 4 rows, in order (the tile's first line only left the rest of a
     // short row to the hardware prefetcher: 10 % slower cold, bench/RESULTS.md)
     for (std::size_t i = 0; i < 4 && k + i < nc; ++i)
-      for (std::size_t t = 0; t < TB * N8; t += 64) hwy::Prefetch(pr + i * rb + t + kPrefetch);
+      for (std::size_t t = 0; t < TB * N8; t += 64) hwy::Prefetch(pr + i * rb + t + kPrefetchAhead);
     for (std::size_t t = 0; t < TB; ++t) {
       const VI8 co = hn::BitCast(DI8(), hn::TableLookupBytes(hn::LoadDup128(di, st.qq + s * st.Wq + at[t].g), idx));
       const std::uint8_t* pc = pr + t * N8;
@@ -6455,7 +6482,7 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
   {  // The coefficient rounding below issues no prefetches (it reads only scales): a cold call
      // brings the next 4 KB past the rows' prefetch distance in under it (measured: 4 % of a cold
      // 2048 x 1408 expert; the same burst before q8_gemv_nt's set-up work gained nothing).
-    const std::uint8_t* front = q.codes + k0 * q.row_bytes() + q8k::kPrefetch;
+    const std::uint8_t* front = q.codes + k0 * q.row_bytes() + kPrefetchAhead;
     for (std::size_t o = 0; o < 4096; o += 64) hwy::Prefetch(front + o);
   }
   for (std::size_t ga = 0; ga < gpr; ga += q8k::kNNStrip) {
@@ -6772,8 +6799,7 @@ using DI8 = hn::Rebind<std::int8_t, DF>;
 using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
 
-// Prefetch distance of the fused gemvs (see q8-inl.h: cold blocks have short rows).
-inline constexpr std::size_t kPrefetchBytes = 8192;
+// The fused gemvs prefetch kPrefetchAhead (cpu.hpp) bytes ahead, as q8-inl.h's kernels.
 
 // N codes starting at p as i32 lanes (sign-extended bytes).
 HWY_INLINE VI LoadBytes(const std::uint8_t* p) {
@@ -6917,7 +6943,7 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
       for (std::size_t j = 0; j < h; j += N) {
         const VF xl = hn::LoadU(df, x + c0 + j), xh = hn::LoadU(df, x + c0 + h + j);
         for (std::size_t i = 0; i < R; ++i) {
-          hwy::Prefetch(q.codes + (r0 + i) * rb + g * h + j + kPrefetchBytes);
+          hwy::Prefetch(q.codes + (r0 + i) * rb + g * h + j + kPrefetchAhead);
           VF lo, hi;
           Nibbles<kTier>(LoadBytes(q.codes + (r0 + i) * rb + g * h + j), table, t, lo, hi);
           part[i] = hn::MulAdd(lo, xl, part[i]);
@@ -6930,7 +6956,7 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
         for (std::size_t i = 0; i < R; ++i) {
           // 8 KB ahead, a line per row at a time, as the nibble path does (tinymoe's 5-bit
           // cores, before they took rows in lanes: one cold w1 apply 27-37 -> 20-26 us)
-          if (j % 64 == 0) hwy::Prefetch(q.codes + (r0 + i) * rb + c0 + j + kPrefetchBytes);
+          if (j % 64 == 0) hwy::Prefetch(q.codes + (r0 + i) * rb + c0 + j + kPrefetchAhead);
           part[i] = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (r0 + i) * rb + c0 + j), t), xv, part[i]);
         }
       }
@@ -7057,7 +7083,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
   const std::uint8_t* r = q.lanes_at(p, g0);
   for (std::size_t g = 0; g < ng; ++g, r += rec) {
     if (h == 0)
-      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchBytes + o);
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchAhead + o);
     VF acc[T][kA];
     for (std::size_t u = 0; u < T; ++u)
       for (std::size_t a = 0; a < kA; ++a) acc[u][a] = hn::Zero(df);
@@ -7143,7 +7169,7 @@ HWY_INLINE void LanesRowsAlone(const QView& q, std::size_t p, std::size_t g0, st
   HWY_ALIGN static constexpr std::int32_t kShift[16] = {0, 8, 16, 24, 4, 12, 20, 28, 0, 8, 16, 24, 4, 12, 20, 28};
   const VI shift = hn::Load(DI(), kShift);
   const std::uint8_t* r0 = q.lanes_at(p, g0);
-  for (std::size_t o = 0; o < ng * rec; o += 64) hwy::Prefetch(r0 + kPrefetchBytes + o);
+  for (std::size_t o = 0; o < ng * rec; o += 64) hwy::Prefetch(r0 + kPrefetchAhead + o);
   for (std::size_t i = i0; i < i0 + n; ++i) {
     VF ya[kP];
     for (std::size_t j = 0; j < kP; ++j) ya[j] = hn::Zero(df);
@@ -7256,7 +7282,7 @@ HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std:
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
   const float* sc = cs + g0;
   for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
-    hwy::Prefetch(p + kPrefetchBytes);
+    hwy::Prefetch(p + kPrefetchAhead);
     for (std::size_t gi = 0; gi < G; ++gi) {
       const VF cg = hn::Set(df, sc[gi]);
       if (q.nibble) {
@@ -7345,7 +7371,7 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
   const float* sc = ss + g0;
   for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
-    hwy::Prefetch(p + kPrefetchBytes);
+    hwy::Prefetch(p + kPrefetchAhead);
     VF ck[T];
     for (std::size_t i = 0; i < T; ++i) ck[i] = hn::Set(df, C[i * ldc + k]);
     for (std::size_t gi = 0; gi < G; ++gi) {

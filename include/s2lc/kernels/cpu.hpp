@@ -43,6 +43,33 @@ inline bool cpu_has_avx512_bf16() noexcept {
 inline constexpr std::size_t kStreamStoreBytes = std::size_t{8} << 20;
 
 namespace detail {
+/// 2 KB on Intel CPUs, else 8 KB (kPrefetchAhead).
+inline std::size_t detect_prefetch_ahead() noexcept {
+#if S2LC_CPU_X86
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu) return 2048;  // "GenuineIntel"
+#endif
+  return 8192;
+}
+}  // namespace detail
+
+/// Bytes ahead of what they read that the kernels prefetch a cold expert's codes, scales and
+/// factors (its arrays lie one after another in its pool, so this reaches into the next block's).
+/// The best distance depends on the memory system: on a Zen 5 host 8 KB (4 KB was 10-15 % slower
+/// at one token cold, 16-32 KB the same, no prefetch 1.6x); on an Intel Xeon with AMX (a Sapphire
+/// Rapids class VM, one core streaming ~15 GB/s) 2 KB, where 8 KB made a 2048 x 1408 one-token
+/// apply 6-10 % slower cold and 24 KB 15 % (bench/RESULTS.md, "The prefetch distance per CPU").
+/// So it is read once from CPUID at start-up: 2 KB on Intel, 8 KB on every other CPU. Define
+/// S2LC_PREFETCH_AHEAD (bytes) to fix it at compile time for another host. Results never depend
+/// on it. (A kernel called from another TU's static initializer, before this one's, sees 0:
+/// prefetches of what it reads anyway.)
+#ifdef S2LC_PREFETCH_AHEAD
+inline constexpr std::size_t kPrefetchAhead = S2LC_PREFETCH_AHEAD;
+#else
+inline const std::size_t kPrefetchAhead = detail::detect_prefetch_ahead();
+#endif
+
+namespace detail {
 inline std::atomic<bool>& avx512_bf16_allowed() noexcept {
   static std::atomic<bool> allowed{true};
   return allowed;

@@ -105,9 +105,9 @@ HWY_INLINE VF SumBlocks(const VF* s) {
 inline constexpr bool kRowsVec = false;
 #endif
 
-// Bytes ahead of the current chunk to prefetch: a cold block is read from DRAM, and its rows are
-// short (a 256-column 4-bit row is 128 bytes), so the hardware prefetcher alone lags behind.
-inline constexpr std::size_t kPrefetch = 8192;
+// The kernels prefetch kPrefetchAhead (cpu.hpp) bytes ahead of the current chunk: a cold block
+// is read from DRAM, and its rows are short (a 256-column 4-bit row is 128 bytes), so the
+// hardware prefetcher alone lags behind.
 // Rows up to this many bytes are prefetched whole, in order, rather than chunk by chunk.
 inline constexpr std::size_t kShortRow = 256;
 
@@ -165,7 +165,7 @@ HWY_INLINE QView UnpackPanel(const QView& q, std::size_t p, std::uint8_t* codes,
     const std::size_t rb = q.row_bytes(), nq = q.lanes_quads(), nqr = q.groups_per_row() * nq;
     const auto flip = hn::Set(di, static_cast<std::int32_t>(0x01010101u * q.lanes_flip()));
     const std::size_t full = nqr / kN * kN, rec = q.lanes_record();
-    for (std::size_t o = 0; o < q.lanes_panel(); o += 64) hwy::Prefetch(q.lanes_at(p, 0) + kPrefetch + o);  // panels ahead
+    for (std::size_t o = 0; o < q.lanes_panel(); o += 64) hwy::Prefetch(q.lanes_at(p, 0) + kPrefetchAhead + o);  // panels ahead
     for (std::size_t h = 0; h * kN < v.rows; ++h) {
       const std::size_t rows = std::min(kN, v.rows - h * kN);
       const std::uint8_t* r = q.lanes_at(p, 0) + 4 * kN * h;
@@ -414,9 +414,9 @@ HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const 
   const std::size_t off0 = sp.g0 * L.gb, span = (sp.g1 - sp.g0) * L.gb;
   const bool short_rows = rb <= kShortRow;
   auto decode = [&](std::size_t i, std::size_t off, VU8& a0, VU8& a1) {
-    if (!short_rows) hwy::Prefetch(base + i * rb + off + kPrefetch);
+    if (!short_rows) hwy::Prefetch(base + i * rb + off + kPrefetchAhead);
     else if (off == off0)
-      for (std::size_t o = 0; o < span; o += 64) hwy::Prefetch(base + i * rb + off0 + o + kPrefetch);
+      for (std::size_t o = 0; o < span; o += 64) hwy::Prefetch(base + i * rb + off0 + o + kPrefetchAhead);
     const VU8 b = hn::LoadU(du8, base + i * rb + off);
     if constexpr (kNib) {
       const VU8 u = hn::Xor(b, k88);
@@ -702,7 +702,7 @@ HWY_INLINE void DecodeRows(const QView& q, const Layout& L, const TokGeom& G, st
     for (std::size_t c = 0; c < G.seg; c += G.N8, dst += 2 * G.N8) {
       // The rows are read a few at a time between long compute stretches: without this the
       // hardware prefetcher lets each prepare wait on DRAM (cold batch 32 ran 1.5x hot).
-      hwy::Prefetch(src + c + kPrefetch);
+      hwy::Prefetch(src + c + kPrefetchAhead);
       const VU8 u = hn::Xor(hn::LoadU(du8, src + c), k88);
       hn::Store(hn::And(u, k0f), du8, dst);
       hn::Store(hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), u))), k0f), du8, dst + G.N8);
@@ -726,8 +726,8 @@ HWY_INLINE void DecodeLanes(const QView& q, const TokGeom& G, std::size_t p, std
   // offset dlo (chunk c of N8 code bytes: its low nibbles, then its high ones)
   for (std::size_t ob = 0, k = s0 / 4 % nq, dlo = 0, c = 0; ob < G.seg; ob += 4) {
     const std::uint8_t* src = r + 64 * k;
-    hwy::Prefetch(src + kPrefetch);  // every line of the records (cold panels come from DRAM)
-    if (k == 0) hwy::Prefetch(r + q.lanes_codes() + kPrefetch);
+    hwy::Prefetch(src + kPrefetchAhead);  // every line of the records (cold panels come from DRAM)
+    if (k == 0) hwy::Prefetch(r + q.lanes_codes() + kPrefetchAhead);
     std::uint8_t* lo = dec + 16 * dlo;
     std::uint8_t* hi = dec + 16 * (dlo + G.N8);
     if (++k == nq) k = 0, r += rec;
@@ -992,7 +992,7 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
   const std::int32_t* xq = a.xq;
   for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += (kNib ? 2 : 1) * nq * T) {
     if (h == 0)  // the panel's first pass brings its lines in; the others find them in L1
-      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetch + o);
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchAhead + o);
     hn::Vec<DI> a0[T], a1[kSplit ? T : 1];
     for (std::size_t t = 0; t < T; ++t) a0[t] = kOffset ? hn::Set(di, a.nc[g * T + t]) : hn::Zero(di);
     if constexpr (kSplit)
@@ -1242,7 +1242,7 @@ HWY_INLINE void NNTile(const QView& q, const NNStrip& st, const std::uint8_t* p,
     // every line of the tile's 4 rows, in order (the tile's first line only left the rest of a
     // short row to the hardware prefetcher: 10 % slower cold, bench/RESULTS.md)
     for (std::size_t i = 0; i < 4 && k + i < nc; ++i)
-      for (std::size_t t = 0; t < TB * N8; t += 64) hwy::Prefetch(pr + i * rb + t + kPrefetch);
+      for (std::size_t t = 0; t < TB * N8; t += 64) hwy::Prefetch(pr + i * rb + t + kPrefetchAhead);
     for (std::size_t t = 0; t < TB; ++t) {
       const VI8 co = hn::BitCast(DI8(), hn::TableLookupBytes(hn::LoadDup128(di, st.qq + s * st.Wq + at[t].g), idx));
       const std::uint8_t* pc = pr + t * N8;
@@ -1471,7 +1471,7 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
   {  // The coefficient rounding below issues no prefetches (it reads only scales): a cold call
      // brings the next 4 KB past the rows' prefetch distance in under it (measured: 4 % of a cold
      // 2048 x 1408 expert; the same burst before q8_gemv_nt's set-up work gained nothing).
-    const std::uint8_t* front = q.codes + k0 * q.row_bytes() + q8k::kPrefetch;
+    const std::uint8_t* front = q.codes + k0 * q.row_bytes() + kPrefetchAhead;
     for (std::size_t o = 0; o < 4096; o += 64) hwy::Prefetch(front + o);
   }
   for (std::size_t ga = 0; ga < gpr; ga += q8k::kNNStrip) {

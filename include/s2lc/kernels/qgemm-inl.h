@@ -46,8 +46,7 @@ using DI8 = hn::Rebind<std::int8_t, DF>;
 using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
 
-// Prefetch distance of the fused gemvs (see q8-inl.h: cold blocks have short rows).
-inline constexpr std::size_t kPrefetchBytes = 8192;
+// The fused gemvs prefetch kPrefetchAhead (cpu.hpp) bytes ahead, as q8-inl.h's kernels.
 
 // N codes starting at p as i32 lanes (sign-extended bytes).
 HWY_INLINE VI LoadBytes(const std::uint8_t* p) {
@@ -191,7 +190,7 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
       for (std::size_t j = 0; j < h; j += N) {
         const VF xl = hn::LoadU(df, x + c0 + j), xh = hn::LoadU(df, x + c0 + h + j);
         for (std::size_t i = 0; i < R; ++i) {
-          hwy::Prefetch(q.codes + (r0 + i) * rb + g * h + j + kPrefetchBytes);
+          hwy::Prefetch(q.codes + (r0 + i) * rb + g * h + j + kPrefetchAhead);
           VF lo, hi;
           Nibbles<kTier>(LoadBytes(q.codes + (r0 + i) * rb + g * h + j), table, t, lo, hi);
           part[i] = hn::MulAdd(lo, xl, part[i]);
@@ -204,7 +203,7 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
         for (std::size_t i = 0; i < R; ++i) {
           // 8 KB ahead, a line per row at a time, as the nibble path does (tinymoe's 5-bit
           // cores, before they took rows in lanes: one cold w1 apply 27-37 -> 20-26 us)
-          if (j % 64 == 0) hwy::Prefetch(q.codes + (r0 + i) * rb + c0 + j + kPrefetchBytes);
+          if (j % 64 == 0) hwy::Prefetch(q.codes + (r0 + i) * rb + c0 + j + kPrefetchAhead);
           part[i] = hn::MulAdd(Codes<kTier>(LoadBytes(q.codes + (r0 + i) * rb + c0 + j), t), xv, part[i]);
         }
       }
@@ -331,7 +330,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
   const std::uint8_t* r = q.lanes_at(p, g0);
   for (std::size_t g = 0; g < ng; ++g, r += rec) {
     if (h == 0)
-      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchBytes + o);
+      for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchAhead + o);
     VF acc[T][kA];
     for (std::size_t u = 0; u < T; ++u)
       for (std::size_t a = 0; a < kA; ++a) acc[u][a] = hn::Zero(df);
@@ -417,7 +416,7 @@ HWY_INLINE void LanesRowsAlone(const QView& q, std::size_t p, std::size_t g0, st
   HWY_ALIGN static constexpr std::int32_t kShift[16] = {0, 8, 16, 24, 4, 12, 20, 28, 0, 8, 16, 24, 4, 12, 20, 28};
   const VI shift = hn::Load(DI(), kShift);
   const std::uint8_t* r0 = q.lanes_at(p, g0);
-  for (std::size_t o = 0; o < ng * rec; o += 64) hwy::Prefetch(r0 + kPrefetchBytes + o);
+  for (std::size_t o = 0; o < ng * rec; o += 64) hwy::Prefetch(r0 + kPrefetchAhead + o);
   for (std::size_t i = i0; i < i0 + n; ++i) {
     VF ya[kP];
     for (std::size_t j = 0; j < kP; ++j) ya[j] = hn::Zero(df);
@@ -530,7 +529,7 @@ HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std:
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
   const float* sc = cs + g0;
   for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
-    hwy::Prefetch(p + kPrefetchBytes);
+    hwy::Prefetch(p + kPrefetchAhead);
     for (std::size_t gi = 0; gi < G; ++gi) {
       const VF cg = hn::Set(df, sc[gi]);
       if (q.nibble) {
@@ -619,7 +618,7 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
   const float* sc = ss + g0;
   for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
-    hwy::Prefetch(p + kPrefetchBytes);
+    hwy::Prefetch(p + kPrefetchAhead);
     VF ck[T];
     for (std::size_t i = 0; i < T; ++i) ck[i] = hn::Set(df, C[i * ldc + k]);
     for (std::size_t gi = 0; gi < G; ++gi) {
