@@ -167,10 +167,10 @@ TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_ge
             REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
           }
           REQUIRE(y.back() == -9.0f);
-          // Y[u] = 0.5 + alpha W X[u] for 1..13 tokens (q_gemm_nt; rows in lanes: passes of 8
-          // (AVX-512), 4, 2, 1 tokens), on all rows and on a sub-range (rows in lanes: not on panel bounds);
-          // rows outside the range and the padding of Y untouched
-          for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u}) {
+          // Y[u] = 0.5 + alpha W X[u] for 1..29 tokens (q_gemm_nt; rows in lanes: passes of 16
+          // (AVX-512, nibbles), 8 (AVX-512), 4, 2, 1 tokens), on all rows and on a sub-range (rows in
+          // lanes: not on panel bounds); rows outside the range and the padding of Y untouched
+          for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u, 16u, 29u}) {
             for (std::size_t r0 : {std::size_t{0}, std::size_t{1}}) {
               if (r0 && c.rows < 3) continue;
               const std::size_t nr = c.rows - 2 * r0, ldx = c.cols + 3, ldy = c.rows + 2;

@@ -321,6 +321,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
   constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
   constexpr bool kTop = !kNib && !kTier && T <= 2;
   constexpr bool kNibTop = kNib && !kTier && T <= 2 && !(HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL);
+  constexpr bool kFold = kNib && T >= 16;  // the scale folded into each decoded column (registers for 16 tokens)
   const DF df;
   const std::size_t NL = hn::Lanes(df), nq = kNQ ? kNQ : q.lanes_quads(), hb = T == 1 ? q.group / 2 : 4;  // hb: nibbles
   const std::size_t rec = q.lanes_record(), sc = q.lanes_codes() + 2 * NL * h;
@@ -331,6 +332,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
   for (std::size_t g = 0; g < ng; ++g, r += rec) {
     if (h == 0)
       for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchAhead + o);
+    const VF s = hn::Mul(BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc))), mul);
     VF acc[T][kA];
     for (std::size_t u = 0; u < T; ++u)
       for (std::size_t a = 0; a < kA; ++a) acc[u][a] = hn::Zero(df);
@@ -343,12 +345,13 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
         VF lo, hi;
 #define S2LC_LANES_COLUMN(B)                                                \
         LanesByte<kTier, kNibTop, B>(w, wx, table, ix, t, lo, hi);          \
+        if constexpr (kFold) lo = hn::Mul(lo, s), hi = hn::Mul(hi, s);      \
         for (std::size_t u = 0; u < T; ++u) {                               \
-          VF& ac = acc[u][(2 * B) % kA];                                    \
+          VF& ac = kFold ? ya[u] : acc[u][(2 * B) % kA];                    \
           ac = hn::MulAdd(lo, hn::Set(df, xg[u * 8 + B]), ac);               \
         }                                                                   \
         for (std::size_t u = 0; u < T; ++u) {                               \
-          VF& ah = acc[u][(2 * B + 1) % kA];                                \
+          VF& ah = kFold ? ya[u] : acc[u][(2 * B + 1) % kA];                \
           ah = hn::MulAdd(hi, hn::Set(df, xg[u * 8 + hb + B]), ah);          \
         }
         S2LC_LANES_COLUMN(0) S2LC_LANES_COLUMN(1) S2LC_LANES_COLUMN(2) S2LC_LANES_COLUMN(3)
@@ -366,7 +369,7 @@ HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std:
 #undef S2LC_LANES_COLUMN
       }
     }
-    const VF s = hn::Mul(BF16ToF32Vec(hn::LoadU(DU16(), reinterpret_cast<const std::uint16_t*>(r + sc))), mul);
+    if constexpr (kFold) continue;
     for (std::size_t u = 0; u < T; ++u) {
       VF a = acc[u][0];
       for (std::size_t i = 1; i < kA; ++i) a = hn::Add(a, acc[u][i]);
@@ -408,7 +411,7 @@ inline constexpr std::size_t kLanesAloneRows = 4;
 template <std::size_t T>
 HWY_INLINE void LanesRowsAlone(const QView& q, std::size_t p, std::size_t g0, std::size_t ng, const TierParams& t, VF table,
                                const float* HWY_RESTRICT xp, std::size_t i0, std::size_t n, float alpha, float* y, std::size_t ldy) {
-  static_assert(T == 2 || T == 4 || T == 8);
+  static_assert(T == 2 || T == 4 || T == 8 || T == 16);
   constexpr std::size_t kP = T / 2;  // vectors: two tokens each
   const DF df;
   const hn::Half<DF> dh;
@@ -450,8 +453,9 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
 #if HWY_TARGET != HWY_SCALAR
   const DF df;
   const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row();
-  const std::size_t chunk = T == 1 ? gpr : std::max<std::size_t>(1, kLanesPackCols / q.group);
-  HWY_ALIGN float xp[T == 1 ? 1 : kLanesPackCols * T];
+  constexpr std::size_t kCols = T > 8 ? kLanesPackCols * 8 / T : kLanesPackCols;  // at most 4096 floats
+  const std::size_t chunk = T == 1 ? gpr : std::max<std::size_t>(1, kCols / q.group);
+  HWY_ALIGN float xp[T == 1 ? 1 : kCols * T];
   for (std::size_t g0 = 0; g0 < gpr; g0 += chunk) {
     const std::size_t ng = std::min(chunk, gpr - g0);
     if (T > 1) LanesPack<T>(q, ng, x + g0 * q.group, ldx, xp);
@@ -460,7 +464,7 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
       const float* xa = T == 1 ? x + g0 * q.group : xp;
       const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-      if constexpr (T == 2 || T == 4 || T == 8)
+      if constexpr (T == 2 || T == 4 || T == 8 || T == 16)
         if (q.nibble && n <= kLanesAloneRows) {
           LanesRowsAlone<T>(q, p, g0, ng, t, tbl, xp, i0, n, alpha, y + (b + i0 - r0), ldy);
           continue;
@@ -488,11 +492,20 @@ inline constexpr std::size_t kLanesGemmPass = hn::MaxLanes(DF()) >= 16 ? 8 : 4;
 // 8 tokens, dynamic-dispatch build on AVX-512: 5-bit (bytes) 67 -> 87 GMAC/s against passes of 4,
 // 4-bit 84-85 -> 86-87, 3-bit 78-86 -> 83-86. (When the kernel last had them, 2026-11, g++ 12
 // spilled the accumulators of 8-token passes in that build: 79 against 109 GMAC/s for 4-bit.)
+// Nibble codes on AVX-512 take passes of 16 tokens first (LanesGemmRows folds each group's
+// scales into the decoded columns there, so 16 sums and the decode fit the 32 registers: 8
+// multiplies per quad instead of 8 lookups more per 8 tokens). Intel Xeon VM (two 512-bit FMA
+// ports, which also run the lookups and shifts), 4-bit 2048 x 1408 at 32 tokens, hot: 75-82 ->
+// 77-85 GMAC/s (scratch, alternating binaries).
 template <bool kTier>
 HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X, std::size_t ldx,
                            std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   const VF tbl = LanesTable(t);
   std::size_t u = 0;
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  if (q.nibble && q.group <= kLanesPackCols / 2)  // LanesGemmTile<16> packs kLanesPackCols / 2 columns at a time
+    for (; u + 16 <= nt; u += 16) LanesGemmTile<kTier, 16>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
+#endif
   if constexpr (kLanesGemmPass == 8)
     for (; u + 8 <= nt; u += 8) LanesGemmTile<kTier, 8>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   for (; u + 4 <= nt; u += 4) LanesGemmTile<kTier, 4>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
@@ -604,37 +617,44 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
 // T * kV * G <= kNNQAcc accumulators): each row's codes are decoded once for the T tokens and scaled
 // once (code * scale * 2^shift is exact in f32: a small integer times a bf16), then one FMA per
 // token. ss: rows k0.. of the scales as f32 times 2^shift (row stride L.gpr), converted once per
-// call by GemmNNQT instead of once per row and tile here.
-template <std::size_t T, std::size_t kV, std::size_t G, bool kTier>
+// call by GemmNNQT instead of once per row and tile here; cp: the T tokens' coefficients of rows
+// k0.. packed by GemmNNQGroups (row k's at cp + k T), so every broadcast is one base pointer plus
+// a constant offset. AVX-512 nibbles: the scale multiplies the tier's 16-entry table, then both
+// lookups read the scaled table (the same products as scaling each looked-up vector: one
+// multiply per row and group instead of two).
+template <std::size_t T, std::size_t kV, std::size_t G, bool kTier, bool kNib>
 HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
-                            const float* C, std::size_t ldc, std::size_t g0, float* HWY_RESTRICT Y, std::size_t ldy) {
+                            const float* HWY_RESTRICT cp, std::size_t g0, float* HWY_RESTRICT Y, std::size_t ldy) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
   const VF table = NibbleTable(t);
   VF acc[T][kV * G];
   for (std::size_t i = 0; i < T; ++i)
     for (std::size_t v = 0; v < kV * G; ++v) acc[i][v] = hn::Zero(df);
-  const std::size_t gb = q.nibble ? q.group / 2 : q.group;
+  const std::size_t gb = kNib ? q.group / 2 : q.group;
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
   const float* sc = ss + g0;
-  for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr) {
+  for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr, cp += T) {
     hwy::Prefetch(p + kPrefetchAhead);
-    VF ck[T];
-    for (std::size_t i = 0; i < T; ++i) ck[i] = hn::Set(df, C[i * ldc + k]);
     for (std::size_t gi = 0; gi < G; ++gi) {
       const VF s = hn::Set(df, sc[gi]);
-      for (std::size_t j = 0; j < (q.nibble ? kV / 2 : kV); ++j) {
+      for (std::size_t j = 0; j < (kNib ? kV / 2 : kV); ++j) {
         VF a, b;
-        if (q.nibble) {
+        if constexpr (kNib) {
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+          Nibbles<kTier>(LoadBytes(p + gi * gb + j * N), hn::Mul(table, s), t, a, b);
+#else
           Nibbles<kTier>(LoadBytes(p + gi * gb + j * N), table, t, a, b);
+          a = hn::Mul(a, s);
           b = hn::Mul(b, s);
+#endif
         } else {
-          a = Codes<kTier>(LoadBytes(p + gi * gb + j * N), t);
+          a = hn::Mul(Codes<kTier>(LoadBytes(p + gi * gb + j * N), t), s);
         }
-        a = hn::Mul(a, s);
         for (std::size_t i = 0; i < T; ++i) {
-          acc[i][gi * kV + j] = hn::MulAdd(a, ck[i], acc[i][gi * kV + j]);
-          if (q.nibble) acc[i][gi * kV + kV / 2 + j] = hn::MulAdd(b, ck[i], acc[i][gi * kV + kV / 2 + j]);
+          const VF c = hn::Set(df, cp[i]);
+          acc[i][gi * kV + j] = hn::MulAdd(a, c, acc[i][gi * kV + j]);
+          if constexpr (kNib) acc[i][gi * kV + kV / 2 + j] = hn::MulAdd(b, c, acc[i][gi * kV + kV / 2 + j]);
         }
       }
     }
@@ -653,9 +673,17 @@ HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, s
                               const float* C, std::size_t ldc, float* Y, std::size_t ldy) {
   constexpr std::size_t G = kNNQAcc / (T * kV);
   static_assert(G >= 1);
-  std::size_t g = 0;
-  for (; g + G <= L.nfast; g += G) GemmNNQTile<T, kV, G, kTier>(q, L, k0, nk, t, ss, C, ldc, g, Y, ldy);
-  for (; g < L.nfast; ++g) GemmNNQTile<T, kV, 1, kTier>(q, L, k0, nk, t, ss, C, ldc, g, Y, ldy);
+  HWY_ALIGN float cp[kNNCoefs];  // nk <= kNNCoefs / 8 (GemmNNQT)
+  for (std::size_t k = 0; k < nk; ++k)
+    for (std::size_t i = 0; i < T; ++i) cp[k * T + i] = C[i * ldc + k];
+  auto tiles = [&](auto nib) {
+    constexpr bool kNib = decltype(nib)::value;
+    std::size_t g = 0;
+    for (; g + G <= L.nfast; g += G) GemmNNQTile<T, kV, G, kTier, kNib>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
+    for (; g < L.nfast; ++g) GemmNNQTile<T, kV, 1, kTier, kNib>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
+  };
+  if (q.nibble) tiles(std::true_type());
+  else tiles(std::false_type());
 }
 
 // Y[t, j] += sum_k C[t, k] W[k, j] for nt tokens: token tiles of 8, 4, 2, 1 (as many as the
@@ -674,7 +702,7 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
   }
   // The scales as f32 times 2^shift (exact: a power of 2), kNNCoefs at a time.
   HWY_ALIGN float ss[kNNCoefs];
-  const std::size_t kc = kNNCoefs / L.gpr;
+  const std::size_t kc = kNNCoefs / std::max<std::size_t>(L.gpr, 8);  // GemmNNQGroups packs kc x 8 coefficients
   for (std::size_t kb = 0; kb < nk; kb += kc) {
     const std::size_t n = std::min(kc, nk - kb);
     BF16ToF32(q.scales + (k0 + kb) * L.gpr, ss, n * L.gpr);
