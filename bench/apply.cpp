@@ -26,6 +26,12 @@
 //   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
 //     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
 //     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
+//   kernel/<s2lc|decode_gemm_nn|fma_bound>/<matrix>_t<T>: one kernel, hot, T tokens, against
+//     register FMAs as many as its multiply-adds (x_baseline: times the FMA bound): core_2048x1408
+//     (q_gemm_nt on a 4-bit rows-in-lanes matrix, a synthetic expert's dense core), right_36x256
+//     (q_gemm_nt on a 3-bit rows-in-lanes rank-36 right factor), left_36x256 (q_gemm_nn on a 3-bit
+//     row-major left factor; decode_gemm_nn: q_decode_rows then gemm_nn, what apply runs from 32
+//     tokens on).
 // Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
 // Single thread for every contender (OpenBLAS too) except the _t2 rows (merge, layer). See bench/RESULTS.md.
@@ -644,6 +650,52 @@ void dense_layer(const RealLayer& L, const float* w, const s2lc::DispatchPlan& p
   }
 }
 
+// One kernel on one matrix, hot (the kernel/ rows): random normal weights quantized to `bits`
+// (group 32), rows in lanes for q_gemm_nt.
+enum class kernel_impl { s2lc, decode_gemm_nn, fma_bound };
+struct KernelCase {
+  const char* name;
+  std::size_t rows, cols;
+  unsigned bits;
+  bool lanes;  // q_gemm_nt on rows in lanes; else q_gemm_nn on the row-major matrix
+};
+constexpr KernelCase kKernelCases[] = {
+    {"core_2048x1408", 2048, 1408, 4, true}, {"right_36x256", 36, 256, 3, true}, {"left_36x256", 36, 256, 3, false}};
+
+void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, kernel_impl which) {
+  namespace k = s2lc::kernels;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  std::vector<float> w(kc.rows * kc.cols);
+  for (auto& v : w) v = nd(rng);
+  const auto q = s2lc::compress::quantize(w.data(), kc.rows, kc.cols, {kc.bits, 32, false});
+  const auto km = mo::KMat::from(q, kc.lanes);
+  const k::QView v = km.view();
+  // q_gemm_nt: X [T, cols] -> Y [T, rows]; q_gemm_nn: C [T, rows] -> Y [T, cols]
+  const std::size_t in = kc.lanes ? kc.cols : kc.rows, out = kc.lanes ? kc.rows : kc.cols;
+  std::vector<float> X(T * in), Y(T * out, 0.0f), buf(kc.rows * kc.cols);
+  for (auto& x : X) x = nd(rng);
+  const std::size_t macs = kc.rows * kc.cols * T;
+  for (auto _ : state) {
+    if (which == kernel_impl::fma_bound) {
+      float sink = 0;
+      k::fma_peak(macs / k::fma_peak(1, &sink), &sink);
+      benchmark::DoNotOptimize(sink);
+    } else if (which == kernel_impl::decode_gemm_nn) {
+      k::q_decode_rows(v, 0, kc.rows, 0, buf.data(), kc.cols);
+      k::gemm_nn(X.data(), in, T, kc.rows, buf.data(), kc.cols, kc.cols, Y.data(), out);
+    } else if (kc.lanes) {
+      k::q_gemm_nt(v, 0, kc.rows, 0, X.data(), in, T, 1.0f, Y.data(), out);
+    } else {
+      k::q_gemm_nn(v, 0, kc.rows, 0, X.data(), in, T, Y.data(), out);
+    }
+    benchmark::DoNotOptimize(Y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GMAC/s"] = benchmark::Counter(static_cast<double>(macs) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  s2lc::bench::set_bytes(state, 0.0);
+}
+
 enum class layer_impl { s2lc, s2lc_int8, s2lc_t2, openblas, stream_bound };
 
 void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl which) {
@@ -777,6 +829,16 @@ const bool registered = [] {
       benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[static_cast<int>(w)]) + "/tinymoe_domain_m0" + (cold ? "_cold" : "_hot")).c_str(),
                                    [=](benchmark::State& st) { bench_merge_domain<float>(st, w, cold, true); })
           ->Unit(benchmark::kMicrosecond);
+  for (const KernelCase& kc : kKernelCases)
+    for (std::size_t T : {1u, 8u, 16u, 32u, 64u})
+      for (kernel_impl w : {kernel_impl::s2lc, kernel_impl::decode_gemm_nn, kernel_impl::fma_bound}) {
+        if (w == kernel_impl::decode_gemm_nn && kc.lanes) continue;
+        const char* iname = w == kernel_impl::s2lc ? "s2lc" : w == kernel_impl::fma_bound ? "fma_bound" : "decode_gemm_nn";
+        benchmark::RegisterBenchmark(("kernel/" + std::string(iname) + "/" + kc.name + "_t" + std::to_string(T)).c_str(),
+                                     [=](benchmark::State& st) { bench_kernel(st, kc, T, w); })
+            ->Unit(benchmark::kMicrosecond);
+      }
+  s2lc::bench::register_op("kernel", {"fma_bound", "none"});
   s2lc::bench::register_op("layer", {"openblas", "stream_bound"});
   s2lc::bench::register_op("morph", {"single", "none"});
   s2lc::bench::register_op("merge", {"memcpy", "memcpy"});
