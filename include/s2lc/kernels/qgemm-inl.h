@@ -394,6 +394,10 @@ HWY_INLINE VF LanesTable(const TierParams& t) {
 
 // Columns of activations packed at a time (a stack buffer of kLanesPackCols * T floats).
 inline constexpr std::size_t kLanesPackCols = 512;
+// Columns a pass of T tokens packs at a time: passes of more than 8 tokens take fewer, so the
+// buffer stays at most kLanesPackCols * 8 floats.
+template <std::size_t T>
+inline constexpr std::size_t kLanesPackColsT = T > 8 ? kLanesPackCols * 8 / T : kLanesPackCols;
 
 // Real rows in a 16-row block up to which LanesGemmTile computes them one by one (LanesRowsAlone)
 // instead of the whole block: a low-rank right factor of rank 33 stores and would compute 48 rows.
@@ -453,7 +457,7 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
 #if HWY_TARGET != HWY_SCALAR
   const DF df;
   const std::size_t NL = hn::Lanes(df), gpr = q.groups_per_row();
-  constexpr std::size_t kCols = T > 8 ? kLanesPackCols * 8 / T : kLanesPackCols;  // at most 4096 floats
+  constexpr std::size_t kCols = kLanesPackColsT<T>;
   const std::size_t chunk = T == 1 ? gpr : std::max<std::size_t>(1, kCols / q.group);
   HWY_ALIGN float xp[T == 1 ? 1 : kCols * T];
   for (std::size_t g0 = 0; g0 < gpr; g0 += chunk) {
@@ -493,17 +497,18 @@ inline constexpr std::size_t kLanesGemmPass = hn::MaxLanes(DF()) >= 16 ? 8 : 4;
 // 4-bit 84-85 -> 86-87, 3-bit 78-86 -> 83-86. (When the kernel last had them, 2026-11, g++ 12
 // spilled the accumulators of 8-token passes in that build: 79 against 109 GMAC/s for 4-bit.)
 // Nibble codes on AVX-512 take passes of 16 tokens first (LanesGemmRows folds each group's
-// scales into the decoded columns there, so 16 sums and the decode fit the 32 registers: 8
-// multiplies per quad instead of 8 lookups more per 8 tokens). Intel Xeon VM (two 512-bit FMA
-// ports, which also run the lookups and shifts), 4-bit 2048 x 1408 at 32 tokens, hot: 75-82 ->
-// 77-85 GMAC/s (scratch, alternating binaries).
+// scales into the decoded columns there, so 16 sums and the decode fit the 32 registers; the
+// 8 multiplies per quad cost less than the second pass's 15 lookups and shifts). Intel Xeon VM
+// (two 512-bit FMA ports, which also run the lookups and shifts), 4-bit 2048 x 1408 at 32
+// tokens, hot: 75-82 -> 77-85 GMAC/s in a scratch driver, at the edge of noise in the bench's
+// kernel/ rows (bench/RESULTS.md).
 template <bool kTier>
 HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X, std::size_t ldx,
                            std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   const VF tbl = LanesTable(t);
   std::size_t u = 0;
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-  if (q.nibble && q.group <= kLanesPackCols / 2)  // LanesGemmTile<16> packs kLanesPackCols / 2 columns at a time
+  if (q.nibble && q.group <= kLanesPackColsT<16>)  // a group must fit one pack
     for (; u + 16 <= nt; u += 16) LanesGemmTile<kTier, 16>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
 #endif
   if constexpr (kLanesGemmPass == 8)
@@ -673,9 +678,13 @@ HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, s
                               const float* C, std::size_t ldc, float* Y, std::size_t ldy) {
   constexpr std::size_t G = kNNQAcc / (T * kV);
   static_assert(G >= 1);
-  HWY_ALIGN float cp[kNNCoefs];  // nk <= kNNCoefs / 8 (GemmNNQT)
-  for (std::size_t k = 0; k < nk; ++k)
-    for (std::size_t i = 0; i < T; ++i) cp[k * T + i] = C[i * ldc + k];
+  HWY_ALIGN float pack[T == 1 ? 1 : kNNCoefs];  // nk <= kNNCoefs / 8 (GemmNNQT)
+  const float* cp = C;  // one token: its coefficients are already contiguous
+  if constexpr (T > 1) {
+    for (std::size_t k = 0; k < nk; ++k)
+      for (std::size_t i = 0; i < T; ++i) pack[k * T + i] = C[i * ldc + k];
+    cp = pack;
+  }
   auto tiles = [&](auto nib) {
     constexpr bool kNib = decltype(nib)::value;
     std::size_t g = 0;
