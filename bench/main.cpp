@@ -10,6 +10,7 @@
 #include "report.hpp"
 #include "targets.hpp"
 
+#include <s2lc/kernels/amx.hpp>
 #include <s2lc/kernels/cpu.hpp>
 
 namespace s2lc::bench {
@@ -118,6 +119,13 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--s2lc_no_avx512_bf16") != 0) continue;
     s2lc::kernels::allow_avx512_bf16(false);
+    drop_arg(argc, argv, i);
+  }
+  // --s2lc_no_amx: q_gemm_nt keeps its AVX-512 kernels where the CPU has AMX tiles
+  // (kernels::allow_amx), to time both paths with one binary.
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--s2lc_no_amx") != 0) continue;
+    s2lc::kernels::allow_amx(false);
     drop_arg(argc, argv, i);
   }
   // --s2lc_buffer_offset=B: weight buffers start B bytes past a 64-byte boundary (report.hpp).

@@ -16,6 +16,7 @@
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <hwy/targets.h>
@@ -61,7 +62,11 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        {3, 256, 32, 3},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
                        // to pack, a panel of the widest rows (32 KB)
-                       {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8}};
+                       {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8},
+                       // AMX tiles (amx.hpp; q_gemm_nt from 16 tokens, 8 on more than 64 rows):
+                       // groups of 32, 64 (above), 128 and 256 columns, the widest they take;
+                       // 80 rows: 8 and 13 tokens too, from row 1 a partial first and last panel
+                       {24, 512, 128, 4}, {18, 512, 256, 3}, {80, 256, 32, 4}};
 
 /// The kernel layouts to run a case on: row-major, and rows in lanes where the shape takes it.
 std::vector<s2lc::morph::KMat> layouts(const cz::QMatrix& q) {
@@ -170,11 +175,15 @@ TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_ge
           // Y[u] = 0.5 + alpha W X[u] for 1..29 tokens (q_gemm_nt; rows in lanes: passes of 16
           // (AVX-512, nibbles), 8 (AVX-512), 4, 2, 1 tokens), on all rows and on a sub-range (rows in
           // lanes: not on panel bounds); rows outside the range and the padding of Y untouched
+          // (AVX3_DL on a CPU with AMX: from 8 tokens on more than 64 rows and from 16 on any, on AMX
+          // tiles, amx.hpp, and without them)
           for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u, 16u, 29u}) {
-            for (std::size_t r0 : {std::size_t{0}, std::size_t{1}}) {
+            for (auto [r0, amx] : {std::pair{std::size_t{0}, true}, {std::size_t{1}, true}, {std::size_t{0}, false}, {std::size_t{1}, false}}) {
               if (r0 && c.rows < 3) continue;
+              if (!amx && s2lc::test::amx_modes(target).size() == 1) continue;
+              s2lc::test::AmxScope amx_scope(amx);
               const std::size_t nr = c.rows - 2 * r0, ldx = c.cols + 3, ldy = c.rows + 2;
-              CAPTURE(nt); CAPTURE(r0);
+              CAPTURE(nt); CAPTURE(r0); CAPTURE(amx);
               const auto X = randn(nt * ldx, static_cast<std::uint32_t>(17 + nt));
               std::vector<float> Y(nt * ldy, 0.5f);
               k::q_gemm_nt(km.view(), r0, nr, tier, X.data(), ldx, nt, -1.5f, Y.data(), ldy);
@@ -353,6 +362,54 @@ TEST_CASE("kernels: q_gemm_nt rows in lanes at one and two tokens, activations n
             REQUIRE(std::fabs(Y[u * R + i] - s) <= bound(C, a));
           }
       }
+    }
+  }
+}
+
+// AMX tiles (amx.hpp) split each f32 activation into three bf16 parts: activations of magnitude
+// 2^-120 to 2^100 (parts near bf16's smallest normal, products near the top of the range) stay
+// within the f32 bound, and NaN and +-inf give what the double reference gives (NaN where a code
+// is 0 or infinities of both signs meet). On every target (AMX on and off where the CPU has it).
+TEST_CASE("kernels: q_gemm_nt with activations from 2^-120 to 2^100, NaN and infinities, every target") {
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    for (bool amx : s2lc::test::amx_modes(target)) {
+      s2lc::test::AmxScope amx_scope(amx);
+      CAPTURE(amx);
+      const std::size_t R = 80, C = 96, nt = 16;
+      const auto w = randn(R * C, 57, 0.05f);
+      const auto q = cz::quantize(w.data(), R, C, {4, 32, false});
+      const auto km = s2lc::morph::KMat::from(q, true);
+      REQUIRE(km.lanes);
+      const auto W = cz::dequantize(q, 0);
+      auto X = randn(nt * C, 59);
+      const int exps[] = {-120, -100, -60, 0, 60, 100};
+      for (std::size_t u = 0; u < nt; ++u)
+        for (std::size_t j = 0; j < C; ++j) X[u * C + j] = std::ldexp(X[u * C + j], exps[(u + j / 7) % 6]);
+      X[3 * C + 5] = std::numeric_limits<float>::quiet_NaN();
+      X[7 * C + 10] = std::numeric_limits<float>::infinity();
+      X[9 * C + 20] = -std::numeric_limits<float>::infinity();
+      X[9 * C + 50] = std::numeric_limits<float>::infinity();
+      std::vector<float> Y(nt * R, 0.0f);
+      k::q_gemm_nt(km.view(), 0, R, 0, X.data(), C, nt, 1.0f, Y.data(), R);
+      for (std::size_t u = 0; u < nt; ++u)
+        for (std::size_t i = 0; i < R; ++i) {
+          CAPTURE(u); CAPTURE(i);
+          double s = 0, a = 0;
+          for (std::size_t j = 0; j < C; ++j) {
+            const double p = double(W[i * C + j]) * X[u * C + j];
+            s += p, a += std::fabs(p);
+          }
+          const float y = Y[u * R + i];
+          if (std::isnan(s)) {
+            REQUIRE(std::isnan(y));
+          } else if (std::isinf(s)) {
+            REQUIRE(y == static_cast<float>(s));
+          } else {
+            REQUIRE(std::fabs(y - s) <= bound(C, a) + kU);
+          }
+        }
     }
   }
 }

@@ -14,6 +14,7 @@
 #define S2LC_TEST_MXCSR 0
 #endif
 
+#include "s2lc/kernels/amx.hpp"
 #include "s2lc/kernels/cpu.hpp"
 
 namespace s2lc::test {
@@ -31,21 +32,27 @@ class TargetScope {
   TargetScope& operator=(const TargetScope&) = delete;
 };
 
-/// The settings of kernels::allow_avx512_bf16 to test on `target`: both where it is AVX3_DL and
-/// the CPU has AVX512_BF16 (the kernels then have two bf16 paths there), else the default.
-inline std::vector<bool> bf16_insn_modes(std::int64_t target) {
-  if (target == HWY_AVX3_DL && s2lc::kernels::cpu_has_avx512_bf16()) return {true, false};
+/// The settings of a kernel-path switch to test on `target`: both where it is AVX3_DL and the CPU
+/// has the instructions (the kernels then have two paths there), else the default.
+inline std::vector<bool> insn_modes(std::int64_t target, bool cpu_has) {
+  if (target == HWY_AVX3_DL && cpu_has) return {true, false};
   return {true};
 }
+/// kernels::allow_avx512_bf16 (bf16 rounding with vcvtneps2bf16) and kernels::allow_amx (q_gemm_nt on AMX tiles).
+inline std::vector<bool> bf16_insn_modes(std::int64_t target) { return insn_modes(target, s2lc::kernels::cpu_has_avx512_bf16()); }
+inline std::vector<bool> amx_modes(std::int64_t target) { return insn_modes(target, s2lc::kernels::cpu_has_amx_bf16()); }
 
-/// kernels::allow_avx512_bf16(allow) for its lifetime.
-class Bf16InsnScope {
+/// Set(allow) for its lifetime, then Set(true) (the default).
+template <void (*Set)(bool) noexcept>
+class InsnScope {
  public:
-  explicit Bf16InsnScope(bool allow) { s2lc::kernels::allow_avx512_bf16(allow); }
-  ~Bf16InsnScope() { s2lc::kernels::allow_avx512_bf16(true); }
-  Bf16InsnScope(const Bf16InsnScope&) = delete;
-  Bf16InsnScope& operator=(const Bf16InsnScope&) = delete;
+  explicit InsnScope(bool allow) { Set(allow); }
+  ~InsnScope() { Set(true); }
+  InsnScope(const InsnScope&) = delete;
+  InsnScope& operator=(const InsnScope&) = delete;
 };
+using Bf16InsnScope = InsnScope<&s2lc::kernels::allow_avx512_bf16>;
+using AmxScope = InsnScope<&s2lc::kernels::allow_amx>;
 
 /// The settings of FlushScope to test: flushing too where the CPU has MXCSR (x86).
 inline std::vector<bool> flush_modes() {

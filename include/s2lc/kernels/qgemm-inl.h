@@ -28,6 +28,7 @@
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
+#include "s2lc/kernels/amx.hpp"
 #include "s2lc/kernels/convert-inl.h"
 #include "s2lc/kernels/cpu.hpp"
 #include "s2lc/kernels/q8-inl.h"
@@ -905,6 +906,10 @@ inline void GemvNTRowMajor(const QView& q, std::size_t r0, std::size_t nr, unsig
 inline HWY_NOINLINE void QGemmNT(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, const float* X, std::size_t ldx,
                                  std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   if (q.lanes) {
+#if HWY_TARGET == HWY_AVX3_DL && S2LC_AMX
+    if (amx_gemm_worth(nr, nt) && amx_gemm_fits(q) && use_amx())
+      return amx_gemm_nt(q, r0, nr, tier_params(q.bits, tier), X, ldx, nt, alpha, Y, ldy);  // amx.hpp
+#endif
     if constexpr (q8k::kLanesVec) {
       if (nt == 1 || q.group <= qk::kLanesPackCols) {
         const TierParams t = tier_params(q.bits, tier);

@@ -1,0 +1,318 @@
+// s2lc::kernels — q_gemm_nt on Intel AMX tiles (x86-64 Linux, GCC 11+ / Clang 12+): f32
+// activations times 4-bit codes at f32 accuracy with bf16 tile products.
+//
+// Why: with f32 activations and 8+ tokens, the AVX-512 kernels decode nibbles to f32 and run one
+// FMA per code and token; on a CPU with two 512-bit ports the decode and the FMAs share them and
+// the kernel runs at about 1.5x the FMA bound. An AMX unit (Sapphire Rapids and later) does
+// 16 x 16 x 32 bf16 multiply-adds per TDPBF16PS into f32, about 12x the f32 FMA rate of a core.
+//
+// How, exactly: a code (at most 8 bits wide after a tier: an integer of magnitude <= 128) is a
+// bf16 exactly, and every f32 activation x is the exact sum of three bf16, h + m + l: h is x with
+// its low 16 bits cleared, m the same of x - h, l = x - h - m (each step exact, 8 significant
+// bits each). So sum_j code_j x_j = sum_j code_j h_j + code_j m_j + code_j l_j, each product exact
+// in f32; the tile sums in f32 with round-to-nearest-even. Per (16-row panel, group) a tile C
+// (tokens x rows) takes the group's three products, then the f32 kernel's step: the group's
+// scales times C added into per-token accumulators. The result is within the f32 summation bound
+// of the same sum as the FMA kernels (a different order of the same exact products). Differences
+// from the FMA kernels: AMX treats bf16 inputs below 2^-126 (the m, l of |x| < ~2^-110) as zero
+// and flushes results below 2^-126 to zero, which moves a result by at most ~2^-110 |x|.
+//
+// The tile state needs the OS's permission once per process (arch_prctl ARCH_REQ_XCOMP_PERM,
+// Linux 5.16+), asked the first time cpu_has_amx_bf16() runs; each call configures the tiles of
+// its thread and releases them when it returns. allow_amx(false) keeps the AVX-512 kernels (tests
+// and benches run both).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "s2lc/kernels/qview.hpp"
+
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define S2LC_AMX 1
+#include <cpuid.h>
+// Highway includes <immintrin.h> with -Wmaybe-uninitialized off (GCC 12 flags the
+// _mm512_undefined_* idiom of its intrinsics where they inline); the first inclusion decides.
+#if !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#include <sys/syscall.h>
+#include <unistd.h>
+#define S2LC_AMX_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,amx-tile,amx-bf16")))
+#else
+#define S2LC_AMX 0
+#endif
+
+namespace s2lc::kernels {
+
+namespace detail {
+/// CPUID says AMX-TILE, AMX-BF16, AVX512F/BW/VL/VBMI; the OS enables the AVX-512 and tile state
+/// (XCR0 bits 1, 2, 5-7, 17, 18); and Linux grants this process the tile data.
+inline bool amx_bf16_setup() noexcept {
+#if S2LC_AMX
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool cpu = (d >> 24 & 1u) && (d >> 22 & 1u) && (b >> 16 & 1u) && (b >> 30 & 1u) && (b >> 31 & 1u) && (c >> 1 & 1u);
+  if (!cpu) return false;
+  __get_cpuid(1, &a, &b, &c, &d);
+  if (!(c >> 27 & 1u)) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const unsigned want = (1u << 1) | (1u << 2) | (7u << 5) | (3u << 17);
+  if ((lo & want) != want) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+inline std::atomic<bool>& amx_allowed() noexcept {
+  static std::atomic<bool> allowed{true};
+  return allowed;
+}
+}  // namespace detail
+
+/// Whether this CPU and OS run AMX bf16 tiles for this process (asks the OS once).
+inline bool cpu_has_amx_bf16() noexcept {
+  static const bool has = detail::amx_bf16_setup();
+  return has;
+}
+
+/// For tests and benches: false keeps the AVX-512 kernels on a CPU with AMX, so both paths can be
+/// checked and timed in one process. Process-wide; results stay within the same bounds.
+inline void allow_amx(bool allow) noexcept { detail::amx_allowed().store(allow, std::memory_order_relaxed); }
+
+/// Whether q_gemm_nt takes AMX tiles: the CPU has them and allow_amx(false) is not in effect.
+inline bool use_amx() noexcept { return cpu_has_amx_bf16() && detail::amx_allowed().load(std::memory_order_relaxed); }
+
+/// Whether q_gemm_nt takes the AMX kernel for nr rows and nt tokens: 16+ tokens, or 8+ on more
+/// than 64 rows. Its cost per (16-row panel, group) hardly depends on the tokens (decoding the
+/// codes to a bf16 tile, storing and scaling the sums), while the FMA kernels' grows with them;
+/// each call also splits its activations. On the Intel VM (bench kernel/ rows, hot): 4-bit
+/// 2048 x 1408 at 4 tokens 204-242 us against 176-188 on AVX-512, 8 tokens 254-270 against
+/// 305-334, 16 tokens 352-388 against 595-612; a 3-bit rank-36 right factor (36 x 256) at 8
+/// tokens 1.41-1.43 us against 1.26-1.28, at 16 tokens 2.25-2.36 against 2.40-2.48.
+inline bool amx_gemm_worth(std::size_t nr, std::size_t nt) noexcept { return nt >= 16 || (nt >= 8 && nr > 64); }
+
+/// Whether amx_gemm_nt takes q: rows in lanes, nibble codes, groups of a multiple of 32 columns
+/// up to 256.
+inline bool amx_gemm_fits(const QView& q) noexcept {
+  return q.lanes && q.nibble && q.group % 32 == 0 && q.group <= 256;
+}
+
+#if S2LC_AMX
+namespace amx {
+
+struct alignas(64) TileConfig {
+  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  std::uint16_t colsb[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+// Tiles: 0, 1 the group sums C (tokens x 16 rows, f32), alternating per group; 2-4 the three
+// bf16 parts of the activations (tokens x 32 columns); 5, 6 the codes as bf16 (16 column pairs
+// x 16 rows x 2), alternating per group.
+// Columns of activations split per pass (3 x 16 tokens x 256 x 2 bytes = 24 KB on the stack).
+inline constexpr std::size_t kSpanCols = 256;
+
+S2LC_AMX_ATTR inline void configure(std::size_t tokens) noexcept {
+  TileConfig c;
+  for (int i = 0; i < 7; ++i) c.colsb[i] = 64;
+  for (int i = 0; i < 5; ++i) c.rows[i] = static_cast<std::uint8_t>(tokens);
+  c.rows[5] = c.rows[6] = 16;
+  _tile_loadconfig(&c);
+}
+
+// The three bf16 parts of 16 activations (bit patterns with the low 16 bits zero): h = x with the
+// low 16 bits cleared (a NaN stays a NaN), m the same of x - h (0 where h is not finite), l the rest.
+S2LC_AMX_ATTR inline void split3(__m512 x, __m512& h, __m512& m, __m512& l) noexcept {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  __m512i hb = _mm512_and_si512(_mm512_castps_si512(x), hi);
+  hb = _mm512_mask_or_epi32(hb, nan, hb, _mm512_set1_epi32(0x00400000));
+  h = _mm512_castsi512_ps(hb);
+  const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(h, h), _mm512_setzero_ps(), _CMP_EQ_OQ);
+  const __m512 r = _mm512_maskz_sub_ps(fin, x, h);
+  m = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), hi));
+  l = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(r, m)), hi));
+}
+
+// 32 bf16 from the high halves of a (lanes 0-15) and b (16-31).
+S2LC_AMX_ATTR inline __m512i high_halves(__m512 a, __m512 b, __m512i idx) noexcept {
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(a), idx, _mm512_castps_si512(b));
+}
+
+// Activations of tokens [0, nt) (X rows ldx apart), columns [c0, c0 + n) (n a multiple of 32), as
+// the A tiles: a[chunk][part][token][32] bf16.
+S2LC_AMX_ATTR inline void split_acts(const float* X, std::size_t ldx, std::size_t nt, std::size_t c0, std::size_t n,
+                                     std::uint16_t* a) noexcept {
+  alignas(64) std::uint16_t odd[32];
+  for (int i = 0; i < 32; ++i) odd[i] = static_cast<std::uint16_t>(2 * i + 1);
+  const __m512i idx = _mm512_load_si512(odd);
+  for (std::size_t ch = 0; ch < n / 32; ++ch)
+    for (std::size_t u = 0; u < nt; ++u) {
+      const float* x = X + u * ldx + c0 + 32 * ch;
+      __m512 h0, m0, l0, h1, m1, l1;
+      split3(_mm512_loadu_ps(x), h0, m0, l0);
+      split3(_mm512_loadu_ps(x + 16), h1, m1, l1);
+      std::uint16_t* dst = a + ch * 3 * 512 + u * 32;
+      _mm512_store_si512(dst, high_halves(h0, h1, idx));
+      _mm512_store_si512(dst + 512, high_halves(m0, m1, idx));
+      _mm512_store_si512(dst + 1024, high_halves(l0, l1, idx));
+    }
+}
+
+// The codes of one (panel, group) record as bf16 B tiles, one per 32 columns of the group:
+// b[chunk][column pair][row][2]. Record quad k holds code bytes 4k .. 4k + 3 of the 16 rows (row i
+// at 4i); byte j of a row holds column j (low nibble) and j + group / 2 (high), stored as c + 8.
+// A permute of bytes puts bytes (2 half, 2 half + 1) of row i into 16-bit lane 2i, 2i + 1 (for half
+// 0, 1); the lookup (vpermw reads an index's low 5 bits: the table repeats after 16) gives the
+// low nibbles' values, and after a shift by 4 the high nibbles'.
+S2LC_AMX_ATTR inline void decode_codes(const std::uint8_t* rec, std::size_t group, __m512i tbl, __m512i idx0, __m512i idx1,
+                                       std::uint16_t* b) noexcept {
+  const std::size_t h = group / 2;
+  for (std::size_t k = 0; k < group / 8; ++k) {
+    const __m512i v = _mm512_loadu_si512(rec + 64 * k);
+    const __m512i e0 = _mm512_permutexvar_epi8(idx0, v), e1 = _mm512_permutexvar_epi8(idx1, v);
+    const __m512i w[4] = {_mm512_permutexvar_epi16(e0, tbl), _mm512_permutexvar_epi16(e1, tbl),
+                          _mm512_permutexvar_epi16(_mm512_srli_epi16(e0, 4), tbl),
+                          _mm512_permutexvar_epi16(_mm512_srli_epi16(e1, 4), tbl)};
+    for (std::size_t i = 0; i < 4; ++i) {
+      const std::size_t j = (i >> 1) * h + 4 * k + 2 * (i & 1);  // the pair's first column
+      _mm512_store_si512(b + (j / 32) * 512 + (j % 32) / 2 * 32, w[i]);
+    }
+  }
+}
+
+// C tile c_ <- sum over the group's chunks of the three parts (tiles 2-4) times the codes (tile
+// b_), stored to c. (GCC's _tile_* are macros that paste the tile number into the assembly, so
+// the numbers are literals: one function per (C, B) pair.)
+#define S2LC_AMX_GROUP_PRODUCTS(name, c_, b_)                                                                 \
+  S2LC_AMX_ATTR inline void name(const std::uint16_t* a, const std::uint16_t* b, std::size_t chunks, float* c) noexcept { \
+    _tile_zero(c_);                                                                                            \
+    for (std::size_t ch = 0; ch < chunks; ++ch) {                                                              \
+      _tile_loadd(2, a + ch * 1536, 64);                                                                       \
+      _tile_loadd(3, a + ch * 1536 + 512, 64);                                                                 \
+      _tile_loadd(4, a + ch * 1536 + 1024, 64);                                                                \
+      _tile_loadd(b_, b + ch * 512, 64);                                                                       \
+      _tile_dpbf16ps(c_, 2, b_);                                                                               \
+      _tile_dpbf16ps(c_, 3, b_);                                                                               \
+      _tile_dpbf16ps(c_, 4, b_);                                                                               \
+    }                                                                                                          \
+    _tile_stored(c_, c, 64);                                                                                   \
+  }
+S2LC_AMX_GROUP_PRODUCTS(group_products0, 0, 5)
+S2LC_AMX_GROUP_PRODUCTS(group_products1, 1, 6)
+#undef S2LC_AMX_GROUP_PRODUCTS
+
+// The 16 f32 scales of a record (bf16, host order, after its codes).
+S2LC_AMX_ATTR inline __m512 record_scales(const std::uint8_t* s) noexcept {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+}  // namespace amx
+
+/// q_gemm_nt (qgemm.hpp) on AMX tiles for a q that amx_gemm_fits, where use_amx(): Y[u * ldy + i]
+/// += alpha * sum_j q[r0 + i, j] X[u * ldx + j] for i < nr, u < nt, at tier t.
+///
+/// Per 16 tokens, per span of columns (kSpanCols: the activations' three parts as A tiles, 24 KB),
+/// the (panel, group) items run as a software pipeline: the codes of item i + D are decoded to bf16
+/// (a ring of S buffers) while item i's products run, and item i - L's stored C is scaled into the
+/// panel's accumulators. A tile load of bytes stored just before stalls the tile unit (a
+/// scratch loop on the Intel VM: 16 stores + load + 3 TDPBF16PS 32 ns, 14 ns one item apart).
+S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X,
+                                      std::size_t ldx, std::size_t nt, float alpha, float* Y, std::size_t ldy) noexcept {
+  using namespace amx;
+  const std::size_t R = QView::kLaneRows, gpr = q.groups_per_row(), span = std::max<std::size_t>(1, kSpanCols / q.group);
+  const std::size_t chunks = q.group / 32, at = q.lanes_codes(), p0 = r0 / R, p1 = (r0 + nr + R - 1) / R;
+  // ring slots of B tiles (8 KB), decode lead and consume lag: 4, 2, 2 for groups of 32 or 64
+  const std::size_t S = chunks <= 2 ? 4 : chunks <= 4 ? 2 : 1, D = S / 2, L = S / 2, slot = chunks * 512;
+  alignas(64) std::uint16_t a[kSpanCols / 32 * 3 * 512];  // A tiles of one span
+  alignas(64) std::uint16_t b[8 * 512];                   // B tiles, S slots
+  alignas(64) float c[4 * 256] = {};                      // C tiles stored, S slots (rows past the tokens: 0)
+  alignas(64) std::uint16_t tab[32];
+  alignas(64) std::uint8_t i0[64], i1[64];
+  for (int n = 0; n < 32; ++n) {
+    const float v = t.nibble[(n & 15) ^ 8];  // stored nibble n = code + 8
+    std::uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    tab[n] = static_cast<std::uint16_t>(bits >> 16);  // a small integer: exact
+  }
+  for (int w = 0; w < 32; ++w) {  // 16-bit lane w: row w / 2, byte w % 2 (+ 2) of its four
+    i0[2 * w] = i0[2 * w + 1] = static_cast<std::uint8_t>(4 * (w / 2) + w % 2);
+    i1[2 * w] = i1[2 * w + 1] = static_cast<std::uint8_t>(4 * (w / 2) + w % 2 + 2);
+  }
+  const __m512i tbl = _mm512_load_si512(tab), idx0 = _mm512_load_si512(i0), idx1 = _mm512_load_si512(i1);
+  const __m512 scale = _mm512_set1_ps(alpha * t.mul);  // t.mul: a power of two
+  std::size_t configured = 0;
+  for (std::size_t u0 = 0; u0 < nt; u0 += 16) {
+    const std::size_t tb = std::min<std::size_t>(16, nt - u0);
+    if (tb != configured) configure(tb), configured = tb;
+    for (std::size_t g0 = 0; g0 < gpr; g0 += span) {
+      const std::size_t ng = std::min(span, gpr - g0), items = (p1 - p0) * ng;
+      split_acts(X + u0 * ldx, ldx, tb, g0 * q.group, ng * q.group, a);
+      // cursors (panel, group) of the item decoded next (dn of them so far) and consumed next
+      std::size_t dp = p0, dg = 0, dn = 0, cp = p0, cg = 0, ag = 0;
+      // (a macro, not a lambda: Clang does not give lambdas the enclosing function's target)
+#define S2LC_AMX_DECODE_NEXT()                                                                               \
+  do {                                                                                                       \
+    if (dp + 1 < p1) prefetch_lines(q.lanes_at(dp + 1, g0 + dg), q.lanes_record());                         \
+    decode_codes(q.lanes_at(dp, g0 + dg), q.group, tbl, idx0, idx1, b + (dn & (S - 1)) * slot);              \
+    ++dn;                                                                                                    \
+    if (++dg == ng) dg = 0, ++dp;                                                                            \
+  } while (0)
+      for (std::size_t i = 0; i < std::min(D, items); ++i) S2LC_AMX_DECODE_NEXT();
+      __m512 acc[16];
+      for (auto& v : acc) v = _mm512_setzero_ps();
+      for (std::size_t i = 0; i < items + L; ++i) {
+        if (i < items) {
+          if (dn < items) S2LC_AMX_DECODE_NEXT();
+          const std::uint16_t* ai = a + ag * chunks * 1536;
+          if (++ag == ng) ag = 0;
+          const std::size_t k = i & (S - 1);
+          if (i & 1) group_products1(ai, b + k * slot, chunks, c + k * 256);
+          else group_products0(ai, b + k * slot, chunks, c + k * 256);
+        }
+        if (i < L) continue;
+        const __m512 s = record_scales(q.lanes_at(cp, g0 + cg) + at);
+        const float* ci = c + ((i - L) & (S - 1)) * 256;
+        if (tb > 8) {
+          for (std::size_t u = 0; u < 16; ++u) acc[u] = _mm512_fmadd_ps(_mm512_load_ps(ci + 16 * u), s, acc[u]);
+        } else {
+          for (std::size_t u = 0; u < 8; ++u) acc[u] = _mm512_fmadd_ps(_mm512_load_ps(ci + 16 * u), s, acc[u]);
+        }
+        if (++cg != ng) continue;
+        const std::size_t p = cp;
+        cg = 0, ++cp;
+        // the panel's sums: rows [lo, hi) of it are the caller's
+        const std::size_t lo = std::max(r0, p * R) - p * R, hi = std::min(r0 + nr, p * R + R) - p * R;
+        const __mmask16 m = static_cast<__mmask16>(((1u << (hi - lo)) - 1) << lo), mn = static_cast<__mmask16>((1u << (hi - lo)) - 1);
+        for (std::size_t u = 0; u < tb; ++u) {
+          float* y = Y + (u0 + u) * ldy + (p * R + lo - r0);
+          if (m == 0xFFFF) {
+            _mm512_storeu_ps(y, _mm512_fmadd_ps(acc[u], scale, _mm512_loadu_ps(y)));
+          } else {
+            const __m512 v = _mm512_maskz_compress_ps(m, acc[u]);
+            _mm512_mask_storeu_ps(y, mn, _mm512_fmadd_ps(v, scale, _mm512_maskz_loadu_ps(mn, y)));
+          }
+          acc[u] = _mm512_setzero_ps();
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#undef S2LC_AMX_DECODE_NEXT
+#endif
+
+}  // namespace s2lc::kernels
