@@ -5205,11 +5205,11 @@ S2LC_AMX_ATTR inline void decode_codes(const std::uint8_t* rec, std::size_t grou
   }
 }
 
-// C tile c_ <- sum over the group's chunks of the three parts (tiles 2-4) times the codes (tile
-// b_), stored to c. (GCC's _tile_* are macros that paste the tile number into the assembly, so
-// the numbers are literals: one function per (C, B) pair.)
+// C tile c_ <- sum over the group's chunks of the three parts (tiles 2-4, from a) times the codes
+// (tile b_, from b); store_c stores it. (GCC's _tile_* are macros that paste the tile number into
+// the assembly, so the numbers are literals: one function per tile.)
 #define S2LC_AMX_GROUP_PRODUCTS(name, c_, b_)                                                                 \
-  S2LC_AMX_ATTR inline void name(const std::uint16_t* a, const std::uint16_t* b, std::size_t chunks, float* c) noexcept { \
+  S2LC_AMX_ATTR inline void name(const std::uint16_t* a, const std::uint16_t* b, std::size_t chunks) noexcept { \
     _tile_zero(c_);                                                                                            \
     for (std::size_t ch = 0; ch < chunks; ++ch) {                                                              \
       _tile_loadd(2, a + ch * 1536, 64);                                                                       \
@@ -5220,11 +5220,14 @@ S2LC_AMX_ATTR inline void decode_codes(const std::uint8_t* rec, std::size_t grou
       _tile_dpbf16ps(c_, 3, b_);                                                                               \
       _tile_dpbf16ps(c_, 4, b_);                                                                               \
     }                                                                                                          \
-    _tile_stored(c_, c, 64);                                                                                   \
   }
 S2LC_AMX_GROUP_PRODUCTS(group_products0, 0, 5)
 S2LC_AMX_GROUP_PRODUCTS(group_products1, 1, 6)
 #undef S2LC_AMX_GROUP_PRODUCTS
+S2LC_AMX_ATTR inline void store_c(std::size_t k, float* c) noexcept {
+  if (k) _tile_stored(1, c, 64);
+  else _tile_stored(0, c, 64);
+}
 
 // The 16 f32 scales of a record (bf16, host order, after its codes).
 S2LC_AMX_ATTR inline __m512 record_scales(const std::uint8_t* s) noexcept {
@@ -5241,17 +5244,21 @@ S2LC_AMX_ATTR inline __m512 record_scales(const std::uint8_t* s) noexcept {
 /// the (panel, group) items run as a software pipeline: the codes of item i + D are decoded to bf16
 /// (a ring of S buffers) while item i's products run, and item i - L's stored C is scaled into the
 /// panel's accumulators. A tile load of bytes stored just before stalls the tile unit (a
-/// scratch loop on the Intel VM: 16 stores + load + 3 TDPBF16PS 32 ns, 14 ns one item apart).
+/// scratch loop on the Intel VM: 16 stores + load + 3 TDPBF16PS 32 ns, 14 ns one item apart), and
+/// so does a tile store right after its products (23 against 15 ns per item stored one item
+/// later). The kernel still takes 40-70 ns per item against 15-20 in such loops; loading the A
+/// tiles once per group for 16 panels (sums in memory) and moving the buffers did not change it.
 S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, const float* X,
                                       std::size_t ldx, std::size_t nt, float alpha, float* Y, std::size_t ldy) noexcept {
   using namespace amx;
   const std::size_t R = QView::kLaneRows, gpr = q.groups_per_row(), span = std::max<std::size_t>(1, kSpanCols / q.group);
   const std::size_t chunks = q.group / 32, at = q.lanes_codes(), p0 = r0 / R, p1 = (r0 + nr + R - 1) / R;
-  // ring slots of B tiles (8 KB), decode lead and consume lag: 4, 2, 2 for groups of 32 or 64
-  const std::size_t S = chunks <= 2 ? 4 : chunks <= 4 ? 2 : 1, D = S / 2, L = S / 2, slot = chunks * 512;
+  // ring slots of B tiles (8 KB) and the decode lead: 4 and 2 for groups of 32 or 64; the sums of
+  // item i are stored at step i + 1 (4 slots) and scaled at step i + L
+  const std::size_t S = chunks <= 2 ? 4 : chunks <= 4 ? 2 : 1, D = S / 2, L = 2, slot = chunks * 512;
   alignas(64) std::uint16_t a[kSpanCols / 32 * 3 * 512];  // A tiles of one span
   alignas(64) std::uint16_t b[8 * 512];                   // B tiles, S slots
-  alignas(64) float c[4 * 256] = {};                      // C tiles stored, S slots (rows past the tokens: 0)
+  alignas(64) float c[4 * 256] = {};                      // C tiles stored, 4 slots (rows past the tokens: 0)
   alignas(64) std::uint16_t tab[32];
   alignas(64) std::uint8_t i0[64], i1[64];
   for (int n = 0; n < 32; ++n) {
@@ -5291,13 +5298,16 @@ S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_
           if (dn < items) S2LC_AMX_DECODE_NEXT();
           const std::uint16_t* ai = a + ag * chunks * 1536;
           if (++ag == ng) ag = 0;
-          const std::size_t k = i & (S - 1);
-          if (i & 1) group_products1(ai, b + k * slot, chunks, c + k * 256);
-          else group_products0(ai, b + k * slot, chunks, c + k * 256);
+          const std::uint16_t* bi = b + (i & (S - 1)) * slot;
+          if (i & 1) group_products1(ai, bi, chunks);
+          else group_products0(ai, bi, chunks);
         }
+        // item i - 1's sums stored after item i's products are queued: a tile store waits for its
+        // products, and the tile unit runs in order
+        if (i >= 1 && i <= items) store_c((i - 1) & 1, c + ((i - 1) & 3) * 256);
         if (i < L) continue;
         const __m512 s = record_scales(q.lanes_at(cp, g0 + cg) + at);
-        const float* ci = c + ((i - L) & (S - 1)) * 256;
+        const float* ci = c + ((i - L) & 3) * 256;
         if (tb > 8) {
           for (std::size_t u = 0; u < 16; ++u) acc[u] = _mm512_fmadd_ps(_mm512_load_ps(ci + 16 * u), s, acc[u]);
         } else {
