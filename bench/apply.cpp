@@ -28,7 +28,8 @@
 //     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
 //   kernel/<s2lc|decode_gemm_nn|fma_bound>/<matrix>_t<T>: one kernel, hot, T tokens, against
 //     register FMAs as many as its multiply-adds (x_baseline: times the FMA bound): core_2048x1408
-//     (q_gemm_nt on a 4-bit rows-in-lanes matrix, a synthetic expert's dense core), right_36x256
+//     (q_gemm_nt on a 4-bit rows-in-lanes matrix, a synthetic expert's dense core; core5: 5-bit
+//     codes, bytes, as the real tinymoe experts' global core), right_36x256
 //     (q_gemm_nt on a 3-bit rows-in-lanes rank-36 right factor), left_36x256 (q_gemm_nn on a 3-bit
 //     row-major left factor; decode_gemm_nn: q_decode_rows then gemm_nn, what apply runs from 32
 //     tokens on).
@@ -660,7 +661,8 @@ struct KernelCase {
   bool lanes;  // q_gemm_nt on rows in lanes; else q_gemm_nn on the row-major matrix
 };
 constexpr KernelCase kKernelCases[] = {
-    {"core_2048x1408", 2048, 1408, 4, true}, {"right_36x256", 36, 256, 3, true}, {"left_36x256", 36, 256, 3, false}};
+    {"core_2048x1408", 2048, 1408, 4, true}, {"core5_2048x1408", 2048, 1408, 5, true},
+    {"right_36x256", 36, 256, 3, true}, {"left_36x256", 36, 256, 3, false}};
 
 void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, kernel_impl which) {
   namespace k = s2lc::kernels;

@@ -5013,23 +5013,24 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 
 // ---- begin s2lc/kernels/amx.hpp ----
 // s2lc::kernels — q_gemm_nt on Intel AMX tiles (x86-64 Linux, GCC 11+ / Clang 12+): f32
-// activations times 4-bit codes at f32 accuracy with bf16 tile products.
+// activations times nibble or byte codes at f32 accuracy with bf16 tile products.
 //
 // Why: with f32 activations and 8+ tokens, the AVX-512 kernels decode nibbles to f32 and run one
 // FMA per code and token; on a CPU with two 512-bit ports the decode and the FMAs share them and
 // the kernel runs at about 1.5x the FMA bound. An AMX unit (Sapphire Rapids and later) does
 // 16 x 16 x 32 bf16 multiply-adds per TDPBF16PS into f32, about 12x the f32 FMA rate of a core.
 //
-// How, exactly: a code (at most 8 bits wide after a tier: an integer of magnitude <= 128) is a
-// bf16 exactly, and every f32 activation x is the exact sum of three bf16, h + m + l: h is x with
-// its low 16 bits cleared, m the same of x - h, l = x - h - m (each step exact, 8 significant
-// bits each). So sum_j code_j x_j = sum_j code_j h_j + code_j m_j + code_j l_j, each product exact
-// in f32; the tile sums in f32 with round-to-nearest-even. Per (16-row panel, group) a tile C
-// (tokens x rows) takes the group's three products, then the f32 kernel's step: the group's
-// scales times C added into per-token accumulators. The result is within the f32 summation bound
-// of the same sum as the FMA kernels (a different order of the same exact products). Differences
-// from the FMA kernels: AMX treats bf16 inputs below 2^-126 (the m, l of |x| < ~2^-110) as zero
-// and flushes results below 2^-126 to zero, which moves a result by at most ~2^-110 |x|.
+// How, exactly: a nibble code (an integer of magnitude <= 8, at any tier) is a bf16 exactly, and
+// so are both parts of a byte code c = 16 hi + lo (hi its signed high nibble, lo the low one, as
+// two tiles); every f32 activation x is the exact sum of three bf16, h + m + l: h is x with its
+// low 16 bits cleared, m the same of x - h, l = x - h - m (each step exact, 8 significant bits
+// each). So sum_j c_j x_j = sum_j c_j h_j + c_j m_j + c_j l_j, each product exact in f32; the tile
+// sums in f32 with round-to-nearest-even. Per (16-row panel, group) a tile C (tokens x rows)
+// takes the group's products, then the f32 kernel's step: the group's scales times C added into
+// per-token accumulators. The result is within the f32 summation bound of the same sum as the
+// FMA kernels (a different order of the same exact products). Differences from the FMA kernels:
+// AMX treats bf16 inputs below 2^-126 (the m, l of |x| < ~2^-110) as zero and flushes results
+// below 2^-126 to zero, which moves a result by at most ~2^-110 |x|.
 //
 // The tile state needs the OS's permission once per process (arch_prctl ARCH_REQ_XCOMP_PERM,
 // Linux 5.16+), asked the first time cpu_has_amx_bf16() runs; each call configures the tiles of
@@ -5106,19 +5107,25 @@ inline void allow_amx(bool allow) noexcept { detail::amx_allowed().store(allow, 
 /// Whether q_gemm_nt takes AMX tiles: the CPU has them and allow_amx(false) is not in effect.
 inline bool use_amx() noexcept { return cpu_has_amx_bf16() && detail::amx_allowed().load(std::memory_order_relaxed); }
 
-/// Whether q_gemm_nt takes the AMX kernel for nr rows and nt tokens: 16+ tokens, or 8+ on more
-/// than 64 rows. Its cost per (16-row panel, group) hardly depends on the tokens (decoding the
-/// codes to a bf16 tile, storing and scaling the sums), while the FMA kernels' grows with them;
-/// each call also splits its activations. On the Intel VM (bench kernel/ rows, hot): 4-bit
-/// 2048 x 1408 at 4 tokens 204-242 us against 176-188 on AVX-512, 8 tokens 254-270 against
-/// 305-334, 16 tokens 352-388 against 595-612; a 3-bit rank-36 right factor (36 x 256) at 8
-/// tokens 1.41-1.43 us against 1.26-1.28, at 16 tokens 2.25-2.36 against 2.40-2.48.
-inline bool amx_gemm_worth(std::size_t nr, std::size_t nt) noexcept { return nt >= 16 || (nt >= 8 && nr > 64); }
+/// Whether q_gemm_nt takes the AMX kernel for nr rows and nt tokens of q: 16+ tokens, or, for
+/// nibble codes, 8+ on more than 64 rows. Its cost per (16-row panel, group) hardly depends on the
+/// tokens (decoding the codes to bf16 tiles, storing and scaling the sums), while the FMA
+/// kernels' grows with them; each call also splits its activations. On the Intel VM (bench
+/// kernel/ rows, hot): 4-bit 2048 x 1408 at 4 tokens 204-242 us against 176-188 on AVX-512, 8
+/// tokens 254-270 against 305-334, 16 tokens 352-388 against 595-612; a 3-bit rank-36 right factor
+/// (36 x 256) at 8 tokens 1.41-1.43 us against 1.26-1.28, at 16 tokens 2.25-2.36 against 2.40-2.48;
+/// 5-bit (bytes) 2048 x 1408 at 8 tokens 345-365 against 334-356, at 16 523-541 against 680-693.
+inline bool amx_gemm_worth(const QView& q, std::size_t nr, std::size_t nt) noexcept {
+  return nt >= 16 || (q.nibble && nt >= 8 && nr > 64);
+}
 
-/// Whether amx_gemm_nt takes q: rows in lanes, nibble codes, groups of a multiple of 32 columns
-/// up to 256.
-inline bool amx_gemm_fits(const QView& q) noexcept {
-  return q.lanes && q.nibble && q.group % 32 == 0 && q.group <= 256;
+/// Whether amx_gemm_nt takes q at `tier` (0: stored bits): rows in lanes, groups of a multiple of
+/// 32 columns; nibble codes (groups up to 256) at every tier, byte codes (groups up to 128) at
+/// their stored bits (a code c = 16 h + l, h its signed high nibble, l the low one, is applied as
+/// two bf16 tiles, 16 h and l: twice the products, the same decode per byte).
+inline bool amx_gemm_fits(const QView& q, unsigned tier) noexcept {
+  if (!q.lanes || q.group % 32 != 0) return false;
+  return q.nibble ? q.group <= 256 : q.group <= 128 && (tier == 0 || tier >= q.bits);
 }
 
 #if S2LC_AMX
@@ -5132,15 +5139,15 @@ struct alignas(64) TileConfig {
 
 // Tiles: 0, 1 the group sums C (tokens x 16 rows, f32), alternating per group; 2-4 the three
 // bf16 parts of the activations (tokens x 32 columns); 5, 6 the codes as bf16 (16 column pairs
-// x 16 rows x 2), alternating per group.
+// x 16 rows x 2), alternating per group; 7 the high nibbles of byte codes.
 // Columns of activations split per pass (3 x 16 tokens x 256 x 2 bytes = 24 KB on the stack).
 inline constexpr std::size_t kSpanCols = 256;
 
 S2LC_AMX_ATTR inline void configure(std::size_t tokens) noexcept {
   TileConfig c;
-  for (int i = 0; i < 7; ++i) c.colsb[i] = 64;
+  for (int i = 0; i < 8; ++i) c.colsb[i] = 64;
   for (int i = 0; i < 5; ++i) c.rows[i] = static_cast<std::uint8_t>(tokens);
-  c.rows[5] = c.rows[6] = 16;
+  c.rows[5] = c.rows[6] = c.rows[7] = 16;
   _tile_loadconfig(&c);
 }
 
@@ -5205,11 +5212,30 @@ S2LC_AMX_ATTR inline void decode_codes(const std::uint8_t* rec, std::size_t grou
   }
 }
 
+// The same for byte codes: quad k holds columns 4k .. 4k + 3 of the 16 rows, as they are (int8).
+// Both nibbles of a byte are looked up in their own table, the low one's value l (0 .. 15) into
+// the tiles at b, the high one's 16 h (h signed) into the tiles at b + chunks * 512.
+S2LC_AMX_ATTR inline void decode_bytes(const std::uint8_t* rec, std::size_t group, __m512i tlo, __m512i thi, __m512i idx0,
+                                       __m512i idx1, std::uint16_t* b) noexcept {
+  std::uint16_t* bh = b + group / 32 * 512;
+  for (std::size_t k = 0; k < group / 4; ++k) {
+    const __m512i v = _mm512_loadu_si512(rec + 64 * k);
+    const __m512i e0 = _mm512_permutexvar_epi8(idx0, v), e1 = _mm512_permutexvar_epi8(idx1, v);
+    const std::size_t j0 = 4 * k, j1 = 4 * k + 2;  // the pairs' first columns
+    const std::size_t o0 = (j0 / 32) * 512 + (j0 % 32) / 2 * 32, o1 = (j1 / 32) * 512 + (j1 % 32) / 2 * 32;
+    _mm512_store_si512(b + o0, _mm512_permutexvar_epi16(e0, tlo));
+    _mm512_store_si512(b + o1, _mm512_permutexvar_epi16(e1, tlo));
+    _mm512_store_si512(bh + o0, _mm512_permutexvar_epi16(_mm512_srli_epi16(e0, 4), thi));
+    _mm512_store_si512(bh + o1, _mm512_permutexvar_epi16(_mm512_srli_epi16(e1, 4), thi));
+  }
+}
+
 // C tile c_ <- sum over the group's chunks of the three parts (tiles 2-4, from a) times the codes
-// (tile b_, from b); store_c stores it. (GCC's _tile_* are macros that paste the tile number into
-// the assembly, so the numbers are literals: one function per tile.)
+// (tile b_, from b; byte codes: plus the high nibbles' tiles, tile 7, from b + chunks * 512);
+// store_c stores it. (GCC's _tile_* are macros that paste the tile number into the assembly, so
+// the numbers are literals: one function per tile.)
 #define S2LC_AMX_GROUP_PRODUCTS(name, c_, b_)                                                                 \
-  S2LC_AMX_ATTR inline void name(const std::uint16_t* a, const std::uint16_t* b, std::size_t chunks) noexcept { \
+  S2LC_AMX_ATTR inline void name(const std::uint16_t* a, const std::uint16_t* b, std::size_t chunks, bool bytes) noexcept { \
     _tile_zero(c_);                                                                                            \
     for (std::size_t ch = 0; ch < chunks; ++ch) {                                                              \
       _tile_loadd(2, a + ch * 1536, 64);                                                                       \
@@ -5219,6 +5245,12 @@ S2LC_AMX_ATTR inline void decode_codes(const std::uint8_t* rec, std::size_t grou
       _tile_dpbf16ps(c_, 2, b_);                                                                               \
       _tile_dpbf16ps(c_, 3, b_);                                                                               \
       _tile_dpbf16ps(c_, 4, b_);                                                                               \
+      if (bytes) {                                                                                             \
+        _tile_loadd(7, b + (chunks + ch) * 512, 64);                                                           \
+        _tile_dpbf16ps(c_, 2, 7);                                                                              \
+        _tile_dpbf16ps(c_, 3, 7);                                                                              \
+        _tile_dpbf16ps(c_, 4, 7);                                                                              \
+      }                                                                                                        \
     }                                                                                                          \
   }
 S2LC_AMX_GROUP_PRODUCTS(group_products0, 0, 5)
@@ -5237,8 +5269,8 @@ S2LC_AMX_ATTR inline __m512 record_scales(const std::uint8_t* s) noexcept {
 
 }  // namespace amx
 
-/// q_gemm_nt (qgemm.hpp) on AMX tiles for a q that amx_gemm_fits, where use_amx(): Y[u * ldy + i]
-/// += alpha * sum_j q[r0 + i, j] X[u * ldx + j] for i < nr, u < nt, at tier t.
+/// q_gemm_nt (qgemm.hpp) on AMX tiles for a q that amx_gemm_fits at tier t, where use_amx():
+/// Y[u * ldy + i] += alpha * sum_j q[r0 + i, j] X[u * ldx + j] for i < nr, u < nt.
 ///
 /// Per 16 tokens, per span of columns (kSpanCols: the activations' three parts as A tiles, 24 KB),
 /// the (panel, group) items run as a software pipeline: the codes of item i + D are decoded to bf16
@@ -5253,25 +5285,30 @@ S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_
   using namespace amx;
   const std::size_t R = QView::kLaneRows, gpr = q.groups_per_row(), span = std::max<std::size_t>(1, kSpanCols / q.group);
   const std::size_t chunks = q.group / 32, at = q.lanes_codes(), p0 = r0 / R, p1 = (r0 + nr + R - 1) / R;
-  // ring slots of B tiles (8 KB) and the decode lead: 4 and 2 for groups of 32 or 64; the sums of
-  // item i are stored at step i + 1 (4 slots) and scaled at step i + L
-  const std::size_t S = chunks <= 2 ? 4 : chunks <= 4 ? 2 : 1, D = S / 2, L = 2, slot = chunks * 512;
+  // ring slots of B tiles (8 KB) and the decode lead: 4 and 2 for groups of 32 (bytes) or 64
+  // (nibbles); the sums of item i are stored at step i + 1 (4 slots) and scaled at step i + L
+  const bool bytes = !q.nibble;
+  const std::size_t slot = chunks * 512 * (bytes ? 2 : 1), S = slot <= 1024 ? 4 : slot <= 2048 ? 2 : 1, D = S / 2, L = 2;
   alignas(64) std::uint16_t a[kSpanCols / 32 * 3 * 512];  // A tiles of one span
   alignas(64) std::uint16_t b[8 * 512];                   // B tiles, S slots
   alignas(64) float c[4 * 256] = {};                      // C tiles stored, 4 slots (rows past the tokens: 0)
-  alignas(64) std::uint16_t tab[32];
+  alignas(64) std::uint16_t tab[32], thi[32];
   alignas(64) std::uint8_t i0[64], i1[64];
-  for (int n = 0; n < 32; ++n) {
-    const float v = t.nibble[(n & 15) ^ 8];  // stored nibble n = code + 8
-    std::uint32_t bits;
+  for (int n = 0; n < 32; ++n) {  // small integers: exact in bf16
+    const int m = n & 15;
+    // nibbles: stored nibble m = code + 8; bytes: the low nibble's value, and the high one's times 16
+    const float v = bytes ? static_cast<float>(m) : t.nibble[m ^ 8], vh = static_cast<float>(16 * (m < 8 ? m : m - 16));
+    std::uint32_t bits, bits_h;
     std::memcpy(&bits, &v, 4);
-    tab[n] = static_cast<std::uint16_t>(bits >> 16);  // a small integer: exact
+    std::memcpy(&bits_h, &vh, 4);
+    tab[n] = static_cast<std::uint16_t>(bits >> 16), thi[n] = static_cast<std::uint16_t>(bits_h >> 16);
   }
   for (int w = 0; w < 32; ++w) {  // 16-bit lane w: row w / 2, byte w % 2 (+ 2) of its four
     i0[2 * w] = i0[2 * w + 1] = static_cast<std::uint8_t>(4 * (w / 2) + w % 2);
     i1[2 * w] = i1[2 * w + 1] = static_cast<std::uint8_t>(4 * (w / 2) + w % 2 + 2);
   }
-  const __m512i tbl = _mm512_load_si512(tab), idx0 = _mm512_load_si512(i0), idx1 = _mm512_load_si512(i1);
+  const __m512i tbl = _mm512_load_si512(tab), tblh = _mm512_load_si512(thi), idx0 = _mm512_load_si512(i0),
+                idx1 = _mm512_load_si512(i1);
   const __m512 scale = _mm512_set1_ps(alpha * t.mul);  // t.mul: a power of two
   std::size_t configured = 0;
   for (std::size_t u0 = 0; u0 < nt; u0 += 16) {
@@ -5286,7 +5323,8 @@ S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_
 #define S2LC_AMX_DECODE_NEXT()                                                                               \
   do {                                                                                                       \
     if (dp + 1 < p1) prefetch_lines(q.lanes_at(dp + 1, g0 + dg), q.lanes_record());                         \
-    decode_codes(q.lanes_at(dp, g0 + dg), q.group, tbl, idx0, idx1, b + (dn & (S - 1)) * slot);              \
+    if (bytes) decode_bytes(q.lanes_at(dp, g0 + dg), q.group, tbl, tblh, idx0, idx1, b + (dn & (S - 1)) * slot); \
+    else decode_codes(q.lanes_at(dp, g0 + dg), q.group, tbl, idx0, idx1, b + (dn & (S - 1)) * slot);         \
     ++dn;                                                                                                    \
     if (++dg == ng) dg = 0, ++dp;                                                                            \
   } while (0)
@@ -5299,8 +5337,8 @@ S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_
           const std::uint16_t* ai = a + ag * chunks * 1536;
           if (++ag == ng) ag = 0;
           const std::uint16_t* bi = b + (i & (S - 1)) * slot;
-          if (i & 1) group_products1(ai, bi, chunks);
-          else group_products0(ai, bi, chunks);
+          if (i & 1) group_products1(ai, bi, chunks, bytes);
+          else group_products0(ai, bi, chunks, bytes);
         }
         // item i - 1's sums stored after item i's products are queued: a tile store waits for its
         // products, and the tile unit runs in order
@@ -7987,7 +8025,7 @@ inline HWY_NOINLINE void QGemmNT(const QView& q, std::size_t r0, std::size_t nr,
                                  std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   if (q.lanes) {
 #if HWY_TARGET == HWY_AVX3_DL && S2LC_AMX
-    if (amx_gemm_worth(nr, nt) && amx_gemm_fits(q) && use_amx())
+    if (amx_gemm_worth(q, nr, nt) && amx_gemm_fits(q, tier) && use_amx())
       return amx_gemm_nt(q, r0, nr, tier_params(q.bits, tier), X, ldx, nt, alpha, Y, ldy);  // amx.hpp
 #endif
     if constexpr (q8k::kLanesVec) {

@@ -64,9 +64,11 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // to pack, a panel of the widest rows (32 KB)
                        {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8},
                        // AMX tiles (amx.hpp; q_gemm_nt from 16 tokens, 8 on more than 64 rows):
-                       // groups of 32, 64 (above), 128 and 256 columns, the widest they take;
-                       // 80 rows: 8 and 13 tokens too, from row 1 a partial first and last panel
-                       {24, 512, 128, 4}, {18, 512, 256, 3}, {80, 256, 32, 4}};
+                       // nibbles in groups of 32, 64 (above), 128 and 256 columns, the widest they
+                       // take; 80 rows: 8 and 13 tokens too, from row 1 a partial first and last
+                       // panel; byte codes (stored bits only, from 16 tokens) in groups of 32,
+                       // 64 and 128 (above)
+                       {24, 512, 128, 4}, {18, 512, 256, 3}, {80, 256, 32, 4}, {80, 256, 32, 5}, {20, 256, 64, 8}};
 
 /// The kernel layouts to run a case on: row-major, and rows in lanes where the shape takes it.
 std::vector<s2lc::morph::KMat> layouts(const cz::QMatrix& q) {
@@ -175,8 +177,8 @@ TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_ge
           // Y[u] = 0.5 + alpha W X[u] for 1..29 tokens (q_gemm_nt; rows in lanes: passes of 16
           // (AVX-512, nibbles), 8 (AVX-512), 4, 2, 1 tokens), on all rows and on a sub-range (rows in
           // lanes: not on panel bounds); rows outside the range and the padding of Y untouched
-          // (AVX3_DL on a CPU with AMX: from 8 tokens on more than 64 rows and from 16 on any, on AMX
-          // tiles, amx.hpp, and without them)
+          // (AVX3_DL on a CPU with AMX: from 16 tokens, nibbles from 8 on more than 64 rows, on
+          // AMX tiles, amx.hpp, and without them)
           for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u, 16u, 29u}) {
             for (auto [r0, amx] : {std::pair{std::size_t{0}, true}, {std::size_t{1}, true}, {std::size_t{0}, false}, {std::size_t{1}, false}}) {
               if (r0 && c.rows < 3) continue;

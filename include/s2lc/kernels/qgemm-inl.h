@@ -907,7 +907,7 @@ inline HWY_NOINLINE void QGemmNT(const QView& q, std::size_t r0, std::size_t nr,
                                  std::size_t nt, float alpha, float* Y, std::size_t ldy) {
   if (q.lanes) {
 #if HWY_TARGET == HWY_AVX3_DL && S2LC_AMX
-    if (amx_gemm_worth(nr, nt) && amx_gemm_fits(q) && use_amx())
+    if (amx_gemm_worth(q, nr, nt) && amx_gemm_fits(q, tier) && use_amx())
       return amx_gemm_nt(q, r0, nr, tier_params(q.bits, tier), X, ldx, nt, alpha, Y, ldy);  // amx.hpp
 #endif
     if constexpr (q8k::kLanesVec) {
