@@ -159,12 +159,13 @@ S2LC_AMX_ATTR inline __m512i high_halves(__m512 a, __m512 b, __m512i idx) noexce
 }
 
 // Activations of tokens [0, nt) (X rows ldx apart), columns [c0, c0 + n) (n a multiple of 32), as
-// the A tiles: a[chunk][part][token][32] bf16.
+// the A tiles: a[chunk][part][token][32] bf16, in the order of the B tiles' column pairs: element
+// 2 kk + e of a chunk is its column 4 (kk / 2) + kk % 2 + 2 e (decode_codes).
 S2LC_AMX_ATTR inline void split_acts(const float* X, std::size_t ldx, std::size_t nt, std::size_t c0, std::size_t n,
                                      std::uint16_t* a) noexcept {
-  alignas(64) std::uint16_t odd[32];
-  for (int i = 0; i < 32; ++i) odd[i] = static_cast<std::uint16_t>(2 * i + 1);
-  const __m512i idx = _mm512_load_si512(odd);
+  alignas(64) std::uint16_t sel[32];  // column c's bf16 is 16-bit lane 2 c + 1 of (lo : hi)
+  for (int w = 0; w < 32; ++w) sel[w] = static_cast<std::uint16_t>(2 * (4 * (w / 4) + (w / 2) % 2 + 2 * (w % 2)) + 1);
+  const __m512i idx = _mm512_load_si512(sel);
   for (std::size_t ch = 0; ch < n / 32; ++ch)
     for (std::size_t u = 0; u < nt; ++u) {
       const float* x = X + u * ldx + c0 + 32 * ch;
@@ -181,40 +182,36 @@ S2LC_AMX_ATTR inline void split_acts(const float* X, std::size_t ldx, std::size_
 // The codes of one (panel, group) record as bf16 B tiles, one per 32 columns of the group:
 // b[chunk][column pair][row][2]. Record quad k holds code bytes 4k .. 4k + 3 of the 16 rows (row i
 // at 4i); byte j of a row holds column j (low nibble) and j + group / 2 (high), stored as c + 8.
-// A permute of bytes puts bytes (2 half, 2 half + 1) of row i into 16-bit lane 2i, 2i + 1 (for half
-// 0, 1); the lookup (vpermw reads an index's low 5 bits: the table repeats after 16) gives the
-// low nibbles' values, and after a shift by 4 the high nibbles'.
-S2LC_AMX_ATTR inline void decode_codes(const std::uint8_t* rec, std::size_t group, __m512i tbl, __m512i idx0, __m512i idx1,
-                                       std::uint16_t* b) noexcept {
+// Read as 16-bit lanes, lane 2i holds bytes 0, 1 of row i and lane 2i + 1 bytes 2, 3: looked up
+// as they are (vpermw reads an index's low 5 bits: the table repeats after 16), shifted by 4, 8
+// and 12, they give the rows' pairs of columns (j, j + 2) for j = 4k, 4k + h, 4k + 1, 4k + 1 + h
+// (h = group / 2) with no byte shuffle; split_acts orders the activations to match: the pair
+// (j, j + 2) of a chunk's columns is its row kk = 2 ((j % 32) / 4) + j % 2.
+S2LC_AMX_ATTR inline std::size_t pair_row(std::size_t j) noexcept { return (j / 32) * 512 + (2 * ((j % 32) / 4) + j % 2) * 32; }
+
+S2LC_AMX_ATTR inline void decode_codes(const std::uint8_t* rec, std::size_t group, __m512i tbl, std::uint16_t* b) noexcept {
   const std::size_t h = group / 2;
   for (std::size_t k = 0; k < group / 8; ++k) {
     const __m512i v = _mm512_loadu_si512(rec + 64 * k);
-    const __m512i e0 = _mm512_permutexvar_epi8(idx0, v), e1 = _mm512_permutexvar_epi8(idx1, v);
-    const __m512i w[4] = {_mm512_permutexvar_epi16(e0, tbl), _mm512_permutexvar_epi16(e1, tbl),
-                          _mm512_permutexvar_epi16(_mm512_srli_epi16(e0, 4), tbl),
-                          _mm512_permutexvar_epi16(_mm512_srli_epi16(e1, 4), tbl)};
-    for (std::size_t i = 0; i < 4; ++i) {
-      const std::size_t j = (i >> 1) * h + 4 * k + 2 * (i & 1);  // the pair's first column
-      _mm512_store_si512(b + (j / 32) * 512 + (j % 32) / 2 * 32, w[i]);
-    }
+    _mm512_store_si512(b + pair_row(4 * k), _mm512_permutexvar_epi16(v, tbl));
+    _mm512_store_si512(b + pair_row(4 * k + h), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tbl));
+    _mm512_store_si512(b + pair_row(4 * k + 1), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), tbl));
+    _mm512_store_si512(b + pair_row(4 * k + 1 + h), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tbl));
   }
 }
 
 // The same for byte codes: quad k holds columns 4k .. 4k + 3 of the 16 rows, as they are (int8).
 // Both nibbles of a byte are looked up in their own table, the low one's value l (0 .. 15) into
 // the tiles at b, the high one's 16 h (h signed) into the tiles at b + chunks * 512.
-S2LC_AMX_ATTR inline void decode_bytes(const std::uint8_t* rec, std::size_t group, __m512i tlo, __m512i thi, __m512i idx0,
-                                       __m512i idx1, std::uint16_t* b) noexcept {
+S2LC_AMX_ATTR inline void decode_bytes(const std::uint8_t* rec, std::size_t group, __m512i tlo, __m512i thi, std::uint16_t* b) noexcept {
   std::uint16_t* bh = b + group / 32 * 512;
   for (std::size_t k = 0; k < group / 4; ++k) {
     const __m512i v = _mm512_loadu_si512(rec + 64 * k);
-    const __m512i e0 = _mm512_permutexvar_epi8(idx0, v), e1 = _mm512_permutexvar_epi8(idx1, v);
-    const std::size_t j0 = 4 * k, j1 = 4 * k + 2;  // the pairs' first columns
-    const std::size_t o0 = (j0 / 32) * 512 + (j0 % 32) / 2 * 32, o1 = (j1 / 32) * 512 + (j1 % 32) / 2 * 32;
-    _mm512_store_si512(b + o0, _mm512_permutexvar_epi16(e0, tlo));
-    _mm512_store_si512(b + o1, _mm512_permutexvar_epi16(e1, tlo));
-    _mm512_store_si512(bh + o0, _mm512_permutexvar_epi16(_mm512_srli_epi16(e0, 4), thi));
-    _mm512_store_si512(bh + o1, _mm512_permutexvar_epi16(_mm512_srli_epi16(e1, 4), thi));
+    const std::size_t o0 = pair_row(4 * k), o1 = pair_row(4 * k + 1);
+    _mm512_store_si512(b + o0, _mm512_permutexvar_epi16(v, tlo));
+    _mm512_store_si512(bh + o0, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), thi));
+    _mm512_store_si512(b + o1, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), tlo));
+    _mm512_store_si512(bh + o1, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), thi));
   }
 }
 
@@ -281,7 +278,6 @@ S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_
   alignas(64) std::uint16_t b[8 * 512];                   // B tiles, S slots
   alignas(64) float c[4 * 256] = {};                      // C tiles stored, 4 slots (rows past the tokens: 0)
   alignas(64) std::uint16_t tab[32], thi[32];
-  alignas(64) std::uint8_t i0[64], i1[64];
   for (int n = 0; n < 32; ++n) {  // small integers: exact in bf16
     const int m = n & 15;
     // nibbles: stored nibble m = code + 8; bytes: the low nibble's value, and the high one's times 16
@@ -291,12 +287,7 @@ S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_
     std::memcpy(&bits_h, &vh, 4);
     tab[n] = static_cast<std::uint16_t>(bits >> 16), thi[n] = static_cast<std::uint16_t>(bits_h >> 16);
   }
-  for (int w = 0; w < 32; ++w) {  // 16-bit lane w: row w / 2, byte w % 2 (+ 2) of its four
-    i0[2 * w] = i0[2 * w + 1] = static_cast<std::uint8_t>(4 * (w / 2) + w % 2);
-    i1[2 * w] = i1[2 * w + 1] = static_cast<std::uint8_t>(4 * (w / 2) + w % 2 + 2);
-  }
-  const __m512i tbl = _mm512_load_si512(tab), tblh = _mm512_load_si512(thi), idx0 = _mm512_load_si512(i0),
-                idx1 = _mm512_load_si512(i1);
+  const __m512i tbl = _mm512_load_si512(tab), tblh = _mm512_load_si512(thi);
   const __m512 scale = _mm512_set1_ps(alpha * t.mul);  // t.mul: a power of two
   std::size_t configured = 0;
   for (std::size_t u0 = 0; u0 < nt; u0 += 16) {
@@ -311,8 +302,8 @@ S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_
 #define S2LC_AMX_DECODE_NEXT()                                                                               \
   do {                                                                                                       \
     if (dp + 1 < p1) prefetch_lines(q.lanes_at(dp + 1, g0 + dg), q.lanes_record());                         \
-    if (bytes) decode_bytes(q.lanes_at(dp, g0 + dg), q.group, tbl, tblh, idx0, idx1, b + (dn & (S - 1)) * slot); \
-    else decode_codes(q.lanes_at(dp, g0 + dg), q.group, tbl, idx0, idx1, b + (dn & (S - 1)) * slot);         \
+    if (bytes) decode_bytes(q.lanes_at(dp, g0 + dg), q.group, tbl, tblh, b + (dn & (S - 1)) * slot);         \
+    else decode_codes(q.lanes_at(dp, g0 + dg), q.group, tbl, b + (dn & (S - 1)) * slot);                     \
     ++dn;                                                                                                    \
     if (++dg == ng) dg = 0, ++dp;                                                                            \
   } while (0)
