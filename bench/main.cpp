@@ -141,8 +141,10 @@ int main(int argc, char** argv) {
     drop_arg(argc, argv, i);
   }
   std::printf("weight buffers start %zu bytes past a 64-byte boundary\n", s2lc::bench::buffer_offset());
-  std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s; AVX512_BF16 instructions: %s\n",
-              s2lc::cli::dispatch_targets().c_str(), s2lc::kernels::use_avx512_bf16() ? "used" : "not used");
+  std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s; AVX512_BF16 instructions: %s; "
+              "AMX tiles: %s\n",
+              s2lc::cli::dispatch_targets().c_str(), s2lc::kernels::use_avx512_bf16() ? "used" : "not used",
+              s2lc::kernels::use_amx() ? "used" : "not used");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   s2lc::bench::RatioReporter reporter;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <s2lc/kernels/amx.hpp>
 
 #include "apply_bench.hpp"
 #include "cli.hpp"
@@ -67,6 +68,7 @@ int run_bench(const std::vector<std::string>& args) {
   nlohmann::ordered_json j;
   j["rows"] = c.rows, j["cols"] = c.cols, j["ratio"] = c.ratio, j["batch"] = c.batch, j["threads"] = c.threads;
   j["cold"] = c.cold, j["copies"] = r.copies, j["target"] = kernels::kernel_target();
+  j["amx"] = kernels::use_amx();  // q_gemm_nt's f32 batches on AMX tiles where the CPU has them (amx.hpp)
   j["openblas_core"] = openblas_get_corename();
   j["activations"] = c.act == morph::Activations::int8 ? "int8" : "f32";
   j["bytes"] = r.bytes, j["dense_f32_bytes"] = r.dense_bytes, j["bandwidth_gbs"] = r.bandwidth_gbs;
