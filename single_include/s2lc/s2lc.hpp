@@ -323,6 +323,10 @@ template <typename T> inline constexpr dtype dtype_of_v = dtype_of<T>::value;
 #else
 #define S2LC_CPU_X86 0
 #endif
+#if S2LC_CPU_X86 && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace s2lc::kernels {
 
@@ -390,6 +394,47 @@ inline void allow_avx512_bf16(bool allow) noexcept { detail::avx512_bf16_allowed
 /// Whether the AVX3_DL kernels use AVX512_BF16 instructions: the CPU has them and
 /// allow_avx512_bf16(false) is not in effect.
 inline bool use_avx512_bf16() noexcept { return cpu_has_avx512_bf16() && detail::avx512_bf16_allowed().load(std::memory_order_relaxed); }
+
+namespace detail {
+/// CPUID says AMX-TILE, AMX-BF16, AVX512F/BW/VL/VBMI; the OS enables the AVX-512 and tile state
+/// (XCR0 bits 1, 2, 5-7, 17, 18); and Linux grants this process the tile data.
+inline bool amx_bf16_setup() noexcept {
+#if S2LC_CPU_X86 && defined(__linux__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool cpu = (d >> 24 & 1u) && (d >> 22 & 1u) && (b >> 16 & 1u) && (b >> 30 & 1u) && (b >> 31 & 1u) && (c >> 1 & 1u);
+  if (!cpu) return false;
+  __get_cpuid(1, &a, &b, &c, &d);
+  if (!(c >> 27 & 1u)) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const unsigned want = (1u << 1) | (1u << 2) | (7u << 5) | (3u << 17);
+  if ((lo & want) != want) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+inline std::atomic<bool>& amx_allowed() noexcept {
+  static std::atomic<bool> allowed{true};
+  return allowed;
+}
+}  // namespace detail
+
+/// Whether this CPU and OS run AMX bf16 tiles for this process (asks the OS once).
+inline bool cpu_has_amx_bf16() noexcept {
+  static const bool has = detail::amx_bf16_setup();
+  return has;
+}
+
+/// For tests and benches: false keeps the AVX-512 kernels on a CPU with AMX, so both paths can be
+/// checked and timed in one process. Process-wide; results stay within the same bounds.
+inline void allow_amx(bool allow) noexcept { detail::amx_allowed().store(allow, std::memory_order_relaxed); }
+
+/// Whether q_gemm_nt takes AMX tiles: the CPU has them and allow_amx(false) is not in effect.
+inline bool use_amx() noexcept { return cpu_has_amx_bf16() && detail::amx_allowed().load(std::memory_order_relaxed); }
+
 
 }  // namespace s2lc::kernels
 // ---- end s2lc/kernels/cpu.hpp ----
@@ -5038,7 +5083,6 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 // and benches run both).
 
 #include <algorithm>
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -5047,7 +5091,6 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 #if defined(__x86_64__) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define S2LC_AMX 1
-#include <cpuid.h>
 // Highway includes <immintrin.h> with -Wmaybe-uninitialized off (GCC 12 flags the
 // _mm512_undefined_* idiom of its intrinsics where they inline); the first inclusion decides.
 #if !defined(__clang__)
@@ -5058,54 +5101,12 @@ inline QView unpack_lanes(const QView& q, std::size_t p, std::uint8_t* codes, st
 #if !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
-#include <sys/syscall.h>
-#include <unistd.h>
 #define S2LC_AMX_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,amx-tile,amx-bf16")))
 #else
 #define S2LC_AMX 0
 #endif
 
 namespace s2lc::kernels {
-
-namespace detail {
-/// CPUID says AMX-TILE, AMX-BF16, AVX512F/BW/VL/VBMI; the OS enables the AVX-512 and tile state
-/// (XCR0 bits 1, 2, 5-7, 17, 18); and Linux grants this process the tile data.
-inline bool amx_bf16_setup() noexcept {
-#if S2LC_AMX
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool cpu = (d >> 24 & 1u) && (d >> 22 & 1u) && (b >> 16 & 1u) && (b >> 30 & 1u) && (b >> 31 & 1u) && (c >> 1 & 1u);
-  if (!cpu) return false;
-  __get_cpuid(1, &a, &b, &c, &d);
-  if (!(c >> 27 & 1u)) return false;  // OSXSAVE
-  unsigned lo = 0, hi = 0;
-  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  const unsigned want = (1u << 1) | (1u << 2) | (7u << 5) | (3u << 17);
-  if ((lo & want) != want) return false;
-  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-#else
-  return false;
-#endif
-}
-inline std::atomic<bool>& amx_allowed() noexcept {
-  static std::atomic<bool> allowed{true};
-  return allowed;
-}
-}  // namespace detail
-
-/// Whether this CPU and OS run AMX bf16 tiles for this process (asks the OS once).
-inline bool cpu_has_amx_bf16() noexcept {
-  static const bool has = detail::amx_bf16_setup();
-  return has;
-}
-
-/// For tests and benches: false keeps the AVX-512 kernels on a CPU with AMX, so both paths can be
-/// checked and timed in one process. Process-wide; results stay within the same bounds.
-inline void allow_amx(bool allow) noexcept { detail::amx_allowed().store(allow, std::memory_order_relaxed); }
-
-/// Whether q_gemm_nt takes AMX tiles: the CPU has them and allow_amx(false) is not in effect.
-inline bool use_amx() noexcept { return cpu_has_amx_bf16() && detail::amx_allowed().load(std::memory_order_relaxed); }
 
 /// Whether q_gemm_nt takes the AMX kernel for nr rows and nt tokens of q: 16+ tokens, or, for
 /// nibble codes, 8+ on more than 64 rows. Its cost per (16-row panel, group) hardly depends on the

@@ -17,6 +17,10 @@
 #else
 #define S2LC_CPU_X86 0
 #endif
+#if S2LC_CPU_X86 && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace s2lc::kernels {
 
@@ -84,5 +88,46 @@ inline void allow_avx512_bf16(bool allow) noexcept { detail::avx512_bf16_allowed
 /// Whether the AVX3_DL kernels use AVX512_BF16 instructions: the CPU has them and
 /// allow_avx512_bf16(false) is not in effect.
 inline bool use_avx512_bf16() noexcept { return cpu_has_avx512_bf16() && detail::avx512_bf16_allowed().load(std::memory_order_relaxed); }
+
+namespace detail {
+/// CPUID says AMX-TILE, AMX-BF16, AVX512F/BW/VL/VBMI; the OS enables the AVX-512 and tile state
+/// (XCR0 bits 1, 2, 5-7, 17, 18); and Linux grants this process the tile data.
+inline bool amx_bf16_setup() noexcept {
+#if S2LC_CPU_X86 && defined(__linux__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool cpu = (d >> 24 & 1u) && (d >> 22 & 1u) && (b >> 16 & 1u) && (b >> 30 & 1u) && (b >> 31 & 1u) && (c >> 1 & 1u);
+  if (!cpu) return false;
+  __get_cpuid(1, &a, &b, &c, &d);
+  if (!(c >> 27 & 1u)) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const unsigned want = (1u << 1) | (1u << 2) | (7u << 5) | (3u << 17);
+  if ((lo & want) != want) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+inline std::atomic<bool>& amx_allowed() noexcept {
+  static std::atomic<bool> allowed{true};
+  return allowed;
+}
+}  // namespace detail
+
+/// Whether this CPU and OS run AMX bf16 tiles for this process (asks the OS once).
+inline bool cpu_has_amx_bf16() noexcept {
+  static const bool has = detail::amx_bf16_setup();
+  return has;
+}
+
+/// For tests and benches: false keeps the AVX-512 kernels on a CPU with AMX, so both paths can be
+/// checked and timed in one process. Process-wide; results stay within the same bounds.
+inline void allow_amx(bool allow) noexcept { detail::amx_allowed().store(allow, std::memory_order_relaxed); }
+
+/// Whether q_gemm_nt takes AMX tiles: the CPU has them and allow_amx(false) is not in effect.
+inline bool use_amx() noexcept { return cpu_has_amx_bf16() && detail::amx_allowed().load(std::memory_order_relaxed); }
+
 
 }  // namespace s2lc::kernels
