@@ -33,7 +33,8 @@
 //     (q_gemm_nt on a 3-bit rows-in-lanes rank-36 right factor), left_36x256 (q_gemm_nn on a 3-bit
 //     row-major left factor; decode_gemm_nn: q_decode_rows then gemm_nn, what apply runs from 32
 //     tokens on).
-// Cold runs cycle through copies of the weights (>= 512 MiB) so every call reads from DRAM.
+// Cold runs cycle through copies of the weights (kColdBytes: >= 512 MiB and twice the last-level
+// cache the OS reports) so every call reads from DRAM.
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
 // Single thread for every contender (OpenBLAS too) except the _t2 rows (merge, layer). See bench/RESULTS.md.
 #include <algorithm>
@@ -68,7 +69,9 @@ struct Shape {
   std::size_t rows, cols;
 };
 const Shape kShapes[] = {{768, 256}, {2048, 1408}, {4096, 14336}};
-constexpr std::size_t kColdBytes = std::size_t{512} << 20;
+// The working set cold rows cycle through (ab::cold_working_set_bytes: at least 512 MiB and twice
+// the last-level cache the OS reports).
+const std::size_t kColdBytes = ab::cold_working_set_bytes();
 
 struct Setup {
   mo::KGroup base;
@@ -83,12 +86,19 @@ struct Setup {
 };
 
 Setup& setup(std::size_t si, bool cold) {
-  static const bool announced = (std::printf("s2lc kernels run the %s target; OpenBLAS runs its %s kernels\n",
-                                              s2lc::kernels::kernel_target(), openblas_get_corename()), true);
+  static const bool announced =
+      (std::printf("s2lc kernels run the %s target; OpenBLAS runs its %s kernels; cold rows cycle through %zu MiB "
+                   "(the OS reports a %zu MiB last-level cache)\n",
+                   s2lc::kernels::kernel_target(), openblas_get_corename(), kColdBytes >> 20, ab::last_level_cache_bytes() >> 20),
+       true);
   (void)announced;
   static std::map<std::pair<std::size_t, bool>, std::unique_ptr<Setup>> cache;
   auto& slot = cache[{si, cold}];
   if (slot) return *slot;
+  // One cold setup at a time (each holds about 3 x kColdBytes; rows are registered shape by shape)
+  if (cold)
+    for (auto& [key, other] : cache)
+      if (key.second && key.first != si) other.reset();
   // The compressed group is shared by the hot and cold setups of a shape.
   static std::map<std::size_t, std::pair<mo::KGroup, std::vector<float>>> groups;
   if (!groups.count(si)) {
@@ -106,8 +116,8 @@ Setup& setup(std::size_t si, bool cold) {
   s.base = groups[si].first;
   s.bytes = static_cast<double>(s.base.member_bytes(0));
   s.dense_bytes = static_cast<double>(groups[si].second.size() * sizeof(float));
-  const std::size_t nq = cold ? std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(kColdBytes) / s.bytes)) : 1;
-  const std::size_t nd = cold ? std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / s.dense_bytes)) : 1;
+  const std::size_t nq = cold ? ab::cold_copies(kColdBytes, s.bytes) : 1;
+  const std::size_t nd = cold ? ab::cold_copies(kColdBytes, s.dense_bytes, 2) : 1;
   s.copies.assign(nq, s.base);
   for (const auto& q : s.copies) s.ranges.push_back(ab::member_ranges(q, 0));
   s.dense.assign(nd, s2lc::bench::Buffer<float>(groups[si].second.begin(), groups[si].second.end()));
@@ -273,7 +283,7 @@ RealMorph& real_morph(std::size_t role) {
   double group_bytes = 0;
   for (std::size_t e = 0; e < base.members(); ++e) group_bytes += static_cast<double>(base.member_bytes(e));
   r.single_bytes = group_bytes / static_cast<double>(base.members());
-  r.copies.assign(std::max<std::size_t>(2, kColdBytes / static_cast<std::size_t>(4 * r.single_bytes)), base);
+  r.copies.assign(ab::cold_copies(kColdBytes, 4 * r.single_bytes, 2), base);
   return r;
 }
 
@@ -371,7 +381,7 @@ template <class T>
 void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool cold) {
   // Cold: every iteration merges another copy of the module into another dense buffer (memcpy:
   // copies into it the buffer half the cycle away, untouched for many iterations; where only two
-  // buffers fit the 512 MiB, each is far larger than the caches), cycling through more than the
+  // buffers fit kColdBytes, each is far larger than the caches), cycling through more than the
   // last-level cache holds. T: the buffer's type (float or bf16 bits).
   Setup& s = setup(si, cold);
   auto& dense = dense_copies<T>(s);
@@ -446,7 +456,7 @@ void bench_merge(benchmark::State& state, std::size_t si, merge_impl which, bool
 // base), compressed with the py and en deltas as `s2lc compress domain-c domain-py domain-en` does
 // (same-named tensors across files, ratio 8: they come out as dense 4-bit blocks, full-rank
 // deltas), merged (member 0) into dense-base's 12 FFN weights packed in one f32 buffer (9.4 MB),
-// against a copy of that buffer. Cold: copies of both over 512 MiB.
+// against a copy of that buffer. Cold: copies of both over kColdBytes.
 struct RealDomain {
   std::vector<std::vector<mo::KGroup>> copies;  // per copy: the 12 groups
   std::vector<std::size_t> offset;              // each group's matrix in the buffer
@@ -488,11 +498,11 @@ RealDomain* real_domain() {
     if (groups.size() == 1) r.module_bytes0 = r.module_bytes;
     for (std::size_t e = 0; e < groups.back().members(); ++e) all_bytes += static_cast<double>(groups.back().member_bytes(e));
   }
-  r.copies.assign(std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(kColdBytes) / all_bytes)), groups);
-  r.dense.assign(std::max<std::size_t>(2, kColdBytes / (w.size() * sizeof(float))), s2lc::bench::Buffer<float>(w.begin(), w.end()));
+  r.copies.assign(ab::cold_copies(kColdBytes, all_bytes, 2), groups);
+  r.dense.assign(ab::cold_copies(kColdBytes, static_cast<double>(w.size() * sizeof(float)), 2), s2lc::bench::Buffer<float>(w.begin(), w.end()));
   s2lc::bench::Buffer<std::uint16_t> h(w.size());
   for (std::size_t i = 0; i < w.size(); ++i) h[i] = s2lc::f32_to_bf16(w[i]);
-  r.dense16.assign(std::max<std::size_t>(2, kColdBytes / (h.size() * sizeof(std::uint16_t))), h);
+  r.dense16.assign(ab::cold_copies(kColdBytes, static_cast<double>(h.size() * sizeof(std::uint16_t)), 2), h);
   return &r;
 }
 
@@ -582,7 +592,7 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold, bo
 // w2 as real_morph compresses them), T tokens routed top-2. s2lc: swiglu_apply from the
 // coefficients (cores once per node, f32 or int8 activations, s2lc_t2 on a two-thread ThreadPool);
 // openblas: per expert on the reconstructed f32 weights (gather its tokens, two sgemm / sgemv,
-// SiLU, one more, the gate-weighted scatter), one thread. Cold: copies over 512 MiB each.
+// SiLU, one more, the gate-weighted scatter), one thread. Cold: copies over kColdBytes each.
 struct RealLayer {
   std::vector<mo::SwiGLUExperts> layers;        // per compressed copy
   std::vector<s2lc::bench::Buffer<float>> dense;        // per dense copy: w1, w3 of each expert [f, d], then w2 [d, f]
@@ -605,7 +615,7 @@ RealLayer& real_layer() {
     mo::merge(r3.copies[0], e, w.data() + (L.experts + e) * m, L.d, 1.0f, 0, mo::merge_math::f32);
     mo::merge(r2.copies[0], e, w.data() + (2 * L.experts + e) * m, L.f, 1.0f, 0, mo::merge_math::f32);
   }
-  L.dense_copies = std::max<std::size_t>(2, kColdBytes / (w.size() * sizeof(float)));
+  L.dense_copies = ab::cold_copies(kColdBytes, static_cast<double>(w.size() * sizeof(float)), 2);
   L.dense.assign(L.dense_copies, s2lc::bench::Buffer<float>(w.begin(), w.end()));
   return L;
 }

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <xtensor-blas/xlinalg.hpp>  // declares the CBLAS functions (xflens cblas.h)
 
 extern "C" void openblas_set_num_threads(int);
@@ -33,6 +35,30 @@ extern "C" char* openblas_get_corename(void);
 
 namespace s2lc::apply_bench {
 
+/// Bytes of the largest cache level the OS reports (L3, else L2; 0 if it reports none).
+inline std::size_t last_level_cache_bytes() noexcept {
+  for (int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
+    const long v = sysconf(name);
+    if (v > 0) return static_cast<std::size_t>(v);
+  }
+  return 0;
+}
+
+/// The working set cold runs cycle through, so every call reads its bytes from DRAM: at least
+/// 512 MiB and twice the last-level cache the OS reports. A VM may see much of a large shared L3:
+/// on the Intel Xeon VM (480 MiB reported) one core read a cycle of 64 MiB at 29.5 GB/s, 512 MiB
+/// at 18.2, 1 GiB at 17.0 and 2 GiB at 16.5, so 512 MiB there still hit in L3 (bench/RESULTS.md,
+/// "Cold working sets twice the last-level cache").
+inline std::size_t cold_working_set_bytes() noexcept {
+  constexpr std::size_t kMiB = std::size_t{1} << 20;
+  return std::max<std::size_t>(512 * kMiB, (2 * last_level_cache_bytes() + kMiB - 1) / kMiB * kMiB);
+}
+
+/// Copies of `bytes` that cover `working_set` (at least `least`): the cycle of a cold run.
+inline std::size_t cold_copies(std::size_t working_set, double bytes, std::size_t least = 1) noexcept {
+  return std::max<std::size_t>(least, static_cast<std::size_t>(std::ceil(static_cast<double>(working_set) / bytes)));
+}
+
 struct Config {
   std::size_t rows = 2048, cols = 1408, batch = 1, experts = 4;
   double ratio = 8;
@@ -41,7 +67,7 @@ struct Config {
   unsigned morph_bits = 8;  ///< morph: the hybrid's coefficients requantized to 8 or 4 bits
   bool cold = true;
   morph::Activations act = morph::Activations::f32;  ///< the path `us` measures (both are timed)
-  std::size_t cold_bytes = std::size_t{512} << 20;  ///< working set that defeats the caches
+  std::size_t cold_bytes = cold_working_set_bytes();  ///< working set that defeats the caches
   double seconds = 0.3;                              ///< per contender
 };
 
@@ -231,8 +257,8 @@ inline Result run(const Config& c) {
   r.bytes = static_cast<double>(base.member_bytes(0));
   r.dense_bytes = static_cast<double>(c.rows * c.cols * sizeof(float));
   // Copies (distinct memory) to cycle through when cold.
-  const std::size_t nq = c.cold ? std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(c.cold_bytes) / r.bytes)) : 1;
-  const std::size_t nd = c.cold ? std::max<std::size_t>(2, static_cast<std::size_t>(static_cast<double>(c.cold_bytes) / r.dense_bytes)) : 1;
+  const std::size_t nq = c.cold ? cold_copies(c.cold_bytes, r.bytes) : 1;
+  const std::size_t nd = c.cold ? cold_copies(c.cold_bytes, r.dense_bytes, 2) : 1;
   std::vector<morph::KGroup> qs(nq, base);
   // 64-byte aligned, as engines allocate weights (std::vector's start 16 bytes past a line).
   std::vector<bench::Buffer<float>> ds(nd, bench::Buffer<float>(W0.begin(), W0.end()));

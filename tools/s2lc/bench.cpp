@@ -67,7 +67,8 @@ int run_bench(const std::vector<std::string>& args) {
   const auto r = apply_bench::run(c);
   nlohmann::ordered_json j;
   j["rows"] = c.rows, j["cols"] = c.cols, j["ratio"] = c.ratio, j["batch"] = c.batch, j["threads"] = c.threads;
-  j["cold"] = c.cold, j["copies"] = r.copies, j["target"] = kernels::kernel_target();
+  // a cold run's cycle: copies of the expert (and of the dense matrix) over cold_bytes
+  j["cold"] = c.cold, j["cold_bytes"] = c.cold ? c.cold_bytes : 0, j["copies"] = r.copies, j["target"] = kernels::kernel_target();
   j["openblas_core"] = openblas_get_corename();
   // q_gemm_nt's f32 batches ran on AMX tiles (amx.hpp: the AVX3_DL kernels take them where the CPU has them)
   j["amx"] = kernels::use_amx() && std::string(kernels::kernel_target()) == "AVX3_DL";
