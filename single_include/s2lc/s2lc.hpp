@@ -10215,9 +10215,11 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
 // Cost. The mixed expert is built once per alpha: cores get weights (a core node is applied once,
 // whatever the number of experts under it); residual blocks that are coefficients on the same
 // shared basis mix in the shared subspace (sum_i beta_i B_i, one block of the largest rank), so
-// they cost one expert, not K; other blocks (own factors, dense, or a raw block replacing the
-// cores) are mixed densely into one block (MorphOptions::truncate cuts mixes of low-rank blocks
-// back to the largest part's rank by an SVD instead: about one expert's bytes, not exact).
+// they cost one expert, not K; low-rank blocks on their own factors stack exactly into one
+// low-rank block of the summed rank where that is cheaper than a dense block (up to rank 128 for
+// 256 x 256: K = 2-3 experts' residuals); other blocks (dense, raw blocks replacing the cores,
+// larger stacks) are mixed densely into one block (MorphOptions::truncate cuts mixes of low-rank
+// blocks back to the largest part's rank by an SVD instead: about one expert's bytes, not exact).
 // Mixed coefficients stay f32 (bits = 0) or are requantized (bits = 8 / 4, cheaper to apply,
 // adds that quantization's error).
 //
@@ -10268,8 +10270,9 @@ inline std::vector<float> sparsemax_weights(std::span<const float> logits) {
 
 struct MorphOptions {
   unsigned bits = 0;  ///< 0: mixed coefficients in f32; 8 or 4: requantized (group size of the group)
-  /// Blocks whose parts are low-rank on different factors (no shared basis) mix densely, exactly;
-  /// with truncate (needs bits 8 or 4) they are cut back to the largest part's rank by an SVD of
+  /// Blocks whose parts are low-rank on different factors (no shared basis) mix exactly: their
+  /// factors stacked (rank sum r_i) where that is cheaper than a dense block, else densely; with
+  /// truncate (needs bits 8 or 4) they are cut back to the largest part's rank by an SVD of
   /// the mix (Eckart-Young: the best approximation of that rank), so the hybrid costs about one
   /// expert there too, at the error of the dropped singular directions.
   bool truncate = false;
@@ -10378,6 +10381,54 @@ inline void truncate_into(const std::vector<float>& dense, std::size_t rb, std::
   out.a = requantize(left, r, rb, bits, group, false), out.b = requantize(right, r, cb, bits, group, true);
 }
 
+/// The left factor [rank, rb] of a low-rank or shared block (its first b.rank rows).
+inline kernels::QView left_view(const KGroup& g, const KBlock& b) noexcept {
+  return b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
+}
+
+/// sum_i w_i L_i^T R_i over low-rank parts (own factors or different bases) as one low-rank block
+/// of rank sum_i r_i, exactly: the left factor is the parts' left factors' rows one after another
+/// (their codes and scales as they are, so its bits are the largest part's: a tier below that
+/// reads every row at that tier), the right one w_i R_i (f32, or requantized at `bits` like the
+/// dense mix). Taken where it needs fewer multiply-adds than a dense block (sum r (rb + cb) <=
+/// rb cb; it is then smaller too) and the left factors share a layout (row-major, one group size
+/// and container); false (out untouched) otherwise.
+inline bool stack_lowrank(const KGroup& g, const std::vector<std::pair<const KBlock*, float>>& parts, std::size_t rb, std::size_t cb,
+                          unsigned bits, std::size_t group, KBlock& out) {
+  std::size_t rank = 0;
+  kernels::QView first;
+  std::uint8_t left_bits = 0;
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    const KBlock& b = *parts[i].first;
+    if (b.kind != compress::block_kind::lowrank && b.kind != compress::block_kind::shared) return false;
+    const kernels::QView l = left_view(g, b);
+    if (i == 0) first = l;
+    if (l.lanes || l.cols != rb || l.rows < b.rank || l.group != first.group || l.nibble != first.nibble) return false;
+    rank += b.rank, left_bits = std::max(left_bits, l.bits);
+  }
+  if (rank == 0 || rank * (rb + cb) > rb * cb) return false;
+  const std::size_t row_bytes = first.row_bytes(), gpr = first.groups_per_row();
+  KMat a;
+  a.rows = static_cast<std::uint32_t>(rank), a.cols = static_cast<std::uint32_t>(rb), a.group = first.group, a.bits = left_bits;
+  a.nibble = first.nibble;
+  a.codes.reserve(rank * row_bytes), a.scales.reserve(rank * gpr);
+  std::vector<float> right(rank * cb);
+  float* r = right.data();
+  for (const auto& [b, w] : parts) {
+    const kernels::QView l = left_view(g, *b);
+    a.codes.insert(a.codes.end(), l.codes, l.codes + b->rank * row_bytes);
+    a.scales.insert(a.scales.end(), l.scales, l.scales + b->rank * gpr);
+    if (b->raw.empty()) kernels::q_decode_rows(b->b.view(), 0, b->rank, 0, r, cb);
+    else std::copy(b->raw.begin(), b->raw.begin() + static_cast<std::ptrdiff_t>(b->rank * cb), r);
+    for (std::size_t i = 0; i < b->rank * cb; ++i) r[i] *= w;
+    r += b->rank * cb;
+  }
+  out.kind = compress::block_kind::lowrank, out.rank = static_cast<std::uint32_t>(rank), out.a = std::move(a);
+  if (bits) out.b = requantize(right, rank, cb, bits, group, true);
+  else out.raw = std::move(right);
+  return true;
+}
+
 }  // namespace detail
 
 /// The hybrid c * C + sum_i beta_i (W_i - C) of experts[i] (see the file comment). Experts may
@@ -10471,6 +10522,8 @@ inline KMorph morph(const KGroup& g, std::span<const std::uint32_t> experts, std
       out.kind = compress::block_kind::shared, out.basis = parts[0].first->basis, out.rank = rank;
       if (opt.bits) out.b = detail::requantize(coef, rank, cb, opt.bits, group, true);
       else out.raw = std::move(coef);
+    } else if (!opt.truncate && detail::stack_lowrank(g, parts, rb, cb, opt.bits, group, out)) {
+      // exact, as the parts' factors stacked (cheaper than the dense mix below)
     } else {
       std::vector<float> dense(rb * cb, 0.0f);
       for (const auto& [blk, bw] : parts) detail::add_block(g, *blk, bw, 0, dense.data());

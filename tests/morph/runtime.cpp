@@ -877,8 +877,8 @@ TEST_CASE("morph: truncate cuts own-factor mixes to one expert's rank within the
     const auto kg = mo::KGroup::from(g);
     const std::vector<std::uint32_t> ex{0, 2, 5, 7};
     const std::vector<float> a{0.4f, 0.3f, 0.2f, 0.1f};
-    const auto exact = mo::mix_linear(kg, ex, a, {0});         // dense f32 mixes
-    const auto dense8 = mo::mix_linear(kg, ex, a, {8});        // dense int8 mixes
+    const auto exact = mo::mix_linear(kg, ex, a, {0});         // exact f32 mixes (stacked or dense)
+    const auto dense8 = mo::mix_linear(kg, ex, a, {8});        // the same, int8
     for (unsigned bits : {8u, 4u}) {
     CAPTURE(bits);
     const auto cutm = mo::mix_linear(kg, ex, a, {bits, true});  // truncated, int8 / int4 factors
@@ -887,18 +887,21 @@ TEST_CASE("morph: truncate cuts own-factor mixes to one expert's rank within the
       if (b.kind != cz::block_kind::lowrank) continue;
       const auto* e = mo::detail::find_block(exact.residual, b.index);
       REQUIRE(e != nullptr);
-      if (e->kind != cz::block_kind::raw || cutm.replaces[b.index]) continue;  // a part's own block, kept as is
+      // a part's own block kept as is (one part at weight 1, a shared-basis mix): the same rank
+      if (cutm.replaces[b.index] || (e->kind != cz::block_kind::raw && e->rank == b.rank)) continue;
       ++here;
+      std::vector<float> x(std::size_t{b.rb} * b.cb, 0.0f);  // the exact mix: dense, or the parts' factors stacked
+      mo::detail::add_block(kg, *e, 1.0f, 0, x.data());
       REQUIRE(b.a.bits == bits);
       REQUIRE(b.b.bits == bits);
       std::vector<float> d(std::size_t{b.rb} * b.cb, 0.0f);
       mo::detail::add_block(kg, b, 1.0f, 0, d.data());
       s2lc::matrix M = s2lc::matrix::from_shape({b.rb, b.cb});
-      std::copy(e->raw.begin(), e->raw.end(), M.begin());
+      std::copy(x.begin(), x.end(), M.begin());
       const auto f = s2lc::linalg::svd(M);
       double tail = 0, norm = 0, err = 0;
       for (std::size_t k = b.rank; k < f.rank(); ++k) tail += double(f.S(k)) * f.S(k);
-      for (std::size_t i = 0; i < d.size(); ++i) norm += double(e->raw[i]) * e->raw[i], err += (double(d[i]) - e->raw[i]) * (double(d[i]) - e->raw[i]);
+      for (std::size_t i = 0; i < d.size(); ++i) norm += double(x[i]) * x[i], err += (double(d[i]) - x[i]) * (double(d[i]) - x[i]);
       CAPTURE(b.index); CAPTURE(b.rank);
       // The factors are exactly (U S)^T and Vt of the exact mix's top b.rank singular triplets,
       // quantized at `bits` in the group's column groups: same codes, same scales.
@@ -929,6 +932,83 @@ TEST_CASE("morph: truncate cuts own-factor mixes to one expert's rank within the
   const std::vector<std::uint32_t> ex{0, 1};
   const std::vector<float> a{0.5f, 0.5f};
   CHECK_THROWS_AS(mo::mix_linear(kg, ex, a, {0, true}), s2lc::invalid_argument);  // f32 factors: not supported
+}
+
+TEST_CASE("morph: exact mixes of own-factor low-rank blocks stack the parts' factors where cheaper than dense") {
+  // Real experts: two at weights 0.6 and -0.3 (rank r1 + r2 per block), then all of them (too
+  // large a rank: dense).
+  std::size_t stacked = 0, dense = 0;
+  for (const auto& g : fixture_compressed().groups) {
+    CAPTURE(g.name);
+    const auto kg = mo::KGroup::from(g);
+    for (bool all : {false, true}) {
+      std::vector<std::uint32_t> ex{0, 3};
+      std::vector<float> w{0.6f, -0.3f};
+      if (all) {
+        ex.resize(kg.members()), w.assign(kg.members(), 1.0f / static_cast<float>(kg.members()));
+        for (std::size_t i = 0; i < ex.size(); ++i) ex[i] = static_cast<std::uint32_t>(i);
+      }
+      for (unsigned bits : {0u, 8u}) {
+        CAPTURE(all); CAPTURE(bits);
+        const auto m = mo::mix_linear(kg, ex, w, {bits});
+        for (const auto& b : m.residual.blocks) {
+          if (m.replaces[b.index]) continue;
+          std::vector<std::pair<const mo::KBlock*, float>> parts;
+          for (std::size_t i = 0; i < ex.size(); ++i)
+            if (const auto* p = mo::detail::find_block(kg.residuals[ex[i]], b.index)) parts.emplace_back(p, w[i]);
+          bool own = !parts.empty(), same_basis = true;
+          std::size_t rank = 0;
+          for (const auto& [p, pw] : parts) {
+            own &= p->kind == cz::block_kind::lowrank || p->kind == cz::block_kind::shared;
+            same_basis &= p->kind == cz::block_kind::shared && p->basis == parts[0].first->basis;
+            rank += p->rank;
+          }
+          if (!own || same_basis) continue;
+          CAPTURE(b.index); CAPTURE(rank);
+          const bool cheaper = rank * (b.rb + b.cb) <= std::size_t{b.rb} * b.cb;
+          // the exact mix, from the parts
+          std::vector<float> ref(std::size_t{b.rb} * b.cb, 0.0f), got(ref.size(), 0.0f);
+          double mag = 0;
+          for (const auto& [p, pw] : parts) mo::detail::add_block(kg, *p, pw, 0, ref.data());
+          mo::detail::add_block(kg, b, 1.0f, 0, got.data());
+          double err = 0;
+          for (std::size_t i = 0; i < ref.size(); ++i) err += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]), mag += double(ref[i]) * ref[i];
+          if (!cheaper) {
+            CHECK(b.kind != cz::block_kind::lowrank);  // dense (raw f32 or requantized)
+            ++dense;
+            continue;
+          }
+          ++stacked;
+          REQUIRE(b.kind == cz::block_kind::lowrank);
+          REQUIRE(b.rank == rank);
+          // left: the parts' codes and scales, row after row, as they are
+          std::vector<std::uint8_t> codes;
+          std::vector<std::uint16_t> scales;
+          for (const auto& [p, pw] : parts) {
+            const auto l = mo::detail::left_view(kg, *p);
+            codes.insert(codes.end(), l.codes, l.codes + p->rank * l.row_bytes());
+            scales.insert(scales.end(), l.scales, l.scales + p->rank * l.groups_per_row());
+          }
+          const auto lv = b.a.view();
+          CHECK(std::equal(codes.begin(), codes.end(), lv.codes));
+          CHECK(std::equal(scales.begin(), scales.end(), lv.scales));
+          if (bits == 0) {
+            // right: w_i R_i in f32, the same products as the dense mix's, so the block is that mix
+            // up to the order of its f32 sums
+            REQUIRE(b.raw.size() == rank * b.cb);
+            CHECK(std::sqrt(err) <= 1e-6 * std::sqrt(mag) + 1e-30);
+          } else {
+            // right requantized to 8 bits: well under the 8-bit dense mix's 1 %
+            CHECK(b.b.bits == 8);
+            CHECK(std::sqrt(err) <= 0.01 * std::sqrt(mag));
+          }
+        }
+      }
+    }
+  }
+  MESSAGE(stacked << " blocks stacked, " << dense << " mixed densely");
+  CHECK(stacked > 0);
+  CHECK(dense > 0);
 }
 
 TEST_CASE("morph: basis bank atoms are unit-norm, all atoms give the dense product, K picks the largest") {
