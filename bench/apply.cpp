@@ -25,7 +25,9 @@
 //     (768 x 256, three 256 x 256 dense blocks), the other 11 left alone.
 //   layer/<impl>/tinymoe_t<T>_{hot,cold}: a whole SwiGLU MoE layer on the real tinymoe layer-1
 //     experts, T tokens routed top-2: swiglu_apply (s2lc, s2lc_int8, s2lc_t2 on two threads) vs
-//     OpenBLAS per expert on the reconstructed f32 weights, and stream_bound.
+//     OpenBLAS per expert on the reconstructed f32 weights, stream_bound, and fma_bound (register
+//     FMAs as many as swiglu_apply's multiply-adds for the plan: cores once per token of their
+//     node, residuals per routed expert; counter macs).
 //   kernel/<s2lc|decode_gemm_nn|fma_bound>/<matrix>_t<T>: one kernel, hot, T tokens, against
 //     register FMAs as many as its multiply-adds (x_baseline: times the FMA bound): core_2048x1408
 //     (q_gemm_nt on a 4-bit rows-in-lanes matrix, a synthetic expert's dense core; core5: 5-bit
@@ -708,7 +710,39 @@ void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, 
   s2lc::bench::set_bytes(state, 0.0);
 }
 
-enum class layer_impl { s2lc, s2lc_int8, s2lc_t2, openblas, stream_bound };
+enum class layer_impl { s2lc, s2lc_int8, s2lc_t2, openblas, stream_bound, fma_bound };
+
+// The multiply-adds swiglu_apply does for a plan (morph/grouped.hpp): per matrix, each core node
+// over the union of its routed members' tokens, each routed expert's residual over its tokens, and
+// per expert again the core blocks its raw residual blocks replace (subtracted).
+std::size_t layer_macs(const RealLayer& L, const s2lc::DispatchPlan& plan) {
+  auto block_macs = [](const mo::KBlock& b) {
+    const bool lr = b.kind == s2lc::compress::block_kind::lowrank || b.kind == s2lc::compress::block_kind::shared;
+    return lr ? std::size_t{b.rank} * (b.rb + b.cb) : b.kind == s2lc::compress::block_kind::zero ? 0 : std::size_t{b.rb} * b.cb;
+  };
+  auto matrix_macs = [&](const mo::KMatrix& m) {
+    std::size_t n = 0;
+    for (const auto& b : m.blocks) n += block_macs(b);
+    return n;
+  };
+  std::size_t n = 0;
+  for (const mo::KGroup* g : {L.layers[0].w1, L.layers[0].w3, L.layers[0].w2}) {
+    std::vector<std::vector<std::uint8_t>> on(g->cores.size(), std::vector<std::uint8_t>(plan.n_tokens, 0));
+    for (std::size_t e = 0; e < plan.n_experts(); ++e) {
+      const std::size_t t = plan.count(e);
+      if (t == 0) continue;
+      for (std::size_t i = plan.offsets[e]; i < plan.offsets[e + 1]; ++i)
+        for (auto nd : g->path[e]) on[nd][plan.token[i]] = 1;
+      n += t * matrix_macs(g->residuals[e]);
+      for (auto nd : g->path[e])
+        for (const auto& b : g->cores[nd].blocks)
+          if (g->replaces[e][b.index]) n += t * block_macs(b);
+    }
+    for (std::size_t nd = 0; nd < g->cores.size(); ++nd)
+      n += static_cast<std::size_t>(std::count(on[nd].begin(), on[nd].end(), 1)) * matrix_macs(g->cores[nd]);
+  }
+  return n;
+}
 
 void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl which) {
   openblas_set_num_threads(1);
@@ -744,7 +778,10 @@ void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl w
     s2lc_bytes += static_cast<double>(g->bytes_with_bases(ms));
   }
   const double dense_bytes = static_cast<double>(routed.size() * 3 * m * sizeof(float));
-  if (cold) {
+  const std::size_t macs = layer_macs(L, plan);
+  float sink = 0;
+  const std::size_t lanes8 = which == layer_impl::fma_bound ? s2lc::kernels::fma_peak(1, &sink) : 1;
+  if (cold && which != layer_impl::fma_bound) {
     if (which == layer_impl::openblas) ab::touch_buffers(L.dense);
     else if (which == layer_impl::stream_bound) ab::touch_pages(stream.data(), stream.size() * sizeof(float));
     else
@@ -767,12 +804,18 @@ void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl w
       case layer_impl::stream_bound:
         benchmark::DoNotOptimize(s2lc::kernels::stream_read(stream.data(), cold ? stream.size() : m * 3));
         break;
+      case layer_impl::fma_bound:  // register FMAs as many as swiglu_apply's multiply-adds
+        s2lc::kernels::fma_peak(macs / lanes8, &sink);
+        break;
     }
     ++i;
     benchmark::ClobberMemory();
   }
+  benchmark::DoNotOptimize(sink);
   state.counters["experts"] = static_cast<double>(routed.size());
-  const double bytes = which == layer_impl::openblas ? dense_bytes
+  state.counters["macs"] = static_cast<double>(macs);
+  const double bytes = which == layer_impl::fma_bound ? 0.0
+                       : which == layer_impl::openblas ? dense_bytes
                        : which == layer_impl::stream_bound ? static_cast<double>((cold ? stream.size() : m * 3) * sizeof(float))
                                                            : s2lc_bytes;
   s2lc::bench::set_bytes(state, bytes);
@@ -819,10 +862,10 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_morph_real(st, role, K, tr); })
             ->Unit(benchmark::kMicrosecond);
       }
-  const char* layer_names[] = {"s2lc", "s2lc_int8", "s2lc_t2", "openblas", "stream_bound"};
+  const char* layer_names[] = {"s2lc", "s2lc_int8", "s2lc_t2", "openblas", "stream_bound", "fma_bound"};
   for (bool cold : {false, true})
     for (std::size_t T : {1u, 8u, 32u})
-      for (int w = 0; w < 5; ++w)
+      for (int w = 0; w < 6; ++w)
         benchmark::RegisterBenchmark(("layer/" + std::string(layer_names[w]) + "/tinymoe_t" + std::to_string(T) + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) { bench_layer(st, T, cold, static_cast<layer_impl>(w)); })
             ->Unit(benchmark::kMicrosecond);

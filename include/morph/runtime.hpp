@@ -541,7 +541,10 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
       const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
       float* t = arena.take_zeroed<float>(n * r);
       const bool q8 = !f32 && detail::apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0);  // t = right x
-      if (n < 3) {
+      // per token: one token, or two with int8 activations (q8_gemv_nn, see q8_left); two f32
+      // tokens take the 2-token passes below (the real tinymoe layer at 8 tokens, about two per
+      // expert: 195-201 -> 184-189 us hot, bench/RESULTS.md)
+      if (n < (prec.act == Activations::int8 ? 3u : 2u)) {
         const bool q8l = detail::q8_left(left, prec);
         for (std::size_t i = 0; i < n; ++i) {
           if (f32) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
