@@ -8984,6 +8984,10 @@ S2LC_QGEMM_FUNCTIONS(S2LC_DEFINE)
 /// (asked of a dispatched function, so it is what runtime dispatch really picks).
 inline const char* kernel_target() { return hwy::TargetName(kernel_target_bit()); }
 
+/// Whether q_gemm_nt's f32 batches run on AMX tiles in this process (amx.hpp): use_amx() and the
+/// kernels run the AVX3_DL target, the one that takes them (a `--target avx2` run does not).
+inline bool amx_in_use() { return use_amx() && kernel_target_bit() == HWY_AVX3_DL; }
+
 }  // namespace s2lc::kernels
 // ---- end s2lc/kernels/qgemm.hpp ----
 // ---- begin s2lc/plan.hpp ----

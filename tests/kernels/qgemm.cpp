@@ -91,12 +91,16 @@ double bound(std::size_t K, double abs_sum) { return static_cast<double>(K + 4) 
 
 }  // namespace
 
-TEST_CASE("kernels: kernel_target names the target a kernel call runs, on every target") {
+TEST_CASE("kernels: kernel_target names the target a kernel call runs, on every target; amx_in_use only on AVX3_DL with AMX allowed") {
   const auto targets = s2lc::test::compiled_targets();
   REQUIRE(!targets.empty());
   for (std::int64_t target : targets) {
     s2lc::test::TargetScope scope(target);
     CHECK(std::string(k::kernel_target()) == hwy::TargetName(target));
+    for (bool amx : s2lc::test::amx_modes(target)) {
+      s2lc::test::AmxScope allow(amx);
+      CHECK(k::amx_in_use() == (target == HWY_AVX3_DL && amx && k::cpu_has_amx_bf16()));
+    }
   }
   CHECK(std::string(k::kernel_target()) == hwy::TargetName(targets.front()));  // the scopes ended: the best again
 }

@@ -10,6 +10,7 @@
 #include <hwy/targets.h>
 
 #include "s2lc/config.hpp"
+#include "s2lc/kernels/cpu.hpp"
 #include "s2lc/kernels/qview.hpp"
 
 #if !S2LC_DYNAMIC_DISPATCH
@@ -189,5 +190,9 @@ S2LC_QGEMM_FUNCTIONS(S2LC_DEFINE)
 /// "NEON", "SCALAR", ...), e.g. to log next to timings: the one a kernel call made now runs
 /// (asked of a dispatched function, so it is what runtime dispatch really picks).
 inline const char* kernel_target() { return hwy::TargetName(kernel_target_bit()); }
+
+/// Whether q_gemm_nt's f32 batches run on AMX tiles in this process (amx.hpp): use_amx() and the
+/// kernels run the AVX3_DL target, the one that takes them (a `--target avx2` run does not).
+inline bool amx_in_use() { return use_amx() && kernel_target_bit() == HWY_AVX3_DL; }
 
 }  // namespace s2lc::kernels
