@@ -91,7 +91,7 @@ double bound(std::size_t K, double abs_sum) { return static_cast<double>(K + 4) 
 
 }  // namespace
 
-TEST_CASE("kernels: kernel_target names the target a kernel call runs, on every target; amx_in_use only on AVX3_DL with AMX allowed") {
+TEST_CASE("kernels: kernel_target names the target a kernel call runs, on every target, and amx_in_use only AVX3_DL with AMX allowed") {
   const auto targets = s2lc::test::compiled_targets();
   REQUIRE(!targets.empty());
   for (std::int64_t target : targets) {
