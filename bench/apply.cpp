@@ -716,13 +716,9 @@ enum class layer_impl { s2lc, s2lc_int8, s2lc_t2, openblas, stream_bound, fma_bo
 // over the union of its routed members' tokens, each routed expert's residual over its tokens, and
 // per expert again the core blocks its raw residual blocks replace (subtracted).
 std::size_t layer_macs(const RealLayer& L, const s2lc::DispatchPlan& plan) {
-  auto block_macs = [](const mo::KBlock& b) {
-    const bool lr = b.kind == s2lc::compress::block_kind::lowrank || b.kind == s2lc::compress::block_kind::shared;
-    return lr ? std::size_t{b.rank} * (b.rb + b.cb) : b.kind == s2lc::compress::block_kind::zero ? 0 : std::size_t{b.rb} * b.cb;
-  };
-  auto matrix_macs = [&](const mo::KMatrix& m) {
+  auto matrix_macs = [](const mo::KMatrix& m) {
     std::size_t n = 0;
-    for (const auto& b : m.blocks) n += block_macs(b);
+    for (const auto& b : m.blocks) n += b.apply_macs();
     return n;
   };
   std::size_t n = 0;
@@ -736,7 +732,7 @@ std::size_t layer_macs(const RealLayer& L, const s2lc::DispatchPlan& plan) {
       n += t * matrix_macs(g->residuals[e]);
       for (auto nd : g->path[e])
         for (const auto& b : g->cores[nd].blocks)
-          if (g->replaces[e][b.index]) n += t * block_macs(b);
+          if (g->replaces[e][b.index]) n += t * b.apply_macs();
     }
     for (std::size_t nd = 0; nd < g->cores.size(); ++nd)
       n += static_cast<std::size_t>(std::count(on[nd].begin(), on[nd].end(), 1)) * matrix_macs(g->cores[nd]);

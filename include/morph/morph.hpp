@@ -138,7 +138,7 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
       float* left = fit(s.b, r * rb);  // [rank, rb]: gemm_tn reads it k-major, no transposed copy
       if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right, cb);
       else std::copy(b.raw.begin(), b.raw.end(), right);
-      kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
+      kernels::q_decode_rows(left_view(g, b), 0, r, tier, left, rb);
       if (fixed) {
         s.fixed.resize(std::max(s.fixed.size(), kernels::lowrank_fixed_scratch(r, rb, cb)));
         return kernels::lowrank_add_fixed(left, right, r, rb, cb, w, out, cb, overwrite, s.fixed.data(), pf);
@@ -185,11 +185,6 @@ inline void truncate_into(const std::vector<float>& dense, std::size_t rb, std::
   }
   out.kind = compress::block_kind::lowrank, out.rank = static_cast<std::uint32_t>(r);
   out.a = requantize(left, r, rb, bits, group, false), out.b = requantize(right, r, cb, bits, group, true);
-}
-
-/// The left factor [rank, rb] of a low-rank or shared block (its first b.rank rows).
-inline kernels::QView left_view(const KGroup& g, const KBlock& b) noexcept {
-  return b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
 }
 
 /// sum_i w_i L_i^T R_i over low-rank parts (own factors or different bases) as one low-rank block

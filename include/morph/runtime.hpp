@@ -167,6 +167,11 @@ struct KBlock {
                                        ///< factor in f32 [rank, cb] instead of b (morphed experts)
 
   std::size_t bytes() const noexcept { return a.bytes() + b.bytes() + raw.size() * sizeof(float); }
+  /// Multiply-adds of applying the block to one token: rank (rb + cb) if low-rank, else rb cb.
+  std::size_t apply_macs() const noexcept {
+    const bool lr = kind == compress::block_kind::lowrank || kind == compress::block_kind::shared;
+    return lr ? std::size_t{rank} * (rb + cb) : std::size_t{rb} * cb;
+  }
 };
 
 /// The non-zero blocks of a block matrix, in grid order. pool() moves the blocks' codes and
@@ -267,11 +272,8 @@ struct KGroup {
   std::size_t member_macs(std::size_t e) const {
     auto macs = [](const KMatrix& m, const std::uint8_t* skip) {
       std::size_t n = 0;
-      for (const auto& b : m.blocks) {
-        if (skip && skip[b.index]) continue;
-        const bool lr = b.kind == compress::block_kind::lowrank || b.kind == compress::block_kind::shared;
-        n += lr ? std::size_t{b.rank} * (b.rb + b.cb) : std::size_t{b.rb} * b.cb;
-      }
+      for (const auto& b : m.blocks)
+        if (!skip || !skip[b.index]) n += b.apply_macs();
       return n;
     };
     std::size_t n = macs(residuals[e], nullptr);
@@ -386,6 +388,11 @@ inline constexpr std::size_t kPanelRows = 16;
 inline constexpr std::size_t kFusedLeftMax = 32;
 
 namespace detail {
+
+/// The left factor [rank, rb] of a low-rank or shared block (its first b.rank rows).
+inline kernels::QView left_view(const KGroup& g, const KBlock& b) noexcept {
+  return b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
+}
 
 /// int8 activations of one apply call's tokens, quantized once per grid column and code container
 /// (nibble / byte; only those the group's blocks there use) when the cache is made, then shared
@@ -536,7 +543,7 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     }
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
-      const auto left = b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
+      const auto left = detail::left_view(g, b);
       const std::size_t r = b.rank;
       const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
       float* t = arena.take_zeroed<float>(n * r);

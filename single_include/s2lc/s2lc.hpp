@@ -435,7 +435,6 @@ inline void allow_amx(bool allow) noexcept { detail::amx_allowed().store(allow, 
 /// Whether q_gemm_nt takes AMX tiles: the CPU has them and allow_amx(false) is not in effect.
 inline bool use_amx() noexcept { return cpu_has_amx_bf16() && detail::amx_allowed().load(std::memory_order_relaxed); }
 
-
 }  // namespace s2lc::kernels
 // ---- end s2lc/kernels/cpu.hpp ----
 
@@ -9416,6 +9415,11 @@ struct KBlock {
                                        ///< factor in f32 [rank, cb] instead of b (morphed experts)
 
   std::size_t bytes() const noexcept { return a.bytes() + b.bytes() + raw.size() * sizeof(float); }
+  /// Multiply-adds of applying the block to one token: rank (rb + cb) if low-rank, else rb cb.
+  std::size_t apply_macs() const noexcept {
+    const bool lr = kind == compress::block_kind::lowrank || kind == compress::block_kind::shared;
+    return lr ? std::size_t{rank} * (rb + cb) : std::size_t{rb} * cb;
+  }
 };
 
 /// The non-zero blocks of a block matrix, in grid order. pool() moves the blocks' codes and
@@ -9516,11 +9520,8 @@ struct KGroup {
   std::size_t member_macs(std::size_t e) const {
     auto macs = [](const KMatrix& m, const std::uint8_t* skip) {
       std::size_t n = 0;
-      for (const auto& b : m.blocks) {
-        if (skip && skip[b.index]) continue;
-        const bool lr = b.kind == compress::block_kind::lowrank || b.kind == compress::block_kind::shared;
-        n += lr ? std::size_t{b.rank} * (b.rb + b.cb) : std::size_t{b.rb} * b.cb;
-      }
+      for (const auto& b : m.blocks)
+        if (!skip || !skip[b.index]) n += b.apply_macs();
       return n;
     };
     std::size_t n = macs(residuals[e], nullptr);
@@ -9635,6 +9636,11 @@ inline constexpr std::size_t kPanelRows = 16;
 inline constexpr std::size_t kFusedLeftMax = 32;
 
 namespace detail {
+
+/// The left factor [rank, rb] of a low-rank or shared block (its first b.rank rows).
+inline kernels::QView left_view(const KGroup& g, const KBlock& b) noexcept {
+  return b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
+}
 
 /// int8 activations of one apply call's tokens, quantized once per grid column and code container
 /// (nibble / byte; only those the group's blocks there use) when the cache is made, then shared
@@ -9785,7 +9791,7 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     }
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
-      const auto left = b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
+      const auto left = detail::left_view(g, b);
       const std::size_t r = b.rank;
       const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
       float* t = arena.take_zeroed<float>(n * r);
@@ -10340,7 +10346,7 @@ inline void add_block(const KGroup& g, const KBlock& b, float w, unsigned tier, 
       float* left = fit(s.b, r * rb);  // [rank, rb]: gemm_tn reads it k-major, no transposed copy
       if (b.raw.empty()) kernels::q_decode_rows(b.b.view(), 0, r, tier, right, cb);
       else std::copy(b.raw.begin(), b.raw.end(), right);
-      kernels::q_decode_rows(b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view(), 0, r, tier, left, rb);
+      kernels::q_decode_rows(left_view(g, b), 0, r, tier, left, rb);
       if (fixed) {
         s.fixed.resize(std::max(s.fixed.size(), kernels::lowrank_fixed_scratch(r, rb, cb)));
         return kernels::lowrank_add_fixed(left, right, r, rb, cb, w, out, cb, overwrite, s.fixed.data(), pf);
@@ -10387,11 +10393,6 @@ inline void truncate_into(const std::vector<float>& dense, std::size_t rb, std::
   }
   out.kind = compress::block_kind::lowrank, out.rank = static_cast<std::uint32_t>(r);
   out.a = requantize(left, r, rb, bits, group, false), out.b = requantize(right, r, cb, bits, group, true);
-}
-
-/// The left factor [rank, rb] of a low-rank or shared block (its first b.rank rows).
-inline kernels::QView left_view(const KGroup& g, const KBlock& b) noexcept {
-  return b.kind == compress::block_kind::lowrank ? b.a.view() : g.bases[b.basis].view();
 }
 
 /// sum_i w_i L_i^T R_i over low-rank parts (own factors or different bases) as one low-rank block

@@ -5,7 +5,6 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
-#include <s2lc/kernels/amx.hpp>
 
 #include "apply_bench.hpp"
 #include "cli.hpp"

@@ -129,5 +129,4 @@ inline void allow_amx(bool allow) noexcept { detail::amx_allowed().store(allow, 
 /// Whether q_gemm_nt takes AMX tiles: the CPU has them and allow_amx(false) is not in effect.
 inline bool use_amx() noexcept { return cpu_has_amx_bf16() && detail::amx_allowed().load(std::memory_order_relaxed); }
 
-
 }  // namespace s2lc::kernels
