@@ -714,28 +714,39 @@ enum class layer_impl { s2lc, s2lc_int8, s2lc_t2, openblas, stream_bound, fma_bo
 
 // The multiply-adds swiglu_apply does for a plan (morph/grouped.hpp): per matrix, each core node
 // over the union of its routed members' tokens, each routed expert's residual over its tokens, and
-// per expert again the core blocks its raw residual blocks replace (subtracted).
+// per expert again the core blocks its raw residual blocks replace (subtracted); w2's shared-basis
+// blocks: their right factors per expert and token, each basis (as many rows as the largest rank
+// there) once per token of the plan (detail::apply_shared_summed).
 std::size_t layer_macs(const RealLayer& L, const s2lc::DispatchPlan& plan) {
-  auto matrix_macs = [](const mo::KMatrix& m) {
+  auto matrix_macs = [](const mo::KMatrix& m, bool summed) {
     std::size_t n = 0;
-    for (const auto& b : m.blocks) n += b.apply_macs();
+    for (const auto& b : m.blocks) n += summed && mo::detail::summed_block(b) ? std::size_t{b.rank} * b.cb : b.apply_macs();
     return n;
   };
   std::size_t n = 0;
   for (const mo::KGroup* g : {L.layers[0].w1, L.layers[0].w3, L.layers[0].w2}) {
+    const bool summed = g == L.layers[0].w2;
     std::vector<std::vector<std::uint8_t>> on(g->cores.size(), std::vector<std::uint8_t>(plan.n_tokens, 0));
+    std::map<std::uint32_t, std::pair<std::size_t, std::size_t>> bases;  // grid block: basis rows used, rb
     for (std::size_t e = 0; e < plan.n_experts(); ++e) {
       const std::size_t t = plan.count(e);
       if (t == 0) continue;
       for (std::size_t i = plan.offsets[e]; i < plan.offsets[e + 1]; ++i)
         for (auto nd : g->path[e]) on[nd][plan.token[i]] = 1;
-      n += t * matrix_macs(g->residuals[e]);
+      n += t * matrix_macs(g->residuals[e], summed);
+      for (const auto& b : g->residuals[e].blocks)
+        if (summed && mo::detail::summed_block(b)) {
+          auto& [rows, rb] = bases[b.index];
+          rows = std::max<std::size_t>(rows, b.rank), rb = b.rb;
+        }
       for (auto nd : g->path[e])
         for (const auto& b : g->cores[nd].blocks)
           if (g->replaces[e][b.index]) n += t * b.apply_macs();
     }
     for (std::size_t nd = 0; nd < g->cores.size(); ++nd)
-      n += static_cast<std::size_t>(std::count(on[nd].begin(), on[nd].end(), 1)) * matrix_macs(g->cores[nd]);
+      n += static_cast<std::size_t>(std::count(on[nd].begin(), on[nd].end(), 1)) * matrix_macs(g->cores[nd], false);
+    for (const auto& [index, rr] : bases)  // apply_shared_summed: each basis over all tokens of the plan
+      n += rr.first * rr.second * plan.n_tokens;
   }
   return n;
 }

@@ -501,6 +501,60 @@ inline void prefetch_meta(const KGroup& g, std::size_t e) noexcept {
   for (auto nd : g.path[e]) prefetch_meta(g.cores[nd]);
 }
 
+/// Tokens below which a low-rank block runs per token: one, or two with int8 activations
+/// (q8_gemv_nn, see q8_left); two f32 tokens take the 2-token passes of q_gemm_nt / q_gemm_nn
+/// (the real tinymoe layer at 8 tokens, about two per expert: 195-201 -> 184-189 us hot,
+/// bench/RESULTS.md).
+inline std::size_t per_token_below(const Precision& prec) noexcept { return prec.act == Activations::int8 ? 3u : 2u; }
+
+/// t[i, :rank] += alpha * right x_i for i < n: the right factor of a low-rank or shared block b
+/// (f32 if b holds it so, a morphed expert's mixed coefficients; else its codes, through int8
+/// activations where prec asks for them). x: the block's first column, token stride ldx.
+inline void right_coeffs(const KBlock& b, const float* x, std::size_t ldx, std::size_t n, float* t, float alpha, const Precision& prec,
+                         Arena& arena, const Q8Cache* q8c) {
+  const std::size_t r = b.rank;
+  if (!b.raw.empty()) {
+    if (n < per_token_below(prec))
+      for (std::size_t i = 0; i < n; ++i) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
+    else kernels::gemm_nt(b.raw.data(), b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+    return;
+  }
+  if (apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0)) return;
+  if (n < per_token_below(prec)) {
+    for (std::size_t i = 0; i < n; ++i) kernels::q_gemv_nt(b.b.view(), 0, r, prec.tier, x + i * ldx, alpha, t + i * r);
+  } else if (b.b.lanes) {
+    kernels::q_gemm_nt(b.b.view(), 0, r, prec.tier, x, ldx, n, alpha, t, r);
+  } else {
+    const std::size_t mark = arena.mark();
+    float* buf = arena.take<float>(r * b.cb);
+    kernels::q_decode_rows(b.b.view(), 0, r, prec.tier, buf, b.cb);
+    kernels::gemm_nt(buf, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+    arena.reset(mark);
+  }
+}
+
+/// Y[i, :left.cols] += left[:r]^T t_i for i < n (t: n rows of r coefficients, stride ldt): codes
+/// decoded in registers (per token, or once per pass of up to 8 tokens), or from kFusedLeftMax
+/// tokens on decoded once into scratch for gemm_nn.
+inline void left_apply(const kernels::QView& left, std::size_t r, const float* t, std::size_t ldt, std::size_t n, float* Y,
+                       std::size_t ldy, const Precision& prec, Arena& arena) {
+  if (n < per_token_below(prec)) {
+    const bool q8l = q8_left(left, prec);
+    for (std::size_t i = 0; i < n; ++i) {
+      if (q8l) kernels::q8_gemv_nn(left, 0, r, t + i * ldt, Y + i * ldy);
+      else kernels::q_gemv_nn(left, 0, r, prec.tier, t + i * ldt, Y + i * ldy);
+    }
+  } else if (n < kFusedLeftMax) {
+    kernels::q_gemm_nn(left, 0, r, prec.tier, t, ldt, n, Y, ldy);
+  } else {
+    const std::size_t mark = arena.mark();
+    float* buf = arena.take<float>(r * left.cols);
+    kernels::q_decode_rows(left, 0, r, prec.tier, buf, left.cols);
+    kernels::gemm_nn(t, ldt, n, r, buf, left.cols, left.cols, Y, ldy);
+    arena.reset(mark);
+  }
+}
+
 }  // namespace detail
 
 /// Scratch bytes apply_block / apply_matrix / apply need for a batch of n tokens.
@@ -543,39 +597,9 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     }
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
-      const auto left = detail::left_view(g, b);
-      const std::size_t r = b.rank;
-      const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
-      float* t = arena.take_zeroed<float>(n * r);
-      const bool q8 = !f32 && detail::apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0);  // t = right x
-      // per token: one token, or two with int8 activations (q8_gemv_nn, see q8_left); two f32
-      // tokens take the 2-token passes below (the real tinymoe layer at 8 tokens, about two per
-      // expert: 195-201 -> 184-189 us hot, bench/RESULTS.md)
-      if (n < (prec.act == Activations::int8 ? 3u : 2u)) {
-        const bool q8l = detail::q8_left(left, prec);
-        for (std::size_t i = 0; i < n; ++i) {
-          if (f32) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
-          else if (!q8) kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
-          if (q8l) kernels::q8_gemv_nn(left, 0, r, t + i * r, y + i * ldy);
-          else kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
-        }
-      } else {
-        float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
-        if (!q8) {
-          const float* right = b.raw.data();
-          if (!f32 && b.b.lanes) kernels::q_gemm_nt(b.b.view(), 0, r, tier, x, ldx, n, alpha, t, r);
-          else {
-            if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
-            kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
-          }
-        }
-        if (n < kFusedLeftMax) {
-          kernels::q_gemm_nn(left, 0, r, tier, t, r, n, y, ldy);
-        } else {
-          kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
-          kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
-        }
-      }
+      float* t = arena.take_zeroed<float>(n * b.rank);
+      detail::right_coeffs(b, x, ldx, n, t, alpha, prec, arena, q8c);  // t = alpha right x
+      detail::left_apply(detail::left_view(g, b), b.rank, t, b.rank, n, y, ldy, prec, arena);
       arena.reset(mark);
       return;
     }

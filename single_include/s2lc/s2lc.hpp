@@ -9749,6 +9749,60 @@ inline void prefetch_meta(const KGroup& g, std::size_t e) noexcept {
   for (auto nd : g.path[e]) prefetch_meta(g.cores[nd]);
 }
 
+/// Tokens below which a low-rank block runs per token: one, or two with int8 activations
+/// (q8_gemv_nn, see q8_left); two f32 tokens take the 2-token passes of q_gemm_nt / q_gemm_nn
+/// (the real tinymoe layer at 8 tokens, about two per expert: 195-201 -> 184-189 us hot,
+/// bench/RESULTS.md).
+inline std::size_t per_token_below(const Precision& prec) noexcept { return prec.act == Activations::int8 ? 3u : 2u; }
+
+/// t[i, :rank] += alpha * right x_i for i < n: the right factor of a low-rank or shared block b
+/// (f32 if b holds it so, a morphed expert's mixed coefficients; else its codes, through int8
+/// activations where prec asks for them). x: the block's first column, token stride ldx.
+inline void right_coeffs(const KBlock& b, const float* x, std::size_t ldx, std::size_t n, float* t, float alpha, const Precision& prec,
+                         Arena& arena, const Q8Cache* q8c) {
+  const std::size_t r = b.rank;
+  if (!b.raw.empty()) {
+    if (n < per_token_below(prec))
+      for (std::size_t i = 0; i < n; ++i) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
+    else kernels::gemm_nt(b.raw.data(), b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+    return;
+  }
+  if (apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0)) return;
+  if (n < per_token_below(prec)) {
+    for (std::size_t i = 0; i < n; ++i) kernels::q_gemv_nt(b.b.view(), 0, r, prec.tier, x + i * ldx, alpha, t + i * r);
+  } else if (b.b.lanes) {
+    kernels::q_gemm_nt(b.b.view(), 0, r, prec.tier, x, ldx, n, alpha, t, r);
+  } else {
+    const std::size_t mark = arena.mark();
+    float* buf = arena.take<float>(r * b.cb);
+    kernels::q_decode_rows(b.b.view(), 0, r, prec.tier, buf, b.cb);
+    kernels::gemm_nt(buf, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
+    arena.reset(mark);
+  }
+}
+
+/// Y[i, :left.cols] += left[:r]^T t_i for i < n (t: n rows of r coefficients, stride ldt): codes
+/// decoded in registers (per token, or once per pass of up to 8 tokens), or from kFusedLeftMax
+/// tokens on decoded once into scratch for gemm_nn.
+inline void left_apply(const kernels::QView& left, std::size_t r, const float* t, std::size_t ldt, std::size_t n, float* Y,
+                       std::size_t ldy, const Precision& prec, Arena& arena) {
+  if (n < per_token_below(prec)) {
+    const bool q8l = q8_left(left, prec);
+    for (std::size_t i = 0; i < n; ++i) {
+      if (q8l) kernels::q8_gemv_nn(left, 0, r, t + i * ldt, Y + i * ldy);
+      else kernels::q_gemv_nn(left, 0, r, prec.tier, t + i * ldt, Y + i * ldy);
+    }
+  } else if (n < kFusedLeftMax) {
+    kernels::q_gemm_nn(left, 0, r, prec.tier, t, ldt, n, Y, ldy);
+  } else {
+    const std::size_t mark = arena.mark();
+    float* buf = arena.take<float>(r * left.cols);
+    kernels::q_decode_rows(left, 0, r, prec.tier, buf, left.cols);
+    kernels::gemm_nn(t, ldt, n, r, buf, left.cols, left.cols, Y, ldy);
+    arena.reset(mark);
+  }
+}
+
 }  // namespace detail
 
 /// Scratch bytes apply_block / apply_matrix / apply need for a batch of n tokens.
@@ -9791,39 +9845,9 @@ inline void apply_block(const KGroup& g, const KBlock& b, const float* X, std::s
     }
     case compress::block_kind::lowrank:
     case compress::block_kind::shared: {
-      const auto left = detail::left_view(g, b);
-      const std::size_t r = b.rank;
-      const bool f32 = !b.raw.empty();  // f32 right factor (a morphed expert's mixed coefficients)
-      float* t = arena.take_zeroed<float>(n * r);
-      const bool q8 = !f32 && detail::apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0);  // t = right x
-      // per token: one token, or two with int8 activations (q8_gemv_nn, see q8_left); two f32
-      // tokens take the 2-token passes below (the real tinymoe layer at 8 tokens, about two per
-      // expert: 195-201 -> 184-189 us hot, bench/RESULTS.md)
-      if (n < (prec.act == Activations::int8 ? 3u : 2u)) {
-        const bool q8l = detail::q8_left(left, prec);
-        for (std::size_t i = 0; i < n; ++i) {
-          if (f32) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
-          else if (!q8) kernels::q_gemv_nt(b.b.view(), 0, r, tier, x + i * ldx, alpha, t + i * r);
-          if (q8l) kernels::q8_gemv_nn(left, 0, r, t + i * r, y + i * ldy);
-          else kernels::q_gemv_nn(left, 0, r, tier, t + i * r, y + i * ldy);
-        }
-      } else {
-        float* buf = arena.take<float>(r * std::max(b.rb, b.cb));
-        if (!q8) {
-          const float* right = b.raw.data();
-          if (!f32 && b.b.lanes) kernels::q_gemm_nt(b.b.view(), 0, r, tier, x, ldx, n, alpha, t, r);
-          else {
-            if (!f32) kernels::q_decode_rows(b.b.view(), 0, r, tier, buf, b.cb), right = buf;
-            kernels::gemm_nt(right, b.cb, r, x, ldx, n, b.cb, alpha, t, r);
-          }
-        }
-        if (n < kFusedLeftMax) {
-          kernels::q_gemm_nn(left, 0, r, tier, t, r, n, y, ldy);
-        } else {
-          kernels::q_decode_rows(left, 0, r, tier, buf, b.rb);
-          kernels::gemm_nn(t, r, n, r, buf, b.rb, b.rb, y, ldy);
-        }
-      }
+      float* t = arena.take_zeroed<float>(n * b.rank);
+      detail::right_coeffs(b, x, ldx, n, t, alpha, prec, arena, q8c);  // t = alpha right x
+      detail::left_apply(detail::left_view(g, b), b.rank, t, b.rank, n, y, ldy, prec, arena);
       arena.reset(mark);
       return;
     }
@@ -9976,6 +10000,105 @@ inline void unapply_replaced(const KGroup& g, std::size_t e, const float* X, std
       if (rep[b.index]) apply_block(g, b, X, ldx, n, Y, ldy, -1.0f, tier, a);
 }
 
+/// Residual blocks grouped calls apply in coefficient space (apply_shared_summed), not per expert.
+inline bool summed_block(const KBlock& b) noexcept { return b.kind == compress::block_kind::shared; }
+
+/// Y[t, :] += W X[t, :] for t < n over m's blocks that apply_shared_summed does not take.
+inline void apply_unshared(const KGroup& g, const KMatrix& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
+                           Precision tier, Arena& a, const Q8Cache* q8c = nullptr) {
+  for (const auto& b : m.blocks)
+    if (!summed_block(b)) apply_block(g, b, X, ldx, n, Y, ldy, 1.0f, tier, a, q8c);
+}
+
+/// Arena bytes of apply_shared_summed beyond each worker's apply_scratch_bytes(g, tokens): per
+/// worker (the first) and once (the second).
+inline std::size_t summed_worker_bytes(const KGroup& g, std::size_t tokens) {
+  return Arena::bytes_for<float>(std::max<std::size_t>(tokens, 1) * g.max_rank);
+}
+inline std::size_t summed_shared_bytes(const KGroup& g, std::size_t tokens) {
+  const std::size_t gc = g.grid.grid_cols();
+  return Arena::bytes_for<float>(gc * std::max<std::size_t>(tokens, 1) * g.grid.block_rows) + Arena::bytes_for<std::uint8_t>(gc);
+}
+
+/// The residual block of member e at grid block idx if apply_shared_summed takes it, else null.
+inline const KBlock* summed_at(const KGroup& g, std::size_t e, std::size_t idx) noexcept {
+  const auto& bl = g.residuals[e].blocks;  // in grid order
+  const auto it = std::lower_bound(bl.begin(), bl.end(), idx, [](const KBlock& b, std::size_t i) { return b.index < i; });
+  return it != bl.end() && it->index == idx && summed_block(*it) ? &*it : nullptr;
+}
+
+/// The routed experts' shared-basis residual blocks, summed where they meet. Where the experts'
+/// blocks at a grid block use one basis B (the compressor's shared projection),
+/// sum_e g_e B^T t_e = B^T sum_e g_e t_e (t_e: e's coefficients of its tokens, gate-weighted
+/// per token), so B is applied once per token of the plan, to all of them in one pass, instead of
+/// once per (token, expert) in passes of each expert's few tokens: half the left multiply-adds
+/// at top-2, in wider passes (bench/RESULTS.md, "Shared bases summed across experts"). A block on
+/// another basis than the first expert's there is applied on its own, gate-weighted per token.
+/// Xe: the routed pairs' activations in plan order (stride ldx); Y[t, :] += the blocks' share of
+/// sum_e g_e W_e Xe. Per grid row, one task per grid block writes its own part (from the arena,
+/// summed_shared_bytes), then the parts are added to Y in grid order: Y does not depend on workers.
+inline void apply_shared_summed(const KGroup& g, const DispatchPlan& plan, const float* Xe, std::size_t ldx, float* Y, std::size_t ldy,
+                                Precision tier, Executor* ex, Workers& w, Arena& arena) {
+  const std::size_t gc = g.grid.grid_cols(), T = plan.n_tokens, E = plan.n_experts(), RB = g.grid.block_rows;
+  if (T == 0 || g.bases.empty()) return;
+  const std::size_t mark = arena.mark();
+  float* P = arena.take<float>(gc * T * RB);
+  auto* used = arena.take<std::uint8_t>(gc);
+  for (std::size_t br = 0; br < g.grid.grid_rows(); ++br) {
+    parallel_for(ex, gc, [&](std::size_t bc, unsigned worker) {
+      const std::size_t idx = br * gc + bc;
+      const KBlock* first = nullptr;
+      std::size_t R = 0;
+      for (std::size_t e = 0; e < E; ++e)
+        if (const KBlock* b = plan.count(e) ? summed_at(g, e, idx) : nullptr) {
+          if (!first) first = b;
+          if (b->basis == first->basis) R = std::max<std::size_t>(R, b->rank);
+        }
+      used[bc] = first != nullptr;
+      if (!first) return;
+      Arena& a = w.arena[worker];
+      const std::size_t m1 = a.mark();
+      const std::size_t rb = first->rb;
+      float* p = P + bc * T * RB;  // [T, rb]
+      float* S = a.take<float>(T * R);
+      std::fill(p, p + T * rb, 0.0f);
+      std::fill(S, S + T * R, 0.0f);
+      for (std::size_t e = 0; e < E; ++e) {
+        const KBlock* b = plan.count(e) ? summed_at(g, e, idx) : nullptr;
+        if (!b) continue;
+        const std::size_t off = plan.offsets[e], n = plan.count(e), r = b->rank;
+        const std::size_t m2 = a.mark();
+        float* t = a.take_zeroed<float>(n * r);
+        if (b->basis != first->basis) {  // on its own: t_i = g_i right x_i, p_i += left^T t_i
+          for (std::size_t i = 0; i < n; ++i) {
+            const std::size_t tok = plan.token[off + i];
+            right_coeffs(*b, Xe + (off + i) * ldx + b->c0, ldx, 1, t + i * r, plan.gate[off + i], tier, a, nullptr);
+            left_apply(left_view(g, *b), r, t + i * r, r, 1, p + tok * rb, rb, tier, a);
+          }
+        } else {
+          right_coeffs(*b, Xe + off * ldx + b->c0, ldx, n, t, 1.0f, tier, a, nullptr);
+          for (std::size_t i = 0; i < n; ++i) {
+            float* s = S + plan.token[off + i] * R;
+            const float gt = plan.gate[off + i];
+            for (std::size_t j = 0; j < r; ++j) s[j] += gt * t[i * r + j];
+          }
+        }
+        a.reset(m2);
+      }
+      left_apply(g.bases[first->basis].view(), R, S, R, T, p, rb, tier, a);
+      a.reset(m1);
+    });
+    for (std::size_t bc = 0; bc < gc; ++bc) {
+      if (!used[bc]) continue;
+      const std::size_t r0 = br * RB, rb = std::min(RB, g.rows() - r0);
+      const float* p = P + bc * T * RB;
+      for (std::size_t t = 0; t < T; ++t)
+        for (std::size_t j = 0; j < rb; ++j) Y[t * ldy + r0 + j] += p[t * rb + j];
+    }
+  }
+  arena.reset(mark);
+}
+
 }  // namespace detail
 
 /// Arena bytes apply_parallel needs.
@@ -10005,7 +10128,7 @@ inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, st
   const std::size_t r = g.rows(), c = g.cols(), tmax = std::max(tokens, std::size_t{1});
   return detail::union_bytes(tmax) + Arena::bytes_for<float>(tmax * c) + Arena::bytes_for<float>(tmax * r) +
          Arena::bytes_for<float>(routed * c) + Arena::bytes_for<float>(routed * r) +
-         std::max(workers, 1u) * (apply_scratch_bytes(g, tmax) + 64);
+         detail::summed_shared_bytes(g, tmax) + std::max(workers, 1u) * (apply_scratch_bytes(g, tmax) + detail::summed_worker_bytes(g, tmax) + 64);
 }
 
 /// Y[t, :] += sum over experts e routed t of gate(e, t) * W_e X[t, :]. X [n_tokens, cols] (stride
@@ -10019,7 +10142,7 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
   const std::size_t R = g.rows(), C = g.cols(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();
   detail::Workers w;
-  detail::split_workers(arena, ex, apply_scratch_bytes(g, T), w);
+  detail::split_workers(arena, ex, apply_scratch_bytes(g, T) + detail::summed_worker_bytes(g, T), w);
   float* xg = arena.take<float>(T * C);
   float* yg = arena.take<float>(T * R);
   // Cores: once per token of each node's union, weighted by the summed gates.
@@ -10046,9 +10169,10 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
     const std::size_t off = plan.offsets[e], n = plan.count(e);
     if (n == 0) return;
     detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
-    apply_matrix(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, 1.0f, tier, w.arena[worker]);
+    detail::apply_unshared(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, tier, w.arena[worker]);
     detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, w.arena[worker]);
   });
+  detail::apply_shared_summed(g, plan, xe, C, Y, ldy, tier, ex, w, arena);
   for (std::size_t i = 0; i < plan.routed(); ++i) {
     float* y = Y + plan.token[i] * ldy;
     const float gt = plan.gate[i];
@@ -10083,7 +10207,8 @@ inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t toke
     per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
     q8 = std::max(q8, detail::Q8Cache::bytes(g->grid, g->group_size, T));
   }
-  return q8 + nodes * (detail::union_bytes(T) + Arena::bytes_for<float>(T * f)) + detail::union_bytes(T) +
+  per_worker = std::max(per_worker, apply_scratch_bytes(*L.w2, T) + detail::summed_worker_bytes(*L.w2, T));
+  return q8 + detail::summed_shared_bytes(*L.w2, T) + nodes * (detail::union_bytes(T) + Arena::bytes_for<float>(T * f)) + detail::union_bytes(T) +
          Arena::bytes_for<float>(T * d) + Arena::bytes_for<float>(T * f) + Arena::bytes_for<float>(T * d) +
          Arena::bytes_for<float>(routed * d) * 2 + Arena::bytes_for<float>(routed * f) * 2 + std::max(workers, 1u) * (per_worker + 64);
 }
@@ -10101,8 +10226,8 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
       for (const KGroup* g : {L.w1, L.w3, L.w2}) detail::prefetch_meta(g->residuals[e]);
   const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();
-  std::size_t per_worker = 0;
-  for (const KGroup* g : {L.w1, L.w3, L.w2}) per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
+  std::size_t per_worker = apply_scratch_bytes(*L.w2, T) + detail::summed_worker_bytes(*L.w2, T);
+  for (const KGroup* g : {L.w1, L.w3}) per_worker = std::max(per_worker, apply_scratch_bytes(*g, T));
   detail::Workers w;
   detail::split_workers(arena, ex, per_worker, w);
   float* xg = arena.take<float>(T * d);
@@ -10173,9 +10298,11 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     hidden(*L.w3, n3s, a3, q8x && share ? &*q8x : nullptr);
     a.reset(am);
     kernels::swiglu(a1, a3, a1, n * f);
-    apply_matrix(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, 1.0f, tier, a);
+    detail::apply_unshared(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, tier, a);
     detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, core, a);
   });
+  // w2's shared-basis residual blocks: summed across experts in coefficient space, into Y
+  detail::apply_shared_summed(*L.w2, plan, h1, f, Y, ldy, tier, ex, w, arena);
 
   // 3. w2 cores: once per token on the gate-weighted sum of its members' hidden states.
   float* hs = h3;  // h3 is no longer needed: reuse it as [T, f] for the weighted sums

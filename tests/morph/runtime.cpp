@@ -591,6 +591,60 @@ TEST_CASE("morph: grouped apply equals per-expert apply, shares cores, and does 
   }
 }
 
+TEST_CASE("morph: grouped calls sum shared-basis residual blocks across experts, and apply a block on another basis on its own") {
+  // The real w2's residual blocks project onto one basis per grid block; grouped_apply applies each
+  // basis once to the gate-weighted sum of the experts' coefficients. Expert 3 is pointed at
+  // another basis at one grid block, which the sum must not take for the first expert's.
+  const auto& c = fixture_compressed();
+  auto kg = mo::KGroup::from(c.groups[1]);
+  REQUIRE(kg.bases.size() >= 2);
+  std::size_t shared = 0;
+  for (const auto& m : kg.residuals)
+    for (const auto& b : m.blocks) shared += mo::detail::summed_block(b);
+  REQUIRE(shared > 0);
+  const std::size_t R = kg.rows(), C = kg.cols(), E = kg.members();
+  for (bool moved : {false, true}) {
+    CAPTURE(moved);
+    if (moved) {
+      mo::KBlock* b = nullptr;
+      for (auto& blk : kg.residuals[3].blocks)
+        if (mo::detail::summed_block(blk) && !b) b = &blk;
+      REQUIRE(b != nullptr);
+      for (std::uint32_t k = 0; k < kg.bases.size(); ++k)
+        if (k != b->basis && kg.bases[k].view().rows >= b->rank && kg.bases[k].view().cols == b->rb) {
+          b->basis = k;
+          break;
+        }
+    }
+    for (std::size_t T : {1u, 2u, 9u, 40u}) {
+      CAPTURE(T);
+      const auto plan = top2_plan(E, T, 500 + static_cast<std::uint32_t>(T));
+      const auto X = randn(T * C, 13);
+      std::vector<float> Y(T * R, 0.0f), Yp(T * R, 0.0f);
+      std::vector<double> ref(T * R, 0.0);
+      mo::ThreadPool pool(2);
+      std::vector<std::byte> mem(mo::grouped_scratch_bytes(kg, T, plan.routed(), pool.workers()));
+      mo::Arena arena(mem);
+      mo::grouped_apply(kg, plan, X.data(), C, Y.data(), R, arena);
+      mo::grouped_apply(kg, plan, X.data(), C, Yp.data(), R, arena, &pool);
+      CHECK(Yp == Y);
+      for (std::size_t e = 0; e < E; ++e)
+        for (std::size_t i = plan.offsets[e]; i < plan.offsets[e + 1]; ++i) {
+          std::vector<float> y(R, 0.0f);
+          std::vector<std::byte> m2(mo::apply_scratch_bytes(kg, 1));
+          mo::Arena a2(m2);
+          mo::apply(kg, e, X.data() + plan.token[i] * C, C, 1, y.data(), R, a2);
+          for (std::size_t r = 0; r < R; ++r) ref[plan.token[i] * R + r] += double(plan.gate[i]) * y[r];
+        }
+      double num = 0, den = 0;
+      for (std::size_t i = 0; i < T * R; ++i) num += (Y[i] - ref[i]) * (Y[i] - ref[i]), den += ref[i] * ref[i];
+      // f32 summation order only: each output sums C + rank products (about 1e-7 relative each)
+      CAPTURE(std::sqrt(num / den));
+      CHECK(std::sqrt(num / den) < 1e-5);
+    }
+  }
+}
+
 TEST_CASE("morph: an int8 activation cache gives apply_matrix the bits of per-block quantization, across w1 and w3") {
   const auto& c = fixture_compressed();
   const auto w1 = mo::KGroup::from(c.groups[0]), w3 = mo::KGroup::from(c.groups[2]);
