@@ -137,6 +137,11 @@ inline std::size_t summed_shared_bytes(const KGroup& g, std::size_t tokens) {
   return Arena::bytes_for<float>(gc * std::max<std::size_t>(tokens, 1) * g.grid.block_rows) + Arena::bytes_for<std::uint8_t>(gc);
 }
 
+/// Below this many tokens apply_shared_summed runs its block tasks on the calling thread: a task is
+/// then about a microsecond, less than handing it to a worker (the real tinymoe layer at one token
+/// on two threads took 30-31 us before the sum, 32-34 with its tasks on the pool). Same bits either way.
+inline constexpr std::size_t kSummedSerialBelow = 4;
+
 /// The residual block of member e at grid block idx if apply_shared_summed takes it, else null.
 inline const KBlock* summed_at(const KGroup& g, std::size_t e, std::size_t idx) noexcept {
   const auto& bl = g.residuals[e].blocks;  // in grid order
@@ -162,7 +167,7 @@ inline void apply_shared_summed(const KGroup& g, const DispatchPlan& plan, const
   float* P = arena.take<float>(gc * T * RB);
   auto* used = arena.take<std::uint8_t>(gc);
   for (std::size_t br = 0; br < g.grid.grid_rows(); ++br) {
-    parallel_for(ex, gc, [&](std::size_t bc, unsigned worker) {
+    parallel_for(T < kSummedSerialBelow ? nullptr : ex, gc, [&](std::size_t bc, unsigned worker) {
       const std::size_t idx = br * gc + bc;
       const KBlock* first = nullptr;
       std::size_t R = 0;
@@ -382,8 +387,8 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   // 2. Experts: h = silu(w1 x) * (w3 x) from the shared core outputs plus residuals; o = R2 h.
   const std::size_t routed = plan.routed();
   float* xe = arena.take<float>(routed * d);
-  float* h1 = arena.take_zeroed<float>(routed * f);
-  float* h3 = arena.take_zeroed<float>(routed * f);
+  float* h1 = arena.take<float>(routed * f);  // every routed pair's rows are written by its expert
+  float* h3 = arena.take<float>(routed * f);
   float* oe = arena.take_zeroed<float>(routed * d);
   parallel_for(ex, plan.n_experts(), [&](std::size_t e, unsigned worker) {
     const std::size_t off = plan.offsets[e], n = plan.count(e);
@@ -392,14 +397,19 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     const float* x = xe + off * d;
     detail::gather(X, ldx, plan.token.data() + off, n, d, xe + off * d);
     auto hidden = [&](const KGroup& g, const NodeOut* outs, float* h, const detail::Q8Cache* q8c) {
+      bool first = true;  // h starts as the first node's output (a copy, not zeroing and adding)
       for (auto nd : g.path[e]) {
         const NodeOut& o = outs[nd];
         for (std::size_t i = 0; i < n; ++i) {
           const float* src = o.out + o.u.pos[plan.token[off + i]] * f;
           float* dst = h + i * f;
-          for (std::size_t j = 0; j < f; ++j) dst[j] += src[j];
+          if (first) std::memcpy(dst, src, f * sizeof(float));
+          else
+            for (std::size_t j = 0; j < f; ++j) dst[j] += src[j];
         }
+        first = false;
       }
+      if (first) std::memset(h, 0, n * f * sizeof(float));  // no cores on e's path
       apply_matrix(g, g.residuals[e], x, d, n, h, f, 1.0f, tier, a, nullptr, q8c);
       detail::unapply_replaced(g, e, x, d, n, h, f, core, a);
     };
