@@ -109,7 +109,7 @@ namespace s2lc::kernels {
 //                lanes: each code decoded once per tile of up to 8 tokens; else q_gemv_nt per token).
 // q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
 // q_gemm_nn:     y[t * ldy + j] += sum_k c[t * ldc + k] q[k0 + k, j], k < nk, t < nt (codes
-//                decoded once per row for up to 4 tokens; what q_gemv_nn is per token).
+//                decoded once per row for up to 8 tokens; what q_gemv_nn is per token).
 // q8_quantize:   nt tokens x[t * ldx + c] (c < q.cols) to int8 in q's layout: out holds
 //                nt * Q8Acts::bytes(q) bytes (see qview.hpp; bit-identical on every target).
 // q8_gemv_nt:    y[t * ldy + i] += alpha * sum_g s[r0 + i, g] sx_t[g] sum_{j in g} code[r0 + i, j] xq_t[j]
