@@ -892,7 +892,7 @@ const bool registered = [] {
                                    [=](benchmark::State& st) { bench_merge_domain<float>(st, w, cold, true); })
           ->Unit(benchmark::kMicrosecond);
   for (const KernelCase& kc : kKernelCases)
-    for (std::size_t T : {1u, 4u, 8u, 16u, 32u, 64u})
+    for (std::size_t T : {1u, 2u, 3u, 4u, 5u, 8u, 16u, 32u, 64u})
       for (kernel_impl w : {kernel_impl::s2lc, kernel_impl::decode_gemm_nn, kernel_impl::fma_bound}) {
         if (w == kernel_impl::decode_gemm_nn && kc.lanes) continue;
         const char* iname = w == kernel_impl::s2lc ? "s2lc" : w == kernel_impl::fma_bound ? "fma_bound" : "decode_gemm_nn";
