@@ -7810,8 +7810,8 @@ HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, s
 // tokens in one tile, else tiles of 4, 2, 1 (as many as the accumulators allow), over the vector
 // groups (groups of 2 or 4 vectors; otherwise a q_gemv_nn per token), scalar for the rest. Each
 // tile decodes the codes once: a 3-bit 49 x 256 left factor, hot, AVX-512 (Zen 5), 3 tokens
-// 0.73-0.77 -> 0.59 us, 5 tokens 0.95-0.98 -> 0.86, 7 tokens 1.38 -> 1.22-1.25 (the real tinymoe
-// layer at 8 tokens routes 1-5 tokens to each expert).
+// 0.72-0.77 -> 0.56-0.59 us, 5 tokens 0.93-1.00 -> 0.85-0.88, 7 tokens 1.36-1.40 -> 1.20-1.25
+// (the real tinymoe layer at 8 tokens routes 1-5 tokens to each expert).
 template <bool kTier>
 HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* C, std::size_t ldc,
                          std::size_t nt, float* Y, std::size_t ldy) {
@@ -7832,27 +7832,23 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
     if (t.mul != 1.0f)
       for (std::size_t j = 0; j < n * L.gpr; ++j) ss[j] *= t.mul;
     std::size_t i = 0;
-    auto run = [&](auto tt, auto vv) {
+    // tiles of T tokens while they fit; exact: one tile, only if exactly T tokens remain (the 3,
+    // 5, 6 or 7 left after tiles of 8, decoded once instead of in tiles of 4, 2, 1)
+    auto run = [&](auto tt, auto vv, bool exact = false) {
       constexpr std::size_t T = decltype(tt)::value, kV = decltype(vv)::value;
       if constexpr (T * kV <= kNNQAcc) {
-        while (i + T <= nt) {
+        while (exact ? nt - i == T : i + T <= nt) {
           GemmNNQGroups<T, kV, kTier>(q, L, k0 + kb, n, t, ss, C + i * ldc + kb, ldc, Y + i * ldy, ldy);
           i += T;
         }
       }
     };
-    // the remaining 3, 5, 6 or 7 tokens (after passes of 8) in one pass
-    auto rest = [&](auto tt, auto vv) {
-      constexpr std::size_t T = decltype(tt)::value, kV = decltype(vv)::value;
-      if constexpr (T * kV <= kNNQAcc)
-        if (nt - i == T) GemmNNQGroups<T, kV, kTier>(q, L, k0 + kb, n, t, ss, C + i * ldc + kb, ldc, Y + i * ldy, ldy), i += T;
-    };
     auto all = [&](auto vv) {
       run(std::integral_constant<std::size_t, 8>(), vv);
-      rest(std::integral_constant<std::size_t, 7>(), vv);
-      rest(std::integral_constant<std::size_t, 6>(), vv);
-      rest(std::integral_constant<std::size_t, 5>(), vv);
-      rest(std::integral_constant<std::size_t, 3>(), vv);
+      run(std::integral_constant<std::size_t, 7>(), vv, true);
+      run(std::integral_constant<std::size_t, 6>(), vv, true);
+      run(std::integral_constant<std::size_t, 5>(), vv, true);
+      run(std::integral_constant<std::size_t, 3>(), vv, true);
       run(std::integral_constant<std::size_t, 4>(), vv);
       run(std::integral_constant<std::size_t, 2>(), vv);
       run(std::integral_constant<std::size_t, 1>(), vv);
