@@ -40,6 +40,7 @@
 // Experts have a power-law spectrum (tools/s2lc/apply_bench.hpp); speed does not depend on values.
 // Single thread for every contender (OpenBLAS too) except the _t2 rows (merge, layer). See bench/RESULTS.md.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -595,8 +596,12 @@ void bench_merge_domain(benchmark::State& state, merge_impl which, bool cold, bo
 // coefficients (cores once per node, f32 or int8 activations, s2lc_t2 on a two-thread ThreadPool);
 // openblas: per expert on the reconstructed f32 weights (gather its tokens, two sgemm / sgemv,
 // SiLU, one more, the gate-weighted scatter), one thread. Cold: copies over kColdBytes each.
+// Each compressed copy is pooled as one allocation (mo::pool_layer); s2lc_apart runs the same
+// layer on real_morph's copies, each matrix in its own allocation as KGroup::from leaves it.
 struct RealLayer {
-  std::vector<mo::SwiGLUExperts> layers;        // per compressed copy
+  std::vector<std::array<mo::KGroup, 3>> owned;  // per compressed copy: w1, w3, w2, pool_layer'd
+  std::vector<mo::SwiGLUExperts> layers;        // per compressed copy (owned)
+  std::vector<mo::SwiGLUExperts> apart;         // the same on real_morph's copies
   std::vector<s2lc::bench::Buffer<float>> dense;        // per dense copy: w1, w3 of each expert [f, d], then w2 [d, f]
   std::size_t d = 0, f = 0, experts = 0, dense_copies = 0;
 };
@@ -608,7 +613,13 @@ RealLayer& real_layer() {
   RealLayer& L = *slot;
   RealMorph &r1 = real_morph(0), &r2 = real_morph(1), &r3 = real_morph(2);
   const std::size_t n = std::min({r1.copies.size(), r2.copies.size(), r3.copies.size()});
-  for (std::size_t c = 0; c < n; ++c) L.layers.push_back({&r1.copies[c], &r3.copies[c], &r2.copies[c]});
+  L.owned.reserve(n);
+  for (std::size_t c = 0; c < n; ++c) {
+    L.owned.push_back({r1.copies[c], r3.copies[c], r2.copies[c]});
+    mo::pool_layer(L.owned[c][0], L.owned[c][1], L.owned[c][2]);
+    L.layers.push_back({&L.owned[c][0], &L.owned[c][1], &L.owned[c][2]});
+    L.apart.push_back({&r1.copies[c], &r3.copies[c], &r2.copies[c]});
+  }
   L.d = r1.cols, L.f = r1.rows, L.experts = r1.copies[0].members();
   const std::size_t m = L.d * L.f;
   std::vector<float> w(3 * L.experts * m, 0.0f);  // the f32 reconstruction (merge into zeros, f32 math)
@@ -710,7 +721,7 @@ void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, 
   s2lc::bench::set_bytes(state, 0.0);
 }
 
-enum class layer_impl { s2lc, s2lc_int8, s2lc_t2, openblas, stream_bound, fma_bound };
+enum class layer_impl { s2lc, s2lc_int8, s2lc_t2, openblas, stream_bound, fma_bound, s2lc_apart };
 
 // The multiply-adds swiglu_apply does for a plan (morph/grouped.hpp): per matrix, each core node
 // over the union of its routed members' tokens, each routed expert's residual over its tokens, and
@@ -792,7 +803,7 @@ void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl w
     if (which == layer_impl::openblas) ab::touch_buffers(L.dense);
     else if (which == layer_impl::stream_bound) ab::touch_pages(stream.data(), stream.size() * sizeof(float));
     else
-      for (const auto& l : L.layers)
+      for (const auto& l : which == layer_impl::s2lc_apart ? L.apart : L.layers)
         for (const mo::KGroup* g : {l.w1, l.w3, l.w2}) ab::touch_pages(ab::group_ranges(*g));
   }
   std::size_t i = 0;
@@ -801,7 +812,8 @@ void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl w
       case layer_impl::s2lc:
       case layer_impl::s2lc_int8:
       case layer_impl::s2lc_t2:
-        mo::swiglu_apply(L.layers[cold ? i % L.layers.size() : 0], plan, X.data(), d, Y.data(), d, arena,
+      case layer_impl::s2lc_apart:
+        mo::swiglu_apply((which == layer_impl::s2lc_apart ? L.apart : L.layers)[cold ? i % L.layers.size() : 0], plan, X.data(), d, Y.data(), d, arena,
                          which == layer_impl::s2lc_t2 ? &pool : nullptr,
                          {0, which == layer_impl::s2lc_int8 ? mo::Activations::int8 : mo::Activations::f32});
         break;
@@ -869,10 +881,10 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_morph_real(st, role, K, tr); })
             ->Unit(benchmark::kMicrosecond);
       }
-  const char* layer_names[] = {"s2lc", "s2lc_int8", "s2lc_t2", "openblas", "stream_bound", "fma_bound"};
+  const char* layer_names[] = {"s2lc", "s2lc_int8", "s2lc_t2", "openblas", "stream_bound", "fma_bound", "s2lc_apart"};
   for (bool cold : {false, true})
     for (std::size_t T : {1u, 8u, 32u})
-      for (int w = 0; w < 6; ++w)
+      for (int w = 0; w < 7; ++w)
         benchmark::RegisterBenchmark(("layer/" + std::string(layer_names[w]) + "/tinymoe_t" + std::to_string(T) + (cold ? "_cold" : "_hot")).c_str(),
                                      [=](benchmark::State& st) { bench_layer(st, T, cold, static_cast<layer_impl>(w)); })
             ->Unit(benchmark::kMicrosecond);

@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -178,7 +179,8 @@ struct KBlock {
 /// scales into one allocation, laid out in the order apply reads them (per block: the right
 /// factor's scales and codes, then the left's; each array 64-byte aligned), so a cold apply reads
 /// one stream instead of hundreds of small heap arrays wherever the allocator put them (measured
-/// in bench/RESULTS.md). KGroup::from pools every matrix; a copy of a pooled matrix is pooled.
+/// in bench/RESULTS.md). KGroup::from pools every matrix; a copy of a pooled matrix is pooled on
+/// its own (it never shares its source's allocation, see pool_together).
 struct KMatrix {
   std::vector<KBlock> blocks;
 
@@ -198,44 +200,65 @@ struct KMatrix {
     for (const auto& b : blocks) n += b.bytes();
     return n;
   }
-  bool pooled() const noexcept { return !pool_.empty(); }
+  bool pooled() const noexcept { return pool_ != nullptr; }
   /// Bytes of the pool (0 if not pooled): bytes() plus alignment padding.
-  std::size_t pool_bytes() const noexcept { return pool_.size(); }
+  std::size_t pool_bytes() const noexcept { return pool_ ? pool_n_ : 0; }
+  /// The pool's first byte (null if not pooled).
+  const std::uint8_t* pool_data() const noexcept { return pool_.get(); }
 
   /// Moves every block's codes and scales into one pool in read order (see above). Blocks added
   /// later keep their own arrays; pooling again re-packs everything.
   void pool() {
+    KMatrix* one[] = {this};
+    pool_together(one);
+  }
+
+  /// Pools the matrices ms into one allocation they share, one after the other in the order given,
+  /// each laid out as pool() lays it out; the allocation lives as long as any of them. A cold
+  /// apply that reads several of them in that order then reads one region instead of one per
+  /// matrix wherever the allocator put it (pool_layer in grouped.hpp: a layer in the order
+  /// swiglu_apply reads it). Throws invalid_argument if a matrix appears twice.
+  static void pool_together(std::span<KMatrix* const> ms) {
     constexpr std::size_t kAlign = 64;
     auto up = [](std::size_t n) { return (n + kAlign - 1) & ~(kAlign - 1); };
-    auto each = [&](auto&& f) {  // the read order: right factor (b), then left (a)
-      for (auto& b : blocks) f(b.b), f(b.a);
+    auto each = [](KMatrix& k, auto&& f) {  // the read order: right factor (b), then left (a)
+      for (auto& b : k.blocks) f(b.b), f(b.a);
     };
+    std::vector<const KMatrix*> seen(ms.begin(), ms.end());
+    std::sort(seen.begin(), seen.end());
+    if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) throw invalid_argument("KMatrix::pool_together: a matrix appears twice");
     std::size_t total = 0;
-    each([&](KMat& m) { total += up(m.ncodes()) + up(2 * m.nscales()); });
-    if (total == 0) {  // nothing to pool (no blocks, or only raw ones)
-      std::vector<std::uint8_t>().swap(pool_);
-      return;
+    for (KMatrix* k : ms) each(*k, [&](KMat& m) { total += up(m.ncodes()) + up(2 * m.nscales()); });
+    std::shared_ptr<std::uint8_t[]> mem;
+    std::uint8_t* p = nullptr;
+    if (total) {
+      mem.reset(new std::uint8_t[total + kAlign]());  // zeroed: the alignment padding too
+      const auto at = reinterpret_cast<std::uintptr_t>(mem.get());
+      p = mem.get() + (((at + kAlign - 1) & ~std::uintptr_t{kAlign - 1}) - at);
     }
-    std::vector<std::uint8_t> mem(total + kAlign);
-    const auto base = (reinterpret_cast<std::uintptr_t>(mem.data()) + kAlign - 1) & ~std::uintptr_t{kAlign - 1};
-    std::uint8_t* p = mem.data() + (base - reinterpret_cast<std::uintptr_t>(mem.data()));
-    each([&](KMat& m) {  // scales first: the kernels read them before the codes
-      const std::size_t nc = m.ncodes(), ns = m.nscales();
-      std::uint8_t* cp = p + up(2 * ns);
-      if (ns) std::memcpy(p, m.scales_data(), 2 * ns);
-      if (nc) std::memcpy(cp, m.codes_data(), nc);
-      m.pcodes_ = nc ? cp : nullptr;
-      m.pscales_ = nc ? reinterpret_cast<const std::uint16_t*>(p) : nullptr;
-      m.ncodes_ = nc, m.nscales_ = ns;
-      std::vector<std::uint8_t>().swap(m.codes);
-      std::vector<std::uint16_t>().swap(m.scales);
-      p = cp + up(nc);
-    });
-    pool_ = std::move(mem);
+    for (KMatrix* k : ms) {
+      std::uint8_t* const start = p;
+      each(*k, [&](KMat& m) {  // scales first: the kernels read them before the codes
+        const std::size_t nc = m.ncodes(), ns = m.nscales();
+        std::uint8_t* cp = p + up(2 * ns);
+        if (ns) std::memcpy(p, m.scales_data(), 2 * ns);
+        if (nc) std::memcpy(cp, m.codes_data(), nc);
+        m.pcodes_ = nc ? cp : nullptr;
+        m.pscales_ = nc ? reinterpret_cast<const std::uint16_t*>(p) : nullptr;
+        m.ncodes_ = nc, m.nscales_ = ns;
+        std::vector<std::uint8_t>().swap(m.codes);
+        std::vector<std::uint16_t>().swap(m.scales);
+        p = cp + up(nc);
+      });
+      // the old pool (if any) is released only here, after its codes were copied out
+      k->pool_n_ = static_cast<std::size_t>(p - start);
+      k->pool_ = k->pool_n_ ? std::shared_ptr<const std::uint8_t>(mem, start) : nullptr;
+    }
   }
 
  private:
-  std::vector<std::uint8_t> pool_;
+  std::shared_ptr<const std::uint8_t> pool_;  // into an allocation possibly shared (pool_together)
+  std::size_t pool_n_ = 0;                    // its bytes (pool_bytes: 0 once moved from)
 };
 
 struct KGroup {

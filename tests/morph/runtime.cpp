@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <random>
 #include <utility>
 #include <string>
@@ -744,6 +745,77 @@ TEST_CASE("morph: the SwiGLU layer from a dispatch plan equals the per-expert FF
     }
     for (std::size_t i = 0; i < T * d; ++i) REQUIRE(std::fabs(Y[i] - ref[i]) <= 2.0 * kU * mag[i] + 1e-30);
   }
+}
+
+TEST_CASE("morph: pool_layer puts a layer in one allocation in read order and changes no bit of its output") {
+  const auto& c = fixture_compressed();
+  const auto w1 = mo::KGroup::from(c.groups[0]), w2 = mo::KGroup::from(c.groups[1]), w3 = mo::KGroup::from(c.groups[2]);
+  const mo::SwiGLUExperts L{&w1, &w3, &w2};
+  const std::size_t d = L.d();
+  mo::KGroup p1 = w1, p2 = w2, p3 = w3;
+  mo::pool_layer(p1, p3, p2);
+  // The read order: w1, w3 cores; per expert its w1, w3, w2 residuals; w2 cores. Each pool starts
+  // where the one before it ends, and holds exactly what the matrix held on its own.
+  std::vector<std::pair<const mo::KMatrix*, const mo::KMatrix*>> order;  // (pooled, original)
+  for (auto [p, o] : {std::pair{&p1, &w1}, std::pair{&p3, &w3}})
+    for (std::size_t k = 0; k < p->cores.size(); ++k) order.push_back({&p->cores[k], &o->cores[k]});
+  for (std::size_t e = 0; e < w1.members(); ++e)
+    for (auto [p, o] : {std::pair{&p1, &w1}, std::pair{&p3, &w3}, std::pair{&p2, &w2}}) order.push_back({&p->residuals[e], &o->residuals[e]});
+  for (std::size_t k = 0; k < p2.cores.size(); ++k) order.push_back({&p2.cores[k], &w2.cores[k]});
+  const std::uint8_t* next = nullptr;
+  std::size_t pooled = 0;
+  for (auto [p, o] : order) {
+    CHECK(p->bytes() == o->bytes());
+    CHECK(p->pool_bytes() == o->pool_bytes());
+    if (!p->pooled()) continue;
+    ++pooled;
+    if (next) CHECK(p->pool_data() == next);
+    next = p->pool_data() + p->pool_bytes();
+    for (std::size_t b = 0; b < p->blocks.size(); ++b)
+      for (auto m : {&mo::KBlock::a, &mo::KBlock::b}) {
+        const mo::KMat &x = p->blocks[b].*m, &y = o->blocks[b].*m;
+        REQUIRE(x.ncodes() == y.ncodes());
+        REQUIRE(x.nscales() == y.nscales());
+        if (x.ncodes()) {
+          CHECK(x.codes_data() >= p->pool_data());
+          CHECK(x.codes_data() + x.ncodes() <= p->pool_data() + p->pool_bytes());
+          CHECK(std::memcmp(x.codes_data(), y.codes_data(), x.ncodes()) == 0);
+        }
+        if (x.nscales()) CHECK(std::memcmp(x.scales_data(), y.scales_data(), 2 * x.nscales()) == 0);
+      }
+  }
+  CHECK(pooled > 2 * w1.members());  // the fixture's residuals are not empty
+  // A copy of a pooled group owns its own pools; a group moved out of the layer keeps the shared
+  // allocation alive after the others are gone (ASan run: no use after free).
+  mo::KGroup copy1 = p1;
+  CHECK(copy1.residuals[0].pool_data() != p1.residuals[0].pool_data());
+  std::optional<mo::KGroup> m1 = std::move(p1);
+  {
+    mo::KGroup q1 = w1, q2 = w2, q3 = w3;
+    mo::pool_layer(q1, q3, q2);
+    m1 = std::move(q1);
+  }
+  const mo::SwiGLUExperts P{&*m1, &p3, &p2};
+  for (std::size_t T : {1u, 2u, 9u, 32u})
+    for (auto act : {mo::Activations::f32, mo::Activations::int8}) {
+      CAPTURE(T);
+      CAPTURE(static_cast<int>(act));
+      const auto plan = top2_plan(8, T, 3000 + static_cast<std::uint32_t>(T));
+      const auto X = randn(T * d, 9, 0.5f);
+      std::vector<float> Y(T * d, 0.0f), Yp(T * d, 0.0f), Yc(T * d, 0.0f);
+      std::vector<std::byte> mem(mo::swiglu_scratch_bytes(L, T, plan.routed(), 1));
+      mo::Arena arena(mem);
+      mo::swiglu_apply(L, plan, X.data(), d, Y.data(), d, arena, nullptr, {0, act});
+      mo::swiglu_apply(P, plan, X.data(), d, Yp.data(), d, arena, nullptr, {0, act});
+      const mo::SwiGLUExperts C{&copy1, &p3, &p2};
+      mo::swiglu_apply(C, plan, X.data(), d, Yc.data(), d, arena, nullptr, {0, act});
+      CHECK(Yp == Y);
+      CHECK(Yc == Y);
+    }
+  mo::KGroup a = w1, b = w2;
+  CHECK_THROWS_WITH_AS(mo::pool_layer(a, a, b), doctest::Contains("appears twice"), s2lc::invalid_argument);
+  CHECK_THROWS_WITH_AS(mo::pool_layer(a, b, b), doctest::Contains("shapes disagree"), s2lc::invalid_argument);
+  CHECK(a.residuals[0].pool_data() != nullptr);  // a failed call leaves the groups as they were
 }
 
 TEST_CASE("morph: a too-small arena, a wrong plan and a bad tier are rejected with a clear error") {
