@@ -10238,9 +10238,10 @@ struct SwiGLUExperts {
 /// Pools a layer's matrices into one allocation (KMatrix::pool_together) in the order
 /// swiglu_apply reads them: the w1 and w3 cores, then per expert its w1, w3 and w2 residuals, then
 /// the w2 cores. Same values, same results bit for bit; a cold layer then reads one region rather
-/// than one per matrix wherever the allocator put it (one to eight tokens: 5-22 % faster on the
-/// real tinymoe layer, bench/RESULTS.md "One allocation per layer"). Call it once after loading;
-/// a copy of a group pools its matrices on their own again. The bases stay where they are.
+/// than one per matrix wherever the allocator put it (the real tinymoe layer, one thread: one
+/// token 0.78-1.00x the time, eight 0.87-1.02x, 32 unchanged; bench/RESULTS.md "One allocation
+/// per layer"). Call it once after loading; a copy of a group pools its matrices on their own
+/// again. The bases stay where they are.
 inline void pool_layer(KGroup& w1, KGroup& w3, KGroup& w2) {
   SwiGLUExperts{&w1, &w3, &w2}.check();
   std::vector<KMatrix*> ms;
