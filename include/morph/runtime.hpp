@@ -229,12 +229,12 @@ struct KMatrix {
     if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) throw invalid_argument("KMatrix::pool_together: a matrix appears twice");
     std::size_t total = 0;
     for (KMatrix* k : ms) each(*k, [&](KMat& m) { total += up(m.ncodes()) + up(2 * m.nscales()); });
-    std::shared_ptr<std::uint8_t[]> mem;
+    std::shared_ptr<std::vector<std::uint8_t>> mem;  // zeroed: the alignment padding too
     std::uint8_t* p = nullptr;
     if (total) {
-      mem.reset(new std::uint8_t[total + kAlign]());  // zeroed: the alignment padding too
-      const auto at = reinterpret_cast<std::uintptr_t>(mem.get());
-      p = mem.get() + (((at + kAlign - 1) & ~std::uintptr_t{kAlign - 1}) - at);
+      mem = std::make_shared<std::vector<std::uint8_t>>(total + kAlign);
+      const auto at = reinterpret_cast<std::uintptr_t>(mem->data());
+      p = mem->data() + (((at + kAlign - 1) & ~std::uintptr_t{kAlign - 1}) - at);
     }
     for (KMatrix* k : ms) {
       std::uint8_t* const start = p;
