@@ -765,6 +765,7 @@ std::size_t layer_macs(const RealLayer& L, const s2lc::DispatchPlan& plan) {
 void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl which) {
   openblas_set_num_threads(1);
   RealLayer& L = real_layer();
+  const std::vector<mo::SwiGLUExperts>& layers = which == layer_impl::s2lc_apart ? L.apart : L.layers;
   const std::size_t d = L.d, f = L.f, E = L.experts, m = d * f;
   const auto plan = layer_plan(E, T);
   mo::ThreadPool& pool = pool2();
@@ -803,7 +804,7 @@ void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl w
     if (which == layer_impl::openblas) ab::touch_buffers(L.dense);
     else if (which == layer_impl::stream_bound) ab::touch_pages(stream.data(), stream.size() * sizeof(float));
     else
-      for (const auto& l : which == layer_impl::s2lc_apart ? L.apart : L.layers)
+      for (const auto& l : layers)
         for (const mo::KGroup* g : {l.w1, l.w3, l.w2}) ab::touch_pages(ab::group_ranges(*g));
   }
   std::size_t i = 0;
@@ -813,7 +814,7 @@ void bench_layer(benchmark::State& state, std::size_t T, bool cold, layer_impl w
       case layer_impl::s2lc_int8:
       case layer_impl::s2lc_t2:
       case layer_impl::s2lc_apart:
-        mo::swiglu_apply((which == layer_impl::s2lc_apart ? L.apart : L.layers)[cold ? i % L.layers.size() : 0], plan, X.data(), d, Y.data(), d, arena,
+        mo::swiglu_apply(layers[cold ? i % layers.size() : 0], plan, X.data(), d, Y.data(), d, arena,
                          which == layer_impl::s2lc_t2 ? &pool : nullptr,
                          {0, which == layer_impl::s2lc_int8 ? mo::Activations::int8 : mo::Activations::f32});
         break;
