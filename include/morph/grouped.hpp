@@ -321,21 +321,24 @@ struct SwiGLUExperts {
 };
 
 /// Pools a layer's matrices into one allocation (KMatrix::pool_together) in the order
-/// swiglu_apply reads them: the w1 and w3 cores, then per expert its w1, w3 and w2 residuals, then
-/// the w2 cores. Same values, same results bit for bit; a cold layer then reads one region rather
-/// than one per matrix wherever the allocator put it (the real tinymoe layer, one thread: one
-/// token 0.78-1.00x the time, eight 0.87-1.02x, 32 unchanged; bench/RESULTS.md "One allocation
-/// per layer"). Call it once after loading; a copy of a group pools its matrices on their own
-/// again. The bases stay where they are.
+/// swiglu_apply reads them: the w1 and w3 cores, their bases (read by the residuals' shared
+/// blocks), then per expert its w1, w3 and w2 residuals, then w2's bases (read once for all
+/// experts, apply_shared_summed), then the w2 cores. Same values, same results bit for bit; a
+/// cold layer then reads one region rather than one per matrix wherever the allocator put it (the
+/// real tinymoe layer, one thread: one token 0.78-1.00x the time, eight 0.87-1.02x, 32 unchanged;
+/// bench/RESULTS.md "One allocation per layer"). Call it once after loading; a copy of a group
+/// pools its matrices on their own again and owns its bases' arrays.
 inline void pool_layer(KGroup& w1, KGroup& w3, KGroup& w2) {
   SwiGLUExperts{&w1, &w3, &w2}.check();
-  std::vector<KMatrix*> ms;
+  std::vector<detail::PoolRun> runs;
   for (KGroup* g : {&w1, &w3})
-    for (auto& c : g->cores) ms.push_back(&c);
+    for (auto& c : g->cores) runs.push_back(c.pool_run());
+  for (KGroup* g : {&w1, &w3}) runs.push_back(g->bases_run());
   for (std::size_t e = 0; e < w1.members(); ++e)
-    for (KGroup* g : {&w1, &w3, &w2}) ms.push_back(&g->residuals[e]);
-  for (auto& c : w2.cores) ms.push_back(&c);
-  KMatrix::pool_together(ms);
+    for (KGroup* g : {&w1, &w3, &w2}) runs.push_back(g->residuals[e].pool_run());
+  runs.push_back(w2.bases_run());
+  for (auto& c : w2.cores) runs.push_back(c.pool_run());
+  detail::lay_out_pools(runs);
 }
 
 inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t tokens, std::size_t routed, unsigned workers) {

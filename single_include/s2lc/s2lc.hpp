@@ -9330,11 +9330,41 @@ class Arena {
   std::size_t used_ = 0;
 };
 
+struct KMat;
+struct KMatrix;
+
+namespace detail {
+/// One run of a shared pool (lay_out_pools): its matrices one after another, and the owner that
+/// keeps the run's first byte (aliasing the whole allocation) and the run's bytes.
+struct PoolRun {
+  std::vector<KMat*> mats;
+  std::shared_ptr<const std::uint8_t>* keep = nullptr;
+  std::size_t* bytes = nullptr;
+};
+inline void lay_out_pools(std::span<const PoolRun> runs);
+
+/// Holds a pool alive for a group's bases (KGroup::pool_bases). A copy holds nothing: the copied
+/// bases own their arrays (KMat's copy); a move passes the pool on with them.
+struct PoolKeep {
+  std::shared_ptr<const std::uint8_t> p;
+  std::size_t n = 0;
+  PoolKeep() = default;
+  PoolKeep(const PoolKeep&) noexcept {}
+  PoolKeep(PoolKeep&&) noexcept = default;
+  PoolKeep& operator=(const PoolKeep&) noexcept {
+    p.reset(), n = 0;
+    return *this;
+  }
+  PoolKeep& operator=(PoolKeep&&) noexcept = default;
+};
+}  // namespace detail
+
 /// A kernel-ready quantized matrix. Its codes and scales are either its own (the vectors) or, once
-/// a KMatrix has pooled it (KMatrix::pool), views into that matrix's pool; the vectors are then
-/// empty. Read it through view() and bytes(). A copy always owns its data (a block copied out of a
-/// pooled matrix does not point into it); a move keeps what it had, so a KMat moved out of a
-/// pooled matrix still reads that matrix's pool and must not outlive it (copy it instead).
+/// a KMatrix (KMatrix::pool) or its group (KGroup::pool_bases, for a basis) has pooled it, views
+/// into that pool; the vectors are then empty. Read it through view() and bytes(). A copy always
+/// owns its data (a block copied out of a pooled matrix does not point into it); a move keeps what
+/// it had, so a KMat moved out of a pooled matrix or group still reads that pool and must not
+/// outlive it (copy it instead).
 struct KMat {
   std::uint32_t rows = 0, cols = 0, group = 32;
   std::uint8_t bits = 8;
@@ -9409,7 +9439,7 @@ struct KMat {
   }
 
  private:
-  friend struct KMatrix;
+  friend void detail::lay_out_pools(std::span<const detail::PoolRun>);
   const std::uint8_t* pcodes_ = nullptr;  // pooled: the codes and scales in the KMatrix's pool
   const std::uint16_t* pscales_ = nullptr;
   std::size_t ncodes_ = 0, nscales_ = 0;
@@ -9476,47 +9506,70 @@ struct KMatrix {
   /// matrix wherever the allocator put it (pool_layer in grouped.hpp: a layer in the order
   /// swiglu_apply reads it). Throws invalid_argument if a matrix appears twice.
   static void pool_together(std::span<KMatrix* const> ms) {
-    constexpr std::size_t kAlign = 64;
-    auto up = [](std::size_t n) { return (n + kAlign - 1) & ~(kAlign - 1); };
-    auto each = [](KMatrix& k, auto&& f) {  // the read order: right factor (b), then left (a)
-      for (auto& b : k.blocks) f(b.b), f(b.a);
-    };
-    std::vector<const KMatrix*> seen(ms.begin(), ms.end());
-    std::sort(seen.begin(), seen.end());
-    if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) throw invalid_argument("KMatrix::pool_together: a matrix appears twice");
-    std::size_t total = 0;
-    for (KMatrix* k : ms) each(*k, [&](KMat& m) { total += up(m.ncodes()) + up(2 * m.nscales()); });
-    std::shared_ptr<std::vector<std::uint8_t>> mem;  // zeroed: the alignment padding too
-    std::uint8_t* p = nullptr;
-    if (total) {
-      mem = std::make_shared<std::vector<std::uint8_t>>(total + kAlign);
-      const auto at = reinterpret_cast<std::uintptr_t>(mem->data());
-      p = mem->data() + (((at + kAlign - 1) & ~std::uintptr_t{kAlign - 1}) - at);
-    }
-    for (KMatrix* k : ms) {
-      std::uint8_t* const start = p;
-      each(*k, [&](KMat& m) {  // scales first: the kernels read them before the codes
-        const std::size_t nc = m.ncodes(), ns = m.nscales();
-        std::uint8_t* cp = p + up(2 * ns);
-        if (ns) std::memcpy(p, m.scales_data(), 2 * ns);
-        if (nc) std::memcpy(cp, m.codes_data(), nc);
-        m.pcodes_ = nc ? cp : nullptr;
-        m.pscales_ = nc ? reinterpret_cast<const std::uint16_t*>(p) : nullptr;
-        m.ncodes_ = nc, m.nscales_ = ns;
-        std::vector<std::uint8_t>().swap(m.codes);
-        std::vector<std::uint16_t>().swap(m.scales);
-        p = cp + up(nc);
-      });
-      // the old pool (if any) is released only here, after its codes were copied out
-      k->pool_n_ = static_cast<std::size_t>(p - start);
-      k->pool_ = k->pool_n_ ? std::shared_ptr<const std::uint8_t>(mem, start) : nullptr;
-    }
+    std::vector<detail::PoolRun> runs;
+    for (KMatrix* k : ms) runs.push_back(k->pool_run());
+    detail::lay_out_pools(runs);
+  }
+
+  /// The run pool_together lays out for this matrix: per block the right factor (b), then the
+  /// left (a), the order apply reads them.
+  detail::PoolRun pool_run() {
+    detail::PoolRun r;
+    for (auto& b : blocks) r.mats.push_back(&b.b), r.mats.push_back(&b.a);
+    r.keep = &pool_, r.bytes = &pool_n_;
+    return r;
   }
 
  private:
   std::shared_ptr<const std::uint8_t> pool_;  // into an allocation possibly shared (pool_together)
   std::size_t pool_n_ = 0;                    // its bytes (pool_bytes: 0 once moved from)
 };
+
+namespace detail {
+/// Lays the runs' matrices out in one allocation, one after another in the order given, each
+/// matrix's scales then codes, every array 64-byte aligned (zeroed padding); each run's owner
+/// then aliases the allocation at the run's first byte, so it lives as long as any run does.
+/// Throws invalid_argument if a matrix or an owner appears twice.
+inline void lay_out_pools(std::span<const PoolRun> runs) {
+  constexpr std::size_t kAlign = 64;
+  auto up = [](std::size_t n) { return (n + kAlign - 1) & ~(kAlign - 1); };
+  std::vector<const void*> seen;
+  for (const auto& r : runs) {
+    seen.push_back(r.keep);
+    seen.insert(seen.end(), r.mats.begin(), r.mats.end());
+  }
+  std::sort(seen.begin(), seen.end());
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) throw invalid_argument("KMatrix::pool_together: a matrix appears twice");
+  std::size_t total = 0;
+  for (const auto& r : runs)
+    for (const KMat* m : r.mats) total += up(m->ncodes()) + up(2 * m->nscales());
+  std::shared_ptr<std::vector<std::uint8_t>> mem;  // zeroed: the alignment padding too
+  std::uint8_t* p = nullptr;
+  if (total) {
+    mem = std::make_shared<std::vector<std::uint8_t>>(total + kAlign);
+    const auto at = reinterpret_cast<std::uintptr_t>(mem->data());
+    p = mem->data() + (((at + kAlign - 1) & ~std::uintptr_t{kAlign - 1}) - at);
+  }
+  for (const auto& r : runs) {
+    std::uint8_t* const start = p;
+    for (KMat* m : r.mats) {  // scales first: the kernels read them before the codes
+      const std::size_t nc = m->ncodes(), ns = m->nscales();
+      std::uint8_t* cp = p + up(2 * ns);
+      if (ns) std::memcpy(p, m->scales_data(), 2 * ns);
+      if (nc) std::memcpy(cp, m->codes_data(), nc);
+      m->pcodes_ = nc ? cp : nullptr;
+      m->pscales_ = nc ? reinterpret_cast<const std::uint16_t*>(p) : nullptr;
+      m->ncodes_ = nc, m->nscales_ = ns;
+      std::vector<std::uint8_t>().swap(m->codes);
+      std::vector<std::uint16_t>().swap(m->scales);
+      p = cp + up(nc);
+    }
+    // the old pool (if any) is released only here, after its codes were copied out
+    *r.bytes = static_cast<std::size_t>(p - start);
+    *r.keep = *r.bytes ? std::shared_ptr<const std::uint8_t>(mem, start) : nullptr;
+  }
+}
+}  // namespace detail
 
 struct KGroup {
   std::string name;
@@ -9528,7 +9581,8 @@ struct KGroup {
   std::vector<std::vector<std::uint32_t>> path;  ///< per member: its nodes, root first
   std::vector<KMatrix> residuals;                ///< per member
   std::vector<std::vector<std::uint8_t>> replaces;  ///< per member, per grid block: 1 where a raw residual replaces the cores
-  std::vector<KMat> bases;
+  std::vector<KMat> bases;                       ///< shared left factors (pool_bases: in one allocation)
+  detail::PoolKeep bases_pool;                   ///< keeps the bases' pool alive (empty in a copy)
   std::uint32_t max_rank = 0;                    ///< over every low-rank / shared block
   std::uint32_t group_size = 32;                 ///< quantization group of the payloads
   /// Per grid column: which code containers meet x there (bit 0: bytes, bit 1: nibbles), so
@@ -9538,6 +9592,25 @@ struct KGroup {
   std::size_t rows() const noexcept { return grid.rows; }
   std::size_t cols() const noexcept { return grid.cols; }
   std::size_t members() const noexcept { return residuals.size(); }
+
+  /// The run KMatrix::pool_together-style pooling lays out for the bases (pool_layer).
+  detail::PoolRun bases_run() {
+    detail::PoolRun r;
+    for (auto& b : bases) r.mats.push_back(&b);
+    r.keep = &bases_pool.p, r.bytes = &bases_pool.n;
+    return r;
+  }
+  /// Moves the bases' codes and scales into one allocation of their own, in basis order (as
+  /// KMatrix::pool does for a matrix). KGroup::from does it; a copy of the group owns its bases'
+  /// arrays until this is called again.
+  void pool_bases() {
+    const detail::PoolRun r = bases_run();
+    detail::lay_out_pools({&r, 1});
+  }
+  /// Bytes of the bases' pool (0 if they are not pooled).
+  std::size_t bases_pool_bytes() const noexcept { return bases_pool.p ? bases_pool.n : 0; }
+  /// The bases' pool's first byte (null if they are not pooled).
+  const std::uint8_t* bases_pool_data() const noexcept { return bases_pool.p.get(); }
 
   /// Bytes of coefficients the kernels read to apply member e (its cores, residual and the bases
   /// its shared blocks use, each basis counted once).
@@ -9626,6 +9699,7 @@ struct KGroup {
     }
     for (auto& m : k.cores) m.pool();
     for (auto& m : k.residuals) m.pool();
+    k.pool_bases();
     return k;
   }
 };
@@ -10236,21 +10310,24 @@ struct SwiGLUExperts {
 };
 
 /// Pools a layer's matrices into one allocation (KMatrix::pool_together) in the order
-/// swiglu_apply reads them: the w1 and w3 cores, then per expert its w1, w3 and w2 residuals, then
-/// the w2 cores. Same values, same results bit for bit; a cold layer then reads one region rather
-/// than one per matrix wherever the allocator put it (the real tinymoe layer, one thread: one
-/// token 0.78-1.00x the time, eight 0.87-1.02x, 32 unchanged; bench/RESULTS.md "One allocation
-/// per layer"). Call it once after loading; a copy of a group pools its matrices on their own
-/// again. The bases stay where they are.
+/// swiglu_apply reads them: the w1 and w3 cores, their bases (read by the residuals' shared
+/// blocks), then per expert its w1, w3 and w2 residuals, then w2's bases (read once for all
+/// experts, apply_shared_summed), then the w2 cores. Same values, same results bit for bit; a
+/// cold layer then reads one region rather than one per matrix wherever the allocator put it (the
+/// real tinymoe layer, one thread: one token 0.78-1.00x the time, eight 0.87-1.02x, 32 unchanged;
+/// bench/RESULTS.md "One allocation per layer"). Call it once after loading; a copy of a group
+/// pools its matrices on their own again and owns its bases' arrays.
 inline void pool_layer(KGroup& w1, KGroup& w3, KGroup& w2) {
   SwiGLUExperts{&w1, &w3, &w2}.check();
-  std::vector<KMatrix*> ms;
+  std::vector<detail::PoolRun> runs;
   for (KGroup* g : {&w1, &w3})
-    for (auto& c : g->cores) ms.push_back(&c);
+    for (auto& c : g->cores) runs.push_back(c.pool_run());
+  for (KGroup* g : {&w1, &w3}) runs.push_back(g->bases_run());
   for (std::size_t e = 0; e < w1.members(); ++e)
-    for (KGroup* g : {&w1, &w3, &w2}) ms.push_back(&g->residuals[e]);
-  for (auto& c : w2.cores) ms.push_back(&c);
-  KMatrix::pool_together(ms);
+    for (KGroup* g : {&w1, &w3, &w2}) runs.push_back(g->residuals[e].pool_run());
+  runs.push_back(w2.bases_run());
+  for (auto& c : w2.cores) runs.push_back(c.pool_run());
+  detail::lay_out_pools(runs);
 }
 
 inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t tokens, std::size_t routed, unsigned workers) {

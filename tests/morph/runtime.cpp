@@ -753,49 +753,77 @@ TEST_CASE("morph: pool_layer puts a layer in one allocation in read order and ch
   const mo::SwiGLUExperts L{&w1, &w3, &w2};
   const std::size_t d = L.d();
   mo::KGroup p1 = w1, p2 = w2, p3 = w3;
+  CHECK(p2.bases_pool_bytes() == 0);  // a copy owns its bases' arrays
+  REQUIRE(!w2.bases.empty());         // the fixture's w2 residuals use shared bases
+  CHECK(w2.bases_pool_bytes() >= w2.bases[0].bytes());  // KGroup::from pools them
   mo::pool_layer(p1, p3, p2);
-  // The read order: w1, w3 cores; per expert its w1, w3, w2 residuals; w2 cores. Each pool starts
-  // where the one before it ends, and holds exactly what the matrix held on its own.
-  std::vector<std::pair<const mo::KMatrix*, const mo::KMatrix*>> order;  // (pooled, original)
+  // The read order: w1, w3 cores; their bases; per expert its w1, w3, w2 residuals; w2's bases;
+  // w2 cores. Each pool starts where the one before it ends, and holds exactly what the matrix
+  // (or the group's bases) held on its own.
+  struct Run {
+    const std::uint8_t* data;
+    std::size_t bytes;
+    std::vector<std::pair<const mo::KMat*, const mo::KMat*>> mats;  // (pooled, original)
+  };
+  std::vector<Run> order;
+  auto matrix = [&](const mo::KMatrix& p, const mo::KMatrix& o) {
+    CHECK(p.bytes() == o.bytes());
+    CHECK(p.pool_bytes() == o.pool_bytes());
+    Run r{p.pool_data(), p.pool_bytes(), {}};
+    for (std::size_t b = 0; b < p.blocks.size(); ++b)
+      for (auto m : {&mo::KBlock::a, &mo::KBlock::b}) r.mats.push_back({&(p.blocks[b].*m), &(o.blocks[b].*m)});
+    order.push_back(std::move(r));
+  };
+  auto bases = [&](const mo::KGroup& p, const mo::KGroup& o) {
+    CHECK(p.bases_pool_bytes() == o.bases_pool_bytes());
+    Run r{p.bases_pool_data(), p.bases_pool_bytes(), {}};
+    REQUIRE(p.bases.size() == o.bases.size());
+    for (std::size_t k = 0; k < p.bases.size(); ++k) r.mats.push_back({&p.bases[k], &o.bases[k]});
+    order.push_back(std::move(r));
+  };
   for (auto [p, o] : {std::pair{&p1, &w1}, std::pair{&p3, &w3}})
-    for (std::size_t k = 0; k < p->cores.size(); ++k) order.push_back({&p->cores[k], &o->cores[k]});
+    for (std::size_t k = 0; k < p->cores.size(); ++k) matrix(p->cores[k], o->cores[k]);
+  bases(p1, w1), bases(p3, w3);
   for (std::size_t e = 0; e < w1.members(); ++e)
-    for (auto [p, o] : {std::pair{&p1, &w1}, std::pair{&p3, &w3}, std::pair{&p2, &w2}}) order.push_back({&p->residuals[e], &o->residuals[e]});
-  for (std::size_t k = 0; k < p2.cores.size(); ++k) order.push_back({&p2.cores[k], &w2.cores[k]});
+    for (auto [p, o] : {std::pair{&p1, &w1}, std::pair{&p3, &w3}, std::pair{&p2, &w2}}) matrix(p->residuals[e], o->residuals[e]);
+  bases(p2, w2);
+  for (std::size_t k = 0; k < p2.cores.size(); ++k) matrix(p2.cores[k], w2.cores[k]);
   const std::uint8_t* next = nullptr;
   std::size_t pooled = 0;
-  for (auto [p, o] : order) {
-    CHECK(p->bytes() == o->bytes());
-    CHECK(p->pool_bytes() == o->pool_bytes());
-    if (!p->pooled()) continue;
+  for (const auto& r : order) {
+    if (!r.data) {
+      CHECK(r.bytes == 0);
+      continue;
+    }
     ++pooled;
-    if (next) CHECK(p->pool_data() == next);
-    next = p->pool_data() + p->pool_bytes();
-    for (std::size_t b = 0; b < p->blocks.size(); ++b)
-      for (auto m : {&mo::KBlock::a, &mo::KBlock::b}) {
-        const mo::KMat &x = p->blocks[b].*m, &y = o->blocks[b].*m;
-        REQUIRE(x.ncodes() == y.ncodes());
-        REQUIRE(x.nscales() == y.nscales());
-        if (x.ncodes()) {
-          CHECK(x.codes_data() >= p->pool_data());
-          CHECK(x.codes_data() + x.ncodes() <= p->pool_data() + p->pool_bytes());
-          CHECK(std::memcmp(x.codes_data(), y.codes_data(), x.ncodes()) == 0);
-        }
-        if (x.nscales()) CHECK(std::memcmp(x.scales_data(), y.scales_data(), 2 * x.nscales()) == 0);
+    if (next) CHECK(r.data == next);
+    next = r.data + r.bytes;
+    for (auto [x, y] : r.mats) {
+      REQUIRE(x->ncodes() == y->ncodes());
+      REQUIRE(x->nscales() == y->nscales());
+      if (x->ncodes()) {
+        CHECK(x->codes_data() >= r.data);
+        CHECK(x->codes_data() + x->ncodes() <= r.data + r.bytes);
+        CHECK(std::memcmp(x->codes_data(), y->codes_data(), x->ncodes()) == 0);
       }
+      if (x->nscales()) CHECK(std::memcmp(x->scales_data(), y->scales_data(), 2 * x->nscales()) == 0);
+    }
   }
   CHECK(pooled > 2 * w1.members());  // the fixture's residuals are not empty
   // A copy of a pooled group owns its own pools; a group moved out of the layer keeps the shared
   // allocation alive after the others are gone (ASan run: no use after free).
-  mo::KGroup copy1 = p1;
+  mo::KGroup copy1 = p1, copy2 = p2;
   CHECK(copy1.residuals[0].pool_data() != p1.residuals[0].pool_data());
-  std::optional<mo::KGroup> m1 = std::move(p1);
+  CHECK(copy2.bases_pool_bytes() == 0);
+  CHECK(!copy2.bases[0].pooled());
+  std::optional<mo::KGroup> m1 = std::move(p1), m2;
   {
     mo::KGroup q1 = w1, q2 = w2, q3 = w3;
     mo::pool_layer(q1, q3, q2);
     m1 = std::move(q1);
+    m2 = std::move(q2);  // its bases read the allocation q3 shared too
   }
-  const mo::SwiGLUExperts P{&*m1, &p3, &p2};
+  const mo::SwiGLUExperts P{&*m1, &p3, &*m2};
   for (std::size_t T : {1u, 2u, 9u, 32u})
     for (auto act : {mo::Activations::f32, mo::Activations::int8}) {
       CAPTURE(T);
@@ -807,7 +835,7 @@ TEST_CASE("morph: pool_layer puts a layer in one allocation in read order and ch
       mo::Arena arena(mem);
       mo::swiglu_apply(L, plan, X.data(), d, Y.data(), d, arena, nullptr, {0, act});
       mo::swiglu_apply(P, plan, X.data(), d, Yp.data(), d, arena, nullptr, {0, act});
-      const mo::SwiGLUExperts C{&copy1, &p3, &p2};
+      const mo::SwiGLUExperts C{&copy1, &p3, &copy2};
       mo::swiglu_apply(C, plan, X.data(), d, Yc.data(), d, arena, nullptr, {0, act});
       CHECK(Yp == Y);
       CHECK(Yc == Y);
