@@ -7413,8 +7413,10 @@ HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
 // ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
 // (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
 // token x itself (at group g0's column), else packed by LanesPack (x = its buffer). Each token
-// keeps one accumulator per code column of a quad (cycling) up to 8 / T, so 4-8 FMA chains are in
-// flight. The byte container (kNib false): a quad is 4 code columns, each a conversion and one
+// keeps one accumulator per code column of a quad (cycling) up to ceil(8 / T) (nibbles; bytes
+// ceil(4 / T)), so 6-10 FMA chains are in flight (floor(8 / T) left 5-7 tokens 5-7 chains: a
+// 3-bit 49 x 256 right factor, hot, Zen 5, 5 tokens 0.98-1.01 -> 0.78-0.83 us, 7 tokens
+// 1.29-1.34 -> 1.03-1.12). The byte container (kNib false): a quad is 4 code columns, each a conversion and one
 // FMA per token after moving the column's code into the top byte of its lane (a byte shuffle, or
 // a mask for the top column: the lane holds c 2^24, undone with the group's sum, exactly while
 // the scaled partial sums stay finite, i.e. for activations below 2^92 in magnitude) for one
@@ -7429,7 +7431,7 @@ HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
 template <bool kTier, std::size_t T, bool kNib, std::size_t kNQ = 0>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
-  constexpr std::size_t kC = kNib ? 8 : 4, kA = T >= kC ? 1 : kC / T;  // columns per quad, accumulators per token
+  constexpr std::size_t kC = kNib ? 8 : 4, kA = (kC + T - 1) / T;  // columns per quad, accumulators per token
   constexpr bool kTop = !kNib && !kTier && T <= 2;
   constexpr bool kNibTop = kNib && !kTier && T <= 2 && !(HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL);
   constexpr bool kFold = kNib && T >= 16;  // the scale folded into each decoded column (registers for 16 tokens)
@@ -7516,20 +7518,23 @@ inline constexpr std::size_t kLanesAloneRows = 4;
 
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 // y[u * ldy + i - i0] += alpha * row i of panel p (AVX-512: 16 rows, h = 0) times token u over
-// groups [g0, g0 + ng), for rows [i0, i0 + n) one at a time, T = 2, 4 or 8 tokens, nibble codes,
-// activations packed by LanesPack (xp). Each quad of the row is one 32-bit word of 8 codes:
+// groups [g0, g0 + ng), for rows [i0, i0 + n) one at a time, T = 2 to 8 or 16 tokens, nibble
+// codes, activations packed by LanesPack (xp). Each quad of the row is one 32-bit word of 8 codes:
 // broadcast to 16 lanes, shifted per lane to the nibble each lane takes (the low nibbles of bytes
 // 0-3, then the high ones: LanesPack's order), looked up in the tier's table (vpermps reads the
-// low 4 bits), and multiplied into two tokens' 8 packed activations per vector; per group the
-// row's scale, at the end a sum over each token's 8 lanes. Per quad and row: 3 operations and T / 2
-// FMAs, against LanesGemmRows' 8 lookups and 8 T FMAs for the whole block.
+// low 4 bits), and multiplied into two tokens' 8 packed activations per vector (an odd last token:
+// its 8 in a half vector); per group the row's scale, at the end a sum over each token's 8 lanes.
+// Per quad and row: 3 operations and T / 2 FMAs, against LanesGemmRows' 8 lookups and 8 T FMAs
+// for the whole block.
 template <std::size_t T>
 HWY_INLINE void LanesRowsAlone(const QView& q, std::size_t p, std::size_t g0, std::size_t ng, const TierParams& t, VF table,
                                const float* HWY_RESTRICT xp, std::size_t i0, std::size_t n, float alpha, float* y, std::size_t ldy) {
-  static_assert(T == 2 || T == 4 || T == 8 || T == 16);
-  constexpr std::size_t kP = T / 2;  // vectors: two tokens each
+  static_assert(T >= 2 && (T <= 8 || T == 16));
+  constexpr std::size_t kP = T / 2;  // full vectors: two tokens each
+  constexpr bool kOdd = T % 2 != 0;  // then token T - 1 in a half vector
   const DF df;
   const hn::Half<DF> dh;
+  using VH = hn::Vec<hn::Half<DF>>;
   const std::size_t nq = q.lanes_quads(), rec = q.lanes_record(), sc = q.lanes_codes();
   HWY_ALIGN static constexpr std::int32_t kShift[16] = {0, 8, 16, 24, 4, 12, 20, 28, 0, 8, 16, 24, 4, 12, 20, 28};
   const VI shift = hn::Load(DI(), kShift);
@@ -7538,26 +7543,31 @@ HWY_INLINE void LanesRowsAlone(const QView& q, std::size_t p, std::size_t g0, st
   for (std::size_t i = i0; i < i0 + n; ++i) {
     VF ya[kP];
     for (std::size_t j = 0; j < kP; ++j) ya[j] = hn::Zero(df);
+    VH yo = hn::Zero(dh);
     const std::uint8_t* r = r0;
     const float* xg = xp;
     for (std::size_t g = 0; g < ng; ++g, r += rec) {
       VF acc[kP];
       for (std::size_t j = 0; j < kP; ++j) acc[j] = hn::Zero(df);
+      VH ao = hn::Zero(dh);
       for (std::size_t k = 0; k < nq; ++k, xg += 8 * T) {
         std::int32_t word;
         std::memcpy(&word, r + 64 * k + 4 * i, 4);
         const VF c{_mm512_permutexvar_ps(_mm512_srlv_epi32(hn::Set(DI(), word).raw, shift.raw), table.raw)};
         for (std::size_t j = 0; j < kP; ++j) acc[j] = hn::MulAdd(c, hn::LoadU(df, xg + 16 * j), acc[j]);
+        if constexpr (kOdd) ao = hn::MulAdd(hn::LowerHalf(dh, c), hn::LoadU(dh, xg + 16 * kP), ao);
       }
       std::uint16_t sb;
       std::memcpy(&sb, r + sc + 2 * i, 2);
-      const VF s = hn::Set(df, s2lc::bf16_to_f32(sb) * t.mul);
-      for (std::size_t j = 0; j < kP; ++j) ya[j] = hn::MulAdd(acc[j], s, ya[j]);
+      const float s = s2lc::bf16_to_f32(sb) * t.mul;
+      for (std::size_t j = 0; j < kP; ++j) ya[j] = hn::MulAdd(acc[j], hn::Set(df, s), ya[j]);
+      if constexpr (kOdd) yo = hn::MulAdd(ao, hn::Set(dh, s), yo);
     }
     for (std::size_t j = 0; j < kP; ++j) {
       y[2 * j * ldy + i - i0] += alpha * hn::GetLane(hn::SumOfLanes(dh, hn::LowerHalf(dh, ya[j])));
       y[(2 * j + 1) * ldy + i - i0] += alpha * hn::GetLane(hn::SumOfLanes(dh, hn::UpperHalf(dh, ya[j])));
     }
+    if constexpr (kOdd) y[(T - 1) * ldy + i - i0] += alpha * hn::GetLane(hn::SumOfLanes(dh, yo));
   }
 }
 #endif
@@ -7579,7 +7589,7 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
       const float* xa = T == 1 ? x + g0 * q.group : xp;
       const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-      if constexpr (T == 2 || T == 4 || T == 8 || T == 16)
+      if constexpr (T >= 2)
         if (q.nibble && n <= kLanesAloneRows) {
           LanesRowsAlone<T>(q, p, g0, ng, t, tbl, xp, i0, n, alpha, y + (b + i0 - r0), ldy);
           continue;
@@ -7603,7 +7613,11 @@ HWY_INLINE void LanesGemmTile(const QView& q, std::size_t r0, std::size_t nr, co
 inline constexpr std::size_t kLanesGemmPass = hn::MaxLanes(DF()) >= 16 ? 8 : 4;
 
 // Y[u, r0 + i] += alpha * sum_j q[r0 + i, j] X[u, j] for a rows-in-lanes q: passes of 8 tokens
-// on AVX-512 (4 elsewhere; then 4, 2, 1), each reading the codes once. One 256 x 256 block, hot,
+// on AVX-512, then the 3, 5, 6 or 7 left in one pass (4 elsewhere; then 4, 2, 1), each reading
+// the codes once. Against passes of 4, 2, 1 for the rest, a 3-bit 49 x 256 right factor of the
+// real tinymoe layer, hot, Zen 5 (the layer at 8 tokens routes 1-5 tokens to each expert, at 32
+// 5-12): 3 tokens 0.64-0.68 -> 0.53-0.56 us, 7 tokens 1.29-1.34 -> 1.03-1.12 (with the
+// accumulators of LanesGemmRows). One 256 x 256 block, hot,
 // 8 tokens, dynamic-dispatch build on AVX-512: 5-bit (bytes) 67 -> 87 GMAC/s against passes of 4,
 // 4-bit 84-85 -> 86-87, 3-bit 78-86 -> 83-86. (When the kernel last had them, 2026-11, g++ 12
 // spilled the accumulators of 8-token passes in that build: 79 against 109 GMAC/s for 4-bit.)
@@ -7622,8 +7636,16 @@ HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const
   if (q.nibble && q.group <= kLanesPackColsT<16>)  // a group must fit one pack
     for (; u + 16 <= nt; u += 16) LanesGemmTile<kTier, 16>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
 #endif
-  if constexpr (kLanesGemmPass == 8)
+  if constexpr (kLanesGemmPass == 8) {
     for (; u + 8 <= nt; u += 8) LanesGemmTile<kTier, 8>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
+    switch (nt - u) {  // 3, 5, 6 or 7 left: one pass decoding the codes once, not passes of 4, 2, 1
+      case 7: return LanesGemmTile<kTier, 7>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
+      case 6: return LanesGemmTile<kTier, 6>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
+      case 5: return LanesGemmTile<kTier, 5>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
+      case 3: return LanesGemmTile<kTier, 3>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
+      default: break;
+    }
+  }
   for (; u + 4 <= nt; u += 4) LanesGemmTile<kTier, 4>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
   if (u + 2 <= nt) LanesGemmTile<kTier, 2>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy), u += 2;
   if (u < nt) LanesGemmTile<kTier, 1>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);

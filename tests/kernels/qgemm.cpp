@@ -56,7 +56,7 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // activations of 512 columns at a time (528: two chunks), and groups too
                        // wide to pack (768: panels unpacked instead, from 2 tokens on); 33, 20
                        // and 3 rows end in a block of at most kLanesAloneRows rows, which
-                       // q_gemm_nt computes row by row in passes of 2, 4, 8 tokens (3 rows from row 1 too)
+                       // q_gemm_nt computes row by row in passes of 2 to 8 tokens (3 rows from row 1 too)
                        {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}, {17, 1536, 768, 4},
                        {3, 256, 32, 3},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
@@ -178,11 +178,12 @@ TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_ge
           }
           REQUIRE(y.back() == -9.0f);
           // Y[u] = 0.5 + alpha W X[u] for 1..29 tokens (q_gemm_nt; rows in lanes: passes of 16
-          // (AVX-512, nibbles), 8 (AVX-512), 4, 2, 1 tokens), on all rows and on a sub-range (rows in
-          // lanes: not on panel bounds); rows outside the range and the padding of Y untouched
+          // (AVX-512, nibbles), 8 (AVX-512), one of the 3, 5, 6 or 7 left (AVX-512), 4, 2, 1
+          // tokens), on all rows and on a sub-range (rows in lanes: not on panel bounds); rows
+          // outside the range and the padding of Y untouched
           // (AVX3_DL on a CPU with AMX: from 16 tokens, nibbles from 8 on more than 64 rows, on
           // AMX tiles, amx.hpp, and without them)
-          for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u, 16u, 29u}) {
+          for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 6u, 7u, 8u, 13u, 16u, 29u}) {
             for (std::size_t r0 : {std::size_t{0}, std::size_t{1}})
             for (bool amx : s2lc::test::amx_modes(target)) {
               if (r0 && c.rows < 3) continue;
