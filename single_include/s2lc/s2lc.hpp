@@ -7413,10 +7413,14 @@ HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
 // ya[u] += rows [h NL, h NL + NL) of panel p times token u over groups [g0, g0 + ng), scaled
 // (not yet by alpha), each code column decoded once for all T tokens. The activations: for one
 // token x itself (at group g0's column), else packed by LanesPack (x = its buffer). Each token
-// keeps one accumulator per code column of a quad (cycling) up to ceil(8 / T) (nibbles; bytes
-// ceil(4 / T)), so 6-10 FMA chains are in flight (floor(8 / T) left 5-7 tokens 5-7 chains: a
-// 3-bit 49 x 256 right factor, hot, Zen 5, 5 tokens 0.98-1.01 -> 0.78-0.83 us, 7 tokens
-// 1.29-1.34 -> 1.03-1.12). The byte container (kNib false): a quad is 4 code columns, each a conversion and one
+// keeps one accumulator per code column of a quad (cycling), ceil(8 / T) but at most the quad's
+// columns on AVX-512 (elsewhere ceil(columns / T)), so 8-10 FMA chains are in flight from 2
+// tokens on. floor(8 / T) had left 5-7 tokens 5-7 chains: a 3-bit 49 x 256 right factor, hot,
+// Zen 5, 5 tokens 0.98-1.01 -> 0.78-0.83 us, 7 tokens 1.29-1.34 -> 1.03-1.12; and byte codes 4
+// chains at 2 and 4 tokens: a 5-bit 256 x 256 core block of the real tinymoe layer, 4 tokens
+// 3.72-3.80 -> 3.21-3.25 us, 6 tokens 4.92-5.00 -> 4.41-4.48, 2 tokens unchanged. Two per token
+// at 8 tokens (16 chains) measured 3 % faster on that block in a scratch build but 5-15 % slower
+// on the bench's 5-bit 2048 x 1408 core (`kernel/s2lc/core5_2048x1408_t8`), so 8 tokens keep one. The byte container (kNib false): a quad is 4 code columns, each a conversion and one
 // FMA per token after moving the column's code into the top byte of its lane (a byte shuffle, or
 // a mask for the top column: the lane holds c 2^24, undone with the group's sum, exactly while
 // the scaled partial sums stay finite, i.e. for activations below 2^92 in magnitude) for one
@@ -7431,7 +7435,9 @@ HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
 template <bool kTier, std::size_t T, bool kNib, std::size_t kNQ = 0>
 HWY_INLINE void LanesGemmRows(const QView& q, std::size_t p, std::size_t h, std::size_t g0, std::size_t ng, const TierParams& t,
                               VF table, const float* HWY_RESTRICT x, VF (&ya)[T]) {
-  constexpr std::size_t kC = kNib ? 8 : 4, kA = (kC + T - 1) / T;  // columns per quad, accumulators per token
+  constexpr std::size_t kC = kNib ? 8 : 4;  // code columns per quad
+  // accumulators per token: at least 8 FMA chains where 32 registers hold them
+  constexpr std::size_t kA = hn::MaxLanes(DF()) >= 16 ? std::min(kC, (8 + T - 1) / T) : (kC + T - 1) / T;
   constexpr bool kTop = !kNib && !kTier && T <= 2;
   constexpr bool kNibTop = kNib && !kTier && T <= 2 && !(HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL);
   constexpr bool kFold = kNib && T >= 16;  // the scale folded into each decoded column (registers for 16 tokens)
