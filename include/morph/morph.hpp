@@ -436,7 +436,7 @@ struct BasisBank {
       for (std::size_t i = 0; i < k; ++i) {
         const float w = c[order[i]];
         const float* uj = u.data() + std::size_t{order[i]} * rows;
-        for (std::size_t r = 0; r < rows; ++r) y[r] += w * uj[r];
+        kernels::add_scaled(w, uj, y, rows);
       }
     }
     arena.reset(mark);

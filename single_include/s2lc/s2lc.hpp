@@ -8700,6 +8700,24 @@ HWY_INLINE V Opaque(V v) {
 #endif
 }
 
+// y[i] += a x[i], the product rounded before the sum (never one FMA, whatever the compiler's
+// contraction): the bits of the scalar loop `y[i] += a * x[i]` built without FMA instructions, on
+// every target. The grouped apply's gate-weighted sums and copies of partial outputs (a = 1 is an
+// exact product: y + x) used to be such loops in the caller's baseline ISA (SSE2 on x86-64).
+inline HWY_NOINLINE void AddScaled(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const auto va = hn::Set(df, a);
+  std::size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    const auto p0 = Opaque(hn::Mul(va, hn::LoadU(df, x + i))), p1 = Opaque(hn::Mul(va, hn::LoadU(df, x + i + N)));
+    hn::StoreU(hn::Add(hn::LoadU(df, y + i), p0), df, y + i);
+    hn::StoreU(hn::Add(hn::LoadU(df, y + i + N), p1), df, y + i + N);
+  }
+  for (; i + N <= n; i += N) hn::StoreU(hn::Add(hn::LoadU(df, y + i), Opaque(hn::Mul(va, hn::LoadU(df, x + i)))), df, y + i);
+  for (; i < n; ++i) y[i] += Opaque(a * x[i]);  // (a masked load may read past the end on some targets)
+}
+
 // A decoded vector v of codes times its scale vs (kScale: then times va), rounded.
 template <bool kScale>
 HWY_INLINE qk::VF Finish(qk::VF v, qk::VF vs, qk::VF va) {
@@ -8893,6 +8911,7 @@ namespace s2lc::kernels {
                             std::size_t lda, std::size_t ncols, float* y, std::size_t ldy),                          \
     (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
+  X(void, add_scaled, AddScaled, (float a, const float* x, float* y, std::size_t n), (a, x, y, n))                \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
   X(std::uint64_t, stream_read_bytes, StreamReadBytes, (const std::uint8_t* p, std::size_t n), (p, n))               \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
@@ -8964,6 +8983,7 @@ namespace s2lc::kernels {
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
 // gemm_tn:       y[t, j] += sum_k c[k, t] a[k, j]          (c stored k-major: [k, ldc]).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
+// add_scaled:    y[i] += a * x[i], the product rounded, then the sum (never fused), i < n.
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
 // stream_read_bytes: the xor of the 8-byte words of p[0, n) (zero-padded), read once: the bound
 //                of reading any bytes (codes, scales) without floating point on them.
@@ -10040,6 +10060,7 @@ inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ld
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10219,7 +10240,7 @@ inline void apply_shared_summed(const KGroup& g, const DispatchPlan& plan, const
           for (std::size_t i = 0; i < n; ++i) {
             float* s = S + plan.token[off + i] * R;
             const float gt = plan.gate[off + i];
-            for (std::size_t j = 0; j < r; ++j) s[j] += gt * t[i * r + j];
+            kernels::add_scaled(gt, t + i * r, s, r);
           }
         }
         a.reset(m2);
@@ -10232,7 +10253,7 @@ inline void apply_shared_summed(const KGroup& g, const DispatchPlan& plan, const
       const std::size_t r0 = br * RB, rb = std::min(RB, g.rows() - r0);
       const float* p = P + bc * T * RB;
       for (std::size_t t = 0; t < T; ++t)
-        for (std::size_t j = 0; j < rb; ++j) Y[t * ldy + r0 + j] += p[t * rb + j];
+        kernels::add_scaled(1.0f, p + t * rb, Y + t * ldy + r0, rb);
     }
   }
   arena.reset(mark);
@@ -10296,7 +10317,7 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
         const float wt = u.weight[i];
-        for (std::size_t j = 0; j < R; ++j) y[j] += wt * yg[i * R + j];
+        kernels::add_scaled(wt, yg + i * R, y, R);
       }
     }
     arena.reset(m2);
@@ -10315,7 +10336,7 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
   for (std::size_t i = 0; i < plan.routed(); ++i) {
     float* y = Y + plan.token[i] * ldy;
     const float gt = plan.gate[i];
-    for (std::size_t j = 0; j < R; ++j) y[j] += gt * oe[i * R + j];
+    kernels::add_scaled(gt, oe + i * R, y, R);
   }
   arena.reset(mark);
 }
@@ -10401,7 +10422,12 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   constexpr std::size_t kMaxNodes = 512;
   if (L.w1->cores.size() > kMaxNodes || L.w3->cores.size() > kMaxNodes || L.w2->cores.size() > kMaxNodes)
     throw invalid_argument("swiglu_apply: more than 512 core nodes");
-  NodeOut n1s[kMaxNodes], n3s[kMaxNodes];
+  union NodeTable {  // entries [0, cores) are constructed by run_cores; the rest never are
+    NodeTable() noexcept {}  // (value-initializing 2 x 512 entries was ~0.5 us of an 8-token layer)
+    NodeOut v[kMaxNodes];
+  } t1, t3;
+  NodeOut* const n1s = t1.v;
+  NodeOut* const n3s = t3.v;
   const Precision core = detail::core_precision(tier, plan);
   auto run_cores = [&](const KGroup& g, NodeOut* outs) {
     for (std::size_t nd = 0; nd < g.cores.size(); ++nd) {
@@ -10416,7 +10442,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
         detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, core, ex, w, 1.0f, nullptr, q8c ? &*q8c : nullptr);
         arena.reset(m1);
       }
-      outs[nd] = o;
+      std::construct_at(outs + nd, o);
     }
   };
   run_cores(*L.w1, n1s);
@@ -10443,7 +10469,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
           float* dst = h + i * f;
           if (first) std::memcpy(dst, src, f * sizeof(float));
           else
-            for (std::size_t j = 0; j < f; ++j) dst[j] += src[j];
+            kernels::add_scaled(1.0f, src, dst, f);
         }
         first = false;
       }
@@ -10482,13 +10508,13 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
           float* dst = hs + u.pos[plan.token[i]] * f;
           const float* src = h1 + i * f;
           const float gt = plan.gate[i];
-          for (std::size_t j = 0; j < f; ++j) dst[j] += gt * src[j];
+          kernels::add_scaled(gt, src, dst, f);
         }
       std::memset(yg, 0, u.n * d * sizeof(float));
       detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, core, ex, w);
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
-        for (std::size_t j = 0; j < d; ++j) y[j] += yg[i * d + j];
+        kernels::add_scaled(1.0f, yg + i * d, y, d);
       }
     }
     arena.reset(m2);
@@ -10497,7 +10523,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   for (std::size_t i = 0; i < routed; ++i) {
     float* y = Y + plan.token[i] * ldy;
     const float gt = plan.gate[i];
-    for (std::size_t j = 0; j < d; ++j) y[j] += gt * oe[i * d + j];
+    kernels::add_scaled(gt, oe + i * d, y, d);
   }
   arena.reset(mark);
 }
@@ -10936,7 +10962,7 @@ struct BasisBank {
       for (std::size_t i = 0; i < k; ++i) {
         const float w = c[order[i]];
         const float* uj = u.data() + std::size_t{order[i]} * rows;
-        for (std::size_t r = 0; r < rows; ++r) y[r] += w * uj[r];
+        kernels::add_scaled(w, uj, y, rows);
       }
     }
     arena.reset(mark);

@@ -421,7 +421,7 @@ TEST_CASE("kernels: q_gemm_nt with activations from 2^-120 to 2^100, NaN and inf
   }
 }
 
-TEST_CASE("kernels: SwiGLU and the streaming read, every target") {
+TEST_CASE("kernels: SwiGLU, add_scaled and the streaming read, every target") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
@@ -435,6 +435,20 @@ TEST_CASE("kernels: SwiGLU and the streaming read, every target") {
         REQUIRE(std::fabs(out[i] - ref) <= 8 * kU * std::fabs(ref) + 1e-37);
       }
       REQUIRE(out[n] == -9.0f);
+      // add_scaled: the product rounded, then the sum, bit for bit (a fused multiply-add would
+      // differ in the last bit for most of these), nothing written past n
+      for (float a : {0.6f, 1.0f, -3.25f}) {
+        CAPTURE(a);
+        const auto ax = randn(n, 8);
+        std::vector<float> y = randn(n + 1, 9), ref = y;
+        y[n] = ref[n] = 7.0f;
+        for (std::size_t i = 0; i < n; ++i) {
+          volatile float prod = a * ax[i];  // rounded on its own
+          ref[i] = ref[i] + prod;
+        }
+        k::add_scaled(a, ax.data(), y.data(), n);
+        for (std::size_t i = 0; i <= n; ++i) REQUIRE(std::bit_cast<std::uint32_t>(y[i]) == std::bit_cast<std::uint32_t>(ref[i]));
+      }
       const auto p = randn(n, 7);
       double s = 0, a = 0;
       for (float v : p) s += v, a += std::fabs(v);

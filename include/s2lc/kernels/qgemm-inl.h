@@ -1590,6 +1590,24 @@ HWY_INLINE V Opaque(V v) {
 #endif
 }
 
+// y[i] += a x[i], the product rounded before the sum (never one FMA, whatever the compiler's
+// contraction): the bits of the scalar loop `y[i] += a * x[i]` built without FMA instructions, on
+// every target. The grouped apply's gate-weighted sums and copies of partial outputs (a = 1 is an
+// exact product: y + x) used to be such loops in the caller's baseline ISA (SSE2 on x86-64).
+inline HWY_NOINLINE void AddScaled(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, std::size_t n) {
+  const qk::DF df;
+  const std::size_t N = hn::Lanes(df);
+  const auto va = hn::Set(df, a);
+  std::size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    const auto p0 = Opaque(hn::Mul(va, hn::LoadU(df, x + i))), p1 = Opaque(hn::Mul(va, hn::LoadU(df, x + i + N)));
+    hn::StoreU(hn::Add(hn::LoadU(df, y + i), p0), df, y + i);
+    hn::StoreU(hn::Add(hn::LoadU(df, y + i + N), p1), df, y + i + N);
+  }
+  for (; i + N <= n; i += N) hn::StoreU(hn::Add(hn::LoadU(df, y + i), Opaque(hn::Mul(va, hn::LoadU(df, x + i)))), df, y + i);
+  for (; i < n; ++i) y[i] += Opaque(a * x[i]);  // (a masked load may read past the end on some targets)
+}
+
 // A decoded vector v of codes times its scale vs (kScale: then times va), rounded.
 template <bool kScale>
 HWY_INLINE qk::VF Finish(qk::VF v, qk::VF vs, qk::VF va) {

@@ -63,6 +63,7 @@ namespace s2lc::kernels {
                             std::size_t lda, std::size_t ncols, float* y, std::size_t ldy),                          \
     (c, ldc, nt, k, a, lda, ncols, y, ldy))                                                                          \
   X(void, swiglu, SwiGLU, (const float* g, const float* u, float* out, std::size_t n), (g, u, out, n))              \
+  X(void, add_scaled, AddScaled, (float a, const float* x, float* y, std::size_t n), (a, x, y, n))                \
   X(float, stream_read, StreamRead, (const float* p, std::size_t n), (p, n))                                        \
   X(std::uint64_t, stream_read_bytes, StreamReadBytes, (const std::uint8_t* p, std::size_t n), (p, n))               \
   X(std::size_t, fma_peak, FmaPeak, (std::size_t iters, float* sink), (iters, sink))                                \
@@ -134,6 +135,7 @@ namespace s2lc::kernels {
 // gemm_nn:       y[t, j] += sum_k c[t, k] a[k, j]          (t < nt, j < ncols).
 // gemm_tn:       y[t, j] += sum_k c[k, t] a[k, j]          (c stored k-major: [k, ldc]).
 // swiglu:        out[i] = g[i] / (1 + exp(-g[i])) * u[i].
+// add_scaled:    y[i] += a * x[i], the product rounded, then the sum (never fused), i < n.
 // stream_read:   the sum of p[0, n), read once (bandwidth bound).
 // stream_read_bytes: the xor of the 8-byte words of p[0, n) (zero-padded), read once: the bound
 //                of reading any bytes (codes, scales) without floating point on them.
