@@ -339,7 +339,7 @@ inline void pool_layer(KGroup& w1, KGroup& w3, KGroup& w2) {
     for (KGroup* g : {&w1, &w3, &w2}) runs.push_back(g->residuals[e].pool_run());
   runs.push_back(w2.bases_run());
   for (auto& c : w2.cores) runs.push_back(c.pool_run());
-  detail::lay_out_pools(runs);
+  detail::lay_out_pools(runs, "morph::pool_layer (one group passed twice?)");
 }
 
 inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t tokens, std::size_t routed, unsigned workers) {

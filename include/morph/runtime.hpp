@@ -84,7 +84,7 @@ struct PoolRun {
   std::shared_ptr<const std::uint8_t>* keep = nullptr;
   std::size_t* bytes = nullptr;
 };
-inline void lay_out_pools(std::span<const PoolRun> runs);
+inline void lay_out_pools(std::span<const PoolRun> runs, const char* what);
 
 /// Holds a pool alive for a group's bases (KGroup::pool_bases). A copy holds nothing: the copied
 /// bases own their arrays (KMat's copy); a move passes the pool on with them.
@@ -182,8 +182,8 @@ struct KMat {
   }
 
  private:
-  friend void detail::lay_out_pools(std::span<const detail::PoolRun>);
-  const std::uint8_t* pcodes_ = nullptr;  // pooled: the codes and scales in the KMatrix's pool
+  friend void detail::lay_out_pools(std::span<const detail::PoolRun>, const char*);
+  const std::uint8_t* pcodes_ = nullptr;  // pooled: the codes and scales in the pool holding them
   const std::uint16_t* pscales_ = nullptr;
   std::size_t ncodes_ = 0, nscales_ = 0;
 };
@@ -251,7 +251,7 @@ struct KMatrix {
   static void pool_together(std::span<KMatrix* const> ms) {
     std::vector<detail::PoolRun> runs;
     for (KMatrix* k : ms) runs.push_back(k->pool_run());
-    detail::lay_out_pools(runs);
+    detail::lay_out_pools(runs, "KMatrix::pool_together");
   }
 
   /// The run pool_together lays out for this matrix: per block the right factor (b), then the
@@ -272,8 +272,8 @@ namespace detail {
 /// Lays the runs' matrices out in one allocation, one after another in the order given, each
 /// matrix's scales then codes, every array 64-byte aligned (zeroed padding); each run's owner
 /// then aliases the allocation at the run's first byte, so it lives as long as any run does.
-/// Throws invalid_argument if a matrix or an owner appears twice.
-inline void lay_out_pools(std::span<const PoolRun> runs) {
+/// Throws invalid_argument, naming the caller (what), if a matrix or an owner appears twice.
+inline void lay_out_pools(std::span<const PoolRun> runs, const char* what) {
   constexpr std::size_t kAlign = 64;
   auto up = [](std::size_t n) { return (n + kAlign - 1) & ~(kAlign - 1); };
   std::vector<const void*> seen;
@@ -282,7 +282,7 @@ inline void lay_out_pools(std::span<const PoolRun> runs) {
     seen.insert(seen.end(), r.mats.begin(), r.mats.end());
   }
   std::sort(seen.begin(), seen.end());
-  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) throw invalid_argument("KMatrix::pool_together: a matrix appears twice");
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) throw invalid_argument(std::string(what) + ": a matrix appears twice");
   std::size_t total = 0;
   for (const auto& r : runs)
     for (const KMat* m : r.mats) total += up(m->ncodes()) + up(2 * m->nscales());
@@ -348,7 +348,7 @@ struct KGroup {
   /// arrays until this is called again.
   void pool_bases() {
     const detail::PoolRun r = bases_run();
-    detail::lay_out_pools({&r, 1});
+    detail::lay_out_pools({&r, 1}, "KGroup::pool_bases");
   }
   /// Bytes of the bases' pool (0 if they are not pooled).
   std::size_t bases_pool_bytes() const noexcept { return bases_pool.p ? bases_pool.n : 0; }

@@ -7420,8 +7420,9 @@ HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
 // chains at 2 and 4 tokens: a 5-bit 256 x 256 core block of the real tinymoe layer, 4 tokens
 // 3.72-3.80 -> 3.21-3.25 us, 6 tokens 4.92-5.00 -> 4.41-4.48, 2 tokens unchanged. Two per token
 // at 8 tokens (16 chains) measured 3 % faster on that block in a scratch build but 5-15 % slower
-// on the bench's 5-bit 2048 x 1408 core (`kernel/s2lc/core5_2048x1408_t8`), so 8 tokens keep one. The byte container (kNib false): a quad is 4 code columns, each a conversion and one
-// FMA per token after moving the column's code into the top byte of its lane (a byte shuffle, or
+// on the bench's 5-bit 2048 x 1408 core (`kernel/s2lc/core5_2048x1408_t8`), so 8 tokens keep one.
+// The byte container (kNib false): a quad is 4 code columns, each a conversion and one FMA per
+// token after moving the column's code into the top byte of its lane (a byte shuffle, or
 // a mask for the top column: the lane holds c 2^24, undone with the group's sum, exactly while
 // the scaled partial sums stay finite, i.e. for activations below 2^92 in magnitude) for one
 // or two tokens, or sign-extending it with a shift pair for more (and for tiers) where the
@@ -9389,7 +9390,7 @@ struct PoolRun {
   std::shared_ptr<const std::uint8_t>* keep = nullptr;
   std::size_t* bytes = nullptr;
 };
-inline void lay_out_pools(std::span<const PoolRun> runs);
+inline void lay_out_pools(std::span<const PoolRun> runs, const char* what);
 
 /// Holds a pool alive for a group's bases (KGroup::pool_bases). A copy holds nothing: the copied
 /// bases own their arrays (KMat's copy); a move passes the pool on with them.
@@ -9487,8 +9488,8 @@ struct KMat {
   }
 
  private:
-  friend void detail::lay_out_pools(std::span<const detail::PoolRun>);
-  const std::uint8_t* pcodes_ = nullptr;  // pooled: the codes and scales in the KMatrix's pool
+  friend void detail::lay_out_pools(std::span<const detail::PoolRun>, const char*);
+  const std::uint8_t* pcodes_ = nullptr;  // pooled: the codes and scales in the pool holding them
   const std::uint16_t* pscales_ = nullptr;
   std::size_t ncodes_ = 0, nscales_ = 0;
 };
@@ -9556,7 +9557,7 @@ struct KMatrix {
   static void pool_together(std::span<KMatrix* const> ms) {
     std::vector<detail::PoolRun> runs;
     for (KMatrix* k : ms) runs.push_back(k->pool_run());
-    detail::lay_out_pools(runs);
+    detail::lay_out_pools(runs, "KMatrix::pool_together");
   }
 
   /// The run pool_together lays out for this matrix: per block the right factor (b), then the
@@ -9577,8 +9578,8 @@ namespace detail {
 /// Lays the runs' matrices out in one allocation, one after another in the order given, each
 /// matrix's scales then codes, every array 64-byte aligned (zeroed padding); each run's owner
 /// then aliases the allocation at the run's first byte, so it lives as long as any run does.
-/// Throws invalid_argument if a matrix or an owner appears twice.
-inline void lay_out_pools(std::span<const PoolRun> runs) {
+/// Throws invalid_argument, naming the caller (what), if a matrix or an owner appears twice.
+inline void lay_out_pools(std::span<const PoolRun> runs, const char* what) {
   constexpr std::size_t kAlign = 64;
   auto up = [](std::size_t n) { return (n + kAlign - 1) & ~(kAlign - 1); };
   std::vector<const void*> seen;
@@ -9587,7 +9588,7 @@ inline void lay_out_pools(std::span<const PoolRun> runs) {
     seen.insert(seen.end(), r.mats.begin(), r.mats.end());
   }
   std::sort(seen.begin(), seen.end());
-  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) throw invalid_argument("KMatrix::pool_together: a matrix appears twice");
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) throw invalid_argument(std::string(what) + ": a matrix appears twice");
   std::size_t total = 0;
   for (const auto& r : runs)
     for (const KMat* m : r.mats) total += up(m->ncodes()) + up(2 * m->nscales());
@@ -9653,7 +9654,7 @@ struct KGroup {
   /// arrays until this is called again.
   void pool_bases() {
     const detail::PoolRun r = bases_run();
-    detail::lay_out_pools({&r, 1});
+    detail::lay_out_pools({&r, 1}, "KGroup::pool_bases");
   }
   /// Bytes of the bases' pool (0 if they are not pooled).
   std::size_t bases_pool_bytes() const noexcept { return bases_pool.p ? bases_pool.n : 0; }
@@ -10376,7 +10377,7 @@ inline void pool_layer(KGroup& w1, KGroup& w3, KGroup& w2) {
     for (KGroup* g : {&w1, &w3, &w2}) runs.push_back(g->residuals[e].pool_run());
   runs.push_back(w2.bases_run());
   for (auto& c : w2.cores) runs.push_back(c.pool_run());
-  detail::lay_out_pools(runs);
+  detail::lay_out_pools(runs, "morph::pool_layer (one group passed twice?)");
 }
 
 inline std::size_t swiglu_scratch_bytes(const SwiGLUExperts& L, std::size_t tokens, std::size_t routed, unsigned workers) {

@@ -841,8 +841,12 @@ TEST_CASE("morph: pool_layer puts a layer in one allocation in read order and ch
       CHECK(Yc == Y);
     }
   mo::KGroup a = w1, b = w2;
-  CHECK_THROWS_WITH_AS(mo::pool_layer(a, a, b), doctest::Contains("appears twice"), s2lc::invalid_argument);
+  CHECK_THROWS_WITH_AS(mo::pool_layer(a, a, b), doctest::Contains("morph::pool_layer (one group passed twice?): a matrix appears twice"),
+                       s2lc::invalid_argument);
   CHECK_THROWS_WITH_AS(mo::pool_layer(a, b, b), doctest::Contains("shapes disagree"), s2lc::invalid_argument);
+  mo::KMatrix* twice[] = {&a.residuals[0], &a.residuals[1], &a.residuals[0]};
+  CHECK_THROWS_WITH_AS(mo::KMatrix::pool_together(twice), doctest::Contains("KMatrix::pool_together: a matrix appears twice"),
+                       s2lc::invalid_argument);
   CHECK(a.residuals[0].pool_data() != nullptr);  // a failed call leaves the groups as they were
 }
 

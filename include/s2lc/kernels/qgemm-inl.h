@@ -310,8 +310,9 @@ HWY_INLINE VF ByteColumn(VI w, const TopIndex& ix, const TierParams& t) {
 // chains at 2 and 4 tokens: a 5-bit 256 x 256 core block of the real tinymoe layer, 4 tokens
 // 3.72-3.80 -> 3.21-3.25 us, 6 tokens 4.92-5.00 -> 4.41-4.48, 2 tokens unchanged. Two per token
 // at 8 tokens (16 chains) measured 3 % faster on that block in a scratch build but 5-15 % slower
-// on the bench's 5-bit 2048 x 1408 core (`kernel/s2lc/core5_2048x1408_t8`), so 8 tokens keep one. The byte container (kNib false): a quad is 4 code columns, each a conversion and one
-// FMA per token after moving the column's code into the top byte of its lane (a byte shuffle, or
+// on the bench's 5-bit 2048 x 1408 core (`kernel/s2lc/core5_2048x1408_t8`), so 8 tokens keep one.
+// The byte container (kNib false): a quad is 4 code columns, each a conversion and one FMA per
+// token after moving the column's code into the top byte of its lane (a byte shuffle, or
 // a mask for the top column: the lane holds c 2^24, undone with the group's sum, exactly while
 // the scaled partial sums stay finite, i.e. for activations below 2^92 in magnitude) for one
 // or two tokens, or sign-extending it with a shift pair for more (and for tiers) where the
