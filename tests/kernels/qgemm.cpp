@@ -153,104 +153,122 @@ TEST_CASE("kernels: quantized decode equals compress::dequantize_row bit for bit
 }
 
 TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_gemm_nn within the f32 summation bound, every tier and target") {
-  for (std::int64_t target : s2lc::test::compiled_targets()) {
-    s2lc::test::TargetScope scope(target);
-    CAPTURE(std::string(hwy::TargetName(target)));
-    for (const auto& c : kCases) {
-      CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
-      const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 7 + c.cols), 0.05f);
-      const auto q = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
-      for (const auto& km : layouts(q)) {
-        CAPTURE(km.lanes);
-        const auto x = randn(c.cols, 11), t = randn(c.rows, 12);
-        for (unsigned tier : {0u, 2u, c.bits - 1}) {
-          if (tier == 1) continue;
-          CAPTURE(tier);
-          const auto W = cz::dequantize(q, tier);
-          // y = 0.5 + alpha W x
+  // Each double reference is computed once and checked against every target (the references,
+  // not the kernels, were most of this case's time: 121 s of CI's sanitizer run).
+  const auto targets = s2lc::test::compiled_targets();
+  const auto each_target = [&](auto&& f) {
+    for (std::int64_t target : targets) {
+      s2lc::test::TargetScope scope(target);
+      CAPTURE(std::string(hwy::TargetName(target)));
+      f(target);
+    }
+  };
+  for (const auto& c : kCases) {
+    CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
+    const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 7 + c.cols), 0.05f);
+    const auto q = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
+    for (const auto& km : layouts(q)) {
+      CAPTURE(km.lanes);
+      const auto x = randn(c.cols, 11), t = randn(c.rows, 12);
+      for (unsigned tier : {0u, 2u, c.bits - 1}) {
+        if (tier == 1) continue;
+        CAPTURE(tier);
+        const auto W = cz::dequantize(q, tier);
+        // y = 0.5 + alpha W x
+        std::vector<double> ys(c.rows), ya(c.rows);
+        for (std::size_t i = 0; i < c.rows; ++i)
+          for (std::size_t j = 0; j < c.cols; ++j) ys[i] += double(W[i * c.cols + j]) * x[j], ya[i] += std::fabs(double(W[i * c.cols + j]) * x[j]);
+        each_target([&](std::int64_t) {
           std::vector<float> y(c.rows + 1, 0.5f);
           y.back() = -9.0f;
           k::q_gemv_nt(km.view(), 0, c.rows, tier, x.data(), -1.5f, y.data());
-          for (std::size_t i = 0; i < c.rows; ++i) {
-            double s = 0, a = 0;
-            for (std::size_t j = 0; j < c.cols; ++j) s += double(W[i * c.cols + j]) * x[j], a += std::fabs(double(W[i * c.cols + j]) * x[j]);
-            REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
-          }
+          for (std::size_t i = 0; i < c.rows; ++i) REQUIRE(std::fabs(y[i] - (0.5 - 1.5 * ys[i])) <= 1.5 * bound(c.cols, ya[i]) + kU);
           REQUIRE(y.back() == -9.0f);
-          // Y[u] = 0.5 + alpha W X[u] for 1..29 tokens (q_gemm_nt; rows in lanes: passes of 16
-          // (AVX-512, nibbles), 8 (AVX-512), one of the 3, 5, 6 or 7 left (AVX-512), 4, 2, 1
-          // tokens), on all rows and on a sub-range (rows in lanes: not on panel bounds); rows
-          // outside the range and the padding of Y untouched
-          // (AVX3_DL on a CPU with AMX: from 16 tokens, nibbles from 8 on more than 64 rows, on
-          // AMX tiles, amx.hpp, and without them)
-          for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 6u, 7u, 8u, 13u, 16u, 29u}) {
-            for (std::size_t r0 : {std::size_t{0}, std::size_t{1}})
-            for (bool amx : s2lc::test::amx_modes(target)) {
-              if (r0 && c.rows < 3) continue;
-              s2lc::test::AmxScope amx_scope(amx);
-              const std::size_t nr = c.rows - 2 * r0, ldx = c.cols + 3, ldy = c.rows + 2;
-              CAPTURE(nt); CAPTURE(r0); CAPTURE(amx);
-              const auto X = randn(nt * ldx, static_cast<std::uint32_t>(17 + nt));
-              std::vector<float> Y(nt * ldy, 0.5f);
-              k::q_gemm_nt(km.view(), r0, nr, tier, X.data(), ldx, nt, -1.5f, Y.data(), ldy);
-              for (std::size_t u = 0; u < nt; ++u)
-                for (std::size_t i = 0; i < ldy; ++i) {
-                  if (i >= nr) {
-                    REQUIRE(Y[u * ldy + i] == 0.5f);
-                    continue;
-                  }
-                  double s = 0, a = 0;
-                  for (std::size_t j = 0; j < c.cols; ++j) {
-                    const double p = double(W[(r0 + i) * c.cols + j]) * X[u * ldx + j];
-                    s += p, a += std::fabs(p);
-                  }
-                  REQUIRE(std::fabs(Y[u * ldy + i] - (0.5 - 1.5 * s)) <= 1.5 * bound(c.cols, a) + kU);
+        });
+        // Y[u] = 0.5 + alpha W X[u] for 1..29 tokens (q_gemm_nt; rows in lanes: passes of 16
+        // (AVX-512, nibbles), 8 (AVX-512), one of the 3, 5, 6 or 7 left (AVX-512), 4, 2, 1
+        // tokens), on all rows and on a sub-range (rows in lanes: not on panel bounds); rows
+        // outside the range and the padding of Y untouched
+        // (AVX3_DL on a CPU with AMX: from 16 tokens, nibbles from 8 on more than 64 rows, on
+        // AMX tiles, amx.hpp, and without them)
+        for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 6u, 7u, 8u, 13u, 16u, 29u}) {
+          for (std::size_t r0 : {std::size_t{0}, std::size_t{1}}) {
+            if (r0 && c.rows < 3) continue;
+            const std::size_t nr = c.rows - 2 * r0, ldx = c.cols + 3, ldy = c.rows + 2;
+            CAPTURE(nt); CAPTURE(r0);
+            const auto X = randn(nt * ldx, static_cast<std::uint32_t>(17 + nt));
+            std::vector<double> S(nt * nr), A(nt * nr);
+            for (std::size_t u = 0; u < nt; ++u)
+              for (std::size_t i = 0; i < nr; ++i)
+                for (std::size_t j = 0; j < c.cols; ++j) {
+                  const double p = double(W[(r0 + i) * c.cols + j]) * X[u * ldx + j];
+                  S[u * nr + i] += p, A[u * nr + i] += std::fabs(p);
                 }
-            }
+            each_target([&](std::int64_t target) {
+              for (bool amx : s2lc::test::amx_modes(target)) {
+                s2lc::test::AmxScope amx_scope(amx);
+                CAPTURE(amx);
+                std::vector<float> Y(nt * ldy, 0.5f);
+                k::q_gemm_nt(km.view(), r0, nr, tier, X.data(), ldx, nt, -1.5f, Y.data(), ldy);
+                for (std::size_t u = 0; u < nt; ++u)
+                  for (std::size_t i = 0; i < ldy; ++i) {
+                    if (i >= nr) {
+                      REQUIRE(Y[u * ldy + i] == 0.5f);
+                      continue;
+                    }
+                    REQUIRE(std::fabs(Y[u * ldy + i] - (0.5 - 1.5 * S[u * nr + i])) <= 1.5 * bound(c.cols, A[u * nr + i]) + kU);
+                  }
+              }
+            });
           }
-          // z = 0.25 + W^T t
+        }
+        // z = 0.25 + W^T t
+        std::vector<double> zs(c.cols, 0.25), za(c.cols, 0.25);
+        for (std::size_t j = 0; j < c.cols; ++j)
+          for (std::size_t i = 0; i < c.rows; ++i) zs[j] += double(W[i * c.cols + j]) * t[i], za[j] += std::fabs(double(W[i * c.cols + j]) * t[i]);
+        each_target([&](std::int64_t) {
           std::vector<float> z(c.cols + 1, 0.25f);
           z.back() = -9.0f;
           k::q_gemv_nn(km.view(), 0, c.rows, tier, t.data(), z.data());
-          for (std::size_t j = 0; j < c.cols; ++j) {
-            double s = 0.25, a = 0.25;
-            for (std::size_t i = 0; i < c.rows; ++i) s += double(W[i * c.cols + j]) * t[i], a += std::fabs(double(W[i * c.cols + j]) * t[i]);
-            REQUIRE(std::fabs(z[j] - s) <= bound(c.rows, a));
-          }
+          for (std::size_t j = 0; j < c.cols; ++j) REQUIRE(std::fabs(z[j] - zs[j]) <= bound(c.rows, za[j]));
           REQUIRE(z.back() == -9.0f);
-          // Z[t] = 0.25 + W^T T[t] for 1..11 tokens (q_gemm_nn: tiles of 8, then the rest in one
-          // tile where the accumulators allow, else tiles of 4, 2, 1)
-          for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 6u, 7u, 9u, 11u}) {
-            CAPTURE(nt);
-            const std::size_t ldc = c.rows + 2, ldz = c.cols + 3;
-            const auto T = randn(nt * ldc, static_cast<std::uint32_t>(13 + nt));
+        });
+        // Z[t] = 0.25 + W^T T[t] for 1..11 tokens (q_gemm_nn: tiles of 8, then the rest in one
+        // tile where the accumulators allow, else tiles of 4, 2, 1)
+        for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 6u, 7u, 9u, 11u}) {
+          CAPTURE(nt);
+          const std::size_t ldc = c.rows + 2, ldz = c.cols + 3;
+          const auto T = randn(nt * ldc, static_cast<std::uint32_t>(13 + nt));
+          std::vector<double> S(nt * c.cols, 0.25), A(nt * c.cols, 0.25);
+          for (std::size_t i = 0; i < nt; ++i)
+            for (std::size_t j = 0; j < c.cols; ++j)
+              for (std::size_t r = 0; r < c.rows; ++r) {
+                const double p = double(W[r * c.cols + j]) * T[i * ldc + r];
+                S[i * c.cols + j] += p, A[i * c.cols + j] += std::fabs(p);
+              }
+          each_target([&](std::int64_t) {
             std::vector<float> Z(nt * ldz, 0.25f);
             k::q_gemm_nn(km.view(), 0, c.rows, tier, T.data(), ldc, nt, Z.data(), ldz);
             for (std::size_t i = 0; i < nt; ++i) {
-              for (std::size_t j = 0; j < c.cols; ++j) {
-                double s = 0.25, a = 0.25;
-                for (std::size_t r = 0; r < c.rows; ++r) {
-                  const double p = double(W[r * c.cols + j]) * T[i * ldc + r];
-                  s += p, a += std::fabs(p);
-                }
-                REQUIRE(std::fabs(Z[i * ldz + j] - s) <= bound(c.rows, a));
-              }
+              for (std::size_t j = 0; j < c.cols; ++j) REQUIRE(std::fabs(Z[i * ldz + j] - S[i * c.cols + j]) <= bound(c.rows, A[i * c.cols + j]));
               for (std::size_t j = c.cols; j < ldz; ++j) REQUIRE(Z[i * ldz + j] == 0.25f);  // nothing else written
             }
-          }
+          });
         }
-        // A row sub-range: only those rows are read and written.
-        if (c.rows >= 3) {
+      }
+      // A row sub-range: only those rows are read and written.
+      if (c.rows >= 3) {
+        const auto W = cz::dequantize(q);
+        double s = 0, a = 0;
+        for (std::size_t j = 0; j < c.cols; ++j) s += double(W[c.cols + j]) * x[j], a += std::fabs(double(W[c.cols + j]) * x[j]);
+        each_target([&](std::int64_t) {
           std::vector<float> y(c.rows, 0.0f);
           k::q_gemv_nt(km.view(), 1, c.rows - 2, 0, x.data(), 1.0f, y.data());
-          const auto W = cz::dequantize(q);
-          double s = 0, a = 0;
-          for (std::size_t j = 0; j < c.cols; ++j) s += double(W[c.cols + j]) * x[j], a += std::fabs(double(W[c.cols + j]) * x[j]);
           CHECK(std::fabs(y[0] - s) <= bound(c.cols, a));
           CHECK(y[c.rows - 3] != 0.0f);
           CHECK(y[c.rows - 2] == 0.0f);
           CHECK(y[c.rows - 1] == 0.0f);
-        }
+        });
       }
     }
   }
