@@ -205,6 +205,10 @@ TEST_CASE("kernels: fused quantized gemv (both orientations), q_gemm_nt and q_ge
                   S[u * nr + i] += p, A[u * nr + i] += std::fabs(p);
                 }
             each_target([&](std::int64_t target) {
+              // Under the sanitizers, targets narrower than AVX-512 skip 13, 16 and 29 tokens:
+              // they run them in passes of 4, 2 and 1, as 5 and 8 tokens, and their -O0 kernels
+              // were most of this case's 121-153 s there.
+              if (s2lc::test::kSanitized && nt > 8 && target != HWY_AVX3 && target != HWY_AVX3_DL) return;
               for (bool amx : s2lc::test::amx_modes(target)) {
                 s2lc::test::AmxScope amx_scope(amx);
                 CAPTURE(amx);
