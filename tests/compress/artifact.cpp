@@ -73,6 +73,7 @@ bool same_q(const cz::QMatrix& a, const cz::QMatrix& b) {
 void check_same_group(const cz::CompressedGroup& got, const cz::CompressedGroup& want) {
   CHECK(got.name == want.name);
   CHECK(got.member_names == want.member_names);
+  CHECK(got.member_sources == want.member_sources);
   CHECK(got.type == want.type);
   CHECK(got.grid.rows == want.grid.rows);
   CHECK(got.grid.cols == want.grid.cols);

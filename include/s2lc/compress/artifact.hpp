@@ -356,7 +356,10 @@ class Artifact {
     const auto& tensors = m.contains("tensors") && m["tensors"].is_array() ? m["tensors"] : (bad("manifest: \"tensors\" must be an array"), m);
     std::map<std::pair<std::uint32_t, std::string>, bool> seen;
     std::vector<std::vector<bool>> member_seen(groups_.size());
-    for (std::size_t gi = 0; gi < groups_.size(); ++gi) member_seen[gi].assign(groups_[gi].member_names.size(), false);
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+      member_seen[gi].assign(groups_[gi].member_names.size(), false);
+      groups_[gi].member_sources.assign(groups_[gi].member_names.size(), 0);  // as compress() gives them
+    }
     for (std::size_t i = 0; i < tensors.size(); ++i) {
       const std::string ctx = "manifest: tensors[" + std::to_string(i) + "]";
       const auto& j = tensors[i];
@@ -379,6 +382,7 @@ class Artifact {
         if (t.shape != std::vector<std::uint64_t>{g.grid.rows, g.grid.cols} || t.type != g.type) bad(ctx + ": shape or dtype differ from its group's");
         if (!is_float(t.type)) bad(ctx + ": a compressed tensor must have a float dtype");
         member_seen[static_cast<std::size_t>(t.group)][t.member] = true;
+        groups_[static_cast<std::size_t>(t.group)].member_sources[t.member] = t.source;
       } else if (j.contains("copy")) {
         t.copy = static_cast<int>(to_u64(j, "copy", ctx, 0x7FFFFFFF));
         const std::string sec = "c" + std::to_string(t.copy);
