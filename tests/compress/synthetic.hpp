@@ -5,13 +5,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
 
 #include <xtensor-blas/xlinalg.hpp>
 
+#include <s2lc/compress/artifact.hpp>
 #include <s2lc/compress/compressor.hpp>
+#include <s2lc/io/container.hpp>
 #include <s2lc/io/safetensors.hpp>
 #include <s2lc/tensor.hpp>
 
@@ -35,6 +38,73 @@ inline std::vector<compress::GroupInput> tinymoe_l1_groups() {
     }
     out.push_back(std::move(g));
   }
+  return out;
+}
+
+/// tinymoe_l1_groups() compressed at ratio 8 in 256 x 256 blocks, or in 100 x 90 blocks with
+/// `odd_blocks` (edge blocks, partial quantization groups), as read back from its artifact.
+///
+/// Compressing takes about 1 s (5 s under ASan), and two dozen cases need it, each in a process of
+/// its own (CTest runs one case per process). So the artifact is kept in S2LC_TEST_CACHE_DIR
+/// (the build tree) under a name holding the program's name, size and modification time: a
+/// rebuilt program never reads an artifact an older build wrote, and the older ones are deleted.
+/// Every process, the one that compressed included, uses the groups read back from the artifact's
+/// bytes, so which process compressed changes nothing; two that compress at once write the same
+/// bytes (compression is deterministic, and the write is atomic).
+inline compress::Compressed tinymoe_l1_compressed(bool odd_blocks) {
+  namespace fs = std::filesystem;
+  const std::string what = odd_blocks ? "tinymoe-l1-r8-100x90" : "tinymoe-l1-r8-256x256";
+  fs::path cached;
+#ifdef S2LC_TEST_CACHE_DIR
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const auto size = fs::file_size(exe, ec);
+    const auto stamp = fs::last_write_time(exe, ec).time_since_epoch().count();
+    if (!ec) {
+      const std::string prefix = exe.filename().string() + "-" + what + "-";
+      cached = fs::path(S2LC_TEST_CACHE_DIR) / (prefix + std::to_string(size) + "-" + std::to_string(static_cast<unsigned long long>(stamp)) + ".s2lc");
+      if (!fs::exists(cached)) {
+        fs::create_directories(cached.parent_path(), ec);
+        for (const auto& f : fs::directory_iterator(cached.parent_path(), ec))
+          if (f.path().filename().string().starts_with(prefix)) fs::remove(f.path(), ec);
+      }
+    }
+  }
+#endif
+  std::vector<std::byte> bytes;
+  if (!cached.empty() && fs::exists(cached)) {
+    bytes = read_bytes(cached);
+  } else {
+    const auto in = tinymoe_l1_groups();
+    compress::Options opt;
+    opt.ratio = 8;
+    opt.threads = 2;
+    if (odd_blocks) opt.block_rows = 100, opt.block_cols = 90;
+    const compress::Compressed c = compress::compress(in, opt);
+    compress::ArtifactContents contents;
+    contents.sources = {"tinymoe-upcycled-L1.safetensors"};
+    contents.metadata.emplace_back();
+    for (std::size_t g = 0; g < in.size(); ++g)
+      for (std::size_t e = 0; e < in[g].member_names.size(); ++e) {
+        compress::TensorEntry t;
+        t.name = in[g].member_names[e];
+        t.type = in[g].type;
+        t.shape = {in[g].weights[e].shape(0), in[g].weights[e].shape(1)};
+        t.group = static_cast<int>(g);
+        t.member = static_cast<std::uint32_t>(e);
+        contents.tensors.push_back(t);
+      }
+    io::ContainerBuilder b;
+    compress::build_artifact(b, c, contents);
+    bytes = b.to_bytes();
+    if (!cached.empty()) b.write(cached);
+  }
+  const compress::Artifact a(bytes, what);
+  compress::Compressed out;
+  out.groups = a.groups();
+  for (const auto& g : out.groups)
+    out.original_bytes += static_cast<double>(g.residuals.size() * g.grid.rows * g.grid.cols * dtype_size(g.type));
   return out;
 }
 

@@ -91,11 +91,7 @@ namespace mo = s2lc::morph;
 /// 100 x 90 blocks (edge blocks, partial quantization groups, the row-major code layout).
 cz::Compressed compress_fixture(bool odd_blocks) {
   openblas_set_num_threads(1);
-  cz::Options opt;
-  opt.ratio = 8;
-  opt.threads = 2;
-  if (odd_blocks) opt.block_rows = 100, opt.block_cols = 90;
-  return cz::compress(s2lc::test::tinymoe_l1_groups(), opt);
+  return s2lc::test::tinymoe_l1_compressed(odd_blocks);
 }
 
 const cz::Compressed& fixture(bool odd_blocks) {  // each compressed on its first use only

@@ -56,13 +56,7 @@ using s2lc::test::top2_plan;
 const cz::Compressed& fixture_compressed() {
   static const cz::Compressed c = [] {
     openblas_set_num_threads(1);
-    const auto in = s2lc::test::tinymoe_l1_groups();
-    cz::Options opt;
-    opt.ratio = 8;
-    opt.block_rows = 100;
-    opt.block_cols = 90;
-    opt.threads = 2;
-    return cz::compress(in, opt);
+    return s2lc::test::tinymoe_l1_compressed(true);
   }();
   return c;
 }
@@ -72,10 +66,7 @@ const cz::Compressed& fixture_compressed() {
 const cz::Compressed& fixture_compressed_256() {
   static const cz::Compressed c = [] {
     openblas_set_num_threads(1);
-    cz::Options opt;
-    opt.ratio = 8;
-    opt.threads = 2;
-    return cz::compress(s2lc::test::tinymoe_l1_groups(), opt);
+    return s2lc::test::tinymoe_l1_compressed(false);
   }();
   return c;
 }

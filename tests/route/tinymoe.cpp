@@ -114,10 +114,7 @@ TEST_CASE("route: a router's plan round-trips through the SwiGLU layer (real tin
   const s2lc::io::SafetensorsFile f(s2lc::test::data_dir() / "tinymoe-upcycled-L1.safetensors");
   const s2lc::io::SafetensorsFile calib(s2lc::test::data_dir() / "tinymoe-upcycled-L1-calib.safetensors");
   const Layer l = load_layer(f, calib, 1);
-  namespace cz = s2lc::compress;
-  cz::Options opt;
-  opt.ratio = 8;
-  const auto c = cz::compress(s2lc::test::tinymoe_l1_groups(), opt);
+  const auto c = s2lc::test::tinymoe_l1_compressed(false);
   const auto w1 = mo::KGroup::from(c.groups[0]), w2 = mo::KGroup::from(c.groups[1]), w3 = mo::KGroup::from(c.groups[2]);
   const mo::SwiGLUExperts L{&w1, &w3, &w2};
   const std::size_t T = 64, d = 256, E = 8;
