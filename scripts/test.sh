@@ -2,7 +2,8 @@
 # Every test: install dependencies, then
 #  1. release build (warnings are errors) + all doctest suites, CLI tests, the single-header
 #     check and compile, fuzz-corpus replay, and the find_package / add_subdirectory consumers;
-#  2. the same suites again under ASan + UBSan.
+#  2. the same suites again under ASan + UBSan (not the package consumers, the single-header
+#     program, the clang compile or the fuzz seed checks, whose outcome the sanitizers do not change).
 # Tests of each build run in parallel (ctest -j). Needs ../shared/data beside the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
