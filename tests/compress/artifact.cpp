@@ -336,18 +336,8 @@ TEST_CASE("compress: artifact round trip of every block kind and tier, edge bloc
       for (std::size_t k = 0; k < 5; ++k) kinds[k] += g.stats.blocks_by_kind[k];
       with_bases += g.bases.size();
     }
-    cz::ArtifactContents contents;
-    contents.sources = {"synthetic.safetensors"};
-    contents.metadata.push_back({{"note", "synthetic"}});
-    for (std::uint32_t e = 0; e < in[0].weights.size(); ++e) {
-      cz::TensorEntry t;
-      t.name = in[0].member_names[e];
-      t.type = s2lc::dtype::f32;
-      t.shape = {in[0].weights[e].shape()[0], in[0].weights[e].shape()[1]};
-      t.group = 0;
-      t.member = e;
-      contents.tensors.push_back(t);
-    }
+    auto contents = s2lc::test::member_contents(in, "synthetic.safetensors");
+    contents.metadata[0] = {{"note", "synthetic"}};
     io::ContainerBuilder b;
     cz::build_artifact(b, c, contents);
     s2lc::test::TempDir dir;

@@ -42,6 +42,25 @@ inline std::vector<compress::GroupInput> tinymoe_l1_groups() {
   return out;
 }
 
+/// What an artifact of `in` compressed in memory holds besides its groups: one source (no
+/// metadata), every member of every group as a tensor of that group, in group order.
+inline compress::ArtifactContents member_contents(const std::vector<compress::GroupInput>& in, std::string source) {
+  compress::ArtifactContents contents;
+  contents.sources = {std::move(source)};
+  contents.metadata.emplace_back();
+  for (std::size_t g = 0; g < in.size(); ++g)
+    for (std::size_t e = 0; e < in[g].member_names.size(); ++e) {
+      compress::TensorEntry t;
+      t.name = in[g].member_names[e];
+      t.type = in[g].type;
+      t.shape = {in[g].weights[e].shape(0), in[g].weights[e].shape(1)};
+      t.group = static_cast<int>(g);
+      t.member = static_cast<std::uint32_t>(e);
+      contents.tensors.push_back(t);
+    }
+  return contents;
+}
+
 /// tinymoe_l1_groups() compressed at ratio 8 in 256 x 256 blocks, or in 100 x 90 blocks with
 /// `odd_blocks` (edge blocks, partial quantization groups), as read back from its artifact.
 ///
@@ -83,22 +102,8 @@ inline compress::Compressed tinymoe_l1_compressed(bool odd_blocks) {
     opt.ratio = 8;
     opt.threads = 2;
     if (odd_blocks) opt.block_rows = 100, opt.block_cols = 90;
-    const compress::Compressed c = compress::compress(in, opt);
-    compress::ArtifactContents contents;
-    contents.sources = {"tinymoe-upcycled-L1.safetensors"};
-    contents.metadata.emplace_back();
-    for (std::size_t g = 0; g < in.size(); ++g)
-      for (std::size_t e = 0; e < in[g].member_names.size(); ++e) {
-        compress::TensorEntry t;
-        t.name = in[g].member_names[e];
-        t.type = in[g].type;
-        t.shape = {in[g].weights[e].shape(0), in[g].weights[e].shape(1)};
-        t.group = static_cast<int>(g);
-        t.member = static_cast<std::uint32_t>(e);
-        contents.tensors.push_back(t);
-      }
     io::ContainerBuilder b;
-    compress::build_artifact(b, c, contents);
+    compress::build_artifact(b, compress::compress(in, opt), member_contents(in, "tinymoe-upcycled-L1.safetensors"));
     bytes = b.to_bytes();
     if (!cached.empty()) {
       try {
