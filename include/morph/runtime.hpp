@@ -598,6 +598,44 @@ inline void prefetch_meta(const KGroup& g, std::size_t e) noexcept {
   for (auto nd : g.path[e]) prefetch_meta(g.cores[nd]);
 }
 
+/// The page size prefetch_pages seeds by: the hardware prefetchers do not run past the end of a
+/// 4 KB page on their own.
+inline constexpr std::size_t kSeedPage = 4096;
+
+/// Prefetches the first two 64-byte lines of each 4 KB page of [p, p + bytes) (where the range
+/// starts mid-page: its first two). Issued a stage before the kernels read the range, about two
+/// prefetches a page seem to start the hardware prefetchers on every page, which bring in much
+/// of the rest while the current stage runs: the real tinymoe layer, cold, one thread, 0.86-0.88x
+/// the time at 8 tokens and 0.84-0.88x at one token in a scratch driver (bench/RESULTS.md
+/// "Seeding the hardware prefetchers a stage ahead"). Prefetching every line of the next stage
+/// (32 times the instructions) stalls the stage that issues them, which then takes as long as
+/// with no prefetch. A page's first lines rather than the range's every 4 KB: the same or
+/// slightly faster (one token 72-75 against 73-75 us). The empty volatile asm: see
+/// kernels::prefetch_lines (GCC would delete calls to a function that only prefetches).
+inline void prefetch_pages(const void* p, std::size_t bytes) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  const auto a0 = reinterpret_cast<std::uintptr_t>(p), end = a0 + bytes;
+  for (std::uintptr_t a = a0; a < end; a = (a + kSeedPage) & ~std::uintptr_t{kSeedPage - 1}) {
+    __builtin_prefetch(reinterpret_cast<const char*>(a));
+    if (a + 64 < end) __builtin_prefetch(reinterpret_cast<const char*>(a + 64));
+  }
+  asm volatile("");
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
+/// prefetch_pages over a pooled matrix's coefficients (KMatrix::pool). A matrix whose arrays lie
+/// apart gets none (not measured: a group's matrices are pooled by KGroup::from).
+inline void prefetch_pages(const KMatrix& m) noexcept {
+  if (m.pooled()) prefetch_pages(m.pool_data(), m.pool_bytes());
+}
+
+/// prefetch_pages over a group's pooled shared bases (KGroup::pool_bases).
+inline void prefetch_bases_pages(const KGroup& g) noexcept {
+  if (g.bases_pool_data()) prefetch_pages(g.bases_pool_data(), g.bases_pool_bytes());
+}
+
 /// Tokens below which a low-rank block runs per token: one, or two with int8 activations
 /// (q8_gemv_nn, see q8_left); two f32 tokens take the 2-token passes of q_gemm_nt / q_gemm_nn
 /// (the real tinymoe layer at 8 tokens, about two per expert: 195-201 -> 184-189 us hot,
@@ -723,6 +761,7 @@ inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ld
   if (e >= g.members()) throw invalid_argument("morph::apply: member " + std::to_string(e) + " out of range");
   check_tier(prec);
   detail::prefetch_meta(g, e);  // the misses overlap each other and the activations' quantization
+  detail::prefetch_pages(g.residuals[e]);  // read after the cores: a stage ahead (prefetch_pages)
   const std::size_t mark = arena.mark();
   std::optional<detail::Q8Cache> q8c;
   if (prec.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);

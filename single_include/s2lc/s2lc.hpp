@@ -9908,6 +9908,44 @@ inline void prefetch_meta(const KGroup& g, std::size_t e) noexcept {
   for (auto nd : g.path[e]) prefetch_meta(g.cores[nd]);
 }
 
+/// The page size prefetch_pages seeds by: the hardware prefetchers do not run past the end of a
+/// 4 KB page on their own.
+inline constexpr std::size_t kSeedPage = 4096;
+
+/// Prefetches the first two 64-byte lines of each 4 KB page of [p, p + bytes) (where the range
+/// starts mid-page: its first two). Issued a stage before the kernels read the range, about two
+/// prefetches a page seem to start the hardware prefetchers on every page, which bring in much
+/// of the rest while the current stage runs: the real tinymoe layer, cold, one thread, 0.86-0.88x
+/// the time at 8 tokens and 0.84-0.88x at one token in a scratch driver (bench/RESULTS.md
+/// "Seeding the hardware prefetchers a stage ahead"). Prefetching every line of the next stage
+/// (32 times the instructions) stalls the stage that issues them, which then takes as long as
+/// with no prefetch. A page's first lines rather than the range's every 4 KB: the same or
+/// slightly faster (one token 72-75 against 73-75 us). The empty volatile asm: see
+/// kernels::prefetch_lines (GCC would delete calls to a function that only prefetches).
+inline void prefetch_pages(const void* p, std::size_t bytes) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  const auto a0 = reinterpret_cast<std::uintptr_t>(p), end = a0 + bytes;
+  for (std::uintptr_t a = a0; a < end; a = (a + kSeedPage) & ~std::uintptr_t{kSeedPage - 1}) {
+    __builtin_prefetch(reinterpret_cast<const char*>(a));
+    if (a + 64 < end) __builtin_prefetch(reinterpret_cast<const char*>(a + 64));
+  }
+  asm volatile("");
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
+/// prefetch_pages over a pooled matrix's coefficients (KMatrix::pool). A matrix whose arrays lie
+/// apart gets none (not measured: a group's matrices are pooled by KGroup::from).
+inline void prefetch_pages(const KMatrix& m) noexcept {
+  if (m.pooled()) prefetch_pages(m.pool_data(), m.pool_bytes());
+}
+
+/// prefetch_pages over a group's pooled shared bases (KGroup::pool_bases).
+inline void prefetch_bases_pages(const KGroup& g) noexcept {
+  if (g.bases_pool_data()) prefetch_pages(g.bases_pool_data(), g.bases_pool_bytes());
+}
+
 /// Tokens below which a low-rank block runs per token: one, or two with int8 activations
 /// (q8_gemv_nn, see q8_left); two f32 tokens take the 2-token passes of q_gemm_nt / q_gemm_nn
 /// (the real tinymoe layer at 8 tokens, about two per expert: 195-201 -> 184-189 us hot,
@@ -10033,6 +10071,7 @@ inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ld
   if (e >= g.members()) throw invalid_argument("morph::apply: member " + std::to_string(e) + " out of range");
   check_tier(prec);
   detail::prefetch_meta(g, e);  // the misses overlap each other and the activations' quantization
+  detail::prefetch_pages(g.residuals[e]);  // read after the cores: a stage ahead (prefetch_pages)
   const std::size_t mark = arena.mark();
   std::optional<detail::Q8Cache> q8c;
   if (prec.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);
@@ -10065,6 +10104,7 @@ inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ld
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -10192,6 +10232,17 @@ inline const KBlock* summed_at(const KGroup& g, std::size_t e, std::size_t idx) 
   return it != bl.end() && it->index == idx && summed_block(*it) ? &*it : nullptr;
 }
 
+/// prefetch_pages over the residuals, in each group of gs, of the first expert at or after
+/// `from` that the plan routes tokens to (none past the last): an expert's coefficients a stage
+/// ahead, while the cores or the expert before it run.
+inline void prefetch_routed_pages(const DispatchPlan& plan, std::size_t from, std::initializer_list<const KGroup*> gs) noexcept {
+  for (std::size_t e = from; e < plan.n_experts(); ++e)
+    if (plan.count(e)) {
+      for (const KGroup* g : gs) prefetch_pages(g->residuals[e]);
+      return;
+    }
+}
+
 /// The routed experts' shared-basis residual blocks, summed where they meet. Where the experts'
 /// blocks at a grid block use one basis B (the compressor's shared projection),
 /// sum_e g_e B^T t_e = B^T sum_e g_e t_e (t_e: e's coefficients of its tokens, gate-weighted
@@ -10277,6 +10328,7 @@ inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::
   if (e >= g.members()) throw invalid_argument("morph::apply_parallel: member " + std::to_string(e) + " out of range");
   check_tier(tier);
   detail::prefetch_meta(g, e);  // as apply
+  detail::prefetch_pages(g.residuals[e]);
   const std::size_t mark = arena.mark();
   std::optional<detail::Q8Cache> q8c;
   if (tier.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);
@@ -10304,6 +10356,7 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
                           Arena& arena, Executor* ex = nullptr, Precision tier = {}) {
   detail::check_plan(plan, g.members(), "grouped_apply");
   check_tier(tier);
+  detail::prefetch_routed_pages(plan, 0, {&g});  // the coefficients a stage ahead, as swiglu_apply
   const std::size_t R = g.rows(), C = g.cols(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();
   detail::Workers w;
@@ -10333,10 +10386,12 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
   parallel_for(ex, g.members(), [&](std::size_t e, unsigned worker) {
     const std::size_t off = plan.offsets[e], n = plan.count(e);
     if (n == 0) return;
+    detail::prefetch_routed_pages(plan, e + 1, {&g});
     detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
     detail::apply_unshared(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, tier, w.arena[worker]);
     detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, w.arena[worker]);
   });
+  detail::prefetch_bases_pages(g);
   detail::apply_shared_summed(g, plan, xe, C, Y, ldy, tier, ex, w, arena);
   for (std::size_t i = 0; i < plan.routed(); ++i) {
     float* y = Y + plan.token[i] * ldy;
@@ -10410,6 +10465,12 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   for (std::size_t e = 0; e < plan.n_experts(); ++e)
     if (plan.count(e))
       for (const KGroup* g : {L.w1, L.w3, L.w2}) detail::prefetch_meta(g->residuals[e]);
+  // The coefficients a stage ahead (detail::prefetch_pages): the first routed expert's residuals
+  // while the cores run, the next routed expert's while one runs, w2's bases and cores before the
+  // shared-basis sum (it reads the experts' right factors first, each basis after them, the cores
+  // come last). The real tinymoe layer, cold, one thread (scratch driver): 8 tokens 0.87-0.89x
+  // the time, one token 0.82-0.88x (bench/RESULTS.md "Seeding the hardware prefetchers a stage ahead").
+  detail::prefetch_routed_pages(plan, 0, {L.w1, L.w3, L.w2});
   const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();
   std::size_t per_worker = apply_scratch_bytes(*L.w2, T) + detail::summed_worker_bytes(*L.w2, T);
@@ -10462,6 +10523,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   parallel_for(ex, plan.n_experts(), [&](std::size_t e, unsigned worker) {
     const std::size_t off = plan.offsets[e], n = plan.count(e);
     if (n == 0) return;
+    detail::prefetch_routed_pages(plan, e + 1, {L.w1, L.w3, L.w2});
     Arena& a = w.arena[worker];
     const float* x = xe + off * d;
     detail::gather(X, ldx, plan.token.data() + off, n, d, xe + off * d);
@@ -10497,6 +10559,8 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     detail::apply_unshared(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, tier, a);
     detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, core, a);
   });
+  detail::prefetch_bases_pages(*L.w2);
+  for (const auto& c : L.w2->cores) detail::prefetch_pages(c);
   // w2's shared-basis residual blocks: summed across experts in coefficient space, into Y
   detail::apply_shared_summed(*L.w2, plan, h1, f, Y, ldy, tier, ex, w, arena);
 
