@@ -9915,8 +9915,8 @@ inline constexpr std::size_t kSeedPage = 4096;
 /// Prefetches the first two 64-byte lines of each 4 KB page of [p, p + bytes) (where the range
 /// starts mid-page: its first two). Issued a stage before the kernels read the range, about two
 /// prefetches a page seem to start the hardware prefetchers on every page, which bring in much
-/// of the rest while the current stage runs: the real tinymoe layer, cold, one thread, 0.86-0.88x
-/// the time at 8 tokens and 0.84-0.88x at one token in a scratch driver (bench/RESULTS.md
+/// of the rest while the current stage runs: the real tinymoe layer, cold, one thread, 0.87-0.89x
+/// the time at 8 tokens and 0.82-0.88x at one token in a scratch driver (bench/RESULTS.md
 /// "Seeding the hardware prefetchers a stage ahead"). Prefetching every line of the next stage
 /// (32 times the instructions) stalls the stage that issues them, which then takes as long as
 /// with no prefetch. A page's first lines rather than the range's every 4 KB: the same or
