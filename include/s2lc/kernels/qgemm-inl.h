@@ -613,8 +613,9 @@ inline constexpr std::size_t kNNCoefs = 4096;
 // cs[i gpr + g] *= c[i] mul for i < n, g < gpr (gpr scales a row): rows of 2, 4 or 8 scales as
 // one vector of that many lanes (where the target's vectors are at least that wide), else whole
 // vectors and scalars. A 256-column block of groups of 32 has 8 scales a row, which had been 8
-// scalar products: q_gemv_nn on a 3-bit 48 x 256 left factor, hot, Zen 5, 0.34-0.37 -> 0.25-0.27
-// us (best of 8 alternating runs; 256 x 256: 1.81-1.89 -> 1.34-1.35). The same products.
+// scalar products: q_gemv_nn on a 3-bit 48 x 256 left factor, hot, Zen 5, 0.34-0.38 -> 0.25-0.29
+// us (best of 6-8 alternating runs; 256 x 256: 1.81-1.90 -> 1.34-1.44; bench/RESULTS.md "Where
+// the 8-token layer's compute goes"). The same products.
 template <std::size_t G>
 HWY_INLINE void ScaleRowsOf(const float* HWY_RESTRICT c, std::size_t n, float mul, float* HWY_RESTRICT cs) {
   const hn::CappedTag<float, G> d;
