@@ -247,7 +247,7 @@ inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::
   if (e >= g.members()) throw invalid_argument("morph::apply_parallel: member " + std::to_string(e) + " out of range");
   check_tier(tier);
   detail::prefetch_meta(g, e);  // as apply
-  detail::prefetch_pages(g.residuals[e]);
+  detail::seed_member_pages(g, e);
   const std::size_t mark = arena.mark();
   std::optional<detail::Q8Cache> q8c;
   if (tier.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);
@@ -275,6 +275,10 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
                           Arena& arena, Executor* ex = nullptr, Precision tier = {}) {
   detail::check_plan(plan, g.members(), "grouped_apply");
   check_tier(tier);
+  {  // the cores, read first, as swiglu_apply (detail::PageSeeder)
+    detail::PageSeeder seed;
+    for (const auto& c : g.cores) seed(c);
+  }
   detail::prefetch_routed_pages(plan, 0, {&g});  // the coefficients a stage ahead, as swiglu_apply
   const std::size_t R = g.rows(), C = g.cols(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();
@@ -388,6 +392,11 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   // first routed expert's residuals while the cores run, the next routed expert's while one runs,
   // w2's bases and cores before the shared-basis sum (it reads the experts' right factors first,
   // each basis after them, the cores come last).
+  {  // the w1 and w3 cores, read first (detail::PageSeeder)
+    detail::PageSeeder seed;
+    for (const KGroup* g : {L.w1, L.w3})
+      for (const auto& c : g->cores) seed(c);
+  }
   detail::prefetch_routed_pages(plan, 0, {L.w1, L.w3, L.w2});
   const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();

@@ -384,6 +384,11 @@ inline void apply(const KMorph& m, const float* X, std::size_t ldx, std::size_t 
   const KGroup& g = *m.group;
   detail::prefetch_meta(m.residual);  // as apply(KGroup)
   for (const auto& c : m.cores) detail::prefetch_meta(g.cores[c.first]);
+  {  // as apply(KGroup): the cores, then the residual
+    detail::PageSeeder seed;
+    for (const auto& c : m.cores) seed(g.cores[c.first]);
+    seed(m.residual);
+  }
   for (const auto& [nd, w] : m.cores) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha * w, tier, arena, m.replaces.data());
   apply_matrix(g, m.residual, X, ldx, n, Y, ldy, alpha, tier, arena);
 }

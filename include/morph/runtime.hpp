@@ -603,7 +603,8 @@ inline void prefetch_meta(const KGroup& g, std::size_t e) noexcept {
 inline constexpr std::size_t kSeedPage = 4096;
 
 /// Prefetches the first two 64-byte lines of each 4 KB page of [p, p + bytes) (where the range
-/// starts mid-page: its first two). Issued a stage before the kernels read the range, about two
+/// starts mid-page: its first two). PageSeeder issues it at a call's start for what the call reads
+/// first. Issued a stage before the kernels read the range, about two
 /// prefetches a page seem to start the hardware prefetchers on every page, which bring in much
 /// of the rest while the current stage runs: the real tinymoe layer, cold, one thread, 0.87-0.89x
 /// the time at 8 tokens and 0.82-0.88x at one token in a scratch driver (bench/RESULTS.md
@@ -635,6 +636,36 @@ inline void prefetch_pages(const KMatrix& m) noexcept {
 inline void prefetch_bases_pages(const KGroup& g) noexcept {
   if (g.bases_pool_data()) prefetch_pages(g.bases_pool_data(), g.bases_pool_bytes());
 }
+
+/// Bytes of coefficients a call seeds with prefetch_pages at its start (PageSeeder): a whole
+/// 2048 x 1408 expert (2.4 MB) fits (1024 pages, 2048 prefetches). A larger
+/// matrix's first 4 MB are seeded; the rest meets only the kernels' prefetch kPrefetchAhead ahead.
+inline constexpr std::size_t kSeedBytes = std::size_t{4} << 20;
+
+/// prefetch_pages over pooled matrices in the order a call reads them, until kSeedBytes are
+/// seeded. Issued where the call starts, for the matrices it reads first: each 4 KB page's first
+/// lines, so its translation is walked and the hardware prefetchers started while the kernels
+/// are still at the start, instead of one page walk and one cold start per page in turn as the
+/// kernels reach it (which of the two it is was not measured: no event counters on the VM).
+/// One expert applied cold at one token, nine alternating bench runs (bench/RESULTS.md, "Seeding
+/// an expert's cores at the call's start"): 2048 x 1408 f32 120-161 -> 104-130 us, int8 124-154
+/// -> 95-123; 768 x 256 f32 10.1-13.0 -> 9.3-11.9, int8 10.0-12.4 -> 8.4-10.7; the real tinymoe
+/// layer at one token, median 59.7 -> 56.0 us, faster in 9 of 9. Hot it costs 0.15-0.19 us per
+/// MB seeded. Until then only the residual was seeded, a stage ahead of its reading.
+class PageSeeder {
+ public:
+  /// Seeds m's first pages within what is left of the budget; returns the bytes seeded.
+  std::size_t operator()(const KMatrix& m) noexcept {
+    const std::size_t n = std::min(left_, m.pool_bytes());
+    if (n) prefetch_pages(m.pool_data(), n);
+    left_ -= n;
+    return n;
+  }
+  std::size_t left() const noexcept { return left_; }
+
+ private:
+  std::size_t left_ = kSeedBytes;
+};
 
 /// Tokens below which a low-rank block runs per token: one, or two with int8 activations
 /// (q8_gemv_nn, see q8_left); two f32 tokens take the 2-token passes of q_gemm_nt / q_gemm_nn
@@ -688,6 +719,14 @@ inline void left_apply(const kernels::QView& left, std::size_t r, const float* t
     kernels::gemm_nn(t, ldt, n, r, buf, left.cols, left.cols, Y, ldy);
     arena.reset(mark);
   }
+}
+
+/// Seeds member e's coefficients in the order apply reads them: the cores on its path, then its
+/// residual (detail::PageSeeder).
+inline void seed_member_pages(const KGroup& g, std::size_t e) noexcept {
+  PageSeeder seed;
+  for (auto nd : g.path[e]) seed(g.cores[nd]);
+  seed(g.residuals[e]);
 }
 
 }  // namespace detail
@@ -761,7 +800,7 @@ inline void apply(const KGroup& g, std::size_t e, const float* X, std::size_t ld
   if (e >= g.members()) throw invalid_argument("morph::apply: member " + std::to_string(e) + " out of range");
   check_tier(prec);
   detail::prefetch_meta(g, e);  // the misses overlap each other and the activations' quantization
-  detail::prefetch_pages(g.residuals[e]);  // read after the cores: a stage ahead (prefetch_pages)
+  detail::seed_member_pages(g, e);
   const std::size_t mark = arena.mark();
   std::optional<detail::Q8Cache> q8c;
   if (prec.act == Activations::int8 && n > 0) q8c.emplace(g, X, ldx, n, arena);

@@ -436,6 +436,26 @@ std::vector<float> apply_both(const mo::KGroup& kg, std::uint32_t e) {
 
 }  // namespace
 
+TEST_CASE("morph: PageSeeder seeds pooled matrices in order up to kSeedBytes in all, then nothing") {
+  const auto kg = mo::KGroup::from(fixture_compressed().groups[0]);
+  const mo::KMatrix& m = kg.cores.empty() ? kg.residuals[0] : kg.cores[0];
+  REQUIRE(m.pooled());
+  REQUIRE(m.pool_bytes() > 0);
+  REQUIRE(m.pool_bytes() < mo::detail::kSeedBytes);
+  mo::detail::PageSeeder seed;
+  std::size_t total = 0, calls = 0;
+  while (seed.left() >= m.pool_bytes()) {  // whole matrices while they fit
+    CHECK(seed(m) == m.pool_bytes());
+    total += m.pool_bytes(), ++calls;
+  }
+  CHECK(calls == mo::detail::kSeedBytes / m.pool_bytes());
+  const std::size_t rest = mo::detail::kSeedBytes - total;
+  CHECK(seed(m) == rest);  // the last one cut at the budget
+  CHECK(seed.left() == 0);
+  CHECK(seed(m) == 0);
+  CHECK(mo::detail::PageSeeder{}(mo::KMatrix{}) == 0);  // not pooled: nothing
+}
+
 TEST_CASE("morph: a KGroup keeps each matrix's arrays in one pool in read order, copies get a pool of their own, copied blocks own their data") {
   const auto& c = fixture_compressed();
   const auto cs = synthetic_compressed();
