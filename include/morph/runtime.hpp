@@ -655,9 +655,11 @@ inline constexpr std::size_t kSeedBytes = std::size_t{4} << 20;
 class PageSeeder {
  public:
   /// Seeds m's first pages within what is left of the budget; returns the bytes seeded.
-  std::size_t operator()(const KMatrix& m) noexcept {
-    const std::size_t n = std::min(left_, m.pool_bytes());
-    if (n) prefetch_pages(m.pool_data(), n);
+  std::size_t operator()(const KMatrix& m) noexcept { return m.pooled() ? range(m.pool_data(), m.pool_bytes()) : 0; }
+  /// The same for bytes [p, p + bytes) (a weight buffer a merge reads and writes).
+  std::size_t range(const void* p, std::size_t bytes) noexcept {
+    const std::size_t n = std::min(left_, bytes);
+    if (n) prefetch_pages(p, n);
     left_ -= n;
     return n;
   }

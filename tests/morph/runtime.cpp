@@ -454,6 +454,12 @@ TEST_CASE("morph: PageSeeder seeds pooled matrices in order up to kSeedBytes in 
   CHECK(seed.left() == 0);
   CHECK(seed(m) == 0);
   CHECK(mo::detail::PageSeeder{}(mo::KMatrix{}) == 0);  // not pooled: nothing
+  mo::detail::PageSeeder buf;  // a buffer's range takes the same budget
+  std::vector<std::uint8_t> b(8192);
+  CHECK(buf.range(b.data(), b.size()) == b.size());
+  CHECK(buf.left() == mo::detail::kSeedBytes - b.size());
+  CHECK(buf(m) == m.pool_bytes());
+  CHECK(buf.left() == mo::detail::kSeedBytes - b.size() - m.pool_bytes());
 }
 
 TEST_CASE("morph: a KGroup keeps each matrix's arrays in one pool in read order, copies get a pool of their own, copied blocks own their data") {
