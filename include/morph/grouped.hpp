@@ -388,15 +388,15 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   for (std::size_t e = 0; e < plan.n_experts(); ++e)
     if (plan.count(e))
       for (const KGroup* g : {L.w1, L.w3, L.w2}) detail::prefetch_meta(g->residuals[e]);
-  // The coefficients a stage ahead (detail::prefetch_pages, which gives the measurements): the
-  // first routed expert's residuals while the cores run, the next routed expert's while one runs,
-  // w2's bases and cores before the shared-basis sum (it reads the experts' right factors first,
-  // each basis after them, the cores come last).
-  {  // the w1 and w3 cores, read first (detail::PageSeeder)
+  {  // the w1 and w3 cores, read first, at the start (detail::PageSeeder)
     detail::PageSeeder seed;
     for (const KGroup* g : {L.w1, L.w3})
       for (const auto& c : g->cores) seed(c);
   }
+  // The coefficients a stage ahead (detail::prefetch_pages, which gives the measurements): the
+  // first routed expert's residuals while the cores run, the next routed expert's while one runs,
+  // w2's bases and cores before the shared-basis sum (it reads the experts' right factors first,
+  // each basis after them, the cores come last).
   detail::prefetch_routed_pages(plan, 0, {L.w1, L.w3, L.w2});
   const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();

@@ -208,9 +208,6 @@ struct MergeScratch {
   BlockScratch bs;
 };
 
-/// Decodes block b's delta into s.d, then calls row_fn(row pointer into buf, the delta's row,
-/// length) for each of the block's rows; nothing for a block without parts (its delta is zero:
-/// the buffer is neither read nor written there, and its mask bits stay clear).
 /// At a merge's or unmerge's start (PageSeeder): the source's coefficients, then the buffer's
 /// rows, up to kSeedBytes in all (the merge walks the buffer a 1 KB piece of a row at a time,
 /// which the hardware prefetchers do not follow on their own). The real domain module's 12
@@ -230,6 +227,9 @@ void seed_merge_pages(const KGroup& g, const Source& src, const T* buf, std::siz
   if (g.rows()) seed.range(buf, ((g.rows() - 1) * ld + g.cols()) * sizeof(T));
 }
 
+/// Decodes block b's delta into s.d, then calls row_fn(row pointer into buf, the delta's row,
+/// length) for each of the block's rows; nothing for a block without parts (its delta is zero:
+/// the buffer is neither read nor written there, and its mask bits stay clear).
 template <class T, class Source, class RowFn>
 void delta_block_rows(const KGroup& g, const Source& src, std::size_t b, T* buf, std::size_t ld, unsigned tier, merge_math math,
                       MergeScratch& s, RowFn&& row_fn) {

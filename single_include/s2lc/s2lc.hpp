@@ -10550,15 +10550,15 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
   for (std::size_t e = 0; e < plan.n_experts(); ++e)
     if (plan.count(e))
       for (const KGroup* g : {L.w1, L.w3, L.w2}) detail::prefetch_meta(g->residuals[e]);
-  // The coefficients a stage ahead (detail::prefetch_pages, which gives the measurements): the
-  // first routed expert's residuals while the cores run, the next routed expert's while one runs,
-  // w2's bases and cores before the shared-basis sum (it reads the experts' right factors first,
-  // each basis after them, the cores come last).
-  {  // the w1 and w3 cores, read first (detail::PageSeeder)
+  {  // the w1 and w3 cores, read first, at the start (detail::PageSeeder)
     detail::PageSeeder seed;
     for (const KGroup* g : {L.w1, L.w3})
       for (const auto& c : g->cores) seed(c);
   }
+  // The coefficients a stage ahead (detail::prefetch_pages, which gives the measurements): the
+  // first routed expert's residuals while the cores run, the next routed expert's while one runs,
+  // w2's bases and cores before the shared-basis sum (it reads the experts' right factors first,
+  // each basis after them, the cores come last).
   detail::prefetch_routed_pages(plan, 0, {L.w1, L.w3, L.w2});
   const std::size_t d = L.d(), f = L.ffn(), T = std::max<std::size_t>(plan.n_tokens, 1);
   const std::size_t mark = arena.mark();
@@ -11338,9 +11338,6 @@ struct MergeScratch {
   BlockScratch bs;
 };
 
-/// Decodes block b's delta into s.d, then calls row_fn(row pointer into buf, the delta's row,
-/// length) for each of the block's rows; nothing for a block without parts (its delta is zero:
-/// the buffer is neither read nor written there, and its mask bits stay clear).
 /// At a merge's or unmerge's start (PageSeeder): the source's coefficients, then the buffer's
 /// rows, up to kSeedBytes in all (the merge walks the buffer a 1 KB piece of a row at a time,
 /// which the hardware prefetchers do not follow on their own). The real domain module's 12
@@ -11360,6 +11357,9 @@ void seed_merge_pages(const KGroup& g, const Source& src, const T* buf, std::siz
   if (g.rows()) seed.range(buf, ((g.rows() - 1) * ld + g.cols()) * sizeof(T));
 }
 
+/// Decodes block b's delta into s.d, then calls row_fn(row pointer into buf, the delta's row,
+/// length) for each of the block's rows; nothing for a block without parts (its delta is zero:
+/// the buffer is neither read nor written there, and its mask bits stay clear).
 template <class T, class Source, class RowFn>
 void delta_block_rows(const KGroup& g, const Source& src, std::size_t b, T* buf, std::size_t ld, unsigned tier, merge_math math,
                       MergeScratch& s, RowFn&& row_fn) {
