@@ -218,8 +218,7 @@ template <class T, class Source>
 void seed_merge_pages(const KGroup& g, const Source& src, const T* buf, std::size_t ld) noexcept {
   PageSeeder seed;
   if constexpr (std::is_same_v<Source, MemberDelta>) {
-    for (auto nd : g.path[src.e]) seed(g.cores[nd]);
-    seed(g.residuals[src.e]);
+    seed_member_pages(seed, g, src.e);
   } else {
     for (const auto& c : src.m->cores) seed(g.cores[c.first]);
     seed(src.m->residual);

@@ -10074,11 +10074,15 @@ inline void left_apply(const kernels::QView& left, std::size_t r, const float* t
 }
 
 /// Seeds member e's coefficients in the order apply reads them: the cores on its path, then its
-/// residual (detail::PageSeeder).
-inline void seed_member_pages(const KGroup& g, std::size_t e) noexcept {
-  PageSeeder seed;
+/// residual, within seed's budget (detail::PageSeeder).
+inline void seed_member_pages(PageSeeder& seed, const KGroup& g, std::size_t e) noexcept {
   for (auto nd : g.path[e]) seed(g.cores[nd]);
   seed(g.residuals[e]);
+}
+/// The same with a budget of its own (where a call starts).
+inline void seed_member_pages(const KGroup& g, std::size_t e) noexcept {
+  PageSeeder seed;
+  seed_member_pages(seed, g, e);
 }
 
 }  // namespace detail
@@ -11348,8 +11352,7 @@ template <class T, class Source>
 void seed_merge_pages(const KGroup& g, const Source& src, const T* buf, std::size_t ld) noexcept {
   PageSeeder seed;
   if constexpr (std::is_same_v<Source, MemberDelta>) {
-    for (auto nd : g.path[src.e]) seed(g.cores[nd]);
-    seed(g.residuals[src.e]);
+    seed_member_pages(seed, g, src.e);
   } else {
     for (const auto& c : src.m->cores) seed(g.cores[c.first]);
     seed(src.m->residual);
