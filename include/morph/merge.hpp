@@ -217,12 +217,8 @@ struct MergeScratch {
 template <class T, class Source>
 void seed_merge_pages(const KGroup& g, const Source& src, const T* buf, std::size_t ld) noexcept {
   PageSeeder seed;
-  if constexpr (std::is_same_v<Source, MemberDelta>) {
-    seed_member_pages(seed, g, src.e);
-  } else {
-    for (const auto& c : src.m->cores) seed(g.cores[c.first]);
-    seed(src.m->residual);
-  }
+  if constexpr (std::is_same_v<Source, MemberDelta>) seed_member_pages(seed, g, src.e);
+  else seed_morph_pages(seed, *src.m);
   if (g.rows()) seed.range(buf, ((g.rows() - 1) * ld + g.cols()) * sizeof(T));
 }
 

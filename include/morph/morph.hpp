@@ -377,6 +377,15 @@ inline std::size_t apply_scratch_bytes(const KMorph& m, std::size_t n) {
   return Arena::bytes_for<float>(n * r) + Arena::bytes_for<float>(std::max<std::size_t>(kPanelRows, r) * wide);
 }
 
+namespace detail {
+/// Seeds a hybrid's coefficients in the order apply reads them: its cores, then its residual,
+/// within seed's budget (PageSeeder).
+inline void seed_morph_pages(PageSeeder& seed, const KMorph& m) noexcept {
+  for (const auto& c : m.cores) seed(m.group->cores[c.first]);
+  seed(m.residual);
+}
+}  // namespace detail
+
 /// Y[t, :] += alpha * W X[t, :] for the hybrid W.
 inline void apply(const KMorph& m, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy, Arena& arena,
                   float alpha = 1.0f, Precision tier = {}) {
@@ -384,10 +393,9 @@ inline void apply(const KMorph& m, const float* X, std::size_t ldx, std::size_t 
   const KGroup& g = *m.group;
   detail::prefetch_meta(m.residual);  // as apply(KGroup)
   for (const auto& c : m.cores) detail::prefetch_meta(g.cores[c.first]);
-  {  // as apply(KGroup): the cores, then the residual
+  {  // as apply(KGroup)
     detail::PageSeeder seed;
-    for (const auto& c : m.cores) seed(g.cores[c.first]);
-    seed(m.residual);
+    detail::seed_morph_pages(seed, m);
   }
   for (const auto& [nd, w] : m.cores) apply_matrix(g, g.cores[nd], X, ldx, n, Y, ldy, alpha * w, tier, arena, m.replaces.data());
   apply_matrix(g, m.residual, X, ldx, n, Y, ldy, alpha, tier, arena);
