@@ -224,7 +224,8 @@ HWY_INLINE void LanesStore(const VF (&ya)[T], std::size_t i0, std::size_t n, flo
     }
     // A partial panel: the same fused multiply-add as a whole one, on its n rows only (before,
     // a scalar loop over the lanes stored to the stack: 1.9 % of the 8-token tinymoe layer,
-    // whose ranks 46-50 and 78-90 end most right factors in one).
+    // whose right factors of rank 46-47, 78-79 and 85-90 end in one from 2 tokens on, and every
+    // rank but a multiple of 16 at one token).
 #if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
     if (i0 == 0) {  // masked moves leave the other lanes' memory alone (not so on SSE4 in Highway 1.0)
       const auto m = hn::FirstN(df, n);
