@@ -502,7 +502,14 @@ HWY_INLINE __m256i CvtNeBF16(__m512 f) {
   asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(f));
   return r;
 }
-HWY_INLINE __m512 WidenBF16(__m256i h) { return BF16ToF32Vec(hn::Vec<DU16>{h}).raw; }
+// 16 bf16 to f32 as one vpermw (each 16-bit lane moved to the top half of a 32-bit lane, zeros
+// below) instead of a widening and a shift: the same bits. kernels::merge_bf16 on 16 K elements
+// in L1/L2, 7.6 % recorded, best of 4000 calls, three alternations: 2.17-2.22 -> 2.06-2.15 ns per
+// 16 elements (a vpexpandw took 3.9-4.2).
+HWY_INLINE __m512 WidenBF16(__m256i h) {
+  const __m512i idx = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+  return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, idx, _mm512_castsi256_si512(h)));
+}
 // acc (unsigned 16-bit min) with h's lanes shifted left by one (x + x: the sign bit dropped), so
 // a lane of acc is 0 once any h held +-0 there. AnyZero: whether a lane of a probe (or of h + h) is 0.
 HWY_INLINE __m256i ZeroProbe(__m256i acc, __m256i h) { return _mm256_min_epu16(acc, _mm256_add_epi16(h, h)); }
