@@ -1733,12 +1733,9 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
       for (std::size_t u = 0; u < kB; ++u) {
         const auto vs = hn::Set(df, qk::Scale(q, L, r, g + u, t));
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-        // The table times the group's scale (and alpha), then looked up: the same products as
-        // Finish on the looked-up codes, one multiply per group instead of one per vector.
-        const qk::VF ts = Finish<kScale>(table, vs, va);
-        const qk::VI b = qk::LoadBytes(row + (g + u) * N);
-        dv[2 * u] = qk::VF{_mm512_permutexvar_ps(b.raw, ts.raw)};
-        dv[2 * u + 1] = qk::VF{_mm512_permutexvar_ps(hn::ShiftRight<4>(b).raw, ts.raw)};
+        // Nibbles looked up in the table times the group's scale (and alpha): the same products
+        // as Finish on the looked-up codes, one multiply per group instead of one per vector.
+        qk::Nibbles<kTier>(qk::LoadBytes(row + (g + u) * N), Finish<kScale>(table, vs, va), t, dv[2 * u], dv[2 * u + 1]);
 #else
         qk::VF lo, hi;
         qk::Nibbles<kTier>(qk::LoadBytes(row + (g + u) * N), table, t, lo, hi);
