@@ -28,6 +28,10 @@
 //     OpenBLAS per expert on the reconstructed f32 weights, stream_bound, and fma_bound (register
 //     FMAs as many as swiglu_apply's multiply-adds for the plan: cores once per token of their
 //     node, residuals per routed expert; counter macs).
+//   merge/<s2lc|s2lc_unmerge|memcpy>/codes_<q4|q4_lanes|q5_lanes|q8>_<f32|bf16>_hot: the merge
+//     kernel alone (q_merge_rows_*, q_unmerge_rows_*) on one 256 x 1024 quantized matrix (4-, 5-
+//     or 8-bit codes, group 32; _lanes: stored rows in lanes) into an f32 or bf16 buffer in L2,
+//     against a copy of that buffer: the cost per code width and layout.
 //   kernel/<s2lc|decode_gemm_nn|fma_bound>/<matrix>_t<T>: one kernel, hot, T tokens, against
 //     register FMAs as many as its multiply-adds (x_baseline: times the FMA bound): core_2048x1408
 //     (q_gemm_nt on a 4-bit rows-in-lanes matrix, a synthetic expert's dense core; core5: 5-bit
@@ -674,6 +678,64 @@ void dense_layer(const RealLayer& L, const float* w, const s2lc::DispatchPlan& p
   }
 }
 
+// The merge kernel on one matrix, hot (the merge/*/codes_* rows): q_merge_rows_* of a 256 x 1024
+// matrix quantized to `bits` (group 32) into a buffer of random normal T weights; s2lc_unmerge
+// times the unmerge (the merge untimed), s2lc the merge (the unmerge untimed).
+struct MergeRowsCase {
+  const char* name;
+  unsigned bits;
+  bool lanes;
+};
+constexpr MergeRowsCase kMergeRowsCases[] = {{"codes_q4", 4, false}, {"codes_q4_lanes", 4, true}, {"codes_q5_lanes", 5, true}, {"codes_q8", 8, false}};
+
+template <class T>
+void bench_merge_rows(benchmark::State& state, const MergeRowsCase& mc, merge_impl which) {
+  namespace k = s2lc::kernels;
+  constexpr bool kBF16 = std::is_same_v<T, std::uint16_t>;
+  constexpr std::size_t rows = 256, cols = 1024, ldm = cols / 8;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.0f, 0.02f);
+  std::vector<float> delta(rows * cols);
+  for (auto& v : delta) v = 0.05f * nd(rng);
+  const auto km = mo::KMat::from(s2lc::compress::quantize(delta.data(), rows, cols, {mc.bits, 32, false}), mc.lanes);
+  std::vector<T> w(rows * cols), from(rows * cols), record(rows * cols + 64);
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    const float v = nd(rng);
+    if constexpr (kBF16) w[i] = s2lc::f32_to_bf16(v);
+    else w[i] = v;
+  }
+  from = w;
+  std::vector<std::uint8_t> mask(rows * ldm);
+  auto merge = [&] {
+    std::fill(mask.begin(), mask.end(), std::uint8_t{0});
+    if constexpr (kBF16) return k::q_merge_rows_bf16(km.view(), 0, rows, 0, 1.0f, w.data(), cols, mask.data(), ldm, record.data(), nullptr);
+    else return k::q_merge_rows_f32(km.view(), 0, rows, 0, 1.0f, w.data(), cols, mask.data(), ldm, record.data(), nullptr);
+  };
+  auto unmerge = [&](std::size_t nrec) {
+    if constexpr (kBF16) return k::q_unmerge_rows_bf16(km.view(), 0, rows, 0, 1.0f, w.data(), cols, mask.data(), ldm, record.data(), nrec, nullptr);
+    else return k::q_unmerge_rows_f32(km.view(), 0, rows, 0, 1.0f, w.data(), cols, mask.data(), ldm, record.data(), nrec, nullptr);
+  };
+  std::size_t nrec = 0;
+  for (auto _ : state) {
+    if (which == merge_impl::memcpy) {
+      std::memcpy(w.data(), from.data(), w.size() * sizeof(T));
+    } else {
+      const bool un = which == merge_impl::s2lc_unmerge;
+      if (un) state.PauseTiming();
+      nrec = merge();
+      if (un) state.ResumeTiming();
+      else state.PauseTiming();
+      if (unmerge(nrec) != nrec) state.SkipWithError("the unmerge did not consume the record");
+      if (!un) state.ResumeTiming();
+    }
+    benchmark::DoNotOptimize(w.data());
+    benchmark::ClobberMemory();
+  }
+  if (w != from) state.SkipWithError("merge then unmerge did not restore the buffer");
+  if (which != merge_impl::memcpy) state.counters["undo"] = static_cast<double>(nrec);
+  s2lc::bench::set_bytes(state, 2.0 * static_cast<double>(w.size() * sizeof(T)) + (which == merge_impl::memcpy ? 0.0 : static_cast<double>(km.view().bytes())));
+}
+
 // One kernel on one matrix, hot (the kernel/ rows): random normal weights quantized to `bits`
 // (group 32), rows in lanes for q_gemm_nt.
 enum class kernel_impl { s2lc, decode_gemm_nn, fma_bound };
@@ -904,6 +966,15 @@ const bool registered = [] {
       benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[static_cast<int>(w)]) + "/tinymoe_domain_m0" + (cold ? "_cold" : "_hot")).c_str(),
                                    [=](benchmark::State& st) { bench_merge_domain<float>(st, w, cold, true); })
           ->Unit(benchmark::kMicrosecond);
+  for (const MergeRowsCase& mc : kMergeRowsCases)
+    for (bool bf16 : {false, true})
+      for (merge_impl w : {merge_impl::s2lc, merge_impl::s2lc_unmerge, merge_impl::memcpy})
+        benchmark::RegisterBenchmark(("merge/" + std::string(merge_names[static_cast<int>(w)]) + "/" + mc.name + (bf16 ? "_bf16" : "_f32") + "_hot").c_str(),
+                                     [=](benchmark::State& st) {
+                                       if (bf16) bench_merge_rows<std::uint16_t>(st, mc, w);
+                                       else bench_merge_rows<float>(st, mc, w);
+                                     })
+            ->Unit(benchmark::kMicrosecond);
   for (const KernelCase& kc : kKernelCases)
     for (std::size_t T : {1u, 2u, 3u, 4u, 5u, 8u, 16u, 32u, 64u})
       for (kernel_impl w : {kernel_impl::s2lc, kernel_impl::decode_gemm_nn, kernel_impl::fma_bound}) {
