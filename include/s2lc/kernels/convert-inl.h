@@ -114,6 +114,9 @@ HWY_INLINE __m256i ZeroProbe(__m256i acc, __m256i h) { return _mm256_min_epu16(a
 HWY_INLINE bool AnyZero(__m256i acc) { return _mm256_cmpeq_epi16_mask(acc, _mm256_setzero_si256()) != 0; }
 HWY_INLINE __m512i ZeroProbe32(__m512i acc, __m512i h) { return _mm512_min_epu16(acc, _mm512_add_epi16(h, h)); }  // 32 lanes
 HWY_INLINE bool AnyZero32(__m512i acc) { return _mm512_cmpeq_epi16_mask(acc, _mm512_setzero_si512()) != 0; }
+// The lanes of a or b that are subnormal (vfpclassps 0x20), which vcvtne(2)ps2bf16 flushes to +-0
+// where the scalar rule rounds them: after a probe fired, whether the integer path is needed.
+HWY_INLINE __mmask16 Subnormal(__m512 a, __m512 b) { return _mm512_fpclass_ps_mask(a, 0x20) | _mm512_fpclass_ps_mask(b, 0x20); }
 #else
 #define S2LC_BF16_NE 0
 #endif

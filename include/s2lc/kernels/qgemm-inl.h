@@ -1397,8 +1397,7 @@ struct MergeBF16OpT {
         for (std::size_t p = 0; p < P; ++p) {
           const __m512 lo = _mm512_add_ps(WidenBF16Lo(wv[p]), dv[2 * p].raw), hi = _mm512_add_ps(WidenBF16Hi(wv[p]), dv[2 * p + 1].raw);
           const __m512 blo = _mm512_sub_ps(WidenBF16Lo(m16[p]), dv[2 * p].raw), bhi = _mm512_sub_ps(WidenBF16Hi(m16[p]), dv[2 * p + 1].raw);
-          sub |= _mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20) | _mm512_fpclass_ps_mask(blo, 0x20) |
-                 _mm512_fpclass_ps_mask(bhi, 0x20);  // 0x20: denormal
+          sub |= Subnormal(lo, hi) | Subnormal(blo, bhi);
         }
         if (sub) return VecUInt<U>(w, dv, i, mask, bad_val);  // nothing stored yet
       }
@@ -1544,7 +1543,19 @@ struct MergeBF16OpT {
           v[p] = CvtNe2BF16(_mm512_sub_ps(WidenBF16Lo(h), dv[2 * p].raw), _mm512_sub_ps(WidenBF16Hi(h), dv[2 * p + 1].raw));
           probe = ZeroProbe32(probe, v[p]);
         }
-        if (HWY_LIKELY(!AnyZero32(probe))) {
+        bool exact = !AnyZero32(probe);
+        if (HWY_UNLIKELY(!exact)) {
+          // As VecU: a +-0 is exact unless the difference rounded was subnormal. Zeros are common
+          // where the base has zeros (pruned or 2:4-sparse weights) and the delta is 0 or a bf16
+          // value; before, each such pair took the integer path vector by vector.
+          __mmask16 sub = 0;
+          for (std::size_t p = 0; p < P; ++p) {
+            const __m512i h = _mm512_loadu_si512(w + i + 32 * p);
+            sub |= Subnormal(_mm512_sub_ps(WidenBF16Lo(h), dv[2 * p].raw), _mm512_sub_ps(WidenBF16Hi(h), dv[2 * p + 1].raw));
+          }
+          exact = sub == 0;
+        }
+        if (HWY_LIKELY(exact)) {
           for (std::size_t p = 0; p < P; ++p) {
             std::uint32_t bits;
             std::memcpy(&bits, mask + (i + 32 * p) / 8, 4);
