@@ -28,10 +28,11 @@
 //     OpenBLAS per expert on the reconstructed f32 weights, stream_bound, and fma_bound (register
 //     FMAs as many as swiglu_apply's multiply-adds for the plan: cores once per token of their
 //     node, residuals per routed expert; counter macs).
-//   merge/<s2lc|s2lc_unmerge|memcpy>/codes_<q4|q4_lanes|q5_lanes|q8>_<f32|bf16>_hot: the merge
-//     kernel alone (q_merge_rows_*, q_unmerge_rows_*) on one 256 x 1024 quantized matrix (4-, 5-
-//     or 8-bit codes, group 32; _lanes: stored rows in lanes) into an f32 or bf16 buffer in L2,
-//     against a copy of that buffer: the cost per code width and layout.
+//   merge/<s2lc|s2lc_unmerge|memcpy>/codes_<q4|q4_lanes|q5_lanes|q8|q4_sparse24>_<f32|bf16>_hot:
+//     the merge kernel alone (q_merge_rows_*, q_unmerge_rows_*) on one 256 x 1024 quantized matrix
+//     (4-, 5- or 8-bit codes, group 32; _lanes: stored rows in lanes) into an f32 or bf16 buffer
+//     in L2 (_sparse24: a 2:4-sparse base), against a copy of that buffer: the cost per code
+//     width, layout and base.
 //   kernel/<s2lc|decode_gemm_nn|fma_bound>/<matrix>_t<T>: one kernel, hot, T tokens, against
 //     register FMAs as many as its multiply-adds (x_baseline: times the FMA bound): core_2048x1408
 //     (q_gemm_nt on a 4-bit rows-in-lanes matrix, a synthetic expert's dense core; core5: 5-bit
@@ -685,8 +686,10 @@ struct MergeRowsCase {
   const char* name;
   unsigned bits;
   bool lanes;
+  bool sparse = false;  // the base 2:4 sparse (two zeros in every four weights)
 };
-constexpr MergeRowsCase kMergeRowsCases[] = {{"codes_q4", 4, false}, {"codes_q4_lanes", 4, true}, {"codes_q5_lanes", 5, true}, {"codes_q8", 8, false}};
+constexpr MergeRowsCase kMergeRowsCases[] = {{"codes_q4", 4, false},       {"codes_q4_lanes", 4, true}, {"codes_q5_lanes", 5, true},
+                                             {"codes_q8", 8, false},       {"codes_q4_sparse24", 4, false, true}};
 
 template <class T>
 void bench_merge_rows(benchmark::State& state, const MergeRowsCase& mc, merge_impl which) {
@@ -700,7 +703,7 @@ void bench_merge_rows(benchmark::State& state, const MergeRowsCase& mc, merge_im
   const auto km = mo::KMat::from(s2lc::compress::quantize(delta.data(), rows, cols, {mc.bits, 32, false}), mc.lanes);
   std::vector<T> w(rows * cols), from(rows * cols), record(rows * cols + 64);
   for (std::size_t i = 0; i < w.size(); ++i) {
-    const float v = nd(rng);
+    const float v = mc.sparse && i % 4 < 2 ? 0.0f : nd(rng);
     if constexpr (kBF16) w[i] = s2lc::f32_to_bf16(v);
     else w[i] = v;
   }
