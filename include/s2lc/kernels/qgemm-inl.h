@@ -1239,6 +1239,36 @@ HWY_INLINE hn::Vec<D> CompressLanes(D d, hn::Vec<D> v, hn::Mask<D> m) {
 #endif
 }
 
+#if HWY_TARGET == HWY_AVX2
+// The bf16 merge's record on AVX2 as 16-bit lanes of a 128-bit vector, per 8-bit mask m (bit j:
+// lane j recorded): compress, the byte shuffle moving the set lanes to the front in order (zeros
+// after); expand, the one moving the r-th recorded value to the r-th set lane (zeros elsewhere);
+// select, 0xFFFF in the set lanes (for a blend). The 32-bit forms (kLaneTables) built lane
+// indices in registers and narrowed afterwards: scratch loop, 4-bit 256 x 1024 merge into bf16 in
+// L2, best of 6 alternating runs, 9.9 -> 8.0 ns per 16 elements.
+struct Shuffle16Tables {
+  alignas(16) std::uint8_t compress[256][16];
+  alignas(16) std::uint8_t expand[256][16];
+  alignas(16) std::uint8_t select[256][16];
+};
+inline constexpr Shuffle16Tables kShuffle16 = [] {
+  Shuffle16Tables t{};
+  for (unsigned m = 0; m < 256; ++m) {
+    for (unsigned b = 0; b < 16; ++b) t.compress[m][b] = t.expand[m][b] = 0x80;
+    for (unsigned j = 0, rank = 0; j < 8; ++j) {
+      if (!(m >> j & 1)) continue;
+      for (unsigned h = 0; h < 2; ++h) {
+        t.compress[m][2 * rank + h] = static_cast<std::uint8_t>(2 * j + h);
+        t.expand[m][2 * j + h] = static_cast<std::uint8_t>(2 * rank + h);
+        t.select[m][2 * j + h] = 0xFF;
+      }
+      ++rank;
+    }
+  }
+  return t;
+}();
+#endif
+
 #if S2LC_LANE_TABLES
 // v with each lane j whose bit is set in bits replaced by the next of src's lanes, in order.
 template <class D>
@@ -1460,6 +1490,13 @@ struct MergeBF16OpT {
 #if HWY_TARGET == HWY_AVX3_DL
       // old values compressed as 16-bit lanes (VBMI2): 750 -> 700 us per pass
       hn::StoreU(hn::Compress(wv[u], hn::Mask256<std::uint16_t>{static_cast<__mmask16>(bad[u].raw)}), d16, bad_val + nb);
+#elif HWY_TARGET == HWY_AVX2
+      // old values compressed as 16-bit lanes by one byte shuffle (kShuffle16)
+      const unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(bad[u].raw)));
+      const __m128i sh = _mm_load_si128(reinterpret_cast<const __m128i*>(kShuffle16.compress[bits]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(bad_val + nb), _mm_shuffle_epi8(wv[u].raw, sh));
+      nb += static_cast<std::size_t>(std::popcount(bits));
+      continue;
 #else
       // old values compressed as 32-bit lanes, narrowed (exact: they are below 2^16), stored whole
       hn::StoreU(NarrowU32(CompressLanes(du, w32[u], bad[u])), d16, bad_val + nb);
@@ -1510,6 +1547,15 @@ struct MergeBF16OpT {
     const auto src = hn::LoadU(d16, Next16(vals, k, nvals, t));
     const auto e = hn::Vec<qk::DU>{_mm512_mask_expand_epi32(v.raw, static_cast<__mmask16>(bits), hn::PromoteTo(du, src).raw)};
     hn::StoreU(NarrowU32(e), d16, w + i);
+    return k + static_cast<std::size_t>(std::popcount(bits));
+#elif HWY_TARGET == HWY_AVX2
+    // the recorded values expanded as 16-bit lanes by one byte shuffle and a blend (kShuffle16)
+    const unsigned bits = LaneBits(mask, i);
+    std::uint16_t t[16];
+    const __m128i src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Next16(vals, k, nvals, t)));
+    const __m128i e = _mm_shuffle_epi8(src, _mm_load_si128(reinterpret_cast<const __m128i*>(kShuffle16.expand[bits])));
+    const __m128i sel = _mm_load_si128(reinterpret_cast<const __m128i*>(kShuffle16.select[bits]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(w + i), _mm_blendv_epi8(NarrowU32(v).raw, e, sel));
     return k + static_cast<std::size_t>(std::popcount(bits));
 #elif S2LC_LANE_TABLES
     const qk::DU du;
