@@ -8450,7 +8450,7 @@ HWY_INLINE unsigned LaneBits(const std::uint8_t* HWY_RESTRICT mask, std::size_t 
 inline constexpr std::size_t kMergeU = 8;
 struct MergeF32Op {
   using T = float;
-  static constexpr bool kPairs = false;  // (DecodedRow: byte codes one vector at a time)
+  static constexpr bool kPairs = false;  // (DecodedRow: byte codes and wide nibble groups one vector at a time)
   template <std::size_t U>
   static HWY_INLINE std::size_t VecU(float* HWY_RESTRICT w, const qk::VF (&dv)[U], std::size_t i, std::uint8_t* HWY_RESTRICT mask,
                                      float* HWY_RESTRICT bad_val) {
@@ -8935,7 +8935,6 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
   const auto va = hn::Set(df, alpha);
   const std::uint8_t* row = q.codes + r * L.rb;
   auto bytes = [&](std::size_t c, qk::VF vs) { return Finish<kScale>(qk::Codes<kTier>(qk::LoadBytes(row + c), t), vs, va); };
-  constexpr std::size_t kB = kMergeU / 2;  // groups of two vectors (nibbles, h == N) at a time
   // One nibble chunk (N bytes at p) decoded: its low and high nibbles' vectors, scaled. AVX-512
   // looks the nibbles up in the table times the group's scale (and alpha): the same products as
   // Finish on the looked-up codes, one multiply per group instead of one per vector.
@@ -8949,13 +8948,16 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
   };
   for (std::size_t g = 0; g < L.gpr; ++g) {
     const std::size_t c0 = g * q.group;
-    if (Sink::kPairs && q.nibble && q.group / 2 > N && kMergeU % (q.group / N) == 0 && g + kMergeU / (q.group / N) <= L.nfast) {
-      // Nibble groups of 64 or 128 codes (AVX-512) to a sink that takes pairs of vectors: kMergeU
-      // vectors at a time in column order (a group's low nibbles' columns, then its high ones'),
-      // each chunk decoded once, not twice. 4-bit 256 x 1024 into bf16 in L2, scratch, best of 4
-      // alternating runs, ns per 16 elements: groups of 64 merge 3.34 -> 2.79, unmerge 2.18 ->
-      // 1.90; 128 3.01 -> 2.68, 1.83 -> 1.75. The f32 merge measured slower so (1.46-1.66 ->
-      // 2.09-2.17) and, as 256-code groups in batches of 4 vectors, the bf16 one too.
+    if (q.nibble && q.group / 2 >= N && kMergeU % (q.group / N) == 0 && g + kMergeU / (q.group / N) <= L.nfast &&
+        (q.group / 2 == N || Sink::kPairs)) {
+      // Nibble groups of 2 N codes or 4 N or 8 N (AVX-512: 32, 64, 128), kMergeU vectors to the
+      // sink at a time in column order (a group's low nibbles' columns, then its high ones'), each
+      // chunk decoded once. Groups wider than 2 N take this path only into a sink of pairs (the
+      // bf16 merge): 4-bit 256 x 1024 into bf16 in L2, scratch, best of 4 alternating runs, ns per
+      // 16 elements: groups of 64 merge 3.34 -> 2.79, unmerge 2.18 -> 1.90; 128 3.01 -> 2.68,
+      // 1.83 -> 1.75 (before: single vectors, each chunk decoded twice). The f32 merge measured
+      // slower so (1.46-1.66 -> 2.09-2.17) and, as 256-code groups in batches of 4 vectors, the
+      // bf16 one too; groups of 2 N it does take batched (1.47 against 2.02 ns single).
       const std::size_t h = q.group / 2, hv = h / N;
       qk::VF dv[kMergeU];
       for (std::size_t u = 0; u < kMergeU / (2 * hv); ++u) {
@@ -8981,13 +8983,6 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
       continue;
     }
 #endif
-    if (q.nibble && q.group / 2 == N && g + kB <= L.nfast) {
-      qk::VF dv[2 * kB];
-      for (std::size_t u = 0; u < kB; ++u) nibbles(row + (g + u) * N, hn::Set(df, qk::Scale(q, L, r, g + u, t)), dv[2 * u], dv[2 * u + 1]);
-      sink.Vecs(dv, c0);
-      g += kB - 1;
-      continue;
-    }
     if (Sink::kPairs && !q.nibble && q.group % N == 0 && g < L.nfast) {
       // Byte codes to a sink that takes pairs of vectors (the bf16 merge on 32 lanes): kMergeU
       // vectors at a time, whole groups or a wide group's parts, not one 256-bit half at a time.
