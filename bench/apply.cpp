@@ -740,17 +740,21 @@ void bench_merge_rows(benchmark::State& state, const MergeRowsCase& mc, merge_im
 }
 
 // One kernel on one matrix, hot (the kernel/ rows): random normal weights quantized to `bits`
-// (group 32), rows in lanes for q_gemm_nt.
+// (groups of `group`, 32 unless named _g16), rows in lanes for q_gemm_nt.
 enum class kernel_impl { s2lc, decode_gemm_nn, fma_bound };
 struct KernelCase {
   const char* name;
   std::size_t rows, cols;
   unsigned bits;
   bool lanes;  // q_gemm_nt on rows in lanes; else q_gemm_nn on the row-major matrix
+  std::size_t group = 32;
 };
 constexpr KernelCase kKernelCases[] = {
     {"core_2048x1408", 2048, 1408, 4, true}, {"core5_2048x1408", 2048, 1408, 5, true},
-    {"right_36x256", 36, 256, 3, true}, {"left_36x256", 36, 256, 3, false}};
+    {"right_36x256", 36, 256, 3, true}, {"left_36x256", 36, 256, 3, false},
+    // a 4-bit left factor with groups of 32 and of 16 codes (16: half a vector's nibble bytes on
+    // AVX-512, qgemm-inl.h's HalfNibbles)
+    {"left_256x256", 256, 256, 4, false}, {"left_g16_256x256", 256, 256, 4, false, 16}};
 
 void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, kernel_impl which) {
   namespace k = s2lc::kernels;
@@ -758,7 +762,7 @@ void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, 
   std::normal_distribution<float> nd;
   std::vector<float> w(kc.rows * kc.cols);
   for (auto& v : w) v = nd(rng);
-  const auto q = s2lc::compress::quantize(w.data(), kc.rows, kc.cols, {kc.bits, 32, false});
+  const auto q = s2lc::compress::quantize(w.data(), kc.rows, kc.cols, {kc.bits, kc.group, false});
   const auto km = mo::KMat::from(q, kc.lanes);
   const k::QView v = km.view();
   // q_gemm_nt: X [T, cols] -> Y [T, rows]; q_gemm_nn: C [T, rows] -> Y [T, cols]

@@ -7241,10 +7241,11 @@ HWY_INLINE void Nibbles(VI b, VF table, const TierParams& t, VF& lo, VF& hi) {
 #endif
 }
 
-// Per-call layout constants (no divisions in the loops): groups per row, bytes per row, and the
-// number of leading groups that run the vector body (full length, whole vectors).
+// Per-call layout constants (no divisions in the loops): groups per row, bytes per row, the
+// number of leading groups that run the vector body (full length, whole vectors), and of nibble
+// groups of exactly N codes (HalfNibbles; nhalf > 0 implies nfast == 0).
 struct Layout {
-  std::size_t gpr, rb, nfast;
+  std::size_t gpr, rb, nfast, nhalf;
 };
 HWY_INLINE Layout MakeLayout(const QView& q, std::size_t N) {
   Layout l;
@@ -7252,8 +7253,32 @@ HWY_INLINE Layout MakeLayout(const QView& q, std::size_t N) {
   l.rb = q.row_bytes();
   const bool ok = q.nibble ? (q.group / 2) % N == 0 : q.group % N == 0;
   l.nfast = ok ? q.cols / q.group : 0;
+  l.nhalf = HWY_TARGET != HWY_SCALAR && q.nibble && q.group == N ? q.cols / q.group : 0;
   return l;
 }
+
+#if HWY_TARGET != HWY_SCALAR
+// A nibble group of N codes (N / 2 bytes: 16 codes on AVX-512, 8 on AVX2, 4 on SSE4), which has
+// no whole vector of low or of high nibbles, as one vector in column order: its bytes in both
+// halves of the lanes, the lower half's low nibbles and the upper half's high ones (one variable
+// shift; AVX-512 then looks them up as Nibbles does). Such groups had taken the scalar path:
+// 4-bit 256 x 256, groups of 16, AVX-512, q_gemv_nn 238 us against 1.1 for groups of 32.
+template <bool kTier>
+HWY_INLINE VF HalfNibbles(const std::uint8_t* p, VF table, const TierParams& t) {
+  const DI di;
+  const hn::Half<DI8> dh;
+  const auto h = hn::LoadU(dh, reinterpret_cast<const std::int8_t*>(p));
+  const VI b = hn::PromoteTo(di, hn::Combine(DI8(), h, h));
+  const auto upper = hn::Not(hn::FirstN(di, hn::Lanes(di) / 2));
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  (void)t;  // vpermps reads the low 4 bits of each index: the low nibble, or the high one shifted down
+  return VF{_mm512_permutexvar_ps(hn::Shr(b, hn::IfThenElseZero(upper, hn::Set(di, 4))).raw, table.raw)};
+#else
+  (void)table;
+  return Codes<kTier>(hn::ShiftRight<28>(hn::Shl(b, hn::IfThenElse(upper, hn::Set(di, 24), hn::Set(di, 28)))), t);
+#endif
+}
+#endif
 HWY_INLINE float Scale(const QView& q, const Layout& l, std::size_t r, std::size_t g, const TierParams& t) {
   return s2lc::bf16_to_f32(q.scales[r * l.gpr + g]) * t.mul;
 }
@@ -7267,7 +7292,7 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
   const std::size_t N = hn::Lanes(df);
   const std::size_t c0 = g * q.group;
   const float s = Scale(q, L, r, g, t);
-  if (g >= L.nfast) {
+  if (g >= L.nfast && g >= L.nhalf) {
     const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
     for (std::size_t j = 0; j < n; ++j) {
       const float v = static_cast<float>(detail::tiered(detail::stored_code(q, r, c0 + j), t)) * s;
@@ -7284,6 +7309,9 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
     else hn::StoreU(v, df, o);
   };
   const std::uint8_t* row = q.codes + r * L.rb;
+#if HWY_TARGET != HWY_SCALAR
+  if (L.nhalf) return put(hn::Mul(HalfNibbles<kTier>(row + g * (N / 2), NibbleTable(t), t), vs), out);
+#endif
   if (q.nibble) {
     const std::size_t h = q.group / 2;
     const std::uint8_t* p = row + g * h;
@@ -7323,6 +7351,17 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
   for (std::size_t i = 0; i < R; ++i) acc[i] = hn::Zero(df), tail[i] = 0.0f;
   for (std::size_t g = 0; g < gpr; ++g) {
     const std::size_t c0 = g * q.group;
+#if HWY_TARGET != HWY_SCALAR
+    if (g < L.nhalf) {
+      const VF xv = hn::LoadU(df, x + c0);
+      for (std::size_t i = 0; i < R; ++i) {
+        const std::uint8_t* p = q.codes + (r0 + i) * rb + g * (N / 2);
+        if (g % 8 == 0) hwy::Prefetch(p + kPrefetchAhead);
+        acc[i] = hn::MulAdd(hn::Mul(HalfNibbles<kTier>(p, table, t), xv), hn::Set(df, Scale(q, L, r0 + i, g, t)), acc[i]);
+      }
+      continue;
+    }
+#endif
     if (g >= L.nfast) {
       const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
       for (std::size_t i = 0; i < R; ++i) {
@@ -7730,6 +7769,9 @@ HWY_INLINE void GemvNNTile(const QView& q, const Layout& L, std::size_t k0, std:
     for (std::size_t gi = 0; gi < G; ++gi) {
       const VF cg = hn::Set(df, sc[gi]);
       if (q.nibble) {
+#if HWY_TARGET != HWY_SCALAR
+        if constexpr (kV == 1) acc[gi] = hn::MulAdd(HalfNibbles<kTier>(p + gi * gb, table, t), cg, acc[gi]);
+#endif
         for (std::size_t j = 0; j < kV / 2; ++j) {
           VF lo, hi;
           Nibbles<kTier>(LoadBytes(p + gi * gb + j * N), table, t, lo, hi);
@@ -7795,9 +7837,10 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
   const DF df;
   const std::size_t N = hn::Lanes(df);
   Layout L = MakeLayout(q, N);
+  if (L.nhalf) L.nfast = L.nhalf;      // nibble groups of N codes: GemvNNTile<1> decodes them whole
   const std::size_t kv = q.group / N;  // vectors per group (nibble: half of them per half group)
-  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs &&
-                   ((kv == 1 && !q.nibble) || kv == 2 || kv == 4 || kv == 8 || kv == 16);
+  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && 
+                   ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 4 || kv == 8 || kv == 16);
   if (vec) {
     HWY_ALIGN float cs[kNNCoefs];
     const std::size_t kc = kNNCoefs / L.gpr;
@@ -7861,6 +7904,16 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
 #endif
     for (std::size_t gi = 0; gi < G; ++gi) {
       const VF s = hn::Set(df, sc[gi]);
+#if HWY_TARGET != HWY_SCALAR
+      if constexpr (kNib && kV == 1) {  // a nibble group of N codes (HalfNibbles)
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+        const VF a = HalfNibbles<kTier>(p + gi * gb, cur[gi], t);
+#else
+        const VF a = hn::Mul(HalfNibbles<kTier>(p + gi * gb, table, t), s);
+#endif
+        for (std::size_t i = 0; i < T; ++i) acc[i][gi] = hn::MulAdd(a, hn::Set(df, cp[i]), acc[i][gi]);
+      }
+#endif
       for (std::size_t j = 0; j < (kNib ? kV / 2 : kV); ++j) {
         VF a, b;
         if constexpr (kNib) {
@@ -7924,9 +7977,10 @@ template <bool kTier>
 HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* C, std::size_t ldc,
                          std::size_t nt, float* Y, std::size_t ldy) {
   const std::size_t N = hn::Lanes(DF());
-  const Layout L = MakeLayout(q, N);
+  Layout L = MakeLayout(q, N);
+  if (L.nhalf) L.nfast = L.nhalf;  // nibble groups of N codes: GemmNNQTile<kV = 1> decodes them whole
   const std::size_t kv = q.group / N;
-  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && (kv == 2 || kv == 4);
+  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 4);
   if (!vec) {
     for (std::size_t i = 0; i < nt; ++i) GemvNNT<kTier>(q, k0, nk, t, C + i * ldc, Y + i * ldy);
     return;
@@ -7961,7 +8015,8 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
       run(std::integral_constant<std::size_t, 2>(), vv);
       run(std::integral_constant<std::size_t, 1>(), vv);
     };
-    if (kv == 2) all(std::integral_constant<std::size_t, 2>());
+    if (kv == 1) all(std::integral_constant<std::size_t, 1>());
+    else if (kv == 2) all(std::integral_constant<std::size_t, 2>());
     else all(std::integral_constant<std::size_t, 4>());
   }
   for (std::size_t i = 0; i < nt; ++i) GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nfast, L.gpr, Y + i * ldy);
@@ -8969,7 +9024,7 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
       continue;
     }
 #if HWY_TARGET != HWY_SCALAR
-    if (q.nibble && q.group == N && L.nfast == 0 && g + 2 <= q.cols / q.group) {
+    if (g + 2 <= L.nhalf) {
       // Groups of half a vector's nibble bytes (16 codes on AVX-512, 8 on AVX2), which the
       // layout has no vector path for: two groups' bytes decoded at once, their low and high
       // halves regrouped per group (was the scalar path: about 119 ns per 16 elements, 60x a
@@ -9011,6 +9066,12 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
       }
     }
     const float s = qk::Scale(q, L, r, g, t);
+#if HWY_TARGET != HWY_SCALAR
+    if (g < L.nhalf) {  // the last of an odd number of nibble groups of N codes
+      sink.Vec(Finish<kScale>(qk::HalfNibbles<kTier>(row + g * N / 2, table, t), hn::Set(df, s), va), c0);
+      continue;
+    }
+#endif
     if (g >= L.nfast) {
       const std::size_t n = std::min<std::size_t>(q.group, q.cols - c0);
       for (std::size_t j = 0; j < n; ++j) {

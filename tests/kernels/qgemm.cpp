@@ -59,6 +59,9 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // q_gemm_nt computes row by row in passes of 2 to 8 tokens (3 rows from row 1 too)
                        {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {20, 384, 64, 3}, {17, 1536, 768, 4},
                        {3, 256, 32, 3},
+                       // nibble groups of one vector's lanes (HalfNibbles; 16 and 8 codes above):
+                       // 4 codes for SSE4 / SSSE3 / EMU128, 13 groups, the last of them partial
+                       {9, 51, 4, 4},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
                        // to pack, a panel of the widest rows (32 KB)
                        {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8},
