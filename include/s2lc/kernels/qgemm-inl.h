@@ -724,15 +724,19 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
 // a 3-bit 48 x 256 left factor, hot, Zen 5, the best of 8 alternating runs: 2 / 3 / 5 / 8
 // tokens 0.45 / 0.57 / 0.90 / 1.28 -> 0.40 / 0.49 / 0.86 / 1.17 us (a standalone copy of the
 // loop at 8 tokens: 8.3 -> 7.0-7.4 TSC ticks a row, 6.5 with no multiply at all). Same products.
-template <std::size_t T, std::size_t kV, std::size_t G, bool kTier, bool kNib>
+// kPart 1 / 2: only the first / second half of each group's columns (nibbles: the low / high
+// ones), kV / 2 vectors per group; GemmNNQGroups runs both, so twice the tokens fit the
+// accumulators and the codes are decoded half as often.
+template <std::size_t T, std::size_t kV, std::size_t G, bool kTier, bool kNib, int kPart = 0>
 HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
                             const float* HWY_RESTRICT cp, std::size_t g0, float* HWY_RESTRICT Y, std::size_t ldy) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
   const VF table = NibbleTable(t);
-  VF acc[T][kV * G];
+  constexpr std::size_t kW = kPart ? kV / 2 : kV;  // vectors per group in the tile
+  VF acc[T][kW * G];
   for (std::size_t i = 0; i < T; ++i)
-    for (std::size_t v = 0; v < kV * G; ++v) acc[i][v] = hn::Zero(df);
+    for (std::size_t v = 0; v < kW * G; ++v) acc[i][v] = hn::Zero(df);
   const std::size_t gb = kNib ? q.group / 2 : q.group;
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
   const float* sc = ss + g0;
@@ -755,6 +759,24 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
 #endif
     for (std::size_t gi = 0; gi < G; ++gi) {
       const VF s = hn::Set(df, sc[gi]);
+      if constexpr (kPart != 0) {
+        for (std::size_t j = 0; j < kW; ++j) {
+          VF a;
+          if constexpr (kNib) {
+            const VI b = LoadBytes(p + gi * gb + j * N);
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+            (void)s;
+            a = VF{_mm512_permutexvar_ps((kPart == 1 ? b : hn::ShiftRight<4>(b)).raw, cur[gi].raw)};
+#else
+            a = hn::Mul(Codes<kTier>(kPart == 1 ? LowNibble(b) : HighNibble(b), t), s);
+#endif
+          } else {
+            a = hn::Mul(Codes<kTier>(LoadBytes(p + gi * gb + (kPart == 2 ? gb / 2 : 0) + j * N), t), s);
+          }
+          for (std::size_t i = 0; i < T; ++i) acc[i][gi * kW + j] = hn::MulAdd(a, hn::Set(df, cp[i]), acc[i][gi * kW + j]);
+        }
+        continue;
+      }
 #if HWY_TARGET != HWY_SCALAR
       if constexpr (kNib && kV == 1) {  // a nibble group of N codes (HalfNibbles)
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
@@ -789,17 +811,25 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
   }
   for (std::size_t i = 0; i < T; ++i) {
     float* yp = Y + i * ldy + g0 * q.group;
-    for (std::size_t v = 0; v < kV * G; ++v) hn::StoreU(hn::Add(hn::LoadU(df, yp + v * N), acc[i][v]), df, yp + v * N);
+    for (std::size_t v = 0; v < kW * G; ++v) {
+      // kPart: vector j of group gi at gi group (+ group / 2 for the second half) + j N
+      float* o = kPart ? yp + (v / kW) * q.group + (kPart == 2 ? q.group / 2 : 0) + (v % kW) * N : yp + v * N;
+      hn::StoreU(hn::Add(hn::LoadU(df, o), acc[i][v]), df, o);
+    }
   }
 }
 
 // Accumulators a GemmNNQTile may keep: 16 with 32 vector registers (AVX-512), else 8.
 inline constexpr std::size_t kNNQAcc = hn::MaxLanes(DF()) >= 16 ? 16 : 8;
 
-template <std::size_t T, std::size_t kV, bool kTier>
+// kSplit: each group's two halves of columns in tiles of their own (GemmNNQTile's kPart), for
+// tiles of T tokens whose whole groups do not fit the accumulators.
+template <std::size_t T, std::size_t kV, bool kTier, bool kSplit = false>
 HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
                               const float* C, std::size_t ldc, float* Y, std::size_t ldy) {
-  constexpr std::size_t G = kNNQAcc / (T * kV);
+  // (groups of one vector at one token: 8 at a time, not 16; AVX-512 nibbles keep a scaled table
+  // per group, and 16 of them measured 2.8 against 2.1 us on a 4-bit 256 x 256)
+  constexpr std::size_t G = std::min<std::size_t>(kNNQAcc / (T * (kSplit ? kV / 2 : kV)), 8);
   static_assert(G >= 1);
   HWY_ALIGN float pack[T == 1 ? 1 : kNNCoefs];  // nk <= kNNCoefs / 8 (GemmNNQT)
   const float* cp = C;  // one token: its coefficients are already contiguous
@@ -811,6 +841,17 @@ HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, s
   auto tiles = [&](auto nib) {
     constexpr bool kNib = decltype(nib)::value;
     std::size_t g = 0;
+    if constexpr (kSplit) {  // the second half right after the first, its codes still in L1
+      for (; g + G <= L.nfast; g += G) {
+        GemmNNQTile<T, kV, G, kTier, kNib, 1>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
+        GemmNNQTile<T, kV, G, kTier, kNib, 2>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
+      }
+      for (; g < L.nfast; ++g) {
+        GemmNNQTile<T, kV, 1, kTier, kNib, 1>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
+        GemmNNQTile<T, kV, 1, kTier, kNib, 2>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
+      }
+      return;
+    }
     for (; g + G <= L.nfast; g += G) GemmNNQTile<T, kV, G, kTier, kNib>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
     for (; g < L.nfast; ++g) GemmNNQTile<T, kV, 1, kTier, kNib>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
   };
@@ -820,7 +861,8 @@ HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, s
 
 // Y[t, j] += sum_k C[t, k] W[k, j] for nt tokens: token tiles of 8, then the remaining 3, 5, 6 or 7
 // tokens in one tile, else tiles of 4, 2, 1 (as many as the accumulators allow), over the vector
-// groups (groups of 2 or 4 vectors; otherwise a q_gemv_nn per token), scalar for the rest. Each
+// groups (groups of 1, 2, 4 or, from 2 tokens, 8 vectors, halves of groups where a whole group
+// leaves room for at most 2 tokens; otherwise a q_gemv_nn per token), scalar for the rest. Each
 // tile decodes the codes once: a 3-bit 49 x 256 left factor, hot, AVX-512 (Zen 5), 3 tokens
 // 0.72-0.77 -> 0.56-0.59 us, 5 tokens 0.93-1.00 -> 0.85-0.88, 7 tokens 1.36-1.40 -> 1.20-1.25
 // (the real tinymoe layer at 8 tokens routes 1-5 tokens to each expert).
@@ -831,7 +873,7 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
   Layout L = MakeLayout(q, N);
   if (L.nhalf) L.nfast = L.nhalf;  // nibble groups of N codes: GemmNNQTile<kV = 1> decodes them whole
   const std::size_t kv = q.group / N;
-  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 4);
+  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 4 || (kv == 8 && nt > 1));
   if (!vec) {
     for (std::size_t i = 0; i < nt; ++i) GemvNNT<kTier>(q, k0, nk, t, C + i * ldc, Y + i * ldy);
     return;
@@ -854,6 +896,14 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
           GemmNNQGroups<T, kV, kTier>(q, L, k0 + kb, n, t, ss, C + i * ldc + kb, ldc, Y + i * ldy, ldy);
           i += T;
         }
+      } else if constexpr (kNNQAcc / kV < 4 && T * kV / 2 <= kNNQAcc) {
+        // whole groups of kV vectors fit tiles of at most 2 tokens (AVX2: groups of 32 and 64
+        // codes; AVX-512: 128): halves of groups in tiles of twice the tokens. Where whole
+        // groups fit 4 tokens, halves measured no faster (AVX2's groups of 16, AVX-512's of 64).
+        while (exact ? nt - i == T : i + T <= nt) {
+          GemmNNQGroups<T, kV, kTier, true>(q, L, k0 + kb, n, t, ss, C + i * ldc + kb, ldc, Y + i * ldy, ldy);
+          i += T;
+        }
       }
     };
     auto all = [&](auto vv) {
@@ -868,7 +918,8 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
     };
     if (kv == 1) all(std::integral_constant<std::size_t, 1>());
     else if (kv == 2) all(std::integral_constant<std::size_t, 2>());
-    else all(std::integral_constant<std::size_t, 4>());
+    else if (kv == 4) all(std::integral_constant<std::size_t, 4>());
+    else all(std::integral_constant<std::size_t, 8>());
   }
   for (std::size_t i = 0; i < nt; ++i) GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nfast, L.gpr, Y + i * ldy);
 }
