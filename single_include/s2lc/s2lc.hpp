@@ -7828,6 +7828,127 @@ HWY_INLINE void ScaleRows(const float* HWY_RESTRICT c, std::size_t n, std::size_
   }
 }
 
+// Groups too wide for the whole-group tiles (more than 8 vectors, or 8 at one token; up to a
+// row's one scale, per-channel quantization): GemmNNQT runs them kW vectors of a group at a time.
+HWY_INLINE bool WideNN(const QView& q, const Layout& L, std::size_t N, std::size_t nt) {
+  const std::size_t kv = q.group / N;
+  return L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && kv >= 8 && (nt > 1 ? kv != 8 : kv > 16);
+}
+
+// Accumulators a GemmNNQTile may keep: 16 with 32 vector registers (AVX-512), else 8.
+inline constexpr std::size_t kNNQAcc = hn::MaxLanes(DF()) >= 16 ? 16 : 8;
+
+// Vectors [v0, v0 + kW) in column order of group g (WideNN), for T tokens: nibbles, the low ones
+// of the group's byte chunks v0.. while v0 < kv / 2, else the high ones of chunks v0 - kv / 2..
+// (kW divides kv / 2, so a tile never straddles the two). One row's scale per row, as
+// GemmNNQTile's (AVX-512 nibbles: the scaled table).
+template <std::size_t T, std::size_t kW, bool kTier, bool kNib>
+HWY_INLINE void GemmNNQWideTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
+                                const float* HWY_RESTRICT cp, std::size_t g, std::size_t v0, float* HWY_RESTRICT Y,
+                                std::size_t ldy) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df), kv = q.group / N;
+  [[maybe_unused]] const VF table = NibbleTable(t);
+  VF acc[T][kW];
+  for (std::size_t i = 0; i < T; ++i)
+    for (std::size_t j = 0; j < kW; ++j) acc[i][j] = hn::Zero(df);
+  const bool high = kNib && v0 >= kv / 2;
+  const std::size_t off = kNib ? g * (q.group / 2) + (high ? v0 - kv / 2 : v0) * N : g * q.group + v0 * N;
+  auto rows = [&](auto hi) {
+    constexpr bool kHigh = decltype(hi)::value;
+    const std::uint8_t* p = q.codes + k0 * L.rb + off;
+    const float* sc = ss + g;
+    const float* c = cp;
+    for (std::size_t k = 0; k < nk; ++k, p += L.rb, sc += L.gpr, c += T) {
+      hwy::Prefetch(p + kPrefetchAhead);
+      const VF s = hn::Set(df, *sc);
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+      const VF tab = kNib ? hn::Mul(table, s) : table;
+#endif
+      for (std::size_t j = 0; j < kW; ++j) {
+        VF a;
+        if constexpr (kNib) {
+          const VI b = LoadBytes(p + j * N);
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+          a = VF{_mm512_permutexvar_ps((kHigh ? hn::ShiftRight<4>(b) : b).raw, tab.raw)};
+#else
+          a = hn::Mul(Codes<kTier>(kHigh ? HighNibble(b) : LowNibble(b), t), s);
+#endif
+        } else {
+          a = hn::Mul(Codes<kTier>(LoadBytes(p + j * N), t), s);
+        }
+        for (std::size_t i = 0; i < T; ++i) acc[i][j] = hn::MulAdd(a, hn::Set(df, c[i]), acc[i][j]);
+      }
+    }
+  };
+  if (high) rows(std::true_type());
+  else rows(std::false_type());
+  for (std::size_t i = 0; i < T; ++i) {
+    float* yp = Y + i * ldy + g * q.group + v0 * N;
+    for (std::size_t j = 0; j < kW; ++j) hn::StoreU(hn::Add(hn::LoadU(df, yp + j * N), acc[i][j]), df, yp + j * N);
+  }
+}
+
+template <std::size_t T, std::size_t kW, bool kTier>
+HWY_INLINE void GemmNNQWide(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
+                            const float* C, std::size_t ldc, float* Y, std::size_t ldy) {
+  HWY_ALIGN float pack[T == 1 ? 1 : kNNCoefs];  // nk <= kNNCoefs / 8 (GemmNNQT)
+  const float* cp = C;
+  if constexpr (T > 1) {
+    for (std::size_t k = 0; k < nk; ++k)
+      for (std::size_t i = 0; i < T; ++i) pack[k * T + i] = C[i * ldc + k];
+    cp = pack;
+  }
+  const std::size_t kv = q.group / hn::Lanes(DF());
+  for (std::size_t g = 0; g < L.nfast; ++g)
+    for (std::size_t v0 = 0; v0 < kv; v0 += kW) {
+      if (q.nibble) GemmNNQWideTile<T, kW, kTier, true>(q, L, k0, nk, t, ss, cp, g, v0, Y, ldy);
+      else GemmNNQWideTile<T, kW, kTier, false>(q, L, k0, nk, t, ss, cp, g, v0, Y, ldy);
+    }
+}
+
+// ss = the scales of rows [k, k + n) as f32 times 2^shift (exact: a power of 2).
+HWY_INLINE void NNScales(const QView& q, const Layout& L, std::size_t k, std::size_t n, const TierParams& t, float* ss) {
+  BF16ToF32(q.scales + k * L.gpr, ss, n * L.gpr);
+  if (t.mul != 1.0f)
+    for (std::size_t j = 0; j < n * L.gpr; ++j) ss[j] *= t.mul;
+}
+
+// GemmNNQT (and GemvNNT) on groups that WideNN takes: the scales converted as GemmNNQT does,
+// tiles of 8, 4, 2, 1 tokens, each of the widest kW <= 8 that fits the accumulators and divides
+// the vectors of a run (nibbles: half the group's).
+template <bool kTier>
+HWY_INLINE void GemmNNQWideT(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
+                             std::size_t ldc, std::size_t nt, float* Y, std::size_t ldy) {
+  const std::size_t kv = q.group / hn::Lanes(DF()), d = q.nibble ? kv / 2 : kv;
+  HWY_ALIGN float ss[kNNCoefs];
+  const std::size_t kc = kNNCoefs / std::max<std::size_t>(L.gpr, 8);  // GemmNNQWide packs kc x 8 coefficients
+  for (std::size_t kb = 0; kb < nk; kb += kc) {
+    const std::size_t n = std::min(kc, nk - kb);
+    NNScales(q, L, k0 + kb, n, t, ss);
+    std::size_t i = 0;
+    auto tiles = [&](auto tt) {
+      constexpr std::size_t T = decltype(tt)::value;
+      for (; i + T <= nt; i += T) {
+        const float* Ci = C + i * ldc + kb;
+        float* Yi = Y + i * ldy;
+        if constexpr (T * 8 <= kNNQAcc)
+          if (d % 8 == 0) { GemmNNQWide<T, 8, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy); continue; }
+        if constexpr (T * 4 <= kNNQAcc)
+          if (d % 4 == 0) { GemmNNQWide<T, 4, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy); continue; }
+        if constexpr (T * 2 <= kNNQAcc)
+          if (d % 2 == 0) { GemmNNQWide<T, 2, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy); continue; }
+        GemmNNQWide<T, 1, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy);
+      }
+    };
+    tiles(std::integral_constant<std::size_t, 8>());
+    tiles(std::integral_constant<std::size_t, 4>());
+    tiles(std::integral_constant<std::size_t, 2>());
+    tiles(std::integral_constant<std::size_t, 1>());
+  }
+  for (std::size_t i = 0; i < nt; ++i) GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nfast, L.gpr, Y + i * ldy);
+}
+
 // y[j] += sum_k c[k] W[k, j]: register column tiles over the vector groups, scalar for the rest.
 // The tiles' coefficients c[k] 2^shift s[k, g] are computed for a chunk of rows at once (vector
 // conversion and products; one scalar conversion, product and broadcast per row and group had
@@ -7854,6 +7975,8 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
       else if (kv == 8) GemvNNTiles<8, kTier>(q, L, k0 + kb, n, t, cs, y);
       else GemvNNTiles<16, kTier>(q, L, k0 + kb, n, t, cs, y);
     }
+  } else if (WideNN(q, L, N, 1)) {
+    return GemmNNQWideT<kTier>(q, L, k0, nk, t, c, 0, 1, y, 0);
   } else {
     L.nfast = 0;
   }
@@ -7968,8 +8091,6 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
   }
 }
 
-// Accumulators a GemmNNQTile may keep: 16 with 32 vector registers (AVX-512), else 8.
-inline constexpr std::size_t kNNQAcc = hn::MaxLanes(DF()) >= 16 ? 16 : 8;
 
 // kSplit: each group's two halves of columns in tiles of their own (GemmNNQTile's kPart), for
 // tiles of T tokens whose whole groups do not fit the accumulators.
@@ -8011,7 +8132,8 @@ HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, s
 // Y[t, j] += sum_k C[t, k] W[k, j] for nt tokens: token tiles of 8, then the remaining 3, 5, 6 or 7
 // tokens in one tile, else tiles of 4, 2, 1 (as many as the accumulators allow), over the vector
 // groups (groups of 1, 2, 4 or, from 2 tokens, 8 vectors, halves of groups where a whole group
-// leaves room for at most 2 tokens; otherwise a q_gemv_nn per token), scalar for the rest. Each
+// leaves room for at most 2 tokens; wider groups: GemmNNQWideT; otherwise a q_gemv_nn per
+// token), scalar for the rest. Each
 // tile decodes the codes once: a 3-bit 49 x 256 left factor, hot, AVX-512 (Zen 5), 3 tokens
 // 0.72-0.77 -> 0.56-0.59 us, 5 tokens 0.93-1.00 -> 0.85-0.88, 7 tokens 1.36-1.40 -> 1.20-1.25
 // (the real tinymoe layer at 8 tokens routes 1-5 tokens to each expert).
@@ -8023,6 +8145,7 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
   if (L.nhalf) L.nfast = L.nhalf;  // nibble groups of N codes: GemmNNQTile<kV = 1> decodes them whole
   const std::size_t kv = q.group / N;
   const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 4 || (kv == 8 && nt > 1));
+  if (!vec && WideNN(q, L, N, nt)) return GemmNNQWideT<kTier>(q, L, k0, nk, t, C, ldc, nt, Y, ldy);
   if (!vec) {
     for (std::size_t i = 0; i < nt; ++i) GemvNNT<kTier>(q, k0, nk, t, C + i * ldc, Y + i * ldy);
     return;
@@ -8032,9 +8155,7 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
   const std::size_t kc = kNNCoefs / std::max<std::size_t>(L.gpr, 8);  // GemmNNQGroups packs kc x 8 coefficients
   for (std::size_t kb = 0; kb < nk; kb += kc) {
     const std::size_t n = std::min(kc, nk - kb);
-    BF16ToF32(q.scales + (k0 + kb) * L.gpr, ss, n * L.gpr);
-    if (t.mul != 1.0f)
-      for (std::size_t j = 0; j < n * L.gpr; ++j) ss[j] *= t.mul;
+    NNScales(q, L, k0 + kb, n, t, ss);
     std::size_t i = 0;
     // tiles of T tokens while they fit; exact: one tile, only if exactly T tokens remain (the 3,
     // 5, 6 or 7 left after tiles of 8, decoded once instead of in tiles of 4, 2, 1)

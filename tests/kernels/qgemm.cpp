@@ -62,6 +62,9 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // nibble groups of one vector's lanes (HalfNibbles; 16 and 8 codes above):
                        // 4 codes for SSE4 / SSSE3 / EMU128, 13 groups, the last of them partial
                        {9, 51, 4, 4},
+                       // one group a row (per-channel scales): q_gemm_nn's wide tiles, runs of 8, 4,
+                       // 2 or 1 vectors (640 nibbles: 20 vectors of low ones on AVX-512, 40 on AVX2)
+                       {6, 640, 640, 4}, {5, 384, 384, 8},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
                        // to pack, a panel of the widest rows (32 KB)
                        {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8},
