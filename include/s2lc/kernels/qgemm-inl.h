@@ -847,19 +847,15 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
 // a 3-bit 48 x 256 left factor, hot, Zen 5, the best of 8 alternating runs: 2 / 3 / 5 / 8
 // tokens 0.45 / 0.57 / 0.90 / 1.28 -> 0.40 / 0.49 / 0.86 / 1.17 us (a standalone copy of the
 // loop at 8 tokens: 8.3 -> 7.0-7.4 TSC ticks a row, 6.5 with no multiply at all). Same products.
-// kPart 1 / 2: only the first / second half of each group's columns (nibbles: the low / high
-// ones), kV / 2 vectors per group; GemmNNQGroups runs both, so twice the tokens fit the
-// accumulators and the codes are decoded half as often.
-template <std::size_t T, std::size_t kV, std::size_t G, bool kTier, bool kNib, int kPart = 0>
+template <std::size_t T, std::size_t kV, std::size_t G, bool kTier, bool kNib>
 HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
                             const float* HWY_RESTRICT cp, std::size_t g0, float* HWY_RESTRICT Y, std::size_t ldy) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
   const VF table = NibbleTable(t);
-  constexpr std::size_t kW = kPart ? kV / 2 : kV;  // vectors per group in the tile
-  VF acc[T][kW * G];
+  VF acc[T][kV * G];
   for (std::size_t i = 0; i < T; ++i)
-    for (std::size_t v = 0; v < kW * G; ++v) acc[i][v] = hn::Zero(df);
+    for (std::size_t v = 0; v < kV * G; ++v) acc[i][v] = hn::Zero(df);
   const std::size_t gb = kNib ? q.group / 2 : q.group;
   const std::uint8_t* p = q.codes + k0 * L.rb + g0 * gb;
   const float* sc = ss + g0;
@@ -882,24 +878,6 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
 #endif
     for (std::size_t gi = 0; gi < G; ++gi) {
       const VF s = hn::Set(df, sc[gi]);
-      if constexpr (kPart != 0) {
-        for (std::size_t j = 0; j < kW; ++j) {
-          VF a;
-          if constexpr (kNib) {
-            const VI b = LoadBytes(p + gi * gb + j * N);
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-            (void)s;
-            a = VF{_mm512_permutexvar_ps((kPart == 1 ? b : hn::ShiftRight<4>(b)).raw, cur[gi].raw)};
-#else
-            a = hn::Mul(Codes<kTier>(kPart == 1 ? LowNibble(b) : HighNibble(b), t), s);
-#endif
-          } else {
-            a = hn::Mul(Codes<kTier>(LoadBytes(p + gi * gb + (kPart == 2 ? gb / 2 : 0) + j * N), t), s);
-          }
-          for (std::size_t i = 0; i < T; ++i) acc[i][gi * kW + j] = hn::MulAdd(a, hn::Set(df, cp[i]), acc[i][gi * kW + j]);
-        }
-        continue;
-      }
 #if HWY_TARGET != HWY_SCALAR
       if constexpr (kNib && kV == 1) {  // a nibble group of N codes (HalfNibbles)
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
@@ -934,23 +912,17 @@ HWY_INLINE void GemmNNQTile(const QView& q, const Layout& L, std::size_t k0, std
   }
   for (std::size_t i = 0; i < T; ++i) {
     float* yp = Y + i * ldy + g0 * q.group;
-    for (std::size_t v = 0; v < kW * G; ++v) {
-      // kPart: vector j of group gi at gi group (+ group / 2 for the second half) + j N
-      float* o = kPart ? yp + (v / kW) * q.group + (kPart == 2 ? q.group / 2 : 0) + (v % kW) * N : yp + v * N;
-      hn::StoreU(hn::Add(hn::LoadU(df, o), acc[i][v]), df, o);
-    }
+    for (std::size_t v = 0; v < kV * G; ++v) hn::StoreU(hn::Add(hn::LoadU(df, yp + v * N), acc[i][v]), df, yp + v * N);
   }
 }
 
 
-// kSplit: each group's two halves of columns in tiles of their own (GemmNNQTile's kPart), for
-// tiles of T tokens whose whole groups do not fit the accumulators.
-template <std::size_t T, std::size_t kV, bool kTier, bool kSplit = false>
+template <std::size_t T, std::size_t kV, bool kTier>
 HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
                               const float* C, std::size_t ldc, float* Y, std::size_t ldy) {
   // (groups of one vector at one token: 8 at a time, not 16; AVX-512 nibbles keep a scaled table
   // per group, and 16 of them measured 2.8 against 2.1 us on a 4-bit 256 x 256)
-  constexpr std::size_t G = std::min<std::size_t>(kNNQAcc / (T * (kSplit ? kV / 2 : kV)), 8);
+  constexpr std::size_t G = std::min<std::size_t>(kNNQAcc / (T * kV), 8);
   static_assert(G >= 1);
   HWY_ALIGN float pack[T == 1 ? 1 : kNNCoefs];  // nk <= kNNCoefs / 8 (GemmNNQT)
   const float* cp = C;  // one token: its coefficients are already contiguous
@@ -962,17 +934,6 @@ HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, s
   auto tiles = [&](auto nib) {
     constexpr bool kNib = decltype(nib)::value;
     std::size_t g = 0;
-    if constexpr (kSplit) {  // the second half right after the first, its codes still in L1
-      for (; g + G <= L.nfast; g += G) {
-        GemmNNQTile<T, kV, G, kTier, kNib, 1>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
-        GemmNNQTile<T, kV, G, kTier, kNib, 2>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
-      }
-      for (; g < L.nfast; ++g) {
-        GemmNNQTile<T, kV, 1, kTier, kNib, 1>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
-        GemmNNQTile<T, kV, 1, kTier, kNib, 2>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
-      }
-      return;
-    }
     for (; g + G <= L.nfast; g += G) GemmNNQTile<T, kV, G, kTier, kNib>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
     for (; g < L.nfast; ++g) GemmNNQTile<T, kV, 1, kTier, kNib>(q, L, k0, nk, t, ss, cp, g, Y, ldy);
   };
@@ -1021,8 +982,9 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
         // whole groups of kV vectors fit tiles of at most 2 tokens (AVX2: groups of 32 and 64
         // codes; AVX-512: 128): halves of groups in tiles of twice the tokens. Where whole
         // groups fit 4 tokens, halves measured no faster (AVX2's groups of 16, AVX-512's of 64).
+        // The wide tiles with runs of kV / 2 vectors: each group's first half, then its second.
         while (exact ? nt - i == T : i + T <= nt) {
-          GemmNNQGroups<T, kV, kTier, true>(q, L, k0 + kb, n, t, ss, C + i * ldc + kb, ldc, Y + i * ldy, ldy);
+          GemmNNQWide<T, kV / 2, kTier>(q, L, k0 + kb, n, t, ss, C + i * ldc + kb, ldc, Y + i * ldy, ldy);
           i += T;
         }
       }
