@@ -740,7 +740,7 @@ void bench_merge_rows(benchmark::State& state, const MergeRowsCase& mc, merge_im
 }
 
 // One kernel on one matrix, hot (the kernel/ rows): random normal weights quantized to `bits`
-// (groups of `group`, 32 unless named _g16 or _g256), rows in lanes for q_gemm_nt.
+// (groups of `group`, 32 unless named _g8, _g16 or _g256), rows in lanes for q_gemm_nt.
 enum class kernel_impl { s2lc, decode_gemm_nn, fma_bound };
 struct KernelCase {
   const char* name;
@@ -755,8 +755,10 @@ constexpr KernelCase kKernelCases[] = {
     // a 4-bit left factor with groups of 32 and of 16 codes (16: half a vector's nibble bytes on
     // AVX-512, qgemm-inl.h's HalfNibbles)
     {"left_256x256", 256, 256, 4, false}, {"left_g16_256x256", 256, 256, 4, false, 16},
-    // ... and with one group a row (per-channel scales; q_gemm_nn's wide tiles)
-    {"left_g256_256x256", 256, 256, 4, false, 256}};
+    // ... with one group a row (per-channel scales; q_gemm_nn's wide tiles)
+    {"left_g256_256x256", 256, 256, 4, false, 256},
+    // ... and with groups of 8 (AVX-512: two groups a vector, qgemm-inl.h's narrow groups)
+    {"left_g8_256x256", 256, 256, 4, false, 8}};
 
 void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, kernel_impl which) {
   namespace k = s2lc::kernels;

@@ -65,6 +65,10 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // one group a row (per-channel scales): q_gemm_nn's wide tiles, runs of 8, 4,
                        // 2 or 1 vectors (640 nibbles: 20 vectors of low ones on AVX-512, 40 on AVX2)
                        {6, 640, 640, 4}, {5, 384, 384, 8},
+                       // narrow groups, several a vector (Layout::gpv; 8 above too): nibble groups
+                       // of 8 and 2 codes and byte groups of 1, 2, 4 with a row's last vector
+                       // partial (the scalar path) and a partial last group
+                       {7, 37, 8, 4}, {5, 75, 2, 4}, {4, 35, 1, 8}, {3, 29, 2, 5}, {6, 43, 4, 7},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
                        // to pack, a panel of the widest rows (32 KB)
                        {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8},

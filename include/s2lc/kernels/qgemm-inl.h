@@ -5,8 +5,10 @@
 // <s2lc/kernels/qgemm.hpp>.
 //
 // Conventions: matrices are row-major with explicit leading dimensions; every kernel ADDS into
-// its output. Vector bodies cover full groups whose length is a multiple of the lane count;
-// partial groups, odd group sizes and column tails take the scalar path, which decodes exactly as
+// its output. Vector bodies cover full groups whose length is a multiple of the lane count, nibble
+// groups of exactly the lane count (HalfNibbles) and, in the row-major kernels, groups narrower
+// than a vector that divide it (several a vector, per-lane scales: Layout::gpv); partial groups,
+// other group sizes and column tails take the scalar path, which decodes exactly as
 // s2lc::kernels::detail::decode.
 
 #if defined(S2LC_KERNELS_QGEMM_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -95,8 +97,12 @@ HWY_INLINE void Nibbles(VI b, VF table, const TierParams& t, VF& lo, VF& hi) {
 // Per-call layout constants (no divisions in the loops): groups per row, bytes per row, the
 // number of leading groups that run the vector body (full length, whole vectors), and of nibble
 // groups of exactly N codes (HalfNibbles; nhalf > 0 implies nfast == 0).
+// Narrow groups (fewer codes than lanes, dividing N: AVX-512 groups of 8, 4, 2 (bytes also 1),
+// AVX2 of 4, 2, ...): gpv = N / group groups per vector, nnarrow leading vectors of whole groups
+// that run the narrow vector body (NarrowCodes, NarrowScales; nnarrow > 0 implies nfast == nhalf
+// == 0), the groups from nnarrow gpv on the scalar path.
 struct Layout {
-  std::size_t gpr, rb, nfast, nhalf;
+  std::size_t gpr, rb, nfast, nhalf, gpv, nnarrow;
 };
 HWY_INLINE Layout MakeLayout(const QView& q, std::size_t N) {
   Layout l;
@@ -105,6 +111,9 @@ HWY_INLINE Layout MakeLayout(const QView& q, std::size_t N) {
   const bool ok = q.nibble ? (q.group / 2) % N == 0 : q.group % N == 0;
   l.nfast = ok ? q.cols / q.group : 0;
   l.nhalf = HWY_TARGET != HWY_SCALAR && q.nibble && q.group == N ? q.cols / q.group : 0;
+  const bool narrow = HWY_TARGET != HWY_SCALAR && q.group < N && N % q.group == 0;
+  l.gpv = narrow ? N / q.group : 0;
+  l.nnarrow = narrow ? q.cols / N : 0;
   return l;
 }
 
@@ -129,9 +138,94 @@ HWY_INLINE VF HalfNibbles(const std::uint8_t* p, VF table, const TierParams& t) 
   return Codes<kTier>(hn::ShiftRight<28>(hn::Shl(b, hn::IfThenElse(upper, hn::Set(di, 24), hn::Set(di, 28)))), t);
 #endif
 }
+
+// Narrow groups (Layout::gpv): each lane's code byte among the vector's N / 2 (nibbles) and the
+// shift of its nibble (0 low, 4 high; elsewhere as 28 - that, for a shift pair), and each lane's
+// group among the vector's gpv. A group of G nibble codes has h = G / 2 bytes: lane j is code
+// j % G of group j / G, the low nibble of byte (j / G) h + j % G while j % G < h, else the high
+// nibble of byte (j / G) h + j % G - h. Byte codes are in column order: byte j.
+// Nibbles also as chunks of N bytes in storage order (GemmNNQNarrowNibTile): each lane's group
+// among the chunk's 2 gpv (byte j: j / h), and the lanes of column order that take a high nibble.
+struct NarrowIx {
+  VI byte, shift, group, chunk_group;
+  hn::Mask<DF> high;
+};
+HWY_INLINE NarrowIx MakeNarrowIx(const QView& q) {
+  const DI di;
+  const std::size_t N = hn::Lanes(di), G = q.group, h = G / 2;
+  HWY_ALIGN std::int32_t b[HWY_MAX_BYTES / 4], sh[HWY_MAX_BYTES / 4], g[HWY_MAX_BYTES / 4], cg[HWY_MAX_BYTES / 4],
+      hm[HWY_MAX_BYTES / 4];
+  for (std::size_t j = 0; j < N; ++j) {
+    const std::size_t jj = j % G;
+    g[j] = static_cast<std::int32_t>(j / G);
+    cg[j] = static_cast<std::int32_t>(q.nibble ? j / h : 0);
+    hm[j] = q.nibble && jj >= h ? 1 : 0;
+    b[j] = static_cast<std::int32_t>(q.nibble ? (j / G) * h + (jj < h ? jj : jj - h) : j);
+    const int hi = q.nibble && jj >= h ? 4 : 0;
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+    sh[j] = hi;
+#else
+    sh[j] = 28 - hi;
+#endif
+  }
+  return {hn::Load(di, b), hn::Load(di, sh), hn::Load(di, g), hn::Load(di, cg),
+          hn::RebindMask(DF(), hn::Ne(hn::Load(di, hm), hn::Zero(di)))};
+}
+
+// Codes of vector v (columns [v N, v N + N)) of a row of narrow groups at `row`, unscaled, in
+// column order (the tier applied; AVX-512 nibbles: looked up in the tier's table).
+template <bool kTier>
+HWY_INLINE VF NarrowCodes(const QView& q, const std::uint8_t* row, std::size_t v, VF table, const TierParams& t,
+                          const NarrowIx& nx) {
+  const DI di;
+  const std::size_t N = hn::Lanes(di);
+  if (!q.nibble) return Codes<kTier>(LoadBytes(row + v * N), t);
+  const hn::Half<DI8> dh;
+  const auto h = hn::LoadU(dh, reinterpret_cast<const std::int8_t*>(row + v * (N / 2)));
+  const VI b = hn::TableLookupLanes(hn::PromoteTo(di, hn::Combine(DI8(), h, h)), hn::IndicesFromVec(di, nx.byte));
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  (void)t;
+  return VF{_mm512_permutexvar_ps(hn::Shr(b, nx.shift).raw, table.raw)};
+#else
+  (void)table;
+  return Codes<kTier>(hn::ShiftRight<28>(hn::Shl(b, nx.shift)), t);
+#endif
+}
+
+// Per-lane scales of a vector of narrow groups from gpv consecutive f32 scales at p (N floats
+// readable there: the lanes past gpv are not used).
+HWY_INLINE VF NarrowScales(const float* p, const NarrowIx& nx) {
+  const DF df;
+  return hn::TableLookupLanes(hn::LoadU(df, p), hn::IndicesFromVec(df, nx.group));
+}
+
+// The same from q's bf16 scales, of vector v of row r, times the tier's 2^shift: the products
+// Scale makes, one per lane.
+HWY_INLINE VF NarrowScalesBF16(const QView& q, const Layout& L, std::size_t r, std::size_t v, const TierParams& t,
+                               const NarrowIx& nx) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df), i = r * L.gpr + v * L.gpv;
+  const std::uint16_t* p = q.scales + i;
+  HWY_ALIGN std::uint16_t tmp[HWY_MAX_BYTES / 4] = {};
+  if (i + N > std::size_t{q.rows} * L.gpr) {  // a load of N would pass the end of the scales
+    std::memcpy(tmp, p, L.gpv * sizeof(std::uint16_t));
+    p = tmp;
+  }
+  const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(DU(), hn::LoadU(hn::Rebind<std::uint16_t, DF>(), p))));
+  return hn::Mul(hn::TableLookupLanes(s, hn::IndicesFromVec(df, nx.group)), hn::Set(df, t.mul));
+}
 #endif
 HWY_INLINE float Scale(const QView& q, const Layout& l, std::size_t r, std::size_t g, const TierParams& t) {
   return s2lc::bf16_to_f32(q.scales[r * l.gpr + g]) * t.mul;
+}
+
+// out = v (kAdd: out += alpha v; kScale: out = alpha v) for a decoded vector v.
+template <bool kAdd, bool kScale>
+HWY_INLINE void PutDecoded(VF v, VF va, float* o) {
+  const DF df;
+  if constexpr (kAdd) hn::StoreU(hn::MulAdd(va, v, hn::LoadU(df, o)), df, o);
+  else if constexpr (kScale) hn::StoreU(hn::Mul(va, v), df, o);
+  else hn::StoreU(v, df, o);
 }
 
 // Decoded row r, columns [c0, c0 + n) of one group, into out (vector or scalar); with kAdd,
@@ -154,11 +248,7 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
     return;
   }
   const auto vs = hn::Set(df, s), va = hn::Set(df, alpha);
-  auto put = [&](VF v, float* o) {
-    if constexpr (kAdd) hn::StoreU(hn::MulAdd(va, v, hn::LoadU(df, o)), df, o);
-    else if constexpr (kScale) hn::StoreU(hn::Mul(va, v), df, o);
-    else hn::StoreU(v, df, o);
-  };
+  auto put = [&](VF v, float* o) { PutDecoded<kAdd, kScale>(v, va, o); };
   const std::uint8_t* row = q.codes + r * L.rb;
 #if HWY_TARGET != HWY_SCALAR
   if (L.nhalf) return put(hn::Mul(HalfNibbles<kTier>(row + g * (N / 2), NibbleTable(t), t), vs), out);
@@ -182,9 +272,24 @@ HWY_INLINE void DecodeGroup(const QView& q, const Layout& L, std::size_t r, std:
 template <bool kTier, bool kAdd = false, bool kScale = false>
 HWY_INLINE void DecodeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float* out, std::size_t ld,
                             float alpha = 1.0f) {
-  const Layout L = MakeLayout(q, hn::Lanes(DF()));
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const Layout L = MakeLayout(q, N);
+  std::size_t g0 = 0;  // the first group of the per-group loop
+#if HWY_TARGET != HWY_SCALAR
+  if (L.nnarrow) {  // narrow groups: vectors of gpv groups, each lane at its group's scale
+    const NarrowIx nx = MakeNarrowIx(q);
+    const VF table = NibbleTable(t), va = hn::Set(df, alpha);
+    for (std::size_t i = 0; i < nr; ++i)
+      for (std::size_t v = 0; v < L.nnarrow; ++v)
+        PutDecoded<kAdd, kScale>(hn::Mul(NarrowCodes<kTier>(q, q.codes + (r0 + i) * L.rb, v, table, t, nx),
+                                         NarrowScalesBF16(q, L, r0 + i, v, t, nx)),
+                                 va, out + i * ld + v * N);
+    g0 = L.nnarrow * L.gpv;
+  }
+#endif
   for (std::size_t i = 0; i < nr; ++i)
-    for (std::size_t g = 0; g < L.gpr; ++g) DecodeGroup<kTier, kAdd, kScale>(q, L, r0 + i, g, t, out + i * ld + g * q.group, alpha);
+    for (std::size_t g = g0; g < L.gpr; ++g) DecodeGroup<kTier, kAdd, kScale>(q, L, r0 + i, g, t, out + i * ld + g * q.group, alpha);
 }
 
 // y[i] += alpha * sum_j W[r0 + i, j] x[j] for R rows: codes decoded in registers, one x load
@@ -200,7 +305,24 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
   VF acc[R];
   float tail[R];
   for (std::size_t i = 0; i < R; ++i) acc[i] = hn::Zero(df), tail[i] = 0.0f;
-  for (std::size_t g = 0; g < gpr; ++g) {
+  std::size_t g0 = 0;  // the first group of the per-group loop
+#if HWY_TARGET != HWY_SCALAR
+  if (L.nnarrow) {  // narrow groups: vectors of gpv groups, each lane at its group's scale
+    const NarrowIx nx = MakeNarrowIx(q);
+    const std::size_t vb = q.nibble ? N / 2 : N;  // code bytes per vector
+    for (std::size_t v = 0; v < L.nnarrow; ++v) {
+      const VF xv = hn::LoadU(df, x + v * N);
+      for (std::size_t i = 0; i < R; ++i) {
+        const std::uint8_t* row = q.codes + (r0 + i) * rb;
+        if ((v * vb) % 64 == 0) hwy::Prefetch(row + v * vb + kPrefetchAhead);
+        const VF w = hn::Mul(NarrowCodes<kTier>(q, row, v, table, t, nx), NarrowScalesBF16(q, L, r0 + i, v, t, nx));
+        acc[i] = hn::MulAdd(w, xv, acc[i]);
+      }
+    }
+    g0 = L.nnarrow * L.gpv;
+  }
+#endif
+  for (std::size_t g = g0; g < gpr; ++g) {
     const std::size_t c0 = g * q.group;
 #if HWY_TARGET != HWY_SCALAR
     if (g < L.nhalf) {
@@ -765,6 +887,145 @@ HWY_INLINE void NNScales(const QView& q, const Layout& L, std::size_t k, std::si
     for (std::size_t j = 0; j < n * L.gpr; ++j) ss[j] *= t.mul;
 }
 
+#if HWY_TARGET != HWY_SCALAR
+// Y[t, j] += sum_k C[t, k] W[k, j] for T tokens over vectors [v0, v0 + kW) of narrow groups
+// (Layout::gpv): each row's vector decoded once for the T tokens, times its per-lane scales (ss
+// as GemmNNQTile's, N floats readable past each row's), then one FMA per token; cp packed as
+// GemmNNQTile's.
+template <std::size_t T, std::size_t kW, bool kTier>
+HWY_INLINE void GemmNNQNarrowTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t,
+                                  const float* ss, const float* HWY_RESTRICT cp, std::size_t v0, const NarrowIx& nx,
+                                  float* HWY_RESTRICT Y, std::size_t ldy) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df), vb = q.nibble ? N / 2 : N;
+  const VF table = NibbleTable(t);
+  VF acc[T][kW];
+  for (std::size_t i = 0; i < T; ++i)
+    for (std::size_t j = 0; j < kW; ++j) acc[i][j] = hn::Zero(df);
+  const std::uint8_t* row = q.codes + k0 * L.rb;
+  const float* sc = ss + v0 * L.gpv;
+  for (std::size_t k = 0; k < nk; ++k, row += L.rb, sc += L.gpr, cp += T) {
+    hwy::Prefetch(row + v0 * vb + kPrefetchAhead);
+    for (std::size_t j = 0; j < kW; ++j) {
+      const VF a = hn::Mul(NarrowCodes<kTier>(q, row, v0 + j, table, t, nx), NarrowScales(sc + j * L.gpv, nx));
+      for (std::size_t i = 0; i < T; ++i) acc[i][j] = hn::MulAdd(a, hn::Set(df, cp[i]), acc[i][j]);
+    }
+  }
+  for (std::size_t i = 0; i < T; ++i) {
+    float* yp = Y + i * ldy + v0 * N;
+    for (std::size_t j = 0; j < kW; ++j) hn::StoreU(hn::Add(hn::LoadU(df, yp + j * N), acc[i][j]), df, yp + j * N);
+  }
+}
+
+// The same for nibbles over chunks [c0, c0 + kC) of N code bytes (2 vectors of columns each), in
+// storage order: a chunk's low and high nibbles as Nibbles decodes them (no per-vector byte
+// permutation: 2 vectors from one load and two lookups), times the chunk's per-lane scales (lane
+// j: group j / h), accumulated so, and put in column order once, at the store (lane j of column
+// vector 2 c + u: low or high nibble of byte u N / 2 + NarrowIx::byte[j]).
+template <std::size_t T, std::size_t kC, bool kTier>
+HWY_INLINE void GemmNNQNarrowNibTile(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t,
+                                     const float* ss, const float* HWY_RESTRICT cp, std::size_t c0, const NarrowIx& nx,
+                                     float* HWY_RESTRICT Y, std::size_t ldy) {
+  const DF df;
+  const DI di;
+  const std::size_t N = hn::Lanes(df);
+  const VF table = NibbleTable(t);
+  VF acc[T][2 * kC];
+  for (std::size_t i = 0; i < T; ++i)
+    for (std::size_t j = 0; j < 2 * kC; ++j) acc[i][j] = hn::Zero(df);
+  const std::uint8_t* row = q.codes + k0 * L.rb + c0 * N;
+  const float* sc = ss + c0 * 2 * L.gpv;
+  const auto cix = hn::IndicesFromVec(df, nx.chunk_group);
+  for (std::size_t k = 0; k < nk; ++k, row += L.rb, sc += L.gpr, cp += T) {
+    hwy::Prefetch(row + kPrefetchAhead);
+    for (std::size_t j = 0; j < kC; ++j) {
+      VF lo, hi;
+      Nibbles<kTier>(LoadBytes(row + j * N), table, t, lo, hi);
+      const VF s = hn::TableLookupLanes(hn::LoadU(df, sc + j * 2 * L.gpv), cix);
+      lo = hn::Mul(lo, s), hi = hn::Mul(hi, s);
+      for (std::size_t i = 0; i < T; ++i) {
+        const VF c = hn::Set(df, cp[i]);
+        acc[i][2 * j] = hn::MulAdd(lo, c, acc[i][2 * j]);
+        acc[i][2 * j + 1] = hn::MulAdd(hi, c, acc[i][2 * j + 1]);
+      }
+    }
+  }
+  const auto i0 = hn::IndicesFromVec(df, nx.byte), i1 = hn::IndicesFromVec(df, hn::Add(nx.byte, hn::Set(di, static_cast<std::int32_t>(N / 2))));
+  for (std::size_t i = 0; i < T; ++i) {
+    float* yp = Y + i * ldy + c0 * 2 * N;
+    for (std::size_t j = 0; j < kC; ++j) {
+      const VF lo = acc[i][2 * j], hi = acc[i][2 * j + 1];
+      const VF u0 = hn::IfThenElse(nx.high, hn::TableLookupLanes(hi, i0), hn::TableLookupLanes(lo, i0));
+      const VF u1 = hn::IfThenElse(nx.high, hn::TableLookupLanes(hi, i1), hn::TableLookupLanes(lo, i1));
+      hn::StoreU(hn::Add(hn::LoadU(df, yp + 2 * j * N), u0), df, yp + 2 * j * N);
+      hn::StoreU(hn::Add(hn::LoadU(df, yp + 2 * j * N + N), u1), df, yp + 2 * j * N + N);
+    }
+  }
+}
+
+// GemmNNQT and GemvNNT on narrow groups: the scales converted as GemmNNQT does, tiles of 8 tokens,
+// then the remaining 3, 5, 6 or 7 in one tile, else 4, 2, 1. Nibbles: chunk tiles of
+// kNNQAcc / 2T chunks (at most 4) where that is at least one, the rest of the chunks one at a
+// time, then a last odd vector; else (and for bytes) tiles of kNNQAcc / T vectors (at most 8),
+// the rest one at a time. The groups past the vectors (a row's last N - 1 columns or fewer) on
+// the scalar path. Were the scalar path throughout: AVX-512, 4-bit 256 x 256 in groups of 8,
+// q_gemm_nn at 8 tokens 2011 us.
+template <bool kTier>
+HWY_INLINE void GemmNNQNarrowT(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
+                               std::size_t ldc, std::size_t nt, float* Y, std::size_t ldy) {
+  const NarrowIx nx = MakeNarrowIx(q);
+  HWY_ALIGN float ss[kNNCoefs + HWY_MAX_BYTES / 4];  // + N: NarrowScales reads N floats
+  HWY_ALIGN float pack[kNNCoefs];
+  const std::size_t kc = kNNCoefs / std::max<std::size_t>(L.gpr, 8);  // kc x 8 packed coefficients
+  for (std::size_t kb = 0; kb < nk; kb += kc) {
+    const std::size_t n = std::min(kc, nk - kb);
+    NNScales(q, L, k0 + kb, n, t, ss);
+    std::fill(ss + n * L.gpr, ss + n * L.gpr + hn::Lanes(DF()), 0.0f);  // (lanes never used)
+    std::size_t i = 0;
+    // exact: one tile, only if exactly T tokens remain (as GemmNNQT's run)
+    auto tiles = [&](auto tt, bool exact = false) {
+      constexpr std::size_t T = decltype(tt)::value, kW = std::min<std::size_t>(kNNQAcc / T, 8);
+      constexpr std::size_t kC = std::min<std::size_t>(kNNQAcc / (2 * T), 4);
+      // nibbles: only tiles with room for a chunk (AVX2: at most 4 tokens; 4-bit 256 x 256 in
+      // groups of 4, 8 / 32 tokens 13.6-14.2 / 52-54 us as tiles of 8 vectors, 12.3-12.7 /
+      // 47 as chunk tiles of 4 tokens)
+      if (kC == 0 && q.nibble) return;
+      for (; exact ? nt - i == T : i + T <= nt; i += T) {
+        const float* cp = C + i * ldc + kb;
+        if constexpr (T > 1) {
+          for (std::size_t k = 0; k < n; ++k)
+            for (std::size_t u = 0; u < T; ++u) pack[k * T + u] = cp[u * ldc + k];
+          cp = pack;
+        }
+        float* Yi = Y + i * ldy;
+        std::size_t v = 0;
+        if constexpr (kC >= 1) {
+          if (q.nibble) {
+            const std::size_t nc = L.nnarrow / 2;
+            std::size_t c = 0;
+            for (; c + kC <= nc; c += kC) GemmNNQNarrowNibTile<T, kC, kTier>(q, L, k0 + kb, n, t, ss, cp, c, nx, Yi, ldy);
+            for (; c < nc; ++c) GemmNNQNarrowNibTile<T, 1, kTier>(q, L, k0 + kb, n, t, ss, cp, c, nx, Yi, ldy);
+            v = 2 * nc;
+          }
+        }
+        for (; v + kW <= L.nnarrow; v += kW) GemmNNQNarrowTile<T, kW, kTier>(q, L, k0 + kb, n, t, ss, cp, v, nx, Yi, ldy);
+        for (; v < L.nnarrow; ++v) GemmNNQNarrowTile<T, 1, kTier>(q, L, k0 + kb, n, t, ss, cp, v, nx, Yi, ldy);
+      }
+    };
+    tiles(std::integral_constant<std::size_t, 8>());
+    tiles(std::integral_constant<std::size_t, 7>(), true);
+    tiles(std::integral_constant<std::size_t, 6>(), true);
+    tiles(std::integral_constant<std::size_t, 5>(), true);
+    tiles(std::integral_constant<std::size_t, 3>(), true);
+    tiles(std::integral_constant<std::size_t, 4>());
+    tiles(std::integral_constant<std::size_t, 2>());
+    tiles(std::integral_constant<std::size_t, 1>());
+  }
+  for (std::size_t i = 0; i < nt; ++i)
+    GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nnarrow * L.gpv, L.gpr, Y + i * ldy);
+}
+#endif
+
 // GemmNNQT (and GemvNNT) on groups that WideNN takes: the scales converted as GemmNNQT does,
 // tiles of 8, 4, 2, 1 tokens, each of the widest kW <= 8 that fits the accumulators and divides
 // the vectors of a run (nibbles: half the group's).
@@ -809,6 +1070,9 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
   const DF df;
   const std::size_t N = hn::Lanes(df);
   Layout L = MakeLayout(q, N);
+#if HWY_TARGET != HWY_SCALAR
+  if (L.nnarrow && L.gpr <= kNNCoefs) return GemmNNQNarrowT<kTier>(q, L, k0, nk, t, c, 0, 1, y, 0);
+#endif
   if (L.nhalf) L.nfast = L.nhalf;      // nibble groups of N codes: GemvNNTile<1> decodes them whole
   const std::size_t kv = q.group / N;  // vectors per group (nibble: half of them per half group)
   const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && 
@@ -954,6 +1218,9 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
                          std::size_t nt, float* Y, std::size_t ldy) {
   const std::size_t N = hn::Lanes(DF());
   Layout L = MakeLayout(q, N);
+#if HWY_TARGET != HWY_SCALAR
+  if (L.nnarrow && L.gpr <= kNNCoefs) return GemmNNQNarrowT<kTier>(q, L, k0, nk, t, C, ldc, nt, Y, ldy);
+#endif
   if (L.nhalf) L.nfast = L.nhalf;  // nibble groups of N codes: GemmNNQTile<kV = 1> decodes them whole
   const std::size_t kv = q.group / N;
   const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 4 || (kv == 8 && nt > 1));
@@ -1986,7 +2253,24 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
     lo = Finish<kScale>(lo, vs, va), hi = Finish<kScale>(hi, vs, va);
 #endif
   };
-  for (std::size_t g = 0; g < L.gpr; ++g) {
+  std::size_t g0 = 0;  // the first group of the per-group loop
+#if HWY_TARGET != HWY_SCALAR
+  if (L.nnarrow) {  // narrow groups: vectors of gpv groups, each lane at its group's scale
+    const qk::NarrowIx nx = qk::MakeNarrowIx(q);
+    auto vec = [&](std::size_t v) {
+      return Finish<kScale>(qk::NarrowCodes<kTier>(q, row, v, table, t, nx), qk::NarrowScalesBF16(q, L, r, v, t, nx), va);
+    };
+    std::size_t v = 0;
+    for (; v + kMergeU <= L.nnarrow; v += kMergeU) {  // kMergeU vectors to the sink at a time
+      qk::VF dv[kMergeU];
+      for (std::size_t u = 0; u < kMergeU; ++u) dv[u] = vec(v + u);
+      sink.Vecs(dv, v * N);
+    }
+    for (; v < L.nnarrow; ++v) sink.Vec(vec(v), v * N);
+    g0 = L.nnarrow * L.gpv;
+  }
+#endif
+  for (std::size_t g = g0; g < L.gpr; ++g) {
     const std::size_t c0 = g * q.group;
     if (q.nibble && q.group / 2 >= N && kMergeU % (q.group / N) == 0 && g + kMergeU / (q.group / N) <= L.nfast &&
         (q.group / 2 == N || Sink::kPairs)) {
