@@ -748,6 +748,7 @@ struct KernelCase {
   unsigned bits;
   bool lanes;  // q_gemm_nt on rows in lanes; else q_gemm_nn on the row-major matrix
   std::size_t group = 32;
+  bool nt = false;  // q_gemm_nt on the row-major matrix (a right factor whose shape has no rows in lanes)
 };
 constexpr KernelCase kKernelCases[] = {
     {"core_2048x1408", 2048, 1408, 4, true}, {"core5_2048x1408", 2048, 1408, 5, true},
@@ -758,7 +759,9 @@ constexpr KernelCase kKernelCases[] = {
     // ... with one group a row (per-channel scales; q_gemm_nn's wide tiles)
     {"left_g256_256x256", 256, 256, 4, false, 256},
     // ... and with groups of 8 (AVX-512: two groups a vector, qgemm-inl.h's narrow groups)
-    {"left_g8_256x256", 256, 256, 4, false, 8}};
+    {"left_g8_256x256", 256, 256, 4, false, 8},
+    // q_gemm_nt on a row-major 4-bit 256 x 256 (groups of 32, and of 4: no rows in lanes)
+    {"right_rm_256x256", 256, 256, 4, false, 32, true}, {"right_rm_g4_256x256", 256, 256, 4, false, 4, true}};
 
 void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, kernel_impl which) {
   namespace k = s2lc::kernels;
@@ -770,7 +773,8 @@ void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, 
   const auto km = mo::KMat::from(q, kc.lanes);
   const k::QView v = km.view();
   // q_gemm_nt: X [T, cols] -> Y [T, rows]; q_gemm_nn: C [T, rows] -> Y [T, cols]
-  const std::size_t in = kc.lanes ? kc.cols : kc.rows, out = kc.lanes ? kc.rows : kc.cols;
+  const bool nt = kc.lanes || kc.nt;
+  const std::size_t in = nt ? kc.cols : kc.rows, out = nt ? kc.rows : kc.cols;
   std::vector<float> X(T * in), Y(T * out, 0.0f), buf(kc.rows * kc.cols);
   for (auto& x : X) x = nd(rng);
   const std::size_t macs = kc.rows * kc.cols * T;
@@ -782,7 +786,7 @@ void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, 
     } else if (which == kernel_impl::decode_gemm_nn) {
       k::q_decode_rows(v, 0, kc.rows, 0, buf.data(), kc.cols);
       k::gemm_nn(X.data(), in, T, kc.rows, buf.data(), kc.cols, kc.cols, Y.data(), out);
-    } else if (kc.lanes) {
+    } else if (nt) {
       k::q_gemm_nt(v, 0, kc.rows, 0, X.data(), in, T, 1.0f, Y.data(), out);
     } else {
       k::q_gemm_nn(v, 0, kc.rows, 0, X.data(), in, T, Y.data(), out);
@@ -989,7 +993,7 @@ const bool registered = [] {
   for (const KernelCase& kc : kKernelCases)
     for (std::size_t T : {1u, 2u, 3u, 4u, 5u, 8u, 16u, 32u, 64u})
       for (kernel_impl w : {kernel_impl::s2lc, kernel_impl::decode_gemm_nn, kernel_impl::fma_bound}) {
-        if (w == kernel_impl::decode_gemm_nn && kc.lanes) continue;
+        if (w == kernel_impl::decode_gemm_nn && (kc.lanes || kc.nt)) continue;
         const char* iname = w == kernel_impl::s2lc ? "s2lc" : w == kernel_impl::fma_bound ? "fma_bound" : "decode_gemm_nn";
         benchmark::RegisterBenchmark(("kernel/" + std::string(iname) + "/" + kc.name + "_t" + std::to_string(T)).c_str(),
                                      [=](benchmark::State& st) { bench_kernel(st, kc, T, w); })

@@ -69,6 +69,9 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // of 8 and 2 codes and byte groups of 1, 2, 4 with a row's last vector
                        // partial (the scalar path) and a partial last group
                        {7, 37, 8, 4}, {5, 75, 2, 4}, {4, 35, 1, 8}, {3, 29, 2, 5}, {6, 43, 4, 7},
+                       // row-major q_gemm_nt decodes blocks of 8192 / cols rows (3000 columns: 2
+                       // rows a block, the 4-row tiles unused)
+                       {5, 3000, 32, 4},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
                        // to pack, a panel of the widest rows (32 KB)
                        {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8},

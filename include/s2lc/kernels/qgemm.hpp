@@ -107,7 +107,9 @@ namespace s2lc::kernels {
 //                the product: the bits of q_decode_rows followed by a multiply).
 // q_gemv_nt:     y[i] += alpha * sum_j q[r0 + i, j] x[j],  i < nr.
 // q_gemm_nt:     y[t * ldy + i] += alpha * sum_j q[r0 + i, j] x[t * ldx + j], i < nr, t < nt (rows in
-//                lanes: each code decoded once per tile of up to 8 tokens; else q_gemv_nt per token).
+//                lanes: each code decoded once per tile of up to 8 tokens; row-major: from 2
+//                tokens each code decoded once per call into an L1 scratch, then f32 tiles for
+//                every token; one token, or rows wider than 8192: q_gemv_nt per token).
 // q_gemv_nn:     y[j] += sum_k c[k] q[k0 + k, j],          k < nk.
 // q_gemm_nn:     y[t * ldy + j] += sum_k c[t * ldc + k] q[k0 + k, j], k < nk, t < nt (codes
 //                decoded once per row for up to 8 tokens; what q_gemv_nn is per token).
