@@ -204,14 +204,17 @@ HWY_INLINE VF NarrowScales(const float* p, const NarrowIx& nx) {
 HWY_INLINE VF NarrowScalesBF16(const QView& q, const Layout& L, std::size_t r, std::size_t v, const TierParams& t,
                                const NarrowIx& nx) {
   const DF df;
+  const hn::Rebind<std::uint16_t, DF> d16;
   const std::size_t N = hn::Lanes(df), i = r * L.gpr + v * L.gpv;
-  const std::uint16_t* p = q.scales + i;
-  HWY_ALIGN std::uint16_t tmp[HWY_MAX_BYTES / 4] = {};
-  if (i + N > std::size_t{q.rows} * L.gpr) {  // a load of N would pass the end of the scales
-    std::memcpy(tmp, p, L.gpv * sizeof(std::uint16_t));
-    p = tmp;
+  hn::Vec<decltype(d16)> bits;
+  if (i + N <= std::size_t{q.rows} * L.gpr) {
+    bits = hn::LoadU(d16, q.scales + i);
+  } else {  // a load of N would pass the end of the scales
+    HWY_ALIGN std::uint16_t tmp[HWY_MAX_BYTES / 4] = {};
+    std::memcpy(tmp, q.scales + i, L.gpv * sizeof(std::uint16_t));
+    bits = hn::Load(d16, tmp);
   }
-  const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(DU(), hn::LoadU(hn::Rebind<std::uint16_t, DF>(), p))));
+  const VF s = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(DU(), bits)));
   return hn::Mul(hn::TableLookupLanes(s, hn::IndicesFromVec(df, nx.group)), hn::Set(df, t.mul));
 }
 #endif
