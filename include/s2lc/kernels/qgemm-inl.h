@@ -814,6 +814,21 @@ HWY_INLINE bool WideNN(const QView& q, const Layout& L, std::size_t N, std::size
 // Accumulators a GemmNNQTile may keep: 16 with 32 vector registers (AVX-512), else 8.
 inline constexpr std::size_t kNNQAcc = hn::MaxLanes(DF()) >= 16 ? 16 : 8;
 
+// The T tokens' coefficients of rows [0, nk) (token i's at C + i ldc) packed row by row into pack
+// (row k's at pack + k T, nk T <= kNNCoefs), so every broadcast of a tile is one base pointer
+// plus a constant offset; one token: C itself, already contiguous.
+template <std::size_t T>
+HWY_INLINE const float* PackCoefs(const float* C, std::size_t ldc, std::size_t nk, float* pack) {
+  if constexpr (T == 1) {
+    (void)ldc, (void)nk, (void)pack;
+    return C;
+  } else {
+    for (std::size_t k = 0; k < nk; ++k)
+      for (std::size_t i = 0; i < T; ++i) pack[k * T + i] = C[i * ldc + k];
+    return pack;
+  }
+}
+
 // Vectors [v0, v0 + kW) in column order of group g (WideNN), for T tokens: nibbles, the low ones
 // of the group's byte chunks v0.. while v0 < kv / 2, else the high ones of chunks v0 - kv / 2..
 // (kW divides kv / 2, so a tile never straddles the two). One row's scale per row, as
@@ -868,13 +883,8 @@ HWY_INLINE void GemmNNQWideTile(const QView& q, const Layout& L, std::size_t k0,
 template <std::size_t T, std::size_t kW, bool kTier>
 HWY_INLINE void GemmNNQWide(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* ss,
                             const float* C, std::size_t ldc, float* Y, std::size_t ldy) {
-  HWY_ALIGN float pack[T == 1 ? 1 : kNNCoefs];  // nk <= kNNCoefs / 8 (GemmNNQT)
-  const float* cp = C;
-  if constexpr (T > 1) {
-    for (std::size_t k = 0; k < nk; ++k)
-      for (std::size_t i = 0; i < T; ++i) pack[k * T + i] = C[i * ldc + k];
-    cp = pack;
-  }
+  HWY_ALIGN float pack[T == 1 ? 1 : kNNCoefs];  // nk <= kNNCoefs / 8 (NNChunks)
+  const float* cp = PackCoefs<T>(C, ldc, nk, pack);
   const std::size_t kv = q.group / hn::Lanes(DF());
   for (std::size_t g = 0; g < L.nfast; ++g)
     for (std::size_t v0 = 0; v0 < kv; v0 += kW) {
@@ -888,6 +898,19 @@ HWY_INLINE void NNScales(const QView& q, const Layout& L, std::size_t k, std::si
   BF16ToF32(q.scales + k * L.gpr, ss, n * L.gpr);
   if (t.mul != 1.0f)
     for (std::size_t j = 0; j < n * L.gpr; ++j) ss[j] *= t.mul;
+}
+
+// Rows [k0, k0 + nk) of the left-factor drivers in chunks of kNNCoefs / max(gpr, 8) rows (their
+// scales fit kNNCoefs floats, and so do the coefficients of 8 tokens PackCoefs packs): for each,
+// ss = its scales (NNScales), then f(kb, n) for rows [k0 + kb, k0 + kb + n).
+template <class F>
+HWY_INLINE void NNChunks(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, float* ss, F&& f) {
+  const std::size_t kc = kNNCoefs / std::max<std::size_t>(L.gpr, 8);
+  for (std::size_t kb = 0; kb < nk; kb += kc) {
+    const std::size_t n = std::min(kc, nk - kb);
+    NNScales(q, L, k0 + kb, n, t, ss);
+    f(kb, n);
+  }
 }
 
 #if HWY_TARGET != HWY_SCALAR
@@ -979,10 +1002,7 @@ HWY_INLINE void GemmNNQNarrowT(const QView& q, const Layout& L, std::size_t k0, 
   const NarrowIx nx = MakeNarrowIx(q);
   HWY_ALIGN float ss[kNNCoefs + HWY_MAX_BYTES / 4];  // + N: NarrowScales reads N floats
   HWY_ALIGN float pack[kNNCoefs];
-  const std::size_t kc = kNNCoefs / std::max<std::size_t>(L.gpr, 8);  // kc x 8 packed coefficients
-  for (std::size_t kb = 0; kb < nk; kb += kc) {
-    const std::size_t n = std::min(kc, nk - kb);
-    NNScales(q, L, k0 + kb, n, t, ss);
+  NNChunks(q, L, k0, nk, t, ss, [&](std::size_t kb, std::size_t n) {
     std::fill(ss + n * L.gpr, ss + n * L.gpr + hn::Lanes(DF()), 0.0f);  // (lanes never used)
     std::size_t i = 0;
     // exact: one tile, only if exactly T tokens remain (as GemmNNQT's run)
@@ -994,12 +1014,7 @@ HWY_INLINE void GemmNNQNarrowT(const QView& q, const Layout& L, std::size_t k0, 
       // 47 as chunk tiles of 4 tokens)
       if (kC == 0 && q.nibble) return;
       for (; exact ? nt - i == T : i + T <= nt; i += T) {
-        const float* cp = C + i * ldc + kb;
-        if constexpr (T > 1) {
-          for (std::size_t k = 0; k < n; ++k)
-            for (std::size_t u = 0; u < T; ++u) pack[k * T + u] = cp[u * ldc + k];
-          cp = pack;
-        }
+        const float* cp = PackCoefs<T>(C + i * ldc + kb, ldc, n, pack);
         float* Yi = Y + i * ldy;
         std::size_t v = 0;
         if constexpr (kC >= 1) {
@@ -1023,7 +1038,7 @@ HWY_INLINE void GemmNNQNarrowT(const QView& q, const Layout& L, std::size_t k0, 
     tiles(std::integral_constant<std::size_t, 4>());
     tiles(std::integral_constant<std::size_t, 2>());
     tiles(std::integral_constant<std::size_t, 1>());
-  }
+  });
   for (std::size_t i = 0; i < nt; ++i)
     GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nnarrow * L.gpv, L.gpr, Y + i * ldy);
 }
@@ -1037,10 +1052,7 @@ HWY_INLINE void GemmNNQWideT(const QView& q, const Layout& L, std::size_t k0, st
                              std::size_t ldc, std::size_t nt, float* Y, std::size_t ldy) {
   const std::size_t kv = q.group / hn::Lanes(DF()), d = q.nibble ? kv / 2 : kv;
   HWY_ALIGN float ss[kNNCoefs];
-  const std::size_t kc = kNNCoefs / std::max<std::size_t>(L.gpr, 8);  // GemmNNQWide packs kc x 8 coefficients
-  for (std::size_t kb = 0; kb < nk; kb += kc) {
-    const std::size_t n = std::min(kc, nk - kb);
-    NNScales(q, L, k0 + kb, n, t, ss);
+  NNChunks(q, L, k0, nk, t, ss, [&](std::size_t kb, std::size_t n) {
     std::size_t i = 0;
     auto tiles = [&](auto tt) {
       constexpr std::size_t T = decltype(tt)::value;
@@ -1060,7 +1072,7 @@ HWY_INLINE void GemmNNQWideT(const QView& q, const Layout& L, std::size_t k0, st
     tiles(std::integral_constant<std::size_t, 4>());
     tiles(std::integral_constant<std::size_t, 2>());
     tiles(std::integral_constant<std::size_t, 1>());
-  }
+  });
   for (std::size_t i = 0; i < nt; ++i) GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nfast, L.gpr, Y + i * ldy);
 }
 
@@ -1191,13 +1203,8 @@ HWY_INLINE void GemmNNQGroups(const QView& q, const Layout& L, std::size_t k0, s
   // per group, and 16 of them measured 2.8 against 2.1 us on a 4-bit 256 x 256)
   constexpr std::size_t G = std::min<std::size_t>(kNNQAcc / (T * kV), 8);
   static_assert(G >= 1);
-  HWY_ALIGN float pack[T == 1 ? 1 : kNNCoefs];  // nk <= kNNCoefs / 8 (GemmNNQT)
-  const float* cp = C;  // one token: its coefficients are already contiguous
-  if constexpr (T > 1) {
-    for (std::size_t k = 0; k < nk; ++k)
-      for (std::size_t i = 0; i < T; ++i) pack[k * T + i] = C[i * ldc + k];
-    cp = pack;
-  }
+  HWY_ALIGN float pack[T == 1 ? 1 : kNNCoefs];  // nk <= kNNCoefs / 8 (NNChunks)
+  const float* cp = PackCoefs<T>(C, ldc, nk, pack);
   auto tiles = [&](auto nib) {
     constexpr bool kNib = decltype(nib)::value;
     std::size_t g = 0;
@@ -1234,10 +1241,7 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
   }
   // The scales as f32 times 2^shift (exact: a power of 2), kNNCoefs at a time.
   HWY_ALIGN float ss[kNNCoefs];
-  const std::size_t kc = kNNCoefs / std::max<std::size_t>(L.gpr, 8);  // GemmNNQGroups packs kc x 8 coefficients
-  for (std::size_t kb = 0; kb < nk; kb += kc) {
-    const std::size_t n = std::min(kc, nk - kb);
-    NNScales(q, L, k0 + kb, n, t, ss);
+  NNChunks(q, L, k0, nk, t, ss, [&](std::size_t kb, std::size_t n) {
     std::size_t i = 0;
     // tiles of T tokens while they fit; exact: one tile, only if exactly T tokens remain (the 3,
     // 5, 6 or 7 left after tiles of 8, decoded once instead of in tiles of 4, 2, 1)
@@ -1273,7 +1277,7 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
     else if (kv == 2) all(std::integral_constant<std::size_t, 2>());
     else if (kv == 4) all(std::integral_constant<std::size_t, 4>());
     else all(std::integral_constant<std::size_t, 8>());
-  }
+  });
   for (std::size_t i = 0; i < nt; ++i) GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nfast, L.gpr, Y + i * ldy);
 }
 
