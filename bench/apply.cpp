@@ -740,7 +740,7 @@ void bench_merge_rows(benchmark::State& state, const MergeRowsCase& mc, merge_im
 }
 
 // One kernel on one matrix, hot (the kernel/ rows): random normal weights quantized to `bits`
-// (groups of `group`, 32 unless named _g8, _g16 or _g256), rows in lanes for q_gemm_nt.
+// (groups of `group`, 32 unless named _g<group>), rows in lanes for q_gemm_nt.
 enum class kernel_impl { s2lc, decode_gemm_nn, fma_bound };
 struct KernelCase {
   const char* name;
@@ -760,6 +760,9 @@ constexpr KernelCase kKernelCases[] = {
     {"left_g256_256x256", 256, 256, 4, false, 256},
     // ... and with groups of 8 (AVX-512: two groups a vector, qgemm-inl.h's narrow groups)
     {"left_g8_256x256", 256, 256, 4, false, 8},
+    // ... and groups of 3 or 6 vectors (byte groups of 48, nibble groups of 96: q_gemm_nn's wide
+    // tiles with runs of 3)
+    {"left_g48_256x288", 256, 288, 8, false, 48}, {"left_g96_256x384", 256, 384, 4, false, 96},
     // q_gemm_nt on a row-major 4-bit 256 x 256 (groups of 32, and of 4: no rows in lanes)
     {"right_rm_256x256", 256, 256, 4, false, 32, true}, {"right_rm_g4_256x256", 256, 256, 4, false, 4, true}};
 

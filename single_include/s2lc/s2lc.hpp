@@ -7953,11 +7953,17 @@ HWY_INLINE void ScaleRows(const float* HWY_RESTRICT c, std::size_t n, std::size_
   }
 }
 
-// Groups too wide for the whole-group tiles (more than 8 vectors, or 8 at one token; up to a
-// row's one scale, per-channel quantization): GemmNNQT runs them kW vectors of a group at a time.
+// Groups of whole vectors that the whole-group tiles do not take (GemmNNQGroups: 1, 2, 4 or,
+// from 2 tokens, 8 vectors; GemvNNTiles at one token: 1, 2, 3, 4, 6, 8, 16): wider ones (up to
+// a row's one scale, per-channel quantization) and, from 2 tokens, 3, 5, 6, 7, 12 ... vectors
+// (byte groups of 48 or 96 codes on AVX-512, nibble groups of 96 or 192). GemmNNQT runs them kW
+// vectors of a group at a time. Groups of 3, 5, 6, 7, 12 ... vectors had taken the scalar path
+// (and 3 and 6 at one token too): 8-bit 256 x 288 in groups of 48, AVX-512, q_gemm_nn at 8
+// tokens 326 -> 6.4 us, q_gemv_nn 43 -> 1.7 (groups of 32: 5.1 and 1.1 on 256 x 256).
 HWY_INLINE bool WideNN(const QView& q, const Layout& L, std::size_t N, std::size_t nt) {
   const std::size_t kv = q.group / N;
-  return L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && kv >= 8 && (nt > 1 ? kv != 8 : kv > 16);
+  const bool tiles = kv == 1 || kv == 2 || kv == 4 || kv == 8 || (nt == 1 && (kv == 3 || kv == 6 || kv == 16));
+  return L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && !tiles;
 }
 
 // Accumulators a GemmNNQTile may keep: 16 with 32 vector registers (AVX-512), else 8.
@@ -8194,8 +8200,8 @@ HWY_INLINE void GemmNNQNarrowT(const QView& q, const Layout& L, std::size_t k0, 
 #endif
 
 // GemmNNQT (and GemvNNT) on groups that WideNN takes: the scales converted as GemmNNQT does,
-// tiles of 8, 4, 2, 1 tokens, each of the widest kW <= 8 that fits the accumulators and divides
-// the vectors of a run (nibbles: half the group's).
+// tiles of 8, 4, 2, 1 tokens, each of the widest kW of 8, 4, 3, 2, 1 that fits the accumulators and
+// divides the vectors of a run (nibbles: half the group's).
 template <bool kTier>
 HWY_INLINE void GemmNNQWideT(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
                              std::size_t ldc, std::size_t nt, float* Y, std::size_t ldy) {
@@ -8212,6 +8218,8 @@ HWY_INLINE void GemmNNQWideT(const QView& q, const Layout& L, std::size_t k0, st
           if (d % 8 == 0) { GemmNNQWide<T, 8, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy); continue; }
         if constexpr (T * 4 <= kNNQAcc)
           if (d % 4 == 0) { GemmNNQWide<T, 4, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy); continue; }
+        if constexpr (T * 3 <= kNNQAcc)
+          if (d % 3 == 0) { GemmNNQWide<T, 3, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy); continue; }
         if constexpr (T * 2 <= kNNQAcc)
           if (d % 2 == 0) { GemmNNQWide<T, 2, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy); continue; }
         GemmNNQWide<T, 1, kTier>(q, L, k0 + kb, n, t, ss, Ci, ldc, Yi, ldy);
@@ -8239,8 +8247,8 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
 #endif
   if (L.nhalf) L.nfast = L.nhalf;      // nibble groups of N codes: GemvNNTile<1> decodes them whole
   const std::size_t kv = q.group / N;  // vectors per group (nibble: half of them per half group)
-  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && 
-                   ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 4 || kv == 8 || kv == 16);
+  const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs &&
+                   ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 3 || kv == 4 || kv == 6 || kv == 8 || kv == 16);
   if (vec) {
     HWY_ALIGN float cs[kNNCoefs];
     const std::size_t kc = kNNCoefs / L.gpr;
@@ -8250,7 +8258,9 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
       ScaleRows(c + kb, n, L.gpr, t.mul, cs);
       if (kv == 1) GemvNNTiles<1, kTier>(q, L, k0 + kb, n, t, cs, y);
       else if (kv == 2) GemvNNTiles<2, kTier>(q, L, k0 + kb, n, t, cs, y);
+      else if (kv == 3) GemvNNTiles<3, kTier>(q, L, k0 + kb, n, t, cs, y);
       else if (kv == 4) GemvNNTiles<4, kTier>(q, L, k0 + kb, n, t, cs, y);
+      else if (kv == 6) GemvNNTiles<6, kTier>(q, L, k0 + kb, n, t, cs, y);
       else if (kv == 8) GemvNNTiles<8, kTier>(q, L, k0 + kb, n, t, cs, y);
       else GemvNNTiles<16, kTier>(q, L, k0 + kb, n, t, cs, y);
     }

@@ -72,6 +72,9 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // row-major q_gemm_nt decodes blocks of 8192 / cols rows (3000 columns: 2
                        // rows a block, the 4-row tiles unused)
                        {5, 3000, 32, 4},
+                       // groups of 3, 5, 6, 12 ... vectors (q_gemm_nn's wide tiles with runs of 3, or
+                       // of 1 or 2): byte groups of 48 and 80, nibble groups of 96, whole and partial
+                       {5, 288, 48, 8}, {4, 400, 80, 7}, {6, 384, 96, 4}, {3, 200, 96, 3},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
                        // to pack, a panel of the widest rows (32 KB)
                        {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8},
