@@ -17,6 +17,17 @@
 #define S2LC_DYNAMIC_DISPATCH 0
 #endif
 
+// Highway 1.0.3 (Debian 12) stops with "#error Logic error: best baseline should be included in
+// dynamic targets" wherever the compile flags enable its AVX3_DL target (e.g. -march=native on
+// Sapphire Rapids or Zen 4 and later), unless HWY_WANT_AVX3_DL is defined: its test of the
+// baseline reads an undefined macro. Defined here for such flags, before any Highway header, so
+// a static (header-only) build with them compiles; it could not have compiled without.
+#if !defined(HWY_WANT_AVX3_DL) && defined(__AVX512F__) && defined(__AVXVNNI__) && defined(__VAES__) && \
+    defined(__VPCLMULQDQ__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__) &&                \
+    defined(__AVX512VPOPCNTDQ__) && defined(__AVX512BITALG__)
+#define HWY_WANT_AVX3_DL 1
+#endif
+
 #define S2LC_DETAIL_CAT_(a, b) a##b
 #define S2LC_DETAIL_CAT(a, b) S2LC_DETAIL_CAT_(a, b)
 

@@ -30,6 +30,17 @@
 #define S2LC_DYNAMIC_DISPATCH 0
 #endif
 
+// Highway 1.0.3 (Debian 12) stops with "#error Logic error: best baseline should be included in
+// dynamic targets" wherever the compile flags enable its AVX3_DL target (e.g. -march=native on
+// Sapphire Rapids or Zen 4 and later), unless HWY_WANT_AVX3_DL is defined: its test of the
+// baseline reads an undefined macro. Defined here for such flags, before any Highway header, so
+// a static (header-only) build with them compiles; it could not have compiled without.
+#if !defined(HWY_WANT_AVX3_DL) && defined(__AVX512F__) && defined(__AVXVNNI__) && defined(__VAES__) && \
+    defined(__VPCLMULQDQ__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__) &&                \
+    defined(__AVX512VPOPCNTDQ__) && defined(__AVX512BITALG__)
+#define HWY_WANT_AVX3_DL 1
+#endif
+
 #define S2LC_DETAIL_CAT_(a, b) a##b
 #define S2LC_DETAIL_CAT(a, b) S2LC_DETAIL_CAT_(a, b)
 
@@ -4790,6 +4801,7 @@ inline matrix svd_baseline(const matrix& W, std::size_t r) {
 #include <cstddef>
 #include <cstdint>
 
+
 #include <hwy/targets.h>
 
 // ---- begin s2lc/kernels/qview.hpp ----
@@ -9075,7 +9087,7 @@ struct MergeBF16OpT {
         for (std::size_t p = 0; p < P; ++p) {
           const __m512 lo = _mm512_add_ps(WidenBF16Lo(wv[p]), dv[2 * p].raw), hi = _mm512_add_ps(WidenBF16Hi(wv[p]), dv[2 * p + 1].raw);
           const __m512 blo = _mm512_sub_ps(WidenBF16Lo(m16[p]), dv[2 * p].raw), bhi = _mm512_sub_ps(WidenBF16Hi(m16[p]), dv[2 * p + 1].raw);
-          sub |= Subnormal(lo, hi) | Subnormal(blo, bhi);
+          sub = static_cast<__mmask16>(sub | Subnormal(lo, hi) | Subnormal(blo, bhi));
         }
         if (sub) return VecUInt<U>(w, dv, i, mask, bad_val);  // nothing stored yet
       }

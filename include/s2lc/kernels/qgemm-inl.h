@@ -1926,7 +1926,7 @@ struct MergeBF16OpT {
         for (std::size_t p = 0; p < P; ++p) {
           const __m512 lo = _mm512_add_ps(WidenBF16Lo(wv[p]), dv[2 * p].raw), hi = _mm512_add_ps(WidenBF16Hi(wv[p]), dv[2 * p + 1].raw);
           const __m512 blo = _mm512_sub_ps(WidenBF16Lo(m16[p]), dv[2 * p].raw), bhi = _mm512_sub_ps(WidenBF16Hi(m16[p]), dv[2 * p + 1].raw);
-          sub |= Subnormal(lo, hi) | Subnormal(blo, bhi);
+          sub = static_cast<__mmask16>(sub | Subnormal(lo, hi) | Subnormal(blo, bhi));
         }
         if (sub) return VecUInt<U>(w, dv, i, mask, bad_val);  // nothing stored yet
       }

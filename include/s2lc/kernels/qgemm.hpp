@@ -7,9 +7,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "s2lc/config.hpp"  // first: it may define HWY_WANT_AVX3_DL for Highway
+
 #include <hwy/targets.h>
 
-#include "s2lc/config.hpp"
 #include "s2lc/kernels/cpu.hpp"
 #include "s2lc/kernels/qview.hpp"
 
