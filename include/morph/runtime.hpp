@@ -155,11 +155,13 @@ struct KMat {
     k.lanes = true;
     return k;
   }
-  /// Repacks a storage-format matrix (same codes and scales, kernel layout).
+  /// Repacks a storage-format matrix (same codes and scales, kernel layout; a group wider than
+  /// the matrix as one of its width, QView::kernel_group).
   static KMat from(const compress::QMatrix& q) {
     KMat k;
-    k.rows = q.rows, k.cols = q.cols, k.group = q.group, k.bits = q.bits;
+    k.rows = q.rows, k.cols = q.cols, k.bits = q.bits;
     k.nibble = q.bits <= 4 && q.group % 2 == 0;
+    k.group = static_cast<std::uint32_t>(kernels::QView::kernel_group(q.cols, q.group, k.nibble));
     k.scales = q.scales;
     const std::size_t rb = kernels::QView::row_bytes(q.cols, q.group, k.nibble);
     k.codes.assign(rb * q.rows, 0);
@@ -502,7 +504,8 @@ struct Q8Cache {
 
   static kernels::QView layout(std::size_t cols, std::size_t group, bool nibble) {
     kernels::QView v;
-    v.cols = static_cast<std::uint32_t>(cols), v.group = static_cast<std::uint32_t>(group), v.nibble = nibble;
+    v.cols = static_cast<std::uint32_t>(cols), v.nibble = nibble;
+    v.group = static_cast<std::uint32_t>(kernels::QView::kernel_group(cols, group, nibble));  // as KMat::from
     return v;
   }
   static std::size_t bytes(const compress::GridShape& grid, std::size_t group, std::size_t n) {
@@ -540,7 +543,8 @@ struct Q8Cache {
   /// the cache's layout (another group size or width).
   const std::uint8_t* get(const kernels::QView& q, std::size_t c0) const {
     const std::size_t j = c0 / block_cols;
-    if (q.group != group || c0 % block_cols || j >= gcols || q.cols != width(j)) return nullptr;
+    if (c0 % block_cols || j >= gcols || q.cols != width(j) || q.group != kernels::QView::kernel_group(q.cols, group, q.nibble))
+      return nullptr;
     return slot[j * 2 + (q.nibble ? 1 : 0)];
   }
   /// The tiles of get(q, c0)'s activations (null: none; q8_gemv_nt then builds its own).

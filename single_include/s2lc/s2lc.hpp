@@ -4877,6 +4877,15 @@ struct QView {
   static constexpr std::size_t kLanesMaxCols = 2048;
 
   std::uint32_t groups_per_row() const noexcept { return (cols + group - 1) / group; }
+  /// The group size the kernels take for a matrix of `cols` columns quantized in groups of
+  /// `group`: `cols` where its one group is partial (group > cols: a block narrower than the
+  /// group, or a row's one scale) and the container allows (bytes, or an even width), else
+  /// `group`. The same codes, scales and bytes either way, but a partial group takes the scalar
+  /// path and a whole one the vector kernels (4-bit 256 x 64 in groups of 128, AVX-512: q_gemm_nn
+  /// at 8 tokens 526 us against 1.3 in groups of 64).
+  static std::size_t kernel_group(std::size_t cols, std::size_t group, bool nibble) noexcept {
+    return group > cols && cols > 0 && (!nibble || cols % 2 == 0) ? cols : group;
+  }
   /// Whether a matrix of this shape can take the rows-in-lanes layout (either container).
   static bool lanes_fit(std::size_t cols, std::size_t group) noexcept {
     return group % 8 == 0 && cols % group == 0 && cols > 0 && cols <= kLanesMaxCols;
@@ -10256,11 +10265,13 @@ struct KMat {
     k.lanes = true;
     return k;
   }
-  /// Repacks a storage-format matrix (same codes and scales, kernel layout).
+  /// Repacks a storage-format matrix (same codes and scales, kernel layout; a group wider than
+  /// the matrix as one of its width, QView::kernel_group).
   static KMat from(const compress::QMatrix& q) {
     KMat k;
-    k.rows = q.rows, k.cols = q.cols, k.group = q.group, k.bits = q.bits;
+    k.rows = q.rows, k.cols = q.cols, k.bits = q.bits;
     k.nibble = q.bits <= 4 && q.group % 2 == 0;
+    k.group = static_cast<std::uint32_t>(kernels::QView::kernel_group(q.cols, q.group, k.nibble));
     k.scales = q.scales;
     const std::size_t rb = kernels::QView::row_bytes(q.cols, q.group, k.nibble);
     k.codes.assign(rb * q.rows, 0);
@@ -10603,7 +10614,8 @@ struct Q8Cache {
 
   static kernels::QView layout(std::size_t cols, std::size_t group, bool nibble) {
     kernels::QView v;
-    v.cols = static_cast<std::uint32_t>(cols), v.group = static_cast<std::uint32_t>(group), v.nibble = nibble;
+    v.cols = static_cast<std::uint32_t>(cols), v.nibble = nibble;
+    v.group = static_cast<std::uint32_t>(kernels::QView::kernel_group(cols, group, nibble));  // as KMat::from
     return v;
   }
   static std::size_t bytes(const compress::GridShape& grid, std::size_t group, std::size_t n) {
@@ -10641,7 +10653,8 @@ struct Q8Cache {
   /// the cache's layout (another group size or width).
   const std::uint8_t* get(const kernels::QView& q, std::size_t c0) const {
     const std::size_t j = c0 / block_cols;
-    if (q.group != group || c0 % block_cols || j >= gcols || q.cols != width(j)) return nullptr;
+    if (c0 % block_cols || j >= gcols || q.cols != width(j) || q.group != kernels::QView::kernel_group(q.cols, group, q.nibble))
+      return nullptr;
     return slot[j * 2 + (q.nibble ? 1 : 0)];
   }
   /// The tiles of get(q, c0)'s activations (null: none; q8_gemv_nt then builds its own).

@@ -75,6 +75,10 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // groups of 3, 5, 6, 12 ... vectors (q_gemm_nn's wide tiles with runs of 3, or
                        // of 1 or 2): byte groups of 48 and 80, nibble groups of 96, whole and partial
                        {5, 288, 48, 8}, {4, 400, 80, 7}, {6, 384, 96, 4}, {3, 200, 96, 3},
+                       // a group wider than the matrix: one partial group in storage, a whole
+                       // group of the width for the kernels (QView::kernel_group; not for an odd
+                       // width of nibbles)
+                       {6, 64, 128, 4}, {5, 100, 256, 8}, {4, 63, 128, 3},
                        // ... the byte container: two quads per group, 528 columns, groups too wide
                        // to pack, a panel of the widest rows (32 KB)
                        {40, 256, 8, 8}, {33, 528, 16, 6}, {17, 1536, 768, 5}, {16, 2048, 128, 8},
@@ -88,14 +92,15 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
 /// The kernel layouts to run a case on: row-major, and rows in lanes where the shape takes it.
 std::vector<s2lc::morph::KMat> layouts(const cz::QMatrix& q) {
   std::vector<s2lc::morph::KMat> v{s2lc::morph::KMat::from(q)};
+  REQUIRE(v[0].group == k::QView::kernel_group(q.cols, q.group, v[0].nibble));
   auto l = s2lc::morph::KMat::from(q, true);
-  REQUIRE(l.lanes == k::QView::lanes_fit(q.cols, q.group));
+  REQUIRE(l.lanes == k::QView::lanes_fit(q.cols, v[0].group));
   if (l.lanes) {
     REQUIRE(l.view().bytes() == l.codes.size());
     for (std::size_t r = 0; r < q.rows; ++r)
       for (std::size_t c = 0; c < q.cols; ++c) {
         REQUIRE(k::detail::stored_code(l.view(), r, c) == k::detail::stored_code(v[0].view(), r, c));
-        REQUIRE(l.view().scale_bits(r, c / q.group) == v[0].view().scale_bits(r, c / q.group));
+        REQUIRE(l.view().scale_bits(r, c / v[0].group) == v[0].view().scale_bits(r, c / v[0].group));
       }
     v.push_back(std::move(l));
   }

@@ -686,6 +686,52 @@ TEST_CASE("morph: an int8 activation cache gives apply_matrix the bits of per-bl
   }
 }
 
+TEST_CASE("morph: a group wider than a block runs as one group of the block's width, and the int8 activation cache serves it") {
+  // Groups of 64 over 16 x 32 blocks (edge blocks of 8 rows and 6 columns): every factor's one
+  // group is partial in storage; the kernels take it as a whole group of the factor's width
+  // (QView::kernel_group), and the cache's activations must be laid out alike.
+  const auto in = s2lc::test::synthetic_groups();
+  for (unsigned bits : {4u, 8u}) {
+    CAPTURE(bits);
+    cz::Options o;
+    o.ratio = 3;
+    o.bits = bits;
+    o = s2lc::test::small_blocks(o);
+    o.group = 64;
+    const auto c = cz::compress(in, o);
+    const auto& g = c.groups[0];
+    const auto kg = mo::KGroup::from(g);
+    const std::size_t C = g.grid.cols, n = 5;
+    const auto X = randn(n * C, 5, 0.5f);
+    std::vector<std::byte> mem(4 * mo::apply_scratch_bytes(kg, n));
+    mo::Arena arena(mem);
+    const mo::detail::Q8Cache cache(kg, X.data(), C, n, arena);
+    std::size_t served = 0, narrowed = 0;
+    auto scan = [&](const mo::KMatrix& m) {
+      for (const auto& b : m.blocks)
+        for (const mo::KMat* k : {&b.a, &b.b}) {
+          if (k->rows == 0) continue;
+          REQUIRE(k->group == s2lc::kernels::QView::kernel_group(k->cols, 64, k->nibble));
+          narrowed += k->group < 64;
+          if (k->cols != b.cb || (k == &b.a && b.kind != cz::block_kind::dense)) continue;  // left factors read no x
+          CHECK(cache.get(k->view(), b.c0) != nullptr);
+          ++served;
+        }
+    };
+    for (std::uint32_t e = 0; e < kg.members(); ++e) scan(kg.residuals[e]);
+    for (const auto& m : kg.cores) scan(m);
+    CHECK(served > 0);
+    CHECK(narrowed > 0);
+    for (std::uint32_t e = 0; e < kg.members(); ++e)
+      for (std::size_t t : {1u, 5u}) {
+        CAPTURE(e);
+        CAPTURE(t);
+        check_apply(g, kg, e, 0, t);
+        check_apply_int8(g, kg, e, t);
+      }
+  }
+}
+
 TEST_CASE("morph: the SwiGLU layer with int8 activations: threads give the same bits, and it stays near the f32 layer") {
   const auto& c = fixture_compressed();
   const auto w1 = mo::KGroup::from(c.groups[0]), w2 = mo::KGroup::from(c.groups[1]), w3 = mo::KGroup::from(c.groups[2]);
