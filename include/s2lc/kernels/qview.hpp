@@ -77,7 +77,7 @@ struct QView {
   /// group, or a row's one scale) and the container allows (bytes, or an even width), else
   /// `group`. The same codes, scales and bytes either way, but a partial group takes the scalar
   /// path and a whole one the vector kernels (4-bit 256 x 64 in groups of 128, AVX-512: q_gemm_nn
-  /// at 8 tokens 526 us against 1.3 in groups of 64).
+  /// at 8 tokens 517 us against 1.3 in groups of 64).
   static std::size_t kernel_group(std::size_t cols, std::size_t group, bool nibble) noexcept {
     return group > cols && cols > 0 && (!nibble || cols % 2 == 0) ? cols : group;
   }
