@@ -1333,6 +1333,15 @@ HWY_INLINE void GemmNTRows(const float* W, std::size_t ldw, const float* X, std:
   for (; j < nt; ++j) GemmNTTile<R, 1>(W, ldw, X + j * ldx, ldx, K, alpha, Y + j * ldy, ldy);
 }
 
+// Y[t, i] += alpha sum_k W[i, k] X[t, k] for nr rows: tiles of 4 rows, then single rows (gemm_nt,
+// and row-major q_gemm_nt on its decoded blocks).
+HWY_INLINE void GemmNTAll(const float* W, std::size_t ldw, std::size_t nr, const float* X, std::size_t ldx, std::size_t nt,
+                          std::size_t K, float alpha, float* Y, std::size_t ldy) {
+  std::size_t i = 0;
+  for (; i + 4 <= nr; i += 4) GemmNTRows<4>(W + i * ldw, ldw, X, ldx, nt, K, alpha, Y + i, ldy);
+  for (; i < nr; ++i) GemmNTRows<1>(W + i * ldw, ldw, X, ldx, nt, K, alpha, Y + i, ldy);
+}
+
 // Element (t, k) of the coefficients C: C[t * ldc + k] (gemm_nn), or C[k * ldc + t] with kTransC
 // (gemm_tn: a decoded left factor, rank rows of block rows, used as is: no transposed copy).
 template <bool kTransC>
@@ -1474,9 +1483,7 @@ inline void GemmNTRowMajor(const QView& q, std::size_t r0, std::size_t nr, unsig
   for (std::size_t i = 0; i < nr; i += R) {
     const std::size_t n = std::min(R, nr - i);
     qk::DecodeRowsEntry<false, false>(q, r0 + i, n, tier, 1.0f, buf, K);
-    std::size_t j = 0;
-    for (; j + 4 <= n; j += 4) qk::GemmNTRows<4>(buf + j * K, K, X, ldx, nt, K, alpha, Y + i + j, ldy);
-    for (; j < n; ++j) qk::GemmNTRows<1>(buf + j * K, K, X, ldx, nt, K, alpha, Y + i + j, ldy);
+    qk::GemmNTAll(buf, K, n, X, ldx, nt, K, alpha, Y + i, ldy);
   }
 }
 
@@ -1532,9 +1539,7 @@ inline HWY_NOINLINE void QGemmNN(const QView& q, std::size_t k0, std::size_t nk,
 
 inline HWY_NOINLINE void GemmNT(const float* W, std::size_t ldw, std::size_t nr, const float* X, std::size_t ldx, std::size_t nt,
                                 std::size_t K, float alpha, float* Y, std::size_t ldy) {
-  std::size_t i = 0;
-  for (; i + 4 <= nr; i += 4) qk::GemmNTRows<4>(W + i * ldw, ldw, X, ldx, nt, K, alpha, Y + i, ldy);
-  for (; i < nr; ++i) qk::GemmNTRows<1>(W + i * ldw, ldw, X, ldx, nt, K, alpha, Y + i, ldy);
+  qk::GemmNTAll(W, ldw, nr, X, ldx, nt, K, alpha, Y, ldy);
 }
 
 inline HWY_NOINLINE void GemmNN(const float* C, std::size_t ldc, std::size_t nt, std::size_t K, const float* A, std::size_t lda,
