@@ -763,8 +763,13 @@ constexpr KernelCase kKernelCases[] = {
     // ... and groups of 3 or 6 vectors (byte groups of 48, nibble groups of 96: q_gemm_nn's wide
     // tiles with runs of 3)
     {"left_g48_256x288", 256, 288, 8, false, 48}, {"left_g96_256x384", 256, 384, 4, false, 96},
+    // ... and groups no vector body takes, decoded in runs (qgemm-inl.h's DecodeSpan): groups of
+    // 96 over 256 columns (a partial 64-column group a row), byte groups of 24 (AVX-512: neither
+    // whole vectors nor dividing one)
+    {"left_g96p_256x256", 256, 256, 4, false, 96}, {"left_g24_256x256", 256, 256, 8, false, 24},
     // q_gemm_nt on a row-major 4-bit 256 x 256 (groups of 32, and of 4: no rows in lanes)
-    {"right_rm_256x256", 256, 256, 4, false, 32, true}, {"right_rm_g4_256x256", 256, 256, 4, false, 4, true}};
+    {"right_rm_256x256", 256, 256, 4, false, 32, true}, {"right_rm_g4_256x256", 256, 256, 4, false, 4, true},
+    {"right_rm_g96p_256x256", 256, 256, 4, false, 96, true}};
 
 void bench_kernel(benchmark::State& state, const KernelCase& kc, std::size_t T, kernel_impl which) {
   namespace k = s2lc::kernels;

@@ -87,7 +87,14 @@ const Case kCases[] = {{1, 1, 32, 8}, {5, 37, 32, 8}, {17, 64, 32, 4}, {9, 100, 
                        // take; 80 rows: 8 and 13 tokens too, from row 1 a partial first and last
                        // panel; byte codes (stored bits only, from 16 tokens) in groups of 32,
                        // 64 and 128 (above)
-                       {24, 512, 128, 4}, {18, 512, 256, 3}, {80, 256, 32, 4}, {80, 256, 32, 5}, {20, 256, 64, 8}};
+                       {24, 512, 128, 4}, {18, 512, 256, 3}, {80, 256, 32, 4}, {80, 256, 32, 5}, {20, 256, 64, 8},
+                       // groups no vector body takes, decoded in runs (DecodeSpan): a partial last
+                       // group of whole vectors and a tail, of nibbles of an odd width; byte groups
+                       // of 24 and nibble groups of 48 (neither whole vectors nor dividing one on
+                       // AVX-512); runs of two chunks (more than 4096 columns); a group wider than a
+                       // run (element by element)
+                       {4, 250, 96, 8}, {5, 230, 64, 4}, {3, 177, 64, 3}, {6, 256, 24, 8}, {4, 256, 48, 4},
+                       {2, 4200, 24, 6}, {2, 4210, 50, 4}, {2, 9000, 4500, 8}};
 
 /// The kernel layouts to run a case on: row-major, and rows in lanes where the shape takes it.
 std::vector<s2lc::morph::KMat> layouts(const cz::QMatrix& q) {

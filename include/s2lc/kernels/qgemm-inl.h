@@ -222,6 +222,63 @@ HWY_INLINE float Scale(const QView& q, const Layout& l, std::size_t r, std::size
   return s2lc::bf16_to_f32(q.scales[r * l.gpr + g]) * t.mul;
 }
 
+// The groups no vector body takes (a row's partial last group where the group does not divide the
+// width; groups that are neither whole vectors nor divide one, as bytes of 24 or nibbles of 48 on
+// AVX-512) go through DecodeSpan: runs of them decoded with vectors into a buffer, each group at
+// its scale, which the kernels then take as f32 vectors. They had decoded element by element
+// (detail::stored_code), in q_gemm_nn once per token: AVX-512, 256 x 256 in groups of 96 (a
+// partial 64-column group a row), 4-bit q_gemm_nn at 8 tokens 485 us against 4.6 in groups of 64.
+// Runs are at most kSpanMax columns (callers' stack buffers hold kSpanMax + kSpanPad floats):
+// SpanGroups groups, none if one group is wider (those stay element by element).
+inline constexpr std::size_t kSpanMax = 4096;
+inline constexpr std::size_t kSpanPad = 2 * HWY_MAX_BYTES / 4;
+HWY_INLINE std::size_t SpanGroups(const QView& q) { return kSpanMax / q.group; }
+
+// Groups [ga, gb) of row r (the last may be partial), each group's tiered codes times its scale
+// (Scale), into out[0, n) for their n columns, which it returns (out: n + kSpanPad floats, past n
+// overwritten). The same products as detail::decode. A vector reaching past a group's bytes reads
+// the next group's (its lanes are overwritten or ignored), and past the matrix's last byte, a
+// zero-padded copy.
+template <bool kTier>
+HWY_INLINE std::size_t DecodeSpan(const QView& q, const Layout& L, std::size_t r, std::size_t ga, std::size_t gb, const TierParams& t,
+                                  float* HWY_RESTRICT out) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df);
+  const std::uint8_t* end = q.codes + std::size_t{q.rows} * L.rb;
+  auto load = [N, end](const std::uint8_t* p) {
+    const auto left = static_cast<std::size_t>(end - p);
+    if (HWY_LIKELY(left >= N)) return LoadBytes(p);
+    HWY_ALIGN std::uint8_t tmp[HWY_MAX_BYTES] = {};
+    std::memcpy(tmp, p, left);
+    return LoadBytes(tmp);
+  };
+  const std::uint8_t* row = q.codes + r * L.rb;
+  const VF table = NibbleTable(t);
+  std::size_t o = 0;
+  for (std::size_t g = ga; g < gb; ++g) {
+    const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
+    const VF vs = hn::Set(df, Scale(q, L, r, g, t));
+    float* HWY_RESTRICT dst = out + o;
+    if (!q.nibble) {
+      for (std::size_t j = 0; j < n; j += N) hn::StoreU(hn::Mul(Codes<kTier>(load(row + c0 + j), t), vs), df, dst + j);
+    } else {  // h bytes: code j < h in byte j's low nibble, code h + j in its high one
+      const std::size_t h = (n + 1) / 2;
+      const std::uint8_t* p = row + g * (q.group / 2);
+      VF lo, hi;
+      for (std::size_t j = 0; j < h; j += N) {
+        Nibbles<kTier>(load(p + j), table, t, lo, hi);
+        hn::StoreU(hn::Mul(lo, vs), df, dst + j);
+      }
+      for (std::size_t j = 0; j < n - h; j += N) {  // after the low ones: over what they wrote past h
+        Nibbles<kTier>(load(p + j), table, t, lo, hi);
+        hn::StoreU(hn::Mul(hi, vs), df, dst + h + j);
+      }
+    }
+    o += n;
+  }
+  return o;
+}
+
 // out = v (kAdd: out += alpha v; kScale: out = alpha v) for a decoded vector v.
 template <bool kAdd, bool kScale>
 HWY_INLINE void PutDecoded(VF v, VF va, float* o) {
@@ -291,8 +348,29 @@ HWY_INLINE void DecodeRowsT(const QView& q, std::size_t r0, std::size_t nr, cons
     g0 = L.nnarrow * L.gpv;
   }
 #endif
-  for (std::size_t i = 0; i < nr; ++i)
-    for (std::size_t g = g0; g < L.gpr; ++g) DecodeGroup<kTier, kAdd, kScale>(q, L, r0 + i, g, t, out + i * ld + g * q.group, alpha);
+  // the groups from gs: runs decoded by DecodeSpan into buf, then put as vectors
+  const std::size_t gs = std::max({g0, L.nfast, L.nhalf}), sg = SpanGroups(q);
+  HWY_ALIGN float buf[kSpanMax + kSpanPad];
+  const auto va = hn::Set(df, alpha);
+  for (std::size_t i = 0; i < nr; ++i) {
+    float* o = out + i * ld;
+    for (std::size_t g = g0; g < gs; ++g) DecodeGroup<kTier, kAdd, kScale>(q, L, r0 + i, g, t, o + g * q.group, alpha);
+    if (!sg) {
+      for (std::size_t g = gs; g < L.gpr; ++g) DecodeGroup<kTier, kAdd, kScale>(q, L, r0 + i, g, t, o + g * q.group, alpha);
+      continue;
+    }
+    for (std::size_t ga = gs; ga < L.gpr; ga += sg) {
+      const std::size_t n = DecodeSpan<kTier>(q, L, r0 + i, ga, std::min(ga + sg, L.gpr), t, buf);
+      float* oa = o + ga * q.group;
+      std::size_t j = 0;
+      for (; j + N <= n; j += N) PutDecoded<kAdd, kScale>(hn::Load(df, buf + j), va, oa + j);
+      for (; j < n; ++j) {
+        if constexpr (kAdd) oa[j] = std::fma(alpha, buf[j], oa[j]);
+        else if constexpr (kScale) oa[j] = alpha * buf[j];
+        else oa[j] = buf[j];
+      }
+    }
+  }
 }
 
 // y[i] += alpha * sum_j W[r0 + i, j] x[j] for R rows: codes decoded in registers, one x load
@@ -325,7 +403,9 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
     g0 = L.nnarrow * L.gpv;
   }
 #endif
-  for (std::size_t g = g0; g < gpr; ++g) {
+  // the groups from gs: runs decoded by DecodeSpan, then f32 vectors (after the loop)
+  const std::size_t gs = std::max({g0, L.nfast, L.nhalf}), sg = SpanGroups(q), gend = sg ? gs : gpr;
+  for (std::size_t g = g0; g < gend; ++g) {
     const std::size_t c0 = g * q.group;
 #if HWY_TARGET != HWY_SCALAR
     if (g < L.nhalf) {
@@ -375,6 +455,17 @@ HWY_INLINE void GemvNTRows(const QView& q, std::size_t r0, const TierParams& t, 
     }
     for (std::size_t i = 0; i < R; ++i)
       acc[i] = hn::MulAdd(part[i], hn::Set(df, Scale(q, L, r0 + i, g, t)), acc[i]);
+  }
+  if (gend < gpr) {
+    HWY_ALIGN float buf[kSpanMax + kSpanPad];
+    for (std::size_t ga = gs; ga < gpr; ga += sg)
+      for (std::size_t i = 0; i < R; ++i) {
+        const std::size_t n = DecodeSpan<kTier>(q, L, r0 + i, ga, std::min(ga + sg, gpr), t, buf);
+        const float* xa = x + ga * q.group;
+        std::size_t j = 0;
+        for (; j + N <= n; j += N) acc[i] = hn::MulAdd(hn::Load(df, buf + j), hn::LoadU(df, xa + j), acc[i]);
+        for (; j < n; ++j) tail[i] += buf[j] * xa[j];
+      }
   }
   for (std::size_t i = 0; i < R; ++i) y[i] += alpha * (hn::GetLane(hn::SumOfLanes(df, acc[i])) + tail[i]);
 }
@@ -712,16 +803,66 @@ HWY_INLINE void LanesGemmT(const QView& q, std::size_t r0, std::size_t nr, const
   if (u < nt) LanesGemmTile<kTier, 1>(q, r0, nr, t, tbl, X + u * ldx, ldx, alpha, Y + u * ldy, ldy);
 }
 
-// y[j] += sum_k c[k] W[k, j], k < nk, over the scalar groups [g0, g1) of each row.
+template <bool kTransC>
+HWY_INLINE void GemmNNT(const float* C, std::size_t ldc, std::size_t nt, std::size_t K, const float* A, std::size_t lda,
+                        std::size_t ncols, float* Y, std::size_t ldy);
+
+// Y[i, j] += sum_k C[i, k] W[k, j], k < nk, i < nt, over the groups [g0, g1) of each row that no
+// tile takes, in runs of a row's groups (DecodeSpan) decoded once for the nt tokens. From 3 tokens
+// a chunk of rows at a time goes into a buffer that gemm_nn's register tiles take (its whole
+// vectors; the columns left per token), below that each token's row of Y is updated per decoded
+// row. AVX-512, 4-bit 256 x 256 in groups of 96, q_gemm_nn at 8 tokens (bench rows): 16.4 us
+// with Y updated per row at 8 tokens too, 14.6 decoding first then gemm_nn, 9.7 so.
 template <bool kTier>
-HWY_INLINE void GemvNNScalar(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* c,
-                             std::size_t g0, std::size_t g1, float* HWY_RESTRICT y) {
-  for (std::size_t g = g0; g < g1; ++g) {
-    const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
+HWY_NOINLINE void GemvNNScalar(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
+                               std::size_t ldc, std::size_t nt, std::size_t g0, std::size_t g1, float* Y, std::size_t ldy) {
+  const DF df;
+  const std::size_t N = hn::Lanes(df), sg = SpanGroups(q);
+  if (g0 >= g1 || nk == 0 || nt == 0) return;
+  if (!sg) {
+    for (std::size_t g = g0; g < g1; ++g) {
+      const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
+      for (std::size_t i = 0; i < nt; ++i)
+        for (std::size_t k = 0; k < nk; ++k) {
+          const float cs = C[i * ldc + k] * Scale(q, L, k0 + k, g, t);
+          float* HWY_RESTRICT y = Y + i * ldy + c0;
+          for (std::size_t j = 0; j < n; ++j) y[j] += cs * static_cast<float>(detail::tiered(detail::stored_code(q, k0 + k, c0 + j), t));
+        }
+    }
+    return;
+  }
+  constexpr std::size_t kBuf = 8192;  // floats: at least one run (kSpanMax + kSpanPad)
+  static_assert(kBuf >= kSpanMax + kSpanPad);
+  HWY_ALIGN float buf[kBuf];
+  for (std::size_t ga = g0; ga < g1; ga += sg) {
+    const std::size_t gb = std::min(ga + sg, g1), c0 = ga * q.group;
+    const std::size_t w = std::min<std::size_t>(gb * q.group, q.cols) - c0, wv = w / N * N;
+    if (nt >= 3 && wv) {  // whole vectors of the run through gemm_nn's tiles, the rest per token and row
+      const std::size_t ld = w + kSpanPad, kc = kBuf / ld;
+      for (std::size_t kb = 0; kb < nk; kb += kc) {
+        const std::size_t n = std::min(kc, nk - kb);
+        for (std::size_t k = 0; k < n; ++k) DecodeSpan<kTier>(q, L, k0 + kb + k, ga, gb, t, buf + k * ld);
+        GemmNNT<false>(C + kb, ldc, nt, n, buf, ld, wv, Y + c0, ldy);
+        if (wv == w) continue;
+        for (std::size_t k = 0; k < n; ++k)
+          for (std::size_t i = 0; i < nt; ++i) {
+            const float ck = C[i * ldc + kb + k];
+            float* HWY_RESTRICT y = Y + i * ldy + c0;
+            for (std::size_t j = wv; j < w; ++j) y[j] += ck * buf[k * ld + j];
+          }
+      }
+      continue;
+    }
     for (std::size_t k = 0; k < nk; ++k) {
-      const float cs = c[k] * Scale(q, L, k0 + k, g, t);
-      for (std::size_t j = 0; j < n; ++j)
-        y[c0 + j] += cs * static_cast<float>(detail::tiered(detail::stored_code(q, k0 + k, c0 + j), t));
+      const std::size_t n = DecodeSpan<kTier>(q, L, k0 + k, ga, gb, t, buf);
+      for (std::size_t i = 0; i < nt; ++i) {
+        const float ck = C[i * ldc + k];
+        const VF vc = hn::Set(df, ck);
+        float* HWY_RESTRICT y = Y + i * ldy + c0;
+        std::size_t j = 0;
+        for (; j + N <= n; j += N) hn::StoreU(hn::MulAdd(vc, hn::Load(df, buf + j), hn::LoadU(df, y + j)), df, y + j);
+        for (; j < n; ++j) y[j] += ck * buf[j];
+      }
     }
   }
 }
@@ -1045,8 +1186,7 @@ HWY_INLINE void GemmNNQNarrowT(const QView& q, const Layout& L, std::size_t k0, 
     tiles(std::integral_constant<std::size_t, 2>());
     tiles(std::integral_constant<std::size_t, 1>());
   });
-  for (std::size_t i = 0; i < nt; ++i)
-    GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nnarrow * L.gpv, L.gpr, Y + i * ldy);
+  GemvNNScalar<kTier>(q, L, k0, nk, t, C, ldc, nt, L.nnarrow * L.gpv, L.gpr, Y, ldy);
 }
 #endif
 
@@ -1081,7 +1221,7 @@ HWY_INLINE void GemmNNQWideT(const QView& q, const Layout& L, std::size_t k0, st
     tiles(std::integral_constant<std::size_t, 2>());
     tiles(std::integral_constant<std::size_t, 1>());
   });
-  for (std::size_t i = 0; i < nt; ++i) GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nfast, L.gpr, Y + i * ldy);
+  GemvNNScalar<kTier>(q, L, k0, nk, t, C, ldc, nt, L.nfast, L.gpr, Y, ldy);
 }
 
 // y[j] += sum_k c[k] W[k, j]: register column tiles over the vector groups, scalar for the rest.
@@ -1089,12 +1229,13 @@ HWY_INLINE void GemmNNQWideT(const QView& q, const Layout& L, std::size_t k0, st
 // conversion and products; one scalar conversion, product and broadcast per row and group had
 // been a third of a tile's instructions): the same products, so the same results.
 template <bool kTier>
-HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* c, float* y) {
+HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const TierParams& t, const float* C, std::size_t ldc,
+                        std::size_t nt, float* Y, std::size_t ldy) {
   const DF df;
   const std::size_t N = hn::Lanes(df);
   Layout L = MakeLayout(q, N);
 #if HWY_TARGET != HWY_SCALAR
-  if (L.nnarrow && L.gpr <= kNNCoefs) return GemmNNQNarrowT<kTier>(q, L, k0, nk, t, c, 0, 1, y, 0);
+  if (L.nnarrow && L.gpr <= kNNCoefs) return GemmNNQNarrowT<kTier>(q, L, k0, nk, t, C, ldc, nt, Y, ldy);
 #endif
   if (L.nhalf) L.nfast = L.nhalf;      // nibble groups of N codes: GemvNNTile<1> decodes them whole
   const std::size_t kv = q.group / N;  // vectors per group (nibble: half of them per half group)
@@ -1103,24 +1244,26 @@ HWY_INLINE void GemvNNT(const QView& q, std::size_t k0, std::size_t nk, const Ti
   if (vec) {
     HWY_ALIGN float cs[kNNCoefs];
     const std::size_t kc = kNNCoefs / L.gpr;
-    for (std::size_t kb = 0; kb < nk; kb += kc) {
-      const std::size_t n = std::min(kc, nk - kb);
-      BF16ToF32(q.scales + (k0 + kb) * L.gpr, cs, n * L.gpr);
-      ScaleRows(c + kb, n, L.gpr, t.mul, cs);
-      if (kv == 1) GemvNNTiles<1, kTier>(q, L, k0 + kb, n, t, cs, y);
-      else if (kv == 2) GemvNNTiles<2, kTier>(q, L, k0 + kb, n, t, cs, y);
-      else if (kv == 3) GemvNNTiles<3, kTier>(q, L, k0 + kb, n, t, cs, y);
-      else if (kv == 4) GemvNNTiles<4, kTier>(q, L, k0 + kb, n, t, cs, y);
-      else if (kv == 6) GemvNNTiles<6, kTier>(q, L, k0 + kb, n, t, cs, y);
-      else if (kv == 8) GemvNNTiles<8, kTier>(q, L, k0 + kb, n, t, cs, y);
-      else GemvNNTiles<16, kTier>(q, L, k0 + kb, n, t, cs, y);
-    }
-  } else if (WideNN(q, L, N, 1)) {
-    return GemmNNQWideT<kTier>(q, L, k0, nk, t, c, 0, 1, y, 0);
+    for (std::size_t i = 0; i < nt; ++i)
+      for (std::size_t kb = 0; kb < nk; kb += kc) {
+        const std::size_t n = std::min(kc, nk - kb);
+        float* y = Y + i * ldy;
+        BF16ToF32(q.scales + (k0 + kb) * L.gpr, cs, n * L.gpr);
+        ScaleRows(C + i * ldc + kb, n, L.gpr, t.mul, cs);
+        if (kv == 1) GemvNNTiles<1, kTier>(q, L, k0 + kb, n, t, cs, y);
+        else if (kv == 2) GemvNNTiles<2, kTier>(q, L, k0 + kb, n, t, cs, y);
+        else if (kv == 3) GemvNNTiles<3, kTier>(q, L, k0 + kb, n, t, cs, y);
+        else if (kv == 4) GemvNNTiles<4, kTier>(q, L, k0 + kb, n, t, cs, y);
+        else if (kv == 6) GemvNNTiles<6, kTier>(q, L, k0 + kb, n, t, cs, y);
+        else if (kv == 8) GemvNNTiles<8, kTier>(q, L, k0 + kb, n, t, cs, y);
+        else GemvNNTiles<16, kTier>(q, L, k0 + kb, n, t, cs, y);
+      }
+  } else if (WideNN(q, L, N, nt)) {
+    return GemmNNQWideT<kTier>(q, L, k0, nk, t, C, ldc, nt, Y, ldy);
   } else {
     L.nfast = 0;
   }
-  GemvNNScalar<kTier>(q, L, k0, nk, t, c, L.nfast, L.gpr, y);
+  GemvNNScalar<kTier>(q, L, k0, nk, t, C, ldc, nt, L.nfast, L.gpr, Y, ldy);  // the rest once for the nt tokens
 }
 
 // Y[t, j] += sum_k C[t, k] W[k, j] for T tokens over the G groups from g0 (kV vectors each,
@@ -1245,10 +1388,7 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
   const std::size_t kv = q.group / N;
   const bool vec = L.nfast && q.group % N == 0 && L.gpr <= kNNCoefs && ((kv == 1 && (!q.nibble || L.nhalf)) || kv == 2 || kv == 4 || (kv == 8 && nt > 1));
   if (!vec && WideNN(q, L, N, nt)) return GemmNNQWideT<kTier>(q, L, k0, nk, t, C, ldc, nt, Y, ldy);
-  if (!vec) {
-    for (std::size_t i = 0; i < nt; ++i) GemvNNT<kTier>(q, k0, nk, t, C + i * ldc, Y + i * ldy);
-    return;
-  }
+  if (!vec) return GemvNNT<kTier>(q, k0, nk, t, C, ldc, nt, Y, ldy);  // per token, the groups no tile takes once
   // The scales as f32 times 2^shift (exact: a power of 2), kNNCoefs at a time.
   HWY_ALIGN float ss[kNNCoefs];
   NNChunks(q, L, k0, nk, t, ss, [&](std::size_t kb, std::size_t n) {
@@ -1288,7 +1428,7 @@ HWY_INLINE void GemmNNQT(const QView& q, std::size_t k0, std::size_t nk, const T
     else if (kv == 4) all(std::integral_constant<std::size_t, 4>());
     else all(std::integral_constant<std::size_t, 8>());
   });
-  for (std::size_t i = 0; i < nt; ++i) GemvNNScalar<kTier>(q, L, k0, nk, t, C + i * ldc, L.nfast, L.gpr, Y + i * ldy);
+  GemvNNScalar<kTier>(q, L, k0, nk, t, C, ldc, nt, L.nfast, L.gpr, Y, ldy);
 }
 
 // Y[t, i] += alpha sum_k W[i, k] X[t, k] on an R x T register tile.
@@ -1522,8 +1662,8 @@ inline HWY_NOINLINE void QGemvNN(const QView& q, std::size_t k0, std::size_t nk,
       QGemvNN(v, i0, n, tier, c + off, y);
     });
   const TierParams t = tier_params(q.bits, tier);
-  if (t.shift) qk::GemvNNT<true>(q, k0, nk, t, c, y);
-  else qk::GemvNNT<false>(q, k0, nk, t, c, y);
+  if (t.shift) qk::GemvNNT<true>(q, k0, nk, t, c, 0, 1, y, 0);
+  else qk::GemvNNT<false>(q, k0, nk, t, c, 0, 1, y, 0);
 }
 
 inline HWY_NOINLINE void QGemmNN(const QView& q, std::size_t k0, std::size_t nk, unsigned tier, const float* C, std::size_t ldc,
@@ -2318,7 +2458,9 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
     g0 = L.nnarrow * L.gpv;
   }
 #endif
-  for (std::size_t g = g0; g < L.gpr; ++g) {
+  // the groups from gs: runs decoded by DecodeSpan, then to the sink (after the loop)
+  const std::size_t gs = std::max({g0, L.nfast, L.nhalf}), sg = qk::SpanGroups(q), gend = sg ? gs : L.gpr;
+  for (std::size_t g = g0; g < gend; ++g) {
     const std::size_t c0 = g * q.group;
     if (q.nibble && q.group / 2 >= N && kMergeU % (q.group / N) == 0 && g + kMergeU / (q.group / N) <= L.nfast &&
         (q.group / 2 == N || Sink::kPairs)) {
@@ -2414,6 +2556,20 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
       }
     } else {
       for (std::size_t j = 0; j < q.group; j += N) sink.Vec(bytes(c0 + j, vs), c0 + j);
+    }
+  }
+  if (gend < L.gpr) {
+    HWY_ALIGN float buf[qk::kSpanMax + qk::kSpanPad];
+    auto one = [&](float v, std::size_t c) { sink.One(Opaque(kScale ? alpha * v : v), c); };
+    for (std::size_t ga = gs; ga < L.gpr; ga += sg) {
+      const std::size_t n = qk::DecodeSpan<kTier>(q, L, r, ga, std::min(ga + sg, L.gpr), t, buf), c0 = ga * q.group;
+      std::size_t j = 0;
+      for (; j < n && (c0 + j) % N; ++j) one(buf[j], c0 + j);  // sink.Vec: from a multiple of N
+      for (; j + N <= n; j += N) {
+        const qk::VF v = hn::LoadU(df, buf + j);
+        sink.Vec(kScale ? Opaque(hn::Mul(va, v)) : v, c0 + j);
+      }
+      for (; j < n; ++j) one(buf[j], c0 + j);
     }
   }
 }
