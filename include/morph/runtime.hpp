@@ -461,7 +461,9 @@ enum class Activations : std::uint8_t {
          ///< tokens, a low-rank block's 2- to 4-bit left factor (groups of a multiple of 32) also
          ///< meets its coefficients t = right x as int8 (q8_gemv_nn): |dy_i| <= sigma_g / 2
          ///< sum_k |code_ki| more, sigma_g = max_k |t_k s_kg| / 127. Blocks read at a tier below
-         ///< their stored bits, raw blocks and other left factors use the f32 path.
+         ///< their stored bits, raw blocks, other left factors and row-major blocks whose groups
+         ///< q8_gemv_nt has no vector body for (kernels::q8_gemv_nt_vectorized: e.g. byte
+         ///< groups of 48 or 96 with AVX-512) use the f32 path.
 };
 
 /// What apply() reads: a tier of the stored codes (0: as stored) and the activation path.
@@ -554,10 +556,12 @@ struct Q8Cache {
 };
 
 /// Y[t, :nr] += alpha * q X[t, :] through int8 activations (from the cache if it has them), if
-/// prec asks for them and q is read at its stored bits; false (nothing done) otherwise.
+/// prec asks for them, q is read at its stored bits and q8_gemv_nt's vector body takes its groups;
+/// false (nothing done) otherwise.
 inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, std::size_t ldx, std::size_t n, float* Y,
                      std::size_t ldy, float alpha, const Precision& prec, Arena& arena, const Q8Cache* cache, std::size_t c0) {
   if (prec.act != Activations::int8 || (prec.tier != 0 && prec.tier < q.bits)) return false;
+  if (!kernels::q8_gemv_nt_vectorized(q)) return false;  // its scalar path: f32 activations are ~10x faster
   const std::size_t mark = arena.mark();
   const std::uint8_t* acts = cache ? cache->get(q, c0) : nullptr;
   const std::uint8_t* tiles = cache ? cache->tiles_for(q, c0) : nullptr;
@@ -673,11 +677,13 @@ class PageSeeder {
   std::size_t left_ = kSeedBytes;
 };
 
-/// Tokens below which a low-rank block runs per token: one, or two with int8 activations
-/// (q8_gemv_nn, see q8_left); two f32 tokens take the 2-token passes of q_gemm_nt / q_gemm_nn
-/// (the real tinymoe layer at 8 tokens, about two per expert: 195-201 -> 184-189 us hot,
-/// bench/RESULTS.md).
-inline std::size_t per_token_below(const Precision& prec) noexcept { return prec.act == Activations::int8 ? 3u : 2u; }
+/// Tokens below which a low-rank block's factor runs per token: one, or two for a left factor that
+/// meets its coefficients as int8 (q8_gemv_nn, see q8_left); two tokens otherwise take the 2-token
+/// passes of q_gemm_nt / q_gemm_nn (the real tinymoe layer at 8 tokens, about two per expert:
+/// 195-201 -> 184-189 us hot, bench/RESULTS.md), with int8 activations too where a factor takes
+/// the f32 kernels (a tier, raw coefficients, groups q8_gemv_nt has no vector body for): the
+/// same bits as with f32 activations.
+inline std::size_t per_token_below(bool q8_left_factor) noexcept { return q8_left_factor ? 3u : 2u; }
 
 /// t[i, :rank] += alpha * right x_i for i < n: the right factor of a low-rank or shared block b
 /// (f32 if b holds it so, a morphed expert's mixed coefficients; else its codes, through int8
@@ -686,13 +692,13 @@ inline void right_coeffs(const KBlock& b, const float* x, std::size_t ldx, std::
                          Arena& arena, const Q8Cache* q8c) {
   const std::size_t r = b.rank;
   if (!b.raw.empty()) {
-    if (n < per_token_below(prec))
+    if (n < per_token_below(false))
       for (std::size_t i = 0; i < n; ++i) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
     else kernels::gemm_nt(b.raw.data(), b.cb, r, x, ldx, n, b.cb, alpha, t, r);
     return;
   }
   if (apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0)) return;
-  if (n < per_token_below(prec)) {
+  if (n < per_token_below(false)) {
     for (std::size_t i = 0; i < n; ++i) kernels::q_gemv_nt(b.b.view(), 0, r, prec.tier, x + i * ldx, alpha, t + i * r);
   } else if (b.b.lanes) {
     kernels::q_gemm_nt(b.b.view(), 0, r, prec.tier, x, ldx, n, alpha, t, r);
@@ -710,8 +716,8 @@ inline void right_coeffs(const KBlock& b, const float* x, std::size_t ldx, std::
 /// tokens on decoded once into scratch for gemm_nn.
 inline void left_apply(const kernels::QView& left, std::size_t r, const float* t, std::size_t ldt, std::size_t n, float* Y,
                        std::size_t ldy, const Precision& prec, Arena& arena) {
-  if (n < per_token_below(prec)) {
-    const bool q8l = q8_left(left, prec);
+  const bool q8l = q8_left(left, prec);
+  if (n < per_token_below(q8l)) {
     for (std::size_t i = 0; i < n; ++i) {
       if (q8l) kernels::q8_gemv_nn(left, 0, r, t + i * ldt, Y + i * ldy);
       else kernels::q_gemv_nn(left, 0, r, prec.tier, t + i * ldt, Y + i * ldy);

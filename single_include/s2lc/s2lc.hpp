@@ -5759,10 +5759,21 @@ inline HWY_NOINLINE float TailRow(const QView& q, const Layout& L, std::size_t r
   const auto* hi = lo + L.rbp;
   const float* sx = reinterpret_cast<const float*>(act + 4 * L.rbp);
   float s = 0.0f;
+  const std::uint8_t* row = q.codes + r * L.rb;
   for (std::size_t g = g0; g < L.gpr; ++g) {
     const std::size_t c0 = g * q.group, n = std::min<std::size_t>(q.group, q.cols - c0);
     std::int32_t acc = 0;
-    for (std::size_t j = 0; j < n; ++j) acc += detail::stored_code(q, r, c0 + j) * XqAt(q, L, lo, hi, c0 + j);
+    if (q.lanes) {
+      for (std::size_t j = 0; j < n; ++j) acc += detail::stored_code(q, r, c0 + j) * XqAt(q, L, lo, hi, c0 + j);
+    } else if (!q.nibble) {  // straight over the bytes (stored_code per element took ~10x as long)
+      const auto* c = reinterpret_cast<const std::int8_t*>(row + c0);
+      for (std::size_t j = 0; j < n; ++j) acc += c[j] * lo[c0 + j];
+    } else {  // h bytes: code j < h in byte j's low nibble (x in lo), code h + j in its high one (x in hi)
+      const std::size_t h = (n + 1) / 2, o = g * L.gb;
+      const auto* c = reinterpret_cast<const std::int8_t*>(row + o);
+      for (std::size_t j = 0; j < h; ++j) acc += (static_cast<int>(static_cast<unsigned>(c[j]) << 28) >> 28) * lo[o + j];
+      for (std::size_t j = 0; j < n - h; ++j) acc += (c[j] >> 4) * hi[o + j];
+    }
     s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scale_bits(r, g));
   }
   return s;
@@ -6699,9 +6710,35 @@ HWY_INLINE void NNTile(const QView& q, const NNStrip& st, const std::uint8_t* p,
 
 // Scalar columns: groups [ga + g0, ga + g1) of the strip over rows [r, r + nc) (exact integer
 // sums, one f32 product per group and column, as the vector body).
+// Row-major codes of groups up to kNNScalarMax columns go row by row over the bytes into int32
+// column sums (the same sums; element by element through stored_code took ~10x as long).
+inline constexpr std::size_t kNNScalarMax = 1024;
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))  // (see TailRow)
+#endif
 inline HWY_NOINLINE void NNScalar(const QView& q, const NNStrip& st, std::size_t r, std::size_t nc, std::size_t g0, std::size_t g1, float* y) {
+  const std::size_t rb = q.row_bytes();
   for (std::size_t g = g0; g < g1; ++g) {
-    const std::size_t c0 = (st.ga + g) * q.group, c1 = std::min<std::size_t>(q.cols, c0 + q.group);
+    const std::size_t c0 = (st.ga + g) * q.group, c1 = std::min<std::size_t>(q.cols, c0 + q.group), n = c1 - c0;
+    if (!q.lanes && n <= kNNScalarMax) {
+      std::int32_t sum[kNNScalarMax];
+      std::fill_n(sum, n, 0);
+      const std::size_t h = (n + 1) / 2;
+      for (std::size_t k = 0; k < nc; ++k) {
+        const int cq = static_cast<std::int8_t>(static_cast<std::uint32_t>(st.qq[(k / 4) * st.Wq + g]) >> (8 * (k % 4)));
+        if (cq == 0) continue;
+        if (!q.nibble) {
+          const auto* c = reinterpret_cast<const std::int8_t*>(q.codes + (r + k) * rb + c0);
+          for (std::size_t j = 0; j < n; ++j) sum[j] += cq * c[j];
+        } else {  // code j < h in byte j's low nibble, code h + j in its high one
+          const auto* c = reinterpret_cast<const std::int8_t*>(q.codes + (r + k) * rb + (st.ga + g) * (q.group / 2));
+          for (std::size_t j = 0; j < h; ++j) sum[j] += cq * (static_cast<int>(static_cast<unsigned>(c[j]) << 28) >> 28);
+          for (std::size_t j = 0; j < n - h; ++j) sum[h + j] += cq * (c[j] >> 4);
+        }
+      }
+      for (std::size_t j = 0; j < n; ++j) y[c0 + j] += static_cast<float>(sum[j]) * st.sig[g];
+      continue;
+    }
     for (std::size_t j = c0; j < c1; ++j) {
       std::int32_t sum = 0;
       for (std::size_t k = 0; k < nc; ++k) {
@@ -6862,6 +6899,17 @@ inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size
 inline HWY_NOINLINE void Q8GemvNT(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt,
                                   float alpha, float* y, std::size_t ldy) {
   Q8GemvNTTiles(q, r0, nr, acts, nullptr, nt, alpha, y, ldy);
+}
+
+/// Whether Q8GemvNT's vector body takes all of q's whole groups here (a partial last group is the
+/// scalar tail either way); HWY_SCALAR: true (all scalar alike). Where it does not, the groups
+/// left run TailRow at about 2 cycles per code: 4-bit 256 x 200 in groups of 64 (the vector body
+/// takes two of a row's three whole groups, a whole number of 64-byte vectors) took 11.8 us
+/// against 5.6 with f32 activations, AVX-512.
+inline HWY_NOINLINE bool Q8GemvNTVectorized(const QView& q) {
+  if (HWY_TARGET == HWY_SCALAR || q.lanes) return true;
+  const q8k::Layout L = q8k::MakeLayout(q);
+  return L.full > 0 && L.vend == L.full * L.gb;
 }
 
 /// Whether Q8GemvNN's vector body covers every column of q here: whole groups only, and with
@@ -9859,6 +9907,7 @@ namespace s2lc::kernels {
   X(void, q8_gemv_nn, Q8GemvNN, (const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y),         \
     (q, k0, nk, c, y))                                                                                               \
   X(bool, q8_gemv_nn_vectorized, Q8GemvNNVectorized, (const QView& q), (q))                                         \
+  X(bool, q8_gemv_nt_vectorized, Q8GemvNTVectorized, (const QView& q), (q))                                         \
   X(std::size_t, q8_tiles_bytes, Q8TilesBytes, (const QView& q, std::size_t nt), (q, nt))                           \
   X(void, q8_tiles, Q8Tiles, (const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out),         \
     (q, acts, nt, out))                                                                                              \
@@ -9939,6 +9988,13 @@ namespace s2lc::kernels {
 //                a multiple of 32 columns (a low-rank block's left factor), the rest is scalar.
 // q8_gemv_nn_vectorized: whether q8_gemv_nn's vector body covers every column of q on this target
 //                (else some or all of it runs the scalar path: far slower than q_gemv_nn).
+// q8_gemv_nt_vectorized: whether q8_gemv_nt's vector body takes all of q's whole groups on this
+//                target (rows in lanes: always; row-major: group code bytes a multiple of 4 that
+//                divide or are a multiple of the byte vector, and whole vectors of them: not byte
+//                groups of 48 or 96 with AVX-512, nor a 64-column block of nibbles). Where not, it
+//                runs the rest on its scalar path: 8-bit 256 x 288 in groups of 48 at one token 34
+//                us against 3.5 for q_gemm_nt with f32 activations (morph's int8 activations take
+//                f32 there, detail::apply_q8).
 // q8_tiles_bytes, q8_tiles: the activation tiles q8_gemv_nt builds per call for 4+ tokens on
 //                nibble codes (on rows in lanes 32+ with AVX-512, 16+ otherwise; tokens in lanes),
 //                built once for activations that several matrices of the same layout (columns,
@@ -10732,7 +10788,9 @@ enum class Activations : std::uint8_t {
          ///< tokens, a low-rank block's 2- to 4-bit left factor (groups of a multiple of 32) also
          ///< meets its coefficients t = right x as int8 (q8_gemv_nn): |dy_i| <= sigma_g / 2
          ///< sum_k |code_ki| more, sigma_g = max_k |t_k s_kg| / 127. Blocks read at a tier below
-         ///< their stored bits, raw blocks and other left factors use the f32 path.
+         ///< their stored bits, raw blocks, other left factors and row-major blocks whose groups
+         ///< q8_gemv_nt has no vector body for (kernels::q8_gemv_nt_vectorized: e.g. byte
+         ///< groups of 48 or 96 with AVX-512) use the f32 path.
 };
 
 /// What apply() reads: a tier of the stored codes (0: as stored) and the activation path.
@@ -10825,10 +10883,12 @@ struct Q8Cache {
 };
 
 /// Y[t, :nr] += alpha * q X[t, :] through int8 activations (from the cache if it has them), if
-/// prec asks for them and q is read at its stored bits; false (nothing done) otherwise.
+/// prec asks for them, q is read at its stored bits and q8_gemv_nt's vector body takes its groups;
+/// false (nothing done) otherwise.
 inline bool apply_q8(const kernels::QView& q, std::size_t nr, const float* X, std::size_t ldx, std::size_t n, float* Y,
                      std::size_t ldy, float alpha, const Precision& prec, Arena& arena, const Q8Cache* cache, std::size_t c0) {
   if (prec.act != Activations::int8 || (prec.tier != 0 && prec.tier < q.bits)) return false;
+  if (!kernels::q8_gemv_nt_vectorized(q)) return false;  // its scalar path: f32 activations are ~10x faster
   const std::size_t mark = arena.mark();
   const std::uint8_t* acts = cache ? cache->get(q, c0) : nullptr;
   const std::uint8_t* tiles = cache ? cache->tiles_for(q, c0) : nullptr;
@@ -10944,11 +11004,13 @@ class PageSeeder {
   std::size_t left_ = kSeedBytes;
 };
 
-/// Tokens below which a low-rank block runs per token: one, or two with int8 activations
-/// (q8_gemv_nn, see q8_left); two f32 tokens take the 2-token passes of q_gemm_nt / q_gemm_nn
-/// (the real tinymoe layer at 8 tokens, about two per expert: 195-201 -> 184-189 us hot,
-/// bench/RESULTS.md).
-inline std::size_t per_token_below(const Precision& prec) noexcept { return prec.act == Activations::int8 ? 3u : 2u; }
+/// Tokens below which a low-rank block's factor runs per token: one, or two for a left factor that
+/// meets its coefficients as int8 (q8_gemv_nn, see q8_left); two tokens otherwise take the 2-token
+/// passes of q_gemm_nt / q_gemm_nn (the real tinymoe layer at 8 tokens, about two per expert:
+/// 195-201 -> 184-189 us hot, bench/RESULTS.md), with int8 activations too where a factor takes
+/// the f32 kernels (a tier, raw coefficients, groups q8_gemv_nt has no vector body for): the
+/// same bits as with f32 activations.
+inline std::size_t per_token_below(bool q8_left_factor) noexcept { return q8_left_factor ? 3u : 2u; }
 
 /// t[i, :rank] += alpha * right x_i for i < n: the right factor of a low-rank or shared block b
 /// (f32 if b holds it so, a morphed expert's mixed coefficients; else its codes, through int8
@@ -10957,13 +11019,13 @@ inline void right_coeffs(const KBlock& b, const float* x, std::size_t ldx, std::
                          Arena& arena, const Q8Cache* q8c) {
   const std::size_t r = b.rank;
   if (!b.raw.empty()) {
-    if (n < per_token_below(prec))
+    if (n < per_token_below(false))
       for (std::size_t i = 0; i < n; ++i) kernels::gemm_nt(b.raw.data(), b.cb, r, x + i * ldx, ldx, 1, b.cb, alpha, t + i * r, r);
     else kernels::gemm_nt(b.raw.data(), b.cb, r, x, ldx, n, b.cb, alpha, t, r);
     return;
   }
   if (apply_q8(b.b.view(), r, x, ldx, n, t, r, alpha, prec, arena, q8c, b.c0)) return;
-  if (n < per_token_below(prec)) {
+  if (n < per_token_below(false)) {
     for (std::size_t i = 0; i < n; ++i) kernels::q_gemv_nt(b.b.view(), 0, r, prec.tier, x + i * ldx, alpha, t + i * r);
   } else if (b.b.lanes) {
     kernels::q_gemm_nt(b.b.view(), 0, r, prec.tier, x, ldx, n, alpha, t, r);
@@ -10981,8 +11043,8 @@ inline void right_coeffs(const KBlock& b, const float* x, std::size_t ldx, std::
 /// tokens on decoded once into scratch for gemm_nn.
 inline void left_apply(const kernels::QView& left, std::size_t r, const float* t, std::size_t ldt, std::size_t n, float* Y,
                        std::size_t ldy, const Precision& prec, Arena& arena) {
-  if (n < per_token_below(prec)) {
-    const bool q8l = q8_left(left, prec);
+  const bool q8l = q8_left(left, prec);
+  if (n < per_token_below(q8l)) {
     for (std::size_t i = 0; i < n; ++i) {
       if (q8l) kernels::q8_gemv_nn(left, 0, r, t + i * ldt, Y + i * ldy);
       else kernels::q_gemv_nn(left, 0, r, prec.tier, t + i * ldt, Y + i * ldy);

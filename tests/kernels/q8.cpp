@@ -55,7 +55,10 @@ const Case kCases[] = {{1, 1, 32, 8},     {5, 37, 32, 4},   {9, 1408, 32, 4}, {3
                        // rows in lanes: panels padded or not, group bytes 4 ... 128; the byte
                        // container (two quads per group, a panel of the widest rows: 32 KB)
                        {16, 256, 32, 4}, {40, 256, 8, 4}, {33, 528, 16, 4}, {50, 2048, 32, 4},
-                       {40, 256, 8, 8}, {33, 528, 16, 6}, {20, 2048, 64, 7}};
+                       {40, 256, 8, 8}, {33, 528, 16, 6}, {20, 2048, 64, 7},
+                       // the scalar tail over the bytes: byte groups of 48 (no vector body on
+                       // AVX-512), a partial last group of nibbles of an odd width
+                       {4, 288, 48, 8}, {3, 175, 64, 4}, {5, 250, 96, 8}};
 
 /// The reference quantizer: per group, amax; scale amax / 127; xq = round_half_even(x * 127 / amax).
 struct RefQ {
@@ -204,6 +207,38 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
   }
 }
 
+TEST_CASE("kernels: q8_gemv_nt_vectorized: rows in lanes and groups of 16-128 codes on every target; row-major groups of 48 or 96 codes where their bytes divide or are a multiple of the byte vector") {
+  // What detail::apply_q8 routes on: where it is false, int8 activations take the f32 kernels.
+  // (Every row-major case here has whole byte vectors of whole groups where they divide.)
+  auto kmat = [](std::size_t cols, std::size_t group, unsigned bits, bool lanes) {
+    const auto w = randn(16 * cols, static_cast<std::uint32_t>(cols + group), 0.05f);
+    return s2lc::morph::KMat::from(cz::quantize(w.data(), 16, cols, {bits, group, false}), lanes);
+  };
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    s2lc::test::TargetScope scope(target);
+    const std::string name = hwy::TargetName(target);
+    CAPTURE(name);
+    // the byte vector (0: the scalar target, where every layout counts as vectorized)
+    const std::size_t vec = name == "SCALAR" ? 0 : name.rfind("AVX3", 0) == 0 ? 64 : name == "AVX2" ? 32 : 16;
+    for (std::size_t group : {16u, 32u, 64u, 128u})
+      for (unsigned bits : {4u, 8u}) {
+        CAPTURE(group); CAPTURE(bits);
+        CHECK(k::q8_gemv_nt_vectorized(kmat(256, group, bits, false).view()));
+      }
+    // a 64-column block of nibbles in groups of 32 (the last block of 2880 columns): 32 bytes a row
+    CHECK(k::q8_gemv_nt_vectorized(kmat(64, 32, 4, false).view()) == (vec <= 32));
+    for (std::size_t group : {48u, 96u})
+      for (unsigned bits : {4u, 8u}) {
+        CAPTURE(group); CAPTURE(bits);
+        const auto lanes = kmat(288, group, bits, true);
+        REQUIRE(lanes.lanes);
+        CHECK(k::q8_gemv_nt_vectorized(lanes.view()));
+        const std::size_t gb = bits <= 4 ? group / 2 : group;  // code bytes of a group
+        CHECK(k::q8_gemv_nt_vectorized(kmat(288, group, bits, false).view()) == (vec == 0 || gb % vec == 0 || vec % gb == 0));
+      }
+  }
+}
+
 TEST_CASE("kernels: q8 gemv turns a non-finite activation into NaN outputs, never a silent zero") {
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
@@ -270,7 +305,9 @@ TEST_CASE("kernels: q8 gemv_nn (int8 coefficients times a left factor's codes) e
   // vector body does not take, byte containers (scalar)
   const Case cases[] = {{35, 256, 32, 2}, {35, 256, 32, 4}, {4, 128, 32, 4},  {1, 32, 32, 4},   {7, 1408, 32, 4}, {5, 2304, 32, 3},
                         {70, 256, 32, 3}, {130, 96, 32, 4}, {9, 512, 64, 4},  {6, 1024, 128, 4}, {5, 1024, 256, 2}, {3, 300, 32, 4},
-                        {5, 96, 48, 4},   {6, 100, 10, 4},  {4, 64, 32, 8},   {7, 33, 7, 4},    {18, 384, 32, 4}};
+                        {5, 96, 48, 4},   {6, 100, 10, 4},  {4, 64, 32, 8},   {7, 33, 7, 4},    {18, 384, 32, 4},
+                        // partial last groups: nibbles of an even and an odd width, bytes
+                        {4, 150, 64, 4},  {5, 175, 64, 3},  {3, 200, 48, 8}};
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));

@@ -239,7 +239,8 @@ std::vector<double> left_q8_bound(const mo::KGroup& kg, std::uint32_t e, const f
 
 /// int8 activations: Y = Y0 + alpha W X^T within the activation-rounding bound (each column's
 /// group scale over 2 times the magnitudes |W| the products pass through) plus the f32 bound.
-void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::uint32_t e, std::size_t n, mo::Executor* ex = nullptr) {
+/// Returns whether any block took the int8 path.
+bool check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::uint32_t e, std::size_t n, mo::Executor* ex = nullptr) {
   const std::size_t R = g.grid.rows, C = g.grid.cols, ldx = C + 3, ldy = R + 1;
   const auto X = randn(n * ldx, static_cast<std::uint32_t>(e * 1000 + n * 10 + 7), 1.0f);
   std::vector<float> Y(n * ldy, 0.25f);
@@ -248,9 +249,17 @@ void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::u
   const mo::Precision prec{0, mo::Activations::int8};
   mo::apply(kg, e, X.data(), ldx, n, Y.data(), ldy, arena, -2.0f, prec);
   CHECK(arena.used() == 0);
-  bool quantized = false;  // a block the int8 path takes: then the bits differ from the f32 path
+  // a block the int8 path takes (its right factor or dense codes through q8_gemv_nt where its vector
+  // body takes their groups, a left factor through q8_gemv_nn at 1-2 tokens): then the bits
+  // differ from the f32 path
+  bool quantized = false;
   auto scan = [&](const mo::KMatrix& m) {
-    for (const auto& b : m.blocks) quantized = quantized || (b.kind != cz::block_kind::raw && b.raw.empty());
+    for (const auto& b : m.blocks) {
+      if (b.kind == cz::block_kind::raw || b.kind == cz::block_kind::zero || !b.raw.empty()) continue;
+      const bool dense = b.kind == cz::block_kind::dense;
+      quantized = quantized || s2lc::kernels::q8_gemv_nt_vectorized(dense ? b.a.view() : b.b.view()) ||
+                  (!dense && n <= 2 && mo::detail::q8_left(mo::detail::left_view(kg, b), prec));
+    }
   };
   scan(kg.residuals[e]);
   for (auto nd : kg.path[e]) scan(kg.cores[nd]);
@@ -280,6 +289,7 @@ void check_apply_int8(const cz::CompressedGroup& g, const mo::KGroup& kg, std::u
     }
     REQUIRE(Y[t * ldy + R] == 0.25f);
   }
+  return quantized;
 }
 
 }  // namespace
@@ -344,7 +354,7 @@ TEST_CASE("morph: int8-activation apply stays within the activation-rounding bou
   // 256 x 256 blocks: one and two tokens take the int8 left factor path (q8_gemv_nn) on the real
   // experts' residuals
   // (every 2-4-bit left factor here: 256 columns in groups of 32; w2's shared bases are 8-bit)
-  std::size_t q8_lefts = 0;
+  std::size_t q8_lefts = 0, q8_applies = 0;
   for (const auto& g : fixture_compressed_256().groups) {
     CAPTURE(g.name);
     const auto kg = mo::KGroup::from(g);
@@ -360,19 +370,22 @@ TEST_CASE("morph: int8-activation apply stays within the activation-rounding bou
       for (std::size_t n : {1u, 2u, 3u}) {
         CAPTURE(e);
         CAPTURE(n);
-        check_apply_int8(g, kg, e, n, n == 2 ? &pool : nullptr);
+        q8_applies += check_apply_int8(g, kg, e, n, n == 2 ? &pool : nullptr);
       }
   }
   CHECK(q8_lefts > 0);
+  CHECK(q8_applies > 0);
   for (std::int64_t target : s2lc::test::compiled_targets()) {
     s2lc::test::TargetScope scope(target);
     CAPTURE(std::string(hwy::TargetName(target)));
+    std::size_t applies = 0;
     for (const auto& cs : synthetic_compressed())
       for (const auto& g : cs.groups) {
         const auto kg = mo::KGroup::from(g);
         for (std::uint32_t e = 0; e < kg.members(); ++e)
-          for (std::size_t n : {1u, 5u}) check_apply_int8(g, kg, e, n);
+          for (std::size_t n : {1u, 5u}) applies += check_apply_int8(g, kg, e, n);
       }
+    CHECK(applies > 0);
   }
 }
 

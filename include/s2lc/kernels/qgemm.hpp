@@ -48,6 +48,7 @@ namespace s2lc::kernels {
   X(void, q8_gemv_nn, Q8GemvNN, (const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y),         \
     (q, k0, nk, c, y))                                                                                               \
   X(bool, q8_gemv_nn_vectorized, Q8GemvNNVectorized, (const QView& q), (q))                                         \
+  X(bool, q8_gemv_nt_vectorized, Q8GemvNTVectorized, (const QView& q), (q))                                         \
   X(std::size_t, q8_tiles_bytes, Q8TilesBytes, (const QView& q, std::size_t nt), (q, nt))                           \
   X(void, q8_tiles, Q8Tiles, (const QView& q, const std::uint8_t* acts, std::size_t nt, std::uint8_t* out),         \
     (q, acts, nt, out))                                                                                              \
@@ -128,6 +129,13 @@ namespace s2lc::kernels {
 //                a multiple of 32 columns (a low-rank block's left factor), the rest is scalar.
 // q8_gemv_nn_vectorized: whether q8_gemv_nn's vector body covers every column of q on this target
 //                (else some or all of it runs the scalar path: far slower than q_gemv_nn).
+// q8_gemv_nt_vectorized: whether q8_gemv_nt's vector body takes all of q's whole groups on this
+//                target (rows in lanes: always; row-major: group code bytes a multiple of 4 that
+//                divide or are a multiple of the byte vector, and whole vectors of them: not byte
+//                groups of 48 or 96 with AVX-512, nor a 64-column block of nibbles). Where not, it
+//                runs the rest on its scalar path: 8-bit 256 x 288 in groups of 48 at one token 34
+//                us against 3.5 for q_gemm_nt with f32 activations (morph's int8 activations take
+//                f32 there, detail::apply_q8).
 // q8_tiles_bytes, q8_tiles: the activation tiles q8_gemv_nt builds per call for 4+ tokens on
 //                nibble codes (on rows in lanes 32+ with AVX-512, 16+ otherwise; tokens in lanes),
 //                built once for activations that several matrices of the same layout (columns,
