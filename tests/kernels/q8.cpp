@@ -207,7 +207,7 @@ TEST_CASE("kernels: q8 gemv equals the exact integer formulation, and stays with
   }
 }
 
-TEST_CASE("kernels: q8_gemv_nt_vectorized: rows in lanes and groups of 16-128 codes on every target; row-major groups of 48 or 96 codes where their bytes divide or are a multiple of the byte vector") {
+TEST_CASE("kernels: q8_gemv_nt_vectorized: rows in lanes and groups of 16-128 codes on every target, and row-major groups of 48 or 96 codes where their bytes divide or are a multiple of the byte vector") {
   // What detail::apply_q8 routes on: where it is false, int8 activations take the f32 kernels.
   // (Every row-major case here has whole byte vectors of whole groups where they divide.)
   auto kmat = [](std::size_t cols, std::size_t group, unsigned bits, bool lanes) {
