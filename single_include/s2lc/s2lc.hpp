@@ -8026,11 +8026,12 @@ HWY_INLINE void GemmNNT(const float* C, std::size_t ldc, std::size_t nt, std::si
                         std::size_t ncols, float* Y, std::size_t ldy);
 
 // Y[i, j] += sum_k C[i, k] W[k, j], k < nk, i < nt, over the groups [g0, g1) of each row that no
-// tile takes, in runs of a row's groups (DecodeSpan) decoded once for the nt tokens. From 3 tokens
-// a chunk of rows at a time goes into a buffer that gemm_nn's register tiles take (its whole
-// vectors; the columns left per token), below that each token's row of Y is updated per decoded
-// row. AVX-512, 4-bit 256 x 256 in groups of 96, q_gemm_nn at 8 tokens (bench rows): 16.4 us
-// with Y updated per row at 8 tokens too, 14.6 decoding first then gemm_nn, 9.7 so.
+// tile takes, in runs of a row's groups (DecodeSpan) decoded once for the nt tokens: a chunk of
+// rows at a time into a buffer whose whole vectors gemm_nn's register tiles take (the columns left
+// per token and row); a run narrower than a vector, each token's row of Y updated per decoded row.
+// AVX-512, 4-bit 256 x 256 in groups of 96 (bench rows): q_gemm_nn at 8 tokens 16.4 us with Y
+// updated per decoded row, 14.6 decoding first then gemm_nn, 9.7 so; scratch, one token 3.95 ->
+// 2.8 us.
 template <bool kTier>
 HWY_NOINLINE void GemvNNScalar(const QView& q, const Layout& L, std::size_t k0, std::size_t nk, const TierParams& t, const float* C,
                                std::size_t ldc, std::size_t nt, std::size_t g0, std::size_t g1, float* Y, std::size_t ldy) {
@@ -8055,7 +8056,7 @@ HWY_NOINLINE void GemvNNScalar(const QView& q, const Layout& L, std::size_t k0, 
   for (std::size_t ga = g0; ga < g1; ga += sg) {
     const std::size_t gb = std::min(ga + sg, g1), c0 = ga * q.group;
     const std::size_t w = std::min<std::size_t>(gb * q.group, q.cols) - c0, wv = w / N * N;
-    if (nt >= 3 && wv) {  // whole vectors of the run through gemm_nn's tiles, the rest per token and row
+    if (wv) {  // whole vectors of the run through gemm_nn's tiles, the rest per token and row
       const std::size_t ld = w + kSpanPad, kc = kBuf / ld;
       for (std::size_t kb = 0; kb < nk; kb += kc) {
         const std::size_t n = std::min(kc, nk - kb);
