@@ -1289,11 +1289,13 @@ HWY_INLINE void NNTile(const QView& q, const NNStrip& st, const std::uint8_t* p,
 }
 #endif
 
-// Scalar columns: groups [ga + g0, ga + g1) of the strip over rows [r, r + nc) (exact integer
-// sums, one f32 product per group and column, as the vector body).
-// Row-major codes of groups up to kNNScalarMax columns go row by row over the bytes into int32
-// column sums (the same sums; element by element through stored_code took ~10x as long).
+// Widest group NNScalar sums row by row (a stack array of column sums); wider ones go element by element.
 inline constexpr std::size_t kNNScalarMax = 1024;
+
+// Scalar columns: groups [ga + g0, ga + g1) of the strip over rows [r, r + nc) (exact integer
+// sums, one f32 product per group and column, as the vector body). Row-major codes of groups up to
+// kNNScalarMax columns go row by row over the bytes into int32 column sums (the same sums; element
+// by element through stored_code took about 2.5x as long: q8_gemv_nn on 8-bit 256 x 256, 79 -> 28 us).
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("no-tree-vectorize")))  // (see TailRow)
 #endif
