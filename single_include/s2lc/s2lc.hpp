@@ -4977,6 +4977,10 @@ inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
 
 namespace detail {
 
+/// The signed 4-bit codes a nibble-container byte holds: its low nibble and its high one.
+inline int low_nibble(int byte) noexcept { return static_cast<int>(static_cast<unsigned>(byte) << 28) >> 28; }
+inline int high_nibble(int byte) noexcept { return byte >> 4; }
+
 /// The stored code of element (r, c) of q (scalar path: tails, odd groups, references).
 inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
   if (q.lanes) {
@@ -4990,7 +4994,7 @@ inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
   const std::size_t g = c / q.group, j = c % q.group;
   const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
   const int byte = static_cast<std::int8_t>(row[g * (q.group / 2) + (j < h ? j : j - h)]);
-  return j < h ? static_cast<int>(static_cast<unsigned>(byte) << 28) >> 28 : byte >> 4;
+  return j < h ? low_nibble(byte) : high_nibble(byte);
 }
 
 /// Effective scale of group g of row r at a tier (bf16 scale times 2^shift, exact).
@@ -5771,8 +5775,8 @@ inline HWY_NOINLINE float TailRow(const QView& q, const Layout& L, std::size_t r
     } else {  // h bytes: code j < h in byte j's low nibble (x in lo), code h + j in its high one (x in hi)
       const std::size_t h = (n + 1) / 2, o = g * L.gb;
       const auto* c = reinterpret_cast<const std::int8_t*>(row + o);
-      for (std::size_t j = 0; j < h; ++j) acc += (static_cast<int>(static_cast<unsigned>(c[j]) << 28) >> 28) * lo[o + j];
-      for (std::size_t j = 0; j < n - h; ++j) acc += (c[j] >> 4) * hi[o + j];
+      for (std::size_t j = 0; j < h; ++j) acc += detail::low_nibble(c[j]) * lo[o + j];
+      for (std::size_t j = 0; j < n - h; ++j) acc += detail::high_nibble(c[j]) * hi[o + j];
     }
     s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scale_bits(r, g));
   }
@@ -6734,8 +6738,8 @@ inline HWY_NOINLINE void NNScalar(const QView& q, const NNStrip& st, std::size_t
           for (std::size_t j = 0; j < n; ++j) sum[j] += cq * c[j];
         } else {  // code j < h in byte j's low nibble, code h + j in its high one
           const auto* c = reinterpret_cast<const std::int8_t*>(q.codes + (r + k) * rb + (st.ga + g) * (q.group / 2));
-          for (std::size_t j = 0; j < h; ++j) sum[j] += cq * (static_cast<int>(static_cast<unsigned>(c[j]) << 28) >> 28);
-          for (std::size_t j = 0; j < n - h; ++j) sum[h + j] += cq * (c[j] >> 4);
+          for (std::size_t j = 0; j < h; ++j) sum[j] += cq * detail::low_nibble(c[j]);
+          for (std::size_t j = 0; j < n - h; ++j) sum[h + j] += cq * detail::high_nibble(c[j]);
         }
       }
       for (std::size_t j = 0; j < n; ++j) y[c0 + j] += static_cast<float>(sum[j]) * st.sig[g];

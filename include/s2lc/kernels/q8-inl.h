@@ -352,8 +352,8 @@ inline HWY_NOINLINE float TailRow(const QView& q, const Layout& L, std::size_t r
     } else {  // h bytes: code j < h in byte j's low nibble (x in lo), code h + j in its high one (x in hi)
       const std::size_t h = (n + 1) / 2, o = g * L.gb;
       const auto* c = reinterpret_cast<const std::int8_t*>(row + o);
-      for (std::size_t j = 0; j < h; ++j) acc += (static_cast<int>(static_cast<unsigned>(c[j]) << 28) >> 28) * lo[o + j];
-      for (std::size_t j = 0; j < n - h; ++j) acc += (c[j] >> 4) * hi[o + j];
+      for (std::size_t j = 0; j < h; ++j) acc += detail::low_nibble(c[j]) * lo[o + j];
+      for (std::size_t j = 0; j < n - h; ++j) acc += detail::high_nibble(c[j]) * hi[o + j];
     }
     s += static_cast<float>(acc) * sx[g] * s2lc::bf16_to_f32(q.scale_bits(r, g));
   }
@@ -1315,8 +1315,8 @@ inline HWY_NOINLINE void NNScalar(const QView& q, const NNStrip& st, std::size_t
           for (std::size_t j = 0; j < n; ++j) sum[j] += cq * c[j];
         } else {  // code j < h in byte j's low nibble, code h + j in its high one
           const auto* c = reinterpret_cast<const std::int8_t*>(q.codes + (r + k) * rb + (st.ga + g) * (q.group / 2));
-          for (std::size_t j = 0; j < h; ++j) sum[j] += cq * (static_cast<int>(static_cast<unsigned>(c[j]) << 28) >> 28);
-          for (std::size_t j = 0; j < n - h; ++j) sum[h + j] += cq * (c[j] >> 4);
+          for (std::size_t j = 0; j < h; ++j) sum[j] += cq * detail::low_nibble(c[j]);
+          for (std::size_t j = 0; j < n - h; ++j) sum[h + j] += cq * detail::high_nibble(c[j]);
         }
       }
       for (std::size_t j = 0; j < n; ++j) y[c0 + j] += static_cast<float>(sum[j]) * st.sig[g];

@@ -172,6 +172,10 @@ inline TierParams tier_params(unsigned bits, unsigned tier) noexcept {
 
 namespace detail {
 
+/// The signed 4-bit codes a nibble-container byte holds: its low nibble and its high one.
+inline int low_nibble(int byte) noexcept { return static_cast<int>(static_cast<unsigned>(byte) << 28) >> 28; }
+inline int high_nibble(int byte) noexcept { return byte >> 4; }
+
 /// The stored code of element (r, c) of q (scalar path: tails, odd groups, references).
 inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
   if (q.lanes) {
@@ -185,7 +189,7 @@ inline int stored_code(const QView& q, std::size_t r, std::size_t c) noexcept {
   const std::size_t g = c / q.group, j = c % q.group;
   const std::size_t n = std::min<std::size_t>(q.group, q.cols - g * q.group), h = (n + 1) / 2;
   const int byte = static_cast<std::int8_t>(row[g * (q.group / 2) + (j < h ? j : j - h)]);
-  return j < h ? static_cast<int>(static_cast<unsigned>(byte) << 28) >> 28 : byte >> 4;
+  return j < h ? low_nibble(byte) : high_nibble(byte);
 }
 
 /// Effective scale of group g of row r at a tier (bf16 scale times 2^shift, exact).
