@@ -95,9 +95,10 @@ struct Setup {
 
 Setup& setup(std::size_t si, bool cold) {
   static const bool announced =
-      (std::printf("s2lc kernels run the %s target; OpenBLAS runs its %s kernels; cold rows cycle through %zu MiB "
+      (std::printf("s2lc kernels run the %s target%s; OpenBLAS runs its %s kernels; cold rows cycle through %zu MiB "
                    "(the OS reports a %zu MiB last-level cache)\n",
-                   s2lc::kernels::kernel_target(), openblas_get_corename(), kColdBytes >> 20, ab::last_level_cache_bytes() >> 20),
+                   s2lc::kernels::kernel_target(), s2lc::kernels::vnni_in_use() ? " (int8: VNNI)" : "", openblas_get_corename(),
+                   kColdBytes >> 20, ab::last_level_cache_bytes() >> 20),
        true);
   (void)announced;
   static std::map<std::pair<std::size_t, bool>, std::unique_ptr<Setup>> cache;

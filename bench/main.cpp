@@ -128,6 +128,13 @@ int main(int argc, char** argv) {
     s2lc::kernels::allow_amx(false);
     drop_arg(argc, argv, i);
   }
+  // --s2lc_no_vnni: the AVX2 / AVX3 int8 kernels keep pmaddubsw + pmaddwd where the CPU has
+  // AVX-VNNI / AVX512_VNNI (kernels::allow_vnni), to time both paths with one binary.
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--s2lc_no_vnni") != 0) continue;
+    s2lc::kernels::allow_vnni(false);
+    drop_arg(argc, argv, i);
+  }
   // --s2lc_buffer_offset=B: weight buffers start B bytes past a 64-byte boundary (report.hpp).
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i], flag = "--s2lc_buffer_offset=";

@@ -14,6 +14,7 @@
 // tokens in passes of 8, 4 and 1-3 tokens: 13 = 8 + 4 + 1, 15 = 8 + 4 + 3).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -366,6 +367,72 @@ TEST_CASE("kernels: q8 gemv_nn (int8 coefficients times a left factor's codes) e
       }
     }
   }
+}
+
+TEST_CASE("kernels: the int8 kernels give the same bits with vpdpbusd / vpdpwssd as with pmaddubsw / pmaddwd on AVX2 (AVX-VNNI) and AVX3 (AVX512_VNNI)") {
+  // The integer sums are exact either way (the byte codes of rows in lanes go in as c + 128 with
+  // vpdpbusd), so q8_gemv_nt (every path: rows, tokens in lanes, rows in lanes), q8_gemv_nn and
+  // lowrank_add_fixed must agree bit for bit; each mode is checked against the references above.
+  std::size_t compared = 0;
+  for (std::int64_t target : s2lc::test::compiled_targets()) {
+    if (s2lc::test::vnni_modes(target).size() < 2) continue;
+    s2lc::test::TargetScope scope(target);
+    CAPTURE(std::string(hwy::TargetName(target)));
+    auto both = [&](auto&& run) {
+      std::vector<float> r[2];
+      for (bool vnni : {true, false}) {
+        s2lc::test::VnniScope vs(vnni);
+        REQUIRE(k::use_vnni(target == HWY_AVX3) == vnni);
+        r[vnni] = run();
+      }
+      REQUIRE(r[0].size() == r[1].size());
+      for (std::size_t j = 0; j < r[0].size(); ++j) REQUIRE(std::bit_cast<std::uint32_t>(r[0][j]) == std::bit_cast<std::uint32_t>(r[1][j]));
+      ++compared;
+    };
+    for (const auto& c : kCases) {
+      CAPTURE(c.rows); CAPTURE(c.cols); CAPTURE(c.group); CAPTURE(c.bits);
+      const auto w = randn(c.rows * c.cols, static_cast<std::uint32_t>(c.rows * 5 + c.cols), 0.05f);
+      const auto qm = cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false});
+      for (bool lanes : {false, true}) {
+        const auto km = s2lc::morph::KMat::from(qm, lanes);
+        if (lanes && !km.lanes) continue;
+        CAPTURE(lanes);
+        const auto q = km.view();
+        for (std::size_t nt : {1u, 2u, 3u, 4u, 5u, 8u, 13u, 16u, 33u}) {
+          CAPTURE(nt);
+          const auto x = randn(nt * c.cols, static_cast<std::uint32_t>(nt + 3), 1.0f);
+          std::vector<std::uint8_t> acts(nt * k::Q8Acts::bytes(q));
+          k::q8_quantize(q, x.data(), c.cols, nt, acts.data());
+          both([&] {
+            std::vector<float> y(nt * c.rows, 0.5f);
+            k::q8_gemv_nt(q, 0, c.rows, acts.data(), nt, -0.75f, y.data(), c.rows);
+            return y;
+          });
+        }
+        const auto co = randn(c.rows, static_cast<std::uint32_t>(c.cols + 1), 2.0f);
+        both([&] {
+          std::vector<float> y(c.cols, 0.5f);
+          k::q8_gemv_nn(q, 0, c.rows, co.data(), y.data());
+          return y;
+        });
+      }
+    }
+    for (std::size_t K : {1u, 7u, 48u, 200u}) {
+      CAPTURE(K);
+      const std::size_t rb = 37, cb = 100;
+      const auto L = randn(K * rb, 21), R = randn(K * cb, 22);
+      std::vector<std::int32_t> scratch(k::lowrank_fixed_scratch(K, rb, cb));
+      both([&] {
+        std::vector<float> out(rb * cb, 0.25f);
+        k::lowrank_add_fixed(L.data(), R.data(), K, rb, cb, -0.5f, out.data(), cb, false, scratch.data(), nullptr);
+        return out;
+      });
+    }
+  }
+  // this CPU has VNNI where the suite compiled AVX2 / AVX3 for it: the comparison ran
+  const auto targets = s2lc::test::compiled_targets();
+  const bool avx2 = std::find(targets.begin(), targets.end(), HWY_AVX2) != targets.end();
+  if (avx2 && k::cpu_has_avx_vnni()) REQUIRE(compared > 0);
 }
 
 }  // namespace suite_kernels_q8

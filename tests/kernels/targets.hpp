@@ -42,6 +42,13 @@ inline std::vector<bool> insn_modes(std::int64_t target, bool cpu_has) {
 inline std::vector<bool> bf16_insn_modes(std::int64_t target) { return insn_modes(target, s2lc::kernels::cpu_has_avx512_bf16()); }
 inline std::vector<bool> amx_modes(std::int64_t target) { return insn_modes(target, s2lc::kernels::cpu_has_amx_bf16()); }
 
+/// kernels::allow_vnni: both settings on AVX2 where the CPU has AVX-VNNI and on AVX3 where it has
+/// AVX512_VNNI (the int8 kernels have a vpdpbusd form there beside pmaddubsw), else the default.
+inline std::vector<bool> vnni_modes(std::int64_t target) {
+  if ((target == HWY_AVX2 && s2lc::kernels::cpu_has_avx_vnni()) || (target == HWY_AVX3 && s2lc::kernels::cpu_has_avx512_vnni())) return {true, false};
+  return {true};
+}
+
 /// Set(allow) for its lifetime, then Set(true) (the default).
 template <void (*Set)(bool) noexcept>
 class InsnScope {
@@ -53,6 +60,7 @@ class InsnScope {
 };
 using Bf16InsnScope = InsnScope<&s2lc::kernels::allow_avx512_bf16>;
 using AmxScope = InsnScope<&s2lc::kernels::allow_amx>;
+using VnniScope = InsnScope<&s2lc::kernels::allow_vnni>;
 
 /// The settings of FlushScope to test: flushing too where the CPU has MXCSR (x86).
 inline std::vector<bool> flush_modes() {

@@ -70,6 +70,7 @@ int run_bench(const std::vector<std::string>& args) {
   j["cold"] = c.cold, j["cold_bytes"] = c.cold ? c.cold_bytes : 0, j["copies"] = r.copies, j["target"] = kernels::kernel_target();
   j["openblas_core"] = openblas_get_corename();
   j["amx"] = kernels::amx_in_use();  // q_gemm_nt's f32 batches ran on AMX tiles
+  j["vnni"] = kernels::vnni_in_use();  // int8 products ran on vpdpbusd / vpdpwssd
   j["activations"] = c.act == morph::Activations::int8 ? "int8" : "f32";
   j["bytes"] = r.bytes, j["dense_f32_bytes"] = r.dense_bytes, j["bandwidth_gbs"] = r.bandwidth_gbs;
   j["us_per_call"] = r.us, j["openblas_us_per_call"] = r.openblas_us, j["dense_highway_us_per_call"] = r.dense_us;

@@ -89,6 +89,60 @@ inline void allow_avx512_bf16(bool allow) noexcept { detail::avx512_bf16_allowed
 /// allow_avx512_bf16(false) is not in effect.
 inline bool use_avx512_bf16() noexcept { return cpu_has_avx512_bf16() && detail::avx512_bf16_allowed().load(std::memory_order_relaxed); }
 
+/// Whether this CPU executes AVX-VNNI (VEX-encoded vpdpbusd / vpdpwssd on 256-bit vectors; CPUID
+/// leaf 7, subleaf 1, EAX bit 4): Intel client cores from Alder Lake and E-core Xeons, which have
+/// no AVX-512, and AMD Zen 5. Highway 1.0.3's AVX2 target does not assume it; its int8 kernels
+/// check once at run time (use_vnni) and take it when present.
+inline bool cpu_has_avx_vnni() noexcept {
+#if S2LC_CPU_X86
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1) return false;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    return (a >> 4 & 1u) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+/// Whether this CPU executes AVX512_VNNI (CPUID leaf 7, subleaf 0, ECX bit 11). Highway 1.0.3
+/// picks its AVX3 target, not AVX3_DL, on Cascade Lake and Cooper Lake (AVX512_VNNI but no
+/// VBMI2 / BITALG); the AVX3 int8 kernels check for it once at run time (use_vnni).
+inline bool cpu_has_avx512_vnni() noexcept {
+#if S2LC_CPU_X86
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (c >> 11 & 1u) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace detail {
+inline std::atomic<bool>& vnni_allowed() noexcept {
+  static std::atomic<bool> allowed{true};
+  return allowed;
+}
+}  // namespace detail
+
+/// For tests and benches: false makes the AVX2 and AVX3 int8 kernels use pmaddubsw + pmaddwd
+/// where the CPU has AVX-VNNI or AVX512_VNNI, so both paths can be checked and timed in one
+/// process. Process-wide; the integer sums, and so the results, are the same either way. (AVX3_DL
+/// implies VNNI and always uses it.)
+inline void allow_vnni(bool allow) noexcept { detail::vnni_allowed().store(allow, std::memory_order_relaxed); }
+
+/// Whether the int8 kernels of Highway's AVX2 target (avx512 false) or AVX3 target (true) use
+/// vpdpbusd / vpdpwssd: the CPU has AVX-VNNI (AVX2) or AVX512_VNNI (AVX3) and allow_vnni(false)
+/// is not in effect.
+inline bool use_vnni(bool avx512) noexcept {
+  return (avx512 ? cpu_has_avx512_vnni() : cpu_has_avx_vnni()) && detail::vnni_allowed().load(std::memory_order_relaxed);
+}
+
 namespace detail {
 /// CPUID says AMX-TILE, AMX-BF16, AVX512F/BW/VL/VBMI; the OS enables the AVX-512 and tile state
 /// (XCR0 bits 1, 2, 5-7, 17, 18); and Linux grants this process the tile data.

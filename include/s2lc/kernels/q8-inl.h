@@ -261,8 +261,24 @@ using VU8 = hn::Vec<DU8>;
 using VI8 = hn::Vec<DI8>;
 using IdxF = decltype(hn::SetTableIndices(DF(), static_cast<const std::int32_t*>(nullptr)));
 
+// Whether this target's int8 kernels have a vpdpbusd form beside pmaddubsw + pmaddwd, chosen per
+// call (kDp below): AVX2 with AVX-VNNI, AVX3 with AVX512_VNNI (kernels::use_vnni). AVX3_DL always
+// has it; other targets never.
+inline constexpr bool kDpVariant = HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3;
+HWY_INLINE bool UseDp() {
+#if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
+  return use_vnni(HWY_TARGET == HWY_AVX3);
+#else
+  return false;
+#endif
+}
+
 // acc[i] += sum_{j < 4} a[4i + j] * b[4i + j] with a unsigned bytes <= 128 and b in [-127, 127]:
-// every pair sum fits int16, so pmaddubsw never saturates and all targets agree exactly.
+// every pair sum fits int16, so pmaddubsw never saturates and all targets agree exactly. kDp
+// (kDpVariant targets, where UseDp()): one vpdpbusd instead of pmaddubsw, pmaddwd and an add,
+// the same exact sums; written out as AVX3_DL's is (the compiler's target has no VNNI there).
+// With it the operands may also be a in [0, 255] (no int16 pair sums).
+template <bool kDp = false>
 HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
 #if HWY_TARGET == HWY_AVX3_DL && HWY_COMPILER_CLANG
   // clang ignores the region's `#pragma GCC target` (below) and refuses the intrinsic, so the
@@ -273,8 +289,18 @@ HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
 #elif HWY_TARGET == HWY_AVX3_DL
   return VI{_mm512_dpbusd_epi32(acc.raw, a.raw, b.raw)};
 #elif HWY_TARGET == HWY_AVX3
+  if constexpr (kDp) {
+    __m512i r = acc.raw;
+    asm("vpdpbusd {%2, %1, %0|%0, %1, %2}" : "+v"(r) : "v"(a.raw), "v"(b.raw));
+    return VI{r};
+  }
   return hn::Add(acc, VI{_mm512_madd_epi16(_mm512_maddubs_epi16(a.raw, b.raw), _mm512_set1_epi16(1))});
 #elif HWY_TARGET == HWY_AVX2
+  if constexpr (kDp) {  // AVX-VNNI: the VEX form (ymm0-15)
+    __m256i r = acc.raw;
+    asm("%{vex%} vpdpbusd {%2, %1, %0|%0, %1, %2}" : "+x"(r) : "x"(a.raw), "x"(b.raw));
+    return VI{r};
+  }
   return hn::Add(acc, VI{_mm256_madd_epi16(_mm256_maddubs_epi16(a.raw, b.raw), _mm256_set1_epi16(1))});
 #elif HWY_TARGET == HWY_SSE4 || HWY_TARGET == HWY_SSSE3
   return hn::Add(acc, VI{_mm_madd_epi16(_mm_maddubs_epi16(a.raw, b.raw), _mm_set1_epi16(1))});
@@ -412,7 +438,7 @@ struct Span {
 // several tokens each chunk of the R rows is decoded once for all of them; with one, each row is
 // decoded and multiplied at once (nothing decoded is held), so a whole vector of rows fits the
 // registers and the activations are loaded once per chunk for all of them.
-template <std::size_t R, std::size_t T, bool kNib, bool kBcast>
+template <std::size_t R, std::size_t T, bool kNib, bool kBcast, bool kDp>
 HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
                         const std::uint8_t* acts, std::size_t abytes, VF (&acc)[R][T]) {
   const DF df;
@@ -451,10 +477,10 @@ HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const 
   // The integer partial of a decoded chunk with token activations x0 (x1: high nibbles; ncorr: -8 sum x).
   auto dot = [&](VU8 a0, VU8 a1, VI8 x0, VI8 x1, VI ncorr) {
     if constexpr (kNib) {
-      return DotU8I8(DotU8I8(ncorr, a0, x0), a1, x1);
+      return DotU8I8<kDp>(DotU8I8<kDp>(ncorr, a0, x0), a1, x1);
     } else {
       (void)x1, (void)ncorr;
-      return DotU8I8(hn::Zero(di), a0, hn::IfThenElse(hn::Lt(hn::BitCast(di8, a1), hn::Zero(di8)), hn::Neg(x0), x0));
+      return DotU8I8<kDp>(hn::Zero(di), a0, hn::IfThenElse(hn::Lt(hn::BitCast(di8, a1), hn::Zero(di8)), hn::Neg(x0), x0));
     }
   };
   auto scale = [&](std::size_t i, std::size_t gl) {  // row i's group scales over the lanes
@@ -493,12 +519,12 @@ HWY_INLINE void RowsAcc(const QView& q, const Layout& L, const IdxF& rep, const 
 }
 
 // y[t, i] += alpha * row (r0 + i) . x_t over span sp, for R rows and T tokens.
-template <std::size_t R, std::size_t T, bool kNib, bool kBcast>
+template <std::size_t R, std::size_t T, bool kNib, bool kBcast, bool kDp>
 HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
                      const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   const DF df;
   VF acc[R][T];
-  RowsAcc<R, T, kNib, kBcast>(q, L, rep, sp, r0, sw0, acts, abytes, acc);
+  RowsAcc<R, T, kNib, kBcast, kDp>(q, L, rep, sp, r0, sw0, acts, abytes, acc);
   const std::size_t gt = L.vend / L.gb;
   float sums[R][T];  // lane sums, four at a time where a tile has four tokens
   if constexpr (T == 4) {
@@ -516,12 +542,12 @@ HWY_INLINE void Rows(const QView& q, const Layout& L, const IdxF& rep, const Spa
 // rows' lane partials are reduced together in registers (Block4, then SumBlocks) and y is updated
 // a vector at a time (summing each row on its own had cost as much as a 256-column 4-bit row's
 // dot product); R = 4, 2, 1: the rows left over.
-template <std::size_t R, bool kNib, bool kBcast>
+template <std::size_t R, bool kNib, bool kBcast, bool kDp>
 HWY_INLINE void RowsOne(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, const float* sw0,
                         const std::uint8_t* act, float alpha, float* y) {
   const DF df;
   VF acc[R][1];
-  RowsAcc<R, 1, kNib, kBcast>(q, L, rep, sp, r0, sw0, act, 0, acc);
+  RowsAcc<R, 1, kNib, kBcast, kDp>(q, L, rep, sp, r0, sw0, act, 0, acc);
   const std::size_t gt = L.vend / L.gb;
   if constexpr (kRowsVec && R == hn::MaxLanes(DF())) {
     VF s[R / 4];
@@ -542,30 +568,30 @@ HWY_INLINE void RowsOne(const QView& q, const Layout& L, const IdxF& rep, const 
   }
 }
 
-template <std::size_t T, bool kNib, bool kBcast>
+template <std::size_t T, bool kNib, bool kBcast, bool kDp>
 HWY_INLINE void RowsAll(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, std::size_t nr,
                         const std::uint8_t* acts, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   std::size_t i = 0;
   if constexpr (T == 1) {
     constexpr std::size_t kN = hn::MaxLanes(DF());
     if constexpr (kRowsVec)
-      for (; i + kN <= nr; i += kN) RowsOne<kN, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
-    for (; i + 4 <= nr; i += 4) RowsOne<4, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
-    for (; i + 2 <= nr; i += 2) RowsOne<2, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
-    for (; i < nr; ++i) RowsOne<1, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
+      for (; i + kN <= nr; i += kN) RowsOne<kN, kNib, kBcast, kDp>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
+    for (; i + 4 <= nr; i += 4) RowsOne<4, kNib, kBcast, kDp>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
+    for (; i + 2 <= nr; i += 2) RowsOne<2, kNib, kBcast, kDp>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
+    for (; i < nr; ++i) RowsOne<1, kNib, kBcast, kDp>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, alpha, y + i);
     return;
   }
-  for (; i + 2 <= nr; i += 2) Rows<2, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
-  for (; i < nr; ++i) Rows<1, T, kNib, kBcast>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+  for (; i + 2 <= nr; i += 2) Rows<2, T, kNib, kBcast, kDp>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
+  for (; i < nr; ++i) Rows<1, T, kNib, kBcast, kDp>(q, L, rep, sp, r0 + i, sp.sw + i * sp.lds, acts, abytes, alpha, y + i, ldy);
 }
 
-template <bool kNib, bool kBcast>
+template <bool kNib, bool kBcast, bool kDp>
 HWY_INLINE void Panel(const QView& q, const Layout& L, const IdxF& rep, const Span& sp, std::size_t r0, std::size_t nr,
                       const std::uint8_t* acts, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   std::size_t t = 0;
-  for (; t + 4 <= nt; t += 4) RowsAll<4, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
-  for (; t + 2 <= nt; t += 2) RowsAll<2, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
-  for (; t < nt; ++t) RowsAll<1, kNib, kBcast>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+  for (; t + 4 <= nt; t += 4) RowsAll<4, kNib, kBcast, kDp>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+  for (; t + 2 <= nt; t += 2) RowsAll<2, kNib, kBcast, kDp>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
+  for (; t < nt; ++t) RowsAll<1, kNib, kBcast, kDp>(q, L, rep, sp, r0, nr, acts + t * abytes, abytes, alpha, y + t * ldy, ldy);
 }
 
 // ---- Batches: tokens in lanes ----
@@ -644,7 +670,7 @@ HWY_INLINE void BuildTile(const TokGeom& G, const Layout& L, const std::uint8_t*
 // vectors (G.N8, G.NL the targets' maxima): every loop over a group's bytes has a constant trip
 // count and unrolls (a group's 2-4 steps otherwise paid a loop's overhead each).
 // kLanes: dec is decoded rows in lanes (DecodeLanes: decoded quad m of row i at 64 m + 4 i; S = 1).
-template <class D, std::size_t R, std::size_t T, std::size_t S, bool kG16 = false, bool kLanes = false>
+template <class D, std::size_t R, std::size_t T, std::size_t S, bool kG16, bool kLanes, bool kDp>
 HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds, const std::uint8_t* tiles,
                         float* out) {
   static_assert(!kLanes || S == 1, "rows in lanes: one lane per token");
@@ -685,7 +711,7 @@ HWY_INLINE void TokRows(const TokGeom& G, const std::uint8_t* dec, const float* 
           } else {
             wv = hn::LoadDup128(du8, c);
           }
-          for (std::size_t j = 0; j < T; ++j) acc[i][j] = DotU8I8(acc[i][j], wv, xv[j]);
+          for (std::size_t j = 0; j < T; ++j) acc[i][j] = DotU8I8<kDp>(acc[i][j], wv, xv[j]);
         }
       }
     }
@@ -803,14 +829,14 @@ HWY_INLINE bool G16(const TokGeom& G) {
   return !HWY_HAVE_SCALABLE && G.gpc != 0 && G.gb == 16 && G.N8 == hn::MaxLanes(DU8()) && G.NL == hn::MaxLanes(DF());
 }
 
-template <class D, std::size_t T, std::size_t S, bool kLanes = false>
+template <class D, std::size_t T, std::size_t S, bool kLanes, bool kDp>
 HWY_INLINE void TokRowsR(std::size_t R, const TokGeom& G, const std::uint8_t* dec, const float* sw, std::size_t lds,
                          const std::uint8_t* tiles, float* out) {
-  if (R == 8 && T == 1 && G16(G)) TokRows<D, 8, 1, S, true, kLanes>(G, dec, sw, lds, tiles, out);
-  else if (R == 8) TokRows<D, 8, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
-  else if (R == 4) TokRows<D, 4, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
-  else if (R == 2) TokRows<D, 2, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
-  else TokRows<D, 1, T, S, false, kLanes>(G, dec, sw, lds, tiles, out);
+  if (R == 8 && T == 1 && G16(G)) TokRows<D, 8, 1, S, true, kLanes, kDp>(G, dec, sw, lds, tiles, out);
+  else if (R == 8) TokRows<D, 8, T, S, false, kLanes, kDp>(G, dec, sw, lds, tiles, out);
+  else if (R == 4) TokRows<D, 4, T, S, false, kLanes, kDp>(G, dec, sw, lds, tiles, out);
+  else if (R == 2) TokRows<D, 2, T, S, false, kLanes, kDp>(G, dec, sw, lds, tiles, out);
+  else TokRows<D, 1, T, S, false, kLanes, kDp>(G, dec, sw, lds, tiles, out);
 }
 
 // Code bytes per column segment of the tokens path (whole chunks or groups).
@@ -852,7 +878,7 @@ HWY_INLINE void BuildTiles(const Layout& L, const std::uint8_t* acts, std::size_
 // tiles BuildTiles made for these activations (or null: built here per segment).
 // kLanes: q is rows in lanes (S = 1, r0 on a panel): each 16-row panel is decoded once per segment
 // and tile pair (DecodeLanes) and TokRows reads its rows in place.
-template <class D, std::size_t S, bool kLanes = false>
+template <class D, std::size_t S, bool kLanes, bool kDp>
 HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                           const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   // rows decoded at a time: up to 8 (a TokRows call: 4 with two tiles, 8 with one); kLanes: a panel
@@ -903,9 +929,9 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
         const std::size_t R = T == 2 ? 4 : std::min<std::size_t>(8, NL);
         for (std::size_t p = 0; p < NL; p += R) {
           prepare(r + p, R);
-          if (T == 2 && G16(G)) TokRows<D, 4, 2, S, true, kLanes>(G, rows, sw, G.gseg, tiles, out + p * T * NL);
-          else if (T == 2) TokRows<D, 4, 2, S, false, kLanes>(G, rows, sw, G.gseg, tiles, out + p * T * NL);
-          else TokRowsR<D, 1, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out + p * T * NL);
+          if (T == 2 && G16(G)) TokRows<D, 4, 2, S, true, kLanes, kDp>(G, rows, sw, G.gseg, tiles, out + p * T * NL);
+          else if (T == 2) TokRows<D, 4, 2, S, false, kLanes, kDp>(G, rows, sw, G.gseg, tiles, out + p * T * NL);
+          else TokRowsR<D, 1, S, kLanes, kDp>(R, G, rows, sw, G.gseg, tiles, out + p * T * NL);
         }
         for (std::size_t j = 0; j < T; ++j)
           TransposeAdd<D, S>(out + j * NL, T * NL, std::min(per, nt - (tt + j) * per), alpha, y + (tt + j) * per * ldy + r, ldy);
@@ -913,8 +939,8 @@ HWY_INLINE void TokensRun(const QView& q, const Layout& L, std::size_t r0, std::
       while (r < nr) {
         const std::size_t R = nr - r >= 4 ? 4 : nr - r >= 2 ? 2 : 1;
         prepare(r, R);
-        if (T == 2) TokRowsR<D, 2, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out);
-        else TokRowsR<D, 1, S, kLanes>(R, G, rows, sw, G.gseg, tiles, out);
+        if (T == 2) TokRowsR<D, 2, S, kLanes, kDp>(R, G, rows, sw, G.gseg, tiles, out);
+        else TokRowsR<D, 1, S, kLanes, kDp>(R, G, rows, sw, G.gseg, tiles, out);
         for (std::size_t i = 0; i < R; ++i)
           for (std::size_t j = 0; j < T; ++j)
             for (std::size_t l = 0, t = (tt + j) * per; l < per && t < nt; ++l, ++t)
@@ -944,17 +970,18 @@ HWY_INLINE std::size_t TokensLanes(const QView& q, const Layout& L, std::size_t 
 }
 
 // The tokens-in-lanes path of Q8GemvNT; false (nothing done) where it does not apply.
+template <bool kDp>
 HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                            const std::uint8_t* pre, std::size_t nt, std::size_t abytes, float alpha, float* y, std::size_t ldy) {
   const std::size_t S = TokensLanes(q, L, nt);
   if (q.lanes) {  // one lane per token, whole panels
     if (S != 1 || r0 % QView::kLaneRows != 0 || !kLanesVec) return false;
-    TokensRun<DF, 1, true>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+    TokensRun<DF, 1, true, kDp>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
     return true;
   }
-  if (S == 4) TokensRun<DF, 4>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
-  else if (S == 2) TokensRun<DF, 2>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
-  else if (S == 1) TokensRun<DF, 1>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+  if (S == 4) TokensRun<DF, 4, false, kDp>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+  else if (S == 2) TokensRun<DF, 2, false, kDp>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
+  else if (S == 1) TokensRun<DF, 1, false, kDp>(q, L, r0, nr, acts, pre, nt, abytes, alpha, y, ldy);
   return S != 0;
 }
 
@@ -997,12 +1024,12 @@ inline constexpr bool kVnni = HWY_TARGET == HWY_AVX3_DL;
 // the quad count a constant, so the loop unrolls and the alternation of a0 / a1 costs nothing
 // (one 256 x 256 5-bit block, hot, 1 / 2 / 4 / 8 tokens: 47 / 73 / 121 / 170 -> 90 / 140 / 182 /
 // 212 GMAC/s; the xor at up to 4 tokens had been slower while the loop ran with k % 2 branches).
-template <std::size_t T, std::size_t kNQ, bool kNib>
+template <std::size_t T, std::size_t kNQ, bool kNib, bool kDp>
 HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const LanesActs& a, VF (&ya)[T]) {
 #if HWY_TARGET == HWY_SCALAR  // (never called: kLanesVec)
   (void)q, (void)p, (void)h, (void)a, (void)ya;
 #else
-  constexpr bool kSplit = T <= 4, kOffset = kNib || kVnni;  // a group starts from nc
+  constexpr bool kSplit = T <= 4, kOffset = kNib || kVnni || kDp;  // a group starts from nc
   const DF df;
   const DI di;
   const DU8 du8;
@@ -1026,16 +1053,16 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
         if constexpr (kSplit) v = InRegister(v);  // (passes of 8 tokens ran 4 % slower cold with it)
         const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
         for (std::size_t t = 0; t < T; ++t) {
-          a0[t] = DotU8I8(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
-          if constexpr (kSplit) a1[t] = DotU8I8(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
-          else a0[t] = DotU8I8(a0[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+          a0[t] = DotU8I8<kDp>(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
+          if constexpr (kSplit) a1[t] = DotU8I8<kDp>(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+          else a0[t] = DotU8I8<kDp>(a0[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
         }
       } else if constexpr (kOffset) {  // c + 128 (the offset in a.nc): vpdpbusd has no int16 pair sums
         const VU8 u = hn::Xor(v, hn::Set(du8, 0x80));
         for (std::size_t t = 0; t < T; ++t) {
           const VI8 x = hn::BitCast(di8, hn::Set(di, xq[k * T + t]));
-          if (kSplit && (k & 1)) a1[t] = DotU8I8(a1[t], u, x);
-          else a0[t] = DotU8I8(a0[t], u, x);
+          if (kSplit && (k & 1)) a1[t] = DotU8I8<kDp>(a1[t], u, x);
+          else a0[t] = DotU8I8<kDp>(a0[t], u, x);
         }
       } else {
         const VI8 c = hn::BitCast(di8, v);
@@ -1044,8 +1071,8 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
         for (std::size_t t = 0; t < T; ++t) {
           const VI8 x = hn::BitCast(di8, hn::Set(di, xq[k * T + t]));
           const VI8 xs = hn::IfThenElse(neg, hn::Neg(x), x);
-          if (kSplit && (k & 1)) a1[t] = DotU8I8(a1[t], ac, xs);
-          else a0[t] = DotU8I8(a0[t], ac, xs);
+          if (kSplit && (k & 1)) a1[t] = DotU8I8<kDp>(a1[t], ac, xs);
+          else a0[t] = DotU8I8<kDp>(a0[t], ac, xs);
         }
       }
     }
@@ -1059,7 +1086,7 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
 #endif
 }
 
-template <std::size_t T>
+template <std::size_t T, bool kDp>
 HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const LanesActs& a, float alpha, float* y, std::size_t ldy) {
   const std::size_t NL = hn::Lanes(DF());
   // sub-panels of NL rows (16 / NL per panel) meeting [r0, r0 + nr)
@@ -1067,10 +1094,10 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
     const std::size_t i0 = b < r0 ? r0 - b : 0, n = std::min(b + NL, r0 + nr) - (b + i0);
     VF ya[T];
     const std::size_t p = b / QView::kLaneRows, h = b % QView::kLaneRows / NL;
-    if (!q.nibble && q.group == 32) LanesRows<T, 8, false>(q, p, h, a, ya);
-    else if (!q.nibble) LanesRows<T, 0, false>(q, p, h, a, ya);
-    else if (q.group == 32) LanesRows<T, 4, true>(q, p, h, a, ya);
-    else LanesRows<T, 0, true>(q, p, h, a, ya);
+    if (!q.nibble && q.group == 32) LanesRows<T, 8, false, kDp>(q, p, h, a, ya);
+    else if (!q.nibble) LanesRows<T, 0, false, kDp>(q, p, h, a, ya);
+    else if (q.group == 32) LanesRows<T, 4, true, kDp>(q, p, h, a, ya);
+    else LanesRows<T, 0, true, kDp>(q, p, h, a, ya);
     LanesStore<T>(ya, i0, n, alpha, y + (b + i0 - r0), ldy);
   }
 }
@@ -1090,6 +1117,7 @@ HWY_INLINE QView RowMajor(QView q) {
 }
 
 // Q8GemvNT for a rows-in-lanes q: tiles of up to kLanesTile tokens, each a pass over the codes.
+template <bool kDp>
 HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt, float alpha,
                         float* y, std::size_t ldy) {
   const Layout L = MakeLayout(q);
@@ -1106,7 +1134,7 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
       const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
       for (std::size_t g = 0; g < gpr && !q.nibble; ++g) {  // byte container: the quads' activations
         for (std::size_t k = 0; k < nq; ++k) std::memcpy(&xq[(g * nq + k) * T + t], act + g * gb + 4 * k, 4);
-        if constexpr (kVnni) {  // the offset of codes read as c + 128 (only vpdpbusd reads them so)
+        if constexpr (kVnni || kDp) {  // the offset of codes read as c + 128 (only vpdpbusd reads them so)
           std::int32_t sum = 0;
           for (std::size_t j = 0; j < gb; ++j) sum += static_cast<std::int8_t>(act[g * gb + j]);
           nc[g * T + t] = -128 * sum;
@@ -1126,13 +1154,13 @@ HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const st
     float* yt = y + t0 * ldy;
     if constexpr (kLanesTile == 8)
       if (T == 8) {
-        LanesTile<8>(q, r0, nr, la, alpha, yt, ldy);
+        LanesTile<8, kDp>(q, r0, nr, la, alpha, yt, ldy);
         continue;
       }
-    if (T == 4) LanesTile<4>(q, r0, nr, la, alpha, yt, ldy);
-    else if (T == 3) LanesTile<3>(q, r0, nr, la, alpha, yt, ldy);
-    else if (T == 2) LanesTile<2>(q, r0, nr, la, alpha, yt, ldy);
-    else LanesTile<1>(q, r0, nr, la, alpha, yt, ldy);
+    if (T == 4) LanesTile<4, kDp>(q, r0, nr, la, alpha, yt, ldy);
+    else if (T == 3) LanesTile<3, kDp>(q, r0, nr, la, alpha, yt, ldy);
+    else if (T == 2) LanesTile<2, kDp>(q, r0, nr, la, alpha, yt, ldy);
+    else LanesTile<1, kDp>(q, r0, nr, la, alpha, yt, ldy);
   }
 }
 
@@ -1249,7 +1277,7 @@ HWY_INLINE void NNFlush(const QView& q, const NNStrip& st, NNAt at, std::size_t 
 
 // The TB vectors from byte offset o0 of the strip (codes from row p's, stride rb; where each
 // starts: at[t]) over nc rows.
-template <std::size_t TB>
+template <std::size_t TB, bool kDp>
 HWY_INLINE void NNTile(const QView& q, const NNStrip& st, const std::uint8_t* p, std::size_t rb, std::size_t nc, std::size_t o0,
                        const NNAt* at, std::size_t gb, VU8 idx, const std::size_t* boff, float* y) {
   const DU8 du8;
@@ -1280,8 +1308,8 @@ HWY_INLINE void NNTile(const QView& q, const NNStrip& st, const std::uint8_t* p,
       for (std::size_t R = 0; R < 4; ++R) {
         const VU8 x = hn::Xor(T[R], m88);  // both nibbles c + 8, in [0, 15]
         const VU8 lo = hn::And(x, m0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(du16, x))), m0f);
-        acc[t][R][0] = DotU8I8(acc[t][R][0], lo, co);
-        acc[t][R][1] = DotU8I8(acc[t][R][1], hi, co);
+        acc[t][R][0] = DotU8I8<kDp>(acc[t][R][0], lo, co);
+        acc[t][R][1] = DotU8I8<kDp>(acc[t][R][1], hi, co);
       }
     }
   }
@@ -1427,20 +1455,21 @@ inline HWY_NOINLINE void Q8Tiles(const QView& q, const std::uint8_t* acts, std::
 }
 
 /// Q8GemvNT with the tiles Q8Tiles built for these activations (null: built per call).
-inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
-                                       const std::uint8_t* tiles, std::size_t nt, float alpha, float* y, std::size_t ldy) {
+template <bool kDp>
+HWY_NOINLINE void Q8GemvNTTilesImpl(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, const std::uint8_t* tiles,
+                                 std::size_t nt, float alpha, float* y, std::size_t ldy) {
   if (q.lanes) {
-    if (q8k::LanesNative(q, nt)) return q8k::LanesQ8(q, r0, nr, acts, nt, alpha, y, ldy);
+    if (q8k::LanesNative(q, nt)) return q8k::LanesQ8<kDp>(q, r0, nr, acts, nt, alpha, y, ldy);
     // larger batches: tokens in lanes, reading the panels in place (the tiles are the row-major
     // form's); else (a range not on a panel, or too few lanes) on each panel unpacked
-    if (q8k::TokensPath(q, q8k::MakeLayout(q), r0, nr, acts, tiles, nt, Q8Acts::bytes(q), alpha, y, ldy)) return;
+    if (q8k::TokensPath<kDp>(q, q8k::MakeLayout(q), r0, nr, acts, tiles, nt, Q8Acts::bytes(q), alpha, y, ldy)) return;
     return q8k::ForPanels(q, r0, nr, [&](const QView& v, std::size_t i0, std::size_t n, std::size_t off) {
-      Q8GemvNTTiles(v, i0, n, acts, tiles, nt, alpha, y + off, ldy);
+      Q8GemvNTTilesImpl<kDp>(v, i0, n, acts, tiles, nt, alpha, y + off, ldy);
     });
   }
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t abytes = Q8Acts::bytes(q);
-  if (q8k::TokensPath(q, L, r0, nr, acts, tiles, nt, abytes, alpha, y, ldy)) return;
+  if (q8k::TokensPath<kDp>(q, L, r0, nr, acts, tiles, nt, abytes, alpha, y, ldy)) return;
   const q8k::DF df;
   HWY_ALIGN std::int32_t idx[hn::MaxLanes(df)];
   const std::size_t per = std::max<std::size_t>(1, L.gb / 4);
@@ -1465,16 +1494,23 @@ inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size
       for (std::size_t j = 0; j < NL; ++j) sbuf[np * sp.lds + j] = 0.0f;  // what the last row's loads may touch
       float* yp = y + p0;
       if (q.nibble) {
-        if (L.bcast) q8k::Panel<true, true>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
-        else q8k::Panel<true, false>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+        if (L.bcast) q8k::Panel<true, true, kDp>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+        else q8k::Panel<true, false, kDp>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
       } else {
-        if (L.bcast) q8k::Panel<false, true>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
-        else q8k::Panel<false, false>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+        if (L.bcast) q8k::Panel<false, true, kDp>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
+        else q8k::Panel<false, false, kDp>(q, L, rep, sp, r0 + p0, np, acts, nt, abytes, alpha, yp, ldy);
       }
     }
     if (g1 == gvec) break;
     g0 = g1;
   }
+}
+
+inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
+                                       const std::uint8_t* tiles, std::size_t nt, float alpha, float* y, std::size_t ldy) {
+  if constexpr (q8k::kDpVariant)
+    if (q8k::UseDp()) return Q8GemvNTTilesImpl<true>(q, r0, nr, acts, tiles, nt, alpha, y, ldy);
+  Q8GemvNTTilesImpl<false>(q, r0, nr, acts, tiles, nt, alpha, y, ldy);
 }
 
 /// y[t * ldy + i] += alpha * sum_j q[r0 + i, j] xq_t[j] (scaled per group), i < nr, t < nt; the
@@ -1506,7 +1542,8 @@ inline HWY_NOINLINE bool Q8GemvNNVectorized(const QView& q) {
 /// y[j] += sum_k c[k] q[k0 + k, j] for k < nk: the coefficients quantized to int8 per group of
 /// columns over the rows (sigma_g = max_k |c[k] s[k0 + k, g]| / 127, see q8k::NNStrip), the codes
 /// at their stored precision; exact integer sums per group and chunk of q8k::kNNRows rows.
-inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y) {
+template <bool kDp>
+HWY_NOINLINE void Q8GemvNNImpl(const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y) {
   if (nk == 0 || q.cols == 0) return;
   const q8k::DC dc;
   const q8k::DCI dci;
@@ -1624,8 +1661,8 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
             at[t] = {g, ob};
           }
         };
-        for (; v + TB <= nvec; v += TB) where(v, TB), q8k::NNTile<TB>(q, st, p, rb, nc, v * N8, at, gb, idx, boff, y);
-        for (; v < nvec; ++v) where(v, 1), q8k::NNTile<1>(q, st, p, rb, nc, v * N8, at, gb, idx, boff, y);
+        for (; v + TB <= nvec; v += TB) where(v, TB), q8k::NNTile<TB, kDp>(q, st, p, rb, nc, v * N8, at, gb, idx, boff, y);
+        for (; v < nvec; ++v) where(v, 1), q8k::NNTile<1, kDp>(q, st, p, rb, nc, v * N8, at, gb, idx, boff, y);
       }
 #endif
       if (gv < ns) q8k::NNScalar(q, st, k0 + kc, nc, gv, ns, y);
@@ -1633,12 +1670,19 @@ inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk
   }
 }
 
+inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y) {
+  if constexpr (q8k::kDpVariant)
+    if (q8k::UseDp()) return Q8GemvNNImpl<true>(q, k0, nk, c, y);
+  Q8GemvNNImpl<false>(q, k0, nk, c, y);
+}
 
 // ---- Low-rank block products in int16 fixed point (lowrank_add_fixed, the JIT merge) ----------
 namespace q8k {
 
 // acc[i] += lo16(a[i]) lo16(b[i]) + hi16(a[i]) hi16(b[i]) (signed int16 pairs; the callers'
-// operand bounds keep every sum inside int32, so all targets agree exactly).
+// operand bounds keep every sum inside int32, so all targets agree exactly). kDp: vpdpwssd
+// (AVX-VNNI, AVX512_VNNI) instead of pmaddwd and an add, the same sums (see DotU8I8).
+template <bool kDp = false>
 HWY_INLINE VI DotI16(VI acc, VI a, VI b) {
 #if HWY_TARGET == HWY_AVX3_DL
   // Written out for GCC too: GCC 12's _mm512_dpwssd_epi32 in lowrank_add_fixed's tile copied
@@ -1647,8 +1691,18 @@ HWY_INLINE VI DotI16(VI acc, VI a, VI b) {
   asm("vpdpwssd {%2, %1, %0|%0, %1, %2}" : "+v"(r) : "v"(a.raw), "v"(b.raw));
   return VI{r};
 #elif HWY_TARGET == HWY_AVX3
+  if constexpr (kDp) {
+    __m512i r = acc.raw;
+    asm("vpdpwssd {%2, %1, %0|%0, %1, %2}" : "+v"(r) : "v"(a.raw), "v"(b.raw));
+    return VI{r};
+  }
   return hn::Add(acc, VI{_mm512_madd_epi16(a.raw, b.raw)});
 #elif HWY_TARGET == HWY_AVX2
+  if constexpr (kDp) {
+    __m256i r = acc.raw;
+    asm("%{vex%} vpdpwssd {%2, %1, %0|%0, %1, %2}" : "+x"(r) : "x"(a.raw), "x"(b.raw));
+    return VI{r};
+  }
   return hn::Add(acc, VI{_mm256_madd_epi16(a.raw, b.raw)});
 #elif HWY_TARGET == HWY_SSE4 || HWY_TARGET == HWY_SSSE3
   return hn::Add(acc, VI{_mm_madd_epi16(a.raw, b.raw)});
@@ -1692,9 +1746,9 @@ inline constexpr std::size_t kFixedV = 2;
 // See lowrank_add_fixed in qgemm.hpp. Scratch (lowrank_fixed_scratch words): rho, 1 / rho [K];
 // lambda [rb4]; the left pairs, per tile of 4 rows [Kp][4]; the right pairs, per slab of
 // kFixedV vectors of columns [Kp][slab width].
-inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, std::size_t K, std::size_t rb, std::size_t cb, float w,
-                                         float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch,
-                                         const PrefetchRows* pf) {
+template <bool kDp>
+HWY_NOINLINE void LowRankAddFixedImpl(const float* left, const float* right, std::size_t K, std::size_t rb, std::size_t cb, float w,
+                                      float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch, const PrefetchRows* pf) {
   using q8k::DI;
   using q8k::VI;
   const q8k::DF df;
@@ -1807,7 +1861,7 @@ inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, 
         for (std::size_t v = 0; v < V; ++v) r[v] = hn::LoadU(di, Rs + kp * W + v * N);
         for (std::size_t t = 0; t < 4; ++t) {
           const VI a = hn::Set(di, Pt[kp * 4 + t]);
-          for (std::size_t v = 0; v < V; ++v) acc[t][v] = q8k::DotI16(acc[t][v], a, r[v]);
+          for (std::size_t v = 0; v < V; ++v) acc[t][v] = q8k::DotI16<kDp>(acc[t][v], a, r[v]);
         }
       }
       for (std::size_t t = 0; t < 4 && i0 + t < rb; ++t) {
@@ -1826,6 +1880,14 @@ inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, 
       }
     }
   }
+}
+
+inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, std::size_t K, std::size_t rb, std::size_t cb, float w,
+                                         float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch,
+                                         const PrefetchRows* pf) {
+  if constexpr (q8k::kDpVariant)
+    if (q8k::UseDp()) return LowRankAddFixedImpl<true>(left, right, K, rb, cb, w, out, ldo, overwrite, scratch, pf);
+  LowRankAddFixedImpl<false>(left, right, K, rb, cb, w, out, ldo, overwrite, scratch, pf);
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE

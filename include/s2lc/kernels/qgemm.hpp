@@ -208,4 +208,12 @@ inline const char* kernel_target() { return hwy::TargetName(kernel_target_bit())
 /// kernels run the AVX3_DL target, the one that takes them (a `--target avx2` run does not).
 inline bool amx_in_use() { return use_amx() && kernel_target_bit() == HWY_AVX3_DL; }
 
+/// Whether the int8 kernels (q8_*, lowrank_add_fixed) multiply with vpdpbusd / vpdpwssd in this
+/// process: always on AVX3_DL, on AVX2 and AVX3 where use_vnni says the CPU has AVX-VNNI /
+/// AVX512_VNNI (cpu.hpp); elsewhere pmaddubsw + pmaddwd or portable code. Results are the same.
+inline bool vnni_in_use() {
+  const std::int64_t t = kernel_target_bit();
+  return t == HWY_AVX3_DL || ((t == HWY_AVX2 || t == HWY_AVX3) && use_vnni(t == HWY_AVX3));
+}
+
 }  // namespace s2lc::kernels
