@@ -1105,8 +1105,11 @@ HWY_INLINE void LanesTile(const QView& q, std::size_t r0, std::size_t nr, const 
 // Whether nt tokens on a rows-in-lanes matrix run LanesQ8: from kLanesTokensMax tokens on, the
 // tokens-in-lanes path reading the panels in place ran faster (LanesQ8 reads the codes once per
 // kLanesTile tokens; on AVX-512, with passes of 8, it was 10-15 % faster at 16 and 24 tokens and
-// 5 % slower at 32; with passes of 2, slower from 16 on).
-inline constexpr std::size_t kLanesTokensMax = kLanesTile >= 8 ? 32 : 16;
+// 5 % slower at 32). On AVX2 (passes of 2) LanesQ8 is faster at any batch: a 4-bit 1024 x 1408
+// matrix in groups of 32 at 16 / 32 tokens took 159 / 318 us against 317 / 636 on the tokens
+// path with AVX-VNNI, 227 / 455 against 343 / 688 without (Zen 5, static AVX2 build); SSSE3 the
+// same either way. Other targets with passes of 2 (NEON) are unmeasured and keep 16.
+inline constexpr std::size_t kLanesTokensMax = kLanesTile >= 8 ? 32 : HWY_ARCH_X86 ? ~std::size_t{0} : 16;
 // Byte codes have no tokens-in-lanes path: LanesQ8 for any batch (32 tokens on tinymoe's 5-bit
 // w1 core, hot: 187 -> 72 us against the row-major kernel on unpacked panels).
 HWY_INLINE bool LanesNative(const QView& q, std::size_t nt) { return kLanesVec && (nt < kLanesTokensMax || !q.nibble); }
