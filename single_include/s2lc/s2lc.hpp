@@ -5502,6 +5502,7 @@ S2LC_AMX_ATTR inline void amx_gemm_nt(const QView& q, std::size_t r0, std::size_
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <hwy/cache_control.h>
 #include <hwy/highway.h>
@@ -5748,6 +5749,15 @@ HWY_INLINE bool UseDp() {
 #else
   return false;
 #endif
+}
+// f(std::bool_constant<UseDp()>{}): the kDp form is compiled on kDpVariant targets only (a
+// discarded `if constexpr` branch outside a template would still instantiate it everywhere).
+template <class F>
+HWY_INLINE decltype(auto) WithDp(F&& f) {
+  if constexpr (kDpVariant) {
+    if (UseDp()) return f(std::true_type{});
+  }
+  return f(std::false_type{});
 }
 
 // acc[i] += sum_{j < 4} a[4i + j] * b[4i + j] with a unsigned bytes <= 128 and b in [-127, 127]:
@@ -6988,9 +6998,7 @@ HWY_NOINLINE void Q8GemvNTTilesImpl(const QView& q, std::size_t r0, std::size_t 
 
 inline HWY_NOINLINE void Q8GemvNTTiles(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts,
                                        const std::uint8_t* tiles, std::size_t nt, float alpha, float* y, std::size_t ldy) {
-  if constexpr (q8k::kDpVariant)
-    if (q8k::UseDp()) return Q8GemvNTTilesImpl<true>(q, r0, nr, acts, tiles, nt, alpha, y, ldy);
-  Q8GemvNTTilesImpl<false>(q, r0, nr, acts, tiles, nt, alpha, y, ldy);
+  q8k::WithDp([&](auto dp) { Q8GemvNTTilesImpl<decltype(dp)::value>(q, r0, nr, acts, tiles, nt, alpha, y, ldy); });
 }
 
 /// y[t * ldy + i] += alpha * sum_j q[r0 + i, j] xq_t[j] (scaled per group), i < nr, t < nt; the
@@ -7151,9 +7159,7 @@ HWY_NOINLINE void Q8GemvNNImpl(const QView& q, std::size_t k0, std::size_t nk, c
 }
 
 inline HWY_NOINLINE void Q8GemvNN(const QView& q, std::size_t k0, std::size_t nk, const float* c, float* y) {
-  if constexpr (q8k::kDpVariant)
-    if (q8k::UseDp()) return Q8GemvNNImpl<true>(q, k0, nk, c, y);
-  Q8GemvNNImpl<false>(q, k0, nk, c, y);
+  q8k::WithDp([&](auto dp) { Q8GemvNNImpl<decltype(dp)::value>(q, k0, nk, c, y); });
 }
 
 // ---- Low-rank block products in int16 fixed point (lowrank_add_fixed, the JIT merge) ----------
@@ -7365,9 +7371,7 @@ HWY_NOINLINE void LowRankAddFixedImpl(const float* left, const float* right, std
 inline HWY_NOINLINE void LowRankAddFixed(const float* left, const float* right, std::size_t K, std::size_t rb, std::size_t cb, float w,
                                          float* out, std::size_t ldo, bool overwrite, std::int32_t* scratch,
                                          const PrefetchRows* pf) {
-  if constexpr (q8k::kDpVariant)
-    if (q8k::UseDp()) return LowRankAddFixedImpl<true>(left, right, K, rb, cb, w, out, ldo, overwrite, scratch, pf);
-  LowRankAddFixedImpl<false>(left, right, K, rb, cb, w, out, ldo, overwrite, scratch, pf);
+  q8k::WithDp([&](auto dp) { LowRankAddFixedImpl<decltype(dp)::value>(left, right, K, rb, cb, w, out, ldo, overwrite, scratch, pf); });
 }
 
 }  // namespace s2lc::kernels::HWY_NAMESPACE
