@@ -286,8 +286,8 @@ HWY_INLINE decltype(auto) WithDp(F&& f) {
 // acc[i] += sum_{j < 4} a[4i + j] * b[4i + j] with a unsigned bytes <= 128 and b in [-127, 127]:
 // every pair sum fits int16, so pmaddubsw never saturates and all targets agree exactly. kDp
 // (kDpVariant targets, where UseDp()): one vpdpbusd instead of pmaddubsw, pmaddwd and an add,
-// the same exact sums; written out as AVX3_DL's is (the compiler's target has no VNNI there).
-// With it the operands may also be a in [0, 255] (no int16 pair sums).
+// the same exact sums, in inline assembly (these targets' compiler flags have no VNNI). With
+// vpdpbusd (AVX3_DL, or kDp) a may also be in [0, 255]: it has no int16 pair sums.
 template <bool kDp = false>
 HWY_INLINE VI DotU8I8(VI acc, VU8 a, VI8 b) {
 #if HWY_TARGET == HWY_AVX3_DL && HWY_COMPILER_CLANG
