@@ -341,20 +341,27 @@ template <typename T> inline constexpr dtype dtype_of_v = dtype_of<T>::value;
 
 namespace s2lc::kernels {
 
+namespace detail {
+/// Bit `bit` of register `reg` (0: EAX, 1: EBX, 2: ECX, 3: EDX) of CPUID leaf 7, subleaf `sub`;
+/// false where the CPU has no such subleaf (or is not x86).
+inline bool cpuid7_bit(unsigned sub, unsigned reg, unsigned bit) noexcept {
+#if S2LC_CPU_X86
+  unsigned r[4] = {};
+  if (!__get_cpuid_count(7, 0, &r[0], &r[1], &r[2], &r[3]) || r[0] < sub) return false;  // r[0]: the highest subleaf
+  if (sub != 0 && !__get_cpuid_count(7, sub, &r[0], &r[1], &r[2], &r[3])) return false;
+  return (r[reg] >> bit & 1u) != 0;
+#else
+  (void)sub, (void)reg, (void)bit;
+  return false;
+#endif
+}
+}  // namespace detail
+
 /// Whether this CPU executes AVX512_BF16 (CPUID leaf 7, subleaf 1, EAX bit 5). The OS support of
 /// the AVX-512 state is Highway's check: the kernels ask only inside its AVX3_DL target.
 inline bool cpu_has_avx512_bf16() noexcept {
-#if S2LC_CPU_X86
-  static const bool has = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1) return false;  // a: the highest subleaf of leaf 7
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-    return (a >> 5 & 1u) != 0;
-  }();
+  static const bool has = detail::cpuid7_bit(1, 0, 5);
   return has;
-#else
-  return false;
-#endif
 }
 
 /// Bytes of output from which kernels::f32_to_bf16 and f32_to_f16 (convert.hpp) store with non-temporal hints,
@@ -411,33 +418,16 @@ inline bool use_avx512_bf16() noexcept { return cpu_has_avx512_bf16() && detail:
 /// no AVX-512, and AMD Zen 5. Highway 1.0.3's AVX2 target does not assume it; its int8 kernels
 /// check once at run time (use_vnni) and take it when present.
 inline bool cpu_has_avx_vnni() noexcept {
-#if S2LC_CPU_X86
-  static const bool has = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1) return false;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-    return (a >> 4 & 1u) != 0;
-  }();
+  static const bool has = detail::cpuid7_bit(1, 0, 4);
   return has;
-#else
-  return false;
-#endif
 }
 
 /// Whether this CPU executes AVX512_VNNI (CPUID leaf 7, subleaf 0, ECX bit 11). Highway 1.0.3
 /// picks its AVX3 target, not AVX3_DL, on Cascade Lake and Cooper Lake (AVX512_VNNI but no
 /// VBMI2 / BITALG); the AVX3 int8 kernels check for it once at run time (use_vnni).
 inline bool cpu_has_avx512_vnni() noexcept {
-#if S2LC_CPU_X86
-  static const bool has = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    return (c >> 11 & 1u) != 0;
-  }();
+  static const bool has = detail::cpuid7_bit(0, 2, 11);
   return has;
-#else
-  return false;
-#endif
 }
 
 namespace detail {
