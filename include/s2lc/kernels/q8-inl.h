@@ -1439,15 +1439,24 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
         hn::StoreU(s8, di, corr + i0);
       }
     }
-    for (std::size_t i = 0, g = 0, gend = L.gb; 4 * i < lanes_end; ++i) {
-      while (4 * i >= gend) ++g, gend += L.gb;  // g = 4 i / gb, without a division per lane
-      sxl[i] = sx[g];
-      if (q.nibble && i >= i0) {
+    // each whole group's lanes take its scale (lanes_end is 0 unless gb is a multiple of 4)
+    if (lanes_end) {
+      const q8k::DF df;
+      const std::size_t per = L.gb / 4;
+      for (std::size_t g = 0; g < L.full; ++g) {
+        const auto s = hn::Set(df, sx[g]);
+        float* p = sxl + g * per;
+        std::size_t j = 0;
+        for (; j + NF <= per; j += NF) hn::StoreU(s, df, p + j);
+        if (j < per) hn::BlendedStore(s, hn::FirstN(df, per - j), df, p + j);
+      }
+    }
+    if (q.nibble)
+      for (std::size_t i = i0; 4 * i < lanes_end; ++i) {
         std::int32_t s = 0;
         for (std::size_t j = 0; j < 4; ++j) s += lo[4 * i + j] + hi[4 * i + j];
         corr[i] = 8 * s;
       }
-    }
   }
 }
 
