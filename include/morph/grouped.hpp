@@ -431,7 +431,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
         // int8: each grid column of the node's tokens quantized once for all its block rows
         const std::size_t m1 = arena.mark();
         std::optional<detail::Q8Cache> q8c;
-        if (core.act == Activations::int8) q8c.emplace(g, xg, d, o.u.n, arena);
+        if (core.act == Activations::int8) q8c.emplace(g, std::initializer_list<const KMatrix*>{&g.cores[nd]}, xg, d, o.u.n, arena);
         detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, core, ex, w, 1.0f, nullptr, q8c ? &*q8c : nullptr);
         arena.reset(m1);
       }
@@ -477,8 +477,9 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     // (same grid) w3's residuals, not once per block (q8_quantize was 10 % of a 32-token layer)
     const std::size_t am = a.mark();
     std::optional<detail::Q8Cache> q8x;
-    if (tier.act == Activations::int8) q8x.emplace(*L.w1, x, d, n, a);
     const bool share = L.w3->grid.block_cols == L.w1->grid.block_cols && L.w3->group_size == L.w1->group_size;
+    if (tier.act == Activations::int8)  // (only the containers the two residuals meet x in)
+      q8x.emplace(*L.w1, std::initializer_list<const KMatrix*>{&L.w1->residuals[e], share ? &L.w3->residuals[e] : nullptr}, x, d, n, a);
     hidden(*L.w1, n1s, a1, q8x ? &*q8x : nullptr);
     hidden(*L.w3, n3s, a3, q8x && share ? &*q8x : nullptr);
     a.reset(am);

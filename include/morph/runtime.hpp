@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <span>
@@ -511,7 +512,7 @@ struct Q8Cache {
     return v;
   }
   static std::size_t bytes(const compress::GridShape& grid, std::size_t group, std::size_t n) {
-    std::size_t b = Arena::bytes_for<std::uint8_t*>(grid.grid_cols() * 3);
+    std::size_t b = Arena::bytes_for<std::uint8_t*>(grid.grid_cols() * 3) + Arena::bytes_for<std::uint8_t>(grid.grid_cols());
     for (std::size_t j = 0; j < grid.grid_cols(); ++j) {
       const std::size_t cb = std::min(grid.block_cols, grid.cols - j * grid.block_cols);
       for (bool nib : {false, true}) b += Arena::bytes_for<std::uint8_t>(n * kernels::Q8Acts::bytes(layout(cb, group, nib)));
@@ -519,7 +520,26 @@ struct Q8Cache {
     }
     return b;
   }
-  Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a)
+  /// For every block of g (the containers g.x_containers lists).
+  Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a) : Q8Cache(g, x, ld, nt, a, g.x_containers.data(), g.x_containers.size()) {}
+  /// Only for the blocks of `mats` (matrices of g): the containers their codes meet x in. A
+  /// call that runs one expert's residual, or one node's cores, then skips the other's (the
+  /// tinymoe experts: bytes for the 5-bit cores, nibbles for the residuals' 3-bit factors).
+  Q8Cache(const KGroup& g, std::initializer_list<const KMatrix*> mats, const float* x, std::size_t ld, std::size_t nt, Arena& a)
+      : Q8Cache(g, x, ld, nt, a, containers(g, mats, a), g.grid.grid_cols()) {}
+  /// Per grid column, the containers the blocks of mats meet x in (bit 0: bytes, bit 1: nibbles).
+  static std::uint8_t* containers(const KGroup& g, std::initializer_list<const KMatrix*> mats, Arena& a) {
+    auto* c = a.take<std::uint8_t>(g.grid.grid_cols());
+    std::fill_n(c, g.grid.grid_cols(), std::uint8_t{0});
+    for (const KMatrix* m : mats)
+      if (m)
+        for (const KBlock& b : m->blocks) {
+          const KMat& onx = b.kind == compress::block_kind::dense ? b.a : b.b;  // as KGroup::from
+          if (onx.ncodes()) c[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
+        }
+    return c;
+  }
+  Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a, const std::uint8_t* xc, std::size_t nxc)
       : X(x), ldx(ld), n(nt), gcols(g.grid.grid_cols()), block_cols(g.grid.block_cols), cols(g.grid.cols), group(g.group_size) {
     slot = a.take<std::uint8_t*>(gcols * 2);
     tiles = a.take<std::uint8_t*>(gcols);
@@ -529,7 +549,7 @@ struct Q8Cache {
         const auto q = layout(width(j), group, nib != 0 && group % 2 == 0);
         std::uint8_t*& buf = slot[j * 2 + static_cast<std::size_t>(nib)];
         buf = nullptr;  // get() then returns null: apply_q8 quantizes for that block itself
-        if (j < g.x_containers.size() && !(g.x_containers[j] >> nib & 1)) continue;
+        if (j < nxc && !(xc[j] >> nib & 1)) continue;
         buf = a.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
         kernels::q8_quantize(q, X + j * block_cols, ldx, n, buf);
         // every block of this grid column meets the same tiles: built once here, not per block

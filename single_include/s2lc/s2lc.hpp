@@ -6906,15 +6906,24 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
         hn::StoreU(s8, di, corr + i0);
       }
     }
-    for (std::size_t i = 0, g = 0, gend = L.gb; 4 * i < lanes_end; ++i) {
-      while (4 * i >= gend) ++g, gend += L.gb;  // g = 4 i / gb, without a division per lane
-      sxl[i] = sx[g];
-      if (q.nibble && i >= i0) {
+    // each whole group's lanes take its scale (lanes_end is 0 unless gb is a multiple of 4)
+    if (lanes_end) {
+      const q8k::DF df;
+      const std::size_t per = L.gb / 4;
+      for (std::size_t g = 0; g < L.full; ++g) {
+        const auto s = hn::Set(df, sx[g]);
+        float* p = sxl + g * per;
+        std::size_t j = 0;
+        for (; j + NF <= per; j += NF) hn::StoreU(s, df, p + j);
+        if (j < per) hn::BlendedStore(s, hn::FirstN(df, per - j), df, p + j);
+      }
+    }
+    if (q.nibble)
+      for (std::size_t i = i0; 4 * i < lanes_end; ++i) {
         std::int32_t s = 0;
         for (std::size_t j = 0; j < 4; ++j) s += lo[4 * i + j] + hi[4 * i + j];
         corr[i] = 8 * s;
       }
-    }
   }
 }
 
@@ -10488,6 +10497,7 @@ void parallel_for(Executor* ex, std::size_t n, F&& f) {
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <span>
@@ -10971,7 +10981,7 @@ struct Q8Cache {
     return v;
   }
   static std::size_t bytes(const compress::GridShape& grid, std::size_t group, std::size_t n) {
-    std::size_t b = Arena::bytes_for<std::uint8_t*>(grid.grid_cols() * 3);
+    std::size_t b = Arena::bytes_for<std::uint8_t*>(grid.grid_cols() * 3) + Arena::bytes_for<std::uint8_t>(grid.grid_cols());
     for (std::size_t j = 0; j < grid.grid_cols(); ++j) {
       const std::size_t cb = std::min(grid.block_cols, grid.cols - j * grid.block_cols);
       for (bool nib : {false, true}) b += Arena::bytes_for<std::uint8_t>(n * kernels::Q8Acts::bytes(layout(cb, group, nib)));
@@ -10979,7 +10989,26 @@ struct Q8Cache {
     }
     return b;
   }
-  Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a)
+  /// For every block of g (the containers g.x_containers lists).
+  Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a) : Q8Cache(g, x, ld, nt, a, g.x_containers.data(), g.x_containers.size()) {}
+  /// Only for the blocks of `mats` (matrices of g): the containers their codes meet x in. A
+  /// call that runs one expert's residual, or one node's cores, then skips the other's (the
+  /// tinymoe experts: bytes for the 5-bit cores, nibbles for the residuals' 3-bit factors).
+  Q8Cache(const KGroup& g, std::initializer_list<const KMatrix*> mats, const float* x, std::size_t ld, std::size_t nt, Arena& a)
+      : Q8Cache(g, x, ld, nt, a, containers(g, mats, a), g.grid.grid_cols()) {}
+  /// Per grid column, the containers the blocks of mats meet x in (bit 0: bytes, bit 1: nibbles).
+  static std::uint8_t* containers(const KGroup& g, std::initializer_list<const KMatrix*> mats, Arena& a) {
+    auto* c = a.take<std::uint8_t>(g.grid.grid_cols());
+    std::fill_n(c, g.grid.grid_cols(), std::uint8_t{0});
+    for (const KMatrix* m : mats)
+      if (m)
+        for (const KBlock& b : m->blocks) {
+          const KMat& onx = b.kind == compress::block_kind::dense ? b.a : b.b;  // as KGroup::from
+          if (onx.ncodes()) c[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
+        }
+    return c;
+  }
+  Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a, const std::uint8_t* xc, std::size_t nxc)
       : X(x), ldx(ld), n(nt), gcols(g.grid.grid_cols()), block_cols(g.grid.block_cols), cols(g.grid.cols), group(g.group_size) {
     slot = a.take<std::uint8_t*>(gcols * 2);
     tiles = a.take<std::uint8_t*>(gcols);
@@ -10989,7 +11018,7 @@ struct Q8Cache {
         const auto q = layout(width(j), group, nib != 0 && group % 2 == 0);
         std::uint8_t*& buf = slot[j * 2 + static_cast<std::size_t>(nib)];
         buf = nullptr;  // get() then returns null: apply_q8 quantizes for that block itself
-        if (j < g.x_containers.size() && !(g.x_containers[j] >> nib & 1)) continue;
+        if (j < nxc && !(xc[j] >> nib & 1)) continue;
         buf = a.take<std::uint8_t>(n * kernels::Q8Acts::bytes(q));
         kernels::q8_quantize(q, X + j * block_cols, ldx, n, buf);
         // every block of this grid column meets the same tiles: built once here, not per block
@@ -11717,7 +11746,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
         // int8: each grid column of the node's tokens quantized once for all its block rows
         const std::size_t m1 = arena.mark();
         std::optional<detail::Q8Cache> q8c;
-        if (core.act == Activations::int8) q8c.emplace(g, xg, d, o.u.n, arena);
+        if (core.act == Activations::int8) q8c.emplace(g, std::initializer_list<const KMatrix*>{&g.cores[nd]}, xg, d, o.u.n, arena);
         detail::apply_matrix_parallel(g, g.cores[nd], xg, d, o.u.n, o.out, f, core, ex, w, 1.0f, nullptr, q8c ? &*q8c : nullptr);
         arena.reset(m1);
       }
@@ -11763,8 +11792,9 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     // (same grid) w3's residuals, not once per block (q8_quantize was 10 % of a 32-token layer)
     const std::size_t am = a.mark();
     std::optional<detail::Q8Cache> q8x;
-    if (tier.act == Activations::int8) q8x.emplace(*L.w1, x, d, n, a);
     const bool share = L.w3->grid.block_cols == L.w1->grid.block_cols && L.w3->group_size == L.w1->group_size;
+    if (tier.act == Activations::int8)  // (only the containers the two residuals meet x in)
+      q8x.emplace(*L.w1, std::initializer_list<const KMatrix*>{&L.w1->residuals[e], share ? &L.w3->residuals[e] : nullptr}, x, d, n, a);
     hidden(*L.w1, n1s, a1, q8x ? &*q8x : nullptr);
     hidden(*L.w3, n3s, a3, q8x && share ? &*q8x : nullptr);
     a.reset(am);

@@ -699,6 +699,39 @@ TEST_CASE("morph: an int8 activation cache gives apply_matrix the bits of per-bl
   }
 }
 
+TEST_CASE("morph: an int8 activation cache for some matrices quantizes the containers their blocks meet x in, and only those") {
+  const auto& c = fixture_compressed();
+  const auto w1 = mo::KGroup::from(c.groups[0]);
+  const std::size_t d = w1.cols(), f = w1.rows(), n = 5;
+  const auto X = randn(n * d, 17, 0.5f);
+  std::vector<std::byte> mem(8 * mo::apply_scratch_bytes(w1, n));
+  mo::Arena arena(mem);
+  const mo::Precision prec{0, mo::Activations::int8};
+  std::size_t skipped = 0;
+  for (std::size_t e : {0u, 3u})
+    for (const mo::KMatrix* m : {&w1.residuals[e], &w1.cores[w1.path[e].front()]}) {
+      const mo::detail::Q8Cache cache(w1, {m}, X.data(), d, n, arena);
+      std::vector<std::uint8_t> meets(w1.grid.grid_cols(), 0);
+      for (const auto& b : m->blocks) {
+        const mo::KMat& onx = b.kind == cz::block_kind::dense ? b.a : b.b;
+        if (!onx.ncodes()) continue;
+        meets[b.c0 / w1.grid.block_cols] |= onx.nibble ? 2 : 1;
+        if (s2lc::kernels::q8_gemv_nt_vectorized(onx.view())) CHECK(cache.get(onx.view(), b.c0) != nullptr);
+      }
+      for (std::size_t j = 0; j < meets.size(); ++j)
+        for (int nib = 0; nib < 2; ++nib) {
+          const bool has = cache.slot[j * 2 + static_cast<std::size_t>(nib)] != nullptr;
+          CHECK(has == ((meets[j] >> nib & 1) != 0));
+          skipped += !has;
+        }
+      std::vector<float> a(n * f, 0.0f), b(n * f, 0.0f);
+      mo::apply_matrix(w1, *m, X.data(), d, n, a.data(), f, 1.0f, prec, arena);
+      mo::apply_matrix(w1, *m, X.data(), d, n, b.data(), f, 1.0f, prec, arena, nullptr, &cache);
+      CHECK(a == b);
+    }
+  CHECK(skipped > 0);  // the fixture's cores and residuals meet x in different containers somewhere
+}
+
 TEST_CASE("morph: a group wider than a block runs as one group of the block's width, and the int8 activation cache serves it") {
   // Groups of 64 over 16 x 32 blocks (edge blocks of 8 rows and 6 columns): every factor's one
   // group is partial in storage; the kernels take it as a whole group of the factor's width
