@@ -1,4 +1,5 @@
 // Shared main for s2lc benches: runs the benchmarks, then prints ratio tables (see report.hpp).
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -148,11 +149,14 @@ int main(int argc, char** argv) {
     drop_arg(argc, argv, i);
   }
   std::printf("weight buffers start %zu bytes past a 64-byte boundary\n", s2lc::bench::buffer_offset());
+  // (dispatch runs the first target listed; this TU has no dispatched kernels to ask: AVX512_BF16
+  // and AMX serve AVX3_DL only, VNNI as kernels::vnni_in_use on that target)
+  const std::int64_t first = hwy::SupportedAndGeneratedTargets().front();
+  const bool vnni = first == HWY_AVX3_DL || ((first == HWY_AVX2 || first == HWY_AVX3) && s2lc::kernels::use_vnni(first == HWY_AVX3));
   std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s; AVX512_BF16 instructions: %s; "
-              "AMX tiles: %s\n",
-              s2lc::cli::dispatch_targets().c_str(), s2lc::kernels::use_avx512_bf16() ? "used" : "not used",
-              // (dispatch runs the first target listed; this TU has no dispatched kernels to ask)
-              s2lc::kernels::use_amx() && hwy::SupportedAndGeneratedTargets().front() == HWY_AVX3_DL ? "used" : "not used");
+              "AMX tiles: %s; int8 VNNI instructions: %s\n",
+              s2lc::cli::dispatch_targets().c_str(), s2lc::kernels::use_avx512_bf16() && first == HWY_AVX3_DL ? "used" : "not used",
+              s2lc::kernels::use_amx() && first == HWY_AVX3_DL ? "used" : "not used", vnni ? "used" : "not used");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   s2lc::bench::RatioReporter reporter;
