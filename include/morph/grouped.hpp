@@ -263,7 +263,7 @@ inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::
 inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, std::size_t routed, unsigned workers) {
   const std::size_t r = g.rows(), c = g.cols(), tmax = std::max(tokens, std::size_t{1});
   return detail::union_bytes(tmax) + Arena::bytes_for<float>(tmax * c) + Arena::bytes_for<float>(tmax * r) +
-         Arena::bytes_for<float>(routed * c) + Arena::bytes_for<float>(routed * r) +
+         Arena::bytes_for<float>(routed * c) + Arena::bytes_for<float>(routed * r) + detail::Q8Cache::bytes(g.grid, g.group_size, tmax) +
          detail::summed_shared_bytes(g, tmax) + std::max(workers, 1u) * (apply_scratch_bytes(g, tmax) + detail::summed_worker_bytes(g, tmax) + 64);
 }
 
@@ -294,7 +294,11 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
     if (u.n && !g.cores[nd].blocks.empty()) {
       detail::gather(X, ldx, u.list, u.n, C, xg);
       std::memset(yg, 0, u.n * R * sizeof(float));
-      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, core, ex, w);
+      // int8: each grid column of the node's tokens quantized once for all its block rows (as
+      // swiglu_apply; per block, a 2048-row matrix quantized its tokens 8 times)
+      std::optional<detail::Q8Cache> q8c;
+      if (core.act == Activations::int8) q8c.emplace(g, std::initializer_list<const KMatrix*>{&g.cores[nd]}, xg, C, u.n, arena);
+      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, core, ex, w, 1.0f, nullptr, q8c ? &*q8c : nullptr);
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
         const float wt = u.weight[i];
@@ -311,8 +315,13 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
     if (n == 0) return;
     detail::prefetch_routed_pages(plan, e + 1, {&g});
     detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
-    detail::apply_unshared(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, tier, w.arena[worker]);
-    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, w.arena[worker]);
+    Arena& a = w.arena[worker];
+    const std::size_t am = a.mark();
+    std::optional<detail::Q8Cache> q8x;  // (int8: the expert's tokens once per grid column, as the cores)
+    if (tier.act == Activations::int8) q8x.emplace(g, std::initializer_list<const KMatrix*>{&g.residuals[e]}, xe + off * C, C, n, a, true);
+    detail::apply_unshared(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, tier, a, q8x ? &*q8x : nullptr);
+    a.reset(am);
+    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, a);
   });
   detail::prefetch_bases_pages(g);
   detail::apply_shared_summed(g, plan, xe, C, Y, ldy, tier, ex, w, arena);

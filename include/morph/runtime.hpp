@@ -522,18 +522,21 @@ struct Q8Cache {
   }
   /// For every block of g (the containers g.x_containers lists).
   Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a) : Q8Cache(g, x, ld, nt, a, g.x_containers.data(), g.x_containers.size()) {}
-  /// Only for the blocks of `mats` (matrices of g): the containers their codes meet x in. A
-  /// call that runs one expert's residual, or one node's cores, then skips the other's (the
+  /// Only for the blocks of `mats` (matrices of g; with unshared_only, not their shared-basis
+  /// blocks, which grouped calls apply in coefficient space): the containers their codes meet x
+  /// in. A call that runs one expert's residual, or one node's cores, then skips the other's (the
   /// tinymoe experts: bytes for the 5-bit cores, nibbles for the residuals' 3-bit factors).
-  Q8Cache(const KGroup& g, std::initializer_list<const KMatrix*> mats, const float* x, std::size_t ld, std::size_t nt, Arena& a)
-      : Q8Cache(g, x, ld, nt, a, containers(g, mats, a), g.grid.grid_cols()) {}
+  Q8Cache(const KGroup& g, std::initializer_list<const KMatrix*> mats, const float* x, std::size_t ld, std::size_t nt, Arena& a,
+          bool unshared_only = false)
+      : Q8Cache(g, x, ld, nt, a, containers(g, mats, a, unshared_only), g.grid.grid_cols()) {}
   /// Per grid column, the containers the blocks of mats meet x in (bit 0: bytes, bit 1: nibbles).
-  static std::uint8_t* containers(const KGroup& g, std::initializer_list<const KMatrix*> mats, Arena& a) {
+  static std::uint8_t* containers(const KGroup& g, std::initializer_list<const KMatrix*> mats, Arena& a, bool unshared_only) {
     auto* c = a.take<std::uint8_t>(g.grid.grid_cols());
     std::fill_n(c, g.grid.grid_cols(), std::uint8_t{0});
     for (const KMatrix* m : mats)
       if (m)
         for (const KBlock& b : m->blocks) {
+          if (unshared_only && b.kind == compress::block_kind::shared) continue;
           const KMat& onx = b.kind == compress::block_kind::dense ? b.a : b.b;  // as KGroup::from
           if (onx.ncodes()) c[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
         }

@@ -10991,18 +10991,21 @@ struct Q8Cache {
   }
   /// For every block of g (the containers g.x_containers lists).
   Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a) : Q8Cache(g, x, ld, nt, a, g.x_containers.data(), g.x_containers.size()) {}
-  /// Only for the blocks of `mats` (matrices of g): the containers their codes meet x in. A
-  /// call that runs one expert's residual, or one node's cores, then skips the other's (the
+  /// Only for the blocks of `mats` (matrices of g; with unshared_only, not their shared-basis
+  /// blocks, which grouped calls apply in coefficient space): the containers their codes meet x
+  /// in. A call that runs one expert's residual, or one node's cores, then skips the other's (the
   /// tinymoe experts: bytes for the 5-bit cores, nibbles for the residuals' 3-bit factors).
-  Q8Cache(const KGroup& g, std::initializer_list<const KMatrix*> mats, const float* x, std::size_t ld, std::size_t nt, Arena& a)
-      : Q8Cache(g, x, ld, nt, a, containers(g, mats, a), g.grid.grid_cols()) {}
+  Q8Cache(const KGroup& g, std::initializer_list<const KMatrix*> mats, const float* x, std::size_t ld, std::size_t nt, Arena& a,
+          bool unshared_only = false)
+      : Q8Cache(g, x, ld, nt, a, containers(g, mats, a, unshared_only), g.grid.grid_cols()) {}
   /// Per grid column, the containers the blocks of mats meet x in (bit 0: bytes, bit 1: nibbles).
-  static std::uint8_t* containers(const KGroup& g, std::initializer_list<const KMatrix*> mats, Arena& a) {
+  static std::uint8_t* containers(const KGroup& g, std::initializer_list<const KMatrix*> mats, Arena& a, bool unshared_only) {
     auto* c = a.take<std::uint8_t>(g.grid.grid_cols());
     std::fill_n(c, g.grid.grid_cols(), std::uint8_t{0});
     for (const KMatrix* m : mats)
       if (m)
         for (const KBlock& b : m->blocks) {
+          if (unshared_only && b.kind == compress::block_kind::shared) continue;
           const KMat& onx = b.kind == compress::block_kind::dense ? b.a : b.b;  // as KGroup::from
           if (onx.ncodes()) c[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
         }
@@ -11578,7 +11581,7 @@ inline void apply_parallel(const KGroup& g, std::size_t e, const float* X, std::
 inline std::size_t grouped_scratch_bytes(const KGroup& g, std::size_t tokens, std::size_t routed, unsigned workers) {
   const std::size_t r = g.rows(), c = g.cols(), tmax = std::max(tokens, std::size_t{1});
   return detail::union_bytes(tmax) + Arena::bytes_for<float>(tmax * c) + Arena::bytes_for<float>(tmax * r) +
-         Arena::bytes_for<float>(routed * c) + Arena::bytes_for<float>(routed * r) +
+         Arena::bytes_for<float>(routed * c) + Arena::bytes_for<float>(routed * r) + detail::Q8Cache::bytes(g.grid, g.group_size, tmax) +
          detail::summed_shared_bytes(g, tmax) + std::max(workers, 1u) * (apply_scratch_bytes(g, tmax) + detail::summed_worker_bytes(g, tmax) + 64);
 }
 
@@ -11609,7 +11612,11 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
     if (u.n && !g.cores[nd].blocks.empty()) {
       detail::gather(X, ldx, u.list, u.n, C, xg);
       std::memset(yg, 0, u.n * R * sizeof(float));
-      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, core, ex, w);
+      // int8: each grid column of the node's tokens quantized once for all its block rows (as
+      // swiglu_apply; per block, a 2048-row matrix quantized its tokens 8 times)
+      std::optional<detail::Q8Cache> q8c;
+      if (core.act == Activations::int8) q8c.emplace(g, std::initializer_list<const KMatrix*>{&g.cores[nd]}, xg, C, u.n, arena);
+      detail::apply_matrix_parallel(g, g.cores[nd], xg, C, u.n, yg, R, core, ex, w, 1.0f, nullptr, q8c ? &*q8c : nullptr);
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
         const float wt = u.weight[i];
@@ -11626,8 +11633,13 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
     if (n == 0) return;
     detail::prefetch_routed_pages(plan, e + 1, {&g});
     detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
-    detail::apply_unshared(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, tier, w.arena[worker]);
-    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, w.arena[worker]);
+    Arena& a = w.arena[worker];
+    const std::size_t am = a.mark();
+    std::optional<detail::Q8Cache> q8x;  // (int8: the expert's tokens once per grid column, as the cores)
+    if (tier.act == Activations::int8) q8x.emplace(g, std::initializer_list<const KMatrix*>{&g.residuals[e]}, xe + off * C, C, n, a, true);
+    detail::apply_unshared(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, tier, a, q8x ? &*q8x : nullptr);
+    a.reset(am);
+    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, a);
   });
   detail::prefetch_bases_pages(g);
   detail::apply_shared_summed(g, plan, xe, C, Y, ldy, tier, ex, w, arena);

@@ -700,36 +700,48 @@ TEST_CASE("morph: an int8 activation cache gives apply_matrix the bits of per-bl
 }
 
 TEST_CASE("morph: an int8 activation cache for some matrices quantizes the containers their blocks meet x in, and only those") {
+  // w1: 3-bit residual factors and 5-bit cores; w2: residuals on shared bases, which grouped
+  // calls apply in coefficient space (unshared_only leaves them out)
   const auto& c = fixture_compressed();
-  const auto w1 = mo::KGroup::from(c.groups[0]);
-  const std::size_t d = w1.cols(), f = w1.rows(), n = 5;
-  const auto X = randn(n * d, 17, 0.5f);
-  std::vector<std::byte> mem(8 * mo::apply_scratch_bytes(w1, n));
-  mo::Arena arena(mem);
-  const mo::Precision prec{0, mo::Activations::int8};
-  std::size_t skipped = 0;
-  for (std::size_t e : {0u, 3u})
-    for (const mo::KMatrix* m : {&w1.residuals[e], &w1.cores[w1.path[e].front()]}) {
-      const mo::detail::Q8Cache cache(w1, {m}, X.data(), d, n, arena);
-      std::vector<std::uint8_t> meets(w1.grid.grid_cols(), 0);
-      for (const auto& b : m->blocks) {
-        const mo::KMat& onx = b.kind == cz::block_kind::dense ? b.a : b.b;
-        if (!onx.ncodes()) continue;
-        meets[b.c0 / w1.grid.block_cols] |= onx.nibble ? 2 : 1;
-        if (s2lc::kernels::q8_gemv_nt_vectorized(onx.view())) CHECK(cache.get(onx.view(), b.c0) != nullptr);
-      }
-      for (std::size_t j = 0; j < meets.size(); ++j)
-        for (int nib = 0; nib < 2; ++nib) {
-          const bool has = cache.slot[j * 2 + static_cast<std::size_t>(nib)] != nullptr;
-          CHECK(has == ((meets[j] >> nib & 1) != 0));
-          skipped += !has;
+  std::size_t skipped = 0, shared_left_out = 0;
+  for (std::size_t gi : {0u, 1u})
+    for (bool unshared_only : {false, true}) {
+      CAPTURE(gi);
+      CAPTURE(unshared_only);
+      const auto g = mo::KGroup::from(c.groups[gi]);
+      const std::size_t d = g.cols(), f = g.rows(), n = 5;
+      const auto X = randn(n * d, 17, 0.5f);
+      std::vector<std::byte> mem(8 * mo::apply_scratch_bytes(g, n));
+      mo::Arena arena(mem);
+      const mo::Precision prec{0, mo::Activations::int8};
+      for (std::size_t e : {0u, 3u})
+        for (const mo::KMatrix* m : {&g.residuals[e], &g.cores[g.path[e].front()]}) {
+          const mo::detail::Q8Cache cache(g, {m}, X.data(), d, n, arena, unshared_only);
+          std::vector<std::uint8_t> meets(g.grid.grid_cols(), 0);
+          for (const auto& b : m->blocks) {
+            const mo::KMat& onx = b.kind == cz::block_kind::dense ? b.a : b.b;
+            if (!onx.ncodes()) continue;
+            if (unshared_only && b.kind == cz::block_kind::shared) {
+              ++shared_left_out;
+              continue;
+            }
+            meets[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
+            if (s2lc::kernels::q8_gemv_nt_vectorized(onx.view())) CHECK(cache.get(onx.view(), b.c0) != nullptr);
+          }
+          for (std::size_t j = 0; j < meets.size(); ++j)
+            for (int nib = 0; nib < 2; ++nib) {
+              const bool has = cache.slot[j * 2 + static_cast<std::size_t>(nib)] != nullptr;
+              CHECK(has == ((meets[j] >> nib & 1) != 0));
+              skipped += !has;
+            }
+          std::vector<float> a(n * f, 0.0f), b(n * f, 0.0f);
+          mo::apply_matrix(g, *m, X.data(), d, n, a.data(), f, 1.0f, prec, arena);
+          mo::apply_matrix(g, *m, X.data(), d, n, b.data(), f, 1.0f, prec, arena, nullptr, &cache);
+          CHECK(a == b);
         }
-      std::vector<float> a(n * f, 0.0f), b(n * f, 0.0f);
-      mo::apply_matrix(w1, *m, X.data(), d, n, a.data(), f, 1.0f, prec, arena);
-      mo::apply_matrix(w1, *m, X.data(), d, n, b.data(), f, 1.0f, prec, arena, nullptr, &cache);
-      CHECK(a == b);
     }
-  CHECK(skipped > 0);  // the fixture's cores and residuals meet x in different containers somewhere
+  CHECK(skipped > 0);          // the fixture's cores and residuals meet x in different containers somewhere
+  CHECK(shared_left_out > 0);  // and w2's residuals have shared-basis blocks
 }
 
 TEST_CASE("morph: a group wider than a block runs as one group of the block's width, and the int8 activation cache serves it") {
