@@ -28,6 +28,9 @@
 //     OpenBLAS per expert on the reconstructed f32 weights, stream_bound, and fma_bound (register
 //     FMAs as many as swiglu_apply's multiply-adds for the plan: cores once per token of their
 //     node, residuals per routed expert; counter macs).
+//   grouped/<s2lc|s2lc_int8|openblas>/<shape>_t<T>_hot: grouped_apply of the shape's 8 synthetic
+//     experts, T tokens routed top-2, against OpenBLAS per routed expert (gather, sgemm, scatter)
+//     on a reconstructed f32 matrix; one thread.
 //   merge/<s2lc|s2lc_unmerge|memcpy>/codes_<q4|q4_lanes|q5_lanes|q8|q4_sparse24>_<f32|bf16>_hot:
 //     the merge kernel alone (q_merge_rows_*, q_unmerge_rows_*) on one 256 x 1024 quantized matrix
 //     (4-, 5- or 8-bit codes, group 32; _lanes: stored rows in lanes) into an f32 or bf16 buffer
@@ -652,6 +655,51 @@ s2lc::DispatchPlan layer_plan(std::size_t experts, std::size_t T) {
   return s2lc::DispatchPlan::from_topk(experts, T, 2, ids.data(), gates.data());
 }
 
+// grouped/<impl>/<shape>_t<T>_hot: grouped_apply (llama.cpp's mul_mat_id, on compressed experts)
+// of the shape's 8 synthetic experts, T tokens routed top-2 (layer_plan), one thread, hot.
+// openblas: per routed expert, its tokens gathered, one sgemm (sgemv for one token) on a
+// reconstructed f32 matrix (expert 0's for each: the same cost), the gate-weighted scatter.
+enum class grouped_impl { s2lc, s2lc_int8, openblas };
+
+void bench_grouped(benchmark::State& state, std::size_t si, std::size_t T, grouped_impl which) {
+  openblas_set_num_threads(1);
+  Setup& s = setup(si, false);
+  const std::size_t R = kShapes[si].rows, C = kShapes[si].cols, E = s.base.members();
+  const auto plan = layer_plan(E, T);
+  std::vector<float> X(T * C), Y(T * R, 0.0f), xe(T * C), ye(T * R);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  for (auto& v : X) v = nd(rng);
+  std::vector<std::byte> mem(mo::grouped_scratch_bytes(s.base, T, plan.routed(), 1));
+  mo::Arena arena(mem);
+  const float* w = s.dense[0].data();
+  std::vector<const mo::KMatrix*> ms;  // the bytes grouped_apply reads: the routed residuals, the cores
+  for (std::size_t e = 0; e < E; ++e)
+    if (plan.count(e)) ms.push_back(&s.base.residuals[e]);
+  for (const auto& c : s.base.cores) ms.push_back(&c);
+  std::size_t routed_experts = 0;
+  for (std::size_t e = 0; e < E; ++e) routed_experts += plan.count(e) > 0;
+  for (auto _ : state) {
+    if (which == grouped_impl::openblas) {
+      for (std::size_t e = 0; e < E; ++e) {
+        const std::size_t off = plan.offsets[e], n = plan.count(e);
+        if (n == 0) continue;
+        for (std::size_t i = 0; i < n; ++i) std::memcpy(xe.data() + i * C, X.data() + plan.token[off + i] * C, C * sizeof(float));
+        if (n == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, int(R), int(C), 1.0f, w, int(C), xe.data(), 1, 0.0f, ye.data(), 1);
+        else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(R), int(C), 1.0f, xe.data(), int(C), w, int(C), 0.0f, ye.data(), int(R));
+        for (std::size_t i = 0; i < n; ++i) s2lc::kernels::add_scaled(plan.gate[off + i], ye.data() + i * R, Y.data() + plan.token[off + i] * R, R);
+      }
+    } else {
+      mo::grouped_apply(s.base, plan, X.data(), C, Y.data(), R, arena, nullptr,
+                        {0, which == grouped_impl::s2lc ? mo::Activations::f32 : mo::Activations::int8});
+    }
+    benchmark::ClobberMemory();
+  }
+  state.counters["experts"] = static_cast<double>(routed_experts);
+  s2lc::bench::set_bytes(state, which == grouped_impl::openblas ? static_cast<double>(routed_experts * R * C * sizeof(float))
+                                                               : static_cast<double>(s.base.bytes_with_bases(ms)));
+}
+
 // The layer on dense f32 weights w (real_layer's packing) with OpenBLAS, one expert at a time:
 // Y[t] += gate * W2 (silu(W1 x_t) * (W3 x_t)) for each routed (expert, token).
 void dense_layer(const RealLayer& L, const float* w, const s2lc::DispatchPlan& plan, const std::vector<std::uint32_t>& routed,
@@ -1008,6 +1056,14 @@ const bool registered = [] {
                                      [=](benchmark::State& st) { bench_kernel(st, kc, T, w); })
             ->Unit(benchmark::kMicrosecond);
       }
+  for (std::size_t si = 0; si < std::size(kShapes); ++si)
+    for (std::size_t T : {1u, 8u, 32u})
+      for (grouped_impl w : {grouped_impl::s2lc, grouped_impl::s2lc_int8, grouped_impl::openblas})
+        benchmark::RegisterBenchmark(("grouped/" + std::string(w == grouped_impl::s2lc ? "s2lc" : w == grouped_impl::s2lc_int8 ? "s2lc_int8" : "openblas") +
+                                      "/" + std::to_string(kShapes[si].rows) + "x" + std::to_string(kShapes[si].cols) + "_t" + std::to_string(T) + "_hot").c_str(),
+                                     [=](benchmark::State& st) { bench_grouped(st, si, T, w); })
+            ->Unit(benchmark::kMicrosecond);
+  s2lc::bench::register_op("grouped", {"openblas", "none"});
   s2lc::bench::register_op("kernel", {"fma_bound", "none"});
   s2lc::bench::register_op("layer", {"openblas", "stream_bound"});
   s2lc::bench::register_op("morph", {"single", "none"});
