@@ -493,7 +493,10 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     hidden(*L.w3, n3s, a3, q8x && share ? &*q8x : nullptr);
     a.reset(am);
     kernels::swiglu(a1, a3, a1, n * f);
-    detail::apply_unshared(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, tier, a);
+    std::optional<detail::Q8Cache> q8h;  // (int8: h once per grid column for w2's block rows)
+    if (tier.act == Activations::int8) q8h.emplace(*L.w2, std::initializer_list<const KMatrix*>{&L.w2->residuals[e]}, a1, f, n, a, true);
+    detail::apply_unshared(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, tier, a, q8h ? &*q8h : nullptr);
+    a.reset(am);
     detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, core, a);
   });
   detail::prefetch_bases_pages(*L.w2);
@@ -517,7 +520,9 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
           kernels::add_scaled(gt, src, dst, f);
         }
       std::memset(yg, 0, u.n * d * sizeof(float));
-      detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, core, ex, w);
+      std::optional<detail::Q8Cache> q8c;  // (int8: as the w1 / w3 cores; w2 of a 4096-wide model has 16 block rows)
+      if (core.act == Activations::int8) q8c.emplace(*L.w2, std::initializer_list<const KMatrix*>{&L.w2->cores[nd]}, hs, f, u.n, arena);
+      detail::apply_matrix_parallel(*L.w2, L.w2->cores[nd], hs, f, u.n, yg, d, core, ex, w, 1.0f, nullptr, q8c ? &*q8c : nullptr);
       for (std::size_t i = 0; i < u.n; ++i) {
         float* y = Y + u.list[i] * ldy;
         kernels::add_scaled(1.0f, yg + i * d, y, d);
