@@ -201,6 +201,12 @@ struct KBlock {
                                        ///< factor in f32 [rank, cb] instead of b (morphed experts)
 
   std::size_t bytes() const noexcept { return a.bytes() + b.bytes() + raw.size() * sizeof(float); }
+  /// The code container x meets in this block (bit 0: bytes, bit 1: nibbles; 0: no codes, as a
+  /// raw block): the dense codes, else the right factor's.
+  std::uint8_t x_container() const noexcept {
+    const KMat& onx = kind == compress::block_kind::dense ? a : b;
+    return onx.ncodes() ? (onx.nibble ? 2 : 1) : 0;
+  }
   /// Multiply-adds of applying the block to one token: rank (rb + cb) if low-rank, else rb cb.
   std::size_t apply_macs() const noexcept {
     const bool lr = kind == compress::block_kind::lowrank || kind == compress::block_kind::shared;
@@ -421,8 +427,7 @@ struct KGroup {
           case compress::block_kind::zero: break;
         }
         if (src.kind == compress::block_kind::lowrank || src.kind == compress::block_kind::shared) k.max_rank = std::max(k.max_rank, src.rank);
-        const KMat& onx = src.kind == compress::block_kind::dense ? b.a : b.b;  // the codes x meets
-        if (onx.ncodes()) k.x_containers[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
+        k.x_containers[b.c0 / g.grid.block_cols] |= b.x_container();
         out.blocks.push_back(std::move(b));
       }
       return out;
@@ -535,11 +540,8 @@ struct Q8Cache {
     std::fill_n(c, g.grid.grid_cols(), std::uint8_t{0});
     for (const KMatrix* m : mats)
       if (m)
-        for (const KBlock& b : m->blocks) {
-          if (unshared_only && b.kind == compress::block_kind::shared) continue;
-          const KMat& onx = b.kind == compress::block_kind::dense ? b.a : b.b;  // as KGroup::from
-          if (onx.ncodes()) c[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
-        }
+        for (const KBlock& b : m->blocks)
+          if (!(unshared_only && b.kind == compress::block_kind::shared)) c[b.c0 / g.grid.block_cols] |= b.x_container();
     return c;
   }
   Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a, const std::uint8_t* xc, std::size_t nxc)
