@@ -676,9 +676,8 @@ void bench_grouped(benchmark::State& state, std::size_t si, std::size_t T, group
   std::vector<const mo::KMatrix*> ms;  // the bytes grouped_apply reads: the routed residuals, the cores
   for (std::size_t e = 0; e < E; ++e)
     if (plan.count(e)) ms.push_back(&s.base.residuals[e]);
+  const std::size_t routed_experts = ms.size();
   for (const auto& c : s.base.cores) ms.push_back(&c);
-  std::size_t routed_experts = 0;
-  for (std::size_t e = 0; e < E; ++e) routed_experts += plan.count(e) > 0;
   for (auto _ : state) {
     if (which == grouped_impl::openblas) {
       for (std::size_t e = 0; e < E; ++e) {

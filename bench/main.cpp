@@ -150,9 +150,9 @@ int main(int argc, char** argv) {
   }
   std::printf("weight buffers start %zu bytes past a 64-byte boundary\n", s2lc::bench::buffer_offset());
   // (dispatch runs the first target listed; this TU has no dispatched kernels to ask: AVX512_BF16
-  // and AMX serve AVX3_DL only, VNNI as kernels::vnni_in_use on that target)
+  // and AMX serve AVX3_DL only)
   const std::int64_t first = hwy::SupportedAndGeneratedTargets().front();
-  const bool vnni = first == HWY_AVX3_DL || ((first == HWY_AVX2 || first == HWY_AVX3) && s2lc::kernels::use_vnni(first == HWY_AVX3));
+  const bool vnni = s2lc::kernels::vnni_on_target(first);
   std::printf("SIMD targets runtime dispatch may pick, best first (it runs the first): %s; AVX512_BF16 instructions: %s; "
               "AMX tiles: %s; int8 VNNI instructions: %s\n",
               s2lc::cli::dispatch_targets().c_str(), s2lc::kernels::use_avx512_bf16() && first == HWY_AVX3_DL ? "used" : "not used",

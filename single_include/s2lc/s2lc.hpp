@@ -327,6 +327,9 @@ template <typename T> inline constexpr dtype dtype_of_v = dtype_of<T>::value;
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
+
+#include <hwy/detect_targets.h>  // HWY_AVX2, HWY_AVX3, HWY_AVX3_DL (vnni_on_target)
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -448,6 +451,13 @@ inline void allow_vnni(bool allow) noexcept { detail::vnni_allowed().store(allow
 /// is not in effect.
 inline bool use_vnni(bool avx512) noexcept {
   return (avx512 ? cpu_has_avx512_vnni() : cpu_has_avx_vnni()) && detail::vnni_allowed().load(std::memory_order_relaxed);
+}
+
+/// Whether the int8 kernels use VNNI when Highway target t (a HWY_* target bit) runs them:
+/// always on AVX3_DL, on AVX2 / AVX3 as use_vnni says (kernels::vnni_in_use asks it for the
+/// target that runs; a caller without dispatched kernels, for the target it knows runs).
+inline bool vnni_on_target(std::int64_t t) noexcept {
+  return t == HWY_AVX3_DL || ((t == HWY_AVX2 || t == HWY_AVX3) && use_vnni(t == HWY_AVX3));
 }
 
 namespace detail {
@@ -10204,10 +10214,7 @@ inline bool amx_in_use() { return use_amx() && kernel_target_bit() == HWY_AVX3_D
 /// Whether the int8 kernels (q8_*, lowrank_add_fixed) multiply with vpdpbusd / vpdpwssd in this
 /// process: always on AVX3_DL, on AVX2 and AVX3 where use_vnni says the CPU has AVX-VNNI /
 /// AVX512_VNNI (cpu.hpp); elsewhere pmaddubsw + pmaddwd or portable code. Results are the same.
-inline bool vnni_in_use() {
-  const std::int64_t t = kernel_target_bit();
-  return t == HWY_AVX3_DL || ((t == HWY_AVX2 || t == HWY_AVX3) && use_vnni(t == HWY_AVX3));
-}
+inline bool vnni_in_use() { return vnni_on_target(kernel_target_bit()); }
 
 }  // namespace s2lc::kernels
 // ---- end s2lc/kernels/qgemm.hpp ----
@@ -10670,6 +10677,12 @@ struct KBlock {
                                        ///< factor in f32 [rank, cb] instead of b (morphed experts)
 
   std::size_t bytes() const noexcept { return a.bytes() + b.bytes() + raw.size() * sizeof(float); }
+  /// The code container x meets in this block (bit 0: bytes, bit 1: nibbles; 0: no codes, as a
+  /// raw block): the dense codes, else the right factor's.
+  std::uint8_t x_container() const noexcept {
+    const KMat& onx = kind == compress::block_kind::dense ? a : b;
+    return onx.ncodes() ? (onx.nibble ? 2 : 1) : 0;
+  }
   /// Multiply-adds of applying the block to one token: rank (rb + cb) if low-rank, else rb cb.
   std::size_t apply_macs() const noexcept {
     const bool lr = kind == compress::block_kind::lowrank || kind == compress::block_kind::shared;
@@ -10890,8 +10903,7 @@ struct KGroup {
           case compress::block_kind::zero: break;
         }
         if (src.kind == compress::block_kind::lowrank || src.kind == compress::block_kind::shared) k.max_rank = std::max(k.max_rank, src.rank);
-        const KMat& onx = src.kind == compress::block_kind::dense ? b.a : b.b;  // the codes x meets
-        if (onx.ncodes()) k.x_containers[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
+        k.x_containers[b.c0 / g.grid.block_cols] |= b.x_container();
         out.blocks.push_back(std::move(b));
       }
       return out;
@@ -11004,11 +11016,8 @@ struct Q8Cache {
     std::fill_n(c, g.grid.grid_cols(), std::uint8_t{0});
     for (const KMatrix* m : mats)
       if (m)
-        for (const KBlock& b : m->blocks) {
-          if (unshared_only && b.kind == compress::block_kind::shared) continue;
-          const KMat& onx = b.kind == compress::block_kind::dense ? b.a : b.b;  // as KGroup::from
-          if (onx.ncodes()) c[b.c0 / g.grid.block_cols] |= onx.nibble ? 2 : 1;
-        }
+        for (const KBlock& b : m->blocks)
+          if (!(unshared_only && b.kind == compress::block_kind::shared)) c[b.c0 / g.grid.block_cols] |= b.x_container();
     return c;
   }
   Q8Cache(const KGroup& g, const float* x, std::size_t ld, std::size_t nt, Arena& a, const std::uint8_t* xc, std::size_t nxc)

@@ -10,6 +10,9 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
+
+#include <hwy/detect_targets.h>  // HWY_AVX2, HWY_AVX3, HWY_AVX3_DL (vnni_on_target)
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -131,6 +134,13 @@ inline void allow_vnni(bool allow) noexcept { detail::vnni_allowed().store(allow
 /// is not in effect.
 inline bool use_vnni(bool avx512) noexcept {
   return (avx512 ? cpu_has_avx512_vnni() : cpu_has_avx_vnni()) && detail::vnni_allowed().load(std::memory_order_relaxed);
+}
+
+/// Whether the int8 kernels use VNNI when Highway target t (a HWY_* target bit) runs them:
+/// always on AVX3_DL, on AVX2 / AVX3 as use_vnni says (kernels::vnni_in_use asks it for the
+/// target that runs; a caller without dispatched kernels, for the target it knows runs).
+inline bool vnni_on_target(std::int64_t t) noexcept {
+  return t == HWY_AVX3_DL || ((t == HWY_AVX2 || t == HWY_AVX3) && use_vnni(t == HWY_AVX3));
 }
 
 namespace detail {

@@ -211,9 +211,6 @@ inline bool amx_in_use() { return use_amx() && kernel_target_bit() == HWY_AVX3_D
 /// Whether the int8 kernels (q8_*, lowrank_add_fixed) multiply with vpdpbusd / vpdpwssd in this
 /// process: always on AVX3_DL, on AVX2 and AVX3 where use_vnni says the CPU has AVX-VNNI /
 /// AVX512_VNNI (cpu.hpp); elsewhere pmaddubsw + pmaddwd or portable code. Results are the same.
-inline bool vnni_in_use() {
-  const std::int64_t t = kernel_target_bit();
-  return t == HWY_AVX3_DL || ((t == HWY_AVX2 || t == HWY_AVX3) && use_vnni(t == HWY_AVX3));
-}
+inline bool vnni_in_use() { return vnni_on_target(kernel_target_bit()); }
 
 }  // namespace s2lc::kernels
