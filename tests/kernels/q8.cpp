@@ -121,6 +121,19 @@ TEST_CASE("kernels: q8 activation quantization is bit-identical to the scalar re
           REQUIRE(stored_xq(q, act, j) == ref.xq[j]);
           REQUIRE(std::abs(ref.xq[j]) <= 127);
         }
+        // corr, over the 4-byte lanes of whole groups: 8 (nibbles) or 128 (bytes) times the sum of
+        // each lane's activations, the offset of codes read as c + 8 / c + 128
+        const std::size_t gb = q.nibble ? q.group / 2 : q.group;
+        if (gb % 4 == 0) {
+          const auto* lo = reinterpret_cast<const std::int8_t*>(act);
+          const auto* hi = lo + rbp;
+          const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * rbp);
+          for (std::size_t i = 0; i < q.cols / q.group * gb / 4; ++i) {
+            std::int32_t sum = 0;
+            for (std::size_t j = 0; j < 4; ++j) sum += lo[4 * i + j] + hi[4 * i + j];
+            REQUIRE(corr[i] == (q.nibble ? 8 : 128) * sum);
+          }
+        }
       }
     }
   }

@@ -1006,16 +1006,32 @@ HWY_INLINE bool TokensPath(const QView& q, const Layout& L, std::size_t r0, std:
 // on 1 + 1) fit the registers.
 inline constexpr std::size_t kLanesTile = hn::MaxLanes(DI()) >= 16 ? 8 : 2;
 
-// A tile of T tokens' activations as LanesRows reads them, built once per call: per group g, the
-// 4 activations paired with each quad k of low nibbles, then of high nibbles, for every token
-// (xq[((g nq + k) 2 + half) T + t]); then -8 times each token's sum over the group (nc[g T + t],
-// the offset of codes stored as c + 8) and its scale (sx[g T + t]). One base pointer and constant
-// offsets reach everything a group needs.
+// A tile of T tokens' activations as LanesRows reads them, set up once per call: per group g,
+// minus each token's sum over the group of Q8Acts' corr (nc[g T + t]: the offset of codes read as
+// c + 8, or bytes as c + 128) and its scale (sx[g T + t]). Nibble codes broadcast each token's
+// activations from its Q8Acts in place (token t at act + t abytes, the 4 paired with quad k of
+// group g at g gb + 4 k, those of the high nibbles rbp further); byte codes from a copy of them,
+// the quads of every token in turn (xq[(g nq + k) T + t]: one pointer reaches all, where a pointer
+// per token ran out of registers at 8 tokens, 5-10 % slower). Nibbles had been copied too (two
+// 4-byte loads and stores per quad and token), and the byte container's sums of activations taken
+// byte by byte: a quarter of this kernel's samples in the 8-token tinymoe layer. A 48 x 256 3-bit
+// matrix in rows in lanes (a residual's right factor), 1 / 4 / 8 tokens: 120-149 / 320-340 /
+// 601-641 -> 109-120 / 251-270 / 480-490 ns (scratch driver); the int8 tinymoe layer, hot, 8
+// tokens: median 80.5 -> 77.9 us over 6 alternating bench runs (bench/RESULTS.md).
 struct LanesActs {
-  const std::int32_t* xq;
+  const std::uint8_t* act;
+  std::size_t abytes, rbp, gb;  // gb: activation bytes per group (per half, nibbles)
+  const std::int32_t* xq;       // the byte container's copy
   const std::int32_t* nc;
   const float* sx;
 };
+
+// Token t's 4 activations at p, broadcast to every lane.
+HWY_INLINE VI8 LanesQuad(const std::uint8_t* p) {
+  std::int32_t v;
+  std::memcpy(&v, p, 4);
+  return hn::BitCast(DI8(), hn::Set(DI(), v));
+}
 
 // Byte codes meet vpdpbusd as c + 128 (see LanesRows).
 inline constexpr bool kVnni = HWY_TARGET == HWY_AVX3_DL;
@@ -1050,7 +1066,10 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
   for (std::size_t t = 0; t < T; ++t) ya[t] = hn::Zero(df);
   const std::uint8_t* r = q.lanes_at(p, 0);
   const std::int32_t* xq = a.xq;
-  for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += (kNib ? 2 : 1) * nq * T) {
+  for (std::size_t g = 0; g < gpr; ++g, r += rec, xq += kNib ? 0 : nq * T) {
+    [[maybe_unused]] const std::uint8_t* xp[kNib ? T : 1];
+    if constexpr (kNib)
+      for (std::size_t t = 0; t < T; ++t) xp[t] = a.act + t * a.abytes + g * a.gb;
     if (h == 0)  // the panel's first pass brings its lines in; the others find them in L1
       for (std::size_t o = 0; o < rec + 64; o += 64) hwy::Prefetch(r + kPrefetchAhead + o);
     hn::Vec<DI> a0[T], a1[kSplit ? T : 1];
@@ -1063,9 +1082,9 @@ HWY_INLINE void LanesRows(const QView& q, std::size_t p, std::size_t h, const La
         if constexpr (kSplit) v = InRegister(v);  // (passes of 8 tokens ran 4 % slower cold with it)
         const VU8 lo = hn::And(v, k0f), hi = hn::And(hn::BitCast(du8, hn::ShiftRight<4>(hn::BitCast(DU16(), v))), k0f);
         for (std::size_t t = 0; t < T; ++t) {
-          a0[t] = DotU8I8<kDp>(a0[t], lo, hn::BitCast(di8, hn::Set(di, xq[2 * k * T + t])));
-          if constexpr (kSplit) a1[t] = DotU8I8<kDp>(a1[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
-          else a0[t] = DotU8I8<kDp>(a0[t], hi, hn::BitCast(di8, hn::Set(di, xq[(2 * k + 1) * T + t])));
+          a0[t] = DotU8I8<kDp>(a0[t], lo, LanesQuad(xp[t] + 4 * k));
+          if constexpr (kSplit) a1[t] = DotU8I8<kDp>(a1[t], hi, LanesQuad(xp[t] + a.rbp + 4 * k));
+          else a0[t] = DotU8I8<kDp>(a0[t], hi, LanesQuad(xp[t] + a.rbp + 4 * k));
         }
       } else if constexpr (kOffset) {  // c + 128 (the offset in a.nc): vpdpbusd has no int16 pair sums
         const VU8 u = hn::Xor(v, hn::Set(du8, 0x80));
@@ -1138,32 +1157,22 @@ template <bool kDp>
 HWY_INLINE void LanesQ8(const QView& q, std::size_t r0, std::size_t nr, const std::uint8_t* acts, std::size_t nt, float alpha,
                         float* y, std::size_t ldy) {
   const Layout L = MakeLayout(q);
-  const std::size_t abytes = Q8Acts::bytes(q), gpr = L.gpr, nq = q.lanes_quads(), gb = L.gb;
+  const std::size_t abytes = Q8Acts::bytes(q), gpr = L.gpr, nq = q.lanes_quads();
   constexpr std::size_t kG = QView::kLanesMaxCols / 8;  // groups at most
   constexpr std::size_t kTile = kDp && HWY_TARGET == HWY_AVX2 ? 4 : kLanesTile;
   std::int32_t xq[kTile * QView::kLanesMaxCols / 4], nc[kTile * kG];
   float sx[kTile * kG];
-  const LanesActs la{xq, nc, sx};
   for (std::size_t t0 = 0, T = 0; t0 < nt; t0 += T) {
     T = nt - t0 >= kTile ? kTile : std::min<std::size_t>(nt - t0, 4);
+    const LanesActs la{acts + t0 * abytes, abytes, L.rbp, L.gb, xq, nc, sx};
     for (std::size_t t = 0; t < T; ++t) {
       const std::uint8_t* act = acts + (t0 + t) * abytes;
-      // Q8Acts' corr: 8 * the sum of each 4 code bytes' activations (both nibbles)
       const auto* corr = reinterpret_cast<const std::int32_t*>(act + 3 * L.rbp);
-      for (std::size_t g = 0; g < gpr && !q.nibble; ++g) {  // byte container: the quads' activations
-        for (std::size_t k = 0; k < nq; ++k) std::memcpy(&xq[(g * nq + k) * T + t], act + g * gb + 4 * k, 4);
-        if constexpr (kVnni || kDp) {  // the offset of codes read as c + 128 (only vpdpbusd reads them so)
-          std::int32_t sum = 0;
-          for (std::size_t j = 0; j < gb; ++j) sum += static_cast<std::int8_t>(act[g * gb + j]);
-          nc[g * T + t] = -128 * sum;
-        }
-        sx[g * T + t] = reinterpret_cast<const float*>(act + 4 * L.rbp)[g];
-      }
-      for (std::size_t g = 0; g < gpr && q.nibble; ++g) {
+      for (std::size_t g = 0; g < gpr; ++g) {
         std::int32_t sum = 0;
         for (std::size_t k = 0; k < nq; ++k) {
           sum += corr[g * nq + k];
-          for (std::size_t half = 0; half < 2; ++half) std::memcpy(&xq[((g * nq + k) * 2 + half) * T + t], act + half * L.rbp + g * gb + 4 * k, 4);
+          if (!q.nibble) std::memcpy(&xq[(g * nq + k) * T + t], act + 4 * (g * nq + k), 4);
         }
         nc[g * T + t] = -sum;
         sx[g * T + t] = reinterpret_cast<const float*>(act + 4 * L.rbp)[g];
@@ -1428,11 +1437,14 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
     // (every whole 4-byte lane of whole groups: the rows-in-lanes kernel sums a group's lanes)
     const std::size_t lanes_end = L.gb % 4 == 0 ? L.full * L.gb : L.vend;
     std::size_t i0 = 0;
-    if (q.nibble && L.vend) {  // corr a vector of lanes at a time: 8 times the 4 low plus 4 high bytes
+    // corr (the offset of codes read as c + 8, nibbles, or c + 128, bytes, times the activations):
+    // a vector of lanes at a time, 8 (128) times the 4 low plus 4 high bytes (zero for bytes)
+    const int off = q.nibble ? 8 : 128;
+    if (L.vend) {
       const q8k::DU8 du8;
       const q8k::DI8 di8;
       const q8k::DI di;
-      const auto eight = hn::Set(du8, 8);
+      const auto eight = hn::Set(du8, static_cast<std::uint8_t>(off));
       const std::size_t N8 = hn::Lanes(du8);
       for (; 4 * i0 + N8 <= lanes_end; i0 += N8 / 4) {
         const auto s8 = q8k::DotU8I8(q8k::DotU8I8(hn::Zero(di), eight, hn::LoadU(di8, lo + 4 * i0)), eight, hn::LoadU(di8, hi + 4 * i0));
@@ -1451,12 +1463,11 @@ inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t 
         if (j < per) hn::BlendedStore(s, hn::FirstN(df, per - j), df, p + j);
       }
     }
-    if (q.nibble)
-      for (std::size_t i = i0; 4 * i < lanes_end; ++i) {
-        std::int32_t s = 0;
-        for (std::size_t j = 0; j < 4; ++j) s += lo[4 * i + j] + hi[4 * i + j];
-        corr[i] = 8 * s;
-      }
+    for (std::size_t i = i0; 4 * i < lanes_end; ++i) {
+      std::int32_t s = 0;
+      for (std::size_t j = 0; j < 4; ++j) s += lo[4 * i + j] + hi[4 * i + j];
+      corr[i] = off * s;
+    }
   }
 }
 

@@ -120,7 +120,8 @@ struct QView {
 ///   [0, rbp)          int8 x paired with the codes byte for byte (nibble: with the low nibbles)
 ///   [rbp, 2 rbp)      nibble container: int8 x paired with the high nibbles (else zero)
 ///   [2 rbp, 3 rbp)    f32 scale of the group of each 4-byte lane of the vector body
-///   [3 rbp, 4 rbp)    i32 per lane: 8 * (sum of its x), the offset of unsigned nibble codes
+///   [3 rbp, 4 rbp)    i32 per 4-byte lane of whole groups: 8 (nibbles) or 128 (bytes) times the
+///                     sum of its x, the offset of codes read unsigned as c + 8 or c + 128
 ///   [4 rbp, ...)      f32 scale per group, groups_per_row() of them
 /// Group g of x is quantized as xq = round_half_even(x * (127 / amax_g)) with scale amax_g / 127
 /// (a group with amax < 1e-30 quantizes to zero; a non-finite x makes its group's scale NaN).
