@@ -6493,9 +6493,9 @@ inline constexpr std::size_t kLanesTile = hn::MaxLanes(DI()) >= 16 ? 8 : 2;
 // per token ran out of registers at 8 tokens, 5-10 % slower). Nibbles had been copied too (two
 // 4-byte loads and stores per quad and token), and the byte container's sums of activations taken
 // byte by byte: a quarter of this kernel's samples in the 8-token tinymoe layer. A 48 x 256 3-bit
-// matrix in rows in lanes (a residual's right factor), 1 / 4 / 8 tokens: 120-149 / 320-340 /
-// 601-641 -> 109-120 / 251-270 / 480-490 ns (scratch driver); the int8 tinymoe layer, hot, 8
-// tokens: median 80.5 -> 77.9 us over 6 alternating bench runs (bench/RESULTS.md).
+// matrix in rows in lanes (a residual's right factor), 1 / 4 / 8 tokens: 120-130 / 320-331 /
+// 601-641 -> 109-120 / 251-270 / 480-491 ns (scratch driver); the int8 tinymoe layer, hot, 8
+// tokens: median 80.1 -> 77.3 us over 5 alternating bench runs (bench/RESULTS.md).
 struct LanesActs {
   const std::uint8_t* act;
   std::size_t abytes, rbp, gb;  // gb: activation bytes per group (per half, nibbles)
@@ -11468,6 +11468,20 @@ inline void apply_unshared(const KGroup& g, const KMatrix& m, const float* X, st
     if (!summed_block(b)) apply_block(g, b, X, ldx, n, Y, ldy, 1.0f, tier, a, q8c);
 }
 
+/// Member e's residual blocks apply_shared_summed does not take, then the cores that residual
+/// replaces taken back off (unapply_replaced): a grouped call's per-expert part. With int8
+/// activations e's tokens are quantized once per grid column for all block rows (a Q8Cache
+/// without the shared-basis blocks).
+inline void apply_expert_unshared(const KGroup& g, std::size_t e, const float* X, std::size_t ldx, std::size_t n, float* Y, std::size_t ldy,
+                                  Precision tier, Precision core, Arena& a) {
+  const std::size_t am = a.mark();
+  std::optional<Q8Cache> q8;
+  if (tier.act == Activations::int8) q8.emplace(g, std::initializer_list<const KMatrix*>{&g.residuals[e]}, X, ldx, n, a, true);
+  apply_unshared(g, g.residuals[e], X, ldx, n, Y, ldy, tier, a, q8 ? &*q8 : nullptr);
+  a.reset(am);
+  unapply_replaced(g, e, X, ldx, n, Y, ldy, core, a);
+}
+
 /// Arena bytes of apply_shared_summed beyond each worker's apply_scratch_bytes(g, tokens): per
 /// worker (the first) and once (the second).
 inline std::size_t summed_worker_bytes(const KGroup& g, std::size_t tokens) {
@@ -11654,13 +11668,7 @@ inline void grouped_apply(const KGroup& g, const DispatchPlan& plan, const float
     if (n == 0) return;
     detail::prefetch_routed_pages(plan, e + 1, {&g});
     detail::gather(X, ldx, plan.token.data() + off, n, C, xe + off * C);
-    Arena& a = w.arena[worker];
-    const std::size_t am = a.mark();
-    std::optional<detail::Q8Cache> q8x;  // (int8: the expert's tokens once per grid column, as the cores)
-    if (tier.act == Activations::int8) q8x.emplace(g, std::initializer_list<const KMatrix*>{&g.residuals[e]}, xe + off * C, C, n, a, true);
-    detail::apply_unshared(g, g.residuals[e], xe + off * C, C, n, oe + off * R, R, tier, a, q8x ? &*q8x : nullptr);
-    a.reset(am);
-    detail::unapply_replaced(g, e, xe + off * C, C, n, oe + off * R, R, core, a);
+    detail::apply_expert_unshared(g, e, xe + off * C, C, n, oe + off * R, R, tier, core, w.arena[worker]);
   });
   detail::prefetch_bases_pages(g);
   detail::apply_shared_summed(g, plan, xe, C, Y, ldy, tier, ex, w, arena);
@@ -11832,11 +11840,7 @@ inline void swiglu_apply(const SwiGLUExperts& L, const DispatchPlan& plan, const
     hidden(*L.w3, n3s, a3, q8x && share ? &*q8x : nullptr);
     a.reset(am);
     kernels::swiglu(a1, a3, a1, n * f);
-    std::optional<detail::Q8Cache> q8h;  // (int8: h once per grid column for w2's block rows)
-    if (tier.act == Activations::int8) q8h.emplace(*L.w2, std::initializer_list<const KMatrix*>{&L.w2->residuals[e]}, a1, f, n, a, true);
-    detail::apply_unshared(*L.w2, L.w2->residuals[e], a1, f, n, oe + off * d, d, tier, a, q8h ? &*q8h : nullptr);
-    a.reset(am);
-    detail::unapply_replaced(*L.w2, e, a1, f, n, oe + off * d, d, core, a);
+    detail::apply_expert_unshared(*L.w2, e, a1, f, n, oe + off * d, d, tier, core, a);
   });
   detail::prefetch_bases_pages(*L.w2);
   for (const auto& c : L.w2->cores) detail::prefetch_pages(c);

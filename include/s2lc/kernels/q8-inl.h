@@ -1015,9 +1015,9 @@ inline constexpr std::size_t kLanesTile = hn::MaxLanes(DI()) >= 16 ? 8 : 2;
 // per token ran out of registers at 8 tokens, 5-10 % slower). Nibbles had been copied too (two
 // 4-byte loads and stores per quad and token), and the byte container's sums of activations taken
 // byte by byte: a quarter of this kernel's samples in the 8-token tinymoe layer. A 48 x 256 3-bit
-// matrix in rows in lanes (a residual's right factor), 1 / 4 / 8 tokens: 120-149 / 320-340 /
-// 601-641 -> 109-120 / 251-270 / 480-490 ns (scratch driver); the int8 tinymoe layer, hot, 8
-// tokens: median 80.5 -> 77.9 us over 6 alternating bench runs (bench/RESULTS.md).
+// matrix in rows in lanes (a residual's right factor), 1 / 4 / 8 tokens: 120-130 / 320-331 /
+// 601-641 -> 109-120 / 251-270 / 480-491 ns (scratch driver); the int8 tinymoe layer, hot, 8
+// tokens: median 80.1 -> 77.3 us over 5 alternating bench runs (bench/RESULTS.md).
 struct LanesActs {
   const std::uint8_t* act;
   std::size_t abytes, rbp, gb;  // gb: activation bytes per group (per half, nibbles)
