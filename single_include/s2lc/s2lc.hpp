@@ -6866,10 +6866,134 @@ inline HWY_NOINLINE void NNScalar(const QView& q, const NNStrip& st, std::size_t
   }
 }
 
+#if HWY_TARGET == HWY_AVX3_DL
+// Q8Quantize's path for groups of 32 over whole 256-column blocks (8 groups; the compressor's
+// default group), the same bits as QuantizeGroup and the corr / sxl loops, about twice as fast
+// (bench/RESULTS.md, "Activation quantization"):
+//  * the 8 group maxima as one vector, a tree of two-table permutes (not 8 reductions), so the
+//    scales and 127 / amax are two vector divisions, not 16 scalar ones;
+//  * a code is the low byte of (x * inv + 1.5 * 2^23)'s bits (round half to even as before, the
+//    integer subtraction of the old path only moved it to the low byte's place), with explicit
+//    rounding so the two cannot fuse into one FMA (|x * inv| <= 127 (1 + u) rounds to at most 127,
+//    so the old clamp changed nothing); 32 codes per vpermt2b;
+//  * every part of the activations' record written once (no clearing first), corr from the
+//    codes in registers rather than reloaded from the stores just made.
+
+// The 8 group maxima of |x| (as bits: ordered as the floats, inf / NaN above every finite value)
+// of columns [256 b, 256 b + 256), lanes 0-7 (and again 8-15).
+HWY_INLINE __m512i GroupMax256(const float* xr, std::size_t b) {
+  // level l: segments of 16 >> l lanes per group in (a, c) -> half as long, a's groups then c's
+  alignas(64) static constexpr std::int32_t kIdx[4][2][16] = {
+      {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+      {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+      {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+      {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
+  const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);
+  const float* x = xr + 256 * b;
+  __m512i m[8];
+  for (std::size_t g = 0; g < 8; ++g)
+    m[g] = _mm512_max_epi32(_mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + 32 * g)), absm),
+                            _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + 32 * g + 16)), absm));
+  auto level = [&](int l, __m512i a, __m512i c) {
+    return _mm512_max_epi32(_mm512_permutex2var_epi32(a, _mm512_load_si512(kIdx[l][0]), c),
+                            _mm512_permutex2var_epi32(a, _mm512_load_si512(kIdx[l][1]), c));
+  };
+  const __m512i w0 = level(0, m[0], m[1]), w1 = level(0, m[2], m[3]), w2 = level(0, m[4], m[5]), w3 = level(0, m[6], m[7]);
+  const __m512i z = level(2, level(1, w0, w1), level(1, w2, w3));
+  return level(3, z, z);
+}
+
+// Block b's codes, corr and sxl from its scales s and 127 / amax iv (8 groups in lanes 0-7).
+// kSkip: the groups of bit set in skip (all tiny, or a non-finite value) keep zero codes.
+template <bool kNib, bool kSkip>
+HWY_INLINE void Quantize256(const float* xr, std::size_t b, __m512 s, __m512 iv, unsigned skip, std::int8_t* lo, std::int8_t* hi,
+                            float* sxl, std::int32_t* corr) {
+  alignas(64) static constexpr std::uint8_t kLow[64] = {  // the low byte of each i32 lane of (a, c), twice
+      0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124,
+      0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124};
+  alignas(64) static constexpr std::int32_t kSpread[2][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+                                                              {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3}};
+  constexpr int kRn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512i sel = _mm512_load_si512(kLow), spread = _mm512_load_si512(kSpread[kNib ? 1 : 0]);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const VU8 off = hn::Set(DU8(), static_cast<std::uint8_t>(kNib ? 8 : 128));
+  const float* x = xr + 256 * b;
+  auto code = [&](std::size_t i) {  // columns 16 i ... 16 i + 15: codes in the low byte of each lane
+    const std::size_t g = i / 2;
+    const __m512 ivg = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(g)), iv);
+    __m512 v = _mm512_add_round_ps(_mm512_mul_round_ps(_mm512_loadu_ps(x + 16 * i), ivg, kRn), magic, kRn);
+    if constexpr (kSkip) v = _mm512_mask_mov_ps(v, static_cast<__mmask16>(skip >> g & 1 ? 0xFFFF : 0), magic);
+    return _mm512_castps_si512(v);
+  };
+  auto pack = [&](std::size_t i0, std::size_t i1, std::size_t i2, std::size_t i3) {  // 64 bytes: (i0, i1) then (i2, i3)
+    const __m512i r1 = _mm512_permutex2var_epi8(code(i0), sel, code(i1));
+    const __m512i r2 = _mm512_permutex2var_epi8(code(i2), sel, code(i3));
+    return _mm512_mask_blend_epi64(0xF0, r1, r2);
+  };
+  auto dot = [&](VI acc, __m512i c) { return DotU8I8(acc, off, VI8{c}); };
+  if constexpr (!kNib) {  // 2 groups per 64 bytes of lo; hi stays zero
+    for (std::size_t k = 0; k < 4; ++k) {
+      const __m512i c = pack(4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3);
+      _mm512_storeu_si512(lo + 256 * b + 64 * k, c);
+      _mm512_storeu_si512(hi + 256 * b + 64 * k, _mm512_setzero_si512());
+      _mm512_storeu_si512(corr + 64 * b + 16 * k, dot(hn::Zero(DI()), c).raw);
+      _mm512_storeu_ps(sxl + 64 * b + 16 * k, _mm512_permutexvar_ps(_mm512_add_epi32(spread, _mm512_set1_epi32(static_cast<int>(2 * k))), s));
+    }
+  } else {  // 4 groups per 64 bytes: their first 16 columns to lo, the other 16 to hi
+    for (std::size_t k = 0; k < 2; ++k) {
+      const std::size_t i = 8 * k;
+      const __m512i l = pack(i, i + 2, i + 4, i + 6), h = pack(i + 1, i + 3, i + 5, i + 7);
+      _mm512_storeu_si512(lo + 128 * b + 64 * k, l);
+      _mm512_storeu_si512(hi + 128 * b + 64 * k, h);
+      _mm512_storeu_si512(corr + 32 * b + 16 * k, dot(dot(hn::Zero(DI()), l), h).raw);
+      _mm512_storeu_ps(sxl + 32 * b + 16 * k, _mm512_permutexvar_ps(_mm512_add_epi32(spread, _mm512_set1_epi32(static_cast<int>(4 * k))), s));
+    }
+  }
+}
+
+// Q8Quantize for q.group == 32 and whole 256-column blocks (then rb == rbp: no padding in lo / hi).
+HWY_INLINE void Quantize32(const QView& q, const float* x, std::size_t ldx, std::size_t nt, std::uint8_t* out) {
+  const Layout L = MakeLayout(q);
+  const std::size_t abytes = Q8Acts::bytes(q), nb = q.cols / 256, sxb = Q8Acts::padded(4 * L.gpr);
+  for (std::size_t t = 0; t < nt; ++t) {
+    std::uint8_t* act = out + t * abytes;
+    auto* lo = reinterpret_cast<std::int8_t*>(act);
+    auto* hi = lo + L.rbp;
+    auto* sxl = reinterpret_cast<float*>(act + 2 * L.rbp);
+    auto* corr = reinterpret_cast<std::int32_t*>(act + 3 * L.rbp);
+    auto* sx = reinterpret_cast<float*>(act + 4 * L.rbp);
+    _mm512_storeu_si512(act + 4 * L.rbp + sxb - 64, _mm512_setzero_si512());  // the scales' padding (then the scales)
+    const float* xr = x + t * ldx;
+    for (std::size_t b = 0; b < nb; ++b) {
+      const __m512i bits = GroupMax256(xr, b);
+      const __mmask16 bad = _mm512_cmpgt_epi32_mask(bits, _mm512_set1_epi32(0x7F7FFFFF));  // inf / NaN
+      const __m512 amax = _mm512_maskz_mov_ps(static_cast<__mmask16>(~bad), _mm512_castsi512_ps(bits));
+      const __mmask16 tiny = _mm512_cmp_ps_mask(amax, _mm512_set1_ps(1e-30f), _CMP_LT_OQ);
+      // as QuantizeGroup: scale NaN (non-finite), 0 (tiny) or amax / 127; 127 / amax where neither
+      const __m512 s = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_div_ps(amax, _mm512_set1_ps(127.0f))),
+                                          bad, _mm512_set1_ps(std::nanf("")));
+      const __m512 iv = _mm512_maskz_mov_ps(static_cast<__mmask16>(~(bad | tiny)), _mm512_div_ps(_mm512_set1_ps(127.0f), amax));
+      _mm256_storeu_ps(sx + 8 * b, _mm512_castps512_ps256(s));
+      const unsigned skip = static_cast<unsigned>(bad | tiny) & 0xFFu;
+      if (q.nibble) {
+        if (HWY_UNLIKELY(skip)) Quantize256<true, true>(xr, b, s, iv, skip, lo, hi, sxl, corr);
+        else Quantize256<true, false>(xr, b, s, iv, 0, lo, hi, sxl, corr);
+      } else {
+        if (HWY_UNLIKELY(skip)) Quantize256<false, true>(xr, b, s, iv, skip, lo, hi, sxl, corr);
+        else Quantize256<false, false>(xr, b, s, iv, 0, lo, hi, sxl, corr);
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace q8k
 
 /// Quantizes nt tokens (x[t * ldx + c], c < q.cols) into the Q8Acts layout of q's codes.
 inline HWY_NOINLINE void Q8Quantize(const QView& q, const float* x, std::size_t ldx, std::size_t nt, std::uint8_t* out) {
+#if HWY_TARGET == HWY_AVX3_DL
+  if (q.group == 32 && q.cols && q.cols % 256 == 0) return q8k::Quantize32(q, x, ldx, nt, out);
+#endif
   const q8k::Layout L = q8k::MakeLayout(q);
   const std::size_t abytes = Q8Acts::bytes(q);
   const std::size_t G = q.group, NF = hn::Lanes(q8k::DF());

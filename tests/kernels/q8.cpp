@@ -72,7 +72,16 @@ RefQ ref_quantize(const float* x, std::size_t cols, std::size_t G) {
   for (std::size_t c0 = 0; c0 < cols; c0 += G) {
     const std::size_t n = std::min(G, cols - c0);
     float amax = 0;
-    for (std::size_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[c0 + j]));
+    bool finite = true;
+    for (std::size_t j = 0; j < n; ++j) {
+      finite = finite && std::isfinite(x[c0 + j]);
+      amax = std::max(amax, std::fabs(x[c0 + j]));
+    }
+    // a non-finite value makes the group's scale NaN (every product with it NaN) and its codes 0
+    if (!finite) {
+      r.sx.push_back(std::nanf(""));
+      continue;
+    }
     const bool tiny = amax < 1e-30f;
     r.sx.push_back(tiny ? 0.0f : amax / 127.0f);
     const float inv = tiny ? 0.0f : 127.0f / amax;
@@ -101,13 +110,26 @@ TEST_CASE("kernels: q8 activation quantization is bit-identical to the scalar re
       const auto w = randn(c.rows * c.cols, 3, 0.05f);
       const auto km = s2lc::morph::KMat::from(cz::quantize(w.data(), c.rows, c.cols, {c.bits, c.group, false}));
       const auto q = km.view();
-      const std::size_t nt = 3, ldx = c.cols + 5, ab = k::Q8Acts::bytes(q);
+      const std::size_t nt = 5, ldx = c.cols + 5, ab = k::Q8Acts::bytes(q);
       auto x = randn(nt * ldx, static_cast<std::uint32_t>(c.cols), 1.0f);
       for (std::size_t j = 0; j < std::min<std::size_t>(c.group, c.cols); ++j) x[ldx + j] = 0.0f;  // an all-zero group
       // Token 2's first group: amax 127 (scale 1), every other value halfway between integers, so
       // the products are exact ties and round half to even is checked, not only nearest.
       for (std::size_t j = 0; j < std::min<std::size_t>(c.group, c.cols); ++j)
         x[2 * ldx + j] = j == 0 ? 127.0f : static_cast<float>(static_cast<int>(j % 40) - 20) + 0.5f;
+      // Token 3: inf in the second group, a NaN with a payload in the third, -FLT_MAX in the
+      // fifth; token 4: a group of nonzero values all below 1e-30 (scale 0, codes 0) in the
+      // fourth, inf in the first (the last group where there are fewer)
+      auto at = [&](std::size_t t, std::size_t g, std::size_t j) -> float* {
+        const std::size_t c0 = std::min(g * c.group, (c.cols - 1) / c.group * c.group);
+        return &x[t * ldx + std::min(c0 + j, c.cols - 1)];
+      };
+      *at(3, 1, 1) = INFINITY;
+      *at(3, 2, 3) = std::bit_cast<float>(0x7FC01234u);
+      if (4 * c.group < c.cols) *at(3, 4, 0) = -3.4028235e38f;
+      if (3 * c.group < c.cols)
+        for (std::size_t j = 0; j < c.group && 3 * c.group + j < c.cols; ++j) *at(4, 3, j) = 1e-31f * static_cast<float>(j + 1);
+      *at(4, 0, 2) = -INFINITY;
       std::vector<std::uint8_t> acts(nt * ab + 1, 0xAB);
       k::q8_quantize(q, x.data(), ldx, nt, acts.data());
       REQUIRE(acts.back() == 0xAB);  // nothing written past nt * bytes
@@ -116,6 +138,7 @@ TEST_CASE("kernels: q8 activation quantization is bit-identical to the scalar re
         const auto ref = ref_quantize(x.data() + t * ldx, c.cols, c.group);
         const std::uint8_t* act = acts.data() + t * ab;
         const float* sx = reinterpret_cast<const float*>(act + 4 * rbp);
+        CAPTURE(t);
         for (std::size_t g = 0; g < ref.sx.size(); ++g) REQUIRE(std::bit_cast<std::uint32_t>(sx[g]) == std::bit_cast<std::uint32_t>(ref.sx[g]));
         for (std::size_t j = 0; j < c.cols; ++j) {
           REQUIRE(stored_xq(q, act, j) == ref.xq[j]);
