@@ -2,7 +2,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <map>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -22,9 +24,15 @@ std::map<std::string, OpSpec>& specs() {
   return s;
 }
 
+std::vector<Target>& targets() {
+  static std::vector<Target> t;  // likewise
+  return t;
+}
+
 struct Result {
-  double seconds = 0;  // per iteration
+  double seconds = 0;  // per iteration: the fastest repetition's
   double bytes = 0;    // moved per iteration
+  int reps = 0;        // repetitions seen
 };
 
 class RatioReporter : public benchmark::ConsoleReporter {
@@ -37,10 +45,11 @@ class RatioReporter : public benchmark::ConsoleReporter {
       const auto a = name.find('/');
       const auto b = name.find('/', a + 1);
       if (a == std::string::npos || b == std::string::npos) continue;
-      Result res;
-      res.seconds = r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
+      Result& res = results_[name.substr(0, a)][name.substr(b + 1)][name.substr(a + 1, b - a - 1)];
+      const double sec = r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
+      res.seconds = res.reps ? std::min(res.seconds, sec) : sec;
+      ++res.reps;
       if (auto it = r.counters.find("bytes"); it != r.counters.end()) res.bytes = it->second.value;
-      results_[name.substr(0, a)][name.substr(b + 1)][name.substr(a + 1, b - a - 1)] = res;
     }
   }
 
@@ -49,8 +58,8 @@ class RatioReporter : public benchmark::ConsoleReporter {
       const auto spec_it = specs().find(op);
       if (spec_it == specs().end()) continue;
       const OpSpec& spec = spec_it->second;
-      std::printf("\n%s: time ratios (lower is better), baseline '%s', bound from '%s' in this run\n", op.c_str(),
-                  spec.baseline.c_str(), spec.bound_impl.c_str());
+      std::printf("\n%s: time ratios (lower is better), baseline '%s', bound from '%s' in this run%s\n", op.c_str(),
+                  spec.baseline.c_str(), spec.bound_impl.c_str(), reps_note());
       const bool with_read = !spec.read_impl.empty();
       std::printf("  %-14s %-16s %12s %10s %10s %12s%s\n", "case", "impl", "us/iter", "GB/s", "x_baseline", "x_bound",
                   with_read ? "       x_read" : "");
@@ -86,13 +95,65 @@ class RatioReporter : public benchmark::ConsoleReporter {
     }
   }
 
+  /// The registered targets on the rows that ran: one line per (target, case, impl), then a count.
+  void PrintTargets() const {
+    int met = 0, rows = 0;
+    for (const Target& t : targets()) {
+      const auto op_it = results_.find(t.op);
+      const auto spec_it = specs().find(t.op);
+      if (op_it == results_.end()) continue;
+      const std::regex re(t.cases);
+      for (const auto& [c, impls] : op_it->second) {
+        if (!std::regex_match(c, re)) continue;
+        const auto ref = impls.find(t.ref);
+        const auto bound = spec_it != specs().end() ? impls.find(spec_it->second.bound_impl) : impls.end();
+        for (const std::string& impl : t.impls) {
+          const auto it = impls.find(impl);
+          if (it == impls.end()) continue;
+          const Result& res = it->second;
+          const bool need_bound = t.kind == Target::Kind::bound || t.kind == Target::Kind::max_bound;
+          const bool need_ref = t.kind != Target::Kind::bound;
+          if (need_ref && ref == impls.end()) continue;
+          if (need_bound && (bound == impls.end() || bound->second.bytes <= 0 || res.bytes <= 0)) continue;
+          const double bound_s = need_bound ? res.bytes / (bound->second.bytes / bound->second.seconds) : 0.0;
+          double fig = 0;
+          switch (t.kind) {
+            case Target::Kind::bound: fig = res.seconds / bound_s; break;
+            case Target::Kind::max_bound: fig = res.seconds / std::max(bound_s, ref->second.seconds); break;
+            case Target::Kind::time_ratio: fig = res.seconds / ref->second.seconds; break;
+            case Target::Kind::speedup: fig = ref->second.seconds / res.seconds; break;
+          }
+          const bool ok = t.kind == Target::Kind::speedup ? fig >= t.limit : fig <= t.limit;
+          if (rows++ == 0) {
+            std::printf("\ntargets: each figure from this run%s\n", reps_note());
+            std::printf("  %-44s %-26s %-18s %8s %8s %4s\n", "target", "case", "impl", "figure", "limit", "met");
+          }
+          met += ok;
+          std::printf("  %-44s %-26s %-18s %8.3f %7s%.2f %4s\n", t.what.c_str(), c.c_str(), impl.c_str(), fig,
+                      t.kind == Target::Kind::speedup ? ">=" : "<=", t.limit, ok ? "yes" : "no");
+        }
+      }
+    }
+    if (rows) std::printf("  %d of %d met\n", met, rows);
+  }
+
  private:
+  const char* reps_note() const {
+    for (const auto& [op, cases] : results_)
+      for (const auto& [c, impls] : cases)
+        for (const auto& [impl, res] : impls)
+          if (res.reps > 1) return " (times: the fastest repetition of each row)";
+    return "";
+  }
+
   std::map<std::string, std::map<std::string, std::map<std::string, Result>>> results_;  // op -> case -> impl
 };
 
 }  // namespace
 
 void register_op(const std::string& op, OpSpec spec) { specs()[op] = std::move(spec); }
+
+void register_target(Target t) { targets().push_back(std::move(t)); }
 
 }  // namespace s2lc::bench
 
@@ -162,6 +223,7 @@ int main(int argc, char** argv) {
   s2lc::bench::RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   reporter.PrintRatios();
+  reporter.PrintTargets();
   benchmark::Shutdown();
   return 0;
 }

@@ -27,6 +27,27 @@ struct OpSpec {
 /// Registers an op's comparison spec (call before RunSpecifiedBenchmarks).
 void register_op(const std::string& op, OpSpec spec);
 
+/// A speed target, checked after the run on the rows that ran (table "targets"): for every case of
+/// `op` whose name matches `cases` and every impl of `impls` that ran on it, one figure against
+/// `limit`. The figure, from the same run:
+/// - bound: the impl's time over its bytes at the bandwidth the op's bound impl reached;
+/// - max_bound: its time over the larger of that and `ref`'s time (a compute bound);
+/// - time_ratio: its time over `ref`'s;
+/// - speedup: `ref`'s time over its time (the one figure that must reach `limit`, not stay below).
+struct Target {
+  enum class Kind { bound, max_bound, time_ratio, speedup };
+  std::string what;  ///< the target in words
+  std::string op;
+  std::vector<std::string> impls;
+  std::string cases;  ///< ECMAScript regular expression, matched against the whole case name
+  Kind kind = Kind::bound;
+  std::string ref;
+  double limit = 0;
+};
+
+/// Registers a target (call before RunSpecifiedBenchmarks).
+void register_target(Target t);
+
 /// Sets the counters a bound is computed from: bytes this op moves per iteration.
 inline void set_bytes(benchmark::State& state, double bytes_per_iter) {
   state.counters["bytes"] = bytes_per_iter;
