@@ -9917,31 +9917,35 @@ HWY_INLINE qk::VF Finish(qk::VF v, qk::VF vs, qk::VF va) {
   else return Opaque(hn::Mul(v, vs));
 }
 
-// Row r of q decoded (alpha == 1: q_decode_rows's bits; else alpha times them, as
-// q_decode_rows_scaled) goes to sink.Vec(vector, column) in registers, column runs of Lanes in
-// increasing order, and the tails to sink.One(value, column): the f32 delta is never stored.
+// One nibble chunk of row codes (N bytes at p) decoded: its low and high nibbles' vectors, scaled
+// by vs (kScale: and va). AVX-512 looks the nibbles up in the table times the group's scale (and
+// alpha): the same products as Finish on the looked-up codes, one multiply per group instead of
+// one per vector.
+template <bool kTier, bool kScale>
+HWY_INLINE void NibbleChunk(const std::uint8_t* p, qk::VF table, const TierParams& t, qk::VF vs, qk::VF va, qk::VF& lo, qk::VF& hi) {
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  qk::Nibbles<kTier>(qk::LoadBytes(p), Finish<kScale>(table, vs, va), t, lo, hi);
+#else
+  qk::Nibbles<kTier>(qk::LoadBytes(p), table, t, lo, hi);
+  lo = Finish<kScale>(lo, vs, va), hi = Finish<kScale>(hi, vs, va);
+#endif
+}
+
+// The groups of row r of q from group g_from on (every path of DecodedRow but its batches),
+// decoded to sink as DecodedRow's are. Out of line: the rows of a merge take it for their last
+// few groups (or, for the group sizes DecodedRow does not batch, whole), and its many paths
+// inlined into the merge's row loop had GCC 12 spill that loop's vectors.
 template <bool kTier, bool kScale, class Sink>
-HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, const TierParams& t, qk::VF table, float alpha,
-                           Sink& sink) {
+HWY_NOINLINE void DecodedRowFrom(const QView& q, const qk::Layout& L, std::size_t r, const TierParams& t, qk::VF table, float alpha,
+                                 Sink& sink, std::size_t g_from) {
   const qk::DF df;
   const std::size_t N = hn::Lanes(df);
   const auto va = hn::Set(df, alpha);
   const std::uint8_t* row = q.codes + r * L.rb;
   auto bytes = [&](std::size_t c, qk::VF vs) { return Finish<kScale>(qk::Codes<kTier>(qk::LoadBytes(row + c), t), vs, va); };
-  // One nibble chunk (N bytes at p) decoded: its low and high nibbles' vectors, scaled. AVX-512
-  // looks the nibbles up in the table times the group's scale (and alpha): the same products as
-  // Finish on the looked-up codes, one multiply per group instead of one per vector.
-  auto nibbles = [&](const std::uint8_t* p, qk::VF vs, qk::VF& lo, qk::VF& hi) {
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-    qk::Nibbles<kTier>(qk::LoadBytes(p), Finish<kScale>(table, vs, va), t, lo, hi);
-#else
-    qk::Nibbles<kTier>(qk::LoadBytes(p), table, t, lo, hi);
-    lo = Finish<kScale>(lo, vs, va), hi = Finish<kScale>(hi, vs, va);
-#endif
-  };
-  std::size_t g0 = 0;  // the first group of the per-group loop
+  std::size_t g0 = g_from;  // the first group of the per-group loop
 #if HWY_TARGET != HWY_SCALAR
-  if (L.nnarrow) {  // narrow groups: vectors of gpv groups, each lane at its group's scale
+  if (L.nnarrow && g_from == 0) {  // narrow groups: vectors of gpv groups, each lane at its group's scale
     const qk::NarrowIx nx = qk::MakeNarrowIx(q);
     auto vec = [&](std::size_t v) {
       return Finish<kScale>(qk::NarrowCodes<kTier>(q, row, v, table, t, nx), qk::NarrowScalesBF16(q, L, r, v, t, nx), va);
@@ -9960,26 +9964,6 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
   const std::size_t gs = std::max({g0, L.nfast, L.nhalf}), sg = qk::SpanGroups(q), gend = sg ? gs : L.gpr;
   for (std::size_t g = g0; g < gend; ++g) {
     const std::size_t c0 = g * q.group;
-    if (q.nibble && q.group / 2 >= N && kMergeU % (q.group / N) == 0 && g + kMergeU / (q.group / N) <= L.nfast &&
-        (q.group / 2 == N || Sink::kPairs)) {
-      // Nibble groups of 2 N codes or 4 N or 8 N (AVX-512: 32, 64, 128), kMergeU vectors to the
-      // sink at a time in column order (a group's low nibbles' columns, then its high ones'), each
-      // chunk decoded once. Groups wider than 2 N take this path only into a sink of pairs (the
-      // bf16 merge): 4-bit 256 x 1024 into bf16 in L2, scratch, best of 4 alternating runs, ns per
-      // 16 elements: groups of 64 merge 3.34 -> 2.79, unmerge 2.18 -> 1.90; 128 3.01 -> 2.68,
-      // 1.83 -> 1.75 (before: single vectors, each chunk decoded twice). The f32 merge measured
-      // slower so (1.46-1.66 -> 2.09-2.17) and, as 256-code groups in batches of 4 vectors, the
-      // bf16 one too; groups of 2 N it does take batched (1.47 against 2.02 ns single).
-      const std::size_t h = q.group / 2, hv = h / N;
-      qk::VF dv[kMergeU];
-      for (std::size_t u = 0; u < kMergeU / (2 * hv); ++u) {
-        const auto vs = hn::Set(df, qk::Scale(q, L, r, g + u, t));
-        for (std::size_t j = 0; j < hv; ++j) nibbles(row + (g + u) * h + j * N, vs, dv[2 * hv * u + j], dv[2 * hv * u + hv + j]);
-      }
-      sink.Vecs(dv, c0);
-      g += kMergeU / (2 * hv) - 1;
-      continue;
-    }
 #if HWY_TARGET != HWY_SCALAR
     if (g + 2 <= L.nhalf) {
       // Groups of half a vector's nibble bytes (16 codes on AVX-512, 8 on AVX2), which the
@@ -9995,32 +9979,16 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
       continue;
     }
 #endif
-    if (Sink::kPairs && !q.nibble && q.group % N == 0 && g < L.nfast) {
-      // Byte codes to a sink that takes pairs of vectors (the bf16 merge on 32 lanes): kMergeU
-      // vectors at a time, whole groups or a wide group's parts, not one 256-bit half at a time.
-      // Bench rows merge/*/codes_*_bf16_hot, best of 6 alternating runs: 8-bit merge 62 -> 41 us,
-      // unmerge 42 -> 35; 5-bit rows in lanes 66 -> 47, 50 -> 42. The f32 merge measured no
-      // faster so (scratch: 5-20 % slower, more live vectors) and keeps single vectors.
-      const std::size_t vpg = q.group / N;
-      if (kMergeU % vpg == 0 && g + kMergeU / vpg <= L.nfast) {
+    if (Sink::kPairs && !q.nibble && q.group % (kMergeU * N) == 0 && g < L.nfast) {
+      // Byte groups of a multiple of kMergeU vectors to a sink of pairs (the bf16 merge on 32
+      // lanes): kMergeU vectors of the group at a time, as DecodedRow's batches of narrower ones.
+      const auto vs = hn::Set(df, qk::Scale(q, L, r, g, t));
+      for (std::size_t j = 0; j < q.group; j += kMergeU * N) {
         qk::VF dv[kMergeU];
-        for (std::size_t u = 0, v = 0; u < kMergeU / vpg; ++u) {
-          const auto vs = hn::Set(df, qk::Scale(q, L, r, g + u, t));
-          for (std::size_t j = 0; j < vpg; ++j, ++v) dv[v] = bytes(c0 + v * N, vs);
-        }
-        sink.Vecs(dv, c0);
-        g += kMergeU / vpg - 1;
-        continue;
+        for (std::size_t v = 0; v < kMergeU; ++v) dv[v] = bytes(c0 + j + v * N, vs);
+        sink.Vecs(dv, c0 + j);
       }
-      if (vpg % kMergeU == 0) {
-        const auto vs = hn::Set(df, qk::Scale(q, L, r, g, t));
-        for (std::size_t j = 0; j < q.group; j += kMergeU * N) {
-          qk::VF dv[kMergeU];
-          for (std::size_t v = 0; v < kMergeU; ++v) dv[v] = bytes(c0 + j + v * N, vs);
-          sink.Vecs(dv, c0 + j);
-        }
-        continue;
-      }
+      continue;
     }
     const float s = qk::Scale(q, L, r, g, t);
 #if HWY_TARGET != HWY_SCALAR
@@ -10072,10 +10040,89 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
   }
 }
 
+// How DecodedRow batches a row's groups: groups of v vectors' codes, nibbles (nib: v = 2, 4, 8,
+// groups of 2 N, 4 N, 8 N codes) or bytes (v = 1, 2, 4, 8); v = 0: no batches.
+struct RowBatch {
+  bool nib;
+  std::size_t v;
+};
+
+// Row r of q decoded (alpha == 1: q_decode_rows's bits; else alpha times them, as
+// q_decode_rows_scaled) goes to sink.Vec(vector, column) in registers, column runs of Lanes in
+// increasing order, and the tails to sink.One(value, column): the f32 delta is never stored.
+//
+// The row's groups batched as B says go first, the rest to DecodedRowFrom. Nibble groups are
+// decoded kMergeU vectors to the sink at a time in column order (a group's low nibbles' columns,
+// then its high ones'), each chunk once. Groups wider than 2 N take that batch only into a sink
+// of pairs (the bf16 merge): 4-bit 256 x 1024 into bf16 in L2, scratch, best of 4 alternating
+// runs, ns per 16 elements: groups of 64 merge 3.34 -> 2.79, unmerge 2.18 -> 1.90; 128 3.01 ->
+// 2.68, 1.83 -> 1.75 (before: single vectors, each chunk decoded twice). The f32 merge measured
+// slower so (1.46-1.66 -> 2.09-2.17) and, as 256-code groups in batches of 4 vectors, the bf16
+// one too; groups of 2 N it does take batched (1.47 against 2.02 ns single). Byte codes go to a
+// sink of pairs kMergeU vectors at a time too (bench rows merge/*/codes_*_bf16_hot, best of 6
+// alternating runs: 8-bit merge 62 -> 41 us, unmerge 42 -> 35; 5-bit rows in lanes 66 -> 47,
+// 50 -> 42), to the f32 merge one vector at a time (batches: 5-20 % slower in scratch, more live
+// vectors).
+//
+// B is a template argument, chosen once per call (MergeRowsEntry): as branches of one loop over
+// groups with every other path, their trip counts known only at run time, the batches had GCC 12
+// keep the vectors on the stack and divide per group, and the merges grew 1.3-1.5x slower as that
+// loop gained paths (bench merge/*/codes_q4_*_hot, codes_q8_*, tinymoe_domain_bf16_hot, against
+// 0131825).
+template <RowBatch B, bool kTier, bool kScale, class Sink>
+HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, const TierParams& t, qk::VF table, float alpha,
+                           Sink& sink) {
+  std::size_t g = 0;
+  if constexpr (B.v != 0) {
+    const qk::DF df;
+    const std::size_t N = hn::Lanes(df);
+    const auto va = hn::Set(df, alpha);
+    const std::uint8_t* row = q.codes + r * L.rb;
+    auto bytes = [&](std::size_t c, qk::VF vs) { return Finish<kScale>(qk::Codes<kTier>(qk::LoadBytes(row + c), t), vs, va); };
+    if constexpr (B.nib || Sink::kPairs) {
+      constexpr std::size_t gpb = kMergeU / B.v;  // groups per batch
+      for (; g + gpb <= L.nfast; g += gpb) {
+        qk::VF dv[kMergeU];
+        for (std::size_t u = 0; u < gpb; ++u) {
+          const auto vs = hn::Set(df, qk::Scale(q, L, r, g + u, t));
+          if constexpr (B.nib) {
+            constexpr std::size_t hv = B.v / 2;
+            const std::uint8_t* p = row + (g + u) * hv * N;
+            for (std::size_t j = 0; j < hv; ++j) NibbleChunk<kTier, kScale>(p + j * N, table, t, vs, va, dv[B.v * u + j], dv[B.v * u + hv + j]);
+          } else {
+            for (std::size_t j = 0; j < B.v; ++j) dv[B.v * u + j] = bytes(((g + u) * B.v + j) * N, vs);
+          }
+        }
+        sink.Vecs(dv, g * q.group);
+      }
+    } else {
+      for (; g < L.nfast; ++g) {
+        const auto vs = hn::Set(df, qk::Scale(q, L, r, g, t));
+        for (std::size_t j = 0, c = g * q.group; j < B.v; ++j, c += N) sink.Vec(bytes(c, vs), c);
+      }
+    }
+  }
+  if (g < L.gpr) {
+    Sink rest = sink;  // (a copy: sink's address does not escape, its count stays in a register)
+    DecodedRowFrom<kTier, kScale>(q, L, r, t, table, alpha, rest, g);
+    sink = rest;
+  }
+}
+
+// DecodedRow's batches for q into a sink of Op (what the comment there says takes them).
+template <class Op>
+HWY_INLINE RowBatch MergeBatch(const QView& q) {
+  const std::size_t N = hn::Lanes(qk::DF());
+  if (q.group % N) return {false, 0};
+  const std::size_t v = q.group / N;
+  if (q.nibble) return {true, v == 2 || (Op::kPairs && (v == 4 || v == 8)) ? v : 0};
+  return {false, v == 1 || v == 2 || v == 4 || v == 8 ? v : 0};
+}
+
 // merge_rows (kUndo false) or unmerge_rows of a row-major q (q_merge_rows_*): rows [r0, r0 + nr)
 // into w (rows ldw apart; mask rows ldm bytes apart), the recorded values from vals[k]; returns
 // the new k.
-template <class Op, bool kUndo, bool kTier, bool kScale, class M, class V>
+template <class Op, bool kUndo, bool kTier, bool kScale, RowBatch B, class M, class V>
 HWY_INLINE std::size_t MergeRowsT(const QView& q, std::size_t r0, std::size_t nr, const TierParams& t, float alpha, typename Op::T* w,
                                   std::size_t ldw, M* mask, std::size_t ldm, V* vals, std::size_t k, std::size_t nvals,
                                   const PrefetchRows* pf) {
@@ -10094,7 +10141,7 @@ HWY_INLINE std::size_t MergeRowsT(const QView& q, std::size_t r0, std::size_t nr
     }
     if constexpr (kUndo) PrefetchRecord(vals + k, nvals - k);
     RowSink<Op, kUndo, M, V> sink{w + i * ldw, mask + i * ldm, vals, k, nvals};
-    DecodedRow<kTier, kScale>(q, L, r0 + i, t, table, alpha, sink);
+    DecodedRow<B, kTier, kScale>(q, L, r0 + i, t, table, alpha, sink);
     k = sink.k;
   }
   return k;
@@ -10115,13 +10162,29 @@ inline std::size_t MergeRowsEntry(const QView& q, std::size_t r0, std::size_t nr
     return k;
   }
   const TierParams t = tier_params(q.bits, tier);
+  auto run = [&](auto tier_c, auto scale_c) {
+    constexpr bool kTier = decltype(tier_c)::value, kScale = decltype(scale_c)::value;
+    auto rows = [&]<RowBatch B>() { return MergeRowsT<Op, kUndo, kTier, kScale, B>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf); };
+    const RowBatch b = MergeBatch<Op>(q);
+    if (b.nib) {
+      if (b.v == 2) return rows.template operator()<RowBatch{true, 2}>();
+      if constexpr (Op::kPairs) {
+        if (b.v == 4) return rows.template operator()<RowBatch{true, 4}>();
+        if (b.v == 8) return rows.template operator()<RowBatch{true, 8}>();
+      }
+    } else {
+      if (b.v == 1) return rows.template operator()<RowBatch{false, 1}>();
+      if (b.v == 2) return rows.template operator()<RowBatch{false, 2}>();
+      if (b.v == 4) return rows.template operator()<RowBatch{false, 4}>();
+      if (b.v == 8) return rows.template operator()<RowBatch{false, 8}>();
+    }
+    return rows.template operator()<RowBatch{false, 0}>();
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
   const bool scaled = alpha != 1.0f;
-  if (t.shift) {
-    if (scaled) return MergeRowsT<Op, kUndo, true, true>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf);
-    return MergeRowsT<Op, kUndo, true, false>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf);
-  }
-  if (scaled) return MergeRowsT<Op, kUndo, false, true>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf);
-  return MergeRowsT<Op, kUndo, false, false>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf);
+  if (t.shift) return scaled ? run(yes(), yes()) : run(yes(), no());
+  return scaled ? run(no(), yes()) : run(no(), no());
 }
 
 inline HWY_NOINLINE std::size_t QMergeRowsF32(const QView& q, std::size_t r0, std::size_t nr, unsigned tier, float alpha, float* w,
