@@ -2561,8 +2561,11 @@ struct RowBatch {
 // runs, ns per 16 elements: groups of 64 merge 3.34 -> 2.79, unmerge 2.18 -> 1.90; 128 3.01 ->
 // 2.68, 1.83 -> 1.75 (before: single vectors, each chunk decoded twice). The f32 merge measured
 // slower so (1.46-1.66 -> 2.09-2.17) and, as 256-code groups in batches of 4 vectors, the bf16
-// one too; groups of 2 N it does take batched (1.47 against 2.02 ns single). Byte codes go to a
-// sink of pairs kMergeU vectors at a time too (bench rows merge/*/codes_*_bf16_hot, best of 6
+// one too; groups of 2 N it does take batched (1.47 against 2.02 ns single). Into a sink of
+// single vectors (the f32 merge) a wider group's chunks are decoded once each, its low nibbles'
+// vectors then its high ones' to the sink (had been decoded twice, once for each: AVX2, 4-bit
+// groups of 32, merge/s2lc/codes_q4_f32_hot 71 -> 66 us, unmerge 79 -> 57, against 0131825,
+// medians of 4 alternating runs). Byte codes go to a sink of pairs kMergeU vectors at a time too (bench rows merge/*/codes_*_bf16_hot, best of 6
 // alternating runs: 8-bit merge 62 -> 41 us, unmerge 42 -> 35; 5-bit rows in lanes 66 -> 47,
 // 50 -> 42), to the f32 merge one vector at a time (batches: 5-20 % slower in scratch, more live
 // vectors).
@@ -2582,7 +2585,17 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
     const auto va = hn::Set(df, alpha);
     const std::uint8_t* row = q.codes + r * L.rb;
     auto bytes = [&](std::size_t c, qk::VF vs) { return Finish<kScale>(qk::Codes<kTier>(qk::LoadBytes(row + c), t), vs, va); };
-    if constexpr (B.nib || Sink::kPairs) {
+    if constexpr (B.nib && B.v > 2 && !Sink::kPairs) {
+      constexpr std::size_t hv = B.v / 2;
+      for (; g < L.nfast; ++g) {
+        const auto vs = hn::Set(df, qk::Scale(q, L, r, g, t));
+        const std::uint8_t* p = row + g * hv * N;
+        qk::VF lo[hv], hi[hv];
+        for (std::size_t j = 0; j < hv; ++j) NibbleChunk<kTier, kScale>(p + j * N, table, t, vs, va, lo[j], hi[j]);
+        for (std::size_t j = 0; j < hv; ++j) sink.Vec(lo[j], g * q.group + j * N);
+        for (std::size_t j = 0; j < hv; ++j) sink.Vec(hi[j], g * q.group + (hv + j) * N);
+      }
+    } else if constexpr (B.nib || Sink::kPairs) {
       constexpr std::size_t gpb = kMergeU / B.v;  // groups per batch
       for (; g + gpb <= L.nfast; g += gpb) {
         qk::VF dv[kMergeU];
@@ -2612,13 +2625,12 @@ HWY_INLINE void DecodedRow(const QView& q, const qk::Layout& L, std::size_t r, c
   }
 }
 
-// DecodedRow's batches for q into a sink of Op (what the comment there says takes them).
-template <class Op>
+// DecodedRow's batches for q.
 HWY_INLINE RowBatch MergeBatch(const QView& q) {
   const std::size_t N = hn::Lanes(qk::DF());
   if (q.group % N) return {false, 0};
   const std::size_t v = q.group / N;
-  if (q.nibble) return {true, v == 2 || (Op::kPairs && (v == 4 || v == 8)) ? v : 0};
+  if (q.nibble) return {true, v == 2 || v == 4 || v == 8 ? v : 0};
   return {false, v == 1 || v == 2 || v == 4 || v == 8 ? v : 0};
 }
 
@@ -2668,13 +2680,11 @@ inline std::size_t MergeRowsEntry(const QView& q, std::size_t r0, std::size_t nr
   auto run = [&](auto tier_c, auto scale_c) {
     constexpr bool kTier = decltype(tier_c)::value, kScale = decltype(scale_c)::value;
     auto rows = [&]<RowBatch B>() { return MergeRowsT<Op, kUndo, kTier, kScale, B>(q, r0, nr, t, alpha, w, ldw, mask, ldm, vals, 0, nvals, pf); };
-    const RowBatch b = MergeBatch<Op>(q);
+    const RowBatch b = MergeBatch(q);
     if (b.nib) {
       if (b.v == 2) return rows.template operator()<RowBatch{true, 2}>();
-      if constexpr (Op::kPairs) {
-        if (b.v == 4) return rows.template operator()<RowBatch{true, 4}>();
-        if (b.v == 8) return rows.template operator()<RowBatch{true, 8}>();
-      }
+      if (b.v == 4) return rows.template operator()<RowBatch{true, 4}>();
+      if (b.v == 8) return rows.template operator()<RowBatch{true, 8}>();
     } else {
       if (b.v == 1) return rows.template operator()<RowBatch{false, 1}>();
       if (b.v == 2) return rows.template operator()<RowBatch{false, 2}>();
