@@ -35,6 +35,12 @@ struct Result {
   int reps = 0;        // repetitions seen
 };
 
+// The time res's bytes take at the bandwidth the bound row reached (its bytes over its time) on
+// the same case; 0 where either row has no bytes.
+double BoundSeconds(const Result& res, const Result& bound) {
+  return bound.bytes > 0 && res.bytes > 0 ? res.bytes / (bound.bytes / bound.seconds) : 0.0;
+}
+
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
@@ -71,12 +77,8 @@ class RatioReporter : public benchmark::ConsoleReporter {
           if (impl == spec.bound_impl) continue;
           const double gbs = res.bytes / res.seconds * 1e-9;
           const double vs_base = base != impls.end() ? res.seconds / base->second.seconds : 0.0;
-          // The bound: this op's bytes at the bandwidth the bound impl reached on the same case.
-          double vs_bound = 0.0;
-          if (bound != impls.end() && bound->second.bytes > 0) {
-            const double bw = bound->second.bytes / bound->second.seconds;
-            vs_bound = res.seconds / (res.bytes / bw);
-          }
+          const double bound_s = bound != impls.end() ? BoundSeconds(res, bound->second) : 0.0;
+          const double vs_bound = bound_s > 0 ? res.seconds / bound_s : 0.0;
           char bound_text[32] = "n/a";
           if (vs_bound > 0) std::snprintf(bound_text, sizeof bound_text, "%.3f", vs_bound);
           char read_text[32] = "";
@@ -114,8 +116,8 @@ class RatioReporter : public benchmark::ConsoleReporter {
           const bool need_bound = t.kind == Target::Kind::bound || t.kind == Target::Kind::max_bound;
           const bool need_ref = t.kind != Target::Kind::bound;
           if (need_ref && ref == impls.end()) continue;
-          if (need_bound && (bound == impls.end() || bound->second.bytes <= 0 || res.bytes <= 0)) continue;
-          const double bound_s = need_bound ? res.bytes / (bound->second.bytes / bound->second.seconds) : 0.0;
+          const double bound_s = need_bound && bound != impls.end() ? BoundSeconds(res, bound->second) : 0.0;
+          if (need_bound && bound_s <= 0) continue;
           double fig = 0;
           switch (t.kind) {
             case Target::Kind::bound: fig = res.seconds / bound_s; break;

@@ -13,4 +13,4 @@ filter+='|layer/(s2lc|s2lc_int8|openblas|stream_bound|fma_bound)/tinymoe_t(1|8|3
 filter+='|morph/[^/]*/(768x256|2048x1408|tinymoe_w[123])_b1_cold$'
 filter+='|merge/(s2lc|memcpy)/(768x256|2048x1408|tinymoe_domain)(_bf16)?_cold$'
 OPENBLAS_NUM_THREADS=1 "$bin" --benchmark_filter="$filter" --benchmark_min_time=0.2 \
-  --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=false --benchmark_color=false "$@"
+  --benchmark_repetitions="$reps" --benchmark_color=false "$@"
