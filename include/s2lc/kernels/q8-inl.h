@@ -1886,6 +1886,21 @@ HWY_INLINE void PrefetchW(const void* p) {
 #endif
 }
 
+// NearestInt of values known to lie in int32's range: x86's conversion alone (round to nearest
+// even, as NearestInt), without NearestInt's overflow fixup (four more operations per vector in
+// lowrank_add_fixed's factor passes).
+HWY_INLINE VI RoundInRange(VF v) {
+#if HWY_TARGET <= HWY_AVX3
+  return VI{_mm512_cvtps_epi32(v.raw)};
+#elif HWY_TARGET == HWY_AVX2
+  return VI{_mm256_cvtps_epi32(v.raw)};
+#elif HWY_TARGET == HWY_SSE4 || HWY_TARGET == HWY_SSSE3
+  return VI{_mm_cvtps_epi32(v.raw)};
+#else
+  return hn::NearestInt(v);
+#endif
+}
+
 // The int16 pair (q0, q1) of two int32 values in [-32767, 32767], as one int32 lane.
 HWY_INLINE VI PairI16(VI q0, VI q1) { return hn::Or(hn::And(q0, hn::Set(DI(), 0xFFFF)), hn::ShiftLeft<16>(q1)); }
 HWY_INLINE std::int32_t PairI16(std::int32_t q0, std::int32_t q1) {
@@ -1927,8 +1942,9 @@ HWY_NOINLINE void LowRankAddFixedImpl(const float* left, const float* right, std
   float* lam = rinv + K;
   std::int32_t* P = scratch + (2 * K + rb4 + 15) / 16 * 16;
   std::int32_t* Rp = P + (Kp * rb4 + 15) / 16 * 16;
-  // The right factor per row k: R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax.
-  for (std::size_t k = 0; k < K; ++k) {
+  // The right factor per row k: R16 = round(R / rho_k), rho_k = max_j |R[k, j]| / rmax; a pair
+  // of rows scaled, then paired while it is still in L1.
+  auto row_scale = [&](std::size_t k) {
     const float* r = right + k * cb;
     float m = 0.0f;
     std::size_t j = 0;
@@ -1939,16 +1955,18 @@ HWY_NOINLINE void LowRankAddFixedImpl(const float* left, const float* right, std
     }
     for (; j < cb; ++j) m = std::max(m, std::fabs(r[j]));
     rho[k] = m / rmax, rinv[k] = m > 0.0f ? rmax / m : 0.0f;
-  }
+  };
   for (std::size_t kp = 0; kp < Kp; ++kp) {
+    row_scale(2 * kp);
+    if (2 * kp + 1 < K) row_scale(2 * kp + 1);
     const float* r0 = right + 2 * kp * cb;
     const float* r1 = 2 * kp + 1 < K ? r0 + cb : nullptr;
     const float i0 = rinv[2 * kp], i1 = r1 ? rinv[2 * kp + 1] : 0.0f;
     auto at = [&](std::size_t j) { return Rp + (j / W) * Kp * W + kp * W + j % W; };
     std::size_t j = 0;
     for (; j + N <= cb; j += N) {
-      const VI q0 = hn::NearestInt(hn::Mul(hn::LoadU(df, r0 + j), hn::Set(df, i0)));
-      const VI q1 = r1 ? hn::NearestInt(hn::Mul(hn::LoadU(df, r1 + j), hn::Set(df, i1))) : hn::Zero(di);
+      const VI q0 = q8k::RoundInRange(hn::Mul(hn::LoadU(df, r0 + j), hn::Set(df, i0)));
+      const VI q1 = r1 ? q8k::RoundInRange(hn::Mul(hn::LoadU(df, r1 + j), hn::Set(df, i1))) : hn::Zero(di);
       hn::StoreU(q8k::PairI16(q0, q1), di, at(j));
     }
     for (; j < cb; ++j)
@@ -1967,8 +1985,8 @@ HWY_NOINLINE void LowRankAddFixedImpl(const float* left, const float* right, std
     hn::StoreU(hn::Mul(hn::Div(mv, hn::Set(df, amax)), hn::Set(df, w)), df, lam + i);
     HWY_ALIGN std::int32_t pr[hn::MaxLanes(di)];
     for (std::size_t kp = 0; kp < Kp; ++kp) {
-      const VI q0 = hn::NearestInt(hn::Mul(hn::Mul(hn::LoadU(df, left + 2 * kp * rb + i), hn::Set(df, rho[2 * kp])), inv));
-      const VI q1 = 2 * kp + 1 < K ? hn::NearestInt(hn::Mul(hn::Mul(hn::LoadU(df, left + (2 * kp + 1) * rb + i), hn::Set(df, rho[2 * kp + 1])), inv))
+      const VI q0 = q8k::RoundInRange(hn::Mul(hn::Mul(hn::LoadU(df, left + 2 * kp * rb + i), hn::Set(df, rho[2 * kp])), inv));
+      const VI q1 = 2 * kp + 1 < K ? q8k::RoundInRange(hn::Mul(hn::Mul(hn::LoadU(df, left + (2 * kp + 1) * rb + i), hn::Set(df, rho[2 * kp + 1])), inv))
                                    : hn::Zero(di);
       hn::Store(q8k::PairI16(q0, q1), di, pr);
       std::size_t l = 0;
@@ -1995,17 +2013,18 @@ HWY_NOINLINE void LowRankAddFixedImpl(const float* left, const float* right, std
     for (std::size_t kp = 0; kp < Kp; ++kp) put(i, kp, 0);
   }
   // out[i, j] (+)= lambda_i sum_kp dot(pair_L[kp, i], pair_R[kp, j]) per 4 x kFixedV-vector tile;
-  // before each tile, its share of pf's rows is prefetched for writing.
+  // before each tile, its share of pf's rows is prefetched for writing (floor(rows (tile + 1) /
+  // tiles) rows by the end of the tile, counted without the two divisions per tile it took).
   constexpr std::size_t V = q8k::kFixedV;
   const std::size_t tiles = ns * ((rb + 3) / 4);
-  std::size_t tile = 0;
+  std::size_t pf_row = 0, pf_acc = 0;
   for (std::size_t s = 0; s < ns; ++s) {
     const std::int32_t* Rs = Rp + s * Kp * W;
-    for (std::size_t i0 = 0; i0 < rb; i0 += 4, ++tile) {
+    for (std::size_t i0 = 0; i0 < rb; i0 += 4) {
       if (pf && pf->p) {
         const char* base = static_cast<const char*>(pf->p);
-        for (std::size_t r = pf->rows * tile / tiles; r < pf->rows * (tile + 1) / tiles; ++r) {
-          const char* row = base + r * pf->ld_bytes;
+        for (pf_acc += pf->rows; pf_acc >= tiles; pf_acc -= tiles, ++pf_row) {
+          const char* row = base + pf_row * pf->ld_bytes;
           for (std::size_t o = 0; o < pf->row_bytes; o += 64) q8k::PrefetchW(row + o);
           if (pf->row_bytes) q8k::PrefetchW(row + pf->row_bytes - 1);  // an unaligned row's last line
         }
@@ -2021,6 +2040,21 @@ HWY_NOINLINE void LowRankAddFixedImpl(const float* left, const float* right, std
           const VI a = hn::Set(di, Pt[kp * 4 + t]);
           for (std::size_t v = 0; v < V; ++v) acc[t][v] = q8k::DotI16<kDp>(acc[t][v], a, r[v]);
         }
+      }
+      if (i0 + 4 <= rb && (s + 1) * W <= cb) {
+        // A whole tile: constant trip counts, so the accumulators stay in registers (the
+        // bounded loop below kept them on the stack: a store and a reload per vector).
+        HWY_UNROLL(4)
+        for (std::size_t t = 0; t < 4; ++t) {
+          const auto lv = hn::Set(df, lam[i0 + t]);
+          float* o = out + (i0 + t) * ldo + s * W;
+          HWY_UNROLL(4)
+          for (std::size_t v = 0; v < V; ++v) {
+            const auto f = hn::Mul(hn::ConvertTo(df, acc[t][v]), lv);
+            hn::StoreU(overwrite ? f : hn::Add(hn::LoadU(df, o + v * N), f), df, o + v * N);
+          }
+        }
+        continue;
       }
       for (std::size_t t = 0; t < 4 && i0 + t < rb; ++t) {
         const auto lv = hn::Set(df, lam[i0 + t]);
