@@ -7368,7 +7368,7 @@ HWY_INLINE void PrefetchW(const void* p) {
 // even, as NearestInt), without NearestInt's overflow fixup (four more operations per vector in
 // lowrank_add_fixed's factor passes).
 HWY_INLINE VI RoundInRange(VF v) {
-#if HWY_TARGET <= HWY_AVX3
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
   return VI{_mm512_cvtps_epi32(v.raw)};
 #elif HWY_TARGET == HWY_AVX2
   return VI{_mm256_cvtps_epi32(v.raw)};
